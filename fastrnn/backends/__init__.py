@@ -1,0 +1,98 @@
+"""The backend contract: what every fastrnn backend implements.
+
+A backend implements the *recurrence only*. Everything around it (argument checks, batch_first,
+unbatched input, PackedSequence, layers x directions, inter-layer dropout, the input projection)
+lives in ``fastrnn.modules`` / ``fastrnn.functional`` and is shared by all backends.
+
+Notation: T steps, B batch rows, I input size, H hidden size, P output size (P = proj_size for an
+LSTM with projection, else H), G gate blocks (LSTM 4, or 3 with coupled gates; GRU 3; RNN 1).
+All tensors are contiguous, time-major, of one float dtype and on one device, except ``lengths``.
+
+Cell families and their pieces (the order is the op argument order):
+
+=======  ==============  ==========================================  ===========================
+family   state           weights                                     options
+=======  ==============  ==========================================  ===========================
+lstm     h [B,P], c [B,H] w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?,    coupled: bool
+                          w_ch [3,H]? (peephole)
+gru      h [B,H]          w_hh [3H,H], b_hh [3H]?
+rnn      h [B,H]          w_hh [H,H], b_hh [H]?                       nonlinearity: 'tanh'|'relu'
+=======  ==============  ==========================================  ===========================
+
+``?`` marks an optional tensor (``None`` when absent). The input projection is done once for all steps
+outside the backend: ``xw = x @ w_ih.T + b_ih`` of shape [T,B,G*H] (sequence) or [B,G*H] (step), in
+torch's gate order (LSTM i,f,g,o, or i,g,o when coupled; GRU r,z,n; RNN one block).
+
+The math, per step (``sigma`` = sigmoid, ``*`` elementwise, ``gh = h @ w_hh.T + b_hh``):
+
+- lstm: ``i,f,g,o = split(xw_t + gh)``; with peephole ``i += w_ch[0]*c``, ``f += w_ch[1]*c``;
+  ``i,f,g = sigma(i), sigma(f), tanh(g)``, with coupled gates ``f = 1 - i`` (no f block);
+  ``c' = f*c + i*g``; with peephole ``o += w_ch[2]*c'``; ``h' = sigma(o)*tanh(c')``, then
+  ``h' = h' @ w_hr.T`` with projection.
+- gru (torch's form, reset after the recurrent product): ``r = sigma(xr + ghr)``,
+  ``z = sigma(xz + ghz)``, ``n = tanh(xn + r*ghn)``, ``h' = (1-z)*n + z*h``.
+- rnn: ``h' = act(xw_t + gh)``.
+
+Each backend provides, per family ``<f>`` in lstm, gru, rnn, four methods named like the ops:
+
+``<f>_seq_fwd(xw, *weights, *state0, lengths, reverse, *options) -> (y, *state_n, ws)``
+    xw [T,B,G*H]; state0 as above; ``lengths`` is None (every row runs T steps) or an int64 CPU
+    tensor [B] of per-row lengths, non-increasing (rows sorted longest first, as in a PackedSequence),
+    each in 1..T. A row takes steps only at ``t < lengths[b]``: no work for rows past their end, so at
+    step t only the first ``batch_sizes[t]`` rows are touched. ``reverse`` runs t = T-1 .. 0, so a
+    row's reverse pass starts at its own last step. Returns y [T,B,P] (the h of each step; zeros where
+    ``t >= lengths[b]``), the final state of each row (its state after its last step) and ``ws``, a 1-D
+    tensor whose size and contents are private to the backend (what its backward needs), of
+    ``workspace_numel`` elements.
+``<f>_seq_bwd(grad_y, *grad_state_n, xw, *weights, *state0, lengths, y, ws, reverse, *options)``
+    ``-> (d_xw, *d_weights, *d_state0)``. grad_y [T,B,P] (entries past a row's end are ignored);
+    xw .. state0, lengths, reverse and options are passed back unchanged from the forward, y and ws
+    are its outputs. Returns a gradient for every tensor input: absent optional weights get an empty
+    tensor (numel 0). d_xw is zero where ``t >= lengths[b]``.
+``<f>_step_fwd(xw, *weights, *state, *options) -> (*state_new, ws)``
+    One step: xw [B,G*H]. Same math, no lengths.
+``<f>_step_bwd(*grad_state_new, xw, *weights, *state, ws, *options) -> (d_xw, *d_weights, *d_state)``
+
+``workspace_numel(op, *fwd_args) -> int`` gives the size of ``ws`` for a forward call from the
+arguments' shapes only (it is used on fake tensors under torch.compile).
+
+The backward runs on the backend that ran the forward: the backend's name is an argument of every op.
+A test holds every backend to ``seq == T x step``.
+
+Availability: ``unavailable_reasons()`` (why this machine cannot run it at all: a missing package,
+no compiler) and ``not_supported_reasons(spec)`` (why it cannot serve one call: device, dtype, a
+feature). Both return a list of strings; empty means yes. ``fastrnn.dispatch`` is the one place that
+uses them to choose.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Backend:
+    """Base class: declares what a backend serves. Subclasses add the kernel methods above."""
+
+    name: str = ""
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()
+    #: features of ``fastrnn.dispatch.Spec`` this backend can serve (beyond the plain cells)
+    features: frozenset[str] = frozenset()
+
+    def unavailable_reasons(self) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, spec) -> list[str]:
+        reasons = []
+        if spec.device not in self.devices:
+            reasons.append(f"device '{spec.device}' is not supported (serves {', '.join(self.devices)})")
+        if spec.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"dtype {str(spec.dtype).replace('torch.', '')} is not supported (serves {names})")
+        for feat in sorted(spec.features - self.features):
+            reasons.append(f"feature '{feat}' is not supported")
+        return reasons
+
+    def workspace_numel(self, op: str, *args) -> int:
+        return 0

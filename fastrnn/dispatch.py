@@ -1,0 +1,136 @@
+"""The one place that chooses a backend.
+
+Order of precedence for a call: the module's ``backend=`` argument, then the innermost
+``fastrnn.use_backend(...)`` context, then the ``FASTRNN_BACKEND`` environment variable, then the
+automatic choice: the first backend in the device's priority list that can serve the call.
+An explicitly named backend that cannot serve a call raises ``BackendNotSupportedError``; only the
+automatic choice moves on to the next backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+BACKEND_NAMES = ("reference", "numba", "cpp", "triton")
+
+# best first; triton serves CPU tensors only under TRITON_INTERPRET=1 and only when named
+PRIORITY = {"cpu": ("cpp", "numba", "reference"), "cuda": ("triton", "reference")}
+
+_MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
+_loaded: dict = {}
+_requested: contextvars.ContextVar = contextvars.ContextVar("fastrnn_backend", default=None)
+
+
+class BackendNotSupportedError(RuntimeError):
+    """An explicitly requested backend cannot serve the call."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one call needs: the cell family, device type, dtype and the features it uses."""
+
+    family: str  # 'lstm' | 'gru' | 'rnn'
+    device: str
+    dtype: torch.dtype
+    features: frozenset = field(default_factory=frozenset)  # 'proj', 'peephole', 'coupled', 'varlen'
+
+
+def check_name(name):
+    """Validate a backend name (None means automatic). Raises ValueError for unknown names."""
+    if name is not None and name not in BACKEND_NAMES:
+        raise ValueError(f"Unknown fastrnn backend {name!r}. Known backends: {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+class _Unavailable:
+    """Stands for a backend whose module could not be loaded on this machine."""
+
+    def __init__(self, name, reason):
+        self.name, self.reason = name, reason
+
+    def unavailable_reasons(self):
+        return [self.reason]
+
+
+def get(name: str):
+    """The backend object for ``name`` (loaded on first use); may be an unavailable placeholder."""
+    check_name(name)
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        except ModuleNotFoundError as e:
+            if e.name == _MODULES[name]:
+                reason = "not implemented in this version of fastrnn"
+            else:
+                reason = f"cannot import {e.name!r} ({e})"
+            _loaded[name] = _Unavailable(name, reason)
+        except Exception as e:  # a broken install must not break `import fastrnn`
+            _loaded[name] = _Unavailable(name, f"failed to load: {type(e).__name__}: {e}")
+    return _loaded[name]
+
+
+def reasons(name: str, spec: Spec | None = None) -> list[str]:
+    """Why ``name`` cannot serve ``spec`` (or cannot run at all when spec is None); [] means it can."""
+    backend = get(name)
+    why = backend.unavailable_reasons()
+    if not why and spec is not None:
+        why = backend.not_supported_reasons(spec)
+    return why
+
+
+def _priority(device: str) -> tuple:
+    order = PRIORITY.get(device, ("reference",))
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        order = order + ("triton",)
+    return order
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Backends that can run on ``device`` here, best first."""
+    dev = torch.device(device).type
+    probe = Spec("lstm", dev, torch.float32)
+    return [n for n in _priority(dev) if not reasons(n, probe)]
+
+
+def requested() -> str | None:
+    """The backend named by the innermost ``use_backend`` context, else by FASTRNN_BACKEND, else None."""
+    name = _requested.get()
+    if name is None:
+        name = os.environ.get("FASTRNN_BACKEND") or None
+        if name is not None and name not in BACKEND_NAMES:
+            raise ValueError(f"FASTRNN_BACKEND={name!r} is not a fastrnn backend. "
+                             f"Known backends: {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Within the block, modules with ``backend=None`` use ``name`` (None: automatic choice)."""
+    token = _requested.set(check_name(name))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def select(spec: Spec, explicit: str | None = None) -> str:
+    """The name of the backend that runs a call described by ``spec``."""
+    name = explicit if explicit is not None else requested()
+    if name is not None:
+        why = reasons(name, spec)
+        if why:
+            avail = [n for n in _priority(spec.device) if not reasons(n, spec)]
+            raise BackendNotSupportedError(
+                f"fastrnn backend '{name}' cannot run this {spec.family.upper()} call "
+                f"({spec.device}, {str(spec.dtype).replace('torch.', '')}): {'; '.join(why)}. "
+                f"Backends that can: {', '.join(avail) or 'none'}")
+        return name
+    for name in _priority(spec.device):
+        if not reasons(name, spec):
+            return name
+    raise BackendNotSupportedError(f"no fastrnn backend can run this call: {spec}")

@@ -1,0 +1,127 @@
+"""torch.library custom ops: the only way the functional layer reaches a backend.
+
+Twelve ops, ``fastrnn::<family>_<scope>_<pass>`` for family in lstm, gru, rnn, scope in seq, step and
+pass in fwd, bwd. Their schemas are generated from ``FAMILIES`` (the argument lists of the backend
+contract in ``fastrnn.backends``), each has a fake (meta) implementation for torch.compile, and the
+forward ops have autograd formulas that call the backward ops on the same backend. The last argument
+of every op is the backend's name; the op's implementation calls that backend's method of the same name.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+# weights ('?' = optional), state tensors, options: see the table in fastrnn.backends
+FAMILIES = {
+    "lstm": (("w_hh", "b_hh?", "w_hr?", "w_ch?"), ("h", "c"), ("bool coupled",)),
+    "gru": (("w_hh", "b_hh?"), ("h",), ()),
+    "rnn": (("w_hh", "b_hh?"), ("h",), ("str nonlinearity",)),
+}
+
+
+def _tensor_args(names, suffix=""):
+    return [f"Tensor{'?' if n.endswith('?') else ''} {n.rstrip('?')}{suffix}" for n in names]
+
+
+def _schemas(family):
+    weights, state, options = FAMILIES[family]
+    w = _tensor_args(weights)
+    opts = list(options) + ["str backend"]
+    n_in = 1 + len(weights) + len(state)
+
+    def out(n):
+        return "(" + ", ".join(["Tensor"] * n) + ")"
+
+    return {
+        "seq_fwd": "(" + ", ".join(["Tensor xw", *w, *_tensor_args(state, "0"), "Tensor? lengths",
+                                    "bool reverse", *opts]) + ") -> " + out(2 + len(state)),
+        "seq_bwd": "(" + ", ".join(["Tensor grad_y", *_tensor_args(state, "_n_grad"), "Tensor xw", *w,
+                                    *_tensor_args(state, "0"), "Tensor? lengths", "Tensor y", "Tensor ws",
+                                    "bool reverse", *opts]) + ") -> " + out(n_in),
+        "step_fwd": "(" + ", ".join(["Tensor xw", *w, *_tensor_args(state), *opts]) + ") -> "
+                    + out(1 + len(state)),
+        "step_bwd": "(" + ", ".join([*_tensor_args(state, "_new_grad"), "Tensor xw", *w, *_tensor_args(state),
+                                     "Tensor ws", *opts]) + ") -> " + out(n_in),
+    }
+
+
+def _call_backend(opname):
+    def impl(*args):
+        return getattr(dispatch.get(args[-1]), opname)(*args[:-1])
+    return impl
+
+
+def _like(x, ref):
+    return ref.new_empty(0) if x is None else torch.empty_like(x)
+
+
+def _fakes(family, opname):
+    weights, state, _ = FAMILIES[family]
+    nw, ns = len(weights), len(state)
+
+    def seq_fwd(*a):
+        xw, st = a[0], a[1 + nw:1 + nw + ns]
+        ws = xw.new_empty(dispatch.get(a[-1]).workspace_numel(opname, *a[:-1]))
+        return (xw.new_empty(xw.shape[0], xw.shape[1], st[0].shape[-1]), *map(torch.empty_like, st), ws)
+
+    def seq_bwd(*a):
+        ins = a[1 + ns:1 + ns + 1 + nw + ns]
+        return tuple(_like(x, ins[0]) for x in ins)
+
+    def step_fwd(*a):
+        st = a[1 + nw:1 + nw + ns]
+        ws = a[0].new_empty(dispatch.get(a[-1]).workspace_numel(opname, *a[:-1]))
+        return (*map(torch.empty_like, st), ws)
+
+    def step_bwd(*a):
+        ins = a[ns:ns + 1 + nw + ns]
+        return tuple(_like(x, ins[0]) for x in ins)
+
+    return {"seq_fwd": seq_fwd, "seq_bwd": seq_bwd, "step_fwd": step_fwd, "step_bwd": step_bwd}[opname.split("_", 1)[1]]
+
+
+def _autograd(family, scope, bwd_op):
+    weights, state, options = FAMILIES[family]
+    nw, ns, no = len(weights), len(state), len(options)
+    n_tensors = 1 + nw + ns + (1 if scope == "seq" else 0)  # xw, weights, state(, lengths)
+
+    def setup_context(ctx, inputs, output):
+        ctx.opts = tuple(inputs[n_tensors:])  # (reverse,) + options + (backend,)
+        ctx.absent = [w is None for w in inputs[1:1 + nw]]
+        saved = list(inputs[:n_tensors])
+        if scope == "seq":
+            saved.append(output[0])  # y
+        saved.append(output[-1])  # ws
+        ctx.save_for_backward(*saved)
+
+    def backward(ctx, *grads):
+        grads = [g.contiguous() for g in grads[:-1]]  # no gradient flows into ws
+        res = list(bwd_op(*grads, *ctx.saved_tensors, *ctx.opts))
+        for k, absent in enumerate(ctx.absent):
+            if absent:
+                res[1 + k] = None
+        extra = (2 if scope == "seq" else 0) + no + 1  # lengths, reverse (seq), options, backend
+        return (*res, *([None] * extra))
+
+    return setup_context, backward
+
+
+def _define_all():
+    ops = {}
+    for family in FAMILIES:
+        schemas = _schemas(family)
+        for kind, schema in schemas.items():
+            opname = f"{family}_{kind}"
+            op = torch.library.custom_op(f"fastrnn::{opname}", _call_backend(opname), mutates_args=(),
+                                         schema=schema)
+            op.register_fake(_fakes(family, opname))
+            ops[opname] = op
+        for scope in ("seq", "step"):
+            fwd, bwd = ops[f"{family}_{scope}_fwd"], ops[f"{family}_{scope}_bwd"]
+            setup_context, backward = _autograd(family, scope, bwd)
+            fwd.register_autograd(backward, setup_context=setup_context)
+    return ops
+
+
+OPS = _define_all()
