@@ -1,5 +1,16 @@
-"""fastrnn: drop-in torch.nn LSTM/GRU/RNN modules backed by fused kernels."""
+"""fastrnn: drop-in torch.nn LSTM/GRU/RNN modules backed by fused kernels.
+
+    import fastrnn
+    lstm = fastrnn.LSTM(64, 128, num_layers=2)   # same API as torch.nn.LSTM
+    model = fastrnn.convert(model)               # or convert a model in place
+
+Backends: see ``fastrnn.available_backends()`` and ``python -m fastrnn.info``.
+"""
 from . import ops  # noqa: F401  (registers the torch.library ops)
-from .dispatch import BackendNotSupportedError, available_backends, use_backend
+from .convert import convert
+from .dispatch import BACKEND_NAMES, BackendNotSupportedError, available_backends, use_backend
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __version__ = "0.1.0"
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "available_backends",
+           "use_backend", "BackendNotSupportedError", "BACKEND_NAMES"]

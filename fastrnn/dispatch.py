@@ -24,6 +24,7 @@ PRIORITY = {"cpu": ("cpp", "numba", "reference"), "cuda": ("triton", "reference"
 _MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
 _loaded: dict = {}
 _requested: contextvars.ContextVar = contextvars.ContextVar("fastrnn_backend", default=None)
+_recorders: list = []
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -134,3 +135,23 @@ def select(spec: Spec, explicit: str | None = None) -> str:
         if not reasons(name, spec):
             return name
     raise BackendNotSupportedError(f"no fastrnn backend can run this call: {spec}")
+
+
+def note_call(opname: str, backend: str) -> None:
+    """Called by every op implementation as it runs (see ``record_calls``)."""
+    for rec in _recorders:
+        rec.append((opname, backend))
+
+
+@contextlib.contextmanager
+def record_calls():
+    """Collect ``(op name, backend name)`` for every fastrnn op that runs in the block.
+
+    This is what really ran, as seen by the ops themselves: tests use it to assert the backend.
+    """
+    calls: list = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)

@@ -48,6 +48,7 @@ def _schemas(family):
 
 def _call_backend(opname):
     def impl(*args):
+        dispatch.note_call(opname, args[-1])
         return getattr(dispatch.get(args[-1]), opname)(*args[:-1])
     return impl
 

@@ -1,0 +1,341 @@
+"""Drop-in replacements for torch.nn.LSTM/GRU/RNN and their cells.
+
+Each class subclasses its torch.nn class: same constructor (plus keyword-only ``backend``), same
+parameters, initialization and state_dict, same inputs and outputs. Only ``forward`` differs: it
+checks its arguments the way torch does, brings the input to time-major form and runs
+``fastrnn.functional`` on the backend that ``fastrnn.dispatch`` picks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import dispatch
+from .functional import cell_step, rnn_layers
+
+
+def _dtype_name(dtype):
+    return str(dtype)
+
+
+def _check_float(name, input, exc=ValueError):
+    if not torch.is_floating_point(input):
+        raise exc(f"{name}: input must be a floating-point tensor, got dtype {_dtype_name(input.dtype)}")
+
+
+def _check_state_like(name, states, ref, what="hx"):
+    """Hidden state tensors must share the input's dtype and device (torch fails here obscurely)."""
+    for k, s in enumerate(states):
+        label = f"{what}[{k}]" if len(states) > 1 else what
+        if s.dtype != ref.dtype:
+            raise RuntimeError(f"{name}: {label} has dtype {_dtype_name(s.dtype)} but the input has dtype "
+                               f"{_dtype_name(ref.dtype)}; they must match")
+        if s.device != ref.device:
+            raise RuntimeError(f"{name}: {label} is on device {s.device} but the input is on {ref.device}; "
+                               f"they must be on the same device")
+
+
+def _check_device(name, input, weight):
+    if input.device != weight.device:
+        raise RuntimeError(f"{name}: input is on device {input.device} but the parameters are on "
+                           f"{weight.device}; they must be on the same device")
+
+
+def _packed_layout(batch_sizes, device):
+    """Per-row lengths (int64 CPU, non-increasing) and the flat indices of packed rows in [T*B]."""
+    T, B = batch_sizes.numel(), int(batch_sizes[0])
+    active = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
+    lengths = active.sum(0)
+    index = active.flatten().nonzero().squeeze(1).to(device)
+    return lengths, index
+
+
+class _SeqMixin:
+    """forward() shared by LSTM, GRU and RNN; the family-specific bits are small hooks."""
+
+    _family: str
+    _n_state = 1
+
+    def _set_backend(self, backend):
+        self.backend = dispatch.check_name(backend)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if getattr(self, "backend", None) is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+    # hooks --------------------------------------------------------------------------------------
+    def _hh(self, k, suffix):
+        b = getattr(self, f"bias_hh_l{k}{suffix}") if self.bias else None
+        return (getattr(self, f"weight_hh_l{k}{suffix}"), b)
+
+    def _options(self):
+        return ()
+
+    def _features(self):
+        return frozenset()
+
+    def _dim_error(self, d):
+        return f"{type(self).__mro__[1].__name__}: Expected input to be 2D or 3D, got {d}D instead"
+
+    def _zeros_state(self, x, B):
+        D = 2 if self.bidirectional else 1
+        return (x.new_zeros(self.num_layers * D, B, self.hidden_size),)
+
+    def _hx_tuple(self, hx):
+        return (hx,)
+
+    def _hx_out(self, states):
+        return states[0]
+
+    def _hx_dim_error(self, batched, states):
+        if batched:
+            return f"For batched 3-D input, hx should also be 3-D but got {states[0].dim()}-D tensor"
+        return f"For unbatched 2-D input, hx should also be 2-D but got {states[0].dim()}-D tensor"
+
+    # forward ------------------------------------------------------------------------------------
+    def _weights(self):
+        D = 2 if self.bidirectional else 1
+        out = []
+        for layer in range(self.num_layers):
+            for d in range(D):
+                sfx = "_reverse" if d == 1 else ""
+                b_ih = getattr(self, f"bias_ih_l{layer}{sfx}") if self.bias else None
+                out.append((getattr(self, f"weight_ih_l{layer}{sfx}"), b_ih, self._hh(layer, sfx)))
+        return out
+
+    def forward(self, input, hx=None):
+        name = type(self).__mro__[1].__name__
+        packed = isinstance(input, PackedSequence)
+        batch_sizes = sorted_indices = unsorted_indices = None
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batched = True
+            B = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(self._dim_error(input.dim()))
+            batched = input.dim() == 3
+            if not batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+            B = input.size(0 if self.batch_first else 1)
+        _check_float(name, input)
+
+        if hx is None:
+            states = self._zeros_state(input, B)
+        else:
+            states = self._hx_tuple(hx)
+            want = 3 if batched else 2
+            if any(s.dim() != want for s in states):
+                raise RuntimeError(self._hx_dim_error(batched, states))
+            if not batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+            if sorted_indices is not None:
+                states = tuple(s.index_select(1, sorted_indices) for s in states)
+        self.check_forward_args(input, self._hx_out(states) if self._n_state == 1 else states, batch_sizes)
+        w0 = self.weight_ih_l0
+        _check_device(name, input, w0)
+        _check_state_like(name, states, input)
+        T = batch_sizes.numel() if packed else input.size(1 if self.batch_first else 0)
+        if T == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        lengths = index = None
+        if packed:
+            lengths, index = _packed_layout(batch_sizes, input.device)
+            x = input.new_zeros(T * B, input.size(1)).index_copy(0, index, input).view(T, B, -1)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+        features = self._features() | ({"varlen"} if packed else set())
+        spec = dispatch.Spec(self._family, input.device.type, input.dtype, frozenset(features))
+        backend = dispatch.select(spec, self.backend)
+
+        y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
+                               num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
+                               dropout=float(self.dropout), training=self.training, lengths=lengths,
+                               index=index, backend=backend)
+        if packed:
+            out = PackedSequence(y.reshape(T * B, -1).index_select(0, index), batch_sizes, sorted_indices,
+                                 unsorted_indices)
+            if unsorted_indices is not None:
+                states = tuple(s.index_select(1, unsorted_indices) for s in states)
+        else:
+            out = y.transpose(0, 1) if self.batch_first else y
+            if not batched:
+                out = out.squeeze(0 if self.batch_first else 1)
+                states = tuple(s.squeeze(1) for s in states)
+        return out, self._hx_out(states)
+
+
+class LSTM(_SeqMixin, nn.LSTM):
+    __doc__ = nn.LSTM.__doc__
+    _family = "lstm"
+    _n_state = 2
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+    def _hh(self, k, suffix):
+        w_hr = getattr(self, f"weight_hr_l{k}{suffix}") if self.proj_size > 0 else None
+        return (*super()._hh(k, suffix), w_hr, None)
+
+    def _options(self):
+        return (False,)  # coupled gates
+
+    def _features(self):
+        return frozenset({"proj"} if self.proj_size > 0 else ())
+
+    def _zeros_state(self, x, B):
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        return (x.new_zeros(self.num_layers * D, B, P), x.new_zeros(self.num_layers * D, B, self.hidden_size))
+
+    def _hx_tuple(self, hx):
+        return tuple(hx)
+
+    def _hx_out(self, states):
+        return tuple(states)
+
+    def _hx_dim_error(self, batched, states):
+        if batched:
+            return (f"For batched 3-D input, hx and cx should also be 3-D but got "
+                    f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
+        return (f"For unbatched 2-D input, hx and cx should also be 2-D but got "
+                f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
+
+
+class GRU(_SeqMixin, nn.GRU):
+    __doc__ = nn.GRU.__doc__
+    _family = "gru"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+
+class RNN(_SeqMixin, nn.RNN):
+    __doc__ = nn.RNN.__doc__
+    _family = "rnn"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+    def _options(self):
+        return (self.nonlinearity,)
+
+    def _dim_error(self, d):
+        return f"RNN: Expected input to be 2D or 3D, got {d}D tensor instead"
+
+
+class _CellMixin:
+    """forward() shared by the three cells."""
+
+    _family: str
+    _n_state = 1
+
+    def _set_backend(self, backend):
+        self.backend = dispatch.check_name(backend)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if getattr(self, "backend", None) is not None:
+            s += f", backend={self.backend!r}"
+        return s
+
+    def _options(self):
+        return ()
+
+    def _hh(self):
+        return (self.weight_hh, self.bias_hh)
+
+    def _hx_dim_check(self, name, states):
+        for s in states:
+            if s.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {s.dim()}D instead")
+
+    def forward(self, input, hx=None):
+        name = type(self).__mro__[2].__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        states = None
+        if hx is not None:
+            states = tuple(hx) if self._n_state == 2 else (hx,)
+            self._hx_dim_check(name, states)
+        batched = input.dim() == 2
+        if states is not None and any(s.dim() != input.dim() for s in states):
+            raise RuntimeError(f"{name}: hidden state must be {input.dim()}D for {input.dim()}D input, got "
+                               f"{', '.join(f'{s.dim()}D' for s in states)}")
+        if not batched:
+            input = input.unsqueeze(0)
+            states = None if states is None else tuple(s.unsqueeze(0) for s in states)
+        _check_float(name, input, RuntimeError)
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(f"{name}: input dtype {_dtype_name(input.dtype)} does not match weight dtype "
+                               f"{_dtype_name(self.weight_ih.dtype)}")
+        _check_device(name, input, self.weight_ih)
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        B = input.size(0)
+        if states is None:
+            states = tuple(input.new_zeros(B, self.hidden_size) for _ in range(self._n_state))
+        for k, s in enumerate(states):
+            if s.size(0) != B:
+                raise RuntimeError(f"Input batch size {B} doesn't match hidden{k} batch size {s.size(0)}")
+            if s.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.size(1)}, "
+                                   f"expected {self.hidden_size}")
+        _check_state_like(name, states, input, "hx")
+
+        spec = dispatch.Spec(self._family, input.device.type, input.dtype, frozenset())
+        backend = dispatch.select(spec, self.backend)
+        out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
+                        backend)
+        if not batched:
+            out = tuple(s.squeeze(0) for s in out)
+        return out if self._n_state == 2 else out[0]
+
+
+class LSTMCell(_CellMixin, nn.LSTMCell):
+    __doc__ = nn.LSTMCell.__doc__
+    _family = "lstm"
+    _n_state = 2
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+    def _hh(self):
+        return (self.weight_hh, self.bias_hh, None, None)
+
+    def _options(self):
+        return (False,)
+
+    def _hx_dim_check(self, name, states):
+        for k, s in enumerate(states):
+            if s.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected hx[{k}] to be 1D or 2D, got {s.dim()}D instead")
+
+
+class GRUCell(_CellMixin, nn.GRUCell):
+    __doc__ = nn.GRUCell.__doc__
+    _family = "gru"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+
+class RNNCell(_CellMixin, nn.RNNCell):
+    __doc__ = nn.RNNCell.__doc__
+    _family = "rnn"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_backend(backend)
+
+    def _options(self):
+        return (self.nonlinearity,)

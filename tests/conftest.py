@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import dispatch
+
+# Backends the CPU tests run on: every backend available here, plus triton when its interpreter is
+# on (TRITON_INTERPRET=1 lets it serve CPU tensors). Unavailable backends are listed by
+# `python -m fastrnn.info` with their reasons; they have no tests to run here.
+CPU_BACKENDS = fastrnn.available_backends("cpu")
+
+TOL = {torch.float64: dict(out=1e-10, grad=1e-10), torch.float32: dict(out=1e-5, grad=1e-4)}
+
+
+def assert_close(actual, expected, tol, what=""):
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    # the selection tests set FASTRNN_BACKEND themselves; everything else runs with it unset
+    monkeypatch.delenv("FASTRNN_BACKEND", raising=False)
+    yield
+
+
+@pytest.fixture
+def ran():
+    """The list of (op, backend) that ran during the test."""
+    with dispatch.record_calls() as calls:
+        yield calls
+
+
+def backends_used(calls):
+    return {b for _, b in calls}
+
+
+def pytest_report_header(config):
+    return f"fastrnn backends available on cpu: {', '.join(CPU_BACKENDS)} (torch {torch.__version__}, " \
+           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')})"
