@@ -6,10 +6,12 @@
 
 Backends: see ``fastrnn.available_backends()`` and ``python -m fastrnn.info``.
 """
-from . import ops  # noqa: F401  (registers the torch.library ops)
+from . import _compile, ops  # noqa: F401  (ops registers the torch.library ops)
 from .convert import convert
 from .dispatch import BACKEND_NAMES, BackendNotSupportedError, available_backends, use_backend
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+
+_compile.install()
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "available_backends",

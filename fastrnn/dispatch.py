@@ -119,6 +119,15 @@ def use_backend(name: str | None):
         _requested.reset(token)
 
 
+@torch._dynamo.assume_constant_result
+def choose(family: str, device: str, dtype: torch.dtype, features: tuple = (), explicit: str | None = None) -> str:
+    """``select`` with plain arguments: what the modules call.
+
+    Under torch.compile the choice is made once, when the graph is traced, and baked into it.
+    """
+    return select(Spec(family, device, dtype, frozenset(features)), explicit)
+
+
 def select(spec: Spec, explicit: str | None = None) -> str:
     """The name of the backend that runs a call described by ``spec``."""
     name = explicit if explicit is not None else requested()

@@ -149,8 +149,8 @@ class _SeqMixin:
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         features = self._features() | ({"varlen"} if packed else set())
-        spec = dispatch.Spec(self._family, input.device.type, input.dtype, frozenset(features))
-        backend = dispatch.select(spec, self.backend)
+        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
+                                  self.backend)
 
         y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
                                num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
@@ -290,8 +290,7 @@ class _CellMixin:
                                    f"expected {self.hidden_size}")
         _check_state_like(name, states, input, "hx")
 
-        spec = dispatch.Spec(self._family, input.device.type, input.dtype, frozenset())
-        backend = dispatch.select(spec, self.backend)
+        backend = dispatch.choose(self._family, input.device.type, input.dtype, (), self.backend)
         out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
                         backend)
         if not batched:

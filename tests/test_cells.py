@@ -1,0 +1,116 @@
+"""The cells against torch.nn's, and every backend's sequence op against T steps of its step op."""
+import itertools
+
+import pytest
+import torch
+
+import fastrnn
+from conftest import CPU_BACKENDS, TOL, assert_close, backends_used
+
+CELLS = {"LSTMCell": (fastrnn.LSTMCell, torch.nn.LSTMCell, {}), "GRUCell": (fastrnn.GRUCell, torch.nn.GRUCell, {}),
+         "RNNCell_tanh": (fastrnn.RNNCell, torch.nn.RNNCell, {"nonlinearity": "tanh"}),
+         "RNNCell_relu": (fastrnn.RNNCell, torch.nn.RNNCell, {"nonlinearity": "relu"})}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,bias,hx,batched,dtype", [
+    pytest.param(n, b, h, bt, d, id=f"{n}-{'bias' if b else 'nobias'}-{'hx' if h else 'nohx'}-"
+                 f"{'batched' if bt else 'unbatched'}-{'f32' if d == torch.float32 else 'f64'}")
+    for n, b, h, bt, d in itertools.product(CELLS, (True, False), (True, False), (True, False),
+                                            (torch.float32, torch.float64))])
+def test_cell_parity(backend, name, bias, hx, batched, dtype, ran):
+    fcls, tcls, kw = CELLS[name]
+    torch.manual_seed(0)
+    ref = tcls(5, 7, bias=bias, dtype=dtype, **kw)
+    with torch.no_grad():
+        for pn, p in ref.named_parameters():
+            if "bias" in pn:
+                p.uniform_(-0.5, 0.5)
+    mod = fcls(5, 7, bias=bias, dtype=dtype, backend=backend, **kw)
+    mod.load_state_dict(ref.state_dict())
+    lead = (3,) if batched else ()
+    x = torch.randn(*lead, 5, dtype=dtype, requires_grad=True)
+    xm = x.detach().clone().requires_grad_()
+    n_state = 2 if name == "LSTMCell" else 1
+    hs = [torch.randn(*lead, 7, dtype=dtype, requires_grad=True) for _ in range(n_state)] if hx else []
+    hm = [h.detach().clone().requires_grad_() for h in hs]
+    wrap = (lambda s: tuple(s)) if n_state == 2 else (lambda s: s[0])
+    out_r = ref(x, wrap(hs) if hx else None)
+    out_m = mod(xm, wrap(hm) if hx else None)
+    out_r = out_r if n_state == 2 else (out_r,)
+    out_m = out_m if n_state == 2 else (out_m,)
+    tol = TOL[dtype]
+    g = torch.Generator().manual_seed(1)
+    loss_r = loss_m = 0
+    for a, b in zip(out_m, out_r):
+        assert a.shape == b.shape
+        assert_close(a, b, tol["out"], "output")
+        w = torch.randn(b.shape, generator=g, dtype=dtype)
+        loss_r = loss_r + (b * w).sum()
+        loss_m = loss_m + (a * w).sum()
+    loss_r.backward()
+    loss_m.backward()
+    assert_close(xm.grad, x.grad, tol["grad"], "grad input")
+    for k, (a, b) in enumerate(zip(hm, hs)):
+        assert_close(a.grad, b.grad, tol["grad"], f"grad hx[{k}]")
+    for (pn, pr), (_, pm) in zip(ref.named_parameters(), mod.named_parameters()):
+        assert_close(pm.grad, pr.grad, tol["grad"], f"grad {pn}")
+    assert backends_used(ran) == {backend}
+    family = name.split("Cell")[0].lower()
+    assert {op for op, _ in ran} == {f"{family}_step_fwd", f"{family}_step_bwd"}
+
+
+def _op_args(family, T, B, H, P, dtype, reverse, lengths, proj, g):
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    out = P if proj else H
+    xw = r(T, B, G * H)
+    if family == "lstm":
+        weights = (r(G * H, out), r(G * H), r(P, H) if proj else None, None)
+        state = (r(B, out), r(B, H))
+        options = (False,)
+    else:
+        weights = (r(G * H, H), r(G * H))
+        state = (r(B, H),)
+        options = ("tanh",) if family == "rnn" else ()
+    return xw, weights, state, options
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family,proj", [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+def test_seq_equals_steps(backend, family, proj, reverse, ragged, ran):
+    """seq_fwd/seq_bwd on a backend equal T calls of its step_fwd/step_bwd (forward and gradients)."""
+    T, B, H, P = 5, 4, 6, 3
+    dtype = torch.float64
+    g = torch.Generator().manual_seed(0)
+    xw, weights, state0, options = _op_args(family, T, B, H, P, dtype, reverse, None, proj, g)
+    lengths = torch.tensor([5, 4, 2, 1]) if ragged else None
+    leaves = [t.requires_grad_() for t in (xw, *weights, *state0) if t is not None]
+
+    seq = getattr(torch.ops.fastrnn, f"{family}_seq_fwd")
+    res = seq(xw, *weights, *state0, lengths, reverse, *options, backend)
+    y, final = res[0], res[1:-1]
+
+    step = getattr(torch.ops.fastrnn, f"{family}_step_fwd")
+    state = list(state0)
+    ys = [None] * T
+    lens = lengths.tolist() if ragged else [T] * B
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        n = sum(1 for v in lens if v > t)
+        new = step(xw[t, :n], *weights, *(s[:n] for s in state), *options, backend)[:-1]
+        state = [torch.cat([a, s[n:]]) for a, s in zip(new, state)]
+        ys[t] = torch.cat([new[0], new[0].new_zeros(B - n, new[0].shape[1])])
+    y_steps = torch.stack(ys)
+    assert_close(y, y_steps, 1e-12, "y")
+    for a, b in zip(final, state):
+        assert_close(a, b, 1e-12, "final state")
+
+    w = torch.randn(y.shape, generator=g, dtype=dtype)
+    grads_seq = torch.autograd.grad((y * w).sum() + sum(s.sum() for s in final), leaves)
+    grads_step = torch.autograd.grad((y_steps * w).sum() + sum(s.sum() for s in state), leaves)
+    for k, (a, b) in enumerate(zip(grads_seq, grads_step)):
+        assert_close(a, b, 1e-12, f"grad {k}")
+    assert backends_used(ran) == {backend}
+    assert {op.split("_", 1)[1] for op, _ in ran} == {"seq_fwd", "seq_bwd", "step_fwd", "step_bwd"}

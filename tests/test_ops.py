@@ -1,0 +1,101 @@
+"""The custom ops: torch.library.opcheck on all twelve, gradcheck in float64 on each CPU backend."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import fastrnn
+from conftest import CPU_BACKENDS, backends_used
+from test_cells import _op_args
+
+FAMILIES = [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)]
+IDS = ["lstm", "lstm_proj", "gru", "rnn"]
+
+
+def _args(family, proj, dtype=torch.float64, ragged=True, reverse=False):
+    g = torch.Generator().manual_seed(0)
+    xw, weights, state, options = _op_args(family, 4, 3, 5, 2, dtype, reverse, None, proj, g)
+    lengths = torch.tensor([4, 2, 1]) if ragged else None
+    return xw, weights, state, lengths, options
+
+
+def test_all_ops_registered():
+    names = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")}
+    assert set(fastrnn.ops.OPS) == names
+    for n in names:
+        assert hasattr(torch.ops.fastrnn, n)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family,proj", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck(backend, family, proj, requires_grad, ran):
+    xw, weights, state, lengths, options = _args(family, proj)
+    if requires_grad:
+        for t in (xw, *weights, *state):
+            if t is not None:
+                t.requires_grad_()
+    ops = torch.ops.fastrnn
+    seq_args = (xw, *weights, *state, lengths, True, *options, backend)
+    torch.library.opcheck(getattr(ops, f"{family}_seq_fwd"), seq_args)
+    step_args = (xw[0], *weights, *state, *options, backend)
+    torch.library.opcheck(getattr(ops, f"{family}_step_fwd"), step_args)
+    # the backward ops, with real forward results as their inputs
+    with torch.no_grad():
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        w, s = [d(t) for t in weights], [d(t) for t in state]
+        y, *rest = getattr(ops, f"{family}_seq_fwd")(xw.detach(), *w, *s, lengths, True, *options, backend)
+        finals, ws = rest[:-1], rest[-1]
+        grads = [torch.randn_like(y)] + [torch.randn_like(f) for f in finals]
+        torch.library.opcheck(getattr(ops, f"{family}_seq_bwd"),
+                              (*grads, xw.detach(), *w, *s, lengths, y, ws, True, *options, backend))
+        *new, ws1 = getattr(ops, f"{family}_step_fwd")(xw[0].detach(), *w, *s, *options, backend)
+        torch.library.opcheck(getattr(ops, f"{family}_step_bwd"),
+                              (*[torch.randn_like(t) for t in new], xw[0].detach(), *w, *s, ws1, *options, backend))
+    assert backends_used(ran) == {backend}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family,proj", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gradcheck_ops(backend, family, proj, reverse, ran):
+    xw, weights, state, lengths, options = _args(family, proj, reverse=reverse)
+    tensors = [t.requires_grad_() for t in (xw, *weights, *state) if t is not None]
+    nw = len(weights)
+    present = [i for i, w in enumerate(weights) if w is not None]
+
+    def rebuild(ts):
+        w = [None] * nw
+        for i, t in zip(present, ts[1:1 + len(present)]):
+            w[i] = t
+        return ts[0], w, ts[1 + len(present):]
+
+    def seq(*ts):
+        x, w, s = rebuild(ts)
+        return getattr(torch.ops.fastrnn, f"{family}_seq_fwd")(x, *w, *s, lengths, reverse, *options, backend)[:-1]
+
+    def step(*ts):
+        x, w, s = rebuild(ts)
+        return getattr(torch.ops.fastrnn, f"{family}_step_fwd")(x[1], *w, *s, *options, backend)[:-1]
+
+    assert torch.autograd.gradcheck(seq, tensors)
+    assert torch.autograd.gradcheck(step, tensors)
+    assert backends_used(ran) == {backend}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN], ids=["LSTM", "GRU", "RNN"])
+def test_gradcheck_module_packed_bidirectional(backend, cls, ran):
+    kw = dict(proj_size=2) if cls is fastrnn.LSTM else {}
+    mod = cls(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64, backend=backend, **kw)
+    seqs = [torch.randn(n, 3, dtype=torch.float64) for n in (2, 4, 1)]
+    data = pack_sequence(seqs, enforce_sorted=False)
+    x = data.data.clone().requires_grad_()
+    params = list(mod.parameters())
+
+    def f(x, *ps):
+        out, st = torch.func.functional_call(mod, dict(zip([n for n, _ in mod.named_parameters()], ps)),
+                                             (data._replace(data=x),))
+        return (out.data, *(st if isinstance(st, tuple) else (st,)))
+
+    assert torch.autograd.gradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in params]))
+    assert backends_used(ran) == {backend}
