@@ -92,10 +92,10 @@ def _priority(device: str) -> tuple:
 
 
 def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on ``device`` here, best first."""
+    """Backends that can run plain cells on ``device`` here (in float32 or float64), best first."""
     dev = torch.device(device).type
-    probe = Spec("lstm", dev, torch.float32)
-    return [n for n in _priority(dev) if not reasons(n, probe)]
+    probes = [Spec("lstm", dev, dtype) for dtype in (torch.float32, torch.float64)]
+    return [n for n in _priority(dev) if any(not reasons(n, p) for p in probes)]
 
 
 def requested() -> str | None:

@@ -1,0 +1,171 @@
+"""Bad input: the exception type torch raises, a message naming what was wrong, parameters untouched.
+Batch size 0 works, NaN and inf propagate as in torch."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from conftest import CPU_BACKENDS
+
+SEQ = {"LSTM": (fastrnn.LSTM, torch.nn.LSTM), "GRU": (fastrnn.GRU, torch.nn.GRU), "RNN": (fastrnn.RNN, torch.nn.RNN)}
+CELL = {"LSTMCell": (fastrnn.LSTMCell, torch.nn.LSTMCell), "GRUCell": (fastrnn.GRUCell, torch.nn.GRUCell),
+        "RNNCell": (fastrnn.RNNCell, torch.nn.RNNCell)}
+
+
+def _pair(fcls, tcls, backend):
+    torch.manual_seed(0)
+    t = tcls(4, 8)
+    f = fcls(4, 8, backend=backend)
+    f.load_state_dict(t.state_dict())
+    return f, t
+
+
+def _hx(name, *shape, **kw):
+    h = torch.zeros(*shape, **kw)
+    if name in ("LSTM", "LSTMCell"):
+        c_shape = shape
+        return (h, torch.zeros(*c_shape))
+    return h
+
+
+def expect_same_error(f, t, args, match):
+    """fastrnn raises the type torch raises, with a message matching ``match``; f is unchanged."""
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    with pytest.raises(Exception) as torch_err:
+        t(*args)
+    with pytest.raises(torch_err.type, match=match):
+        f(*args)
+    after = f.state_dict()
+    assert list(before) == list(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+SEQ_CASES = {
+    "feature_size": (lambda n: (torch.randn(5, 3, 5),), r"input.size\(-1\) must be equal to input_size. Expected 4, got 5"),
+    "input_1d": (lambda n: (torch.randn(5),), r"Expected input to be 2D or 3D, got 1D"),
+    "input_4d": (lambda n: (torch.randn(5, 3, 4, 1),), r"Expected input to be 2D or 3D, got 4D"),
+    "input_dtype": (lambda n: (torch.randn(5, 3, 4, dtype=torch.float64),), r"dtype.*float64.*float32"),
+    "integer_input": (lambda n: (torch.ones(5, 3, 4, dtype=torch.int64),), r"floating-point.*int64"),
+    "zero_length": (lambda n: (torch.randn(0, 3, 4),), r"sequence length to be larger than 0"),
+    "zero_length_unbatched": (lambda n: (torch.randn(0, 4),), r"sequence length to be larger than 0"),
+    "hx_batch": (lambda n: (torch.randn(5, 3, 4), _hx(n, 1, 2, 8)), r"Expected hidden(\[0\])? size \(1, 3, 8\), got \[1, 2, 8\]"),
+    "hx_size": (lambda n: (torch.randn(5, 3, 4), _hx(n, 1, 3, 7)), r"Expected hidden(\[0\])? size \(1, 3, 8\), got \[1, 3, 7\]"),
+    "hx_layers": (lambda n: (torch.randn(5, 3, 4), _hx(n, 2, 3, 8)), r"Expected hidden(\[0\])? size \(1, 3, 8\), got \[2, 3, 8\]"),
+    "hx_2d_for_batched": (lambda n: (torch.randn(5, 3, 4), _hx(n, 3, 8)), r"For batched 3-D input, hx.*3-D but got"),
+    "hx_3d_for_unbatched": (lambda n: (torch.randn(5, 4), _hx(n, 1, 1, 8)), r"For unbatched 2-D input, hx.*2-D but got"),
+    "hx_dtype": (lambda n: (torch.randn(5, 3, 4), _hx(n, 1, 3, 8, dtype=torch.float64)), r"hx(\[0\])? has dtype torch.float64"),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(SEQ_CASES))
+@pytest.mark.parametrize("name", list(SEQ))
+def test_seq_bad_input(backend, name, case):
+    f, t = _pair(*SEQ[name], backend)
+    make, match = SEQ_CASES[case]
+    expect_same_error(f, t, make(name), match)
+
+
+def test_lstm_cell_state_wrong_shape():
+    f, t = _pair(fastrnn.LSTM, torch.nn.LSTM, None)
+    args = (torch.randn(5, 3, 4), (torch.zeros(1, 3, 8), torch.zeros(1, 3, 7)))
+    expect_same_error(f, t, args, r"Expected hidden\[1\] size \(1, 3, 8\), got \[1, 3, 7\]")
+
+
+def test_packed_zero_length_rejected_by_packing():
+    # torch rejects it while packing, before any module runs; nothing for fastrnn to add
+    with pytest.raises(RuntimeError, match="Length of all samples has to be greater than 0"):
+        pack_padded_sequence(torch.randn(5, 3, 4), torch.tensor([5, 0, 2]), enforce_sorted=False)
+
+
+@pytest.mark.parametrize("name", list(SEQ) + list(CELL))
+def test_hx_on_other_device(name):
+    """hx on another device than the input: RuntimeError naming both (the meta device stands in for a GPU)."""
+    fcls = {**SEQ, **CELL}[name][0]
+    f = fcls(4, 8)
+    x = torch.randn(5, 3, 4) if name in SEQ else torch.randn(3, 4)
+    shape = (1, 3, 8) if name in SEQ else (3, 8)
+    h = torch.zeros(*shape, device="meta")
+    hx = (h, torch.zeros(*shape, device="meta")) if name.startswith("LSTM") else h
+    with pytest.raises(RuntimeError, match="is on device meta but the input is on cpu"):
+        f(x, hx)
+
+
+@pytest.mark.parametrize("name", list(SEQ))
+def test_input_on_other_device_than_parameters(name):
+    f = SEQ[name][0](4, 8)
+    with pytest.raises(RuntimeError, match="input is on device meta but the parameters are on cpu"):
+        f(torch.randn(5, 3, 4, device="meta"))
+
+
+CELL_CASES = {
+    "feature_size": (lambda n: (torch.randn(3, 5),), r"input has inconsistent input_size: got 5 expected 4"),
+    "input_3d": (lambda n: (torch.randn(3, 3, 4),), r"Expected input to be 1D or 2D, got 3D"),
+    "input_0d": (lambda n: (torch.randn(()),), r"Expected input to be 1D or 2D, got 0D"),
+    "input_dtype": (lambda n: (torch.randn(3, 4, dtype=torch.float64),), r"dtype torch.float64 does not match weight dtype torch.float32"),
+    "integer_input": (lambda n: (torch.ones(3, 4, dtype=torch.int64),), r"floating-point.*int64"),
+    "hx_batch": (lambda n: (torch.randn(3, 4), _hx(n, 2, 8)), r"Input batch size 3 doesn't match hidden0 batch size 2"),
+    "hx_size": (lambda n: (torch.randn(3, 4), _hx(n, 3, 7)), r"hidden0 has inconsistent hidden_size: got 7, expected 8"),
+    "hx_3d": (lambda n: (torch.randn(3, 4), _hx(n, 1, 3, 8)), r"Expected (hidden|hx\[0\]) to be 1D or 2D, got 3D"),
+    "hx_dtype": (lambda n: (torch.randn(3, 4), _hx(n, 3, 8, dtype=torch.float64)), r"hx(\[0\])? has dtype torch.float64"),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(CELL_CASES))
+@pytest.mark.parametrize("name", list(CELL))
+def test_cell_bad_input(backend, name, case):
+    f, t = _pair(*CELL[name], backend)
+    make, match = CELL_CASES[case]
+    expect_same_error(f, t, make(name), match)
+
+
+def test_bad_constructor_arguments_match_torch():
+    for fcls, tcls, kw in [(fastrnn.RNN, torch.nn.RNN, dict(nonlinearity="foo")),
+                           (fastrnn.GRU, torch.nn.GRU, dict(proj_size=2)),
+                           (fastrnn.LSTM, torch.nn.LSTM, dict(proj_size=8)),
+                           (fastrnn.LSTM, torch.nn.LSTM, dict(dropout=1.5))]:
+        with pytest.raises(ValueError) as e:
+            tcls(4, 8, **kw)
+        with pytest.raises(ValueError, match=str(e.value)[:20]):
+            fcls(4, 8, **kw)
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN, fastrnn.LSTMCell, fastrnn.GRUCell,
+                                 fastrnn.RNNCell])
+def test_unknown_backend_name(cls):
+    with pytest.raises(ValueError, match="Unknown fastrnn backend 'fast'. Known backends: reference, numba, cpp, triton"):
+        cls(4, 8, backend="fast")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(SEQ) + list(CELL))
+def test_batch_size_zero(backend, name):
+    fcls, tcls = {**SEQ, **CELL}[name]
+    f, t = _pair(fcls, tcls, backend)
+    x = torch.randn(5, 0, 4) if name in SEQ else torch.randn(0, 4)
+    x.requires_grad_()
+    out_f, out_t = f(x), t(x)
+    flat = lambda o: [o] if torch.is_tensor(o) else [z for y in o for z in flat(y)]  # noqa: E731
+    for a, b in zip(flat(out_f), flat(out_t)):
+        assert a.shape == b.shape
+    sum(o.sum() for o in flat(out_f)).backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(SEQ))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_inf_propagate_like_torch(backend, name, bad):
+    f, t = _pair(*SEQ[name], backend)
+    f.double()
+    t.double()
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    x[2, 1, 0] = bad  # one row, one step: rows 0 and 2 stay finite
+    (yf, sf), (yt, st) = f(x), t(x)
+    torch.testing.assert_close(yf, yt, atol=1e-10, rtol=1e-10, equal_nan=True)
+    assert torch.equal(yf.isnan(), yt.isnan()) and torch.equal(yf.isinf(), yt.isinf())
+    assert torch.isfinite(yf[:, [0, 2]]).all()
+    sf, st = (sf if isinstance(sf, tuple) else (sf,)), (st if isinstance(st, tuple) else (st,))
+    for a, b in zip(sf, st):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, equal_nan=True)
