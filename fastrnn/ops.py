@@ -108,20 +108,24 @@ def _autograd(family, scope, bwd_op):
     return setup_context, backward
 
 
+LIB = torch.library.Library("fastrnn", "DEF")
+
+
 def _define_all():
+    # Library.define/impl rather than torch.library.custom_op: custom_op wraps each implementation in
+    # torch._dynamo.disable, whose first call imports torch._dynamo (~1.5 s of cold start).
     ops = {}
     for family in FAMILIES:
-        schemas = _schemas(family)
-        for kind, schema in schemas.items():
+        for kind, schema in _schemas(family).items():
             opname = f"{family}_{kind}"
-            op = torch.library.custom_op(f"fastrnn::{opname}", _call_backend(opname), mutates_args=(),
-                                         schema=schema)
-            op.register_fake(_fakes(family, opname))
-            ops[opname] = op
+            LIB.define(opname + schema)
+            LIB.impl(opname, _call_backend(opname), "CompositeExplicitAutograd")
+            torch.library.register_fake(f"fastrnn::{opname}", _fakes(family, opname), lib=LIB)
+            ops[opname] = getattr(torch.ops.fastrnn, opname).default
         for scope in ("seq", "step"):
-            fwd, bwd = ops[f"{family}_{scope}_fwd"], ops[f"{family}_{scope}_bwd"]
-            setup_context, backward = _autograd(family, scope, bwd)
-            fwd.register_autograd(backward, setup_context=setup_context)
+            setup_context, backward = _autograd(family, scope, ops[f"{family}_{scope}_bwd"])
+            torch.library.register_autograd(f"fastrnn::{family}_{scope}_fwd", backward,
+                                            setup_context=setup_context, lib=LIB)
     return ops
 
 

@@ -69,3 +69,12 @@ def test_compile_dynamic_shapes(ran):
         x = torch.randn(T, B, 4)
         torch.testing.assert_close(compiled(x)[0], ref(x)[0], atol=1e-5, rtol=1e-5)
     assert backends_used(ran) == {CPU_BACKENDS[0]}
+
+
+def test_import_stays_light():
+    """import fastrnn does not import torch._dynamo (~2 s): the compile patch waits for torch.compile."""
+    import subprocess
+    import sys
+    code = "import sys, fastrnn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,277 @@
+"""fastrnn's benchmark suite: every backend against torch.nn, side by side, in one process.
+
+    python -m benchmarks.run [--quick | --full] [--device cpu|cuda] [--providers torch,reference,...]
+                             [--cells LSTM,GRU,RNN] [--modes inference,training,streaming] [--budget S]
+
+Prints a table (median ms, p20-p80, GFLOP/s, % of the machine's peak measured in the same run,
+speedup vs torch, peak memory), writes benchmarks/results/latest.{csv,json} and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+import fastrnn
+
+from .cases import Case, all_cases
+from .harness import interleaved, measure_peak_gflops, peak_memory_bytes, percentiles
+from .providers import Workload, provider_names
+
+RESULTS = Path(__file__).parent / "results"
+warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+TOL_OUT, TOL_GRAD = 1e-4, 1e-3  # max |a-b| / max(1, max |ref|), float32 over 100 steps
+
+
+def _version(mod):
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return "n/a"
+
+
+def environment(device: str) -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        sha = sha + ("-dirty" if dirty else "") if sha else "unknown"
+    except OSError:
+        sha = "unknown"
+    from fastrnn.info import _cpu_name
+    hw = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()
+    return {"device": device, "hardware": hw, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "numba": _version("numba"), "triton": _version("triton"), "fastrnn": fastrnn.__version__,
+            "git_sha": sha, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "python": platform.python_version()}
+
+
+def _rel_err(a, b):
+    if a.shape != b.shape:
+        return math.inf
+    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+    return ((a.double() - b.double()).abs().max().item() / scale) if b.numel() else 0.0
+
+
+def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=TOL_GRAD) -> str | None:
+    """None if ``provider`` matches torch on this case, else what differs."""
+    try:
+        got = work.run(provider)
+    except Exception as e:  # a provider that crashes is reported, not timed
+        return f"{type(e).__name__}: {e}"
+    n_out = len(ref_results) if work.case.mode != "training" else len(ref_results) - 1 - len(
+        list(work.modules[provider].parameters()))
+    for k, (a, b) in enumerate(zip(got, ref_results)):
+        tol = tol_out if k < n_out else tol_grad
+        err = _rel_err(a, b)
+        if not err <= tol:
+            return f"{'output' if k < n_out else 'gradient'} {k} differs from torch by {err:.2e} (tolerance {tol:.0e})"
+    return None
+
+
+def bench_case(case: Case, providers: list[str], device: str, peak: float, budget: float) -> list[dict]:
+    dtype = torch.float32
+    work = Workload(case, providers, device=device, dtype=dtype)
+    ref = work.run("torch")
+    rows, fns = [], {}
+    for p in providers:
+        failure = None if p == "torch" else check(work, p, ref)
+        if failure is None:
+            fns[p] = work.call(p)
+        rows.append({"provider": p, "failure": failure})
+    samples = interleaved(fns, device=device, budget_s=budget)
+    flops = case.flops()
+    t_torch = percentiles(samples["torch"])[1]
+    for row in rows:
+        p = row["provider"]
+        base = {"cell": case.cell, "mode": case.mode, "shape": case.shape, "T": case.T, "B": case.B, "H": case.H,
+                "layers": case.layers, "bidirectional": case.bidirectional, "packed": case.packed, "proj": case.proj,
+                "dtype": str(dtype).replace("torch.", ""), "flops": flops}
+        row.update(base)
+        if row["failure"] is not None:
+            continue
+        p20, p50, p80 = percentiles(samples[p])
+        row.update({"p20_ms": p20 * 1e3, "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3, "rounds": len(samples[p]),
+                    "gflops": flops / p50 / 1e9, "pct_peak": 100 * flops / p50 / 1e9 / peak,
+                    "speedup_vs_torch": t_torch / p50, "peak_mem_mb": peak_memory_bytes(fns[p], device) / 2 ** 20})
+    return rows
+
+
+def cold_start(providers: list[str], cell="LSTM") -> list[dict]:
+    """First call in a fresh process, with empty compile caches and then with the caches warm."""
+    rows = []
+    for p in providers:
+        with tempfile.TemporaryDirectory(prefix="fastrnn-cold-") as cache:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache, TORCH_EXTENSIONS_DIR=cache, TRITON_CACHE_DIR=cache)
+            for label in ("empty cache", "warm cache"):
+                out = subprocess.run([sys.executable, "-m", "benchmarks.coldstart", p, cell], env=env,
+                                     capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+                if out.returncode != 0:
+                    rows.append({"provider": p, "cache": label, "error": out.stderr.strip().splitlines()[-1:]})
+                    break
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append({"provider": p, "cache": label, "cell": cell, "shape": "T100 B1 H256", **res})
+    return rows
+
+
+def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict]) -> str:
+    lines = [f"fastrnn benchmark {env['date']} | {env['device']}: {env['hardware']}, {env['threads']} threads | "
+             f"torch {env['torch']}, numba {env['numba']}, triton {env['triton']} | commit {env['git_sha']}",
+             f"peak fp32 measured in this run: {peak:.0f} GFLOP/s ({peak_how})",
+             "float32; ms = median of interleaved calls (p20-p80); x torch = torch's median / this median; "
+             "* = fastest",
+             ""]
+    hdr = f"{'cell':5} {'mode':10} {'shape':22} {'provider':10} {'ms':>9} {'p20-p80 ms':>17} {'GFLOP/s':>8} " \
+          f"{'% peak':>7} {'x torch':>8} {'peak MB':>8}"
+    lines += [hdr, "-" * len(hdr)]
+    key = None
+    for r in rows:
+        k = (r["cell"], r["mode"], r["shape"])
+        group = [x for x in rows if (x["cell"], x["mode"], x["shape"]) == k and x.get("failure") is None]
+        best = min(group, key=lambda x: x["p50_ms"])["provider"] if group else None
+        lead = f"{r['cell']:5} {r['mode']:10} {r['shape']:22}" if k != key else " " * 39
+        if k != key and key is not None:
+            lines.append("")
+        key = k
+        if r.get("failure"):
+            lines.append(f"{lead} {r['provider']:10} FAILED CHECK: {r['failure']}")
+            continue
+        star = "*" if r["provider"] == best else " "
+        lines.append(f"{lead} {r['provider']:10} {r['p50_ms']:9.3f}{star}{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} "
+                     f"{r['gflops']:8.2f} {r['pct_peak']:6.1f}% {r['speedup_vs_torch']:8.2f} {r['peak_mem_mb']:8.2f}")
+    if cold:
+        lines += ["", "cold start (fresh process, LSTM T100 B1 H256 inference): import s | first call s"]
+        for c in cold:
+            if "error" in c:
+                lines.append(f"  {c['provider']:10} {c['cache']:12} ERROR {c['error']}")
+            else:
+                lines.append(f"  {c['provider']:10} {c['cache']:12} {c['import_s']:7.3f} | {c['first_call_s']:7.3f}")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["cell", "provider", "mode", "shape", "T", "B", "H", "layers", "bidirectional", "packed", "proj",
+              "dtype", "device", "hardware", "threads", "torch", "numba", "triton", "git_sha", "date", "p20_ms",
+              "p50_ms", "p80_ms", "rounds", "flops", "gflops", "pct_peak", "peak_gflops", "speedup_vs_torch",
+              "peak_mem_mb", "failure"]
+    full = [{**r, **env, "peak_gflops": peak} for r in rows]
+    with open(out / "latest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(full)
+    with open(out / "latest.json", "w") as f:
+        json.dump({"environment": env, "peak_gflops": peak, "peak_method": peak_how, "results": full,
+                   "cold_start": cold}, f, indent=1)
+
+
+def plot(out: Path, rows: list[dict], env: dict) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if not r.get("failure")]
+    cases = list(dict.fromkeys(f"{r['cell']} {r['mode']} {r['shape']}" for r in ok))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    paths = []
+    for metric, fname, title, log in [("speedup_vs_torch", "speedup.png", "speedup vs torch.nn (higher is better)", True),
+                                      ("pct_peak", "percent_peak.png", "% of measured peak fp32 GFLOP/s", False)]:
+        provs = [p for p in providers if metric != "speedup_vs_torch" or p != "torch"]
+        fig, ax = plt.subplots(figsize=(9, 0.32 * len(cases) * max(1, len(provs)) / 1.5 + 1.5))
+        height = 0.8 / max(1, len(provs))
+        for k, p in enumerate(provs):
+            vals = []
+            for c in cases:
+                r = next((r for r in ok if r["provider"] == p and f"{r['cell']} {r['mode']} {r['shape']}" == c), None)
+                vals.append(r[metric] if r else float("nan"))
+            ax.barh([i + k * height for i in range(len(cases))], vals, height=height, label=p)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
+        ax.set_yticklabels(cases, fontsize=7)
+        ax.invert_yaxis()
+        if log:
+            from matplotlib.ticker import FuncFormatter
+            ax.set_xscale("log")
+            ax.axvline(1.0, color="k", lw=0.8)
+            fmt = FuncFormatter(lambda v, _: f"{v:g}x")
+            ax.xaxis.set_major_formatter(fmt)
+            ax.xaxis.set_minor_formatter(fmt)
+        ax.set_title(f"{title}\n{env['hardware']}, {env['threads']} threads, commit {env['git_sha']}, {env['date']}",
+                     fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a subset of the cases (the default)")
+    size.add_argument("--full", action="store_true", help="every case")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--providers", help="comma-separated subset of: torch and the available backends")
+    ap.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
+    ap.add_argument("--modes", help="comma-separated subset of inference,training,streaming")
+    ap.add_argument("--budget", type=float, default=None, help="measured seconds per case (default 1.5 quick, 4 full)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-cold-start", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("error: --device cuda needs a CUDA GPU and a CUDA build of torch; this machine has "
+                  f"torch {torch.__version__} and no usable GPU", file=sys.stderr)
+            return 2
+        from .gpu import main as gpu_main
+        return gpu_main(args)
+
+    quick = not args.full
+    budget = args.budget if args.budget is not None else (1.5 if quick else 4.0)
+    providers = provider_names(args.device)
+    if args.providers:
+        wanted = args.providers.split(",")
+        unknown = [p for p in wanted if p not in providers]
+        if unknown:
+            print(f"error: provider(s) {unknown} not available here; available: {providers}", file=sys.stderr)
+            return 2
+        providers = ["torch"] + [p for p in wanted if p != "torch"]
+    cases = all_cases(quick)
+    if args.cells:
+        cases = [c for c in cases if c.cell in args.cells.split(",")]
+    if args.modes:
+        cases = [c for c in cases if c.mode in args.modes.split(",")]
+
+    env = environment(args.device)
+    peak, peak_how = measure_peak_gflops(args.device)
+    from tqdm import tqdm
+    rows = []
+    for case in tqdm(cases, desc="benchmark", unit="case", file=sys.stderr):
+        rows += bench_case(case, providers, args.device, peak, budget)
+    cold = [] if args.no_cold_start else cold_start(providers)
+    table = format_table(env, peak, peak_how, rows, cold)
+    print(table)
+    write_results(args.out, env, peak, peak_how, rows, cold)
+    (args.out / "latest.txt").write_text(table + "\n")
+    written = [args.out / "latest.csv", args.out / "latest.json", args.out / "latest.txt"]
+    if not args.no_plots:
+        written += plot(args.out, rows, env)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
