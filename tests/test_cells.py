@@ -114,3 +114,28 @@ def test_seq_equals_steps(backend, family, proj, reverse, ragged, ran):
         assert_close(a, b, 1e-12, f"grad {k}")
     assert backends_used(ran) == {backend}
     assert {op.split("_", 1)[1] for op, _ in ran} == {"seq_fwd", "seq_bwd", "step_fwd", "step_bwd"}
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_lstm_op_variant_hooks(backend):
+    """The LSTM ops already carry the variant arguments (peephole w_ch, coupled gates) that the variants
+    issue builds on: zero peephole weights equal a plain LSTM, and the coupled form matches its formula."""
+    g = torch.Generator().manual_seed(0)
+    T, B, H = 4, 3, 5
+    xw, (w_hh, b_hh, _, _), (h0, c0), _ = _op_args("lstm", T, B, H, H, torch.float64, False, None, False, g)
+    op = torch.ops.fastrnn.lstm_seq_fwd
+    plain = op(xw, w_hh, b_hh, None, None, h0, c0, None, False, False, backend)
+    zero_peep = op(xw, w_hh, b_hh, None, torch.zeros(3, H, dtype=torch.float64), h0, c0, None, False, False, backend)
+    for a, b in zip(plain[:3], zero_peep[:3]):
+        assert_close(a, b, 0, "zero peephole")
+    # coupled input-forget gate: 3 gate blocks (i, g, o), f = 1 - i, against a hand-written step loop
+    xw3, w3, b3 = xw[..., :3 * H].contiguous(), w_hh[:3 * H].contiguous(), b_hh[:3 * H].contiguous()
+    y, hT, cT, _ = op(xw3, w3, b3, None, None, h0, c0, None, False, True, backend)
+    h, c = h0, c0
+    for t in range(T):
+        i, gg, o = (xw3[t] + h @ w3.T + b3).chunk(3, 1)
+        i = torch.sigmoid(i)
+        c = (1 - i) * c + i * torch.tanh(gg)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        assert_close(y[t], h, 1e-12, f"coupled y[{t}]")
+    assert_close(cT, c, 1e-12, "coupled c_T")
