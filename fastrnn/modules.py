@@ -51,13 +51,11 @@ def _packed_layout(batch_sizes, device):
     return lengths, index
 
 
-class _SeqMixin:
-    """forward() shared by LSTM, GRU and RNN; the family-specific bits are small hooks."""
+class _BackendMixin:
+    """The keyword-only ``backend`` argument every fastrnn module adds to its torch constructor."""
 
-    _family: str
-    _n_state = 1
-
-    def _set_backend(self, backend):
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = dispatch.check_name(backend)
 
     def extra_repr(self):
@@ -65,6 +63,17 @@ class _SeqMixin:
         if getattr(self, "backend", None) is not None:
             s += f", backend={self.backend!r}"
         return s
+
+    def _torch_name(self):
+        """The torch.nn class this module replaces (its name starts torch's error messages)."""
+        return next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+
+
+class _SeqMixin(_BackendMixin):
+    """forward() shared by LSTM, GRU and RNN; the family-specific bits are small hooks."""
+
+    _family: str
+    _n_state = 1
 
     # hooks --------------------------------------------------------------------------------------
     def _hh(self, k, suffix):
@@ -78,7 +87,7 @@ class _SeqMixin:
         return frozenset()
 
     def _dim_error(self, d):
-        return f"{type(self).__mro__[1].__name__}: Expected input to be 2D or 3D, got {d}D instead"
+        return f"{self._torch_name()}: Expected input to be 2D or 3D, got {d}D instead"
 
     def _zeros_state(self, x, B):
         D = 2 if self.bidirectional else 1
@@ -107,7 +116,7 @@ class _SeqMixin:
         return out
 
     def forward(self, input, hx=None):
-        name = type(self).__mro__[1].__name__
+        name = self._torch_name()
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
         if packed:
@@ -174,10 +183,6 @@ class LSTM(_SeqMixin, nn.LSTM):
     _family = "lstm"
     _n_state = 2
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
-
     def _hh(self, k, suffix):
         w_hr = getattr(self, f"weight_hr_l{k}{suffix}") if self.proj_size > 0 else None
         return (*super()._hh(k, suffix), w_hr, None)
@@ -211,18 +216,10 @@ class GRU(_SeqMixin, nn.GRU):
     __doc__ = nn.GRU.__doc__
     _family = "gru"
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
-
 
 class RNN(_SeqMixin, nn.RNN):
     __doc__ = nn.RNN.__doc__
     _family = "rnn"
-
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
 
     def _options(self):
         return (self.nonlinearity,)
@@ -231,20 +228,11 @@ class RNN(_SeqMixin, nn.RNN):
         return f"RNN: Expected input to be 2D or 3D, got {d}D tensor instead"
 
 
-class _CellMixin:
+class _CellMixin(_BackendMixin):
     """forward() shared by the three cells."""
 
     _family: str
     _n_state = 1
-
-    def _set_backend(self, backend):
-        self.backend = dispatch.check_name(backend)
-
-    def extra_repr(self):
-        s = super().extra_repr()
-        if getattr(self, "backend", None) is not None:
-            s += f", backend={self.backend!r}"
-        return s
 
     def _options(self):
         return ()
@@ -258,7 +246,7 @@ class _CellMixin:
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {s.dim()}D instead")
 
     def forward(self, input, hx=None):
-        name = type(self).__mro__[2].__name__
+        name = self._torch_name()
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         states = None
@@ -303,10 +291,6 @@ class LSTMCell(_CellMixin, nn.LSTMCell):
     _family = "lstm"
     _n_state = 2
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
-
     def _hh(self):
         return (self.weight_hh, self.bias_hh, None, None)
 
@@ -323,18 +307,10 @@ class GRUCell(_CellMixin, nn.GRUCell):
     __doc__ = nn.GRUCell.__doc__
     _family = "gru"
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
-
 
 class RNNCell(_CellMixin, nn.RNNCell):
     __doc__ = nn.RNNCell.__doc__
     _family = "rnn"
-
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_backend(backend)
 
     def _options(self):
         return (self.nonlinearity,)
