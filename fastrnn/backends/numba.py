@@ -1,0 +1,219 @@
+"""The numba backend: the whole recurrence of a layer-direction in Numba-compiled code on the CPU.
+
+Host side only: allocate outputs and workspaces as torch tensors, hand numpy views of them to the
+kernels in ``numba_kernels`` (compiled once, cached on disk), and after the backward loop compute
+the weight gradients as large GEMMs with torch. float32 and float64; threads: up to
+``torch.get_num_threads()``, split over hidden units when a step has enough work.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import Backend
+from ._common import batch_sizes_from_lengths
+
+try:
+    import numba
+    from .numba_kernels import gru as _gru
+    from .numba_kernels import lstm as _lstm
+    from .numba_kernels import rnn as _rnn
+    _IMPORT_ERROR = None
+except ImportError as e:  # numba missing or broken: the backend is unavailable, fastrnn still imports
+    numba = None
+    _IMPORT_ERROR = e
+
+# a step's GEMM must have at least this many multiply-adds before it is split over threads
+PARALLEL_MIN_MACS = 1 << 18
+
+
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+def _opt(t, ndim, like):
+    """numpy view of an optional tensor; an empty array of the right rank when absent."""
+    if t is None:
+        return np.empty((0,) * ndim, dtype=_np(like).dtype)
+    return t.detach().numpy()
+
+
+def _parts(rows, macs_per_row):
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads > 1 and rows * macs_per_row >= PARALLEL_MIN_MACS:
+        numba.set_num_threads(threads)
+        return threads
+    return 1
+
+
+def _sizes(lengths, T, B):
+    return np.asarray(batch_sizes_from_lengths(lengths, T, B), dtype=np.int64)
+
+
+def _alloc(varlen):
+    return torch.zeros if varlen else torch.empty
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    devices = ("cpu",)
+    dtypes = (torch.float32, torch.float64)
+    features = frozenset({"proj", "peephole", "coupled", "varlen"})
+
+    def unavailable_reasons(self):
+        if _IMPORT_ERROR is not None:
+            return [f"numba is not importable ({_IMPORT_ERROR}); install it with pip install numba"]
+        return []
+
+    # ---- workspace sizes -------------------------------------------------------------------------
+    def workspace_numel(self, op, *args):
+        family, scope, _ = op.split("_")
+        xw = args[0]
+        if scope == "seq":
+            T, B, GH = xw.shape
+        else:
+            (B, GH), T = xw.shape, 1
+        if family == "lstm":
+            w_hr, c = args[3], args[6]
+            H = c.shape[-1]
+            n = T * B * (GH + H + (H if w_hr is not None else 0))
+            P = args[5].shape[-1]
+        elif family == "gru":
+            H = GH // 3
+            n, P = T * B * (GH + H), H
+        else:
+            n, P = 0, GH
+        return n + (B * P if scope == "step" else 0)  # a step also keeps its output
+
+    # ---- LSTM ------------------------------------------------------------------------------------
+    def _lstm_ws(self, ws, T, B, GH, H, proj):
+        gates = ws[:T * B * GH].view(T, B, GH)
+        c_all = ws[T * B * GH:T * B * (GH + H)].view(T, B, H)
+        hfull = ws[T * B * (GH + H):T * B * (GH + 2 * H)].view(T, B, H) if proj else ws[:0].view(0, 0, 0)
+        return gates, c_all, hfull
+
+    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled):
+        T, B, GH = xw.shape
+        H, P = c0.shape[1], h0.shape[1]
+        varlen = lengths is not None
+        new = _alloc(varlen)
+        ws = new(self.workspace_numel("lstm_seq_fwd", xw, w_hh, b_hh, w_hr, w_ch, h0, c0), dtype=xw.dtype)
+        gates, c_all, hfull = self._lstm_ws(ws, T, B, GH, H, w_hr is not None)
+        y = new(T, B, P, dtype=xw.dtype)
+        h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+        scratch = torch.empty(2 * B * P + B * H, dtype=xw.dtype).numpy()
+        h_a, h_b = scratch[:B * P].reshape(B, P), scratch[B * P:2 * B * P].reshape(B, P)
+        c = scratch[2 * B * P:].reshape(B, H)
+        _lstm.lstm_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw), coupled,
+                       _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(h_n),
+                       _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
+        return y, h_n, c_n, ws
+
+    def lstm_seq_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                     reverse, coupled):
+        T, B, GH = xw.shape
+        H, P = c0.shape[1], h0.shape[1]
+        proj = w_hr is not None
+        gates, c_all, hfull = self._lstm_ws(ws, T, B, GH, H, proj)
+        new = _alloc(lengths is not None)
+        dgates = new(T, B, GH, dtype=xw.dtype)
+        h_prev = new(T, B, P, dtype=xw.dtype)
+        dh_proj = new(T, B, P, dtype=xw.dtype) if proj else xw.new_empty(0, 0, 0)
+        dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
+        dhf = np.empty((B, H), dtype=_np(xw).dtype)
+        dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
+        _lstm.lstm_bwd(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
+                       _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled,
+                       _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(gates),
+                       _np(c_all), _np(hfull), _np(dgates), _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0),
+                       _np(dw_ch))
+        flat = dgates.view(T * B, GH)
+        d_w_hh = flat.t().mm(h_prev.view(T * B, P))
+        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
+        return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
+
+    def lstm_step_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
+        y, h_n, c_n, ws = self.lstm_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, None, False, coupled)
+        return h_n, c_n, torch.cat([ws, y.reshape(-1)])
+
+    def lstm_step_bwd(self, grad_h, grad_c, xw, w_hh, b_hh, w_hr, w_ch, h, c, ws, coupled):
+        y = ws[ws.numel() - h.numel():].view(1, *h.shape)
+        g = self.lstm_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh,
+                              w_hr, w_ch, h, c, None, y, ws[:ws.numel() - h.numel()], False, coupled)
+        return (g[0][0],) + tuple(g[1:])
+
+    # ---- GRU -------------------------------------------------------------------------------------
+    def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse):
+        T, B, GH = xw.shape
+        H = h0.shape[1]
+        new = _alloc(lengths is not None)
+        ws = new(T * B * (GH + H), dtype=xw.dtype)
+        gates, hn_all = ws[:T * B * GH].view(T, B, GH), ws[T * B * GH:].view(T, B, H)
+        y = new(T, B, H, dtype=xw.dtype)
+        h_n = torch.empty_like(h0)
+        h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
+        _gru.gru_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
+                     _parts(B, GH * H), _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
+        return y, h_n, ws
+
+    def gru_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
+        T, B, GH = xw.shape
+        H = h0.shape[1]
+        gates, hn_all = ws[:T * B * GH].view(T, B, GH), ws[T * B * GH:].view(T, B, H)
+        new = _alloc(lengths is not None)
+        d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
+        dh0 = torch.empty_like(h0)
+        dh_direct = np.empty((B, H), _np(xw).dtype)
+        _gru.gru_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
+                     _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0),
+                     dh_direct)
+        flat = d_hh.view(T * B, GH)
+        d_w_hh = flat.t().mm(h_prev.view(T * B, H))
+        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        return d_xw, d_w_hh, d_b_hh, dh0
+
+    def gru_step_fwd(self, xw, w_hh, b_hh, h):
+        y, h_n, ws = self.gru_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False)
+        return h_n, torch.cat([ws, y.reshape(-1)])
+
+    def gru_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws):
+        y = ws[ws.numel() - h.numel():].view(1, *h.shape)
+        g = self.gru_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None, y,
+                             ws[:ws.numel() - h.numel()], False)
+        return (g[0][0],) + tuple(g[1:])
+
+    # ---- RNN -------------------------------------------------------------------------------------
+    def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity):
+        T, B, H = xw.shape
+        new = _alloc(lengths is not None)
+        y = new(T, B, H, dtype=xw.dtype)
+        h_n = torch.empty_like(h0)
+        h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
+        _rnn.rnn_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
+                     nonlinearity == "relu", _parts(B, H * H), _np(y), _np(h_n), h_a, h_b)
+        return y, h_n, xw.new_empty(0)
+
+    def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):
+        T, B, H = xw.shape
+        new = _alloc(lengths is not None)
+        d_xw, h_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
+        dh0 = torch.empty_like(h0)
+        _rnn.rnn_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
+                     reverse, nonlinearity == "relu", _parts(B, H * H), _np(y), _np(d_xw), _np(h_prev), _np(dh0))
+        flat = d_xw.view(T * B, H)
+        d_w_hh = flat.t().mm(h_prev.view(T * B, H))
+        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        return d_xw, d_w_hh, d_b_hh, dh0
+
+    def rnn_step_fwd(self, xw, w_hh, b_hh, h, nonlinearity):
+        y, h_n, _ = self.rnn_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, nonlinearity)
+        return h_n, y.reshape(-1).clone()
+
+    def rnn_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws, nonlinearity):
+        g = self.rnn_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None,
+                             ws.view(1, *h.shape), xw.new_empty(0), False, nonlinearity)
+        return (g[0][0],) + tuple(g[1:])
+
+
+BACKEND = NumbaBackend()

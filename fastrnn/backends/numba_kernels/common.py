@@ -1,0 +1,187 @@
+"""Pieces shared by the numba kernels: fast activations, the blocked GEMM, partitioning."""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+# reassociation/contraction for vectorized reductions, but no 'nnan'/'ninf': NaN and inf must
+# propagate exactly as in torch
+FM = {"reassoc", "contract", "nsz", "arcp"}
+JIT = dict(cache=True, fastmath=FM, nogil=True)
+
+# tanh(x) ~ x * P(x^2) / Q(x^2) on [-9, 9], fitted here by least squares against float64 tanh; max
+# abs error 3.3e-7 in float32 arithmetic (torch.tanh's own: 3e-8). Used for float32 only.
+_P = (9.999999738e-01, 1.308515589e-01, 3.105340692e-03, 1.117165808e-05, -2.031272308e-08,
+      5.329159598e-11, -8.642440220e-14)
+_Q = (1.0, 4.641847807e-01, 2.450040609e-02, 2.548330486e-04)
+P0, P1, P2, P3, P4, P5, P6 = (np.float32(c) for c in _P)
+Q0, Q1, Q2, Q3 = (np.float32(c) for c in _Q)
+F9 = np.float32(9.0)
+HALF32 = np.float32(0.5)
+
+
+@numba.njit(**JIT)
+def _tanh32(x):
+    # a NaN fails both comparisons and stays NaN
+    if x > F9:
+        x = F9
+    elif x < -F9:
+        x = -F9
+    s = x * x
+    p = ((((((P6 * s + P5) * s + P4) * s + P3) * s + P2) * s + P1) * s + P0)
+    q = (((Q3 * s + Q2) * s + Q1) * s + Q0)
+    return x * p / q
+
+
+def tanh_(x):
+    """tanh: the rational approximation in float32, libm's tanh in float64."""
+
+
+def sigmoid_(x):
+    """sigmoid: 0.5*tanh(x/2)+0.5 in float32, 1/(1+exp(-x)) in float64."""
+
+
+@overload(tanh_, jit_options=dict(fastmath=FM))
+def _ol_tanh(x):
+    if x == types.float32:
+        return lambda x: _tanh32(x)
+    return lambda x: math.tanh(x)
+
+
+@overload(sigmoid_, jit_options=dict(fastmath=FM))
+def _ol_sigmoid(x):
+    if x == types.float32:
+        return lambda x: HALF32 * _tanh32(HALF32 * x) + HALF32
+    return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
+@numba.njit(**JIT)
+def mm_nt(a, n, w, out, j0, j1, acc):
+    """out[:n, j0:j1] (+)= a[:n, :] @ w[j0:j1, :].T  (``acc``: accumulate into out).
+
+    Register-blocked 4 rows of ``w`` x 4 rows of ``a``; the inner loop over K vectorizes.
+    """
+    K = w.shape[1]
+    zero = a.dtype.type(0)
+    j = j0
+    while j + 4 <= j1:
+        b = 0
+        while b + 4 <= n:
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero
+            for k in range(K):
+                w0 = w[j, k]
+                w1 = w[j + 1, k]
+                w2 = w[j + 2, k]
+                w3 = w[j + 3, k]
+                x0 = a[b, k]
+                x1 = a[b + 1, k]
+                x2 = a[b + 2, k]
+                x3 = a[b + 3, k]
+                a00 += w0 * x0
+                a01 += w1 * x0
+                a02 += w2 * x0
+                a03 += w3 * x0
+                a10 += w0 * x1
+                a11 += w1 * x1
+                a12 += w2 * x1
+                a13 += w3 * x1
+                a20 += w0 * x2
+                a21 += w1 * x2
+                a22 += w2 * x2
+                a23 += w3 * x2
+                a30 += w0 * x3
+                a31 += w1 * x3
+                a32 += w2 * x3
+                a33 += w3 * x3
+            if acc:
+                out[b, j] += a00
+                out[b, j + 1] += a01
+                out[b, j + 2] += a02
+                out[b, j + 3] += a03
+                out[b + 1, j] += a10
+                out[b + 1, j + 1] += a11
+                out[b + 1, j + 2] += a12
+                out[b + 1, j + 3] += a13
+                out[b + 2, j] += a20
+                out[b + 2, j + 1] += a21
+                out[b + 2, j + 2] += a22
+                out[b + 2, j + 3] += a23
+                out[b + 3, j] += a30
+                out[b + 3, j + 1] += a31
+                out[b + 3, j + 2] += a32
+                out[b + 3, j + 3] += a33
+            else:
+                out[b, j] = a00
+                out[b, j + 1] = a01
+                out[b, j + 2] = a02
+                out[b, j + 3] = a03
+                out[b + 1, j] = a10
+                out[b + 1, j + 1] = a11
+                out[b + 1, j + 2] = a12
+                out[b + 1, j + 3] = a13
+                out[b + 2, j] = a20
+                out[b + 2, j + 1] = a21
+                out[b + 2, j + 2] = a22
+                out[b + 2, j + 3] = a23
+                out[b + 3, j] = a30
+                out[b + 3, j + 1] = a31
+                out[b + 3, j + 2] = a32
+                out[b + 3, j + 3] = a33
+            b += 4
+        while b < n:
+            s0 = s1 = s2 = s3 = zero
+            for k in range(K):
+                x = a[b, k]
+                s0 += w[j, k] * x
+                s1 += w[j + 1, k] * x
+                s2 += w[j + 2, k] * x
+                s3 += w[j + 3, k] * x
+            if acc:
+                out[b, j] += s0
+                out[b, j + 1] += s1
+                out[b, j + 2] += s2
+                out[b, j + 3] += s3
+            else:
+                out[b, j] = s0
+                out[b, j + 1] = s1
+                out[b, j + 2] = s2
+                out[b, j + 3] = s3
+            b += 1
+        j += 4
+    while j < j1:
+        for b in range(n):
+            s = zero
+            for k in range(K):
+                s += w[j, k] * a[b, k]
+            if acc:
+                out[b, j] += s
+            else:
+                out[b, j] = s
+        j += 1
+
+
+@numba.njit(**JIT)
+def split(total, parts, p):
+    """[lo, hi) of part p when ``total`` units are split in ``parts`` (boundaries on multiples of 16)."""
+    chunk = ((total + parts - 1) // parts + 15) // 16 * 16
+    lo = min(total, p * chunk)
+    hi = min(total, lo + chunk)
+    return lo, hi
+
+
+@numba.njit(**JIT)
+def first_step(reverse, t, T, b, sizes):
+    """Is step t the first one row b takes (its state comes from h0/c0)?"""
+    if not reverse:
+        return t == 0
+    return t == T - 1 or b >= sizes[t + 1]
+
+
+@numba.njit(**JIT)
+def prev_t(reverse, t):
+    return t + 1 if reverse else t - 1

@@ -1,0 +1,85 @@
+"""Elman RNN kernels (tanh or relu). No workspace: the backward needs only each step's output y."""
+from __future__ import annotations
+
+import numba
+from numba import prange
+
+from .common import JIT, first_step, mm_nt, prev_t, split, tanh_
+
+
+@numba.njit(**JIT)
+def _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst):
+    has_b = b_hh.shape[0] > 0
+    zero = xw.dtype.type(0)
+    for b in range(n):
+        x_t = xw[t, b]
+        for u in range(lo, hi):
+            v = dst[b, u] + x_t[u]
+            if has_b:
+                v += b_hh[u]
+            if relu:
+                # as torch.relu: NaN fails the comparison and passes through, -inf gives 0
+                dst[b, u] = zero if v < 0 else v
+            else:
+                dst[b, u] = tanh_(v)
+
+
+@numba.njit(parallel=True, **JIT)
+def rnn_fwd(xw, w_hh, b_hh, h0, sizes, reverse, relu, parts, y, h_n, h_a, h_b):
+    T, B = xw.shape[0], xw.shape[1]
+    H = h0.shape[1]
+    h_a[:, :] = h0
+    h_b[:, :] = h0
+    src, dst = h_a, h_b
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        n = sizes[t]
+        for p in prange(parts):
+            lo, hi = split(H, parts, p)
+            mm_nt(src, n, w_hh, dst, lo, hi, False)
+            _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst)
+        for b in range(n):
+            for k in range(H):
+                y[t, b, k] = dst[b, k]
+        src, dst = dst, src
+    for b in range(B):
+        last = 0 if reverse else T - 1
+        if not reverse:
+            while sizes[last] <= b:
+                last -= 1
+        for k in range(H):
+            h_n[b, k] = y[last, b, k]
+
+
+@numba.njit(**JIT)
+def _pointwise_bwd(t, n, lo, hi, relu, dh_rec, grad_y, y, d_xw):
+    zero = y.dtype.type(0)
+    for b in range(n):
+        for u in range(lo, hi):
+            dh = dh_rec[b, u] + grad_y[t, b, u]
+            v = y[t, b, u]
+            if relu:
+                d_xw[t, b, u] = dh if v > 0 else zero  # as torch's threshold_backward
+            else:
+                d_xw[t, b, u] = dh * (1 - v * v)
+
+
+@numba.njit(parallel=True, **JIT)
+def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec):
+    T = grad_y.shape[0]
+    H = h0.shape[1]
+    dh_rec[:, :] = grad_h_n
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        n = sizes[t]
+        tp = prev_t(reverse, t)
+        for b in range(n):
+            first = first_step(reverse, t, T, b, sizes)
+            for k in range(H):
+                h_prev[t, b, k] = h0[b, k] if first else y[tp, b, k]
+        for p in prange(parts):
+            lo, hi = split(H, parts, p)
+            _pointwise_bwd(t, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
+        for p in prange(parts):
+            lo, hi = split(H, parts, p)
+            mm_nt(d_xw[t], n, w_hh_t, dh_rec, lo, hi, False)
