@@ -11,7 +11,8 @@ from numba.extending import overload
 # reassociation/contraction for vectorized reductions, but no 'nnan'/'ninf': NaN and inf must
 # propagate exactly as in torch
 FM = {"reassoc", "contract", "nsz", "arcp"}
-JIT = dict(cache=True, fastmath=FM, nogil=True)
+# error_model="numpy": no ZeroDivisionError check on divisions, which would block vectorization
+JIT = dict(cache=True, fastmath=FM, nogil=True, error_model="numpy")
 
 # tanh(x) ~ x * P(x^2) / Q(x^2) on [-9, 9], fitted here by least squares against float64 tanh; max
 # abs error 3.3e-7 in float32 arithmetic (torch.tanh's own: 3e-8). Used for float32 only.
@@ -45,14 +46,14 @@ def sigmoid_(x):
     """sigmoid: 0.5*tanh(x/2)+0.5 in float32, 1/(1+exp(-x)) in float64."""
 
 
-@overload(tanh_, jit_options=dict(fastmath=FM))
+@overload(tanh_, jit_options=dict(fastmath=FM, error_model="numpy"))
 def _ol_tanh(x):
     if x == types.float32:
         return lambda x: _tanh32(x)
     return lambda x: math.tanh(x)
 
 
-@overload(sigmoid_, jit_options=dict(fastmath=FM))
+@overload(sigmoid_, jit_options=dict(fastmath=FM, error_model="numpy"))
 def _ol_sigmoid(x):
     if x == types.float32:
         return lambda x: HALF32 * _tanh32(HALF32 * x) + HALF32

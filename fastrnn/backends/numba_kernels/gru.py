@@ -13,26 +13,36 @@ from .common import JIT, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
 
 @numba.njit(**JIT)
 def _pointwise_fwd(t, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
+    """Units [lo, hi) of rows [0, n) (loops over views from 0: see lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
+    m = hi - lo
+    one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
         g_t = gates[t, b]
         x_t = xw[t, b]
-        for u in range(lo, hi):
-            hr = g_t[u]
-            hz = g_t[H + u]
-            hn = g_t[2 * H + u]
-            if has_b:
-                hr += b_hh[u]
-                hz += b_hh[H + u]
-                hn += b_hh[2 * H + u]
-            r = sigmoid_(x_t[u] + hr)
-            z = sigmoid_(x_t[H + u] + hz)
-            nn = tanh_(x_t[2 * H + u] + r * hn)
-            dst[b, u] = (1 - z) * nn + z * src[b, u]
-            g_t[u] = r
-            g_t[H + u] = z
-            g_t[2 * H + u] = nn
-            hn_all[t, b, u] = hn
+        gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
+        xr, xz, xn = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi]
+        hn = hn_all[t, b, lo:hi]
+        if has_b:
+            br, bz, bn = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi]
+            for u in range(m):
+                gr[u] = sigmoid_(gr[u] + br[u] + xr[u])
+            for u in range(m):
+                gz[u] = sigmoid_(gz[u] + bz[u] + xz[u])
+            for u in range(m):
+                hn[u] = gn[u] + bn[u]
+        else:
+            for u in range(m):
+                gr[u] = sigmoid_(gr[u] + xr[u])
+            for u in range(m):
+                gz[u] = sigmoid_(gz[u] + xz[u])
+            for u in range(m):
+                hn[u] = gn[u]
+        for u in range(m):
+            gn[u] = tanh_(xn[u] + gr[u] * hn[u])
+        hs, hd = src[b, lo:hi], dst[b, lo:hi]
+        for u in range(m):
+            hd[u] = (one - gz[u]) * gn[u] + gz[u] * hs[u]
 
 
 @numba.njit(parallel=True, **JIT)
@@ -65,26 +75,32 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_
 
 @numba.njit(**JIT)
 def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh, dh_direct):
+    m = hi - lo
+    one = gates.dtype.type(1)
     for b in range(n):
         g_t = gates[t, b]
+        gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
         dx = d_xw[t, b]
-        dr_ = d_hh[t, b]
-        for u in range(lo, hi):
-            dh = dh_rec[b, u] + grad_y[t, b, u]
-            r = g_t[u]
-            z = g_t[H + u]
-            nn = g_t[2 * H + u]
-            hp = h_prev[t, b, u]
-            dpn = dh * (1 - z) * (1 - nn * nn)
-            dpz = dh * (hp - nn) * z * (1 - z)
-            dpr = dpn * hn_all[t, b, u] * r * (1 - r)
-            dx[u] = dpr
-            dx[H + u] = dpz
-            dx[2 * H + u] = dpn
-            dr_[u] = dpr
-            dr_[H + u] = dpz
-            dr_[2 * H + u] = dpn * r
-            dh_direct[b, u] = dh * z
+        dxr, dxz, dxn = dx[lo:hi], dx[H + lo:H + hi], dx[2 * H + lo:2 * H + hi]
+        dhh = d_hh[t, b]
+        dhr, dhz, dhn = dhh[lo:hi], dhh[H + lo:H + hi], dhh[2 * H + lo:2 * H + hi]
+        dr, gy, hp, hn = dh_rec[b, lo:hi], grad_y[t, b, lo:hi], h_prev[t, b, lo:hi], hn_all[t, b, lo:hi]
+        dd = dh_direct[b, lo:hi]
+        for u in range(m):
+            dh = dr[u] + gy[u]
+            r = gr[u]
+            z = gz[u]
+            nn = gn[u]
+            dpn = dh * (one - z) * (one - nn * nn)
+            dpz = dh * (hp[u] - nn) * z * (one - z)
+            dpr = dpn * hn[u] * r * (one - r)
+            dxr[u] = dpr
+            dxz[u] = dpz
+            dxn[u] = dpn
+            dhr[u] = dpr
+            dhz[u] = dpz
+            dhn[u] = dpn * r
+            dd[u] = dh * z
 
 
 @numba.njit(parallel=True, **JIT)
@@ -109,6 +125,7 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             for b in range(n):
-                for k in range(lo, hi):
-                    dh_rec[b, k] = dh_direct[b, k]
+                dst, src = dh_rec[b, lo:hi], dh_direct[b, lo:hi]
+                for k in range(hi - lo):
+                    dst[k] = src[k]
             mm_nt(d_hh[t], n, w_hh_t, dh_rec, lo, hi, True)

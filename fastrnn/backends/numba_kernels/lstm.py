@@ -15,53 +15,65 @@ from .common import JIT, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
 @numba.njit(**JIT)
 def _pointwise_fwd(t, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
     """Gates of units [lo, hi) for rows [0, n): raw recurrent products in gates[t] -> activations;
-    updates c in place, writes c_t to c_all[t] and the (pre-projection) output to hout."""
+    updates c in place, writes c_t to c_all[t] and the (pre-projection) output to hout.
+
+    Every loop runs over views from 0 to their length: indices that numba cannot prove non-negative
+    get a wrap-around check that keeps LLVM from vectorizing the loop.
+    """
     has_b = b_hh.shape[0] > 0
     peep = w_ch.shape[0] > 0
+    G = 3 if coupled else 4
+    m = hi - lo
+    one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
         g_t = gates[t, b]
         x_t = xw[t, b]
-        for u in range(lo, hi):
-            cp = c[b, u]
-            pi = g_t[u] + x_t[u]
-            if coupled:
-                pg = g_t[H + u] + x_t[H + u]
-                po = g_t[2 * H + u] + x_t[2 * H + u]
-            else:
-                pf = g_t[H + u] + x_t[H + u]
-                pg = g_t[2 * H + u] + x_t[2 * H + u]
-                po = g_t[3 * H + u] + x_t[3 * H + u]
+        for k in range(G):
+            gk = g_t[k * H + lo:k * H + hi]
+            xk = x_t[k * H + lo:k * H + hi]
             if has_b:
-                pi += b_hh[u]
-                if coupled:
-                    pg += b_hh[H + u]
-                    po += b_hh[2 * H + u]
-                else:
-                    pf += b_hh[H + u]
-                    pg += b_hh[2 * H + u]
-                    po += b_hh[3 * H + u]
-            if peep:
-                pi += w_ch[0, u] * cp
-                if not coupled:
-                    pf += w_ch[1, u] * cp
-            i = sigmoid_(pi)
-            f = 1 - i if coupled else sigmoid_(pf)
-            g = tanh_(pg)
-            cn = f * cp + i * g
-            if peep:
-                po += w_ch[2, u] * cn
-            o = sigmoid_(po)
-            hout[b, u] = o * tanh_(cn)
-            c[b, u] = cn
-            c_all[t, b, u] = cn
-            g_t[u] = i
-            if coupled:
-                g_t[H + u] = g
-                g_t[2 * H + u] = o
+                bk = b_hh[k * H + lo:k * H + hi]
+                for u in range(m):
+                    gk[u] += xk[u] + bk[u]
             else:
-                g_t[H + u] = f
-                g_t[2 * H + u] = g
-                g_t[3 * H + u] = o
+                for u in range(m):
+                    gk[u] += xk[u]
+        gi = g_t[lo:hi]
+        gg = g_t[(G - 2) * H + lo:(G - 2) * H + hi]
+        go = g_t[(G - 1) * H + lo:(G - 1) * H + hi]
+        gf = g_t[H + lo:H + hi]  # the g block when coupled: not used then
+        cb = c[b, lo:hi]
+        if peep:
+            w0, w1, w2 = w_ch[0, lo:hi], w_ch[1, lo:hi], w_ch[2, lo:hi]
+            for u in range(m):
+                gi[u] += w0[u] * cb[u]
+            if not coupled:
+                for u in range(m):
+                    gf[u] += w1[u] * cb[u]
+        for u in range(m):
+            gi[u] = sigmoid_(gi[u])
+        if not coupled:
+            for u in range(m):
+                gf[u] = sigmoid_(gf[u])
+        for u in range(m):
+            gg[u] = tanh_(gg[u])
+        if coupled:
+            for u in range(m):
+                cb[u] = (one - gi[u]) * cb[u] + gi[u] * gg[u]
+        else:
+            for u in range(m):
+                cb[u] = gf[u] * cb[u] + gi[u] * gg[u]
+        ca = c_all[t, b, lo:hi]
+        for u in range(m):
+            ca[u] = cb[u]
+        if peep:
+            for u in range(m):
+                go[u] += w2[u] * cb[u]
+        for u in range(m):
+            go[u] = sigmoid_(go[u])
+        hb = hout[b, lo:hi]
+        for u in range(m):
+            hb[u] = go[u] * tanh_(cb[u])
 
 
 @numba.njit(parallel=True, **JIT)
@@ -113,57 +125,68 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
 @numba.njit(**JIT)
 def _pointwise_bwd(t, T, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
                    coupled, dc, dgates, dw_ch):
+    """Gate gradients of units [lo, hi) for rows [0, n) at step t; dc becomes d c_{t-1}."""
     peep = w_ch.shape[0] > 0
+    G = 3 if coupled else 4
+    m = hi - lo
+    one, zero = c0.dtype.type(1), c0.dtype.type(0)
+    tp = prev_t(reverse, t)
     for b in range(n):
-        first = first_step(reverse, t, T, b, sizes)
-        tp = prev_t(reverse, t)
         g_t = gates[t, b]
         d_t = dgates[t, b]
-        for u in range(lo, hi):
-            if proj:
-                dh = dhf[b, u]
-            else:
-                dh = dh_rec[b, u] + grad_y[t, b, u]
-            cn = c_all[t, b, u]
-            cp = c0[b, u] if first else c_all[tp, b, u]
-            i = g_t[u]
-            if coupled:
-                f = 1 - i
-                g = g_t[H + u]
-                o = g_t[2 * H + u]
-            else:
-                f = g_t[H + u]
-                g = g_t[2 * H + u]
-                o = g_t[3 * H + u]
-            tc = tanh_(cn)
-            dpo = dh * tc * o * (1 - o)
-            dct = dc[b, u] + dh * o * (1 - tc * tc)
+        gi = g_t[lo:hi]
+        gf = g_t[H + lo:H + hi]
+        gg = g_t[(G - 2) * H + lo:(G - 2) * H + hi]
+        go = g_t[(G - 1) * H + lo:(G - 1) * H + hi]
+        di = d_t[lo:hi]
+        df = d_t[H + lo:H + hi]
+        dg = d_t[(G - 2) * H + lo:(G - 2) * H + hi]
+        do = d_t[(G - 1) * H + lo:(G - 1) * H + hi]
+        cn = c_all[t, b, lo:hi]
+        cp = c0[b, lo:hi] if first_step(reverse, t, T, b, sizes) else c_all[tp, b, lo:hi]
+        dcb = dc[b, lo:hi]
+        dh = dhf[b, lo:hi] if proj else dh_rec[b, lo:hi]
+        gy = grad_y[t, b, lo:hi]
+        w0 = w_ch[0, lo:hi] if peep else cn
+        w1 = w_ch[1, lo:hi] if peep else cn
+        w2 = w_ch[2, lo:hi] if peep else cn
+        for u in range(m):
+            dhu = dh[u] if proj else dh[u] + gy[u]
+            i = gi[u]
+            g = gg[u]
+            o = go[u]
+            tc = tanh_(cn[u])
+            dpo = dhu * tc * o * (one - o)
+            dct = dcb[u] + dhu * o * (one - tc * tc)
             if peep:
-                dct += dpo * w_ch[2, u]
+                dct += dpo * w2[u]
             if coupled:
-                dpi = dct * (g - cp) * i * (1 - i)
-                dpf = dct * 0
+                f = one - i
+                dpi = dct * (g - cp[u]) * i * (one - i)
+                dpf = zero
             else:
-                dpi = dct * g * i * (1 - i)
-                dpf = dct * cp * f * (1 - f)
-            dpg = dct * i * (1 - g * g)
+                f = gf[u]
+                dpi = dct * g * i * (one - i)
+                dpf = dct * cp[u] * f * (one - f)
             dcp = dct * f
             if peep:
-                dcp += dpi * w_ch[0, u]
-                dw_ch[0, u] += dpi * cp
-                dw_ch[2, u] += dpo * cn
+                dcp += dpi * w0[u]
                 if not coupled:
-                    dcp += dpf * w_ch[1, u]
-                    dw_ch[1, u] += dpf * cp
-            dc[b, u] = dcp
-            d_t[u] = dpi
-            if coupled:
-                d_t[H + u] = dpg
-                d_t[2 * H + u] = dpo
-            else:
-                d_t[H + u] = dpf
-                d_t[2 * H + u] = dpg
-                d_t[3 * H + u] = dpo
+                    dcp += dpf * w1[u]
+            dcb[u] = dcp
+            di[u] = dpi
+            dg[u] = dct * i * (one - g * g)
+            do[u] = dpo
+            if not coupled:
+                df[u] = dpf
+        if peep:
+            dw0, dw1, dw2 = dw_ch[0, lo:hi], dw_ch[1, lo:hi], dw_ch[2, lo:hi]
+            for u in range(m):
+                dw0[u] += di[u] * cp[u]
+                dw2[u] += do[u] * cn[u]
+            if not coupled:
+                for u in range(m):
+                    dw1[u] += df[u] * cp[u]
 
 
 @numba.njit(parallel=True, **JIT)

@@ -9,19 +9,26 @@ from .common import JIT, first_step, mm_nt, prev_t, split, tanh_
 
 @numba.njit(**JIT)
 def _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst):
+    """Units [lo, hi) of rows [0, n) (loops over views from 0: see lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
     zero = xw.dtype.type(0)
+    m = hi - lo
     for b in range(n):
-        x_t = xw[t, b]
-        for u in range(lo, hi):
-            v = dst[b, u] + x_t[u]
-            if has_b:
-                v += b_hh[u]
-            if relu:
-                # as torch.relu: NaN fails the comparison and passes through, -inf gives 0
-                dst[b, u] = zero if v < 0 else v
-            else:
-                dst[b, u] = tanh_(v)
+        d, x = dst[b, lo:hi], xw[t, b, lo:hi]
+        if has_b:
+            bb = b_hh[lo:hi]
+            for u in range(m):
+                d[u] += x[u] + bb[u]
+        else:
+            for u in range(m):
+                d[u] += x[u]
+        if relu:
+            # as torch.relu: NaN fails the comparison and passes through, -inf gives 0
+            for u in range(m):
+                d[u] = zero if d[u] < 0 else d[u]
+        else:
+            for u in range(m):
+                d[u] = tanh_(d[u])
 
 
 @numba.njit(parallel=True, **JIT)
@@ -53,15 +60,16 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, reverse, relu, parts, y, h_n, h_a, h_b):
 
 @numba.njit(**JIT)
 def _pointwise_bwd(t, n, lo, hi, relu, dh_rec, grad_y, y, d_xw):
-    zero = y.dtype.type(0)
+    zero, one = y.dtype.type(0), y.dtype.type(1)
+    m = hi - lo
     for b in range(n):
-        for u in range(lo, hi):
-            dh = dh_rec[b, u] + grad_y[t, b, u]
-            v = y[t, b, u]
-            if relu:
-                d_xw[t, b, u] = dh if v > 0 else zero  # as torch's threshold_backward
-            else:
-                d_xw[t, b, u] = dh * (1 - v * v)
+        dr, gy, v, dx = dh_rec[b, lo:hi], grad_y[t, b, lo:hi], y[t, b, lo:hi], d_xw[t, b, lo:hi]
+        if relu:
+            for u in range(m):
+                dx[u] = dr[u] + gy[u] if v[u] > 0 else zero  # as torch's threshold_backward
+        else:
+            for u in range(m):
+                dx[u] = (dr[u] + gy[u]) * (one - v[u] * v[u])
 
 
 @numba.njit(parallel=True, **JIT)
