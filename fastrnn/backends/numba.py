@@ -39,9 +39,12 @@ def _opt(t, ndim, like):
 
 
 def _parts(rows, macs_per_row):
+    """How many threads split a step's hidden units: all of torch's threads when the step's GEMM has
+    enough work to pay for a parallel region per step (~2 us here), else one."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if threads > 1 and rows * macs_per_row >= PARALLEL_MIN_MACS:
-        numba.set_num_threads(threads)
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
         return threads
     return 1
 
