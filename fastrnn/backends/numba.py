@@ -24,7 +24,7 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     _IMPORT_ERROR = e
 
 # a step's GEMM must have at least this many multiply-adds before it is split over threads
-PARALLEL_MIN_MACS = 1 << 18
+PARALLEL_MIN_MACS = 1 << 16
 
 
 def _np(t):
