@@ -17,36 +17,40 @@ def _op(name):
 
 
 def rnn_layers(family, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
-               lengths, index=None, backend):
+               lengths, index=None, steps=None, backend):
     """Run a multi-layer (bi)directional recurrence.
 
-    x: [T,B,I]; state0: tuple of [L*D,B,*] tensors (LSTM (h0, c0), else (h0,));
-    weights: per layer-direction ``(w_ih, b_ih, hh)`` with ``hh`` the family's recurrent weights in
-    op order; options: the family's op options; lengths: None or int64 CPU [B], non-increasing.
-    Returns y [T,B,D*P] (zeros past each row's end) and the final states, each [L*D,B,*].
+    x: [T,B,I], or for packed input its rows [N,I] in PackedSequence order, with ``index`` the flat
+    positions of those rows in [T*B] and ``steps`` = T (the input projection then runs on real rows
+    only, and dropout draws its mask over them, as torch does). state0: tuple of [L*D,B,*] tensors
+    (LSTM (h0, c0), else (h0,)); weights: per layer-direction ``(w_ih, b_ih, hh)`` with ``hh`` the
+    family's recurrent weights in op order; options: the family's op options; lengths: None or int64
+    CPU [B], non-increasing. Returns the output in the input's form ([T,B,D*P] with zeros past each
+    row's end, or [N,D*P]) and the final states, each [L*D,B,*].
     """
     seq_fwd = _op(f"{family}_seq_fwd")
     finals = [[] for _ in state0]
+    B = state0[0].shape[1]
+    packed = index is not None
     layer_input = x
     for layer in range(num_layers):
         outs = []
         for direction in range(num_directions):
             k = layer * num_directions + direction
             w_ih, b_ih, hh = weights[k]
-            xw = F.linear(layer_input, w_ih, b_ih).contiguous()
-            res = seq_fwd(xw, *hh, *(s[k].contiguous() for s in state0), lengths, direction == 1,
+            xw = F.linear(layer_input, w_ih, b_ih)
+            if packed:
+                xw = xw.new_zeros(steps * B, xw.shape[1]).index_copy(0, index, xw).view(steps, B, -1)
+            res = seq_fwd(xw.contiguous(), *hh, *(s[k].contiguous() for s in state0), lengths, direction == 1,
                           *options, backend)
             outs.append(res[0])
             for acc, s in zip(finals, res[1:-1]):
                 acc.append(s)
         layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 2)
+        if packed:
+            layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
-            if index is None:
-                layer_input = F.dropout(layer_input, dropout, training=True)
-            else:
-                flat = layer_input.reshape(-1, layer_input.shape[2])
-                kept = F.dropout(flat.index_select(0, index), dropout, training=True)
-                layer_input = torch.zeros_like(flat).index_copy(0, index, kept).view_as(layer_input)
+            layer_input = F.dropout(layer_input, dropout, training=True)
     return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 

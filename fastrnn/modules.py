@@ -154,7 +154,7 @@ class _SeqMixin(_BackendMixin):
         lengths = index = None
         if packed:
             lengths, index = _packed_layout(batch_sizes, input.device)
-            x = input.new_zeros(T * B, input.size(1)).index_copy(0, index, input).view(T, B, -1)
+            x = input
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         features = self._features() | ({"varlen"} if packed else set())
@@ -164,10 +164,9 @@ class _SeqMixin(_BackendMixin):
         y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
                                num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
                                dropout=float(self.dropout), training=self.training, lengths=lengths,
-                               index=index, backend=backend)
+                               index=index, steps=T, backend=backend)
         if packed:
-            out = PackedSequence(y.reshape(T * B, -1).index_select(0, index), batch_sizes, sorted_indices,
-                                 unsorted_indices)
+            out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
                 states = tuple(s.index_select(1, unsorted_indices) for s in states)
         else:
