@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", help="comma-separated subset of: torch and the available backends")
     ap.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
     ap.add_argument("--modes", help="comma-separated subset of inference,training,streaming")
-    ap.add_argument("--budget", type=float, default=None, help="measured seconds per case (default 1.5 quick, 4 full)")
+    ap.add_argument("--budget", type=float, default=None, help="measured seconds per case (default 1.0 quick, 4 full)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-cold-start", action="store_true")
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         return gpu_main(args)
 
     quick = not args.full
-    budget = args.budget if args.budget is not None else (1.5 if quick else 4.0)
+    budget = args.budget if args.budget is not None else (1.0 if quick else 4.0)
     providers = provider_names(args.device)
     if args.providers:
         wanted = args.providers.split(",")

@@ -20,6 +20,10 @@ BACKEND_NAMES = ("reference", "numba", "cpp", "triton")
 
 # best first; triton serves CPU tensors only under TRITON_INTERPRET=1 and only when named
 PRIORITY = {"cpu": ("cpp", "numba", "reference"), "cuda": ("triton", "reference")}
+# single steps (the cells): on CPU the per-call host cost decides, and numba's is higher than the
+# reference's (make bench, 2026-11-23: batch-1 streaming, H=256, 100 steps: LSTM 35.8 vs 25.4 ms,
+# GRU 34.6 vs 30.9, RNN 27.7 vs 17.5; benchmarks/NOTES.md)
+STEP_PRIORITY = {"cpu": ("cpp", "reference", "numba")}
 
 _MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
 _loaded: dict = {}
@@ -39,6 +43,7 @@ class Spec:
     device: str
     dtype: torch.dtype
     features: frozenset = field(default_factory=frozenset)  # 'proj', 'peephole', 'coupled', 'varlen'
+    scope: str = "seq"  # 'seq' (whole sequences) or 'step' (cells)
 
 
 def check_name(name):
@@ -84,8 +89,8 @@ def reasons(name: str, spec: Spec | None = None) -> list[str]:
     return why
 
 
-def _priority(device: str) -> tuple:
-    order = PRIORITY.get(device, ("reference",))
+def _priority(device: str, scope: str = "seq") -> tuple:
+    order = (STEP_PRIORITY if scope == "step" else {}).get(device) or PRIORITY.get(device, ("reference",))
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         order = order + ("triton",)
     return order
@@ -119,12 +124,13 @@ def use_backend(name: str | None):
         _requested.reset(token)
 
 
-def choose(family: str, device: str, dtype: torch.dtype, features: tuple = (), explicit: str | None = None) -> str:
+def choose(family: str, device: str, dtype: torch.dtype, features: tuple = (), explicit: str | None = None,
+           scope: str = "seq") -> str:
     """``select`` with plain arguments: what the modules call.
 
     Under torch.compile the choice is made once, when the graph is traced, and baked into it.
     """
-    return select(Spec(family, device, dtype, frozenset(features)), explicit)
+    return select(Spec(family, device, dtype, frozenset(features), scope), explicit)
 
 
 # what torch._dynamo.assume_constant_result does, without importing torch._dynamo (~2 s) at import
@@ -137,13 +143,13 @@ def select(spec: Spec, explicit: str | None = None) -> str:
     if name is not None:
         why = reasons(name, spec)
         if why:
-            avail = [n for n in _priority(spec.device) if not reasons(n, spec)]
+            avail = [n for n in _priority(spec.device, spec.scope) if not reasons(n, spec)]
             raise BackendNotSupportedError(
                 f"fastrnn backend '{name}' cannot run this {spec.family.upper()} call "
                 f"({spec.device}, {str(spec.dtype).replace('torch.', '')}): {'; '.join(why)}. "
                 f"Backends that can: {', '.join(avail) or 'none'}")
         return name
-    for name in _priority(spec.device):
+    for name in _priority(spec.device, spec.scope):
         if not reasons(name, spec):
             return name
     raise BackendNotSupportedError(f"no fastrnn backend can run this call: {spec}")

@@ -277,7 +277,7 @@ class _CellMixin(_BackendMixin):
                                    f"expected {self.hidden_size}")
         _check_state_like(name, states, input, "hx")
 
-        backend = dispatch.choose(self._family, input.device.type, input.dtype, (), self.backend)
+        backend = dispatch.choose(self._family, input.device.type, input.dtype, (), self.backend, "step")
         out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
                         backend)
         if not batched:

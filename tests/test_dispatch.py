@@ -102,8 +102,13 @@ def test_cells_follow_the_same_selection(fake_numba):
     with pytest.raises(fastrnn.BackendNotSupportedError, match="'numba'"):
         cell(torch.randn(2, 3))
     with dispatch.record_calls() as ran:
-        fastrnn.GRUCell(3, 4).double()(torch.randn(2, 3, dtype=torch.float64))
+        fastrnn.GRUCell(3, 4, backend="numba").double()(torch.randn(2, 3, dtype=torch.float64))
     assert backends_used(ran) == {"numba"}
+    # automatic choice for single steps: on CPU the reference comes before numba (measured, see STEP_PRIORITY)
+    with dispatch.record_calls() as ran:
+        fastrnn.GRUCell(3, 4).double()(torch.randn(2, 3, dtype=torch.float64))
+    assert backends_used(ran) == {"reference"}
+    assert dispatch._priority("cpu", "step").index("reference") < dispatch._priority("cpu", "step").index("numba")
 
 
 def test_reference_serves_half_precision():
