@@ -81,7 +81,7 @@ def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=
     return None
 
 
-def bench_case(case: Case, providers: list[str], device: str, peak: float, budget: float) -> list[dict]:
+def bench_case(case: Case, providers: list[str], device: str, peak: float, budget: float, min_rounds=5) -> list[dict]:
     dtype = torch.float32
     work = Workload(case, providers, device=device, dtype=dtype)
     ref = work.run("torch")
@@ -91,7 +91,8 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
         if failure is None:
             fns[p] = work.call(p)
         rows.append({"provider": p, "failure": failure})
-    samples = interleaved(fns, device=device, budget_s=budget)
+    # the correctness check above already ran every provider once (compiles, caches): one more warm-up call
+    samples = interleaved(fns, device=device, budget_s=budget, min_warmup=1, min_rounds=min_rounds)
     flops = case.flops()
     t_torch = percentiles(samples["torch"])[1]
     for row in rows:
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     rows = []
     for case in tqdm(cases, desc="benchmark", unit="case", file=sys.stderr):
-        rows += bench_case(case, providers, args.device, peak, budget)
+        rows += bench_case(case, providers, args.device, peak, budget, min_rounds=3 if quick else 5)
     cold = [] if args.no_cold_start else cold_start(providers)
     table = format_table(env, peak, peak_how, rows, cold)
     print(table)
