@@ -44,7 +44,7 @@ def _check_device(name, input, weight):
 
 def _packed_layout(batch_sizes, device):
     """Per-row lengths (int64 CPU, non-increasing) and the flat indices of packed rows in [T*B]."""
-    T, B = batch_sizes.numel(), int(batch_sizes[0])
+    B = int(batch_sizes[0])
     active = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
     lengths = active.sum(0)
     index = active.flatten().nonzero().squeeze(1).to(device)

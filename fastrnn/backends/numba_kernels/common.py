@@ -186,3 +186,27 @@ def first_step(reverse, t, T, b, sizes):
 @numba.njit(**JIT)
 def prev_t(reverse, t):
     return t + 1 if reverse else t - 1
+
+
+@numba.njit(**JIT)
+def final_h(y, sizes, reverse, h_n):
+    """h_n[b] = the output of row b's last step: y[len_b - 1, b], or y[0, b] in reverse."""
+    T, B = y.shape[0], y.shape[1]
+    for b in range(B):
+        last = 0 if reverse else T - 1
+        if not reverse:
+            while sizes[last] <= b:
+                last -= 1
+        h_n[b, :] = y[last, b, :]
+
+
+@numba.njit(**JIT)
+def fill_h_prev(t, n, reverse, sizes, h0, y, h_prev):
+    """h_prev[t, b] = the recurrent input of step t for rows [0, n): h0 at a row's first step, else y[t-1]."""
+    T = y.shape[0]
+    tp = prev_t(reverse, t)
+    for b in range(n):
+        if first_step(reverse, t, T, b, sizes):
+            h_prev[t, b, :] = h0[b, :]
+        else:
+            h_prev[t, b, :] = y[tp, b, :]

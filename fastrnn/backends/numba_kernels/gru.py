@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import JIT, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
+from .common import JIT, fill_h_prev, final_h, mm_nt, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -47,7 +47,7 @@ def _pointwise_fwd(t, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
 
 @numba.njit(parallel=True, **JIT)
 def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_a, h_b):
-    T, B = xw.shape[0], xw.shape[1]
+    T = xw.shape[0]
     H = h0.shape[1]
     h_a[:, :] = h0
     h_b[:, :] = h0
@@ -64,13 +64,7 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_
             for k in range(H):
                 y[t, b, k] = dst[b, k]
         src, dst = dst, src
-    for b in range(B):
-        last = 0 if reverse else T - 1
-        if not reverse:
-            while sizes[last] <= b:
-                last -= 1
-        for k in range(H):
-            h_n[b, k] = y[last, b, k]
+    final_h(y, sizes, reverse, h_n)
 
 
 @numba.njit(**JIT)
@@ -114,11 +108,7 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        tp = prev_t(reverse, t)
-        for b in range(n):
-            first = first_step(reverse, t, T, b, sizes)
-            for k in range(H):
-                h_prev[t, b, k] = h0[b, k] if first else y[tp, b, k]
+        fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh, dh_direct)

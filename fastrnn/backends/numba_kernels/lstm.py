@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import JIT, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
+from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -84,7 +84,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
     c: [B, H] cell state (each unit is read and written by one thread only).
     """
-    T, B = xw.shape[0], xw.shape[1]
+    T = xw.shape[0]
     H = c0.shape[1]
     P = h0.shape[1]
     G = 3 if coupled else 4
@@ -110,16 +110,8 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
             for k in range(P):
                 y[t, b, k] = dst[b, k]
         src, dst = dst, src
-    # final states: the state after each row's last step
-    for b in range(B):
-        last = 0 if reverse else T - 1
-        if not reverse:
-            while sizes[last] <= b:
-                last -= 1
-        for k in range(P):
-            h_n[b, k] = y[last, b, k]
-        for u in range(H):
-            c_n[b, u] = c[b, u]
+    final_h(y, sizes, reverse, h_n)
+    c_n[:, :] = c  # rows stop updating c after their last step
 
 
 @numba.njit(**JIT)
@@ -208,11 +200,7 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        tp = prev_t(reverse, t)
-        for b in range(n):
-            first = first_step(reverse, t, T, b, sizes)
-            for k in range(P):
-                h_prev[t, b, k] = h0[b, k] if first else y[tp, b, k]
+        fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
         if proj:
             for b in range(n):
                 for k in range(P):
