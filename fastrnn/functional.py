@@ -16,6 +16,11 @@ def _op(name):
     return getattr(torch.ops.fastrnn, name)
 
 
+def _needs_grad(*tensors):
+    """Will a backward follow? Then the forward op must save its workspace."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def rnn_layers(family, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
                lengths, index=None, steps=None, backend):
     """Run a multi-layer (bi)directional recurrence.
@@ -41,8 +46,9 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             xw = F.linear(layer_input, w_ih, b_ih)
             if packed:
                 xw = xw.new_zeros(steps * B, xw.shape[1]).index_copy(0, index, xw).view(steps, B, -1)
-            res = seq_fwd(xw.contiguous(), *hh, *(s[k].contiguous() for s in state0), lengths, direction == 1,
-                          *options, backend)
+            st = [s[k].contiguous() for s in state0]
+            res = seq_fwd(xw.contiguous(), *hh, *st, lengths, direction == 1, *options, _needs_grad(xw, *hh, *st),
+                          backend)
             outs.append(res[0])
             for acc, s in zip(finals, res[1:-1]):
                 acc.append(s)
@@ -57,5 +63,6 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
 def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
     """One step of a cell: x [B,I], state tuple of [B,*]; returns the new state tuple."""
     xw = F.linear(x, w_ih, b_ih).contiguous()
-    res = _op(f"{family}_step_fwd")(xw, *hh, *(s.contiguous() for s in state), *options, backend)
+    state = [s.contiguous() for s in state]
+    res = _op(f"{family}_step_fwd")(xw, *hh, *state, *options, _needs_grad(xw, *hh, *state), backend)
     return tuple(res[:-1])

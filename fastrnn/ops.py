@@ -28,6 +28,7 @@ def _schemas(family):
     weights, state, options = FAMILIES[family]
     w = _tensor_args(weights)
     opts = list(options) + ["str backend"]
+    fwd_opts = list(options) + ["bool save", "str backend"]  # save: keep what the backward needs
     n_in = 1 + len(weights) + len(state)
 
     def out(n):
@@ -35,11 +36,11 @@ def _schemas(family):
 
     return {
         "seq_fwd": "(" + ", ".join(["Tensor xw", *w, *_tensor_args(state, "0"), "Tensor? lengths",
-                                    "bool reverse", *opts]) + ") -> " + out(2 + len(state)),
+                                    "bool reverse", *fwd_opts]) + ") -> " + out(2 + len(state)),
         "seq_bwd": "(" + ", ".join(["Tensor grad_y", *_tensor_args(state, "_n_grad"), "Tensor xw", *w,
                                     *_tensor_args(state, "0"), "Tensor? lengths", "Tensor y", "Tensor ws",
                                     "bool reverse", *opts]) + ") -> " + out(n_in),
-        "step_fwd": "(" + ", ".join(["Tensor xw", *w, *_tensor_args(state), *opts]) + ") -> "
+        "step_fwd": "(" + ", ".join(["Tensor xw", *w, *_tensor_args(state), *fwd_opts]) + ") -> "
                     + out(1 + len(state)),
         "step_bwd": "(" + ", ".join([*_tensor_args(state, "_new_grad"), "Tensor xw", *w, *_tensor_args(state),
                                      "Tensor ws", *opts]) + ") -> " + out(n_in),
@@ -88,7 +89,8 @@ def _autograd(family, scope, bwd_op):
     n_tensors = 1 + nw + ns + (1 if scope == "seq" else 0)  # xw, weights, state(, lengths)
 
     def setup_context(ctx, inputs, output):
-        ctx.opts = tuple(inputs[n_tensors:])  # (reverse,) + options + (backend,)
+        ctx.opts = tuple(inputs[n_tensors:-2]) + (inputs[-1],)  # (reverse,) + options + (backend,)
+        ctx.saved = inputs[-2]
         ctx.absent = [w is None for w in inputs[1:1 + nw]]
         saved = list(inputs[:n_tensors])
         if scope == "seq":
@@ -97,12 +99,15 @@ def _autograd(family, scope, bwd_op):
         ctx.save_for_backward(*saved)
 
     def backward(ctx, *grads):
+        if not ctx.saved:
+            raise RuntimeError(f"fastrnn::{family}_{scope}_fwd ran with save=False (no grad was needed then), "
+                               "so it kept nothing for a backward")
         grads = [g.contiguous() for g in grads[:-1]]  # no gradient flows into ws
         res = list(bwd_op(*grads, *ctx.saved_tensors, *ctx.opts))
         for k, absent in enumerate(ctx.absent):
             if absent:
                 res[1 + k] = None
-        extra = (2 if scope == "seq" else 0) + no + 1  # lengths, reverse (seq), options, backend
+        extra = (2 if scope == "seq" else 0) + no + 2  # lengths, reverse (seq), options, save, backend
         return (*res, *([None] * extra))
 
     return setup_context, backward

@@ -90,7 +90,7 @@ def test_seq_equals_steps(backend, family, proj, reverse, ragged, ran):
     leaves = [t.requires_grad_() for t in (xw, *weights, *state0) if t is not None]
 
     seq = getattr(torch.ops.fastrnn, f"{family}_seq_fwd")
-    res = seq(xw, *weights, *state0, lengths, reverse, *options, backend)
+    res = seq(xw, *weights, *state0, lengths, reverse, *options, True, backend)
     y, final = res[0], res[1:-1]
 
     step = getattr(torch.ops.fastrnn, f"{family}_step_fwd")
@@ -99,7 +99,7 @@ def test_seq_equals_steps(backend, family, proj, reverse, ragged, ran):
     lens = lengths.tolist() if ragged else [T] * B
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         n = sum(1 for v in lens if v > t)
-        new = step(xw[t, :n], *weights, *(s[:n] for s in state), *options, backend)[:-1]
+        new = step(xw[t, :n], *weights, *(s[:n] for s in state), *options, True, backend)[:-1]
         state = [torch.cat([a, s[n:]]) for a, s in zip(new, state)]
         ys[t] = torch.cat([new[0], new[0].new_zeros(B - n, new[0].shape[1])])
     y_steps = torch.stack(ys)
@@ -124,13 +124,14 @@ def test_lstm_op_variant_hooks(backend):
     T, B, H = 4, 3, 5
     xw, (w_hh, b_hh, _, _), (h0, c0), _ = _op_args("lstm", T, B, H, H, torch.float64, False, None, False, g)
     op = torch.ops.fastrnn.lstm_seq_fwd
-    plain = op(xw, w_hh, b_hh, None, None, h0, c0, None, False, False, backend)
-    zero_peep = op(xw, w_hh, b_hh, None, torch.zeros(3, H, dtype=torch.float64), h0, c0, None, False, False, backend)
+    plain = op(xw, w_hh, b_hh, None, None, h0, c0, None, False, False, False, backend)
+    zero_peep = op(xw, w_hh, b_hh, None, torch.zeros(3, H, dtype=torch.float64), h0, c0, None, False, False, False,
+                   backend)
     for a, b in zip(plain[:3], zero_peep[:3]):
         assert_close(a, b, 0, "zero peephole")
     # coupled input-forget gate: 3 gate blocks (i, g, o), f = 1 - i, against a hand-written step loop
     xw3, w3, b3 = xw[..., :3 * H].contiguous(), w_hh[:3 * H].contiguous(), b_hh[:3 * H].contiguous()
-    y, hT, cT, _ = op(xw3, w3, b3, None, None, h0, c0, None, False, True, backend)
+    y, hT, cT, _ = op(xw3, w3, b3, None, None, h0, c0, None, False, True, False, backend)
     h, c = h0, c0
     for t in range(T):
         i, gg, o = (xw3[t] + h @ w3.T + b3).chunk(3, 1)

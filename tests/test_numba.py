@@ -75,7 +75,7 @@ def test_peephole_and_coupled_match_reference():
         leaves = [a.requires_grad_() for a in args if a is not None]
         outs = {}
         for be in ("reference", "numba"):
-            res = torch.ops.fastrnn.lstm_seq_fwd(*args, torch.tensor([5, 3, 2]), True, coupled, be)[:3]
+            res = torch.ops.fastrnn.lstm_seq_fwd(*args, torch.tensor([5, 3, 2]), True, coupled, True, be)[:3]
             grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(res)), leaves)
             outs[be] = list(res) + list(grads)
         for a, b in zip(outs["numba"], outs["reference"]):

@@ -35,20 +35,20 @@ def test_opcheck(backend, family, proj, requires_grad, ran):
             if t is not None:
                 t.requires_grad_()
     ops = torch.ops.fastrnn
-    seq_args = (xw, *weights, *state, lengths, True, *options, backend)
+    seq_args = (xw, *weights, *state, lengths, True, *options, True, backend)
     torch.library.opcheck(getattr(ops, f"{family}_seq_fwd"), seq_args)
-    step_args = (xw[0], *weights, *state, *options, backend)
+    step_args = (xw[0], *weights, *state, *options, True, backend)
     torch.library.opcheck(getattr(ops, f"{family}_step_fwd"), step_args)
     # the backward ops, with real forward results as their inputs
     with torch.no_grad():
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         w, s = [d(t) for t in weights], [d(t) for t in state]
-        y, *rest = getattr(ops, f"{family}_seq_fwd")(xw.detach(), *w, *s, lengths, True, *options, backend)
+        y, *rest = getattr(ops, f"{family}_seq_fwd")(xw.detach(), *w, *s, lengths, True, *options, True, backend)
         finals, ws = rest[:-1], rest[-1]
         grads = [torch.randn_like(y)] + [torch.randn_like(f) for f in finals]
         torch.library.opcheck(getattr(ops, f"{family}_seq_bwd"),
                               (*grads, xw.detach(), *w, *s, lengths, y, ws, True, *options, backend))
-        *new, ws1 = getattr(ops, f"{family}_step_fwd")(xw[0].detach(), *w, *s, *options, backend)
+        *new, ws1 = getattr(ops, f"{family}_step_fwd")(xw[0].detach(), *w, *s, *options, True, backend)
         torch.library.opcheck(getattr(ops, f"{family}_step_bwd"),
                               (*[torch.randn_like(t) for t in new], xw[0].detach(), *w, *s, ws1, *options, backend))
     assert backends_used(ran) == {backend}
@@ -71,11 +71,12 @@ def test_gradcheck_ops(backend, family, proj, reverse, ran):
 
     def seq(*ts):
         x, w, s = rebuild(ts)
-        return getattr(torch.ops.fastrnn, f"{family}_seq_fwd")(x, *w, *s, lengths, reverse, *options, backend)[:-1]
+        return getattr(torch.ops.fastrnn, f"{family}_seq_fwd")(x, *w, *s, lengths, reverse, *options, True,
+                                                               backend)[:-1]
 
     def step(*ts):
         x, w, s = rebuild(ts)
-        return getattr(torch.ops.fastrnn, f"{family}_step_fwd")(x[1], *w, *s, *options, backend)[:-1]
+        return getattr(torch.ops.fastrnn, f"{family}_step_fwd")(x[1], *w, *s, *options, True, backend)[:-1]
 
     assert torch.autograd.gradcheck(seq, tensors)
     assert torch.autograd.gradcheck(step, tensors)
@@ -99,3 +100,55 @@ def test_gradcheck_module_packed_bidirectional(backend, cls, ran):
 
     assert torch.autograd.gradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in params]))
     assert backends_used(ran) == {backend}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family,proj", FAMILIES, ids=IDS)
+def test_inference_forward_saves_nothing(backend, family, proj, ran):
+    """save=False (no backward will follow): same outputs, an empty workspace; opcheck holds too."""
+    xw, weights, state, lengths, options = _args(family, proj)
+    for scope, args in (("seq", (xw, *weights, *state, lengths, False, *options)),
+                        ("step", (xw[0], *weights, *state, *options))):
+        op = getattr(torch.ops.fastrnn, f"{family}_{scope}_fwd")
+        kept, lean = op(*args, True, backend), op(*args, False, backend)
+        for a, b in zip(kept[:-1], lean[:-1]):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+        assert lean[-1].numel() == 0
+        torch.library.opcheck(op, (*args, False, backend))
+    assert backends_used(ran) == {backend}
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
+def test_modules_save_only_when_a_backward_can_follow(cls):
+    m = cls(3, 4, backend="reference")
+    x = torch.randn(5, 2, 3)
+    for grad_mode, needs, expect in [(False, True, False), (True, False, False), (True, True, True)]:
+        for p in m.parameters():
+            p.requires_grad_(needs)
+        with torch.set_grad_enabled(grad_mode), dispatch_saves() as saves:
+            m(x)
+        assert saves == [expect]
+
+
+class dispatch_saves:
+    """Record the save flag of every seq_fwd call in the block (through a wrapped backend method)."""
+
+    def __enter__(self):
+        from fastrnn import dispatch
+        self.backend = dispatch.get("reference")
+        self.saves = []
+        self.originals = {}
+        for fam in ("lstm", "gru", "rnn"):
+            name = f"{fam}_seq_fwd"
+            orig = getattr(self.backend, name)
+            self.originals[name] = orig
+
+            def wrapped(*a, _orig=orig):
+                self.saves.append(a[-1])
+                return _orig(*a)
+            setattr(self.backend, name, wrapped)
+        return self.saves
+
+    def __exit__(self, *exc):
+        for name in self.originals:
+            delattr(self.backend, name)

@@ -35,7 +35,7 @@ The math, per step (``sigma`` = sigmoid, ``*`` elementwise, ``gh = h @ w_hh.T + 
 
 Each backend provides, per family ``<f>`` in lstm, gru, rnn, four methods named like the ops:
 
-``<f>_seq_fwd(xw, *weights, *state0, lengths, reverse, *options) -> (y, *state_n, ws)``
+``<f>_seq_fwd(xw, *weights, *state0, lengths, reverse, *options, save) -> (y, *state_n, ws)``
     xw [T,B,G*H]; state0 as above; ``lengths`` is None (every row runs T steps) or an int64 CPU
     tensor [B] of per-row lengths, non-increasing (rows sorted longest first, as in a PackedSequence),
     each in 1..T. A row takes steps only at ``t < lengths[b]``: no work for rows past their end, so at
@@ -43,13 +43,14 @@ Each backend provides, per family ``<f>`` in lstm, gru, rnn, four methods named 
     row's reverse pass starts at its own last step. Returns y [T,B,P] (the h of each step; zeros where
     ``t >= lengths[b]``), the final state of each row (its state after its last step) and ``ws``, a 1-D
     tensor whose size and contents are private to the backend (what its backward needs), of
-    ``workspace_numel`` elements.
+    ``workspace_numel`` elements. With ``save`` False no backward will follow (inference): the backend
+    keeps nothing, and ``ws`` may be empty.
 ``<f>_seq_bwd(grad_y, *grad_state_n, xw, *weights, *state0, lengths, y, ws, reverse, *options)``
     ``-> (d_xw, *d_weights, *d_state0)``. grad_y [T,B,P] (entries past a row's end are ignored);
     xw .. state0, lengths, reverse and options are passed back unchanged from the forward, y and ws
     are its outputs. Returns a gradient for every tensor input: absent optional weights get an empty
     tensor (numel 0). d_xw is zero where ``t >= lengths[b]``.
-``<f>_step_fwd(xw, *weights, *state, *options) -> (*state_new, ws)``
+``<f>_step_fwd(xw, *weights, *state, *options, save) -> (*state_new, ws)``
     One step: xw [B,G*H]. Same math, no lengths.
 ``<f>_step_bwd(*grad_state_new, xw, *weights, *state, ws, *options) -> (d_xw, *d_weights, *d_state)``
 

@@ -71,6 +71,8 @@ class NumbaBackend(Backend):
     # ---- workspace sizes -------------------------------------------------------------------------
     def workspace_numel(self, op, *args):
         family, scope, _ = op.split("_")
+        if not args[-1]:  # save=False: inference keeps nothing
+            return 0
         xw = args[0]
         if scope == "seq":
             T, B, GH = xw.shape
@@ -90,18 +92,24 @@ class NumbaBackend(Backend):
 
     # ---- LSTM ------------------------------------------------------------------------------------
     def _lstm_ws(self, ws, T, B, GH, H, proj):
+        """Views of the workspace (T = 1 for the one reused slot of an inference forward)."""
         gates = ws[:T * B * GH].view(T, B, GH)
         c_all = ws[T * B * GH:T * B * (GH + H)].view(T, B, H)
         hfull = ws[T * B * (GH + H):T * B * (GH + 2 * H)].view(T, B, H) if proj else ws[:0].view(0, 0, 0)
         return gates, c_all, hfull
 
-    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled):
+    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         varlen = lengths is not None
         new = _alloc(varlen)
-        ws = new(self.workspace_numel("lstm_seq_fwd", xw, w_hh, b_hh, w_hr, w_ch, h0, c0), dtype=xw.dtype)
-        gates, c_all, hfull = self._lstm_ws(ws, T, B, GH, H, w_hr is not None)
+        proj = w_hr is not None
+        if save:
+            ws = new(T * B * (GH + H + (H if proj else 0)), dtype=xw.dtype)
+            gates, c_all, hfull = self._lstm_ws(ws, T, B, GH, H, proj)
+        else:
+            ws = xw.new_empty(0)
+            gates, c_all, hfull = self._lstm_ws(torch.empty(B * (GH + 2 * H), dtype=xw.dtype), 1, B, GH, H, proj)
         y = new(T, B, P, dtype=xw.dtype)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         scratch = torch.empty(2 * B * P + B * H, dtype=xw.dtype).numpy()
@@ -136,9 +144,10 @@ class NumbaBackend(Backend):
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
 
-    def lstm_step_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
-        y, h_n, c_n, ws = self.lstm_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, None, False, coupled)
-        return h_n, c_n, torch.cat([ws, y.reshape(-1)])
+    def lstm_step_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled, save):
+        y, h_n, c_n, ws = self.lstm_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, None, False, coupled,
+                                            save)
+        return h_n, c_n, torch.cat([ws, y.reshape(-1)]) if save else ws
 
     def lstm_step_bwd(self, grad_h, grad_c, xw, w_hh, b_hh, w_hr, w_ch, h, c, ws, coupled):
         y = ws[ws.numel() - h.numel():].view(1, *h.shape)
@@ -147,12 +156,14 @@ class NumbaBackend(Backend):
         return (g[0][0],) + tuple(g[1:])
 
     # ---- GRU -------------------------------------------------------------------------------------
-    def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse):
+    def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
         T, B, GH = xw.shape
         H = h0.shape[1]
         new = _alloc(lengths is not None)
-        ws = new(T * B * (GH + H), dtype=xw.dtype)
-        gates, hn_all = ws[:T * B * GH].view(T, B, GH), ws[T * B * GH:].view(T, B, H)
+        S = T if save else 1  # workspace slots: every step for the backward, or one reused
+        buf = new(S * B * (GH + H), dtype=xw.dtype)
+        gates, hn_all = buf[:S * B * GH].view(S, B, GH), buf[S * B * GH:].view(S, B, H)
+        ws = buf if save else xw.new_empty(0)
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
@@ -176,9 +187,9 @@ class NumbaBackend(Backend):
         d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
         return d_xw, d_w_hh, d_b_hh, dh0
 
-    def gru_step_fwd(self, xw, w_hh, b_hh, h):
-        y, h_n, ws = self.gru_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False)
-        return h_n, torch.cat([ws, y.reshape(-1)])
+    def gru_step_fwd(self, xw, w_hh, b_hh, h, save):
+        y, h_n, ws = self.gru_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, save)
+        return h_n, torch.cat([ws, y.reshape(-1)]) if save else ws
 
     def gru_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws):
         y = ws[ws.numel() - h.numel():].view(1, *h.shape)
@@ -187,7 +198,7 @@ class NumbaBackend(Backend):
         return (g[0][0],) + tuple(g[1:])
 
     # ---- RNN -------------------------------------------------------------------------------------
-    def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity):
+    def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
         T, B, H = xw.shape
         new = _alloc(lengths is not None)
         y = new(T, B, H, dtype=xw.dtype)
@@ -209,9 +220,9 @@ class NumbaBackend(Backend):
         d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
         return d_xw, d_w_hh, d_b_hh, dh0
 
-    def rnn_step_fwd(self, xw, w_hh, b_hh, h, nonlinearity):
-        y, h_n, _ = self.rnn_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, nonlinearity)
-        return h_n, y.reshape(-1).clone()
+    def rnn_step_fwd(self, xw, w_hh, b_hh, h, nonlinearity, save):
+        y, h_n, ws = self.rnn_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, nonlinearity, save)
+        return h_n, y.reshape(-1).clone() if save else ws
 
     def rnn_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws, nonlinearity):
         g = self.rnn_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None,

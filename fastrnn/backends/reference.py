@@ -102,7 +102,7 @@ class ReferenceBackend(Backend):
     def _seq_fwd(self, family, args):
         nw, ns = CELLS[family][1], CELLS[family][2]
         xw, weights, state0 = args[0], args[1:1 + nw], args[1 + nw:1 + nw + ns]
-        lengths, reverse, options = args[1 + nw + ns], args[2 + nw + ns], args[3 + nw + ns:]
+        lengths, reverse, options = args[1 + nw + ns], args[2 + nw + ns], args[3 + nw + ns:-1]  # -1: save
         with torch.no_grad():
             y, state = _seq(family, xw, weights, state0, lengths, reverse, options)
         return (y, *(s.clone() if s is x else s for s, x in zip(state, state0)), xw.new_empty(0))
@@ -123,7 +123,7 @@ class ReferenceBackend(Backend):
         nw, ns = CELLS[family][1], CELLS[family][2]
         xw, weights, state = args[0], args[1:1 + nw], args[1 + nw:1 + nw + ns]
         with torch.no_grad():
-            new = CELLS[family][0](xw, *weights, *state, *args[1 + nw + ns:])
+            new = CELLS[family][0](xw, *weights, *state, *args[1 + nw + ns:-1])  # -1: save
         return (*(s.clone() if s is x else s for s, x in zip(new, state)), xw.new_empty(0))
 
     def _step_bwd(self, family, args):

@@ -12,17 +12,17 @@ from .common import JIT, fill_h_prev, final_h, mm_nt, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(t, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
+def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
     """Units [lo, hi) of rows [0, n) (loops over views from 0: see lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        g_t = gates[t, b]
+        g_t = gates[st, b]
         x_t = xw[t, b]
         gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
         xr, xz, xn = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi]
-        hn = hn_all[t, b, lo:hi]
+        hn = hn_all[st, b, lo:hi]
         if has_b:
             br, bz, bn = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi]
             for u in range(m):
@@ -55,11 +55,12 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_
     for s in range(T):
         t = T - 1 - s if reverse else s
         n = sizes[t]
+        st = t if gates.shape[0] == T else 0  # workspace slot: every step kept, or one reused
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             for k in range(3):
-                mm_nt(src, n, w_hh, gates[t], k * H + lo, k * H + hi, False)
-            _pointwise_fwd(t, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
+                mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
+            _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
         for b in range(n):
             for k in range(H):
                 y[t, b, k] = dst[b, k]

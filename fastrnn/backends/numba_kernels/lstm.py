@@ -13,9 +13,10 @@ from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, sigmoi
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(t, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
-    """Gates of units [lo, hi) for rows [0, n): raw recurrent products in gates[t] -> activations;
-    updates c in place, writes c_t to c_all[t] and the (pre-projection) output to hout.
+def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
+    """Gates of units [lo, hi) for rows [0, n): raw recurrent products in gates[st] -> activations;
+    updates c in place, writes c_t to c_all[st] and the (pre-projection) output to hout. (st is the
+    workspace slot of step t: t itself when the forward saves for a backward, else 0.)
 
     Every loop runs over views from 0 to their length: indices that numba cannot prove non-negative
     get a wrap-around check that keeps LLVM from vectorizing the loop.
@@ -26,7 +27,7 @@ def _pointwise_fwd(t, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, ho
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        g_t = gates[t, b]
+        g_t = gates[st, b]
         x_t = xw[t, b]
         for k in range(G):
             gk = g_t[k * H + lo:k * H + hi]
@@ -63,7 +64,7 @@ def _pointwise_fwd(t, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, ho
         else:
             for u in range(m):
                 cb[u] = gf[u] * cb[u] + gi[u] * gg[u]
-        ca = c_all[t, b, lo:hi]
+        ca = c_all[st, b, lo:hi]
         for u in range(m):
             ca[u] = cb[u]
         if peep:
@@ -81,6 +82,9 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
              y, h_n, c_n, gates, c_all, hfull, h_a, h_b, c):
     """Whole-sequence forward of one layer-direction; see fastrnn.backends for the contract.
 
+    gates, c_all, hfull: the workspace, [T, ...] to keep every step for the backward, or [1, ...] to
+    reuse one slot (inference).
+
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
     c: [B, H] cell state (each unit is read and written by one thread only).
     """
@@ -96,16 +100,17 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
     for s in range(T):
         t = T - 1 - s if reverse else s
         n = sizes[t]
-        hout = hfull[t] if proj else dst
+        st = t if gates.shape[0] == T else 0
+        hout = hfull[st] if proj else dst
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             for k in range(G):
-                mm_nt(src, n, w_hh, gates[t], k * H + lo, k * H + hi, False)
-            _pointwise_fwd(t, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+                mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
+            _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
         if proj:
             for p in prange(parts):
                 lo, hi = split(P, parts, p)
-                mm_nt(hfull[t], n, w_hr, dst, lo, hi, False)
+                mm_nt(hfull[st], n, w_hr, dst, lo, hi, False)
         for b in range(n):
             for k in range(P):
                 y[t, b, k] = dst[b, k]
