@@ -100,3 +100,24 @@ def test_state_dict_both_ways_and_same_init():
         assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters()))
         assert repr(a) == repr(b)
     assert "backend='reference'" in repr(fastrnn.LSTM(2, 3, backend="reference"))
+
+
+def test_deepcopy_pickle_and_dtype_moves_keep_working(tmp_path):
+    """What users do with a module besides calling it: copy, save/load whole, move dtype, flatten_parameters."""
+    import copy
+    torch.manual_seed(0)
+    model = fastrnn.convert(torch.nn.Sequential(torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True)))
+    x = torch.randn(4, 2, 3)
+    want = model(x)[0]
+    clone = copy.deepcopy(model)
+    assert type(clone[0]) is fastrnn.LSTM and clone[0].weight_hh_l0 is not model[0].weight_hh_l0
+    torch.testing.assert_close(clone(x)[0], want, atol=0, rtol=0)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(loaded[0]) is fastrnn.LSTM
+    torch.testing.assert_close(loaded(x)[0], want, atol=0, rtol=0)
+    model[0].flatten_parameters()  # torch's no-op on CPU; must not break anything
+    d = model.double()
+    ref = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True).double()
+    ref.load_state_dict(d[0].state_dict())
+    torch.testing.assert_close(d(x.double())[0], ref(x.double())[0], atol=1e-10, rtol=1e-10)
