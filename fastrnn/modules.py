@@ -198,6 +198,10 @@ class LSTM(_SeqMixin, nn.LSTM):
         return (x.new_zeros(self.num_layers * D, B, P), x.new_zeros(self.num_layers * D, B, self.hidden_size))
 
     def _hx_tuple(self, hx):
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"{len(hx)} items"
+            # torch fails on this with an IndexError from hx[1]; same type, clearer words
+            raise IndexError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
         return tuple(hx)
 
     def _hx_out(self, states):

@@ -72,6 +72,12 @@ def test_lstm_cell_state_wrong_shape():
     expect_same_error(f, t, args, r"Expected hidden\[1\] size \(1, 3, 8\), got \[1, 3, 7\]")
 
 
+def test_lstm_hx_not_a_pair():
+    f, t = _pair(fastrnn.LSTM, torch.nn.LSTM, None)
+    expect_same_error(f, t, (torch.randn(5, 3, 4), torch.zeros(1, 3, 8)),
+                      r"LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, got Tensor")
+
+
 def test_packed_zero_length_rejected_by_packing():
     # torch rejects it while packing, before any module runs; nothing for fastrnn to add
     with pytest.raises(RuntimeError, match="Length of all samples has to be greater than 0"):
