@@ -178,10 +178,8 @@ class NumbaBackend(Backend):
         new = _alloc(lengths is not None)
         d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        dh_direct = np.empty((B, H), _np(xw).dtype)
         _gru.gru_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
-                     _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0),
-                     dh_direct)
+                     _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
         flat = d_hh.view(T * B, GH)
         d_w_hh = flat.t().mm(h_prev.view(T * B, H))
         d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)

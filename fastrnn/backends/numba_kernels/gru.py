@@ -69,7 +69,9 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh, dh_direct):
+def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
+    """Gate gradients of units [lo, hi); dh_rec[:, lo:hi] becomes the direct part dh * z of d h_{t-1}
+    (each thread reads and writes only its own units; the product part is added after the region)."""
     m = hi - lo
     one = gates.dtype.type(1)
     for b in range(n):
@@ -80,7 +82,6 @@ def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw,
         dhh = d_hh[t, b]
         dhr, dhz, dhn = dhh[lo:hi], dhh[H + lo:H + hi], dhh[2 * H + lo:2 * H + hi]
         dr, gy, hp, hn = dh_rec[b, lo:hi], grad_y[t, b, lo:hi], h_prev[t, b, lo:hi], hn_all[t, b, lo:hi]
-        dd = dh_direct[b, lo:hi]
         for u in range(m):
             dh = dr[u] + gy[u]
             r = gr[u]
@@ -95,12 +96,11 @@ def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw,
             dhr[u] = dpr
             dhz[u] = dpz
             dhn[u] = dpn * r
-            dd[u] = dh * z
+            dr[u] = dh * z
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec,
-            dh_direct):
+def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec):
     """d_xw: gradient of the input projection; d_hh: of the recurrent product (W_hh h + b_hh), for dW_hh
     and db_hh; h_prev: each step's recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T [H, 3H]."""
     T = grad_y.shape[0]
@@ -112,11 +112,7 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
         fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh, dh_direct)
+            _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            for b in range(n):
-                dst, src = dh_rec[b, lo:hi], dh_direct[b, lo:hi]
-                for k in range(hi - lo):
-                    dst[k] = src[k]
             mm_nt(d_hh[t], n, w_hh_t, dh_rec, lo, hi, True)
