@@ -15,13 +15,9 @@ from . import dispatch
 from .functional import cell_step, rnn_layers
 
 
-def _dtype_name(dtype):
-    return str(dtype)
-
-
 def _check_float(name, input, exc=ValueError):
     if not torch.is_floating_point(input):
-        raise exc(f"{name}: input must be a floating-point tensor, got dtype {_dtype_name(input.dtype)}")
+        raise exc(f"{name}: input must be a floating-point tensor, got dtype {str(input.dtype)}")
 
 
 def _check_state_like(name, states, ref, what="hx"):
@@ -29,8 +25,8 @@ def _check_state_like(name, states, ref, what="hx"):
     for k, s in enumerate(states):
         label = f"{what}[{k}]" if len(states) > 1 else what
         if s.dtype != ref.dtype:
-            raise RuntimeError(f"{name}: {label} has dtype {_dtype_name(s.dtype)} but the input has dtype "
-                               f"{_dtype_name(ref.dtype)}; they must match")
+            raise RuntimeError(f"{name}: {label} has dtype {str(s.dtype)} but the input has dtype "
+                               f"{str(ref.dtype)}; they must match")
         if s.device != ref.device:
             raise RuntimeError(f"{name}: {label} is on device {s.device} but the input is on {ref.device}; "
                                f"they must be on the same device")
@@ -265,8 +261,8 @@ class _CellMixin(_BackendMixin):
             states = None if states is None else tuple(s.unsqueeze(0) for s in states)
         _check_float(name, input, RuntimeError)
         if input.dtype != self.weight_ih.dtype:
-            raise RuntimeError(f"{name}: input dtype {_dtype_name(input.dtype)} does not match weight dtype "
-                               f"{_dtype_name(self.weight_ih.dtype)}")
+            raise RuntimeError(f"{name}: input dtype {str(input.dtype)} does not match weight dtype "
+                               f"{str(self.weight_ih.dtype)}")
         _check_device(name, input, self.weight_ih)
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")

@@ -131,5 +131,8 @@ def test_info_lists_every_backend():
     assert f"torch {torch.__version__}" in out
     for name in dispatch.BACKEND_NAMES:
         line = next(l for l in out.splitlines() if l.strip().startswith(name + " "))
-        assert ("available" in line) and (name not in CPU_BACKENDS or "unavailable" not in line)
-    assert "reference  available" in out
+        if name in CPU_BACKENDS:
+            assert "available (serves: cpu" in line and "unavailable" not in line, line
+        else:
+            reasons = line.split("unavailable:", 1)
+            assert len(reasons) == 2 and reasons[1].strip() == "; ".join(dispatch.reasons(name)), line
