@@ -73,7 +73,13 @@ def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=
         return f"{type(e).__name__}: {e}"
     n_out = len(ref_results) if work.case.mode != "training" else len(ref_results) - 1 - len(
         list(work.modules[provider].parameters()))
+    if len(got) != len(ref_results):
+        return f"returned {len(got)} tensors, torch {len(ref_results)}"
     for k, (a, b) in enumerate(zip(got, ref_results)):
+        if (a is None) != (b is None):
+            return f"tensor {k} is missing on {'this provider' if a is None else 'torch'}"
+        if a is None:
+            continue
         tol = tol_out if k < n_out else tol_grad
         err = _rel_err(a, b)
         if not err <= tol:
