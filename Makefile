@@ -1,31 +1,42 @@
-# `make test` and `make bench` set everything up on a fresh machine that has python3 and a C compiler:
-# a virtual environment in .venv, torch pinned to a CPU wheel, fastrnn installed in editable mode.
+# `make test` and `make bench` set everything up on a fresh machine that has python3 and a C++ compiler:
+# a virtual environment in .venv, torch pinned to a CPU wheel, fastrnn installed in editable mode with
+# its C++ extension (fastrnn/_C*.so, rebuilt by `make ext` whenever csrc/ changes).
+# FASTRNN_DEBUG_BUILD=1 make ext: a debug build of the extension (-O0 -g).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.fastrnn-installed
+EXT_STAMP := fastrnn/.ext-built
+NINJA_VERSION ?= 1.13.2
 BENCH_ARGS ?= --quick
 
-.PHONY: venv test bench info clean
+.PHONY: venv ext test bench info clean
 
 venv: $(STAMP)
+
+ext: $(EXT_STAMP)
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja==$(NINJA_VERSION)
 	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,bench]"
+	touch $@ $(EXT_STAMP)
+
+# the editable install builds the extension once; after a change in csrc/ this rebuilds it in place
+$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) fastrnn/_build.py
+	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-test: venv
+test: ext
 	$(PY) -m pytest tests
 
-bench: venv
+bench: ext
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-info: venv
+info: ext
 	$(PY) -m fastrnn.info
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info fastrnn/_C*.so $(EXT_STAMP)

@@ -23,7 +23,9 @@ class Float64Only(Backend):
 
 @pytest.fixture
 def fake_numba(monkeypatch):
+    """numba serves float64 only, and the backend ranked above it (cpp) is out of the way."""
     monkeypatch.setitem(dispatch._loaded, "numba", Float64Only())
+    monkeypatch.setitem(dispatch._loaded, "cpp", dispatch._Unavailable("cpp", "hidden by this test"))
 
 
 def test_reference_always_available():

@@ -1,0 +1,47 @@
+// The GEMM entry points (one per dtype, built per ISA) and the argument checks shared by the cells.
+#include "recurrence.h"
+
+namespace fastrnn {
+
+FASTRNN_CLONES void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* panel, int64_t ncb,
+                                float* C, int64_t ldc) {
+  gemm_packed_impl<float>(M, K, A, lda, panel, ncb, C, ldc);
+}
+
+FASTRNN_CLONES void gemm_packed(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel, int64_t ncb,
+                                double* C, int64_t ldc) {
+  gemm_packed_impl<double>(M, K, A, lda, panel, ncb, C, ldc);
+}
+
+void check_float(const at::Tensor& t, const char* what, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "fastrnn cpp backend: ", what, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "fastrnn cpp backend: ", what, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastrnn cpp backend: ", what, " has dtype ", t.scalar_type(),
+              " but the input has ", like.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "fastrnn cpp backend: ", what, " must be contiguous");
+}
+
+void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, "fastrnn cpp backend: ", what, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& like) {
+  if (!opt_ptr(t)) return;
+  check_float(*t, what, like);
+  check_shape(*t, what, shape);
+}
+
+void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
+  if (!opt_ptr(lengths)) return;
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == at::kLong && l.dim() == 1 && l.size(0) == B && l.is_contiguous(),
+              "fastrnn cpp backend: lengths must be a contiguous int64 CPU tensor of shape [", B, "]");
+  const int64_t* len = l.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(len[b] >= 1 && len[b] <= T, "fastrnn cpp backend: lengths[", b, "] = ", len[b], " is not in 1..", T);
+    TORCH_CHECK(b == 0 || len[b] <= len[b - 1], "fastrnn cpp backend: lengths must be non-increasing");
+  }
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,238 @@
+// GRU on the cpp backend, torch's form: r and z from x and h, n = tanh(x_n + r * (W_hn h + b_hn)),
+// h' = (1 - z) * n + z * h. Pointwise passes, entries and their registration.
+#include "recurrence.h"
+
+#include <torch/library.h>
+
+namespace fastrnn {
+namespace {
+
+template <typename T>
+struct FwdPoint {
+  int64_t bs, nu, H, U, ldp;
+  const T* pre;   // [bs, ldp]: h @ W_hh^T of the worker's units, gate k at column k * U + j
+  const T* xw;    // xw[t] + u0: [b * 3H + k * H + j]
+  const T* bias;  // b_hh + u0 (zeros when absent)
+  const T* hp;    // h_{t-1} + u0: [b * H + j]
+  T* hdst;        // new h + u0: [b * H + j]
+  T* gates;       // saved r, z, n + u0 (save only)
+  T* ghn;         // saved W_hn h + b_hn + u0 (save only)
+};
+
+template <typename T, bool SAVE>
+FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
+  const int64_t H = p.H, U = p.U;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* pr = p.pre + b * p.ldp;
+    const T* x = p.xw + b * 3 * H;
+    const T* hp = p.hp + b * H;
+    T* h = p.hdst + b * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T r = sigmoid_(x[j] + pr[j] + p.bias[j]);
+      const T z = sigmoid_(x[H + j] + pr[U + j] + p.bias[H + j]);
+      const T hn = pr[2 * U + j] + p.bias[2 * H + j];
+      const T n = tanh_(x[2 * H + j] + r * hn);
+      h[j] = (T(1) - z) * n + z * hp[j];
+      if (SAVE) {
+        T* s = p.gates + b * 3 * H;
+        s[j] = r;
+        s[H + j] = z;
+        s[2 * H + j] = n;
+        p.ghn[b * H + j] = hn;
+      }
+    }
+  }
+}
+
+FASTRNN_CLONES void fwd_point(const FwdPoint<float>& p) {
+  p.gates ? fwd_impl<float, true>(p) : fwd_impl<float, false>(p);
+}
+FASTRNN_CLONES void fwd_point(const FwdPoint<double>& p) {
+  p.gates ? fwd_impl<double, true>(p) : fwd_impl<double, false>(p);
+}
+
+template <typename T>
+struct BwdPoint {
+  int64_t bs, nu, H, ldh, nprev;
+  const T* dh;     // [b * ldh + j]
+  const T* gates;  // r, z, n of step t + u0
+  const T* ghn;    // W_hn h + b_hn of step t + u0
+  const T* hprev;  // h of the previous step + u0 (rows b < nprev)
+  const T* h0;     // initial h + u0 (rows b >= nprev)
+  T* dxw;          // gradient of xw[t] + u0
+  T* dhh;          // gradient of the recurrent pre-activations (n block times r) + u0
+  T* dh_direct;    // dh_rec + u0: receives dh * z, the recurrent product is added by the driver
+};
+
+template <typename T>
+FASTRNN_INLINE void bwd_impl(const BwdPoint<T>& p) {
+  const int64_t H = p.H;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* s = p.gates + b * 3 * H;
+    const T* ghn = p.ghn + b * H;
+    const T* hp = b < p.nprev ? p.hprev + b * H : p.h0 + b * H;
+    const T* dh = p.dh + b * p.ldh;
+    T* dx = p.dxw + b * 3 * H;
+    T* dr = p.dhh + b * 3 * H;
+    T* dd = p.dh_direct + b * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T r = s[j], z = s[H + j], n = s[2 * H + j], d = dh[j];
+      const T d_n = d * (T(1) - z) * (T(1) - n * n);
+      const T d_z = d * (hp[j] - n) * z * (T(1) - z);
+      const T d_r = d_n * ghn[j] * r * (T(1) - r);
+      dx[j] = d_r;
+      dx[H + j] = d_z;
+      dx[2 * H + j] = d_n;
+      dr[j] = d_r;
+      dr[H + j] = d_z;
+      dr[2 * H + j] = d_n * r;
+      dd[j] = d * z;
+    }
+  }
+}
+
+FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p) { bwd_impl(p); }
+FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p) { bwd_impl(p); }
+
+struct Dims {
+  int64_t T, B, H, GH;
+};
+
+Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                const at::Tensor& h0, const c10::optional<at::Tensor>& lengths) {
+  check_float(xw, "xw", xw);
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, 3H], got ", xw.sizes());
+  check_float(h0, "h0", xw);
+  TORCH_CHECK(h0.dim() == 2, "fastrnn cpp backend: h0 must be [B, H], got ", h0.sizes());
+  Dims d{xw.size(0), xw.size(1), h0.size(1), xw.size(2)};
+  TORCH_CHECK(d.GH == 3 * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected 3 x ", d.H);
+  check_shape(h0, "h0", {d.B, d.H});
+  check_float(w_hh, "w_hh", xw);
+  check_shape(w_hh, "w_hh", {d.GH, d.H});
+  check_opt(b_hh, "b_hh", {d.GH}, xw);
+  check_lengths(lengths, d.T, d.B);
+  return d;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const at::Tensor& xw,
+                                                            const at::Tensor& w_hh,
+                                                            const c10::optional<at::Tensor>& b_hh,
+                                                            const at::Tensor& h0,
+                                                            const c10::optional<at::Tensor>& lengths, bool reverse,
+                                                            bool save) {
+  const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
+  at::Tensor y = opt_ptr(lengths) ? at::zeros({T_, B, H}, xw.options()) : at::empty({T_, B, H}, xw.options());
+  at::Tensor h_n = at::empty({B, H}, xw.options());
+  // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
+  const int64_t ws_numel = save ? T_ * B * (GH + H) : 0;
+  at::Tensor ws = opt_ptr(lengths) ? at::zeros({ws_numel}, xw.options()) : at::empty({ws_numel}, xw.options());
+  if (B == 0 || T_ == 0) return {y, h_n, ws};
+  at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
+  T* gates = save ? ws.data_ptr<T>() : nullptr;
+  T* ghn = save ? gates + T_ * B * GH : nullptr;
+  FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
+               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B)};
+  const T* xp = xw.data_ptr<T>();
+  const T* bp = bias.data_ptr<T>();
+  forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
+                           const T* hp, T* hdst, int64_t) {
+    FwdPoint<T> p{bs, nu, H, U, ldp, pre, xp + t * B * GH + u0, bp + u0, hp + u0, hdst + u0,
+                  save ? gates + t * B * GH + u0 : nullptr, save ? ghn + t * B * H + u0 : nullptr};
+    fwd_point(p);
+  });
+  return {y, h_n, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
+                                                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                       const c10::optional<at::Tensor>& lengths, bool reverse,
+                                                       bool save) {
+  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
+  if (xw.scalar_type() == at::kFloat) return seq_fwd_impl<float>(d, xw, w_hh, b_hh, h0, lengths, reverse, save);
+  return seq_fwd_impl<double>(d, xw, w_hh, b_hh, h0, lengths, reverse, save);
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename T>
+Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw,
+                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                   const c10::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& ws,
+                   bool reverse) {
+  const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
+  const bool varlen = opt_ptr(lengths);
+  auto new_ = [&](at::IntArrayRef s) { return varlen ? at::zeros(s, xw.options()) : at::empty(s, xw.options()); };
+  at::Tensor d_xw = new_({T_, B, GH}), d_hh = new_({T_, B, GH}), hprev = new_({T_, B, H});
+  at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
+  if (B > 0 && T_ > 0) {
+    const T* gates = ws.data_ptr<T>();
+    const T* ghn = gates + T_ * B * GH;
+    const T* yp = y.data_ptr<T>();
+    BwdArgs<T> a{T_, B, H, H, 3, reverse, true, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
+                 yp, d_hh.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
+                 batch_sizes(lengths, T_, B)};
+    const T* h0p = h0.data_ptr<T>();
+    T* dx = d_xw.data_ptr<T>();
+    T* dr = d_hh.data_ptr<T>();
+    T* dhr = dh0.data_ptr<T>();
+    backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
+                              const T* dh, int64_t ldh) {
+      BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + t * B * GH + u0, ghn + t * B * H + u0,
+                    tprev >= 0 ? yp + tprev * B * H + u0 : nullptr, h0p + u0, dx + t * B * GH + u0,
+                    dr + t * B * GH + u0, dhr + u0};
+      bwd_point(p);
+    });
+  }
+  const at::Tensor flat = d_hh.view({T_ * B, GH});
+  at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, H}));
+  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
+  return {d_xw, d_w_hh, d_b_hh, dh0};
+}
+
+Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw, const at::Tensor& w_hh,
+              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& lengths,
+              const at::Tensor& y, const at::Tensor& ws, bool reverse) {
+  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
+  check_float(grad_y, "grad_y", xw);
+  check_shape(grad_y, "grad_y", {d.T, d.B, d.H});
+  check_float(grad_h_n, "grad_h_n", xw);
+  check_shape(grad_h_n, "grad_h_n", {d.B, d.H});
+  check_float(y, "y", xw);
+  check_shape(y, "y", {d.T, d.B, d.H});
+  check_float(ws, "ws", xw);
+  check_shape(ws, "ws", {d.T * d.B * (d.GH + d.H)});
+  if (xw.scalar_type() == at::kFloat)
+    return seq_bwd_impl<float>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse);
+  return seq_bwd_impl<double>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
+                                            const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, bool save) {
+  TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, 3H], got ", xw.sizes());
+  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, c10::nullopt, false, save);
+  return {std::get<1>(r), std::get<2>(r)};
+}
+
+Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh,
+               const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, const at::Tensor& ws) {
+  TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, 3H], got ", xw.sizes());
+  // one step: the previous state is h itself, so y is never read
+  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, c10::nullopt,
+                   at::zeros({1, h.size(0), h.size(1)}, h.options()), ws, false);
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
+  m.impl("gru_seq_fwd", &seq_fwd);
+  m.impl("gru_seq_bwd", &seq_bwd);
+  m.impl("gru_step_fwd", &step_fwd);
+  m.impl("gru_step_bwd", &step_bwd);
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,336 @@
+// LSTM on the cpp backend: pointwise passes, entries (argument checks, allocation, weight gradients)
+// and their registration. Gate blocks i, f, g, o (i, g, o with coupled gates, f = 1 - i); optional
+// projection (w_hr) and peephole weights (w_ch rows for i, f, o). The math is stated in
+// fastrnn/backends/__init__.py.
+#include "recurrence.h"
+
+#include <torch/library.h>
+
+namespace fastrnn {
+namespace {
+
+template <typename T>
+struct FwdPoint {
+  int64_t bs, nu, H, GH, U, ldp, ldd;
+  const T* pre;   // [bs, ldp]: h @ W_hh^T of the worker's units, gate k at column k * U + j
+  const T* xw;    // xw[t] + u0: [b * GH + k * H + j]
+  const T* bias;  // b_hh + u0 (zeros when absent): [k * H + j]
+  const T* wc;    // w_ch + u0 (peephole): [k * H + j]
+  T* c;           // cell state + u0: [b * H + j], updated in place
+  T* hdst;        // new h + u0: [b * ldd + j]
+  T* gates;       // saved activated gates of step t + u0: [b * GH + k * H + j] (save only)
+  T* call;        // saved c_t + u0: [b * H + j] (save only)
+};
+
+template <typename T, bool PEEP, bool COUPLED, bool SAVE>
+FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
+  constexpr int G = COUPLED ? 3 : 4, KG = COUPLED ? 1 : 2, KO = COUPLED ? 2 : 3;
+  const int64_t H = p.H, U = p.U;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* pr = p.pre + b * p.ldp;
+    const T* x = p.xw + b * p.GH;
+    T* c = p.c + b * H;
+    T* h = p.hdst + b * p.ldd;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T cp = c[j];
+      T gi = pr[j] + x[j] + p.bias[j];
+      T gg = pr[KG * U + j] + x[KG * H + j] + p.bias[KG * H + j];
+      T go = pr[KO * U + j] + x[KO * H + j] + p.bias[KO * H + j];
+      T gf = T(0);
+      if (!COUPLED) gf = pr[U + j] + x[H + j] + p.bias[H + j];
+      if (PEEP) {
+        gi += p.wc[j] * cp;
+        if (!COUPLED) gf += p.wc[H + j] * cp;
+      }
+      const T i = sigmoid_(gi);
+      const T f = COUPLED ? T(1) - i : sigmoid_(gf);
+      const T g = tanh_(gg);
+      const T cn = f * cp + i * g;
+      if (PEEP) go += p.wc[2 * H + j] * cn;
+      const T o = sigmoid_(go);
+      c[j] = cn;
+      h[j] = o * tanh_(cn);
+      if (SAVE) {
+        T* s = p.gates + b * p.GH;
+        s[j] = i;
+        if (!COUPLED) s[H + j] = f;
+        s[KG * H + j] = g;
+        s[KO * H + j] = o;
+        p.call[b * H + j] = cn;
+      }
+    }
+  }
+  (void)G;
+}
+
+template <typename T>
+FASTRNN_INLINE void fwd_dispatch(const FwdPoint<T>& p, bool peep, bool coupled) {
+  const bool save = p.gates != nullptr;
+  const int k = int(peep) * 4 + int(coupled) * 2 + int(save);
+  switch (k) {
+    case 0: fwd_impl<T, false, false, false>(p); break;
+    case 1: fwd_impl<T, false, false, true>(p); break;
+    case 2: fwd_impl<T, false, true, false>(p); break;
+    case 3: fwd_impl<T, false, true, true>(p); break;
+    case 4: fwd_impl<T, true, false, false>(p); break;
+    case 5: fwd_impl<T, true, false, true>(p); break;
+    case 6: fwd_impl<T, true, true, false>(p); break;
+    default: fwd_impl<T, true, true, true>(p); break;
+  }
+}
+
+FASTRNN_CLONES void fwd_point(const FwdPoint<float>& p, bool peep, bool coupled) { fwd_dispatch(p, peep, coupled); }
+FASTRNN_CLONES void fwd_point(const FwdPoint<double>& p, bool peep, bool coupled) { fwd_dispatch(p, peep, coupled); }
+
+template <typename T>
+struct BwdPoint {
+  int64_t bs, nu, H, GH, ldh, nprev;
+  const T* dh;     // dh of the worker's units: [b * ldh + j]
+  const T* gates;  // activated gates of step t + u0: [b * GH + k * H + j]
+  const T* call;   // c_t + u0: [b * H + j]
+  const T* cprev;  // c of the previous step + u0 (rows b < nprev): [b * H + j]
+  const T* c0;     // initial c + u0 (rows b >= nprev)
+  const T* wc;     // w_ch + u0 (peephole)
+  T* dc;           // dc, carried between steps + u0: [b * H + j]
+  T* dxw;          // gate gradients of step t + u0: [b * GH + k * H + j]
+  T* dwc;          // peephole weight gradients + u0: [k * H + j], accumulated
+};
+
+template <typename T, bool PEEP, bool COUPLED>
+FASTRNN_INLINE void bwd_impl(const BwdPoint<T>& p) {
+  constexpr int KG = COUPLED ? 1 : 2, KO = COUPLED ? 2 : 3;
+  const int64_t H = p.H;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* s = p.gates + b * p.GH;
+    const T* cc = p.call + b * H;
+    const T* cpv = b < p.nprev ? p.cprev + b * H : p.c0 + b * H;
+    const T* dh = p.dh + b * p.ldh;
+    T* dc = p.dc + b * H;
+    T* dx = p.dxw + b * p.GH;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T i = s[j], g = s[KG * H + j], o = s[KO * H + j];
+      const T f = COUPLED ? T(1) - i : s[H + j];
+      const T c = cc[j], cp = cpv[j], d = dh[j];
+      const T tc = tanh_(c);
+      const T d_o = d * tc * o * (T(1) - o);
+      T dcv = dc[j] + d * o * (T(1) - tc * tc);
+      if (PEEP) dcv += d_o * p.wc[2 * H + j];
+      const T d_g = dcv * i * (T(1) - g * g);
+      T d_i, d_f = T(0);
+      if (COUPLED) {
+        d_i = dcv * (g - cp) * i * (T(1) - i);
+      } else {
+        d_i = dcv * g * i * (T(1) - i);
+        d_f = dcv * cp * f * (T(1) - f);
+      }
+      T dcp = dcv * f;
+      if (PEEP) {
+        dcp += d_i * p.wc[j];
+        p.dwc[j] += d_i * cp;
+        if (!COUPLED) {
+          dcp += d_f * p.wc[H + j];
+          p.dwc[H + j] += d_f * cp;
+        }
+        p.dwc[2 * H + j] += d_o * c;
+      }
+      dc[j] = dcp;
+      dx[j] = d_i;
+      if (!COUPLED) dx[H + j] = d_f;
+      dx[KG * H + j] = d_g;
+      dx[KO * H + j] = d_o;
+    }
+  }
+}
+
+template <typename T>
+FASTRNN_INLINE void bwd_dispatch(const BwdPoint<T>& p, bool peep, bool coupled) {
+  if (peep) {
+    coupled ? bwd_impl<T, true, true>(p) : bwd_impl<T, true, false>(p);
+  } else {
+    coupled ? bwd_impl<T, false, true>(p) : bwd_impl<T, false, false>(p);
+  }
+}
+
+FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p, bool peep, bool coupled) { bwd_dispatch(p, peep, coupled); }
+FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p, bool peep, bool coupled) { bwd_dispatch(p, peep, coupled); }
+
+struct Dims {
+  int64_t T, B, G, H, P, GH;
+};
+
+Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
+                const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool coupled) {
+  check_float(xw, "xw", xw);
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, G*H], got ", xw.sizes());
+  Dims d{xw.size(0), xw.size(1), coupled ? 3 : 4, 0, 0, xw.size(2)};
+  check_float(c0, "c0", xw);
+  TORCH_CHECK(c0.dim() == 2, "fastrnn cpp backend: c0 must be [B, H], got ", c0.sizes());
+  d.H = c0.size(1);
+  check_float(h0, "h0", xw);
+  TORCH_CHECK(h0.dim() == 2, "fastrnn cpp backend: h0 must be [B, P], got ", h0.sizes());
+  d.P = h0.size(1);
+  TORCH_CHECK(d.GH == d.G * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected ", d.G, " x ", d.H);
+  check_shape(c0, "c0", {d.B, d.H});
+  check_shape(h0, "h0", {d.B, d.P});
+  check_float(w_hh, "w_hh", xw);
+  check_shape(w_hh, "w_hh", {d.GH, d.P});
+  check_opt(b_hh, "b_hh", {d.GH}, xw);
+  check_opt(w_hr, "w_hr", {d.P, d.H}, xw);
+  TORCH_CHECK(opt_ptr(w_hr) || d.P == d.H, "fastrnn cpp backend: h0 has size ", d.P, " but c0 has ", d.H,
+              " and there is no projection");
+  check_opt(w_ch, "w_ch", {3, d.H}, xw);
+  check_lengths(lengths, d.T, d.B);
+  return d;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
+    const Dims& d, const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
+    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save) {
+  const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
+  const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
+  at::Tensor y = varlen ? at::zeros({T_, B, P}, xw.options()) : at::empty({T_, B, P}, xw.options());
+  at::Tensor h_n = at::empty({B, P}, xw.options()), c_n = c0.clone();
+  // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
+  const int64_t ws_numel = save ? T_ * B * (GH + H + (proj ? H : 0)) : 0;
+  at::Tensor ws = varlen ? at::zeros({ws_numel}, xw.options()) : at::empty({ws_numel}, xw.options());
+  at::Tensor hfull_scratch = (proj && !save) ? at::empty({B * H}, xw.options()) : at::Tensor();
+  if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
+  at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
+  T* wsp = ws.data_ptr<T>();
+  T* gates = save ? wsp : nullptr;
+  T* call = save ? wsp + T_ * B * GH : nullptr;
+  FwdArgs<T> a{T_, B, H, P, d.G, reverse, w_hh.data_ptr<T>(), data_or_null<T>(w_hr), h0.data_ptr<T>(),
+               y.data_ptr<T>(), h_n.data_ptr<T>(),
+               proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data_ptr<T>()) : nullptr, save,
+               batch_sizes(lengths, T_, B)};
+  const T* xp = xw.data_ptr<T>();
+  const T* bp = bias.data_ptr<T>();
+  const T* wc = data_or_null<T>(w_ch);
+  T* c = c_n.data_ptr<T>();
+  forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
+                           const T*, T* hdst, int64_t ldd) {
+    FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xp + t * B * GH + u0, bp + u0, wc ? wc + u0 : nullptr, c + u0,
+                  hdst + u0, save ? gates + t * B * GH + u0 : nullptr, save ? call + t * B * H + u0 : nullptr};
+    fwd_point(p, wc != nullptr, coupled);
+  });
+  return {y, h_n, c_n, ws};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd(
+    const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
+    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save) {
+  const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  if (xw.scalar_type() == at::kFloat)
+    return seq_fwd_impl<float>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save);
+  return seq_fwd_impl<double>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save);
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename T>
+Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                   const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                   const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
+                   const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
+                   const at::Tensor& ws, bool reverse, bool coupled) {
+  const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
+  const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
+  auto new_ = [&](at::IntArrayRef s) { return varlen ? at::zeros(s, xw.options()) : at::empty(s, xw.options()); };
+  at::Tensor d_xw = new_({T_, B, GH}), hprev = new_({T_, B, P});
+  at::Tensor dh_proj = proj ? new_({T_, B, P}) : at::Tensor();
+  at::Tensor dh0 = grad_h_n.clone(), dc0 = grad_c_n.clone();
+  at::Tensor dh_cur = at::empty({B, P}, xw.options());
+  at::Tensor d_w_ch = opt_ptr(w_ch) ? at::zeros({3, H}, xw.options()) : at::empty({0}, xw.options());
+  if (B > 0 && T_ > 0) {
+    const T* wsp = ws.data_ptr<T>();
+    const T* gates = wsp;
+    const T* call = wsp + T_ * B * GH;
+    const T* yp = y.defined() && y.numel() ? y.data_ptr<T>() : nullptr;
+    BwdArgs<T> a{T_, B, H, P, d.G, reverse, false, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), data_or_null<T>(w_hr),
+                 h0.data_ptr<T>(), yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(),
+                 proj ? dh_proj.data_ptr<T>() : nullptr, hprev.data_ptr<T>(), batch_sizes(lengths, T_, B)};
+    const T* wc = data_or_null<T>(w_ch);
+    T* dwc = opt_ptr(w_ch) ? d_w_ch.data_ptr<T>() : nullptr;
+    const T* c0p = c0.data_ptr<T>();
+    T* dc = dc0.data_ptr<T>();
+    T* dx = d_xw.data_ptr<T>();
+    backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
+                              const T* dh, int64_t ldh) {
+      BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + t * B * GH + u0, call + t * B * H + u0,
+                    tprev >= 0 ? call + tprev * B * H + u0 : nullptr, c0p + u0, wc ? wc + u0 : nullptr, dc + u0,
+                    dx + t * B * GH + u0, dwc ? dwc + u0 : nullptr};
+      bwd_point(p, wc != nullptr, coupled);
+    });
+  }
+  const at::Tensor flat = d_xw.view({T_ * B, GH});
+  at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, P}));
+  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
+  at::Tensor d_w_hr = at::empty({0}, xw.options());
+  if (proj) {
+    at::Tensor hfull = ws.narrow(0, T_ * B * (GH + H), T_ * B * H).view({T_ * B, H});
+    d_w_hr = dh_proj.view({T_ * B, P}).t().mm(hfull);
+  }
+  return {d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, dh0, dc0};
+}
+
+Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& xw,
+              const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+              const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0,
+              const c10::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& ws, bool reverse,
+              bool coupled) {
+  const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  check_float(grad_y, "grad_y", xw);
+  check_shape(grad_y, "grad_y", {d.T, d.B, d.P});
+  check_float(grad_h_n, "grad_h_n", xw);
+  check_shape(grad_h_n, "grad_h_n", {d.B, d.P});
+  check_float(grad_c_n, "grad_c_n", xw);
+  check_shape(grad_c_n, "grad_c_n", {d.B, d.H});
+  check_float(y, "y", xw);
+  check_shape(y, "y", {d.T, d.B, d.P});
+  check_float(ws, "ws", xw);
+  check_shape(ws, "ws", {d.T * d.B * (d.GH + d.H + (opt_ptr(w_hr) ? d.H : 0))});
+  if (xw.scalar_type() == at::kFloat)
+    return seq_bwd_impl<float>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                               reverse, coupled);
+  return seq_bwd_impl<double>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                              reverse, coupled);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
+                                                        const c10::optional<at::Tensor>& b_hh,
+                                                        const c10::optional<at::Tensor>& w_hr,
+                                                        const c10::optional<at::Tensor>& w_ch, const at::Tensor& h,
+                                                        const at::Tensor& c, bool coupled, bool save) {
+  TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, G*H], got ", xw.sizes());
+  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, false, coupled, save);
+  return {std::get<1>(r), std::get<2>(r), std::get<3>(r)};
+}
+
+Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& xw, const at::Tensor& w_hh,
+               const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+               const c10::optional<at::Tensor>& w_ch, const at::Tensor& h, const at::Tensor& c, const at::Tensor& ws,
+               bool coupled) {
+  TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, G*H], got ", xw.sizes());
+  // one step: the previous state is (h, c) itself, so y is never read; grad_h enters as grad_y
+  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h,
+                   c, c10::nullopt, at::zeros({1, h.size(0), h.size(1)}, h.options()), ws, false, coupled);
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
+  m.impl("lstm_seq_fwd", &seq_fwd);
+  m.impl("lstm_seq_bwd", &seq_bwd);
+  m.impl("lstm_step_fwd", &step_fwd);
+  m.impl("lstm_step_bwd", &step_bwd);
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,70 @@
+// The schemas of the cpp backend's ops, defined once. Each cell file registers its implementations
+// (TORCH_LIBRARY_IMPL) beside its kernels. The argument lists are those of the backend contract in
+// fastrnn/backends/__init__.py, without the trailing backend name.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "recurrence.h"
+
+TORCH_LIBRARY(fastrnn_cpp, m) {
+  m.def("lstm_seq_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? w_ch, Tensor h0, Tensor c0, "
+        "Tensor? lengths, bool reverse, bool coupled, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor xw, Tensor w_hh, Tensor? b_hh, "
+        "Tensor? w_hr, Tensor? w_ch, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor ws, bool reverse, "
+        "bool coupled) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_step_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? w_ch, Tensor h, Tensor c, "
+        "bool coupled, bool save) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_step_bwd(Tensor grad_h, Tensor grad_c, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+        "Tensor? w_ch, Tensor h, Tensor c, Tensor ws, bool coupled) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gru_seq_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, bool reverse, bool save) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("gru_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, "
+        "Tensor? lengths, Tensor y, Tensor ws, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gru_step_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, bool save) -> (Tensor, Tensor)");
+  m.def("gru_step_bwd(Tensor grad_h, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, Tensor ws) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rnn_seq_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, bool reverse, "
+        "str nonlinearity, bool save) -> (Tensor, Tensor, Tensor)");
+  m.def("rnn_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, "
+        "Tensor? lengths, Tensor y, Tensor ws, bool reverse, str nonlinearity) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rnn_step_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, str nonlinearity, bool save) "
+        "-> (Tensor, Tensor)");
+  m.def("rnn_step_bwd(Tensor grad_h, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, Tensor ws, "
+        "str nonlinearity) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+// Which build of the FASTRNN_CLONES functions runs on this CPU (GCC's resolver takes the best one the
+// CPU supports, in this order).
+std::string isa() {
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3)";
+  return "baseline x86-64";
+#else
+  return "portable (no ISA clones)";
+#endif
+}
+
+bool debug_build() {
+#ifdef FASTRNN_DEBUG
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastrnn's C++ kernels; the ops live in torch.ops.fastrnn_cpp";
+  m.def("isa", &isa, "the instruction set the kernels were dispatched to on this CPU");
+  m.def("debug_build", &debug_build, "whether this is a debug build (FASTRNN_DEBUG_BUILD=1)");
+  m.def("parallel_min_macs", []() { return fastrnn::parallel_min_macs().load(); },
+        "multiply-adds a step's GEMM needs before a call is split over threads");
+  m.def("set_parallel_min_macs", [](int64_t v) { fastrnn::parallel_min_macs().store(v); },
+        "set that threshold (0: always split when there are at least two unit blocks)");
+}

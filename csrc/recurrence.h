@@ -1,0 +1,403 @@
+// The parts every cell of the cpp backend shares: SIMD vectors, activations, the packed GEMM, the
+// spin barrier, and the two time-loop drivers (forward, backward) that run one layer-direction.
+//
+// Threads. A team of `nw` workers runs the whole time loop (one at::parallel_for for the sequence).
+// Worker w owns a slice of hidden units (all gate rows of those units) and keeps its slice of W_hh,
+// packed once per call, in its own cache for the whole sequence; workers meet at a spin barrier once
+// per step (twice with a projection, and in the backward). Nothing is allocated inside the loop.
+//
+// ISA. The hot functions (GEMM, pointwise passes) carry FASTRNN_CLONES: GCC builds each of them for
+// AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline x86-64 and picks one when the library loads.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+#define FASTRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#include <immintrin.h>
+#define FASTRNN_PAUSE() _mm_pause()
+#else
+#define FASTRNN_CLONES
+#define FASTRNN_PAUSE() ((void)0)
+#endif
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+
+namespace fastrnn {
+
+// ---- SIMD vectors: 64 bytes (16 floats, 8 doubles), GCC vector extensions ------------------------
+template <typename T> struct Vec;
+template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
+template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
+template <typename T> using V = typename Vec<T>::type;
+template <typename T> constexpr int lanes() { return 64 / sizeof(T); }
+
+template <typename T> FASTRNN_INLINE V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T> FASTRNN_INLINE void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof v); }
+
+// ---- activations ------------------------------------------------------------------------------------
+// float32: tanh(x) ~ x P(x^2) / Q(x^2) on [-9, 9] (least-squares fit made for fastrnn, max abs error
+// 3.3e-7 in float32; the same coefficients as the numba backend). A NaN fails both clamps and stays
+// NaN; +-inf clamp to +-9 and give +-1. float64: libm.
+FASTRNN_INLINE float tanh_(float x) {
+  x = x > 9.f ? 9.f : x;
+  x = x < -9.f ? -9.f : x;
+  const float s = x * x;
+  const float p = ((((((-8.642440220e-14f * s + 5.329159598e-11f) * s - 2.031272308e-08f) * s + 1.117165808e-05f) * s +
+                     3.105340692e-03f) * s + 1.308515589e-01f) * s + 9.999999738e-01f);
+  const float q = (((2.548330486e-04f * s + 2.450040609e-02f) * s + 4.641847807e-01f) * s + 1.f);
+  return x * p / q;
+}
+FASTRNN_INLINE float sigmoid_(float x) { return 0.5f * tanh_(0.5f * x) + 0.5f; }
+FASTRNN_INLINE double tanh_(double x) { return std::tanh(x); }
+FASTRNN_INLINE double sigmoid_(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// ---- the packed GEMM --------------------------------------------------------------------------------
+// C[m, n] = sum_k A[m, k] * B(k, n) for m < M, n < 32 * ncb, where B is packed in column blocks of
+// NR = 2 vectors: panel[cb][k][NR]. Register blocks of 6 rows x NR columns (12 accumulators); a single
+// row uses 4 interleaved accumulator sets so the FMA chains overlap.
+template <typename T> constexpr int NR = 2 * lanes<T>();
+
+template <typename T, int MR>
+FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
+  constexpr int N = lanes<T>();
+  V<T> acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = V<T>{};
+  for (int64_t k = 0; k < K; ++k) {
+    const V<T> b0 = vload(Bp + k * 2 * N), b1 = vload(Bp + k * 2 * N + N);
+    for (int m = 0; m < MR; ++m) {
+      const T a = A[m * lda + k];
+      acc[m][0] += a * b0;
+      acc[m][1] += a * b1;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    vstore(C + m * ldc, acc[m][0]);
+    vstore(C + m * ldc + N, acc[m][1]);
+  }
+}
+
+template <typename T>
+FASTRNN_INLINE void micro_row(int64_t K, const T* A, const T* Bp, T* C) {
+  constexpr int N = lanes<T>();
+  V<T> acc[4][2] = {};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    for (int s = 0; s < 4; ++s) {
+      const T a = A[k + s];
+      acc[s][0] += a * vload(Bp + (k + s) * 2 * N);
+      acc[s][1] += a * vload(Bp + (k + s) * 2 * N + N);
+    }
+  }
+  for (; k < K; ++k) {
+    acc[0][0] += A[k] * vload(Bp + k * 2 * N);
+    acc[0][1] += A[k] * vload(Bp + k * 2 * N + N);
+  }
+  vstore(C, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]));
+  vstore(C + N, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]));
+}
+
+template <typename T>
+FASTRNN_INLINE void gemm_packed_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
+                                     int64_t ldc) {
+  constexpr int nr = NR<T>;
+  for (int64_t cb = 0; cb < ncb; ++cb) {
+    const T* Bp = panel + cb * K * nr;
+    T* Cb = C + cb * nr;
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) micro<T, 6>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc);
+    switch (M - m) {
+      case 5: micro<T, 5>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
+      case 4: micro<T, 4>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
+      case 3: micro<T, 3>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
+      case 2: micro<T, 2>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
+      case 1: micro_row<T>(K, A + m * lda, Bp, Cb + m * ldc); break;
+      default: break;
+    }
+  }
+}
+
+void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* panel, int64_t ncb, float* C,
+                 int64_t ldc);
+void gemm_packed(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel, int64_t ncb, double* C,
+                 int64_t ldc);
+
+// Pack B(k, n) = src[col(n) * ld + k] (trans = false: the rows of src are columns of B, as W_hh in
+// h @ W_hh^T) or src[k * ld + col(n)] (trans = true), for n < ncols, into column blocks of NR. col(n)
+// < 0 marks a padding column (zeros).
+template <typename T, typename ColFn>
+void pack_panel(const T* src, int64_t ld, bool trans, int64_t K, int64_t ncols, ColFn col, T* panel) {
+  constexpr int nr = NR<T>;
+  for (int64_t n = 0; n < ncols; ++n) {
+    const int64_t c = col(n);
+    T* dst = panel + (n / nr) * K * nr + (n % nr);
+    for (int64_t k = 0; k < K; ++k) dst[k * nr] = c < 0 ? T(0) : (trans ? src[k * ld + c] : src[c * ld + k]);
+  }
+}
+
+// ---- the team -----------------------------------------------------------------------------------
+// A sense-counting spin barrier. Each caller arrives with a weight (the number of workers it runs),
+// so it cannot deadlock even if at::parallel_for gives one thread several workers.
+struct Barrier {
+  alignas(64) std::atomic<int> count{0};
+  alignas(64) std::atomic<int> gen{0};
+  int total;
+  explicit Barrier(int n) : total(n) {}
+  void arrive(int weight) {
+    const int g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(weight, std::memory_order_acq_rel) + weight == total) {
+      count.store(0, std::memory_order_relaxed);
+      gen.store(g + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen.load(std::memory_order_acquire) == g; ++spins) {
+      FASTRNN_PAUSE();
+      if (spins > 2000) std::this_thread::yield();
+    }
+  }
+};
+
+// Runs body(first_worker, last_worker, barrier) on nw workers; body runs its workers' share of each
+// phase and then calls barrier.arrive(last - first).
+template <typename Body>
+void run_team(int nw, Body body) {
+  Barrier barrier(nw);
+  if (nw == 1) {
+    body(0, 1, barrier);
+    return;
+  }
+  at::parallel_for(0, nw, 1, [&](int64_t b, int64_t e) { body(int(b), int(e), barrier); });
+}
+
+// How many workers split a call: one unless each step's GEMM has enough multiply-adds to pay for a
+// barrier per step (~0.3 us here), and never more than torch's threads or than unit blocks.
+// The threshold is settable (tests force the threaded path on small shapes).
+inline std::atomic<int64_t>& parallel_min_macs() {
+  static std::atomic<int64_t> value{int64_t(1) << 16};
+  return value;
+}
+
+inline int team_size(int64_t macs_per_step, int64_t units, int64_t block) {
+  if (macs_per_step < parallel_min_macs().load(std::memory_order_relaxed) || at::in_parallel_region()) return 1;
+  const int64_t blocks = (units + block - 1) / block;
+  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Per-step active row counts from non-increasing per-row lengths (undefined tensor: all rows).
+inline std::vector<int64_t> batch_sizes(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
+  std::vector<int64_t> sizes(T, B);
+  if (!lengths.has_value() || !lengths->defined()) return sizes;
+  const int64_t* len = lengths->data_ptr<int64_t>();
+  int64_t n = B;
+  for (int64_t t = 0; t < T; ++t) {
+    while (n > 0 && len[n - 1] <= t) --n;
+    sizes[t] = n;
+  }
+  return sizes;
+}
+
+// ---- the forward time loop ---------------------------------------------------------------------
+// One layer-direction. Per step, worker w: gates of its units = h_{t-1} @ W_hh[its rows]^T (packed GEMM
+// into `pre`), then the cell's pointwise pass writes the new (full-size) h of its units; with a
+// projection a second phase computes its slice of h = h_full @ W_hr^T. The driver writes y and the final
+// state of rows that end at this step. `point(t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd)`.
+template <typename T>
+struct FwdArgs {
+  int64_t T_, B, H, P, G;
+  bool reverse;
+  const T* w_hh;  // [G*H, P]
+  const T* w_hr;  // [P, H] or null
+  const T* h0;    // [B, P]
+  T* y;           // [T, B, P]
+  T* h_n;         // [B, P]
+  T* hfull;       // projection only: [T or 1, B, H] (the unprojected h of each step, or one slot)
+  bool hfull_per_step;
+  std::vector<int64_t> sizes;
+};
+
+template <typename T, typename Point>
+void forward_driver(const FwdArgs<T>& a, Point point) {
+  const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
+  const bool proj = a.w_hr != nullptr;
+  const int nw = team_size(B * GH * P, H, NR<T>);
+  const int64_t U = round_up((H + nw - 1) / nw, NR<T>), ncols = a.G * U, ncb = ncols / NR<T>;
+  const int64_t PU = proj ? round_up((P + nw - 1) / nw, NR<T>) : 0;
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor panel = at::empty({nw, P * ncols}, opts), pre = at::empty({nw, B * ncols}, opts);
+  at::Tensor panel_r = at::empty({nw, H * PU}, opts), pre_r = at::empty({nw, B * PU}, opts);
+  at::Tensor hbuf = at::empty({2, B * P}, opts);
+  T* hb = hbuf.data_ptr<T>();
+  std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
+  std::memcpy(hb + B * P, a.h0, sizeof(T) * B * P);
+  T* pan = panel.data_ptr<T>(), *prb = pre.data_ptr<T>(), *panr = panel_r.data_ptr<T>(), *prr = pre_r.data_ptr<T>();
+
+  run_team(nw, [&](int wb, int we, Barrier& bar) {
+    for (int w = wb; w < we; ++w) {
+      const int64_t u0 = w * U;
+      pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
+        const int64_t u = u0 + n % U;
+        return u < H ? (n / U) * H + u : int64_t(-1);
+      }, pan + w * P * ncols);
+      if (proj) {
+        const int64_t p0 = w * PU;
+        pack_panel(a.w_hr, H, false, H, PU, [&](int64_t n) { return p0 + n < P ? p0 + n : int64_t(-1); },
+                   panr + w * H * PU);
+      }
+    }
+    for (int64_t it = 0; it < T_; ++it) {
+      const int64_t t = a.reverse ? T_ - 1 - it : it;
+      const int64_t bs = a.sizes[t];
+      const int64_t bs_next = it + 1 < T_ ? a.sizes[a.reverse ? t - 1 : t + 1] : 0;
+      const T* hp = hb + (it & 1) * B * P;
+      T* hn = hb + ((it + 1) & 1) * B * P;
+      T* hdst = proj ? a.hfull + (a.hfull_per_step ? t * B * H : 0) : hn;
+      const int64_t ldd = proj ? H : P;
+      T* yt = a.y + t * B * P;
+      for (int w = wb; w < we; ++w) {
+        const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+        if (nu <= 0 || bs == 0) continue;
+        T* pw = prb + w * B * ncols;
+        gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);
+        point(t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd);
+        if (!proj) {
+          for (int64_t b = 0; b < bs; ++b) {
+            std::memcpy(yt + b * P + u0, hn + b * P + u0, sizeof(T) * nu);
+            if (b >= bs_next) std::memcpy(a.h_n + b * P + u0, hn + b * P + u0, sizeof(T) * nu);
+          }
+        }
+      }
+      bar.arrive(we - wb);
+      if (!proj) continue;
+      for (int w = wb; w < we; ++w) {
+        const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
+        if (np <= 0 || bs == 0) continue;
+        T* pw = prr + w * B * PU;
+        gemm_packed(bs, H, hdst, H, panr + w * H * PU, PU / NR<T>, pw, PU);
+        for (int64_t b = 0; b < bs; ++b) {
+          std::memcpy(hn + b * P + p0, pw + b * PU, sizeof(T) * np);
+          std::memcpy(yt + b * P + p0, pw + b * PU, sizeof(T) * np);
+          if (b >= bs_next) std::memcpy(a.h_n + b * P + p0, pw + b * PU, sizeof(T) * np);
+        }
+      }
+      bar.arrive(we - wb);
+    }
+  });
+}
+
+// ---- the backward time loop --------------------------------------------------------------------
+// Steps in the opposite order of the forward. Phase A (worker's units): dh of its units (grad_y +
+// the recurrent dh, or with a projection dh_full = dh @ W_hr[:, its units]), then the cell's pointwise
+// backward writes the gate gradients. Phase B (worker's slice of the P outputs): dh_rec = d_rec @ W_hh
+// for the previous step (added to what the pointwise pass left there when `accumulate`), h_prev of the
+// step for the weight gradients, and (projection) the next step's dh.
+// `point(t, bs, nprev, tprev, u0, nu, dh, ldh)`: rows b < nprev had a previous step (at tprev), the
+// others start from the initial state.
+template <typename T>
+struct BwdArgs {
+  int64_t T_, B, H, P, G;
+  bool reverse, accumulate;
+  const T* grad_y;  // [T, B, P]
+  const T* w_hh;    // [G*H, P]
+  const T* w_hr;    // [P, H] or null
+  const T* h0;      // [B, P]
+  const T* y;       // [T, B, P]
+  const T* d_rec;   // [T, B, G*H]: the pre-activation gradients that flow through W_hh (written by point)
+  T* dh_rec;        // [B, P]: starts as grad of h_n, ends as grad of h0
+  T* dh_cur;        // [B, P] scratch (no projection)
+  T* dh_proj;       // [T, B, P] with a projection: dh of each step (for d W_hr)
+  T* hprev;         // [T, B, P]: h_{t-1} of each row and step (for d W_hh)
+  std::vector<int64_t> sizes;
+};
+
+template <typename T, typename Point>
+void backward_driver(const BwdArgs<T>& a, Point point) {
+  const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
+  const bool proj = a.w_hr != nullptr;
+  const int nw = team_size(B * GH * P, H, NR<T>);
+  const int64_t U = round_up((H + nw - 1) / nw, NR<T>);
+  const int64_t PU = proj ? round_up((P + nw - 1) / nw, NR<T>) : U;  // without projection P == H: same slices
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor panel_a = at::empty({nw, proj ? P * U : 0}, opts), pre_a = at::empty({nw, proj ? B * U : 0}, opts);
+  at::Tensor panel_b = at::empty({nw, GH * PU}, opts), pre_b = at::empty({nw, B * PU}, opts);
+  T* pana = panel_a.data_ptr<T>(), *pra = pre_a.data_ptr<T>(), *panb = panel_b.data_ptr<T>(), *prb = pre_b.data_ptr<T>();
+  auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
+
+  // dh of the step at `it` for rows b < bs, columns [p0, p0 + np): grad_y + the recurrent part
+  auto make_dh = [&](int64_t it, int64_t p0, int64_t np, T* dst) {
+    const int64_t t = tf(it), bs = a.sizes[t];
+    for (int64_t b = 0; b < bs; ++b)
+      for (int64_t p = p0; p < p0 + np; ++p) dst[b * P + p] = a.grad_y[(t * B + b) * P + p] + a.dh_rec[b * P + p];
+  };
+
+  run_team(nw, [&](int wb, int we, Barrier& bar) {
+    for (int w = wb; w < we; ++w) {
+      const int64_t u0 = w * U, p0 = w * PU;
+      if (proj)
+        pack_panel(a.w_hr, H, true, P, U, [&](int64_t n) { return u0 + n < H ? u0 + n : int64_t(-1); },
+                   pana + w * P * U);
+      pack_panel(a.w_hh, P, true, GH, PU, [&](int64_t n) { return p0 + n < P ? p0 + n : int64_t(-1); },
+                 panb + w * GH * PU);
+      if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + tf(T_ - 1) * B * P);
+    }
+    if (proj) bar.arrive(we - wb);
+    for (int64_t it = T_ - 1; it >= 0; --it) {
+      const int64_t t = tf(it), bs = a.sizes[t];
+      const int64_t tprev = it > 0 ? tf(it - 1) : -1, nprev = it > 0 ? a.sizes[tprev] : 0;
+      for (int w = wb; w < we; ++w) {
+        const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+        if (nu <= 0 || bs == 0) continue;
+        if (proj) {
+          T* pw = pra + w * B * U;
+          gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * U, U / NR<T>, pw, U);
+          point(t, bs, nprev, tprev, u0, nu, (const T*)pw, U);
+        } else {
+          make_dh(it, u0, nu, a.dh_cur);
+          point(t, bs, nprev, tprev, u0, nu, (const T*)(a.dh_cur + u0), P);
+        }
+      }
+      bar.arrive(we - wb);
+      for (int w = wb; w < we; ++w) {
+        const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
+        if (np <= 0) continue;
+        T* pw = prb + w * B * PU;
+        if (bs > 0) gemm_packed(bs, GH, a.d_rec + t * B * GH, GH, panb + w * GH * PU, PU / NR<T>, pw, PU);
+        for (int64_t b = 0; b < bs; ++b) {
+          T* d = a.dh_rec + b * P + p0;
+          const T* g = pw + b * PU;
+          if (a.accumulate) {
+            for (int64_t p = 0; p < np; ++p) d[p] += g[p];
+          } else {
+            std::memcpy(d, g, sizeof(T) * np);
+          }
+          const T* src = b < nprev ? a.y + (tprev * B + b) * P : a.h0 + b * P;
+          std::memcpy(a.hprev + (t * B + b) * P + p0, src + p0, sizeof(T) * np);
+        }
+        if (proj && it > 0) make_dh(it - 1, p0, np, a.dh_proj + tprev * B * P);
+      }
+      bar.arrive(we - wb);
+    }
+  });
+}
+
+// ---- argument checks shared by the entries ------------------------------------------------------
+void check_float(const at::Tensor& t, const char* what, const at::Tensor& like);
+void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape);
+void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
+void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B);
+inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+template <typename T> const T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return opt_ptr(t) ? t->data_ptr<T>() : nullptr;
+}
+
+}  // namespace fastrnn

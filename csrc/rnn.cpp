@@ -1,0 +1,204 @@
+// Plain RNN on the cpp backend: h' = act(xw + W_hh h + b_hh), act tanh or relu. Pointwise passes,
+// entries and their registration. The forward keeps no workspace: the backward derives act' from y.
+#include "recurrence.h"
+
+#include <torch/library.h>
+
+namespace fastrnn {
+namespace {
+
+template <typename T>
+struct FwdPoint {
+  int64_t bs, nu, H, ldp;
+  const T* pre;   // [bs, ldp]: h @ W_hh^T of the worker's units
+  const T* xw;    // xw[t] + u0: [b * H + j]
+  const T* bias;  // b_hh + u0 (zeros when absent)
+  T* hdst;        // new h + u0: [b * H + j]
+};
+
+template <typename T, bool RELU>
+FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* pr = p.pre + b * p.ldp;
+    const T* x = p.xw + b * p.H;
+    T* h = p.hdst + b * p.H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T v = x[j] + pr[j] + p.bias[j];
+      // relu as torch's: a NaN stays NaN (the comparison is false)
+      h[j] = RELU ? (v < T(0) ? T(0) : v) : tanh_(v);
+    }
+  }
+}
+
+FASTRNN_CLONES void fwd_point(const FwdPoint<float>& p, bool relu) {
+  relu ? fwd_impl<float, true>(p) : fwd_impl<float, false>(p);
+}
+FASTRNN_CLONES void fwd_point(const FwdPoint<double>& p, bool relu) {
+  relu ? fwd_impl<double, true>(p) : fwd_impl<double, false>(p);
+}
+
+template <typename T>
+struct BwdPoint {
+  int64_t bs, nu, H, ldh;
+  const T* dh;  // [b * ldh + j]
+  const T* y;   // h of step t + u0
+  T* dxw;       // gradient of xw[t] + u0
+};
+
+template <typename T, bool RELU>
+FASTRNN_INLINE void bwd_impl(const BwdPoint<T>& p) {
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* y = p.y + b * p.H;
+    const T* dh = p.dh + b * p.ldh;
+    T* dx = p.dxw + b * p.H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < p.nu; ++j) {
+      // relu: torch's threshold_backward (zero where the result is <= 0)
+      dx[j] = RELU ? (y[j] <= T(0) ? T(0) : dh[j]) : dh[j] * (T(1) - y[j] * y[j]);
+    }
+  }
+}
+
+FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p, bool relu) {
+  relu ? bwd_impl<float, true>(p) : bwd_impl<float, false>(p);
+}
+FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p, bool relu) {
+  relu ? bwd_impl<double, true>(p) : bwd_impl<double, false>(p);
+}
+
+struct Dims {
+  int64_t T, B, H;
+};
+
+bool is_relu(c10::string_view nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", "fastrnn cpp backend: unknown nonlinearity '",
+              nonlinearity, "' (tanh or relu)");
+  return nonlinearity == "relu";
+}
+
+Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                const at::Tensor& h0, const c10::optional<at::Tensor>& lengths) {
+  check_float(xw, "xw", xw);
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, H], got ", xw.sizes());
+  Dims d{xw.size(0), xw.size(1), xw.size(2)};
+  check_float(h0, "h0", xw);
+  check_shape(h0, "h0", {d.B, d.H});
+  check_float(w_hh, "w_hh", xw);
+  check_shape(w_hh, "w_hh", {d.H, d.H});
+  check_opt(b_hh, "b_hh", {d.H}, xw);
+  check_lengths(lengths, d.T, d.B);
+  return d;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const at::Tensor& xw,
+                                                            const at::Tensor& w_hh,
+                                                            const c10::optional<at::Tensor>& b_hh,
+                                                            const at::Tensor& h0,
+                                                            const c10::optional<at::Tensor>& lengths, bool reverse,
+                                                            bool relu) {
+  const int64_t T_ = d.T, B = d.B, H = d.H;
+  at::Tensor y = opt_ptr(lengths) ? at::zeros({T_, B, H}, xw.options()) : at::empty({T_, B, H}, xw.options());
+  at::Tensor h_n = at::empty({B, H}, xw.options());
+  if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, xw.options())};
+  at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({H}, xw.options());
+  FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
+               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B)};
+  const T* xp = xw.data_ptr<T>();
+  const T* bp = bias.data_ptr<T>();
+  forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
+                           const T*, T* hdst, int64_t) {
+    fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xp + t * B * H + u0, bp + u0, hdst + u0}, relu);
+  });
+  return {y, h_n, at::empty({0}, xw.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
+                                                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                       const c10::optional<at::Tensor>& lengths, bool reverse,
+                                                       c10::string_view nonlinearity, bool save) {
+  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
+  const bool relu = is_relu(nonlinearity);
+  (void)save;  // nothing to keep: the backward uses y
+  if (xw.scalar_type() == at::kFloat) return seq_fwd_impl<float>(d, xw, w_hh, b_hh, h0, lengths, reverse, relu);
+  return seq_fwd_impl<double>(d, xw, w_hh, b_hh, h0, lengths, reverse, relu);
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename T>
+Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw,
+                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                   const c10::optional<at::Tensor>& lengths, const at::Tensor& y, bool reverse, bool relu) {
+  const int64_t T_ = d.T, B = d.B, H = d.H;
+  const bool varlen = opt_ptr(lengths);
+  auto new_ = [&](at::IntArrayRef s) { return varlen ? at::zeros(s, xw.options()) : at::empty(s, xw.options()); };
+  at::Tensor d_xw = new_({T_, B, H}), hprev = new_({T_, B, H});
+  at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
+  if (B > 0 && T_ > 0) {
+    const T* yp = y.data_ptr<T>();
+    BwdArgs<T> a{T_, B, H, H, 1, reverse, false, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
+                 yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
+                 batch_sizes(lengths, T_, B)};
+    T* dx = d_xw.data_ptr<T>();
+    backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
+                              int64_t ldh) {
+      bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + t * B * H + u0, dx + t * B * H + u0}, relu);
+    });
+  }
+  const at::Tensor flat = d_xw.view({T_ * B, H});
+  at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, H}));
+  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
+  return {d_xw, d_w_hh, d_b_hh, dh0};
+}
+
+Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw, const at::Tensor& w_hh,
+              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& lengths,
+              const at::Tensor& y, const at::Tensor& ws, bool reverse, c10::string_view nonlinearity) {
+  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
+  const bool relu = is_relu(nonlinearity);
+  check_float(grad_y, "grad_y", xw);
+  check_shape(grad_y, "grad_y", {d.T, d.B, d.H});
+  check_float(grad_h_n, "grad_h_n", xw);
+  check_shape(grad_h_n, "grad_h_n", {d.B, d.H});
+  check_float(y, "y", xw);
+  check_shape(y, "y", {d.T, d.B, d.H});
+  (void)ws;
+  if (xw.scalar_type() == at::kFloat)
+    return seq_bwd_impl<float>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, reverse, relu);
+  return seq_bwd_impl<double>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, reverse, relu);
+}
+
+// A step keeps its output (the backward's act' needs it) as its workspace.
+std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
+                                            const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                                            c10::string_view nonlinearity, bool save) {
+  TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, H], got ", xw.sizes());
+  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, c10::nullopt, false, nonlinearity, save);
+  at::Tensor h_n = std::get<1>(r);
+  return {h_n, save ? h_n.reshape(-1).clone() : std::get<2>(r)};
+}
+
+Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh,
+               const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, const at::Tensor& ws,
+               c10::string_view nonlinearity) {
+  TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, H], got ", xw.sizes());
+  TORCH_CHECK(ws.numel() == h.numel(), "fastrnn cpp backend: ws must hold the step's output (", h.numel(),
+              " values), got ", ws.numel());
+  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, c10::nullopt,
+                   ws.view({1, h.size(0), h.size(1)}), ws, false, nonlinearity);
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
+  m.impl("rnn_seq_fwd", &seq_fwd);
+  m.impl("rnn_seq_bwd", &seq_bwd);
+  m.impl("rnn_step_fwd", &step_fwd);
+  m.impl("rnn_step_bwd", &step_bwd);
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,36 @@
+"""How the C++ extension (csrc/) is built: by setup.py at install time, or on first use.
+
+One source of truth for the sources and flags, used by setup.py and by the just-in-time build in
+``fastrnn.backends.cpp``. Flags: -O3; -ffp-contract=fast lets GCC fuse multiply-adds (no -ffast-math:
+NaN and inf must propagate as in torch); the hot functions are built per ISA by target_clones in the
+source, so no -march flag is needed; -fopenmp makes at::parallel_for (an inline template) parallel
+in our code, on torch's own OpenMP runtime. FASTRNN_DEBUG_BUILD=1 gives a debug build (-O0 -g, FASTRNN_DEBUG).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+SOURCES = ("ops.cpp", "common.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp")
+
+
+def debug() -> bool:
+    return os.environ.get("FASTRNN_DEBUG_BUILD", "") not in ("", "0")
+
+
+def cxx_flags() -> list[str]:
+    # -fopenmp: at::parallel_for is an inline template; without it, it runs serially in our code
+    if debug():
+        return ["-O0", "-g", "-DFASTRNN_DEBUG", "-fopenmp"]
+    return ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
+
+
+def ld_flags() -> list[str]:
+    # links libgomp.so.1, which resolves to the copy torch has already loaded (same soname)
+    return ["-fopenmp"]
+
+
+def source_paths(root: Path = CSRC) -> list[str]:
+    return [str(root / s) for s in SOURCES]

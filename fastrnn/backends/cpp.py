@@ -1,0 +1,109 @@
+"""The cpp backend: the whole recurrence of a layer-direction in C++ (csrc/), on the CPU.
+
+The kernels are the ops ``torch.ops.fastrnn_cpp.*`` registered by the extension ``fastrnn._C``
+(schemas in csrc/ops.cpp, one file per cell). This module only loads the extension and forwards the
+contract's methods to those ops. The extension comes from the install (setup.py builds it); when it is
+missing, the first use builds it with ninja into torch's extension cache (TORCH_EXTENSIONS_DIR) and
+reports how long that took; with no compiler the backend is unavailable with the reason.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import _build
+from . import Backend
+
+_C = None
+_LOAD_ERROR = None
+JIT_BUILD_SECONDS = None  # set when this process had to build the extension
+
+
+def _load():
+    global _C, _LOAD_ERROR, JIT_BUILD_SECONDS
+    try:
+        from .. import _C as ext
+    except ImportError as prebuilt_error:
+        try:
+            from torch.utils import cpp_extension
+            start = time.perf_counter()
+            ext = cpp_extension.load(name="fastrnn_C", sources=_build.source_paths(),
+                                     extra_cflags=_build.cxx_flags(),
+                                     extra_ldflags=_build.ld_flags(), verbose=False)
+            JIT_BUILD_SECONDS = time.perf_counter() - start
+        except Exception as e:  # no compiler, no ninja, a failed build
+            _LOAD_ERROR = (f"the C++ extension is not built ({prebuilt_error}) and building it failed: "
+                           f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            return
+    _C = ext
+
+
+_load()
+OPS = torch.ops.fastrnn_cpp if _C is not None else None
+
+
+class CppBackend(Backend):
+    name = "cpp"
+    devices = ("cpu",)
+    dtypes = (torch.float32, torch.float64)
+    features = frozenset({"proj", "peephole", "coupled", "varlen"})
+
+    def unavailable_reasons(self):
+        return [_LOAD_ERROR] if _LOAD_ERROR else []
+
+    @staticmethod
+    def isa() -> str:
+        return _C.isa()
+
+    def workspace_numel(self, op, *args):
+        family, scope, _ = op.split("_")
+        if not args[-1]:  # save=False: inference keeps nothing
+            return 0
+        xw = args[0]
+        T, B, GH = xw.shape if scope == "seq" else (1, *xw.shape)
+        if family == "lstm":
+            H = args[6].shape[-1]
+            return T * B * (GH + H + (H if args[3] is not None else 0))
+        if family == "gru":
+            return T * B * (GH + GH // 3)
+        return B * GH if scope == "step" else 0  # a plain RNN step keeps its output
+
+    def lstm_seq_fwd(self, *args):
+        return OPS.lstm_seq_fwd(*args)
+
+    def lstm_seq_bwd(self, *args):
+        return OPS.lstm_seq_bwd(*args)
+
+    def lstm_step_fwd(self, *args):
+        return OPS.lstm_step_fwd(*args)
+
+    def lstm_step_bwd(self, *args):
+        return OPS.lstm_step_bwd(*args)
+
+    def gru_seq_fwd(self, *args):
+        return OPS.gru_seq_fwd(*args)
+
+    def gru_seq_bwd(self, *args):
+        return OPS.gru_seq_bwd(*args)
+
+    def gru_step_fwd(self, *args):
+        return OPS.gru_step_fwd(*args)
+
+    def gru_step_bwd(self, *args):
+        return OPS.gru_step_bwd(*args)
+
+    def rnn_seq_fwd(self, *args):
+        return OPS.rnn_seq_fwd(*args)
+
+    def rnn_seq_bwd(self, *args):
+        return OPS.rnn_seq_bwd(*args)
+
+    def rnn_step_fwd(self, *args):
+        return OPS.rnn_step_fwd(*args)
+
+    def rnn_step_bwd(self, *args):
+        return OPS.rnn_step_bwd(*args)
+
+
+BACKEND = CppBackend()
