@@ -17,17 +17,21 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 sys.path.pop(0)
 
-kwargs = {}
-try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
-except ImportError:  # no torch at build time: pure-Python install, the backend builds on first use
-    print("fastrnn: torch is not importable, skipping the C++ extension", file=sys.stderr)
-else:
-    kwargs = dict(
-        ext_modules=[CppExtension("fastrnn._C", [os.path.join("csrc", s) for s in build.SOURCES],
-                                  extra_compile_args={"cxx": build.cxx_flags()},
-                                  extra_link_args=build.ld_flags())],
-        cmdclass={"build_ext": BuildExtension},
-    )
 
-setup(**kwargs)
+def extension():
+    """setup() arguments for fastrnn._C; none when torch is missing or FASTRNN_NO_EXT is set (the
+    Makefile installs with it and then builds the extension once, in place, with build_ext --inplace)."""
+    if os.environ.get("FASTRNN_NO_EXT"):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # pure-Python install: the backend builds the extension on first use
+        print("fastrnn: torch is not importable, skipping the C++ extension", file=sys.stderr)
+        return {}
+    sources = [os.path.join("csrc", s) for s in build.SOURCES]
+    ext = CppExtension("fastrnn._C", sources, extra_compile_args={"cxx": build.cxx_flags()},
+                       extra_link_args=build.ld_flags())
+    return dict(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+
+
+setup(**extension())

@@ -65,8 +65,13 @@ FASTRNN_INLINE double sigmoid_(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 // row uses 4 interleaved accumulator sets so the FMA chains overlap.
 template <typename T> constexpr int NR = 2 * lanes<T>();
 
+template <typename T>
+FASTRNN_INLINE void store_acc(T* C, V<T> v, bool accumulate) {
+  vstore(C, accumulate ? vload(C) + v : v);
+}
+
 template <typename T, int MR>
-FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
+FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, bool accumulate) {
   constexpr int N = lanes<T>();
   V<T> acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = V<T>{};
@@ -79,13 +84,13 @@ FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C,
     }
   }
   for (int m = 0; m < MR; ++m) {
-    vstore(C + m * ldc, acc[m][0]);
-    vstore(C + m * ldc + N, acc[m][1]);
+    store_acc(C + m * ldc, acc[m][0], accumulate);
+    store_acc(C + m * ldc + N, acc[m][1], accumulate);
   }
 }
 
 template <typename T>
-FASTRNN_INLINE void micro_row(int64_t K, const T* A, const T* Bp, T* C) {
+FASTRNN_INLINE void micro_row(int64_t K, const T* A, const T* Bp, T* C, bool accumulate) {
   constexpr int N = lanes<T>();
   V<T> acc[4][2] = {};
   int64_t k = 0;
@@ -100,26 +105,35 @@ FASTRNN_INLINE void micro_row(int64_t K, const T* A, const T* Bp, T* C) {
     acc[0][0] += A[k] * vload(Bp + k * 2 * N);
     acc[0][1] += A[k] * vload(Bp + k * 2 * N + N);
   }
-  vstore(C, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]));
-  vstore(C + N, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]));
+  store_acc(C, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]), accumulate);
+  store_acc(C + N, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]), accumulate);
 }
+
+// K is cut in blocks of KC so that the KC x NR slice of the panel (32 KiB) stays in L1 while every
+// row block uses it; the row blocks of A (h, at most B x KC) come from L2.
+constexpr int64_t KC = 256;
 
 template <typename T>
 FASTRNN_INLINE void gemm_packed_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
                                      int64_t ldc) {
   constexpr int nr = NR<T>;
-  for (int64_t cb = 0; cb < ncb; ++cb) {
-    const T* Bp = panel + cb * K * nr;
-    T* Cb = C + cb * nr;
-    int64_t m = 0;
-    for (; m + 6 <= M; m += 6) micro<T, 6>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc);
-    switch (M - m) {
-      case 5: micro<T, 5>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
-      case 4: micro<T, 4>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
-      case 3: micro<T, 3>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
-      case 2: micro<T, 2>(K, A + m * lda, lda, Bp, Cb + m * ldc, ldc); break;
-      case 1: micro_row<T>(K, A + m * lda, Bp, Cb + m * ldc); break;
-      default: break;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kl = std::min(KC, K - k0);
+    const bool acc = k0 > 0;
+    for (int64_t cb = 0; cb < ncb; ++cb) {
+      const T* Bp = panel + cb * K * nr + k0 * nr;
+      const T* Ak = A + k0;
+      T* Cb = C + cb * nr;
+      int64_t m = 0;
+      for (; m + 6 <= M; m += 6) micro<T, 6>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc);
+      switch (M - m) {
+        case 5: micro<T, 5>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
+        case 4: micro<T, 4>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
+        case 3: micro<T, 3>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
+        case 2: micro<T, 2>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
+        case 1: micro_row<T>(kl, Ak + m * lda, Bp, Cb + m * ldc, acc); break;
+        default: break;
+      }
     }
   }
 }
