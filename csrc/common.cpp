@@ -13,6 +13,26 @@ FASTRNN_CLONES void gemm_packed(int64_t M, int64_t K, const double* A, int64_t l
   gemm_packed_impl<double>(M, K, A, lda, panel, ncb, C, ldc);
 }
 
+FASTRNN_CLONES void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, const ColMap& cm,
+                              float* C, int64_t ldc) {
+  gemm_rows_impl<float>(M, K, A, lda, W, cm, C, ldc);
+}
+
+FASTRNN_CLONES void gemm_rows(int64_t M, int64_t K, const double* A, int64_t lda, const double* W, const ColMap& cm,
+                              double* C, int64_t ldc) {
+  gemm_rows_impl<double>(M, K, A, lda, W, cm, C, ldc);
+}
+
+FASTRNN_CLONES void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
+                              int64_t offset, int64_t count, float* C, int64_t ldc) {
+  gemm_cols_impl<float>(M, K, A, lda, W, ldw, offset, count, C, ldc);
+}
+
+FASTRNN_CLONES void gemm_cols(int64_t M, int64_t K, const double* A, int64_t lda, const double* W, int64_t ldw,
+                              int64_t offset, int64_t count, double* C, int64_t ldc) {
+  gemm_cols_impl<double>(M, K, A, lda, W, ldw, offset, count, C, ldc);
+}
+
 void check_float(const at::Tensor& t, const char* what, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "fastrnn cpp backend: ", what, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,

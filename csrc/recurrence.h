@@ -143,6 +143,65 @@ void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float*
 void gemm_packed(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel, int64_t ncb, double* C,
                  int64_t ldc);
 
+// Unpacked products, for calls too short to pay for packing (a single step reads W once anyway).
+// Columns n = g * U + j (g < G, j < count) of C come from row (g * stride + offset + j) of W.
+struct ColMap {
+  int64_t G, stride, offset, count, U;
+};
+
+// dot form: C[m, n] = sum_k A[m, k] * W[row(n) * K + k] (W's rows are contiguous in k)
+template <typename T>
+FASTRNN_INLINE void gemm_rows_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* W, const ColMap& cm, T* C,
+                                   int64_t ldc) {
+  constexpr int N = lanes<T>();
+  for (int64_t g = 0; g < cm.G; ++g) {
+    for (int64_t j = 0; j < cm.count; ++j) {
+      const T* w = W + (g * cm.stride + cm.offset + j) * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const T* a = A + m * lda;
+        V<T> acc[4] = {};
+        int64_t k = 0;
+        for (; k + 4 * N <= K; k += 4 * N)
+          for (int s = 0; s < 4; ++s) acc[s] += vload(a + k + s * N) * vload(w + k + s * N);
+        for (; k + N <= K; k += N) acc[0] += vload(a + k) * vload(w + k);
+        const V<T> v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        T sum = T(0);
+        for (int l = 0; l < N; ++l) sum += v[l];
+        for (; k < K; ++k) sum += a[k] * w[k];
+        C[m * ldc + g * cm.U + j] = sum;
+      }
+    }
+  }
+}
+
+// axpy form: C[m, j] = sum_k A[m, k] * W[k * ldw + offset + j] for j < count (G = 1)
+template <typename T>
+FASTRNN_INLINE void gemm_cols_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* W, int64_t ldw,
+                                   int64_t offset, int64_t count, T* C, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    for (int64_t j = 0; j < count; ++j) c[j] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[m * lda + k];
+      const T* w = W + k * ldw + offset;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < count; ++j) c[j] += a * w[j];
+    }
+  }
+}
+
+void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, const ColMap& cm, float* C,
+               int64_t ldc);
+void gemm_rows(int64_t M, int64_t K, const double* A, int64_t lda, const double* W, const ColMap& cm, double* C,
+               int64_t ldc);
+void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw, int64_t offset,
+               int64_t count, float* C, int64_t ldc);
+void gemm_cols(int64_t M, int64_t K, const double* A, int64_t lda, const double* W, int64_t ldw, int64_t offset,
+               int64_t count, double* C, int64_t ldc);
+
+// Packing costs about one pass over the weights; it pays from a few steps on.
+constexpr int64_t PACK_MIN_STEPS = 3;
+
 // Pack B(k, n) = src[col(n) * ld + k] (trans = false: the rows of src are columns of B, as W_hh in
 // h @ W_hh^T) or src[k * ld + col(n)] (trans = true), for n < ncols, into column blocks of NR. col(n)
 // < 0 marks a padding column (zeros).
@@ -246,8 +305,9 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t U = round_up((H + nw - 1) / nw, NR<T>), ncols = a.G * U, ncb = ncols / NR<T>;
   const int64_t PU = proj ? round_up((P + nw - 1) / nw, NR<T>) : 0;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor panel = at::empty({nw, P * ncols}, opts), pre = at::empty({nw, B * ncols}, opts);
-  at::Tensor panel_r = at::empty({nw, H * PU}, opts), pre_r = at::empty({nw, B * PU}, opts);
+  const bool packed = T_ >= PACK_MIN_STEPS;
+  at::Tensor panel = at::empty({packed ? nw * P * ncols : 0}, opts), pre = at::empty({nw, B * ncols}, opts);
+  at::Tensor panel_r = at::empty({packed ? nw * H * PU : 0}, opts), pre_r = at::empty({nw, B * PU}, opts);
   at::Tensor hbuf = at::empty({2, B * P}, opts);
   T* hb = hbuf.data_ptr<T>();
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
@@ -255,7 +315,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   T* pan = panel.data_ptr<T>(), *prb = pre.data_ptr<T>(), *panr = panel_r.data_ptr<T>(), *prr = pre_r.data_ptr<T>();
 
   run_team(nw, [&](int wb, int we, Barrier& bar) {
-    for (int w = wb; w < we; ++w) {
+    for (int w = wb; w < we && packed; ++w) {
       const int64_t u0 = w * U;
       pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
         const int64_t u = u0 + n % U;
@@ -280,7 +340,10 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
         if (nu <= 0 || bs == 0) continue;
         T* pw = prb + w * B * ncols;
-        gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);
+        if (packed)
+          gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);
+        else
+          gemm_rows(bs, P, hp, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
         point(t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd);
         if (!proj) {
           for (int64_t b = 0; b < bs; ++b) {
@@ -295,7 +358,10 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
         if (np <= 0 || bs == 0) continue;
         T* pw = prr + w * B * PU;
-        gemm_packed(bs, H, hdst, H, panr + w * H * PU, PU / NR<T>, pw, PU);
+        if (packed)
+          gemm_packed(bs, H, hdst, H, panr + w * H * PU, PU / NR<T>, pw, PU);
+        else
+          gemm_rows(bs, H, hdst, H, a.w_hr, ColMap{1, 0, p0, np, 0}, pw, PU);
         for (int64_t b = 0; b < bs; ++b) {
           std::memcpy(hn + b * P + p0, pw + b * PU, sizeof(T) * np);
           std::memcpy(yt + b * P + p0, pw + b * PU, sizeof(T) * np);
@@ -340,8 +406,9 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t U = round_up((H + nw - 1) / nw, NR<T>);
   const int64_t PU = proj ? round_up((P + nw - 1) / nw, NR<T>) : U;  // without projection P == H: same slices
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor panel_a = at::empty({nw, proj ? P * U : 0}, opts), pre_a = at::empty({nw, proj ? B * U : 0}, opts);
-  at::Tensor panel_b = at::empty({nw, GH * PU}, opts), pre_b = at::empty({nw, B * PU}, opts);
+  const bool packed = T_ >= PACK_MIN_STEPS;
+  at::Tensor panel_a = at::empty({packed && proj ? nw * P * U : 0}, opts), pre_a = at::empty({nw, proj ? B * U : 0}, opts);
+  at::Tensor panel_b = at::empty({packed ? nw * GH * PU : 0}, opts), pre_b = at::empty({nw, B * PU}, opts);
   T* pana = panel_a.data_ptr<T>(), *pra = pre_a.data_ptr<T>(), *panb = panel_b.data_ptr<T>(), *prb = pre_b.data_ptr<T>();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
 
@@ -355,11 +422,12 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   run_team(nw, [&](int wb, int we, Barrier& bar) {
     for (int w = wb; w < we; ++w) {
       const int64_t u0 = w * U, p0 = w * PU;
-      if (proj)
+      if (proj && packed)
         pack_panel(a.w_hr, H, true, P, U, [&](int64_t n) { return u0 + n < H ? u0 + n : int64_t(-1); },
                    pana + w * P * U);
-      pack_panel(a.w_hh, P, true, GH, PU, [&](int64_t n) { return p0 + n < P ? p0 + n : int64_t(-1); },
-                 panb + w * GH * PU);
+      if (packed)
+        pack_panel(a.w_hh, P, true, GH, PU, [&](int64_t n) { return p0 + n < P ? p0 + n : int64_t(-1); },
+                   panb + w * GH * PU);
       if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + tf(T_ - 1) * B * P);
     }
     if (proj) bar.arrive(we - wb);
@@ -371,7 +439,10 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
         if (nu <= 0 || bs == 0) continue;
         if (proj) {
           T* pw = pra + w * B * U;
-          gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * U, U / NR<T>, pw, U);
+          if (packed)
+            gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * U, U / NR<T>, pw, U);
+          else
+            gemm_cols(bs, P, a.dh_proj + t * B * P, P, a.w_hr, H, u0, nu, pw, U);
           point(t, bs, nprev, tprev, u0, nu, (const T*)pw, U);
         } else {
           make_dh(it, u0, nu, a.dh_cur);
@@ -383,7 +454,8 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
         const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
         if (np <= 0) continue;
         T* pw = prb + w * B * PU;
-        if (bs > 0) gemm_packed(bs, GH, a.d_rec + t * B * GH, GH, panb + w * GH * PU, PU / NR<T>, pw, PU);
+        if (bs > 0 && packed) gemm_packed(bs, GH, a.d_rec + t * B * GH, GH, panb + w * GH * PU, PU / NR<T>, pw, PU);
+        if (bs > 0 && !packed) gemm_cols(bs, GH, a.d_rec + t * B * GH, GH, a.w_hh, P, p0, np, pw, PU);
         for (int64_t b = 0; b < bs; ++b) {
           T* d = a.dh_rec + b * P + p0;
           const T* g = pw + b * PU;

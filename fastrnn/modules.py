@@ -173,20 +173,92 @@ class _SeqMixin(_BackendMixin):
         return out, self._hx_out(states)
 
 
-class LSTM(_SeqMixin, nn.LSTM):
-    __doc__ = nn.LSTM.__doc__
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be a bool, got {type(value).__name__}")
+    return value
+
+
+class _VariantMixin:
+    """The LSTM variants torch lacks, as constructor options of LSTM and LSTMCell.
+
+    ``peephole=True``: the input and forget gates also see c_{t-1}, the output gate sees c_t, through
+    per-unit weights ``weight_ch`` (LSTMCell) or ``weight_ch_l{k}[_reverse]`` (LSTM), shape
+    (3, hidden_size), rows for the i, f, o gates (with coupled gates the f row is unused).
+    ``coupled_gates=True``: f = 1 - i, so there is no forget block: the gate blocks are (i, g, o) and
+    every input/recurrent weight and bias has 3 * hidden_size rows. The math: fastrnn.backends.
+    New and resized parameters are initialized like torch's others, U(-1/sqrt(H), 1/sqrt(H)); a module
+    with neither option keeps torch's exact parameters, initialization and state_dict.
+    """
+
+    peephole = False  # class defaults: also what a module pickled before these options had
+    coupled_gates = False
+
+    def _setup_variants(self, peephole, coupled_gates, weight_groups):
+        self.peephole = _check_flag("peephole", peephole)
+        self.coupled_gates = _check_flag("coupled_gates", coupled_gates)
+        if not (peephole or coupled_gates):
+            return
+        ref = self.weight_hh_l0 if hasattr(self, "weight_hh_l0") else self.weight_hh
+        new = []
+        for names, suffix in weight_groups:
+            if coupled_gates:  # 3 gate blocks instead of 4
+                for n in names:
+                    if n.startswith(("weight_ih", "weight_hh", "bias_ih", "bias_hh")):
+                        old = getattr(self, n)
+                        setattr(self, n, nn.Parameter(old.new_empty(3 * self.hidden_size, *old.shape[1:])))
+                        new.append(getattr(self, n))
+            if peephole:
+                name = "weight_ch" + suffix
+                self.register_parameter(name, nn.Parameter(ref.new_empty(3, self.hidden_size)))
+                names.append(name)
+                new.append(getattr(self, name))
+        stdv = 1.0 / self.hidden_size ** 0.5 if self.hidden_size > 0 else 0
+        with torch.no_grad():
+            for p in new:
+                p.uniform_(-stdv, stdv)
+
+    def _variant_features(self):
+        return {f for f, on in (("peephole", self.peephole), ("coupled", self.coupled_gates)) if on}
+
+    def _variant_repr(self):
+        return "".join(f", {n}=True" for n in ("peephole", "coupled_gates") if getattr(self, n, False))
+
+
+class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
+    __doc__ = (nn.LSTM.__doc__ or "") + "\n    fastrnn adds ``peephole`` and ``coupled_gates`` (keyword-only): see ``_VariantMixin``.\n"
     _family = "lstm"
     _n_state = 2
 
+    def __init__(self, *args, peephole: bool = False, coupled_gates: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        D = 2 if self.bidirectional else 1
+        groups = [(self._all_weights[k * D + d], "_reverse" if d else "") for k in range(self.num_layers)
+                  for d in range(D)]
+        groups = [(names, f"_l{k // D}{sfx}") for k, (names, sfx) in enumerate(groups)]
+        self._setup_variants(peephole, coupled_gates, groups)
+        if peephole:  # the new names join the ones torch's RNNBase keeps in step with the parameters
+            self._flat_weights_names = [n for names in self._all_weights for n in names]
+            self._init_flat_weights()
+
+    def flatten_parameters(self):
+        if self.peephole or self.coupled_gates:
+            return  # cuDNN's weight layout has no place for the variants; fastrnn never uses it
+        super().flatten_parameters()
+
+    def extra_repr(self):
+        return super().extra_repr() + self._variant_repr()
+
     def _hh(self, k, suffix):
         w_hr = getattr(self, f"weight_hr_l{k}{suffix}") if self.proj_size > 0 else None
-        return (*super()._hh(k, suffix), w_hr, None)
+        w_ch = getattr(self, f"weight_ch_l{k}{suffix}") if self.peephole else None
+        return (*super()._hh(k, suffix), w_hr, w_ch)
 
     def _options(self):
-        return (False,)  # coupled gates
+        return (self.coupled_gates,)
 
     def _features(self):
-        return frozenset({"proj"} if self.proj_size > 0 else ())
+        return frozenset(({"proj"} if self.proj_size > 0 else set()) | self._variant_features())
 
     def _zeros_state(self, x, B):
         D = 2 if self.bidirectional else 1
@@ -239,6 +311,9 @@ class _CellMixin(_BackendMixin):
     def _hh(self):
         return (self.weight_hh, self.bias_hh)
 
+    def _features(self):
+        return frozenset()
+
     def _hx_dim_check(self, name, states):
         for s in states:
             if s.dim() not in (1, 2):
@@ -277,7 +352,8 @@ class _CellMixin(_BackendMixin):
                                    f"expected {self.hidden_size}")
         _check_state_like(name, states, input, "hx")
 
-        backend = dispatch.choose(self._family, input.device.type, input.dtype, (), self.backend, "step")
+        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
+                                  self.backend, "step")
         out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
                         backend)
         if not batched:
@@ -285,16 +361,27 @@ class _CellMixin(_BackendMixin):
         return out if self._n_state == 2 else out[0]
 
 
-class LSTMCell(_CellMixin, nn.LSTMCell):
-    __doc__ = nn.LSTMCell.__doc__
+class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
+    __doc__ = (nn.LSTMCell.__doc__ or "") + "\n    fastrnn adds ``peephole`` and ``coupled_gates`` (keyword-only): see ``_VariantMixin``.\n"
     _family = "lstm"
     _n_state = 2
 
+    def __init__(self, *args, peephole: bool = False, coupled_gates: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        self._setup_variants(peephole, coupled_gates, [(names, "")])
+
+    def extra_repr(self):
+        return super().extra_repr() + self._variant_repr()
+
     def _hh(self):
-        return (self.weight_hh, self.bias_hh, None, None)
+        return (self.weight_hh, self.bias_hh, None, self.weight_ch if self.peephole else None)
 
     def _options(self):
-        return (False,)
+        return (self.coupled_gates,)
+
+    def _features(self):
+        return frozenset(self._variant_features())
 
     def _hx_dim_check(self, name, states):
         for k, s in enumerate(states):
