@@ -46,10 +46,35 @@ void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape) {
   TORCH_CHECK(t.sizes() == shape, "fastrnn cpp backend: ", what, " must have shape ", shape, ", got ", t.sizes());
 }
 
+void check_tensor(const at::Tensor& t, const char* what, at::IntArrayRef shape, const at::Tensor& like) {
+  check_float(t, what, like);
+  check_shape(t, what, shape);
+}
+
 void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& like) {
-  if (!opt_ptr(t)) return;
-  check_float(*t, what, like);
-  check_shape(*t, what, shape);
+  if (opt_ptr(t)) check_tensor(*t, what, shape, like);
+}
+
+StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                             const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G) {
+  check_float(xw, "xw", xw);
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, ", G, "*H], got ", xw.sizes());
+  check_float(h0, "h0", xw);
+  TORCH_CHECK(h0.dim() == 2, "fastrnn cpp backend: h0 must be [B, H], got ", h0.sizes());
+  const StateDims d{xw.size(0), xw.size(1), h0.size(1), xw.size(2)};
+  TORCH_CHECK(d.GH == G * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected ", G, " x ", d.H);
+  check_shape(h0, "h0", {d.B, d.H});
+  check_tensor(w_hh, "w_hh", {d.GH, d.H}, xw);
+  check_opt(b_hh, "b_hh", {d.GH}, xw);
+  check_lengths(lengths, d.T, d.B);
+  return d;
+}
+
+void check_single_state_grads(const StateDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                              const at::Tensor& y, const at::Tensor& xw) {
+  check_tensor(grad_y, "grad_y", {d.T, d.B, d.H}, xw);
+  check_tensor(grad_h_n, "grad_h_n", {d.B, d.H}, xw);
+  check_tensor(y, "y", {d.T, d.B, d.H}, xw);
 }
 
 void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {

@@ -96,25 +96,7 @@ FASTRNN_INLINE void bwd_impl(const BwdPoint<T>& p) {
 FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p) { bwd_impl(p); }
 FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p) { bwd_impl(p); }
 
-struct Dims {
-  int64_t T, B, H, GH;
-};
-
-Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-                const at::Tensor& h0, const c10::optional<at::Tensor>& lengths) {
-  check_float(xw, "xw", xw);
-  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, 3H], got ", xw.sizes());
-  check_float(h0, "h0", xw);
-  TORCH_CHECK(h0.dim() == 2, "fastrnn cpp backend: h0 must be [B, H], got ", h0.sizes());
-  Dims d{xw.size(0), xw.size(1), h0.size(1), xw.size(2)};
-  TORCH_CHECK(d.GH == 3 * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected 3 x ", d.H);
-  check_shape(h0, "h0", {d.B, d.H});
-  check_float(w_hh, "w_hh", xw);
-  check_shape(w_hh, "w_hh", {d.GH, d.H});
-  check_opt(b_hh, "b_hh", {d.GH}, xw);
-  check_lengths(lengths, d.T, d.B);
-  return d;
-}
+using Dims = StateDims;
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const at::Tensor& xw,
@@ -150,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, con
                                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const c10::optional<at::Tensor>& lengths, bool reverse,
                                                        bool save) {
-  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
-  if (xw.scalar_type() == at::kFloat) return seq_fwd_impl<float>(d, xw, w_hh, b_hh, h0, lengths, reverse, save);
-  return seq_fwd_impl<double>(d, xw, w_hh, b_hh, h0, lengths, reverse, save);
+  const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 3);
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_seq_fwd",
+                                    [&] { return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, lengths, reverse, save); });
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -195,18 +177,12 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
 Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw, const at::Tensor& w_hh,
               const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& lengths,
               const at::Tensor& y, const at::Tensor& ws, bool reverse) {
-  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
-  check_float(grad_y, "grad_y", xw);
-  check_shape(grad_y, "grad_y", {d.T, d.B, d.H});
-  check_float(grad_h_n, "grad_h_n", xw);
-  check_shape(grad_h_n, "grad_h_n", {d.B, d.H});
-  check_float(y, "y", xw);
-  check_shape(y, "y", {d.T, d.B, d.H});
-  check_float(ws, "ws", xw);
-  check_shape(ws, "ws", {d.T * d.B * (d.GH + d.H)});
-  if (xw.scalar_type() == at::kFloat)
-    return seq_bwd_impl<float>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse);
-  return seq_bwd_impl<double>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse);
+  const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 3);
+  check_single_state_grads(d, grad_y, grad_h_n, y, xw);
+  check_tensor(ws, "ws", {d.T * d.B * (d.GH + d.H)}, xw);
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_seq_bwd", [&] {
+    return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,

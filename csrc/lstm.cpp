@@ -24,7 +24,7 @@ struct FwdPoint {
 
 template <typename T, bool PEEP, bool COUPLED, bool SAVE>
 FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
-  constexpr int G = COUPLED ? 3 : 4, KG = COUPLED ? 1 : 2, KO = COUPLED ? 2 : 3;
+  constexpr int KG = COUPLED ? 1 : 2, KO = COUPLED ? 2 : 3;
   const int64_t H = p.H, U = p.U;
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
@@ -61,7 +61,6 @@ FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
       }
     }
   }
-  (void)G;
 }
 
 template <typename T>
@@ -175,8 +174,7 @@ Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optiona
   TORCH_CHECK(d.GH == d.G * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected ", d.G, " x ", d.H);
   check_shape(c0, "c0", {d.B, d.H});
   check_shape(h0, "h0", {d.B, d.P});
-  check_float(w_hh, "w_hh", xw);
-  check_shape(w_hh, "w_hh", {d.GH, d.P});
+  check_tensor(w_hh, "w_hh", {d.GH, d.P}, xw);
   check_opt(b_hh, "b_hh", {d.GH}, xw);
   check_opt(w_hr, "w_hr", {d.P, d.H}, xw);
   TORCH_CHECK(opt_ptr(w_hr) || d.P == d.H, "fastrnn cpp backend: h0 has size ", d.P, " but c0 has ", d.H,
@@ -226,9 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd(
     const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
     const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save) {
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
-  if (xw.scalar_type() == at::kFloat)
-    return seq_fwd_impl<float>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save);
-  return seq_fwd_impl<double>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save);
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_seq_fwd", [&] {
+    return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save);
+  });
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -285,21 +283,15 @@ Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Te
               const c10::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& ws, bool reverse,
               bool coupled) {
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
-  check_float(grad_y, "grad_y", xw);
-  check_shape(grad_y, "grad_y", {d.T, d.B, d.P});
-  check_float(grad_h_n, "grad_h_n", xw);
-  check_shape(grad_h_n, "grad_h_n", {d.B, d.P});
-  check_float(grad_c_n, "grad_c_n", xw);
-  check_shape(grad_c_n, "grad_c_n", {d.B, d.H});
-  check_float(y, "y", xw);
-  check_shape(y, "y", {d.T, d.B, d.P});
-  check_float(ws, "ws", xw);
-  check_shape(ws, "ws", {d.T * d.B * (d.GH + d.H + (opt_ptr(w_hr) ? d.H : 0))});
-  if (xw.scalar_type() == at::kFloat)
-    return seq_bwd_impl<float>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
-                               reverse, coupled);
-  return seq_bwd_impl<double>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
-                              reverse, coupled);
+  check_tensor(grad_y, "grad_y", {d.T, d.B, d.P}, xw);
+  check_tensor(grad_h_n, "grad_h_n", {d.B, d.P}, xw);
+  check_tensor(grad_c_n, "grad_c_n", {d.B, d.H}, xw);
+  check_tensor(y, "y", {d.T, d.B, d.P}, xw);
+  check_tensor(ws, "ws", {d.T * d.B * (d.GH + d.H + (opt_ptr(w_hr) ? d.H : 0))}, xw);
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_seq_bwd", [&] {
+    return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                                  reverse, coupled);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,

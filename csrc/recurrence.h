@@ -199,9 +199,6 @@ void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* W
 void gemm_cols(int64_t M, int64_t K, const double* A, int64_t lda, const double* W, int64_t ldw, int64_t offset,
                int64_t count, double* C, int64_t ldc);
 
-// Packing costs about one pass over the weights; it pays from a few steps on.
-constexpr int64_t PACK_MIN_STEPS = 3;
-
 // Pack B(k, n) = src[col(n) * ld + k] (trans = false: the rows of src are columns of B, as W_hh in
 // h @ W_hh^T) or src[k * ld + col(n)] (trans = true), for n < ncols, into column blocks of NR. col(n)
 // < 0 marks a padding column (zeros).
@@ -249,6 +246,9 @@ void run_team(int nw, Body body) {
   at::parallel_for(0, nw, 1, [&](int64_t b, int64_t e) { body(int(b), int(e), barrier); });
 }
 
+// Packing costs about one pass over the weights; it pays from a few steps on.
+constexpr int64_t PACK_MIN_STEPS = 3;
+
 // How many workers split a call: one unless each step's GEMM has enough multiply-adds to pay for a
 // barrier per step (~0.3 us here), and never more than torch's threads or than unit blocks.
 // The threshold is settable (tests force the threaded path on small shapes).
@@ -264,6 +264,21 @@ inline int team_size(int64_t macs_per_step, int64_t units, int64_t block) {
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// How a call is split, the same in its forward and backward: worker w owns hidden units
+// [w*U, min(H, (w+1)*U)) and output columns [w*PU, min(P, (w+1)*PU)) (PU = U without a projection,
+// so a worker's units and columns coincide), and whether the weights are packed.
+struct Layout {
+  int nw;
+  int64_t U, PU;
+  bool packed;
+};
+
+inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block) {
+  const int nw = team_size(B * G * H * P, H, block);
+  const int64_t U = round_up((H + nw - 1) / nw, block);
+  return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
+}
 
 // Per-step active row counts from non-increasing per-row lengths (undefined tensor: all rows).
 inline std::vector<int64_t> batch_sizes(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
@@ -299,15 +314,13 @@ struct FwdArgs {
 
 template <typename T, typename Point>
 void forward_driver(const FwdArgs<T>& a, Point point) {
-  const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
+  const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
-  const int nw = team_size(B * GH * P, H, NR<T>);
-  const int64_t U = round_up((H + nw - 1) / nw, NR<T>), ncols = a.G * U, ncb = ncols / NR<T>;
-  const int64_t PU = proj ? round_up((P + nw - 1) / nw, NR<T>) : 0;
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
+  const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const bool packed = T_ >= PACK_MIN_STEPS;
-  at::Tensor panel = at::empty({packed ? nw * P * ncols : 0}, opts), pre = at::empty({nw, B * ncols}, opts);
-  at::Tensor panel_r = at::empty({packed ? nw * H * PU : 0}, opts), pre_r = at::empty({nw, B * PU}, opts);
+  at::Tensor panel = at::empty({packed ? nw * P * ncols : 0}, opts), pre = at::empty({nw * B * ncols}, opts);
+  at::Tensor panel_r = at::empty({packed && proj ? nw * H * PU : 0}, opts), pre_r = at::empty({proj ? nw * B * PU : 0}, opts);
   at::Tensor hbuf = at::empty({2, B * P}, opts);
   T* hb = hbuf.data_ptr<T>();
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
@@ -402,13 +415,10 @@ template <typename T, typename Point>
 void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
   const bool proj = a.w_hr != nullptr;
-  const int nw = team_size(B * GH * P, H, NR<T>);
-  const int64_t U = round_up((H + nw - 1) / nw, NR<T>);
-  const int64_t PU = proj ? round_up((P + nw - 1) / nw, NR<T>) : U;  // without projection P == H: same slices
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const bool packed = T_ >= PACK_MIN_STEPS;
-  at::Tensor panel_a = at::empty({packed && proj ? nw * P * U : 0}, opts), pre_a = at::empty({nw, proj ? B * U : 0}, opts);
-  at::Tensor panel_b = at::empty({packed ? nw * GH * PU : 0}, opts), pre_b = at::empty({nw, B * PU}, opts);
+  at::Tensor panel_a = at::empty({packed && proj ? nw * P * U : 0}, opts), pre_a = at::empty({proj ? nw * B * U : 0}, opts);
+  at::Tensor panel_b = at::empty({packed ? nw * GH * PU : 0}, opts), pre_b = at::empty({nw * B * PU}, opts);
   T* pana = panel_a.data_ptr<T>(), *pra = pre_a.data_ptr<T>(), *panb = panel_b.data_ptr<T>(), *prb = pre_b.data_ptr<T>();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
 
@@ -477,7 +487,19 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
 // ---- argument checks shared by the entries ------------------------------------------------------
 void check_float(const at::Tensor& t, const char* what, const at::Tensor& like);
 void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape);
+// check_float and check_shape together
+void check_tensor(const at::Tensor& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
 void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
+
+// GRU (G = 3) and RNN (G = 1): one state h [B, H], xw [T, B, G*H], w_hh [G*H, H]
+struct StateDims {
+  int64_t T, B, H, GH;
+};
+StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                             const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G);
+// their backward's incoming gradients and forward output
+void check_single_state_grads(const StateDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                              const at::Tensor& y, const at::Tensor& xw);
 void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B);
 inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? &*t : nullptr;

@@ -67,28 +67,12 @@ FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p, bool relu) {
   relu ? bwd_impl<double, true>(p) : bwd_impl<double, false>(p);
 }
 
-struct Dims {
-  int64_t T, B, H;
-};
+using Dims = StateDims;
 
 bool is_relu(c10::string_view nonlinearity) {
   TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", "fastrnn cpp backend: unknown nonlinearity '",
               nonlinearity, "' (tanh or relu)");
   return nonlinearity == "relu";
-}
-
-Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-                const at::Tensor& h0, const c10::optional<at::Tensor>& lengths) {
-  check_float(xw, "xw", xw);
-  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, H], got ", xw.sizes());
-  Dims d{xw.size(0), xw.size(1), xw.size(2)};
-  check_float(h0, "h0", xw);
-  check_shape(h0, "h0", {d.B, d.H});
-  check_float(w_hh, "w_hh", xw);
-  check_shape(w_hh, "w_hh", {d.H, d.H});
-  check_opt(b_hh, "b_hh", {d.H}, xw);
-  check_lengths(lengths, d.T, d.B);
-  return d;
 }
 
 template <typename T>
@@ -118,11 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, con
                                                        const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                        const c10::optional<at::Tensor>& lengths, bool reverse,
                                                        c10::string_view nonlinearity, bool save) {
-  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
+  const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 1);
   const bool relu = is_relu(nonlinearity);
   (void)save;  // nothing to keep: the backward uses y
-  if (xw.scalar_type() == at::kFloat) return seq_fwd_impl<float>(d, xw, w_hh, b_hh, h0, lengths, reverse, relu);
-  return seq_fwd_impl<double>(d, xw, w_hh, b_hh, h0, lengths, reverse, relu);
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "rnn_seq_fwd",
+                                    [&] { return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, lengths, reverse, relu); });
 }
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -156,18 +140,13 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
 Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw, const at::Tensor& w_hh,
               const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& lengths,
               const at::Tensor& y, const at::Tensor& ws, bool reverse, c10::string_view nonlinearity) {
-  const Dims d = check_args(xw, w_hh, b_hh, h0, lengths);
+  const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 1);
   const bool relu = is_relu(nonlinearity);
-  check_float(grad_y, "grad_y", xw);
-  check_shape(grad_y, "grad_y", {d.T, d.B, d.H});
-  check_float(grad_h_n, "grad_h_n", xw);
-  check_shape(grad_h_n, "grad_h_n", {d.B, d.H});
-  check_float(y, "y", xw);
-  check_shape(y, "y", {d.T, d.B, d.H});
-  (void)ws;
-  if (xw.scalar_type() == at::kFloat)
-    return seq_bwd_impl<float>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, reverse, relu);
-  return seq_bwd_impl<double>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, reverse, relu);
+  check_single_state_grads(d, grad_y, grad_h_n, y, xw);
+  (void)ws;  // a sequence keeps nothing: act' comes from y
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "rnn_seq_bwd", [&] {
+    return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, reverse, relu);
+  });
 }
 
 // A step keeps its output (the backward's act' needs it) as its workspace.
