@@ -11,11 +11,9 @@ import sys
 
 from setuptools import setup
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastrnn"))
 _spec = importlib.util.spec_from_file_location("_fastrnn_build", os.path.join("fastrnn", "_build.py"))
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
-sys.path.pop(0)
 
 
 def extension():

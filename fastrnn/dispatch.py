@@ -171,5 +171,5 @@ def record_calls():
     _recorders.append(calls)
     try:
         yield calls
-    finally:
-        _recorders.remove(calls)
+    finally:  # by identity: list.remove would drop an outer recorder that happens to hold equal calls
+        _recorders[:] = [r for r in _recorders if r is not calls]

@@ -221,12 +221,15 @@ class _VariantMixin:
     def _variant_features(self):
         return {f for f, on in (("peephole", self.peephole), ("coupled", self.coupled_gates)) if on}
 
-    def _variant_repr(self):
-        return "".join(f", {n}=True" for n in ("peephole", "coupled_gates") if getattr(self, n, False))
+    def extra_repr(self):
+        return super().extra_repr() + "".join(f", {n}=True" for n in ("peephole", "coupled_gates") if getattr(self, n))
+
+
+_VARIANT_DOC = "\n    fastrnn adds ``peephole`` and ``coupled_gates`` (keyword-only): see ``_VariantMixin``.\n"
 
 
 class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
-    __doc__ = (nn.LSTM.__doc__ or "") + "\n    fastrnn adds ``peephole`` and ``coupled_gates`` (keyword-only): see ``_VariantMixin``.\n"
+    __doc__ = (nn.LSTM.__doc__ or "") + _VARIANT_DOC
     _family = "lstm"
     _n_state = 2
 
@@ -245,9 +248,6 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
         if self.peephole or self.coupled_gates:
             return  # cuDNN's weight layout has no place for the variants; fastrnn never uses it
         super().flatten_parameters()
-
-    def extra_repr(self):
-        return super().extra_repr() + self._variant_repr()
 
     def _hh(self, k, suffix):
         w_hr = getattr(self, f"weight_hr_l{k}{suffix}") if self.proj_size > 0 else None
@@ -362,7 +362,7 @@ class _CellMixin(_BackendMixin):
 
 
 class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
-    __doc__ = (nn.LSTMCell.__doc__ or "") + "\n    fastrnn adds ``peephole`` and ``coupled_gates`` (keyword-only): see ``_VariantMixin``.\n"
+    __doc__ = (nn.LSTMCell.__doc__ or "") + _VARIANT_DOC
     _family = "lstm"
     _n_state = 2
 
@@ -370,9 +370,6 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
         super().__init__(*args, **kwargs)
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         self._setup_variants(peephole, coupled_gates, [(names, "")])
-
-    def extra_repr(self):
-        return super().extra_repr() + self._variant_repr()
 
     def _hh(self):
         return (self.weight_hh, self.bias_hh, None, self.weight_ch if self.peephole else None)

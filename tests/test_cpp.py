@@ -1,6 +1,6 @@
-"""The cpp backend specifically: the extension is loaded and its kernels ran, the multi-threaded path
-(hidden units split over a team with a barrier per step) matches torch, the raw ops check their
-arguments, and a machine that cannot build the extension gets the reason instead of a crash."""
+"""The cpp backend specifically: the extension is loaded and its kernels ran, the raw ops check their
+arguments, and a machine that cannot build the extension gets the reason instead of a crash (what every
+fused backend must do besides, its threaded path included, is in test_fused.py)."""
 import importlib
 import sys
 
@@ -10,8 +10,6 @@ import torch
 import fastrnn
 from fastrnn import dispatch
 from conftest import CPU_BACKENDS, backends_used
-from test_cells import test_seq_equals_steps
-from test_parity import _kwargs, compare_module
 
 if "cpp" not in CPU_BACKENDS:
     pytest.skip(f"cpp backend unavailable here: {dispatch.reasons('cpp')}", allow_module_level=True)
@@ -22,66 +20,20 @@ def test_extension_loaded_and_ran(ran):
     assert cpp._C is not None and not dispatch.reasons("cpp")
     assert cpp.BACKEND.isa() in ("avx512 (x86-64-v4)", "avx2 (x86-64-v3)", "baseline x86-64")
     assert dispatch.available_backends("cpu")[0] == "cpp"  # the automatic choice on CPU
-    for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
-        cls(4, 6)(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+    torch.manual_seed(0)
+    for cls, tcls in ((fastrnn.LSTM, torch.nn.LSTM), (fastrnn.GRU, torch.nn.GRU), (fastrnn.RNN, torch.nn.RNN)):
+        ref = tcls(4, 6)
+        mod = cls(4, 6)  # automatic choice
+        mod.load_state_dict(ref.state_dict())
+        x = torch.randn(3, 2, 4, requires_grad=True)
+        y = mod(x)[0]
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        y_ref = ref(x)[0]
+        (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
     assert backends_used(ran) == {"cpp"}
     assert {op for op, _ in ran} >= {f"{f}_seq_{p}" for f in ("lstm", "gru", "rnn") for p in ("fwd", "bwd")}
-
-
-@pytest.fixture
-def threaded():
-    """Split every call over the team, however small (the default needs 65536 multiply-adds a step)."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("one thread: the team cannot split")
-    old = cpp._C.parallel_min_macs()
-    cpp._C.set_parallel_min_macs(0)
-    yield
-    cpp._C.set_parallel_min_macs(old)
-
-
-# hidden sizes above one unit block (32 floats / 16 doubles) so two workers get units, the second fewer
-@pytest.mark.parametrize("name,proj,kind,H", [
-    ("LSTM", 0, "batched", 37), ("LSTM", 3, "packed", 37), ("LSTM", 0, "packed", 20), ("LSTM", 40, "batched", 50),
-    ("GRU", 0, "batched", 37), ("GRU", 0, "packed", 33), ("RNN_tanh", 0, "packed", 37),
-    ("RNN_relu", 0, "batched", 40)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_threaded_parity(threaded, name, proj, kind, H, dtype, ran):
-    kw = _kwargs(name, 2, True, False, True, proj, hidden=H)
-    compare_module(name, kw, "cpp", dtype, kind, True)
-    assert backends_used(ran) == {"cpp"}
-
-
-@pytest.mark.parametrize("family,proj", [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)])
-def test_threaded_seq_equals_steps(threaded, family, proj, ran):
-    test_seq_equals_steps("cpp", family, proj, True, True, ran)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_other_dtypes_go_elsewhere(dtype):
-    with pytest.raises(fastrnn.BackendNotSupportedError, match=r"backend 'cpp' cannot run.*dtype"):
-        fastrnn.GRU(4, 6, dtype=dtype, backend="cpp")(torch.randn(3, 2, 4, dtype=dtype))
-    with dispatch.record_calls() as calls:
-        fastrnn.GRU(4, 6, dtype=dtype)(torch.randn(3, 2, 4, dtype=dtype))
-    assert backends_used(calls) == {"reference"}
-
-
-@pytest.mark.parametrize("H", [6, 40])
-def test_peephole_and_coupled_match_reference(H, threaded):
-    """The kernels carry the LSTM variants: cpp equals the reference op for op (ragged, reverse)."""
-    g = torch.Generator().manual_seed(0)
-    T, B = 5, 3
-    for coupled in (False, True):
-        G = 3 if coupled else 4
-        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-        args = [r(T, B, G * H), r(G * H, H), r(G * H), None, r(3, H), r(B, H), r(B, H)]
-        leaves = [a.requires_grad_() for a in args if a is not None]
-        outs = {}
-        for be in ("reference", "cpp"):
-            res = torch.ops.fastrnn.lstm_seq_fwd(*args, torch.tensor([5, 3, 2]), True, coupled, True, be)[:3]
-            grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(res)), leaves)
-            outs[be] = list(res) + list(grads)
-        for a, b in zip(outs["cpp"], outs["reference"]):
-            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
 def test_raw_ops_check_their_arguments():

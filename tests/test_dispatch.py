@@ -138,3 +138,15 @@ def test_info_lists_every_backend():
         else:
             reasons = line.split("unavailable:", 1)
             assert len(reasons) == 2 and reasons[1].strip() == "; ".join(dispatch.reasons(name)), line
+
+
+def test_record_calls_nests():
+    """An inner recorder sees only its block, the outer sees everything, even when their lists are equal."""
+    m = fastrnn.GRU(3, 4, backend="reference")
+    with dispatch.record_calls() as outer:
+        with dispatch.record_calls() as inner:
+            m(torch.randn(2, 1, 3))
+        assert inner == outer == [("gru_seq_fwd", "reference")]
+        m(torch.randn(2, 1, 3))
+    assert len(outer) == 2 and len(inner) == 1
+    assert not dispatch._recorders

@@ -227,6 +227,11 @@ def test_dropout_between_layers(backend):
 
 
 def test_automatic_choice_serves_the_variants(ran):
-    m = fastrnn.LSTM(I, H, peephole=True, coupled_gates=True)
-    m(torch.randn(T, B, I))
-    assert backends_used(ran) == {CPU_BACKENDS[0]}
+    auto = _module(dict(peephole=True, coupled_gates=True), torch.float32)
+    ref = _module(dict(peephole=True, coupled_gates=True), torch.float32, backend="reference")
+    x = torch.randn(T, B, I)
+    with fastrnn.dispatch.record_calls() as auto_ran:
+        y = auto(x)[0]
+    assert_close(y, ref(x)[0], TOL[torch.float32]["out"], "y")
+    assert backends_used(auto_ran) == {CPU_BACKENDS[0]}
+    assert backends_used(ran) == {CPU_BACKENDS[0], "reference"}

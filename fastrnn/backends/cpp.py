@@ -69,41 +69,19 @@ class CppBackend(Backend):
             return T * B * (GH + GH // 3)
         return B * GH if scope == "step" else 0  # a plain RNN step keeps its output
 
-    def lstm_seq_fwd(self, *args):
-        return OPS.lstm_seq_fwd(*args)
+    @staticmethod
+    def set_parallel_min_macs(value: int) -> int:
+        """Multiply-adds a step needs before a call is split over threads; returns the old value."""
+        old = _C.parallel_min_macs()
+        _C.set_parallel_min_macs(value)
+        return old
 
-    def lstm_seq_bwd(self, *args):
-        return OPS.lstm_seq_bwd(*args)
-
-    def lstm_step_fwd(self, *args):
-        return OPS.lstm_step_fwd(*args)
-
-    def lstm_step_bwd(self, *args):
-        return OPS.lstm_step_bwd(*args)
-
-    def gru_seq_fwd(self, *args):
-        return OPS.gru_seq_fwd(*args)
-
-    def gru_seq_bwd(self, *args):
-        return OPS.gru_seq_bwd(*args)
-
-    def gru_step_fwd(self, *args):
-        return OPS.gru_step_fwd(*args)
-
-    def gru_step_bwd(self, *args):
-        return OPS.gru_step_bwd(*args)
-
-    def rnn_seq_fwd(self, *args):
-        return OPS.rnn_seq_fwd(*args)
-
-    def rnn_seq_bwd(self, *args):
-        return OPS.rnn_seq_bwd(*args)
-
-    def rnn_step_fwd(self, *args):
-        return OPS.rnn_step_fwd(*args)
-
-    def rnn_step_bwd(self, *args):
-        return OPS.rnn_step_bwd(*args)
+    def __getattr__(self, name):
+        # the contract's twelve methods are the extension's ops of the same names and arguments
+        if OPS is not None and name in _OP_NAMES:
+            return getattr(OPS, name)
+        raise AttributeError(name)
 
 
+_OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")}
 BACKEND = CppBackend()

@@ -63,6 +63,13 @@ class NumbaBackend(Backend):
     dtypes = (torch.float32, torch.float64)
     features = frozenset({"proj", "peephole", "coupled", "varlen"})
 
+    @staticmethod
+    def set_parallel_min_macs(value: int) -> int:
+        """Multiply-adds a step needs before it is split over threads; returns the old value."""
+        global PARALLEL_MIN_MACS
+        old, PARALLEL_MIN_MACS = PARALLEL_MIN_MACS, value
+        return old
+
     def unavailable_reasons(self):
         if _IMPORT_ERROR is not None:
             return [f"numba is not importable ({_IMPORT_ERROR}); install it with pip install numba"]

@@ -1,0 +1,77 @@
+"""What every fused CPU backend (numba, cpp) must do beyond the shared parity grid: its multi-threaded
+path (hidden units split over threads, forced here on small odd shapes) matches torch.nn and equals T of
+its own steps, the LSTM variants equal the reference op for op, and dtypes it does not serve are refused
+when named and skipped by the automatic choice."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import dispatch
+from conftest import CPU_BACKENDS, backends_used
+from test_cells import test_seq_equals_steps
+from test_parity import _kwargs, compare_module
+
+FUSED = [b for b in ("numba", "cpp") if b in CPU_BACKENDS]
+pytestmark = pytest.mark.skipif(not FUSED, reason="no fused CPU backend is available here")
+
+
+@pytest.fixture
+def threaded(backend):
+    """Split every step over the threads, however small (by default it takes 65536 multiply-adds)."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: the parallel path cannot split")
+    impl = dispatch.get(backend)
+    old = impl.set_parallel_min_macs(0)
+    yield
+    impl.set_parallel_min_macs(old)
+
+
+# hidden sizes above one unit block (cpp: 32 floats / 16 doubles) so that two threads get units, unequally
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("name,proj,kind,H", [
+    ("LSTM", 0, "batched", 37), ("LSTM", 3, "packed", 37), ("LSTM", 0, "packed", 20), ("LSTM", 40, "batched", 50),
+    ("GRU", 0, "batched", 37), ("GRU", 0, "packed", 33), ("RNN_tanh", 0, "packed", 37),
+    ("RNN_relu", 0, "batched", 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_threaded_parity(backend, threaded, name, proj, kind, H, dtype, ran):
+    kw = _kwargs(name, 2, True, False, True, proj, hidden=H)
+    compare_module(name, kw, backend, dtype, kind, True)
+    assert backends_used(ran) == {backend}
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("family,proj", [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)])
+def test_threaded_seq_equals_steps(backend, threaded, family, proj, ran):
+    test_seq_equals_steps(backend, family, proj, True, True, ran)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("H", [6, 40])
+def test_peephole_and_coupled_match_reference(backend, threaded, H):
+    """The kernels carry the LSTM variants: equal to the reference op for op (ragged, reverse, float64)."""
+    g = torch.Generator().manual_seed(0)
+    T, B = 5, 3
+    for coupled in (False, True):
+        G = 3 if coupled else 4
+        r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+        args = [r(T, B, G * H), r(G * H, H), r(G * H), None, r(3, H), r(B, H), r(B, H)]
+        leaves = [a.requires_grad_() for a in args if a is not None]
+        outs = {}
+        for be in ("reference", backend):
+            res = torch.ops.fastrnn.lstm_seq_fwd(*args, torch.tensor([5, 3, 2]), True, coupled, True, be)[:3]
+            grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(res)), leaves)
+            outs[be] = list(res) + list(grads)
+        for a, b in zip(outs[backend], outs["reference"]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_dtypes(backend, dtype):
+    with pytest.raises(fastrnn.BackendNotSupportedError, match=rf"backend '{backend}' cannot run.*dtype"):
+        fastrnn.GRU(4, 6, dtype=dtype, backend=backend)(torch.randn(3, 2, 4, dtype=dtype))
+    assert backend not in [n for n in dispatch.PRIORITY["cpu"]
+                           if not dispatch.reasons(n, dispatch.Spec("gru", "cpu", dtype))]
+    with dispatch.record_calls() as calls:
+        fastrnn.GRU(4, 6, dtype=dtype)(torch.randn(3, 2, 4, dtype=dtype))
+    assert backends_used(calls) == {"reference"}
