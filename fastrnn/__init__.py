@@ -8,6 +8,7 @@ Backends: see ``fastrnn.available_backends()`` and ``python -m fastrnn.info``.
 """
 from . import _compile, ops  # noqa: F401  (ops registers the torch.library ops)
 from .convert import convert
+from .cuda_graph import cuda_graphed
 from .dispatch import BACKEND_NAMES, BackendNotSupportedError, available_backends, use_backend
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
@@ -15,4 +16,4 @@ _compile.install()
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "available_backends",
-           "use_backend", "BackendNotSupportedError", "BACKEND_NAMES"]
+           "use_backend", "BackendNotSupportedError", "BACKEND_NAMES", "cuda_graphed"]

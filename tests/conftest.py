@@ -39,3 +39,28 @@ def backends_used(calls):
 def pytest_report_header(config):
     return f"fastrnn backends available on cpu: {', '.join(CPU_BACKENDS)} (torch {torch.__version__}, " \
            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')})"
+
+
+# Triton's interpreter runs a kernel some 100x slower than compiled code would (each tl op is numpy
+# plus Triton's type checks): a full parametrized grid on it would take most of an hour. On the
+# interpreted triton backend the big grids therefore run a pairwise cover of their cases (every pair
+# of two axes' values occurs in at least one case); FASTRNN_TRITON_FULL_GRID=1 runs every case.
+INTERPRETED = [b for b in CPU_BACKENDS if b == "triton"]
+FULL_GRID = os.environ.get("FASTRNN_TRITON_FULL_GRID") == "1"
+GRID_BACKENDS = CPU_BACKENDS if FULL_GRID else [b for b in CPU_BACKENDS if b not in INTERPRETED]
+COVER_BACKENDS = [] if FULL_GRID else INTERPRETED
+
+
+def pairwise(params, key=lambda p: p.values):
+    """A deterministic subset of ``params`` (pytest.param objects) in which every pair of values of two
+    different positions of ``key(param)`` that occurs in ``params`` occurs at least once (greedy)."""
+    def pairs(vals):
+        return {(i, repr(a), j, repr(b)) for i, a in enumerate(vals) for j, b in enumerate(vals) if i < j}
+
+    todo = set().union(*(pairs(key(p)) for p in params))
+    chosen = []
+    while todo:
+        best = max(params, key=lambda p: len(pairs(key(p)) & todo))
+        chosen.append(best)
+        todo -= pairs(key(best))
+    return chosen

@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
-from conftest import CPU_BACKENDS, TOL, assert_close, backends_used
+from conftest import COVER_BACKENDS, CPU_BACKENDS, GRID_BACKENDS, TOL, assert_close, backends_used, pairwise
 
 I, H, P, T, B = 5, 7, 3, 6, 4
 RAGGED = (3, 6, 1, 4)  # unsorted, one of length 1
@@ -120,12 +120,29 @@ def compare_module(name, kw, backend, dtype, kind, hx_given, steps=T, batch=B):
         assert_close(pm.grad, pr.grad, tol["grad"], f"grad {pn}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 @pytest.mark.parametrize("name,layers,bidir,bf,bias,proj,hx,kind,dtype", list(_grid()))
 def test_module_parity(backend, name, layers, bidir, bf, bias, proj, hx, kind, dtype, ran):
     compare_module(name, _kwargs(name, layers, bidir, bf, bias, proj), backend, dtype, kind, hx)
     assert backends_used(ran) == {backend}
     assert {op.split("_", 1)[1] for op, _ in ran} == {"seq_fwd", "seq_bwd"}
+
+
+def _cover():
+    """The grid's pairwise cover per class, crossed with the triton forward path (sequence kernel or steps)."""
+    for name in CLASSES:
+        cases = [pytest.param(*p.values, path, id=f"{p.id}-{path}") for p in _grid() if p.values[0] == name
+                 for path in ("seqkernel", "steps")]
+        yield from pairwise(cases, key=lambda p: p.values[1:])
+
+
+@pytest.mark.parametrize("backend", COVER_BACKENDS)
+@pytest.mark.parametrize("name,layers,bidir,bf,bias,proj,hx,kind,dtype,path", list(_cover()))
+def test_module_parity_cover(backend, name, layers, bidir, bf, bias, proj, hx, kind, dtype, path, ran, monkeypatch):
+    """The grid above on the interpreted triton backend (see conftest.pairwise), on both forward paths."""
+    if path == "steps":
+        monkeypatch.setattr("fastrnn.backends.triton.SEQ_MAX_H", 0)
+    test_module_parity(backend, name, layers, bidir, bf, bias, proj, hx, kind, dtype, ran)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
