@@ -11,7 +11,7 @@ EXT_STAMP := fastrnn/.ext-built
 NINJA_VERSION ?= 1.13.2
 BENCH_ARGS ?= --quick
 
-.PHONY: venv ext test bench info clean
+.PHONY: venv ext test test-triton-all bench info clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,17 @@ $(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) fastrnn/_build.py
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
+# second pass: the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1), ~100x slower
+# than compiled code, so CI runs its own tests, the parity grid's pairwise cover and the seq == T x step and
+# variant tests on two workers; `make test-triton-all` runs every test file's triton cases (~20 min here).
+TRITON_TESTS ?= tests/test_triton.py tests/test_parity.py tests/test_cells.py tests/test_variants.py
+
 test: ext
 	$(PY) -m pytest tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -k triton $(TRITON_TESTS)
+
+test-triton-all: ext
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 -k triton tests
 
 bench: ext
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

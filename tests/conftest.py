@@ -64,3 +64,10 @@ def pairwise(params, key=lambda p: p.values):
         chosen.append(best)
         todo -= pairs(key(best))
     return chosen
+
+
+def gradcheck(fn, inputs, backend):
+    """torch.autograd.gradcheck; on the interpreted triton backend in fast mode (it checks v^T J u for
+    random u, v instead of the whole Jacobian: a few calls instead of one backward per output element,
+    each of which takes seconds in the interpreter)."""
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=backend in INTERPRETED)

@@ -29,7 +29,8 @@ def fake_numba(monkeypatch):
 
 
 def test_reference_always_available():
-    assert fastrnn.available_backends("cpu")[-1] == "reference"
+    # (under TRITON_INTERPRET=1 the interpreted triton backend comes after it: reached only when named)
+    assert [b for b in fastrnn.available_backends("cpu") if b != "triton"][-1] == "reference"
     assert "reference" in fastrnn.available_backends("cuda")
     assert dispatch.reasons("reference") == []
 

@@ -8,7 +8,7 @@ import torch
 import fastrnn
 from fastrnn import dispatch
 from conftest import CPU_BACKENDS, backends_used
-from test_cells import test_seq_equals_steps
+import test_cells  # the module, not the test function: an imported test would be collected here again
 from test_parity import _kwargs, compare_module
 
 FUSED = [b for b in ("numba", "cpp") if b in CPU_BACKENDS]
@@ -42,7 +42,7 @@ def test_threaded_parity(backend, threaded, name, proj, kind, H, dtype, ran):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("family,proj", [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)])
 def test_threaded_seq_equals_steps(backend, threaded, family, proj, ran):
-    test_seq_equals_steps(backend, family, proj, True, True, ran)
+    test_cells.test_seq_equals_steps(backend, family, proj, True, True, ran)
 
 
 @pytest.mark.parametrize("backend", FUSED)

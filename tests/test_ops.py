@@ -4,7 +4,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
-from conftest import CPU_BACKENDS, backends_used
+from conftest import CPU_BACKENDS, backends_used, gradcheck
 from test_cells import _op_args
 
 FAMILIES = [("lstm", False), ("lstm", True), ("gru", False), ("rnn", False)]
@@ -78,8 +78,8 @@ def test_gradcheck_ops(backend, family, proj, reverse, ran):
         x, w, s = rebuild(ts)
         return getattr(torch.ops.fastrnn, f"{family}_step_fwd")(x[1], *w, *s, *options, True, backend)[:-1]
 
-    assert torch.autograd.gradcheck(seq, tensors)
-    assert torch.autograd.gradcheck(step, tensors)
+    assert gradcheck(seq, tensors, backend)
+    assert gradcheck(step, tensors, backend)
     assert backends_used(ran) == {backend}
 
 
@@ -98,7 +98,7 @@ def test_gradcheck_module_packed_bidirectional(backend, cls, ran):
                                              (data._replace(data=x),))
         return (out.data, *(st if isinstance(st, tuple) else (st,)))
 
-    assert torch.autograd.gradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in params]))
+    assert gradcheck(f, (x, *[p.detach().clone().requires_grad_() for p in params]), backend)
     assert backends_used(ran) == {backend}
 
 

@@ -150,6 +150,9 @@ def test_module_parity_cover(backend, name, layers, bidir, bf, bias, proj, hx, k
 @pytest.mark.parametrize("T_,B_,H_", [(1, 1, 1), (2, 3, 20), (63, 3, 100)])
 def test_odd_sizes(backend, name, T_, B_, H_, ran):
     """Odd shapes from DESIGN.md: T in {1, 2, 63}, B in {1, 3}, H in {1, 20, 100}."""
+    if backend in COVER_BACKENDS and T_ == 63:
+        pytest.skip("63 steps at H=100 take minutes in Triton's interpreter (FASTRNN_TRITON_FULL_GRID=1 runs it); "
+                    "test_triton.py's multiblock cases cover several unit and reduction blocks")
     kw = _kwargs(name, 1, True, False, True, 0, hidden=H_)
     compare_module(name, kw, backend, torch.float64, "batched", True, steps=T_, batch=B_)
     assert backends_used(ran) == {backend}
