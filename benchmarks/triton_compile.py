@@ -15,11 +15,11 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -68,15 +68,15 @@ def _configs():
                     dict(step, RELU=False, BP=BH), tb.NUM_WARPS))
     seq = dict(HAS_LEN=True, REVERSE=True, HAS_BIAS=True, ACC=tl.float32, BB=tb.BB)
     for HP in sorted({tb.seq_hp(h) for h in range(1, tb.SEQ_MAX_H + 1)}):
-        def w(dtype, family, HP=HP):
-            return tb.seq_warps(family, HP, getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]))
+        def warps(family, HP=HP):  # the sequence kernel's warps depend on the dtype
+            return lambda dtype: tb.seq_warps(family, HP, getattr(torch, TORCH_DTYPES[dtype]))
         ptr = dict(xw=d, w_hh=d, b_hh=d, w_ch=d, h0=d, c0=d, lengths="i64", y=d, h_n=d, c_n=d, gates=a, c_all=a)
         out.append((lstm.fwd_seq, f"HP={HP} peephole save", ptr, ("T", "B", "H"),
-                    dict(seq, PEEP=True, COUPLED=False, SAVE=True, HP=HP), partial(w, family="lstm")))
+                    dict(seq, PEEP=True, COUPLED=False, SAVE=True, HP=HP), warps("lstm")))
         ptr = dict(xw=d, w_hh=d, b_hh=d, h0=d, lengths="i64", y=d, h_n=d, saved=a)
-        out.append((gru.fwd_seq, f"HP={HP} save", ptr, ("T", "B", "H"), dict(seq, SAVE=True, HP=HP), partial(w, family="gru")))
+        out.append((gru.fwd_seq, f"HP={HP} save", ptr, ("T", "B", "H"), dict(seq, SAVE=True, HP=HP), warps("gru")))
         ptr = dict(xw=d, w_hh=d, b_hh=d, h0=d, lengths="i64", y=d, h_n=d)
-        out.append((rnn.fwd_seq, f"HP={HP}", ptr, ("T", "B", "H"), dict(seq, RELU=False, HP=HP), partial(w, family="rnn")))
+        out.append((rnn.fwd_seq, f"HP={HP}", ptr, ("T", "B", "H"), dict(seq, RELU=False, HP=HP), warps("rnn")))
     return out
 
 

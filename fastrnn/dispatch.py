@@ -18,12 +18,13 @@ import torch
 
 BACKEND_NAMES = ("reference", "numba", "cpp", "triton")
 
-# best first; triton serves CPU tensors only under TRITON_INTERPRET=1 and only when named
-PRIORITY = {"cpu": ("cpp", "numba", "reference"), "cuda": ("triton", "reference")}
+# best first. triton is listed on CPU too: it serves CPU tensors only under TRITON_INTERPRET=1 (its own
+# `devices` say so), and after the reference, which serves everything, it is reached only when named.
+PRIORITY = {"cpu": ("cpp", "numba", "reference", "triton"), "cuda": ("triton", "reference")}
 # single steps (the cells): on CPU the per-call host cost decides, and numba's is higher than the
 # reference's (make bench, 2026-11-23: batch-1 streaming, H=256, 100 steps: LSTM 35.8 vs 25.4 ms,
 # GRU 34.6 vs 30.9, RNN 27.7 vs 17.5; benchmarks/NOTES.md)
-STEP_PRIORITY = {"cpu": ("cpp", "reference", "numba")}
+STEP_PRIORITY = {"cpu": ("cpp", "reference", "numba", "triton")}
 
 _MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
 _loaded: dict = {}
@@ -90,10 +91,7 @@ def reasons(name: str, spec: Spec | None = None) -> list[str]:
 
 
 def _priority(device: str, scope: str = "seq") -> tuple:
-    order = (STEP_PRIORITY if scope == "step" else {}).get(device) or PRIORITY.get(device, ("reference",))
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        order = order + ("triton",)
-    return order
+    return (STEP_PRIORITY if scope == "step" else {}).get(device) or PRIORITY.get(device, ("reference",))
 
 
 def available_backends(device="cpu") -> list[str]:

@@ -14,6 +14,7 @@ import torch
 
 from .. import _build
 from . import Backend
+from ._common import fwd_dims
 
 _C = None
 _LOAD_ERROR = None
@@ -57,16 +58,13 @@ class CppBackend(Backend):
         return _C.isa()
 
     def workspace_numel(self, op, *args):
-        family, scope, _ = op.split("_")
         if not args[-1]:  # save=False: inference keeps nothing
             return 0
-        xw = args[0]
-        T, B, GH = xw.shape if scope == "seq" else (1, *xw.shape)
+        family, scope, T, B, GH, H, _, proj = fwd_dims(op, args)
         if family == "lstm":
-            H = args[6].shape[-1]
-            return T * B * (GH + H + (H if args[3] is not None else 0))
+            return T * B * (GH + H + (H if proj else 0))
         if family == "gru":
-            return T * B * (GH + GH // 3)
+            return T * B * (GH + H)
         return B * GH if scope == "step" else 0  # a plain RNN step keeps its output
 
     @staticmethod

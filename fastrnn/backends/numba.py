@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import Backend
-from ._common import batch_sizes_from_lengths
+from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recurrent_weight_grads
 
 try:
     import numba
@@ -57,7 +57,7 @@ def _alloc(varlen):
     return torch.zeros if varlen else torch.empty
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(StepsFromSequence, Backend):
     name = "numba"
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float64)
@@ -77,24 +77,10 @@ class NumbaBackend(Backend):
 
     # ---- workspace sizes -------------------------------------------------------------------------
     def workspace_numel(self, op, *args):
-        family, scope, _ = op.split("_")
         if not args[-1]:  # save=False: inference keeps nothing
             return 0
-        xw = args[0]
-        if scope == "seq":
-            T, B, GH = xw.shape
-        else:
-            (B, GH), T = xw.shape, 1
-        if family == "lstm":
-            w_hr, c = args[3], args[6]
-            H = c.shape[-1]
-            n = T * B * (GH + H + (H if w_hr is not None else 0))
-            P = args[5].shape[-1]
-        elif family == "gru":
-            H = GH // 3
-            n, P = T * B * (GH + H), H
-        else:
-            n, P = 0, GH
+        family, scope, T, B, GH, H, P, proj = fwd_dims(op, args)
+        n = {"lstm": T * B * (GH + H + (H if proj else 0)), "gru": T * B * (GH + H), "rnn": 0}[family]
         return n + (B * P if scope == "step" else 0)  # a step also keeps its output
 
     # ---- LSTM ------------------------------------------------------------------------------------
@@ -145,22 +131,9 @@ class NumbaBackend(Backend):
                        _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(gates),
                        _np(c_all), _np(hfull), _np(dgates), _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0),
                        _np(dw_ch))
-        flat = dgates.view(T * B, GH)
-        d_w_hh = flat.t().mm(h_prev.view(T * B, P))
-        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh)
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
-
-    def lstm_step_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled, save):
-        y, h_n, c_n, ws = self.lstm_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, None, False, coupled,
-                                            save)
-        return h_n, c_n, torch.cat([ws, y.reshape(-1)]) if save else ws
-
-    def lstm_step_bwd(self, grad_h, grad_c, xw, w_hh, b_hh, w_hr, w_ch, h, c, ws, coupled):
-        y = ws[ws.numel() - h.numel():].view(1, *h.shape)
-        g = self.lstm_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh,
-                              w_hr, w_ch, h, c, None, y, ws[:ws.numel() - h.numel()], False, coupled)
-        return (g[0][0],) + tuple(g[1:])
 
     # ---- GRU -------------------------------------------------------------------------------------
     def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
@@ -187,20 +160,8 @@ class NumbaBackend(Backend):
         dh0 = torch.empty_like(h0)
         _gru.gru_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
                      _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
-        flat = d_hh.view(T * B, GH)
-        d_w_hh = flat.t().mm(h_prev.view(T * B, H))
-        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
-
-    def gru_step_fwd(self, xw, w_hh, b_hh, h, save):
-        y, h_n, ws = self.gru_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, save)
-        return h_n, torch.cat([ws, y.reshape(-1)]) if save else ws
-
-    def gru_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws):
-        y = ws[ws.numel() - h.numel():].view(1, *h.shape)
-        g = self.gru_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None, y,
-                             ws[:ws.numel() - h.numel()], False)
-        return (g[0][0],) + tuple(g[1:])
 
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
@@ -220,19 +181,8 @@ class NumbaBackend(Backend):
         dh0 = torch.empty_like(h0)
         _rnn.rnn_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
                      reverse, nonlinearity == "relu", _parts(B, H * H), _np(y), _np(d_xw), _np(h_prev), _np(dh0))
-        flat = d_xw.view(T * B, H)
-        d_w_hh = flat.t().mm(h_prev.view(T * B, H))
-        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
-
-    def rnn_step_fwd(self, xw, w_hh, b_hh, h, nonlinearity, save):
-        y, h_n, ws = self.rnn_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, nonlinearity, save)
-        return h_n, y.reshape(-1).clone() if save else ws
-
-    def rnn_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws, nonlinearity):
-        g = self.rnn_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None,
-                             ws.view(1, *h.shape), xw.new_empty(0), False, nonlinearity)
-        return (g[0][0],) + tuple(g[1:])
 
 
 BACKEND = NumbaBackend()

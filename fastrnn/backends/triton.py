@@ -21,7 +21,7 @@ import os
 import torch
 
 from . import Backend
-from ._common import batch_sizes_from_lengths
+from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recurrent_weight_grads
 
 try:
     import triton
@@ -102,13 +102,12 @@ def _prev_hist(hist, init, lengths, reverse):
 
 
 def _final_rows(y, lengths, reverse):
-    """h_n from y: each row's output at its last step."""
-    T, B = y.shape[0], y.shape[1]
+    """h_n from y: each row's output at its last step (a view where it can be; the caller copies it)."""
     if reverse:
-        return y[0].clone()
+        return y[0]
     if lengths is None:
-        return y[T - 1].clone()
-    return y[(lengths - 1).to(y.device), torch.arange(B, device=y.device)]
+        return y[-1]
+    return y[(lengths - 1).to(y.device), torch.arange(y.shape[1], device=y.device)]
 
 
 def _schedule(sizes, T, reverse, backward):
@@ -132,7 +131,7 @@ def _schedule(sizes, T, reverse, backward):
     return out
 
 
-class TritonBackend(Backend):
+class TritonBackend(StepsFromSequence, Backend):
     name = "triton"
     features = frozenset({"proj", "peephole", "coupled", "varlen"})
 
@@ -155,23 +154,13 @@ class TritonBackend(Backend):
 
     # ---- workspace --------------------------------------------------------------------------------
     def workspace_numel(self, op, *args):
-        family, scope, _ = op.split("_")
         if not args[-1]:  # save=False: inference keeps nothing
             return 0
-        xw = args[0]
-        T, B, GH = xw.shape if scope == "seq" else (1, *xw.shape)
-        if family == "lstm":
-            H, proj = args[6].shape[-1], args[3] is not None
-            n_acc = T * B * (GH + H + (H if proj else 0))
-        elif family == "gru":
-            n_acc = T * B * 4 * (GH // 3)
-        else:
-            n_acc = 0
-        scale = _acc(xw.dtype).itemsize // xw.dtype.itemsize  # saved values are fp32 for 16-bit dtypes
-        n = n_acc * scale
-        if scope == "step":  # a step also keeps its output h (xw's dtype)
-            n += B * (args[5].shape[-1] if family == "lstm" else GH // (3 if family == "gru" else 1))
-        return n
+        family, scope, T, B, GH, H, P, proj = fwd_dims(op, args)
+        n_acc = {"lstm": T * B * (GH + H + (H if proj else 0)), "gru": T * B * 4 * H, "rnn": 0}[family]
+        dtype = args[0].dtype
+        n = n_acc * (_acc(dtype).itemsize // dtype.itemsize)  # saved values are fp32 for 16-bit dtypes
+        return n + (B * P if scope == "step" else 0)  # a step also keeps its output h (xw's dtype)
 
     @staticmethod
     def _ws(ws, n_acc, dtype):
@@ -222,7 +211,9 @@ class TritonBackend(Backend):
                 y[prev] if prev is not None else h0, h0, c_all[slot[prev]] if prev is not None else c0, c0,
                 h_out, c_all[ct], c_n, gates[t] if save else xw, n, n_cont, n_last, H, P,
                 HAS_BIAS=b_hh is not None, BB=BB, BH=BH, BK=BK, num_warps=NUM_WARPS, **opts)
-            if proj:
+            if proj and acc == xw.dtype:
+                torch.mm(m_all[mt, :n], w_hr_t, out=y[t, :n])
+            elif proj:  # 16-bit: the fp32 product, rounded into y
                 y[t, :n] = torch.mm(m_all[mt, :n], w_hr_t)
         h_n.copy_(_final_rows(y, lengths, reverse))
         return y, h_n, c_n, ws
@@ -238,8 +229,8 @@ class TritonBackend(Backend):
         gates = saved[:T * B * GH].view(T, B, GH)
         c_all = saved[T * B * GH:T * B * (GH + H)].view(T, B, H)
         d_gates = _new(varlen)(T, B, GH, dtype=xw.dtype, device=dev)
-        rec_h = torch.zeros(2, B, P, dtype=acc, device=dev)
-        rec_c = torch.zeros(2, B, H, dtype=acc, device=dev)
+        rec_h = torch.empty(2, B, P, dtype=acc, device=dev)
+        rec_c = torch.empty(2, B, H, dtype=acc, device=dev)
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         if proj:
             m_all = saved[T * B * (GH + H):].view(T, B, H)
@@ -265,9 +256,7 @@ class TritonBackend(Backend):
                 c_all[fprev] if fprev is not None else c0, c0, w_hh, w_ch if w_ch is not None else xw,
                 d_gates[t], dst, cdst, dh0, dc0, n, n_cont, n_cprev, n_last, H, P, ADD_REC_H=not proj,
                 BB=BB, BP=BP, BK=BK, num_warps=NUM_WARPS, **opts)
-        flat = d_gates.view(T * B, GH)
-        d_w_hh = flat.t().mm(_prev_hist(y, h0, lengths, reverse).view(T * B, P))
-        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_gates, _prev_hist(y, h0, lengths, reverse), b_hh)
         d_w_hr = dht_all.view(T * B, P).t().mm(m_all.reshape(T * B, H)).to(xw.dtype) if proj else xw.new_empty(0)
         if w_ch is not None:
             dg = d_gates.to(acc)
@@ -278,17 +267,6 @@ class TritonBackend(Backend):
         else:
             d_w_ch = xw.new_empty(0)
         return d_gates, d_w_hh, d_b_hh, d_w_hr, d_w_ch, dh0, dc0
-
-    def lstm_step_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled, save):
-        y, h_n, c_n, ws = self.lstm_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, None, False, coupled,
-                                            save)
-        return h_n, c_n, _with_output(ws, y, save)
-
-    def lstm_step_bwd(self, grad_h, grad_c, xw, w_hh, b_hh, w_hr, w_ch, h, c, ws, coupled):
-        ws, y = _split_output(ws, h)
-        g = self.lstm_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh,
-                              w_hr, w_ch, h, c, None, y, ws, False, coupled)
-        return (g[0][0],) + tuple(g[1:])
 
     # ---- GRU --------------------------------------------------------------------------------------
     def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
@@ -326,7 +304,7 @@ class TritonBackend(Backend):
         d_xw = _new(varlen)(T, B, GH, dtype=xw.dtype, device=dev)
         d_gh = _new(varlen)(T, B, GH, dtype=xw.dtype, device=dev)
         h_prev = _prev_hist(y, h0, lengths, reverse)
-        rec = torch.zeros(2, B, H, dtype=acc, device=dev)
+        rec = torch.empty(2, B, H, dtype=acc, device=dev)
         dh0 = torch.empty_like(h0)
         BP = step_bh(B, H)
         for k, (t, n, n_cont, n_last, _) in enumerate(
@@ -335,20 +313,8 @@ class TritonBackend(Backend):
                 grad_y[t], rec[(k + 1) % 2], grad_h_n, saved[t], h_prev[t], w_hh, d_xw[t], d_gh[t], rec[k % 2],
                 dh0, n, n_cont, n_last, H, ACC=_tl_acc(xw.dtype), PREC=_prec(xw.dtype), BB=BB, BP=BP, BK=BK,
                 num_warps=NUM_WARPS)
-        flat = d_gh.view(T * B, GH)
-        d_w_hh = flat.t().mm(h_prev.view(T * B, H))
-        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_gh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
-
-    def gru_step_fwd(self, xw, w_hh, b_hh, h, save):
-        y, h_n, ws = self.gru_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, save)
-        return h_n, _with_output(ws, y, save)
-
-    def gru_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws):
-        ws, y = _split_output(ws, h)
-        g = self.gru_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None, y,
-                             ws, False)
-        return (g[0][0],) + tuple(g[1:])
 
     # ---- RNN --------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
@@ -379,7 +345,7 @@ class TritonBackend(Backend):
         T, B, H = xw.shape
         varlen, dev = lengths is not None, xw.device
         d_xw = _new(varlen)(T, B, H, dtype=xw.dtype, device=dev)
-        rec = torch.zeros(2, B, H, dtype=_acc(xw.dtype), device=dev)
+        rec = torch.empty(2, B, H, dtype=_acc(xw.dtype), device=dev)
         dh0 = torch.empty_like(h0)
         BP = step_bh(B, H)
         for k, (t, n, n_cont, n_last, _) in enumerate(
@@ -388,30 +354,9 @@ class TritonBackend(Backend):
                 grad_y[t], rec[(k + 1) % 2], grad_h_n, y[t], w_hh, d_xw[t], rec[k % 2], dh0, n, n_cont, n_last, H,
                 RELU=nonlinearity == "relu", ACC=_tl_acc(xw.dtype), PREC=_prec(xw.dtype), BB=BB, BP=BP, BK=BK,
                 num_warps=NUM_WARPS)
-        flat = d_xw.view(T * B, H)
-        d_w_hh = flat.t().mm(_prev_hist(y, h0, lengths, reverse).view(T * B, H))
-        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, _prev_hist(y, h0, lengths, reverse), b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
 
-    def rnn_step_fwd(self, xw, w_hh, b_hh, h, nonlinearity, save):
-        y, h_n, ws = self.rnn_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, nonlinearity, save)
-        return h_n, _with_output(ws, y, save)
-
-    def rnn_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws, nonlinearity):
-        ws, y = _split_output(ws, h)
-        g = self.rnn_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None,
-                             y, ws, False, nonlinearity)
-        return (g[0][0],) + tuple(g[1:])
-
-
-def _with_output(ws, y, save):
-    """A step's workspace: the sequence workspace followed by the step's output h (for its backward)."""
-    return torch.cat([ws, y.reshape(-1)]) if save else ws
-
-
-def _split_output(ws, h):
-    k = ws.numel() - h.numel()
-    return ws[:k], ws[k:].view(1, *h.shape)
 
 
 BACKEND = TritonBackend()

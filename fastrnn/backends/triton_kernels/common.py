@@ -48,3 +48,42 @@ def load_w(w_ptr, row0, units, cols, ld, umask, cmask):
 @triton.jit
 def load_vec(ptr, offs, mask, ACC: tl.constexpr):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def tile(n_rows, n_cols, BR: tl.constexpr, BC: tl.constexpr):
+    """This program's [BR, BC] tile (program ids 0 and 1): row and column indices, their masks, the 2-D mask."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    rmask = rows < n_rows
+    cmask = cols < n_cols
+    return rows, cols, rmask, cmask, rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
+def first_col_tile(rows):
+    """[BR, 1] mask: true in the programs of column tile 0 (a vector: the interpreter rejects a scalar in a mask)."""
+    return ((rows * 0 + tl.program_id(1)) == 0)[:, None]
+
+
+@triton.jit
+def row_lengths(lengths, rows, rmask, T, HAS_LEN: tl.constexpr, BB: tl.constexpr):
+    """A sequence kernel's per-row step counts and its loop's trip count (the tile's longest row)."""
+    if HAS_LEN:
+        lens = tl.load(lengths + rows, mask=rmask, other=0).to(tl.int32)
+        steps = tl.max(lens, axis=0)
+    else:
+        lens = tl.full((BB,), T, tl.int32)
+        steps = T
+    return lens, steps
+
+
+@triton.jit
+def time_index(s, steps, REVERSE: tl.constexpr):
+    """The time step of loop iteration s (t = steps-1 .. 0 when REVERSE: each row's reverse pass starts at its
+    own last step, since a row is active only at t < its length)."""
+    if REVERSE:
+        t = steps - 1 - s
+    else:
+        t = s
+    return t

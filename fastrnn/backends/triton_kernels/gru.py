@@ -6,7 +6,8 @@ Gate blocks of xw / W_hh rows: r, z, n. Saved per step for the backward: r, z, n
 import triton
 import triton.language as tl
 
-from .common import load_prev, load_tile, load_vec, load_w, load_wt, sigmoid, tanh
+from .common import (first_col_tile, load_prev, load_tile, load_vec, load_w, load_wt, row_lengths, tile,
+                     time_index, sigmoid, tanh)
 
 
 @triton.jit
@@ -32,13 +33,7 @@ def fwd_step(xw, w_hh, b_hh, h_prev, h0, h_out, saved, n, n_cont, H,
              HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
              BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     """One step for rows [0, n) (see lstm.fwd_step)."""
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows = pid_b * BB + tl.arange(0, BB)
-    units = pid_h * BH + tl.arange(0, BH)
-    rmask = rows < n
-    umask = units < H
-    m2 = rmask[:, None] & umask[None, :]
+    rows, units, rmask, umask, m2 = tile(n, H, BB, BH)
     WDT = w_hh.dtype.element_ty
     ar = tl.zeros((BB, BH), ACC)
     az = tl.zeros((BB, BH), ACC)
@@ -72,13 +67,8 @@ def bwd_step(gy, rec_h, gn_h, saved, h_prev, w_hh, d_xw, d_gh, dh_out, dh_fin, n
              ACC: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr):
     """One backward step for rows [0, n) (see lstm.bwd_step): d_xw gets the pre-activation gradients,
     d_gh those of W_hh h + b_hh (they differ in the n block by the factor r)."""
-    pid_b = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    rows = pid_b * BB + tl.arange(0, BB)
-    cols = pid_p * BP + tl.arange(0, BP)
-    rmask = rows < n
-    cmask = cols < H
-    first = ((rows * 0 + pid_p) == 0)[:, None]  # a vector: the interpreter rejects a scalar in a mask
+    rows, cols, rmask, cmask, out_mask = tile(n, H, BB, BP)
+    first = first_col_tile(rows)
     WDT = w_hh.dtype.element_ty
     GH = 3 * H
     acc = tl.zeros((BB, BP), ACC)
@@ -108,13 +98,13 @@ def bwd_step(gy, rec_h, gn_h, saved, h_prev, w_hh, d_xw, d_gh, dh_out, dh_fin, n
                      out_dtype=ACC)
         acc = tl.dot(dghn.to(WDT), load_w(w_hh, 2 * H, u, cols, H, umask, cmask), acc, input_precision=PREC,
                      out_dtype=ACC)
-    m2 = rmask[:, None] & cmask[None, :]
     # the direct path h_new = ... + z * h
-    dh = load_tile(gy, rows, cols, H, m2, ACC) + load_prev(rec_h, gn_h, rows, cols, H, n_cont, m2, ACC)
-    acc += dh * load_tile(saved, rows, H + cols, 4 * H, m2, ACC)
+    dh = load_tile(gy, rows, cols, H, out_mask, ACC) \
+        + load_prev(rec_h, gn_h, rows, cols, H, n_cont, out_mask, ACC)
+    acc += dh * load_tile(saved, rows, H + cols, 4 * H, out_mask, ACC)
     offs = rows[:, None] * H + cols[None, :]
-    tl.store(dh_out + offs, acc.to(dh_out.dtype.element_ty), mask=m2)
-    tl.store(dh_fin + offs, acc.to(dh_fin.dtype.element_ty), mask=m2 & (rows[:, None] >= n_last))
+    tl.store(dh_out + offs, acc.to(dh_out.dtype.element_ty), mask=out_mask)
+    tl.store(dh_fin + offs, acc.to(dh_fin.dtype.element_ty), mask=out_mask & (rows[:, None] >= n_last))
 
 
 @triton.jit
@@ -122,12 +112,7 @@ def fwd_seq(xw, w_hh, b_hh, h0, lengths, y, h_n, saved, T, B, H,
             HAS_LEN: tl.constexpr, REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
             ACC: tl.constexpr, PREC: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
     """The whole sequence in one launch for H <= HP (see lstm.fwd_seq)."""
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
-    units = tl.arange(0, HP)
-    rmask = rows < B
-    umask = units < H
-    m2 = rmask[:, None] & umask[None, :]
+    rows, units, rmask, umask, m2 = tile(B, H, BB, HP)  # a 1-D grid: the one column tile holds every unit
     WDT = w_hh.dtype.element_ty
     GH = 3 * H
     wr = load_wt(w_hh, 0, units, units, H, umask, umask)
@@ -142,17 +127,9 @@ def fwd_seq(xw, w_hh, b_hh, h0, lengths, y, h_n, saved, T, B, H,
         bz = br
         bn = br
     h = load_tile(h0, rows, units, H, m2, ACC)
-    if HAS_LEN:
-        lens = tl.load(lengths + rows, mask=rmask, other=0).to(tl.int32)
-        steps = tl.max(lens, axis=0)
-    else:
-        lens = tl.full((BB,), T, tl.int32)
-        steps = T
+    lens, steps = row_lengths(lengths, rows, rmask, T, HAS_LEN, BB)
     for s in range(0, steps):
-        if REVERSE:
-            t = steps - 1 - s
-        else:
-            t = s
+        t = time_index(s, steps, REVERSE)
         act = m2 & (t < lens)[:, None]
         x = xw + t.to(tl.int64) * B * GH
         hd = h.to(WDT)

@@ -6,7 +6,8 @@ the activated gates [B, G*H] and c_t [B, H], in the accumulation dtype (fp32, or
 import triton
 import triton.language as tl
 
-from .common import load_prev, load_tile, load_vec, load_w, load_wt, sigmoid, tanh
+from .common import (first_col_tile, load_prev, load_tile, load_vec, load_w, load_wt, row_lengths, tile,
+                     time_index, sigmoid, tanh)
 
 
 @triton.jit
@@ -75,13 +76,7 @@ def fwd_step(xw, w_hh, b_hh, w_ch, h_prev, h0, c_prev, c0, h_out, c_out, c_fin, 
     on end here and also write c to c_fin."""
     G: tl.constexpr = 3 if COUPLED else 4
     GB: tl.constexpr = 1 if COUPLED else 2  # index of the g block
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows = pid_b * BB + tl.arange(0, BB)
-    units = pid_h * BH + tl.arange(0, BH)
-    rmask = rows < n
-    umask = units < H
-    m2 = rmask[:, None] & umask[None, :]
+    rows, units, rmask, umask, m2 = tile(n, H, BB, BH)
     WDT = w_hh.dtype.element_ty
     ai = tl.zeros((BB, BH), ACC)
     af = tl.zeros((BB, BH), ACC)
@@ -139,13 +134,8 @@ def bwd_step(gy, rec_h, gn_h, rec_c, gn_c, gates, c_cur, c_prev, c0, w_hh, w_ch,
     Rows from n_last on take their last step here and also write dh_fin, dc_fin."""
     G: tl.constexpr = 3 if COUPLED else 4
     GB: tl.constexpr = 1 if COUPLED else 2
-    pid_b = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    rows = pid_b * BB + tl.arange(0, BB)
-    cols = pid_p * BP + tl.arange(0, BP)
-    rmask = rows < n
-    cmask = cols < P
-    first = ((rows * 0 + pid_p) == 0)[:, None]  # a vector: the interpreter rejects a scalar in a mask
+    rows, cols, rmask, cmask, out_mask = tile(n, P, BB, BP)
+    first = first_col_tile(rows)
     last = rows[:, None] >= n_last
     WDT = w_hh.dtype.element_ty
     GH = G * H
@@ -189,10 +179,9 @@ def bwd_step(gy, rec_h, gn_h, rec_c, gn_c, gates, c_cur, c_prev, c0, w_hh, w_ch,
                      out_dtype=ACC)
         acc = tl.dot(dpo.to(WDT), load_w(w_hh, (G - 1) * H, u, cols, P, umask, cmask), acc,
                      input_precision=PREC, out_dtype=ACC)
-    m2 = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * P + cols[None, :]
-    tl.store(dh_out + offs, acc.to(dh_out.dtype.element_ty), mask=m2)
-    tl.store(dh_fin + offs, acc.to(dh_fin.dtype.element_ty), mask=m2 & last)
+    tl.store(dh_out + offs, acc.to(dh_out.dtype.element_ty), mask=out_mask)
+    tl.store(dh_fin + offs, acc.to(dh_fin.dtype.element_ty), mask=out_mask & last)
 
 
 @triton.jit
@@ -205,12 +194,7 @@ def fwd_seq(xw, w_hh, b_hh, w_ch, h0, c0, lengths, y, h_n, c_n, gates, c_all, T,
     ends at the longest length in the tile."""
     G: tl.constexpr = 3 if COUPLED else 4
     GB: tl.constexpr = 1 if COUPLED else 2
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
-    units = tl.arange(0, HP)
-    rmask = rows < B
-    umask = units < H
-    m2 = rmask[:, None] & umask[None, :]
+    rows, units, rmask, umask, m2 = tile(B, H, BB, HP)  # a 1-D grid: the one column tile holds every unit
     WDT = w_hh.dtype.element_ty
     GH = G * H
     wi = load_wt(w_hh, 0, units, units, H, umask, umask)
@@ -236,17 +220,9 @@ def fwd_seq(xw, w_hh, b_hh, w_ch, h0, c0, lengths, y, h_n, c_n, gates, c_all, T,
     wci, wcf, wco = _peep(w_ch, units, umask, H, ACC, PEEP)
     h = load_tile(h0, rows, units, H, m2, ACC)
     c = load_tile(c0, rows, units, H, m2, ACC)
-    if HAS_LEN:
-        lens = tl.load(lengths + rows, mask=rmask, other=0).to(tl.int32)
-        steps = tl.max(lens, axis=0)
-    else:
-        lens = tl.full((BB,), T, tl.int32)
-        steps = T
+    lens, steps = row_lengths(lengths, rows, rmask, T, HAS_LEN, BB)
     for s in range(0, steps):
-        if REVERSE:
-            t = steps - 1 - s
-        else:
-            t = s
+        t = time_index(s, steps, REVERSE)
         act = m2 & (t < lens)[:, None]
         x = xw + t.to(tl.int64) * B * GH
         hd = h.to(WDT)
