@@ -55,6 +55,15 @@ void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArra
   if (opt_ptr(t)) check_tensor(*t, what, shape, like);
 }
 
+at::Tensor cell_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                      int64_t GH) {
+  check_float(x, "x", x);
+  TORCH_CHECK(x.dim() == 2, "fastrnn cpp backend: x must be [B, I], got ", x.sizes());
+  check_tensor(w_ih, "w_ih", {GH, x.size(1)}, x);
+  check_opt(b_ih, "b_ih", {GH}, x);
+  return at::empty({1, x.size(0), GH}, x.options());
+}
+
 StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                              const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G) {
   check_float(xw, "xw", xw);

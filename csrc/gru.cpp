@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& b_hh,
                                                             const at::Tensor& h0,
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
-                                                            bool save) {
+                                                            bool save, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   at::Tensor y = opt_ptr(lengths) ? at::zeros({T_, B, H}, xw.options()) : at::empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   T* gates = save ? ws.data_ptr<T>() : nullptr;
   T* ghn = save ? gates + T_ * B * GH : nullptr;
   FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
-               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B)};
+               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in};
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
@@ -192,6 +192,17 @@ std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tens
   return {std::get<1>(r), std::get<2>(r)};
 }
 
+// A cell in inference, input projection included (see InputProj): returns h'.
+at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h) {
+  at::Tensor xw = cell_input(x, w_ih, b_ih, 3 * (h.dim() == 2 ? h.size(1) : 0));
+  const Dims d = check_single_state(xw, w_hh, b_hh, h, c10::nullopt, 3);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell_fwd", [&] {
+    return std::get<1>(seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h, c10::nullopt, false, false,
+                                              input_proj<scalar_t>(x, w_ih, b_ih, xw)));
+  });
+}
+
 Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, const at::Tensor& ws) {
   TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, 3H], got ", xw.sizes());
@@ -209,6 +220,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("gru_seq_bwd", &seq_bwd);
   m.impl("gru_step_fwd", &step_fwd);
   m.impl("gru_step_bwd", &step_bwd);
+  m.impl("gru_cell_fwd", &cell_fwd);
 }
 
 }  // namespace fastrnn

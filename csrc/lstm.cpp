@@ -188,7 +188,8 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
     const Dims& d, const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
-    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save) {
+    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save,
+    const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
   at::Tensor y = varlen ? at::zeros({T_, B, P}, xw.options()) : at::empty({T_, B, P}, xw.options());
@@ -205,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   FwdArgs<T> a{T_, B, H, P, d.G, reverse, w_hh.data_ptr<T>(), data_or_null<T>(w_hr), h0.data_ptr<T>(),
                y.data_ptr<T>(), h_n.data_ptr<T>(),
                proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data_ptr<T>()) : nullptr, save,
-               batch_sizes(lengths, T_, B)};
+               batch_sizes(lengths, T_, B), in};
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   const T* wc = data_or_null<T>(w_ch);
@@ -304,6 +305,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, co
   return {std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
+// A cell in inference, input projection included (see InputProj): returns (h', c').
+std::tuple<at::Tensor, at::Tensor> cell_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                            const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                            const c10::optional<at::Tensor>& b_hh,
+                                            const c10::optional<at::Tensor>& w_hr,
+                                            const c10::optional<at::Tensor>& w_ch, const at::Tensor& h,
+                                            const at::Tensor& c, bool coupled) {
+  at::Tensor xw = cell_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c.dim() == 2 ? c.size(1) : 0));
+  const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, coupled);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_fwd", [&] {
+    auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, false, coupled, false,
+                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+    return std::make_tuple(std::get<1>(r), std::get<2>(r));
+  });
+}
+
 Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& xw, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
                const c10::optional<at::Tensor>& w_ch, const at::Tensor& h, const at::Tensor& c, const at::Tensor& ws,
@@ -323,6 +340,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("lstm_seq_bwd", &seq_bwd);
   m.impl("lstm_step_fwd", &step_fwd);
   m.impl("lstm_step_bwd", &step_bwd);
+  m.impl("lstm_cell_fwd", &cell_fwd);
 }
 
 }  // namespace fastrnn

@@ -1,6 +1,7 @@
 // The schemas of the cpp backend's ops, defined once. Each cell file registers its implementations
 // (TORCH_LIBRARY_IMPL) beside its kernels. The argument lists are those of the backend contract in
-// fastrnn/backends/__init__.py, without the trailing backend name.
+// fastrnn/backends/__init__.py, without the trailing backend name; <f>_cell_fwd is the contract's
+// optional inference cell (the input projection inside the call).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -32,6 +33,11 @@ TORCH_LIBRARY(fastrnn_cpp, m) {
         "-> (Tensor, Tensor)");
   m.def("rnn_step_bwd(Tensor grad_h, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, Tensor ws, "
         "str nonlinearity) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? w_ch, "
+        "Tensor h, Tensor c, bool coupled) -> (Tensor, Tensor)");
+  m.def("gru_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h) -> Tensor");
+  m.def("rnn_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h, "
+        "str nonlinearity) -> Tensor");
 }
 
 namespace {

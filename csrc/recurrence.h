@@ -149,13 +149,74 @@ struct ColMap {
   int64_t G, stride, offset, count, U;
 };
 
-// dot form: C[m, n] = sum_k A[m, k] * W[row(n) * K + k] (W's rows are contiguous in k)
+// dot form: C[m, n] = sum_k A[m, k] * W[row(n) * K + k] (W's rows are contiguous in k). Columns go in
+// groups of one vector's lanes (16 floats): one accumulator vector per row of W, then a tree of
+// shuffles folds the 16 accumulators into one vector of 16 sums (4 levels, 30 shuffles and 15 adds
+// for 16 outputs, instead of a horizontal sum per output).
+template <typename T> struct IVec;
+template <> struct IVec<float> { typedef int32_t type __attribute__((vector_size(64))); };
+template <> struct IVec<double> { typedef int64_t type __attribute__((vector_size(64))); };
+template <typename T> using VI = typename IVec<T>::type;
+
+// Level l folds vectors whose rows sit in lane groups of width w = lanes >> l into groups of w / 2:
+// out = shuffle(a, b, lo[l]) + shuffle(a, b, hi[l]), a's rows first.
+template <typename T>
+struct FoldMasks {
+  VI<T> lo[8], hi[8];
+  FoldMasks() {
+    constexpr int N = lanes<T>();
+    int l = 0;
+    for (int w = N; w > 1; w /= 2, ++l) {
+      const int half = w / 2, rows = N / w;
+      for (int L = 0; L < N; ++L) {
+        const int j = L / half, m = L % half, src = j < rows ? 0 : 1, jj = j < rows ? j : j - rows;
+        lo[l][L] = src * N + jj * w + m;
+        hi[l][L] = src * N + jj * w + half + m;
+      }
+    }
+  }
+};
+template <typename T> const FoldMasks<T>& fold_masks() {
+  static const FoldMasks<T> masks;
+  return masks;
+}
+
+// acc[r] (r < lanes) -> one vector whose lane r is the sum of acc[r]'s lanes (acc is overwritten)
+template <typename T>
+FASTRNN_INLINE V<T> sum_rows(V<T>* acc, const FoldMasks<T>& fm) {
+  constexpr int N = lanes<T>();
+  int l = 0;
+  for (int n = N; n > 1; n /= 2, ++l)
+    for (int i = 0; i < n / 2; ++i)
+      acc[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], fm.lo[l]) +
+               __builtin_shuffle(acc[2 * i], acc[2 * i + 1], fm.hi[l]);
+  return acc[0];
+}
+
 template <typename T>
 FASTRNN_INLINE void gemm_rows_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* W, const ColMap& cm, T* C,
                                    int64_t ldc) {
   constexpr int N = lanes<T>();
+  const FoldMasks<T>& fm = fold_masks<T>();
   for (int64_t g = 0; g < cm.G; ++g) {
-    for (int64_t j = 0; j < cm.count; ++j) {
+    int64_t j = 0;
+    for (; j + N <= cm.count; j += N) {
+      const T* w = W + (g * cm.stride + cm.offset + j) * K;  // N consecutive rows of W
+      for (int64_t m = 0; m < M; ++m) {
+        const T* a = A + m * lda;
+        V<T> acc[N] = {};
+        int64_t k = 0;
+        for (; k + N <= K; k += N) {
+          const V<T> av = vload(a + k);
+          for (int r = 0; r < N; ++r) acc[r] += av * vload(w + r * K + k);
+        }
+        V<T> s = sum_rows(acc, fm);
+        for (; k < K; ++k)
+          for (int r = 0; r < N; ++r) s[r] += a[k] * w[r * K + k];
+        vstore(C + m * ldc + g * cm.U + j, s);
+      }
+    }
+    for (; j < cm.count; ++j) {
       const T* w = W + (g * cm.stride + cm.offset + j) * K;
       for (int64_t m = 0; m < M; ++m) {
         const T* a = A + m * lda;
@@ -274,8 +335,9 @@ struct Layout {
   bool packed;
 };
 
-inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block) {
-  const int nw = team_size(B * G * H * P, H, block);
+inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block,
+                     int64_t input_size = 0) {
+  const int nw = team_size(B * G * H * (P + input_size), H, block);
   const int64_t U = round_up((H + nw - 1) / nw, block);
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }
@@ -292,6 +354,19 @@ inline std::vector<int64_t> batch_sizes(const c10::optional<at::Tensor>& lengths
   }
   return sizes;
 }
+
+// Cells in inference (one step, nothing saved): the input projection runs inside the call. Each worker
+// computes xw for its own units just before its recurrent product, so its rows of W_ih and of W_hh
+// stay in its own core's cache from one call to the next (together they exceed one core's L2 at
+// H = 256, which is what a separate F.linear and step op cost: ~40 us more per call, NOTES.md).
+template <typename T>
+struct InputProj {
+  const T* x = nullptr;     // [T, B, I]
+  const T* w_ih = nullptr;  // [G*H, I]
+  const T* b_ih = nullptr;  // [G*H] or null
+  int64_t I = 0;
+  T* xw = nullptr;          // [T, B, G*H], written for the worker's units
+};
 
 // ---- the forward time loop ---------------------------------------------------------------------
 // One layer-direction. Per step, worker w: gates of its units = h_{t-1} @ W_hh[its rows]^T (packed GEMM
@@ -310,13 +385,26 @@ struct FwdArgs {
   T* hfull;       // projection only: [T or 1, B, H] (the unprojected h of each step, or one slot)
   bool hfull_per_step;
   std::vector<int64_t> sizes;
+  InputProj<T> in{};  // x == null: xw comes from the caller
 };
+
+// xw[t] of rows b < bs and the units [u0, u0 + nu) (all gate blocks), from the InputProj
+template <typename T>
+void project_input(const FwdArgs<T>& a, int64_t t, int64_t bs, int64_t u0, int64_t nu) {
+  const int64_t GH = a.G * a.H, I = a.in.I;
+  T* xo = a.in.xw + t * a.B * GH + u0;
+  gemm_rows(bs, I, a.in.x + t * a.B * I, I, a.in.w_ih, ColMap{a.G, a.H, u0, nu, a.H}, xo, GH);
+  if (!a.in.b_ih) return;
+  for (int64_t b = 0; b < bs; ++b)
+    for (int64_t g = 0; g < a.G; ++g)
+      for (int64_t j = 0; j < nu; ++j) xo[b * GH + g * a.H + j] += a.in.b_ih[g * a.H + u0 + j];
+}
 
 template <typename T, typename Point>
 void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I);
   const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor panel = at::empty({packed ? nw * P * ncols : 0}, opts), pre = at::empty({nw * B * ncols}, opts);
@@ -353,6 +441,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
         if (nu <= 0 || bs == 0) continue;
         T* pw = prb + w * B * ncols;
+        if (a.in.x) project_input(a, t, bs, u0, nu);
         if (packed)
           gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);
         else
@@ -506,6 +595,15 @@ inline const at::Tensor* opt_ptr(const c10::optional<at::Tensor>& t) {
 }
 template <typename T> const T* data_or_null(const c10::optional<at::Tensor>& t) {
   return opt_ptr(t) ? t->data_ptr<T>() : nullptr;
+}
+
+// a cell entry's input x [B, I], w_ih [GH, I], b_ih [GH]?; returns the buffer for xw, [1, B, GH]
+at::Tensor cell_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                      int64_t GH);
+template <typename T>
+InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                        at::Tensor& xw) {
+  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(1), xw.data_ptr<T>()};
 }
 
 }  // namespace fastrnn

@@ -81,14 +81,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& b_hh,
                                                             const at::Tensor& h0,
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
-                                                            bool relu) {
+                                                            bool relu, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H;
   at::Tensor y = opt_ptr(lengths) ? at::zeros({T_, B, H}, xw.options()) : at::empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, xw.options())};
   at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({H}, xw.options());
   FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
-               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B)};
+               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in};
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
@@ -159,6 +159,19 @@ std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tens
   return {h_n, save ? h_n.reshape(-1).clone() : std::get<2>(r)};
 }
 
+// A cell in inference, input projection included (see InputProj): returns h'.
+at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                    c10::string_view nonlinearity) {
+  at::Tensor xw = cell_input(x, w_ih, b_ih, h.dim() == 2 ? h.size(1) : 0);
+  const Dims d = check_single_state(xw, w_hh, b_hh, h, c10::nullopt, 1);
+  const bool relu = is_relu(nonlinearity);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_cell_fwd", [&] {
+    return std::get<1>(seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h, c10::nullopt, false, relu,
+                                              input_proj<scalar_t>(x, w_ih, b_ih, xw)));
+  });
+}
+
 Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, const at::Tensor& ws,
                c10::string_view nonlinearity) {
@@ -178,6 +191,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("rnn_seq_bwd", &seq_bwd);
   m.impl("rnn_step_fwd", &step_fwd);
   m.impl("rnn_step_bwd", &step_bwd);
+  m.impl("rnn_cell_fwd", &cell_fwd);
 }
 
 }  // namespace fastrnn

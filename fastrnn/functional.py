@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops  # noqa: F401  (registers torch.ops.fastrnn)
+from . import dispatch, ops  # noqa: F401  (ops registers torch.ops.fastrnn)
 
 
 def _op(name):
@@ -61,8 +61,20 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
 
 
 def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
-    """One step of a cell: x [B,I], state tuple of [B,*]; returns the new state tuple."""
-    xw = F.linear(x, w_ih, b_ih).contiguous()
+    """One step of a cell: x [B,I], state tuple of [B,*]; returns the new state tuple.
+
+    In inference (no gradient can be needed) on a backend that offers the contract's optional
+    ``<family>_cell_fwd``, the input projection runs inside the backend's call and the call skips the
+    op's autograd layer: a streaming cell call is short, and both costs are large against it (NOTES.md).
+    Under torch.compile the op path is kept (it is what the compiler traces).
+    """
     state = [s.contiguous() for s in state]
+    if not _needs_grad(x, w_ih, b_ih, *hh, *state) and not torch.compiler.is_compiling():
+        fused = getattr(dispatch.get(backend), f"{family}_cell_fwd", None)
+        if fused is not None:
+            dispatch.note_call(f"{family}_cell_fwd", backend)
+            res = fused(x.contiguous(), w_ih.contiguous(), b_ih, *hh, *state, *options)
+            return tuple(res) if isinstance(res, (tuple, list)) else (res,)
+    xw = F.linear(x, w_ih, b_ih).contiguous()
     res = _op(f"{family}_step_fwd")(xw, *hh, *state, *options, _needs_grad(xw, *hh, *state), backend)
     return tuple(res[:-1])

@@ -320,6 +320,54 @@ class _CellMixin(_BackendMixin):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {s.dim()}D instead")
 
     def forward(self, input, hx=None):
+        if hx is not None and not torch.is_grad_enabled():
+            out = self._fused_inference(input, hx)
+            if out is not None:
+                return out
+        return self._forward(input, hx)
+
+    def _fused_inference(self, input, hx):
+        """The streaming fast path: one call of the backend's optional ``<family>_cell_fwd`` (input
+        projection inside), with none of the Python checks of ``_forward``. Taken only without autograd,
+        outside torch.compile, with a state given, when the chosen backend offers it. That op checks
+        shapes, dtypes, devices and contiguity itself and changes no input; whatever it refuses goes to
+        ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
+        the fast path does not apply. A cell call at batch 1 is short enough that the Python checks cost
+        as much as the kernel (benchmarks/NOTES.md).
+        """
+        if torch.compiler.is_compiling():
+            return None
+        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
+        cached = self.__dict__.get("_fused_choice")
+        if cached is None or cached[0] != key:
+            try:
+                name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
+                                       "step")
+            except dispatch.BackendNotSupportedError:
+                return None  # _forward raises it
+            cached = self.__dict__["_fused_choice"] = (key, name)
+        name = cached[1]
+        fused = getattr(dispatch.get(name), f"{self._family}_cell_fwd", None)
+        if fused is None:
+            return None
+        states = tuple(hx) if self._n_state == 2 else (hx,)
+        unbatched = input.dim() == 1
+        if unbatched:
+            if any(s.dim() != 1 for s in states):
+                return None
+            input = input.unsqueeze(0)
+            states = tuple(s.unsqueeze(0) for s in states)
+        try:
+            out = fused(input, self.weight_ih, self.bias_ih, *self._hh(), *states, *self._options())
+        except RuntimeError:
+            return None
+        dispatch.note_call(f"{self._family}_cell_fwd", name)
+        if unbatched:
+            out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
+        return out
+
+    def _forward(self, input, hx):
+        """The general path: torch's argument checks, any backend, autograd."""
         name = self._torch_name()
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")

@@ -114,16 +114,25 @@ CELL_CASES = {
     "hx_size": (lambda n: (torch.randn(3, 4), _hx(n, 3, 7)), r"hidden0 has inconsistent hidden_size: got 7, expected 8"),
     "hx_3d": (lambda n: (torch.randn(3, 4), _hx(n, 1, 3, 8)), r"Expected (hidden|hx\[0\]) to be 1D or 2D, got 3D"),
     "hx_dtype": (lambda n: (torch.randn(3, 4), _hx(n, 3, 8, dtype=torch.float64)), r"hx(\[0\])? has dtype torch.float64"),
+    # with a state: what the inference fast path (the fused cell op) sees first
+    "feature_size_hx": (lambda n: (torch.randn(3, 5), _hx(n, 3, 8)), r"input has inconsistent input_size: got 5 expected 4"),
+    "input_3d_hx": (lambda n: (torch.randn(2, 3, 4), _hx(n, 3, 8)), r"Expected input to be 1D or 2D, got 3D"),
+    "input_dtype_hx": (lambda n: (torch.randn(3, 4, dtype=torch.float64), _hx(n, 3, 8, dtype=torch.float64)),
+                       r"dtype torch.float64 does not match weight dtype torch.float32"),
+    "unbatched_input_2d_hx": (lambda n: (torch.randn(4), _hx(n, 3, 8)), r"hidden state must be 1D for 1D input"),
 }
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", list(CELL_CASES))
 @pytest.mark.parametrize("name", list(CELL))
-def test_cell_bad_input(backend, name, case):
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_cell_bad_input(backend, name, case, grad):
+    """no_grad: a cell call with a state takes the inference fast path first (modules._fused_inference)."""
     f, t = _pair(*CELL[name], backend)
     make, match = CELL_CASES[case]
-    expect_same_error(f, t, make(name), match)
+    with torch.set_grad_enabled(grad):
+        expect_same_error(f, t, make(name), match)
 
 
 def test_bad_constructor_arguments_match_torch():

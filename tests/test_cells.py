@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastrnn
+from fastrnn import dispatch
 from conftest import CPU_BACKENDS, TOL, assert_close, backends_used
 
 CELLS = {"LSTMCell": (fastrnn.LSTMCell, torch.nn.LSTMCell, {}), "GRUCell": (fastrnn.GRUCell, torch.nn.GRUCell, {}),
@@ -140,3 +141,60 @@ def test_lstm_op_variant_hooks(backend):
         h = torch.sigmoid(o) * torch.tanh(c)
         assert_close(y[t], h, 1e-12, f"coupled y[{t}]")
     assert_close(cT, c, 1e-12, "coupled c_T")
+
+
+# Backends with the contract's optional inference cell (<family>_cell_fwd: input projection inside the call)
+FUSED_CELL = {"cpp"}
+_FAST = [pytest.param(b, "one", id=b) for b in CPU_BACKENDS]
+_FAST += [pytest.param("cpp", "team", id="cpp-team")] if "cpp" in CPU_BACKENDS else []
+_VARIANTS = {"plain": {}, "peephole": {"peephole": True}, "coupled": {"coupled_gates": True},
+             "peephole+coupled": {"peephole": True, "coupled_gates": True}}
+
+
+@pytest.mark.parametrize("backend,threads", _FAST)
+@pytest.mark.parametrize("name,variant", [(n, "plain") for n in CELLS] +
+                         [("LSTMCell", v) for v in _VARIANTS if v != "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cell_inference(backend, threads, name, variant, dtype):
+    """Streaming inference (no autograd): with a state given, batched and unbatched, and without one.
+    On a backend with the fused inference cell that op runs (and nothing else); elsewhere the step op.
+    Sizes with vector tails (H=40: 2 groups of 16 units + 8, I=21: 16 + 5 inputs); 'team' splits every
+    call over threads. Values: torch.nn's cell, or for the variants the reference backend (whose math
+    test_variants checks against an independent formula)."""
+    fcls, tcls, kw = CELLS[name]
+    I, H, B = 21, 40, 3
+    torch.manual_seed(0)
+    vkw = _VARIANTS[variant]
+    mod = fcls(I, H, dtype=dtype, backend=backend, **kw, **vkw)
+    if variant == "plain":
+        ref = tcls(I, H, dtype=dtype, **kw)
+        mod.load_state_dict(ref.state_dict())
+    else:
+        ref = fcls(I, H, dtype=dtype, backend="reference", **vkw)
+        ref.load_state_dict(mod.state_dict())
+    n_state = 2 if name == "LSTMCell" else 1
+    wrap = (lambda s: tuple(s)) if n_state == 2 else (lambda s: s[0])
+    x = torch.randn(B, I, dtype=dtype)
+    hx = wrap([torch.randn(B, H, dtype=dtype) for _ in range(n_state)])
+    hx1 = wrap([torch.randn(H, dtype=dtype) for _ in range(n_state)])
+    calls = [(x, hx), (x[1], hx1), (x, None)]
+    old = None
+    if threads == "team":
+        from fastrnn.backends import cpp
+        old = cpp.BACKEND.set_parallel_min_macs(0)
+    try:
+        with torch.no_grad():
+            with dispatch.record_calls() as ran:
+                outs = [mod(*a) for a in calls]
+            expected = [ref(*a) for a in calls]
+    finally:
+        if old is not None:
+            cpp.BACKEND.set_parallel_min_macs(old)
+    for k, (a, b) in enumerate(zip(outs, expected)):
+        a, b = (a, b) if n_state == 2 else ((a,), (b,))
+        for s, t in zip(a, b):
+            assert s.shape == t.shape
+            assert_close(s, t, TOL[dtype]["out"], f"call {k}")
+    family = name.split("Cell")[0].lower()
+    want = f"{family}_cell_fwd" if backend in FUSED_CELL else f"{family}_step_fwd"
+    assert ran == [(want, backend)] * len(calls)

@@ -51,6 +51,16 @@ def test_raw_ops_check_their_arguments():
         op.rnn_seq_fwd(torch.randn(3, 2, 4), torch.randn(4, 4), None, h, None, False, "gelu", False)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op.gru_seq_fwd(xw, torch.randn(4, 12).t(), None, h, None, False, False)
+    # the inference cells (input projection inside): x [B, I], w_ih [G*H, I]
+    x, w_ih = torch.randn(2, 5), torch.randn(12, 5)
+    with pytest.raises(RuntimeError, match=r"w_ih must have shape \[12, 5\], got \[12, 6\]"):
+        op.gru_cell_fwd(x, torch.randn(12, 6), None, w, None, h)
+    with pytest.raises(RuntimeError, match=r"x must be \[B, I\], got \[2, 1, 5\]"):
+        op.gru_cell_fwd(x.unsqueeze(1), w_ih, None, w, None, h)
+    with pytest.raises(RuntimeError, match=r"b_ih must have shape \[16\], got \[12\]"):
+        op.lstm_cell_fwd(x, torch.randn(16, 5), torch.randn(12), torch.randn(16, 4), None, None, None, h, h, False)
+    with pytest.raises(RuntimeError, match="h0 must have shape \\[2, 4\\], got \\[3, 4\\]"):
+        op.rnn_cell_fwd(x, torch.randn(4, 5), None, torch.randn(4, 4), None, torch.zeros(3, 4), "tanh")
 
 
 def test_no_compiler_means_unavailable_with_the_reason(monkeypatch):

@@ -75,11 +75,12 @@ class CppBackend(Backend):
         return old
 
     def __getattr__(self, name):
-        # the contract's twelve methods are the extension's ops of the same names and arguments
+        # the contract's methods are the extension's ops of the same names and arguments
         if OPS is not None and name in _OP_NAMES:
             return getattr(OPS, name)
         raise AttributeError(name)
 
 
-_OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")}
+_OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")} | {
+    f"{f}_cell_fwd" for f in ("lstm", "gru", "rnn")}  # the contract's optional inference cell
 BACKEND = CppBackend()
