@@ -206,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   FwdArgs<T> a{T_, B, H, P, d.G, reverse, w_hh.data_ptr<T>(), data_or_null<T>(w_hr), h0.data_ptr<T>(),
                y.data_ptr<T>(), h_n.data_ptr<T>(),
                proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data_ptr<T>()) : nullptr, save,
-               batch_sizes(lengths, T_, B), in};
+               batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   const T* wc = data_or_null<T>(w_ch);

@@ -386,7 +386,24 @@ struct FwdArgs {
   bool hfull_per_step;
   std::vector<int64_t> sizes;
   InputProj<T> in{};  // x == null: xw comes from the caller
+  const T* xw = nullptr;  // [T, B, G*H], when given: the driver prefetches the next step's rows of it
 };
+
+// Prefetch (into L2) the xw rows the worker's pointwise pass reads at step t, while this step's GEMM
+// runs: at small batch nothing else brings them in time (at B=1, H=256 the pass stalled on them,
+// perf: a third of its samples). Large slices are left to the hardware: the GEMM dominates there.
+template <typename T>
+FASTRNN_INLINE void prefetch_xw(const FwdArgs<T>& a, int64_t t, int64_t bs, int64_t u0, int64_t nu) {
+  constexpr int64_t per_line = 64 / sizeof(T), max_bytes = 32 * 1024;
+  if (!a.xw || bs * a.G * nu * int64_t(sizeof(T)) > max_bytes) return;
+  const int64_t GH = a.G * a.H;
+  for (int64_t b = 0; b < bs; ++b)
+    for (int64_t g = 0; g < a.G; ++g) {
+      const T* p = a.xw + (t * a.B + b) * GH + g * a.H + u0;
+      for (int64_t j = 0; j < nu; j += per_line) __builtin_prefetch(p + j, 0, 2);
+      __builtin_prefetch(p + nu - 1, 0, 2);
+    }
+}
 
 // xw[t] of rows b < bs and the units [u0, u0 + nu) (all gate blocks), from the InputProj
 template <typename T>
@@ -441,6 +458,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
         if (nu <= 0 || bs == 0) continue;
         T* pw = prb + w * B * ncols;
+        if (bs_next > 0) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
         if (a.in.x) project_input(a, t, bs, u0, nu);
         if (packed)
           gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);

@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, xw.options())};
   at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({H}, xw.options());
   FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
-               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in};
+               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
