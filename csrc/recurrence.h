@@ -125,8 +125,10 @@ FASTRNN_INLINE void gemm_packed_impl(int64_t M, int64_t K, const T* A, int64_t l
       const T* Ak = A + k0;
       T* Cb = C + cb * nr;
       int64_t m = 0;
-      for (; m + 6 <= M; m += 6) micro<T, 6>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc);
+      for (; m + 8 <= M; m += 8) micro<T, 8>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc);
       switch (M - m) {
+        case 7: micro<T, 7>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
+        case 6: micro<T, 6>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
         case 5: micro<T, 5>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
         case 4: micro<T, 4>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
         case 3: micro<T, 3>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;

@@ -75,3 +75,15 @@ def test_other_dtypes(backend, dtype):
     with dispatch.record_calls() as calls:
         fastrnn.GRU(4, 6, dtype=dtype)(torch.randn(3, 2, 4, dtype=dtype))
     assert backends_used(calls) == {"reference"}
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("B", [8, 14, 15, 21])
+@pytest.mark.parametrize("name", ["LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_row_blocks(backend, B, name, dtype, ran):
+    """Batches past one register block of rows (cpp's GEMM takes 8 rows at a time): an exact multiple and
+    the tails 6, 7 and 5 after full blocks, forward and backward (the backward's dh GEMM has B rows too)."""
+    kw = _kwargs(name, 1, False, False, True, 0, hidden=40)
+    compare_module(name, kw, backend, dtype, "batched", True, steps=5, batch=B)
+    assert backends_used(ran) == {backend}
