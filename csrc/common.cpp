@@ -13,6 +13,16 @@ FASTRNN_CLONES void gemm_packed(int64_t M, int64_t K, const double* A, int64_t l
   gemm_packed_impl<double>(M, K, A, lda, panel, ncb, C, ldc);
 }
 
+FASTRNN_CLONES void pack_cols(const float* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
+                              float* panel) {
+  pack_cols_impl<float>(src, ld, trans, K, ncols, col, panel);
+}
+
+FASTRNN_CLONES void pack_cols(const double* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
+                              double* panel) {
+  pack_cols_impl<double>(src, ld, trans, K, ncols, col, panel);
+}
+
 FASTRNN_CLONES void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, const ColMap& cm,
                               float* C, int64_t ldc) {
   gemm_rows_impl<float>(M, K, A, lda, W, cm, C, ldc);

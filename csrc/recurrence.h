@@ -264,15 +264,74 @@ void gemm_cols(int64_t M, int64_t K, const double* A, int64_t lda, const double*
 
 // Pack B(k, n) = src[col(n) * ld + k] (trans = false: the rows of src are columns of B, as W_hh in
 // h @ W_hh^T) or src[k * ld + col(n)] (trans = true), for n < ncols, into column blocks of NR. col(n)
-// < 0 marks a padding column (zeros).
+// < 0 marks a padding column (zeros). trans = false goes through lanes x lanes tiles transposed in
+// registers (a butterfly of two-input shuffles); trans = true copies along k.
+template <typename T>
+struct TransposeMasks {
+  VI<T> lo[8], hi[8];
+  TransposeMasks() {
+    constexpr int N = lanes<T>();
+    int l = 0;
+    for (int b = N / 2; b >= 1; b /= 2, ++l)
+      for (int j = 0; j < N; ++j) {
+        lo[l][j] = (j & b) == 0 ? j : N + j - b;  // row r: its own left half, then row r + b's
+        hi[l][j] = (j & b) == 0 ? j + b : N + j;  // row r + b: row r's right half, then its own
+      }
+  }
+};
+template <typename T> const TransposeMasks<T>& transpose_masks() {
+  static const TransposeMasks<T> masks;
+  return masks;
+}
+
+template <typename T>
+FASTRNN_INLINE void pack_cols_impl(const T* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
+                                   T* panel) {
+  constexpr int N = lanes<T>(), nr = NR<T>;
+  const TransposeMasks<T>& tm = transpose_masks<T>();
+  for (int64_t n0 = 0; n0 < ncols; n0 += nr) {
+    T* dst = panel + (n0 / nr) * K * nr;
+    if (trans) {
+      for (int64_t k = 0; k < K; ++k)
+        for (int i = 0; i < nr; ++i) dst[k * nr + i] = col[n0 + i] < 0 ? T(0) : src[k * ld + col[n0 + i]];
+      continue;
+    }
+    for (int q = 0; q < nr / N; ++q) {
+      const int64_t* c = col + n0 + q * N;
+      int64_t k = 0;
+      for (; k + N <= K; k += N) {
+        V<T> r[N];
+#pragma GCC unroll 16
+        for (int i = 0; i < N; ++i) r[i] = c[i] < 0 ? V<T>{} : vload(src + c[i] * ld + k);
+#pragma GCC unroll 4
+        for (int l = 0; (N >> (l + 1)) >= 1; ++l) {
+          const int b = N >> (l + 1);
+#pragma GCC unroll 16
+          for (int i = 0; i < N; ++i)
+            if ((i & b) == 0) {
+              const V<T> x = __builtin_shuffle(r[i], r[i + b], tm.lo[l]);
+              r[i + b] = __builtin_shuffle(r[i], r[i + b], tm.hi[l]);
+              r[i] = x;
+            }
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < N; ++j) vstore(dst + (k + j) * nr + q * N, r[j]);
+      }
+      for (; k < K; ++k)
+        for (int i = 0; i < N; ++i) dst[k * nr + q * N + i] = c[i] < 0 ? T(0) : src[c[i] * ld + k];
+    }
+  }
+}
+
+void pack_cols(const float* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col, float* panel);
+void pack_cols(const double* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col, double* panel);
+
 template <typename T, typename ColFn>
 void pack_panel(const T* src, int64_t ld, bool trans, int64_t K, int64_t ncols, ColFn col, T* panel) {
-  constexpr int nr = NR<T>;
-  for (int64_t n = 0; n < ncols; ++n) {
-    const int64_t c = col(n);
-    T* dst = panel + (n / nr) * K * nr + (n % nr);
-    for (int64_t k = 0; k < K; ++k) dst[k * nr] = c < 0 ? T(0) : (trans ? src[k * ld + c] : src[c * ld + k]);
-  }
+  TORCH_CHECK(ncols % NR<T> == 0, "fastrnn cpp backend: internal error: panel of ", ncols, " columns");
+  std::vector<int64_t> cols(ncols);
+  for (int64_t n = 0; n < ncols; ++n) cols[n] = col(n);
+  pack_cols(src, ld, trans, K, ncols, cols.data(), panel);
 }
 
 // ---- the team -----------------------------------------------------------------------------------
