@@ -338,16 +338,16 @@ class _CellMixin(_BackendMixin):
         if torch.compiler.is_compiling():
             return None
         key = (input.dtype, input.device.type, self.backend, dispatch.requested())
-        cached = self.__dict__.get("_fused_choice")
-        if cached is None or cached[0] != key:
+        cached = self.__dict__.get("_fused_choice")  # (key, backend name, backend object, its fused op)
+        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
             try:
                 name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
                                        "step")
             except dispatch.BackendNotSupportedError:
                 return None  # _forward raises it
-            cached = self.__dict__["_fused_choice"] = (key, name)
-        name = cached[1]
-        fused = getattr(dispatch.get(name), f"{self._family}_cell_fwd", None)
+            impl = dispatch.get(name)
+            cached = self.__dict__["_fused_choice"] = (key, name, impl, getattr(impl, f"{self._family}_cell_fwd", None))
+        name, fused = cached[1], cached[3]
         if fused is None:
             return None
         states = tuple(hx) if self._n_state == 2 else (hx,)
@@ -357,14 +357,24 @@ class _CellMixin(_BackendMixin):
                 return None
             input = input.unsqueeze(0)
             states = tuple(s.unsqueeze(0) for s in states)
+        names = self._fused_weight_names()
+        params = self._parameters
+        try:  # the parameters straight from their dict (the attribute lookup costs ~1 us each)
+            weights = [None if n is None else params[n] for n in names]
+        except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
+            weights = [None if n is None else getattr(self, n) for n in names]
         try:
-            out = fused(input, self.weight_ih, self.bias_ih, *self._hh(), *states, *self._options())
+            out = fused(input, *weights, *states, *self._options())
         except RuntimeError:
             return None
         dispatch.note_call(f"{self._family}_cell_fwd", name)
         if unbatched:
             out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
         return out
+
+    def _fused_weight_names(self):
+        """Parameter names of the fused cell op's weight arguments, in order (None: absent)."""
+        return ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
 
     def _forward(self, input, hx):
         """The general path: torch's argument checks, any backend, autograd."""
@@ -421,6 +431,9 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
 
     def _hh(self):
         return (self.weight_hh, self.bias_hh, None, self.weight_ch if self.peephole else None)
+
+    def _fused_weight_names(self):
+        return ("weight_ih", "bias_ih", "weight_hh", "bias_hh", None, "weight_ch" if self.peephole else None)
 
     def _options(self):
         return (self.coupled_gates,)

@@ -198,3 +198,25 @@ def test_cell_inference(backend, threads, name, variant, dtype):
     family = name.split("Cell")[0].lower()
     want = f"{family}_cell_fwd" if backend in FUSED_CELL else f"{family}_step_fwd"
     assert ran == [(want, backend)] * len(calls)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cell_inference_parametrized_weight(backend):
+    """A weight under torch.nn.utils.parametrize is no longer in the module's parameter dict: the inference
+    fast path, which reads that dict, must then get it through the attribute (the parametrized value)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    torch.manual_seed(0)
+    ref, mod = torch.nn.GRUCell(5, 40), fastrnn.GRUCell(5, 40, backend=backend)
+    mod.load_state_dict(ref.state_dict())
+    for m in (ref, mod):
+        parametrize.register_parametrization(m, "weight_hh", Half())
+    x, h = torch.randn(3, 5), torch.randn(3, 40)
+    with torch.no_grad(), dispatch.record_calls() as ran:
+        out = mod(x, h)
+    assert_close(out, ref(x, h).detach(), TOL[torch.float32]["out"], "parametrized")
+    assert ran == [("gru_cell_fwd" if backend in FUSED_CELL else "gru_step_fwd", backend)]
