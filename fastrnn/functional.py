@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import dispatch, ops  # noqa: F401  (ops registers torch.ops.fastrnn)
+from . import dispatch, ops
 
 
 def _op(name):
@@ -34,6 +34,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     row's end, or [N,D*P]) and the final states, each [L*D,B,*].
     """
     seq_fwd = _op(f"{family}_seq_fwd")
+    direct = ops.can_skip_ops()
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
@@ -47,8 +48,9 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             if packed:
                 xw = xw.new_zeros(steps * B, xw.shape[1]).index_copy(0, index, xw).view(steps, B, -1)
             st = [s[k].contiguous() for s in state0]
-            res = seq_fwd(xw.contiguous(), *hh, *st, lengths, direction == 1, *options, _needs_grad(xw, *hh, *st),
-                          backend)
+            save = _needs_grad(xw, *hh, *st)
+            fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
+            res = fwd(xw.contiguous(), *hh, *st, lengths, direction == 1, *options, save, backend)
             outs.append(res[0])
             for acc, s in zip(finals, res[1:-1]):
                 acc.append(s)
@@ -66,15 +68,19 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
     In inference (no gradient can be needed) on a backend that offers the contract's optional
     ``<family>_cell_fwd``, the input projection runs inside the backend's call and the call skips the
     op's autograd layer: a streaming cell call is short, and both costs are large against it (NOTES.md).
-    Under torch.compile the op path is kept (it is what the compiler traces).
+    Without autograd the step op's layer is skipped too; under torch.compile or a dispatch mode the op
+    path is kept (``ops.can_skip_ops``).
     """
     state = [s.contiguous() for s in state]
-    if not _needs_grad(x, w_ih, b_ih, *hh, *state) and not torch.compiler.is_compiling():
+    save = _needs_grad(x, w_ih, b_ih, *hh, *state)
+    direct = not save and ops.can_skip_ops()
+    if direct:
         fused = getattr(dispatch.get(backend), f"{family}_cell_fwd", None)
         if fused is not None:
             dispatch.note_call(f"{family}_cell_fwd", backend)
             res = fused(x.contiguous(), w_ih.contiguous(), b_ih, *hh, *state, *options)
             return tuple(res) if isinstance(res, (tuple, list)) else (res,)
     xw = F.linear(x, w_ih, b_ih).contiguous()
-    res = _op(f"{family}_step_fwd")(xw, *hh, *state, *options, _needs_grad(xw, *hh, *state), backend)
+    step = ops.DIRECT[f"{family}_step_fwd"] if direct else _op(f"{family}_step_fwd")
+    res = step(xw, *hh, *state, *options, save, backend)
     return tuple(res[:-1])

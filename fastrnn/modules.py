@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import dispatch
+from . import dispatch, ops
 from .functional import cell_step, rnn_layers
 
 
@@ -329,13 +329,13 @@ class _CellMixin(_BackendMixin):
     def _fused_inference(self, input, hx):
         """The streaming fast path: one call of the backend's optional ``<family>_cell_fwd`` (input
         projection inside), with none of the Python checks of ``_forward``. Taken only without autograd,
-        outside torch.compile, with a state given, when the chosen backend offers it. That op checks
+        outside torch.compile and dispatch modes (``ops.can_skip_ops``), with a state given, when the chosen backend offers it. That op checks
         shapes, dtypes, devices and contiguity itself and changes no input; whatever it refuses goes to
         ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
         the fast path does not apply. A cell call at batch 1 is short enough that the Python checks cost
         as much as the kernel (benchmarks/NOTES.md).
         """
-        if torch.compiler.is_compiling():
+        if not ops.can_skip_ops():
             return None
         key = (input.dtype, input.device.type, self.backend, dispatch.requested())
         cached = self.__dict__.get("_fused_choice")  # (key, backend name, backend object, its fused op)

@@ -9,6 +9,7 @@ of every op is the backend's name; the op's implementation calls that backend's 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import dispatch
 
@@ -48,6 +49,7 @@ def _schemas(family):
 
 
 def _call_backend(opname):
+    """The implementation of op ``opname``: note the call, run the backend's method of that name."""
     def impl(*args):
         dispatch.note_call(opname, args[-1])
         return getattr(dispatch.get(args[-1]), opname)(*args[:-1])
@@ -135,3 +137,14 @@ def _define_all():
 
 
 OPS = _define_all()
+
+
+def can_skip_ops():
+    """May a call that needs no autograd skip the op layer (its Python autograd wrapper costs ~25 us a
+    call) and run the op's implementation directly? Not while torch.compile traces, and not under a
+    dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+#: what each op runs, to call without the op layer when ``can_skip_ops()`` and no gradient is needed
+DIRECT = {name: _call_backend(name) for name in OPS}

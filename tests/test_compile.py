@@ -78,3 +78,26 @@ def test_import_stays_light():
     code = "import sys, fastrnn; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_fake_tensor_mode(backend, grad):
+    """Under FakeTensorMode (shape propagation, non-strict tracing) every module gives torch's shapes:
+    calls without autograd may skip the op layer, but not under a dispatch mode, which needs the ops'
+    fake implementations."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cases = [(fastrnn.LSTM(4, 8, proj_size=3, backend=backend), torch.nn.LSTM(4, 8, proj_size=3), (5, 3, 4)),
+             (fastrnn.GRU(4, 8, backend=backend), torch.nn.GRU(4, 8), (5, 3, 4)),
+             (fastrnn.RNN(4, 8, backend=backend), torch.nn.RNN(4, 8), (5, 3, 4)),
+             (fastrnn.LSTMCell(4, 8, backend=backend), torch.nn.LSTMCell(4, 8), (3, 4)),
+             (fastrnn.GRUCell(4, 8, backend=backend), torch.nn.GRUCell(4, 8), (3, 4)),
+             (fastrnn.RNNCell(4, 8, backend=backend), torch.nn.RNNCell(4, 8), (3, 4))]
+    flat = lambda o: [o] if torch.is_tensor(o) else [z for y in o for z in flat(y)]  # noqa: E731
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(grad):
+        for mod, ref, shape in cases:
+            x = torch.randn(*shape)
+            state = ref(x)  # torch's outputs give the state shapes too
+            for hx in (None, state[1] if isinstance(ref, torch.nn.RNNBase) else state):
+                got, want = flat(mod(x, hx)), flat(ref(x, hx))
+                assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want], type(mod).__name__
