@@ -1,4 +1,8 @@
-"""torch.library custom ops: the only way the functional layer reaches a backend.
+"""torch.library custom ops: how the functional layer reaches a backend.
+
+When no autograd can follow and nothing intercepts ops (no torch.compile tracing, no dispatch mode),
+the functional layer calls an op's implementation (``DIRECT``) without the op layer; it is the same
+function the op runs (``can_skip_ops``). The cells' optional fused inference op is reached the same way.
 
 Twelve ops, ``fastrnn::<family>_<scope>_<pass>`` for family in lstm, gru, rnn, scope in seq, step and
 pass in fwd, bwd. Their schemas are generated from ``FAMILIES`` (the argument lists of the backend

@@ -56,9 +56,10 @@ Each backend provides, per family ``<f>`` in lstm, gru, rnn, four methods named 
 
 Optional, for inference: ``<f>_cell_fwd(x, w_ih, b_ih, *weights, *state, *options) -> state_new`` (a
 tensor for gru and rnn, a tuple (h, c) for lstm): one step of a cell with the input projection inside
-the call, x [B,I], w_ih [G*H,I], b_ih [G*H]?. No autograd and no workspace: ``fastrnn.functional``
-calls it directly (not through an op) only when no gradient can be needed and not under torch.compile,
-and uses the step ops otherwise.
+the call, x [B,I], w_ih [G*H,I], b_ih [G*H]?. No autograd and no workspace: the cell modules and
+``fastrnn.functional`` call it directly (not through an op) only when no gradient can be needed and no
+torch.compile tracing or dispatch mode is active (``fastrnn.ops.can_skip_ops``), and use the step ops
+otherwise.
 
 ``workspace_numel(op, *fwd_args) -> int`` gives the size of ``ws`` for a forward call from the
 arguments' shapes only (it is used on fake tensors under torch.compile).
