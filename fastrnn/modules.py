@@ -372,6 +372,13 @@ class _CellMixin(_BackendMixin):
             out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
         return out
 
+    def __getstate__(self):
+        # the fast path's cached choice holds the backend and its op, which do not pickle (torch.save of
+        # a whole module); it is rebuilt on the next call
+        state = self.__dict__.copy()
+        state.pop("_fused_choice", None)
+        return state
+
     def _fused_weight_names(self):
         """Parameter names of the fused cell op's weight arguments, in order (None: absent)."""
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh")

@@ -220,3 +220,25 @@ def test_cell_inference_parametrized_weight(backend):
         out = mod(x, h)
     assert_close(out, ref(x, h).detach(), TOL[torch.float32]["out"], "parametrized")
     assert ran == [("gru_cell_fwd" if backend in FUSED_CELL else "gru_step_fwd", backend)]
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_pickles_after_inference(name):
+    """torch.save of a whole cell (pickle) and deepcopy work after inference calls (the fast path caches
+    its choice on the module); the copies give the same outputs."""
+    import copy
+    import io
+    fcls, _, kw = CELLS[name]
+    torch.manual_seed(0)
+    mod = fcls(4, 8, **kw)
+    x = torch.randn(2, 4)
+    hx = (torch.randn(2, 8), torch.randn(2, 8)) if name == "LSTMCell" else torch.randn(2, 8)
+    with torch.no_grad():
+        want = mod(x, hx)
+        buf = io.BytesIO()
+        torch.save(mod, buf)
+        buf.seek(0)
+        for other in (torch.load(buf, weights_only=False), copy.deepcopy(mod)):
+            got = other(x, hx)
+            for a, b in zip(got if name == "LSTMCell" else (got,), want if name == "LSTMCell" else (want,)):
+                assert torch.equal(a, b)
