@@ -335,7 +335,7 @@ class _CellMixin(_BackendMixin):
         the fast path does not apply. A cell call at batch 1 is short enough that the Python checks cost
         as much as the kernel (benchmarks/NOTES.md).
         """
-        if not ops.can_skip_ops():
+        if not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops()):
             return None
         key = (input.dtype, input.device.type, self.backend, dispatch.requested())
         cached = self.__dict__.get("_fused_choice")  # (key, backend name, backend object, its fused op)
@@ -365,7 +365,7 @@ class _CellMixin(_BackendMixin):
             weights = [None if n is None else getattr(self, n) for n in names]
         try:
             out = fused(input, *weights, *states, *self._options())
-        except RuntimeError:
+        except (RuntimeError, TypeError):
             return None
         dispatch.note_call(f"{self._family}_cell_fwd", name)
         if unbatched:
@@ -383,16 +383,23 @@ class _CellMixin(_BackendMixin):
         """Parameter names of the fused cell op's weight arguments, in order (None: absent)."""
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
 
+    def _hx_is_well_formed(self, hx):
+        return isinstance(hx, torch.Tensor)
+
+    def _hx_states(self, name, hx, batched):
+        """The state tensors given as ``hx``, as torch reads them (it raises for a wrong form)."""
+        return (hx,)
+
     def _forward(self, input, hx):
         """The general path: torch's argument checks, any backend, autograd."""
         name = self._torch_name()
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         states = None
-        if hx is not None:
-            states = tuple(hx) if self._n_state == 2 else (hx,)
-            self._hx_dim_check(name, states)
         batched = input.dim() == 2
+        if hx is not None:
+            states = self._hx_states(name, hx, batched)
+            self._hx_dim_check(name, states)
         if states is not None and any(s.dim() != input.dim() for s in states):
             raise RuntimeError(f"{name}: hidden state must be {input.dim()}D for {input.dim()}D input, got "
                                f"{', '.join(f'{s.dim()}D' for s in states)}")
@@ -441,6 +448,20 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
 
     def _fused_weight_names(self):
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh", None, "weight_ch" if self.peephole else None)
+
+    def _hx_is_well_formed(self, hx):
+        return isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(s, torch.Tensor) for s in hx)
+
+    def _hx_states(self, name, hx, batched):
+        # as torch: unbatched, it takes hx[0] and hx[1] (of a tuple, or the rows of one tensor); batched,
+        # a TypeError from lstm_cell's argument parsing, or a RuntimeError for another count than two
+        if not batched:
+            return (hx[0], hx[1])
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"{name}: hx must be a tuple of Tensors (h_0, c_0), not {type(hx).__name__}")
+        if len(hx) != 2:
+            raise RuntimeError(f"{name}: lstm_cell expects two hidden states (h_0, c_0), got {len(hx)}")
+        return tuple(hx)
 
     def _options(self):
         return (self.coupled_gates,)

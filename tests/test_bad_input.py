@@ -184,3 +184,31 @@ def test_nan_inf_propagate_like_torch(backend, name, bad):
     sf, st = (sf if isinstance(sf, tuple) else (sf,)), (st if isinstance(st, tuple) else (st,))
     for a, b in zip(sf, st):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name,args,match", [
+    # a batched LSTMCell's state that is one tensor: torch's TypeError
+    ("LSTMCell", lambda: (torch.randn(3, 4), torch.zeros(3, 8)), r"hx must be a tuple of Tensors"),
+    ("LSTMCell", lambda: (torch.randn(3, 4), (torch.zeros(3, 8),) * 3), r"expects two hidden states"),
+    ("GRUCell", lambda: (torch.randn(3, 4), (torch.zeros(3, 8),)), r"'tuple' object has no attribute 'dim'"),
+    ("RNNCell", lambda: (torch.randn(3, 4).numpy(), torch.zeros(3, 8)), r"has no attribute 'dim'"),
+])
+def test_cell_state_of_the_wrong_form(backend, grad, name, args, match):
+    f, t = _pair(*CELL[name], backend)
+    with torch.set_grad_enabled(grad):
+        expect_same_error(f, t, args(), match)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_unbatched_lstm_cell_reads_hx_0_and_1(backend, grad):
+    """Unbatched, torch's LSTMCell takes (hx[0], hx[1]): the rows of one tensor, or the first two of
+    three states. fastrnn does the same (and its inference fast path leaves such forms to the general path)."""
+    f, t = _pair(fastrnn.LSTMCell, torch.nn.LSTMCell, backend)
+    x = torch.randn(4)
+    for hx in (torch.randn(2, 8), (torch.randn(8), torch.randn(8), torch.randn(8))):
+        with torch.set_grad_enabled(grad):
+            for a, b in zip(f(x, hx), t(x, hx)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
