@@ -106,11 +106,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
                                                             bool save, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
-  at::Tensor y = opt_ptr(lengths) ? at::zeros({T_, B, H}, xw.options()) : at::empty({T_, B, H}, xw.options());
+  at::Tensor y = opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
   const int64_t ws_numel = save ? T_ * B * (GH + H) : 0;
-  at::Tensor ws = opt_ptr(lengths) ? at::zeros({ws_numel}, xw.options()) : at::empty({ws_numel}, xw.options());
+  at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
   if (B == 0 || T_ == 0) return {y, h_n, ws};
   at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
   T* gates = save ? ws.data_ptr<T>() : nullptr;
@@ -146,7 +146,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    bool reverse) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   const bool varlen = opt_ptr(lengths);
-  auto new_ = [&](at::IntArrayRef s) { return varlen ? at::zeros(s, xw.options()) : at::empty(s, xw.options()); };
+  auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
   at::Tensor d_xw = new_({T_, B, GH}), d_hh = new_({T_, B, GH}), hprev = new_({T_, B, H});
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
   if (B > 0 && T_ > 0) {

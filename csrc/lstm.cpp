@@ -192,11 +192,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
     const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
-  at::Tensor y = varlen ? at::zeros({T_, B, P}, xw.options()) : at::empty({T_, B, P}, xw.options());
+  at::Tensor y = varlen ? pool_zeros({T_, B, P}, xw.options()) : pool_empty({T_, B, P}, xw.options());
   at::Tensor h_n = at::empty({B, P}, xw.options()), c_n = c0.clone();
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
   const int64_t ws_numel = save ? T_ * B * (GH + H + (proj ? H : 0)) : 0;
-  at::Tensor ws = varlen ? at::zeros({ws_numel}, xw.options()) : at::empty({ws_numel}, xw.options());
+  at::Tensor ws = varlen ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
   at::Tensor hfull_scratch = (proj && !save) ? at::empty({B * H}, xw.options()) : at::Tensor();
   if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
   at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
@@ -240,7 +240,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    const at::Tensor& ws, bool reverse, bool coupled) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
-  auto new_ = [&](at::IntArrayRef s) { return varlen ? at::zeros(s, xw.options()) : at::empty(s, xw.options()); };
+  auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
   at::Tensor d_xw = new_({T_, B, GH}), hprev = new_({T_, B, P});
   at::Tensor dh_proj = proj ? new_({T_, B, P}) : at::Tensor();
   at::Tensor dh0 = grad_h_n.clone(), dc0 = grad_c_n.clone();

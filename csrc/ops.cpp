@@ -38,6 +38,8 @@ TORCH_LIBRARY(fastrnn_cpp, m) {
   m.def("gru_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h) -> Tensor");
   m.def("rnn_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h, "
         "str nonlinearity) -> Tensor");
+  // an uninitialized CPU tensor from the large-buffer cache (csrc/pool.cpp)
+  m.def("empty(int[] size, ScalarType dtype) -> Tensor");
 }
 
 namespace {
@@ -73,4 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "multiply-adds a step's GEMM needs before a call is split over threads");
   m.def("set_parallel_min_macs", [](int64_t v) { fastrnn::parallel_min_macs().store(v); },
         "set that threshold (0: always split when there are at least two unit blocks)");
+  m.def("cache_info", &fastrnn::cache_info,
+        "the large-buffer cache: (bytes handed out, bytes idle, most idle bytes kept)");
+  m.def("empty_cache", &fastrnn::empty_cache, "free the large-buffer cache's idle blocks");
+  m.def("set_cache_cap", &fastrnn::set_cache_cap, pybind11::arg("bytes"), pybind11::arg("trim") = true,
+        "set the most idle bytes the large-buffer cache keeps (0 turns it off; trim: free the idle blocks "
+        "when lowering it); returns the old limit");
 }

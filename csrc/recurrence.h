@@ -334,6 +334,16 @@ void pack_panel(const T* src, int64_t ld, bool trans, int64_t K, int64_t ncols, 
   pack_cols(src, ld, trans, K, ncols, cols.data(), panel);
 }
 
+// ---- large buffers (pool.cpp) -------------------------------------------------------------------
+// Tensors of 1 MiB and more from a cache of blocks whose pages are already mapped (a fresh mmap'ed
+// buffer costs a page fault per 4 KiB on first touch); smaller ones from torch's CPU allocator.
+at::Tensor pool_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
+at::Tensor pool_zeros(at::IntArrayRef sizes, const at::TensorOptions& opts);
+void empty_cache();
+// the most idle bytes kept (0: no cache); trim: free the idle blocks when lowering it; returns the old limit
+int64_t set_cache_cap(int64_t bytes, bool trim);
+std::tuple<int64_t, int64_t, int64_t> cache_info();  // bytes in use, bytes idle, the idle cap
+
 // ---- the team -----------------------------------------------------------------------------------
 // A sense-counting spin barrier. Each caller arrives with a weight (the number of workers it runs),
 // so it cannot deadlock even if at::parallel_for gives one thread several workers.
@@ -485,9 +495,9 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I);
   const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor panel = at::empty({packed ? nw * P * ncols : 0}, opts), pre = at::empty({nw * B * ncols}, opts);
-  at::Tensor panel_r = at::empty({packed && proj ? nw * H * PU : 0}, opts), pre_r = at::empty({proj ? nw * B * PU : 0}, opts);
-  at::Tensor hbuf = at::empty({2, B * P}, opts);
+  at::Tensor panel = pool_empty({packed ? nw * P * ncols : 0}, opts), pre = pool_empty({nw * B * ncols}, opts);
+  at::Tensor panel_r = pool_empty({packed && proj ? nw * H * PU : 0}, opts), pre_r = pool_empty({proj ? nw * B * PU : 0}, opts);
+  at::Tensor hbuf = pool_empty({2, B * P}, opts);
   T* hb = hbuf.data_ptr<T>();
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
   std::memcpy(hb + B * P, a.h0, sizeof(T) * B * P);
@@ -585,8 +595,8 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   const bool proj = a.w_hr != nullptr;
   const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor panel_a = at::empty({packed && proj ? nw * P * U : 0}, opts), pre_a = at::empty({proj ? nw * B * U : 0}, opts);
-  at::Tensor panel_b = at::empty({packed ? nw * GH * PU : 0}, opts), pre_b = at::empty({nw * B * PU}, opts);
+  at::Tensor panel_a = pool_empty({packed && proj ? nw * P * U : 0}, opts), pre_a = pool_empty({proj ? nw * B * U : 0}, opts);
+  at::Tensor panel_b = pool_empty({packed ? nw * GH * PU : 0}, opts), pre_b = pool_empty({nw * B * PU}, opts);
   T* pana = panel_a.data_ptr<T>(), *pra = pre_a.data_ptr<T>(), *panb = panel_b.data_ptr<T>(), *prb = pre_b.data_ptr<T>();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
 

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
                                                             bool relu, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H;
-  at::Tensor y = opt_ptr(lengths) ? at::zeros({T_, B, H}, xw.options()) : at::empty({T_, B, H}, xw.options());
+  at::Tensor y = opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, xw.options())};
   at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({H}, xw.options());
@@ -117,7 +117,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    const c10::optional<at::Tensor>& lengths, const at::Tensor& y, bool reverse, bool relu) {
   const int64_t T_ = d.T, B = d.B, H = d.H;
   const bool varlen = opt_ptr(lengths);
-  auto new_ = [&](at::IntArrayRef s) { return varlen ? at::zeros(s, xw.options()) : at::empty(s, xw.options()); };
+  auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
   at::Tensor d_xw = new_({T_, B, H}), hprev = new_({T_, B, H});
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
   if (B > 0 && T_ > 0) {

@@ -81,3 +81,135 @@ def test_no_compiler_means_unavailable_with_the_reason(monkeypatch):
         monkeypatch.undo()
         importlib.reload(cpp)
     assert not cpp.BACKEND.unavailable_reasons()
+
+
+# ---- the large-buffer cache (csrc/pool.cpp) ------------------------------------------------------
+# Buffers of 1 MiB and more (outputs, workspaces, the inference input projection) come from a cache of
+# blocks whose pages stay mapped. Shapes here are chosen so that xw, y, ws and the backward's buffers
+# cross that size for every family (T=40 B=64 H=128: y 1.3 MiB, RNN xw 1.3 MiB, LSTM xw 5.2 MiB).
+BIG = dict(T=40, B=64, I=24, H=128)
+
+
+def _big_pair(cls, tcls, **kw):
+    torch.manual_seed(3)
+    ref = tcls(BIG["I"], BIG["H"], **kw)
+    mod = cls(BIG["I"], BIG["H"], backend="cpp", **kw)
+    mod.load_state_dict(ref.state_dict())
+    return mod, ref
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)], ids=["L1", "L2bi"])
+@pytest.mark.parametrize("cls,tcls", [(fastrnn.LSTM, torch.nn.LSTM), (fastrnn.GRU, torch.nn.GRU),
+                                      (fastrnn.RNN, torch.nn.RNN)], ids=["LSTM", "GRU", "RNN"])
+def test_cached_buffers_give_torch_values_and_are_not_reused_while_alive(cls, tcls, layers, bidirectional, ran):
+    mod, ref = _big_pair(cls, tcls, num_layers=layers, bidirectional=bidirectional)
+    xs = [torch.randn(BIG["T"], BIG["B"], BIG["I"]) for _ in range(3)]
+    in_use0 = cpp.BACKEND.cache_info()["in_use"]
+    with torch.no_grad():
+        outs = [mod(x) for x in xs]  # all three outputs alive at once
+        if layers == 1 and not bidirectional:  # y is the op's output itself: a cached block
+            assert cpp.BACKEND.cache_info()["in_use"] >= in_use0 + 3 * outs[0][0].numel() * 4
+        for x, (y, st) in zip(xs, outs):
+            y_ref, st_ref = ref(x)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+            for a, b in zip(st if isinstance(st, tuple) else (st,), st_ref if isinstance(st_ref, tuple) else (st_ref,)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # training: the forward's workspace and the backward's buffers come from the cache too
+    for x in xs[:2]:
+        xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y, _ = mod(xg)
+        y_ref, _ = ref(xr)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [xg, *mod.parameters()], g)
+        grads_ref = torch.autograd.grad(y_ref, [xr, *ref.parameters()], g)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert backends_used(ran) == {"cpp"}
+
+
+def test_cached_packed_input():
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    mod, ref = _big_pair(fastrnn.LSTM, torch.nn.LSTM)
+    x = torch.randn(BIG["T"], BIG["B"], BIG["I"])
+    lengths = torch.randint(1, BIG["T"] + 1, (BIG["B"],))
+    lengths[0] = BIG["T"]
+    with torch.no_grad():
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        y, (h, c) = mod(packed)
+        y_ref, (h_ref, c_ref) = ref(packed)
+    torch.testing.assert_close(pad_packed_sequence(y)[0], pad_packed_sequence(y_ref)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((h, c), (h_ref, c_ref), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_reuses_blocks_and_empties():
+    mod, _ = _big_pair(fastrnn.LSTM, torch.nn.LSTM)
+    x = torch.randn(BIG["T"], BIG["B"], BIG["I"])
+    with torch.no_grad():
+        mod(x)
+        held = cpp.BACKEND.cache_info()
+        for _ in range(3):
+            mod(x)
+    after = cpp.BACKEND.cache_info()
+    # the repeated calls took the blocks the first one gave back: nothing new was kept
+    assert after["in_use"] + after["idle"] == held["in_use"] + held["idle"] and after["idle"] > 0
+    # turned off without trimming: calls bypass the cache, the idle blocks stay; with trimming they go
+    old = cpp.BACKEND.set_cache_limit(0, trim=False)
+    try:
+        with torch.no_grad():
+            y, _ = mod(x)
+        off = cpp.BACKEND.cache_info()
+        assert off == {"in_use": after["in_use"], "idle": after["idle"], "cap": 0}
+        cpp.BACKEND.set_cache_limit(0)
+        assert cpp.BACKEND.cache_info()["idle"] == 0
+    finally:
+        assert cpp.BACKEND.set_cache_limit(old) == 0
+    assert cpp.BACKEND.cache_info()["cap"] == old << 20
+    with torch.no_grad():
+        mod(x)
+    assert cpp.BACKEND.cache_info()["idle"] > 0
+    cpp.BACKEND.empty_cache()
+    assert cpp.BACKEND.cache_info()["idle"] == 0
+
+
+def test_cached_tensor_is_an_ordinary_tensor():
+    t = cpp.BACKEND.empty([512, 1024], torch.float32)  # 2 MiB: from the cache
+    assert t.shape == (512, 1024) and t.dtype == torch.float32 and t.device.type == "cpu"
+    t.fill_(2.0)
+    t.resize_(1024, 1024)  # its storage grows through the same allocator
+    t[512:] = 3.0
+    assert t[:512].eq(2.0).all() and t[512:].eq(3.0).all()
+    assert torch.equal(torch.load(_saved(t), weights_only=True), t)
+    small = cpp.BACKEND.empty([3, 4], torch.float64)  # under 1 MiB: torch's CPU allocator
+    assert small.shape == (3, 4) and small.dtype == torch.float64
+
+
+def _saved(t):
+    import io
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_cache_allocations_are_seen_by_the_profiler():
+    """The benchmark's peak memory comes from torch's profiler: cached blocks must be reported to it."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        t = cpp.BACKEND.empty([256, 1024], torch.float32)
+        del t
+    mem = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage]
+    assert 256 * 1024 * 4 in mem and -256 * 1024 * 4 in mem
+
+
+def test_cache_off_and_bad_setting():
+    """FASTRNN_CPU_CACHE_MB=0 turns the cache off (results unchanged); a malformed value is an error."""
+    import subprocess
+    code = ("import torch, fastrnn; from fastrnn.backends import cpp; m = fastrnn.LSTM(24, 128); "
+            "x = torch.randn(40, 64, 24)\nwith torch.no_grad(): m(x)\n"
+            "print(cpp.BACKEND.cache_info())")
+    env = dict(__import__("os").environ, FASTRNN_CPU_CACHE_MB="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "{'in_use': 0, 'idle': 0, 'cap': 0}"
+    env["FASTRNN_CPU_CACHE_MB"] = "lots"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "FASTRNN_CPU_CACHE_MB must be a number of MiB >= 0, got 'lots'" in res.stderr

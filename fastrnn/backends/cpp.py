@@ -74,6 +74,31 @@ class CppBackend(Backend):
         _C.set_parallel_min_macs(value)
         return old
 
+    @staticmethod
+    def empty(shape, dtype):
+        """The contract's optional ``empty``: an uninitialized CPU tensor from the extension's cache of
+        large blocks (csrc/pool.cpp), for the input projection of an inference forward."""
+        return OPS.empty(shape, dtype)
+
+    @staticmethod
+    def cache_info() -> dict:
+        """The large-buffer cache: bytes handed out, bytes idle, and the most idle bytes it keeps
+        (FASTRNN_CPU_CACHE_MB, default 1024 MiB; 0 turns it off)."""
+        in_use, idle, cap = _C.cache_info()
+        return {"in_use": in_use, "idle": idle, "cap": cap}
+
+    @staticmethod
+    def set_cache_limit(megabytes: int, trim: bool = True) -> int:
+        """Set the most idle MiB the large-buffer cache keeps (0 turns it off: buffers then come from
+        torch's CPU allocator); with ``trim`` a lower limit frees the idle blocks at once. Returns the
+        old limit in MiB."""
+        return _C.set_cache_cap(int(megabytes) << 20, trim) >> 20
+
+    @staticmethod
+    def empty_cache() -> None:
+        """Free the idle blocks of the large-buffer cache (blocks still in use stay)."""
+        _C.empty_cache()
+
     def __getattr__(self, name):
         # the contract's methods are the extension's ops of the same names and arguments
         if OPS is not None and name in _OP_NAMES:
