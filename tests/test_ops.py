@@ -152,3 +152,46 @@ class dispatch_saves:
     def __exit__(self, *exc):
         for name in self.originals:
             delattr(self.backend, name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls,tcls,used", [(fastrnn.LSTM, torch.nn.LSTM, u) for u in ("y", "h_n", "c_n")] + [
+    (c, t, u) for c, t in ((fastrnn.GRU, torch.nn.GRU), (fastrnn.RNN, torch.nn.RNN)) for u in ("y", "h_n")],
+    ids=["LSTM-y", "LSTM-h_n", "LSTM-c_n", "GRU-y", "GRU-h_n", "RNN-y", "RNN-h_n"])
+def test_grads_when_some_outputs_are_unused(backend, cls, tcls, used, ran):
+    """The forward ops' unused outputs get no gradient (None, not a zero-filled tensor, reaches the op's
+    backward); the backward then stands in zeros for them, so the gradients still equal torch's."""
+    torch.manual_seed(5)
+    ref = tcls(3, 4, num_layers=2).double()
+    mod = cls(3, 4, num_layers=2, backend=backend).double()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    res = []
+    for m in (mod, ref):
+        xi = x.clone().requires_grad_()
+        y, st = m(xi)
+        st = st if isinstance(st, tuple) else (st,)
+        out = {"y": y, "h_n": st[0], "c_n": st[-1]}[used]
+        res.append(torch.autograd.grad((out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                       [xi, *m.parameters()]))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert backends_used(ran) == {backend}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cell_grads_when_one_state_is_unused(backend, ran):
+    torch.manual_seed(6)
+    ref = torch.nn.LSTMCell(3, 4).double()
+    mod = fastrnn.LSTMCell(3, 4, backend=backend).double()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for k in (0, 1):
+        res = []
+        for m in (mod, ref):
+            xi = x.clone().requires_grad_()
+            st = m(xi)
+            res.append(torch.autograd.grad(st[k].sum(), [xi, *m.parameters()]))
+        for a, b in zip(*res):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert backends_used(ran) == {backend}
