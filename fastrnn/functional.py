@@ -47,12 +47,9 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh = weights[k]
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, *hh, *st)
-            buffers = alloc if not save else None
-            xw = _project(layer_input, w_ih, b_ih, buffers)
+            xw = _project(layer_input, w_ih, b_ih, alloc)
             if packed:
-                full = _empty(buffers, (steps * B, xw.shape[1]), xw).zero_()
-                xw = full.index_copy_(0, index, xw) if buffers else full.index_copy(0, index, xw)
-                xw = xw.view(steps, B, -1)
+                xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
             fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
             res = fwd(xw.contiguous(), *hh, *st, lengths, direction == 1, *options, save, backend)
             outs.append(res[0])
@@ -72,18 +69,49 @@ def _empty(alloc, shape, like):
 
 def _project(x, w_ih, b_ih, alloc):
     """The input projection of all steps, ``x @ w_ih.T + b_ih``. With ``alloc`` (a backend's optional
-    ``empty``, used only when no gradient can be needed) it is written into a buffer the backend
-    hands out, from memory it keeps mapped: a fresh buffer of tens of MiB costs a page fault per
-    4 KiB on first touch (~15 ms of a ~120 ms LSTM call at T=100 B=64 H=512, benchmarks/NOTES.md)."""
+    ``empty``) it is written into a buffer the backend hands out, from memory it keeps mapped: a fresh
+    buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
+    T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
+    dx in such a buffer too."""
     if alloc is None:
         return F.linear(x, w_ih, b_ih)
     x2 = x.reshape(-1, x.shape[-1])
-    out = alloc([x2.shape[0], w_ih.shape[0]], x.dtype)
-    if b_ih is None:
-        torch.mm(x2, w_ih.t(), out=out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_ih)):
+        out = _Projection.apply(x2, w_ih, b_ih, alloc)
     else:
-        torch.addmm(b_ih, x2, w_ih.t(), out=out)
+        out = _linear_into(alloc([x2.shape[0], w_ih.shape[0]], x.dtype), x2, w_ih, b_ih)
     return out.view(*x.shape[:-1], w_ih.shape[0])
+
+
+def _linear_into(out, x2, w, b):
+    return torch.mm(x2, w.t(), out=out) if b is None else torch.addmm(b, x2, w.t(), out=out)
+
+
+class _Projection(torch.autograd.Function):
+    """``F.linear`` of a 2-D input with its output, and its backward's dx, in buffers from ``alloc``."""
+
+    @staticmethod
+    def forward(x2, w, b, alloc):
+        return _linear_into(alloc([x2.shape[0], w.shape[0]], x2.dtype), x2, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x2, w, b, alloc = inputs
+        ctx.save_for_backward(x2, w)
+        ctx.alloc, ctx.has_bias = alloc, b is not None
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            # out= is not differentiable: a double backward (create_graph) takes the plain product
+            dx = g.mm(w) if torch.is_grad_enabled() else torch.mm(g, w, out=ctx.alloc([g.shape[0], w.shape[1]], g.dtype))
+        if ctx.needs_input_grad[1]:
+            dw = g.t().mm(x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db, None
 
 
 def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):

@@ -115,9 +115,13 @@ def test_cached_buffers_give_torch_values_and_are_not_reused_while_alive(cls, tc
             for a, b in zip(st if isinstance(st, tuple) else (st,), st_ref if isinstance(st_ref, tuple) else (st_ref,)):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # training: the forward's workspace and the backward's buffers come from the cache too
+    G = {fastrnn.LSTM: 4, fastrnn.GRU: 3, fastrnn.RNN: 1}[cls]
     for x in xs[:2]:
         xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        before = cpp.BACKEND.cache_info()["in_use"]
         y, _ = mod(xg)
+        # each layer's input projection (functional._Projection), held for the backward, is a cached block
+        assert cpp.BACKEND.cache_info()["in_use"] >= before + layers * x.shape[0] * x.shape[1] * G * BIG["H"] * 4
         y_ref, _ = ref(xr)
         g = torch.randn_like(y)
         grads = torch.autograd.grad(y, [xg, *mod.parameters()], g)
