@@ -567,7 +567,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
 // ---- the backward time loop --------------------------------------------------------------------
 // Steps in the opposite order of the forward. Phase A (worker's units): dh of its units (grad_y +
 // the recurrent dh, or with a projection dh_full = dh @ W_hr[:, its units]), then the cell's pointwise
-// backward writes the gate gradients. Phase B (worker's slice of the P outputs): dh_rec = d_rec @ W_hh
+// backward writes the gate gradients; a barrier. Phase B (worker's slice of the P outputs): dh_rec = d_rec @ W_hh
 // for the previous step (added to what the pointwise pass left there when `accumulate`), h_prev of the
 // step for the weight gradients, and (projection) the next step's dh.
 // `point(t, bs, nprev, tprev, u0, nu, dh, ldh)`: rows b < nprev had a previous step (at tprev), the
@@ -657,7 +657,10 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
         }
         if (proj && it > 0) make_dh(it - 1, p0, np, a.dh_proj + tprev * B * P);
       }
-      bar.arrive(we - wb);
+      // With a projection the next phase A reads every worker's dh_proj columns. Without one a worker's
+      // columns are its own units (PU = U), so its next phase A reads only dh_rec columns that its own
+      // phase B wrote, and writes step t-1's d_rec while the others may still read step t's: no barrier.
+      if (proj) bar.arrive(we - wb);
     }
   });
 }
