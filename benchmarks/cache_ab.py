@@ -36,8 +36,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     args = ap.parse_args(argv)
-    limit = cpp.BACKEND.set_cache_limit(1024)
-    cpp.BACKEND.set_cache_limit(limit)
+    limit = cpp.BACKEND.cache_info()["cap"] >> 20
+    if limit == 0:
+        raise SystemExit("the cache is off (FASTRNN_CPU_CACHE_MB=0): nothing to compare")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastrnn {fastrnn.__version__}, "
           f"cache limit {limit} MiB")
     print(f"{'case':32s} {'torch ms':>9s} {'cache ms':>9s} {'off ms':>9s} {'x torch':>8s} {'off x':>6s}"

@@ -114,7 +114,8 @@ def _autograd(family, scope, bwd_op):
         saved = ctx.saved_tensors
         # the outputs the grads belong to: (y,) + state for seq, state for step; no gradient flows into ws
         like = ((saved[-2],) if scope == "seq" else ()) + tuple(saved[1 + nw:1 + nw + ns])
-        grads = [torch.zeros_like(o) if g is None else g.contiguous() for g, o in zip(grads[:-1], like)]
+        grads = [torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
+                 for g, o in zip(grads[:-1], like)]
         res = list(bwd_op(*grads, *saved, *ctx.opts))
         for k, absent in enumerate(ctx.absent):
             if absent:

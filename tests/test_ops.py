@@ -154,16 +154,21 @@ class dispatch_saves:
             delattr(self.backend, name)
 
 
+_UNUSED = [(fastrnn.LSTM, torch.nn.LSTM, u, kw) for u in ("y", "h_n", "c_n")
+           for kw in ({}, {"proj_size": 2}, {"bidirectional": True})] + [
+    (c, t, u, kw) for c, t in ((fastrnn.GRU, torch.nn.GRU), (fastrnn.RNN, torch.nn.RNN)) for u in ("y", "h_n")
+    for kw in ({}, {"bidirectional": True})]
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("cls,tcls,used", [(fastrnn.LSTM, torch.nn.LSTM, u) for u in ("y", "h_n", "c_n")] + [
-    (c, t, u) for c, t in ((fastrnn.GRU, torch.nn.GRU), (fastrnn.RNN, torch.nn.RNN)) for u in ("y", "h_n")],
-    ids=["LSTM-y", "LSTM-h_n", "LSTM-c_n", "GRU-y", "GRU-h_n", "RNN-y", "RNN-h_n"])
-def test_grads_when_some_outputs_are_unused(backend, cls, tcls, used, ran):
+@pytest.mark.parametrize("cls,tcls,used,kw", _UNUSED,
+                         ids=[f"{c.__name__}-{u}-{'-'.join(k) or 'plain'}" for c, _, u, k in _UNUSED])
+def test_grads_when_some_outputs_are_unused(backend, cls, tcls, used, kw, ran):
     """The forward ops' unused outputs get no gradient (None, not a zero-filled tensor, reaches the op's
     backward); the backward then stands in zeros for them, so the gradients still equal torch's."""
     torch.manual_seed(5)
-    ref = tcls(3, 4, num_layers=2).double()
-    mod = cls(3, 4, num_layers=2, backend=backend).double()
+    ref = tcls(3, 4, num_layers=2, **kw).double()
+    mod = cls(3, 4, num_layers=2, backend=backend, **kw).double()
     mod.load_state_dict(ref.state_dict())
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     res = []

@@ -61,9 +61,11 @@ the call, x [B,I], w_ih [G*H,I], b_ih [G*H]?. No autograd and no workspace: the 
 torch.compile tracing or dispatch mode is active (``fastrnn.ops.can_skip_ops``), and use the step ops
 otherwise.
 
-Optional, for inference: ``empty(shape, dtype) -> Tensor``, an uninitialized tensor from memory the
-backend manages, into which ``fastrnn.functional`` writes the input projection ``xw`` of a forward
-that needs no gradient (the same direct path as above). Without it ``xw`` comes from ``F.linear``.
+Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
+from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the
+direct path above (no torch.compile tracing, no dispatch mode) ``fastrnn.functional`` writes the input
+projection ``xw`` into it, and in training also the projection's input gradient. Without it ``xw``
+comes from ``F.linear``.
 
 ``workspace_numel(op, *fwd_args) -> int`` gives the size of ``ws`` for a forward call from the
 arguments' shapes only (it is used on fake tensors under torch.compile).

@@ -37,6 +37,11 @@ def _load():
             _LOAD_ERROR = (f"the C++ extension is not built ({prebuilt_error}) and building it failed: "
                            f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
             return
+    try:  # the cache's limit is read from FASTRNN_CPU_CACHE_MB on first use: a bad value is a reason here
+        ext.cache_info()
+    except RuntimeError as e:
+        _LOAD_ERROR = str(e).strip().splitlines()[0]
+        return
     _C = ext
 
 
@@ -77,7 +82,7 @@ class CppBackend(Backend):
     @staticmethod
     def empty(shape, dtype):
         """The contract's optional ``empty``: an uninitialized CPU tensor from the extension's cache of
-        large blocks (csrc/pool.cpp), for the input projection of an inference forward."""
+        large blocks (csrc/pool.cpp), for the input projection and its gradient."""
         return OPS.empty(shape, dtype)
 
     @staticmethod
