@@ -35,12 +35,30 @@ def _timer(device: str):
     return timed
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``range(n)`` in which every item comes right after every other one equally often
+    (a Williams design: n orders for even n, 2n for odd n). On this machine a call is slower after
+    some calls than after others (NOTES.md, "Calls after a pause"), so a plain rotation (A B C, B C A,
+    C A B: A follows C in two of three rounds and B in one) would favour some providers."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[(x + i) % n for x in first] for i in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
+
+
 def interleaved(fns: dict, device="cpu", warmup_s=0.3, min_warmup=2, budget_s=3.0, min_rounds=5,
                 max_rounds=200) -> dict:
-    """Time every callable in ``fns`` in rounds (A B C, B C A, ...) so drift hits all alike.
+    """Time every callable in ``fns`` in rounds whose orders are balanced (``balanced_orders``), so drift
+    and what ran just before a call hit all alike.
 
     Each is first warmed up (JIT compiles and caches stay out of the timings). Rounds continue until
-    ``budget_s`` of measured time is spent (at least ``min_rounds``). Returns name -> list of seconds.
+    ``budget_s`` of measured time is spent (at least ``min_rounds``), then on to the end of the current
+    set of orders when ``max_rounds`` allows. Returns name -> list of seconds.
     """
     timed = _timer(device)
     for fn in fns.values():
@@ -50,12 +68,12 @@ def interleaved(fns: dict, device="cpu", warmup_s=0.3, min_warmup=2, budget_s=3.
             fn()
             n += 1
     names = list(fns)
+    orders = balanced_orders(len(names))
     samples = {n: [] for n in names}
     spent = 0.0
     r = 0
-    while r < min_rounds or (spent < budget_s and r < max_rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+    while r < min_rounds or (spent < budget_s and r < max_rounds) or (r % len(orders) and r < max_rounds):
+        for name in (names[i] for i in orders[r % len(orders)]):
             t = timed(fns[name])
             samples[name].append(t)
             spent += t
