@@ -267,8 +267,28 @@ def test_cached_tensor_is_an_ordinary_tensor():
     t[512:] = 3.0
     assert t[:512].eq(2.0).all() and t[512:].eq(3.0).all()
     assert torch.equal(torch.load(_saved(t), weights_only=True), t)
+    t.share_memory_()  # torch.multiprocessing moves the data into shared memory; the block comes back
+    assert t.is_shared() and t[:512].eq(2.0).all() and t[512:].eq(3.0).all()
     small = cpp.BACKEND.empty([3, 4], torch.float64)  # under 1 MiB: torch's CPU allocator
     assert small.shape == (3, 4) and small.dtype == torch.float64
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_cache_works_in_a_forked_child():
+    """The pool's lock is taken around fork() (pthread_atfork): a child can allocate, and sees the parent's
+    cached outputs. (The child avoids torch's OpenMP ops: GNU OpenMP does not survive fork in torch.)"""
+    import os
+    mod, _ = _big_pair(fastrnn.LSTM, torch.nn.LSTM)
+    with torch.no_grad():
+        y, _ = mod(torch.randn(BIG["T"], BIG["B"], BIG["I"]))
+    expected = y.numpy().astype("float64").sum()
+    pid = os.fork()
+    if pid == 0:
+        ok = abs(y.numpy().astype("float64").sum() - expected) < 1e-6
+        z = cpp.BACKEND.empty([512, 1024], torch.float32)
+        os._exit(0 if ok and z.shape == (512, 1024) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def _saved(t):
