@@ -220,10 +220,11 @@ PoolAllocator& allocator() {
 }  // namespace
 
 at::Tensor pool_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  const at::ScalarType dtype = c10::typeMetaToScalarType(opts.dtype());
+  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
   if (nbytes < kMinBytes || !pool().enabled()) return at::empty(sizes, opts);
-  at::Tensor t(at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                         c10::typeMetaToScalarType(opts.dtype()), c10::nullopt));
+  at::Tensor t(at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                         c10::nullopt));
   // as at::empty does under torch.use_deterministic_algorithms(True) (fill_uninitialized_memory)
   if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory())
     t.fill_(std::numeric_limits<double>::quiet_NaN());

@@ -106,7 +106,10 @@ class _Projection(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # out= is not differentiable: a double backward (create_graph) takes the plain product
-            dx = g.mm(w) if torch.is_grad_enabled() else torch.mm(g, w, out=ctx.alloc([g.shape[0], w.shape[1]], g.dtype))
+            if torch.is_grad_enabled():
+                dx = g.mm(w)
+            else:
+                dx = torch.mm(g, w, out=ctx.alloc([g.shape[0], w.shape[1]], g.dtype))
         if ctx.needs_input_grad[1]:
             dw = g.t().mm(x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
