@@ -33,6 +33,12 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     CPU [B], non-increasing. Returns the output in the input's form ([T,B,D*P] with zeros past each
     row's end, or [N,D*P]) and the final states, each [L*D,B,*].
     """
+    cdt = _compute_dtype(backend, x.dtype)
+    if cdt is not None:  # the backend computes this dtype in a wider one: cast in, run, cast out
+        y, finals = rnn_layers(family, x.to(cdt), tuple(s.to(cdt) for s in state0), _cast_weights(weights, cdt),
+                               options, num_layers=num_layers, num_directions=num_directions, dropout=dropout,
+                               training=training, lengths=lengths, index=index, steps=steps, backend=backend)
+        return y.to(x.dtype), tuple(s.to(x.dtype) for s in finals)
     seq_fwd = _op(f"{family}_seq_fwd")
     direct = ops.can_skip_ops()
     alloc = getattr(dispatch.get(backend), "empty", None) if direct else None
@@ -61,6 +67,19 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+def _compute_dtype(backend, dtype):
+    """The wider dtype ``backend`` runs ``dtype`` in (``Backend.compute_dtypes``), or None: its own."""
+    cdt = dispatch.get(backend).compute_dtype(dtype)
+    return None if cdt == dtype else cdt
+
+
+def _cast_weights(weights, dtype):
+    """Per layer-direction ``(w_ih, b_ih, hh)`` with every tensor cast to ``dtype`` (None stays None)."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+    return [(cast(w_ih), cast(b_ih), tuple(cast(t) for t in hh)) for w_ih, b_ih, hh in weights]
 
 
 def _empty(alloc, shape, like):
@@ -126,6 +145,11 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
     Without autograd the step op's layer is skipped too; under torch.compile or a dispatch mode the op
     path is kept (``ops.can_skip_ops``).
     """
+    cdt = _compute_dtype(backend, x.dtype)
+    if cdt is not None:  # as in rnn_layers
+        (w_ih, b_ih, hh), = _cast_weights([(w_ih, b_ih, hh)], cdt)
+        out = cell_step(family, x.to(cdt), [s.to(cdt) for s in state], w_ih, b_ih, hh, options, backend)
+        return tuple(s.to(x.dtype) for s in out)
     state = [s.contiguous() for s in state]
     save = _needs_grad(x, w_ih, b_ih, *hh, *state)
     direct = not save and ops.can_skip_ops()

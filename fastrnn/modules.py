@@ -346,7 +346,9 @@ class _CellMixin(_BackendMixin):
             except dispatch.BackendNotSupportedError:
                 return None  # _forward raises it
             impl = dispatch.get(name)
-            cached = self.__dict__["_fused_choice"] = (key, name, impl, getattr(impl, f"{self._family}_cell_fwd", None))
+            # a dtype the backend computes in a wider one goes through _forward's casts
+            fused = getattr(impl, f"{self._family}_cell_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
+            cached = self.__dict__["_fused_choice"] = (key, name, impl, fused)
         name, fused = cached[1], cached[3]
         if fused is None:
             return None

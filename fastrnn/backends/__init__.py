@@ -7,6 +7,9 @@ lives in ``fastrnn.modules`` / ``fastrnn.functional`` and is shared by all backe
 Notation: T steps, B batch rows, I input size, H hidden size, P output size (P = proj_size for an
 LSTM with projection, else H), G gate blocks (LSTM 4, or 3 with coupled gates; GRU 3; RNN 1).
 All tensors are contiguous, time-major, of one float dtype and on one device, except ``lengths``.
+A backend may serve a dtype by computing in a wider one (``Backend.compute_dtypes``, e.g. bfloat16 in
+float32): ``fastrnn.functional`` then casts a layer's input, weights and state on entry and its outputs
+back (autograd included), so the methods below see only the dtypes the backend's kernels run.
 
 Cell families and their pieces (the order is the op argument order):
 
@@ -85,6 +88,10 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
 class Backend:
     """Base class: declares what a backend serves. Subclasses add the kernel methods above."""
 
@@ -93,6 +100,14 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = ()
     #: features of ``fastrnn.dispatch.Spec`` this backend can serve (beyond the plain cells)
     features: frozenset[str] = frozenset()
+    #: dtypes served by computing in a wider one (storage dtype -> compute dtype): ``fastrnn.functional``
+    #: casts the layer's input, weights and state to the compute dtype on entry and its outputs back, so
+    #: the backend's methods only ever see the dtypes in ``dtypes``
+    compute_dtypes: dict = {}
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype this backend's kernels run a call of ``dtype`` in."""
+        return self.compute_dtypes.get(dtype, dtype)
 
     def unavailable_reasons(self) -> list[str]:
         return []
@@ -101,9 +116,10 @@ class Backend:
         reasons = []
         if spec.device not in self.devices:
             reasons.append(f"device '{spec.device}' is not supported (serves {', '.join(self.devices)})")
-        if spec.dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            reasons.append(f"dtype {str(spec.dtype).replace('torch.', '')} is not supported (serves {names})")
+        if spec.dtype not in self.dtypes and spec.dtype not in self.compute_dtypes:
+            names = ", ".join([_name(d) for d in self.dtypes] + [
+                f"{_name(d)} (computed in {_name(c)})" for d, c in self.compute_dtypes.items()])
+            reasons.append(f"dtype {_name(spec.dtype)} is not supported (serves {names})")
         for feat in sorted(spec.features - self.features):
             reasons.append(f"feature '{feat}' is not supported")
         return reasons

@@ -53,6 +53,10 @@ class CppBackend(Backend):
     name = "cpp"
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float64)
+    # this CPU class has no bfloat16/float16 arithmetic worth using for these kernels (no AVX512_BF16 here,
+    # and torch's own bf16 RNNs run 1.1-4x slower than its float32 ones: benchmarks/NOTES.md), so half
+    # precision modules run in float32: rounded once, at the layer's outputs
+    compute_dtypes = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
     features = frozenset({"proj", "peephole", "coupled", "varlen"})
 
     def unavailable_reasons(self):

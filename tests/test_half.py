@@ -1,0 +1,164 @@
+"""Half-precision modules (bfloat16, float16) on the cpp backend, which computes them in float32
+(``Backend.compute_dtypes``): the layer's input, weights and state are cast on entry and its outputs
+cast back, so an output is the float32 result rounded once. Checked against a float64 run on the same
+(rounded) weights and inputs: every output element within half a unit in the last place of its dtype
+(plus float32's own error), and every gradient within 3x torch.nn's own half-precision error."""
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from fastrnn import dispatch
+from conftest import CPU_BACKENDS, backends_used
+
+pytestmark = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp backend is not available here")
+
+# relative half-ulp of a round-to-nearest: 8 significant bits (bfloat16), 11 (float16)
+HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+F32_ERR = 2e-5  # float32 arithmetic over a few steps, and the float32 tanh/sigmoid approximations
+DTYPES = [torch.bfloat16, torch.float16]
+IDS = ["bf16", "f16"]
+
+CASES = {
+    "LSTM": dict(),
+    "LSTM-2L-bi": dict(num_layers=2, bidirectional=True),
+    "LSTM-proj": dict(proj_size=5),
+    "LSTM-peephole-coupled": dict(peephole=True, coupled_gates=True),
+    "GRU": dict(),
+    "GRU-2L-bi": dict(num_layers=2, bidirectional=True),
+    "RNN-tanh": dict(),
+    "RNN-relu-2L": dict(nonlinearity="relu", num_layers=2),
+}
+
+
+def _modules(name, kw, dtype, I=8, H=12):
+    """fastrnn's module in ``dtype`` and a float64 copy with the same (rounded) weights: torch.nn's class,
+    or fastrnn's reference backend for the variants torch lacks."""
+    cls = name.split("-")[0]
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(I, H, dtype=dtype, **kw)
+    if "peephole" in kw:
+        truth = getattr(fastrnn, cls)(I, H, dtype=torch.float64, backend="reference", **kw)
+    else:
+        truth = getattr(torch.nn, cls)(I, H, dtype=torch.float64, **kw)
+    truth.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    return ours, truth
+
+
+def _within_half_ulp(out, truth, dtype):
+    assert out.dtype == dtype
+    err = (out.double() - truth).abs()
+    bound = HALF_ULP[dtype] * truth.abs() + F32_ERR
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_outputs_rounded_once(name, dtype):
+    ours, truth = _modules(name, CASES[name], dtype)
+    x = torch.randn(7, 3, 8).to(dtype)
+    h0 = None
+    if not name.startswith("LSTM"):  # with a given initial state too
+        D = 2 if ours.bidirectional else 1
+        h0 = torch.randn(ours.num_layers * D, 3, ours.hidden_size).to(dtype)
+    with torch.no_grad():
+        with dispatch.record_calls() as ran:
+            y, st = ours(x, h0)
+        y64, st64 = truth(x.double(), None if h0 is None else h0.double())
+    assert backends_used(ran) == {"cpp"}
+    _within_half_ulp(y, y64, dtype)
+    for s, s64 in zip(st if isinstance(st, tuple) else (st,), st64 if isinstance(st64, tuple) else (st64,)):
+        _within_half_ulp(s, s64, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name", ["LSTM-2L-bi", "LSTM-proj", "GRU-2L-bi", "RNN-relu-2L"])
+def test_gradients_within_3x_torchs_error(name, dtype):
+    """Training in half precision: gradients come back in the parameters' dtype, and their error against
+    float64 is at most 3x torch.nn's own in that dtype (flash-attention's rule for low precision)."""
+    ours, truth = _modules(name, CASES[name], dtype)
+    theirs = getattr(torch.nn, name.split("-")[0])(8, 12, dtype=dtype, **CASES[name])
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 8).to(dtype).double()
+
+    def grads(m, dt):
+        xi = x.detach().to(dt).requires_grad_()
+        y, _ = m(xi)
+        y.float().pow(2).sum().backward()
+        return [xi.grad] + [p.grad for p in m.parameters()]
+
+    with dispatch.record_calls() as ran:
+        g_ours = grads(ours, dtype)
+    assert backends_used(ran) == {"cpp"}
+    assert {g.dtype for g in g_ours} == {dtype}
+    g_theirs, g64 = grads(theirs, dtype), grads(truth, torch.float64)
+    for k, (a, b, ref) in enumerate(zip(g_ours, g_theirs, g64)):
+        assert (a.double() - ref).abs().max() <= 3 * (b.double() - ref).abs().max() + 1e-6, f"gradient {k}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_packed_sequence(dtype):
+    ours, truth = _modules("LSTM", dict(bidirectional=True), dtype)
+    x = torch.randn(6, 4, 8).to(dtype)
+    lengths = torch.tensor([6, 2, 5, 3])
+    with torch.no_grad(), dispatch.record_calls() as ran:
+        y, (h, c) = ours(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        y64, (h64, c64) = truth(pack_padded_sequence(x.double(), lengths, enforce_sorted=False))
+    assert backends_used(ran) == {"cpp"}
+    assert torch.equal(y.batch_sizes, y64.batch_sizes)
+    for a, b in ((y.data, y64.data), (h, h64), (c, c64)):
+        _within_half_ulp(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_cells(cls, dtype, grad):
+    """Cells in half precision: the cast path of ``fastrnn.functional.cell_step`` (the streaming fast path
+    of the module serves the backend's own dtypes only), the state in the cell's dtype."""
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(8, 12, dtype=dtype)
+    truth = getattr(torch.nn, cls)(8, 12, dtype=torch.float64)
+    truth.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(3, 8).to(dtype)
+    hx = torch.randn(3, 12).to(dtype)
+    state = (hx, hx.neg()) if cls == "LSTMCell" else hx
+    state64 = tuple(s.double() for s in state) if cls == "LSTMCell" else hx.double()
+    with torch.set_grad_enabled(grad), dispatch.record_calls() as ran:
+        out = ours(x, state)
+        out64 = truth(x.double(), state64)
+    assert backends_used(ran) == {"cpp"}
+    # without autograd the fused cell op (input projection inside) runs on the float32 casts
+    assert {op for op, _ in ran} == {f"{cls[:-4].lower()}_{'step' if grad else 'cell'}_fwd"}
+    for a, b in zip(out if isinstance(out, tuple) else (out,), out64 if isinstance(out64, tuple) else (out64,)):
+        _within_half_ulp(a.detach(), b.detach(), dtype)
+
+
+def test_nan_and_inf_propagate():
+    """A NaN in the input reaches the outputs as in torch, an inf in a float16 weight too."""
+    ours, _ = _modules("GRU", {}, torch.bfloat16)
+    theirs = torch.nn.GRU(8, 12, dtype=torch.bfloat16)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 8).bfloat16()
+    x[2, 1, 3] = float("nan")
+    with torch.no_grad():
+        y, h = ours(x)
+        yt, ht = theirs(x)
+    assert torch.equal(y.isnan(), yt.isnan()) and bool(y[2:, 1].isnan().all()) and not bool(y[:, 0].isnan().any())
+    ours16, _ = _modules("RNN-tanh", {}, torch.float16)
+    with torch.no_grad():
+        ours16.weight_ih_l0[0, 0] = float("inf")
+        y, _ = ours16(torch.ones(3, 1, 8, dtype=torch.float16))
+    assert y[0, 0, 0].item() == 1.0  # tanh(inf) = 1, as torch
+    assert not bool(y.isnan().any())
+
+
+def test_named_backend_reasons():
+    """cpp names what it serves; numba refuses half precision (issue 4: float32 and float64)."""
+    spec = dispatch.Spec("lstm", "cpu", torch.bfloat16)
+    assert dispatch.reasons("cpp", spec) == []
+    if "numba" in CPU_BACKENDS:
+        assert dispatch.reasons("numba", spec) == ["dtype bfloat16 is not supported (serves float32, float64)"]
+    why = dispatch.get("cpp").not_supported_reasons(dispatch.Spec("lstm", "cpu", torch.int32))
+    assert why == ["dtype int32 is not supported (serves float32, float64, bfloat16 (computed in float32), "
+                   "float16 (computed in float32))"]
