@@ -35,7 +35,8 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     """
     cdt = _compute_dtype(backend, x.dtype)
     if cdt is not None:  # the backend computes this dtype in a wider one: cast in, run, cast out
-        y, finals = rnn_layers(family, x.to(cdt), tuple(s.to(cdt) for s in state0), _cast_weights(weights, cdt),
+        cast = _caster(backend, cdt)
+        y, finals = rnn_layers(family, cast(x), tuple(cast(s) for s in state0), _cast_weights(weights, cast),
                                options, num_layers=num_layers, num_directions=num_directions, dropout=dropout,
                                training=training, lengths=lengths, index=index, steps=steps, backend=backend)
         return y.to(x.dtype), tuple(s.to(x.dtype) for s in finals)
@@ -75,11 +76,22 @@ def _compute_dtype(backend, dtype):
     return None if cdt == dtype else cdt
 
 
-def _cast_weights(weights, dtype):
-    """Per layer-direction ``(w_ih, b_ih, hh)`` with every tensor cast to ``dtype`` (None stays None)."""
-    def cast(t):
-        return None if t is None else t.to(dtype)
-    return [(cast(w_ih), cast(b_ih), tuple(cast(t) for t in hh)) for w_ih, b_ih, hh in weights]
+def _caster(backend, dtype):
+    """A function that casts a tensor to ``dtype`` (autograd included). On the direct path the copies go
+    into the backend's ``empty`` buffers when it has one: the casts of a call are fresh MiB-sized
+    tensors, which malloc hands back to the system and faults in again on the next call (~360 faults,
+    ~0.5 ms of a 1.4 ms bfloat16 LSTM call at B1 H256, benchmarks/NOTES.md)."""
+    alloc = getattr(dispatch.get(backend), "empty", None) if ops.can_skip_ops() else None
+    if alloc is None:
+        return lambda t: t.to(dtype)
+    return lambda t: alloc(list(t.shape), dtype).copy_(t)
+
+
+def _cast_weights(weights, cast):
+    """Per layer-direction ``(w_ih, b_ih, hh)`` with every tensor through ``cast`` (None stays None)."""
+    def one(t):
+        return None if t is None else cast(t)
+    return [(one(w_ih), one(b_ih), tuple(one(t) for t in hh)) for w_ih, b_ih, hh in weights]
 
 
 def _empty(alloc, shape, like):
@@ -147,8 +159,9 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
     """
     cdt = _compute_dtype(backend, x.dtype)
     if cdt is not None:  # as in rnn_layers
-        (w_ih, b_ih, hh), = _cast_weights([(w_ih, b_ih, hh)], cdt)
-        out = cell_step(family, x.to(cdt), [s.to(cdt) for s in state], w_ih, b_ih, hh, options, backend)
+        cast = _caster(backend, cdt)
+        (w_ih, b_ih, hh), = _cast_weights([(w_ih, b_ih, hh)], cast)
+        out = cell_step(family, cast(x), [cast(s) for s in state], w_ih, b_ih, hh, options, backend)
         return tuple(s.to(x.dtype) for s in out)
     state = [s.contiguous() for s in state]
     save = _needs_grad(x, w_ih, b_ih, *hh, *state)
