@@ -16,6 +16,14 @@ def _op(name):
     return getattr(torch.ops.fastrnn, name)
 
 
+def autocast_dtype(device_type):
+    """The lower-precision dtype of an autocast region active on ``device_type``, else None (CPU only:
+    what torch.nn does under CUDA autocast is not measured here)."""
+    if device_type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
 def _needs_grad(*tensors):
     """Will a backward follow? Then the forward op must save its workspace."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -7,12 +7,21 @@ checks its arguments the way torch does, brings the input to time-major form and
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops
-from .functional import cell_step, rnn_layers
+from .functional import autocast_dtype, cell_step, rnn_layers
+
+# Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
+# projection too, so its xw matches its state), and returns the dtypes torch.nn's module returns there
+# (torch 2.13, measured for bfloat16 and float16: benchmarks/NOTES.md): the autocast dtype for LSTM
+# (float32 with a PackedSequence input; c_n float32 with proj_size), RNN and RNNCell, float32 for GRU,
+# LSTMCell and GRUCell. A float64 module is left as it is, as autocast leaves float64 ops.
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _check_float(name, input, exc=ValueError):
@@ -100,6 +109,11 @@ class _SeqMixin(_BackendMixin):
             return f"For batched 3-D input, hx should also be 3-D but got {states[0].dim()}-D tensor"
         return f"For unbatched 2-D input, hx should also be 2-D but got {states[0].dim()}-D tensor"
 
+    def _autocast_low(self, packed):
+        """Which of (output, *final states) torch.nn returns in the autocast dtype (see the top)."""
+        low = self._family == "rnn" or (self._family == "lstm" and not packed)
+        return (low,) * (1 + self._n_state)
+
     # forward ------------------------------------------------------------------------------------
     def _weights(self):
         D = 2 if self.bidirectional else 1
@@ -157,10 +171,15 @@ class _SeqMixin(_BackendMixin):
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                   self.backend)
 
-        y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
-                               num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
-                               dropout=float(self.dropout), training=self.training, lengths=lengths,
-                               index=index, steps=T, backend=backend)
+        amp = autocast_dtype(input.device.type) if input.dtype == torch.float32 else None
+        with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
+            y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
+                                   num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
+                                   dropout=float(self.dropout), training=self.training, lengths=lengths,
+                                   index=index, steps=T, backend=backend)
+        if amp is not None:
+            low = self._autocast_low(packed)
+            y, states = (y.to(amp) if low[0] else y), tuple(s.to(amp) if k else s for s, k in zip(states, low[1:]))
         if packed:
             out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
@@ -257,6 +276,11 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
     def _options(self):
         return (self.coupled_gates,)
 
+    def _autocast_low(self, packed):
+        if self.proj_size > 0:  # torch's projected LSTM (packed or not): c_n stays float32
+            return (True, True, False)
+        return super()._autocast_low(packed)
+
     def _features(self):
         return frozenset(({"proj"} if self.proj_size > 0 else set()) | self._variant_features())
 
@@ -336,6 +360,8 @@ class _CellMixin(_BackendMixin):
         as much as the kernel (benchmarks/NOTES.md).
         """
         if not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops()):
+            return None
+        if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
         key = (input.dtype, input.device.type, self.backend, dispatch.requested())
         cached = self.__dict__.get("_fused_choice")  # (key, backend name, backend object, its fused op)
@@ -428,8 +454,12 @@ class _CellMixin(_BackendMixin):
 
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                   self.backend, "step")
-        out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
-                        backend)
+        amp = autocast_dtype(input.device.type) if input.dtype == torch.float32 else None
+        with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
+            out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
+                            backend)
+        if amp is not None and self._family == "rnn":  # see the top: torch's RNNCell, not its other cells
+            out = tuple(s.to(amp) for s in out)
         if not batched:
             out = tuple(s.squeeze(0) for s in out)
         return out if self._n_state == 2 else out[0]

@@ -162,3 +162,101 @@ def test_named_backend_reasons():
     why = dispatch.get("cpp").not_supported_reasons(dispatch.Spec("lstm", "cpu", torch.int32))
     assert why == ["dtype int32 is not supported (serves float32, float64, bfloat16 (computed in float32), "
                    "float16 (computed in float32))"]
+
+
+# ---- CPU autocast ----------------------------------------------------------------------------------
+# torch.nn's output dtypes under torch.autocast("cpu") (torch 2.13, bfloat16 and float16, measured):
+# the autocast dtype for LSTM (float32 with a PackedSequence; c_n float32 with proj_size), RNN and
+# RNNCell; float32 for GRU, LSTMCell and GRUCell. (torch's float16 LSTM without packing fails in oneDNN:
+# "could not create a primitive descriptor", so that case is compared with the bfloat16 rule only.)
+AMP_CASES = [  # name, kwargs, packed, dtypes of (output, *states)
+    ("LSTM", {}, False, "lll"), ("LSTM", {}, True, "fff"), ("LSTM", dict(proj_size=5), False, "llf"),
+    ("LSTM", dict(proj_size=5), True, "llf"), ("LSTM", dict(num_layers=2, bidirectional=True), False, "lll"),
+    ("GRU", {}, False, "ff"), ("GRU", dict(num_layers=2, bidirectional=True), True, "ff"),
+    ("RNN", {}, False, "ll"), ("RNN", dict(nonlinearity="relu", num_layers=2), True, "ll"),
+]
+
+
+def _amp_run(m, x, packed, amp, grad):
+    inp = pack_padded_sequence(x, torch.tensor([6, 4, 3]), enforce_sorted=False) if packed else x
+    with torch.autocast("cpu", dtype=amp), torch.set_grad_enabled(grad):
+        out, st = m(inp)
+    return [out.data if packed else out] + list(st if isinstance(st, tuple) else (st,))
+
+
+@pytest.mark.parametrize("amp", DTYPES, ids=IDS)
+@pytest.mark.parametrize("name,kw,packed,want", AMP_CASES, ids=[f"{c[0]}-{c[1]}-{'packed' if c[2] else 'dense'}"
+                                                                 for c in AMP_CASES])
+def test_autocast_dtypes_and_values(name, kw, packed, want, amp):
+    """Under CPU autocast: torch.nn's output dtypes; the values are the float32 module's rounded once
+    (the layer runs with autocast off, its projection included), and close to torch's own autocast run;
+    training works and gives float32 gradients close to torch's."""
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, name)(8, 12, **kw)
+    theirs = getattr(torch.nn, name)(8, 12, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 3, 8)
+    with dispatch.record_calls() as ran:
+        got = _amp_run(ours, x, packed, amp, False)
+    assert backends_used(ran) == {"cpp"}
+    assert [t.dtype for t in got] == [amp if c == "l" else torch.float32 for c in want]
+    with torch.no_grad():
+        inp = pack_padded_sequence(x, torch.tensor([6, 4, 3]), enforce_sorted=False) if packed else x
+        out, st = ours(inp)
+        full = [out.data if packed else out] + list(st if isinstance(st, tuple) else (st,))
+    for g, f in zip(got, full):
+        assert torch.equal(g, f.to(g.dtype))
+    if not (amp == torch.float16 and name == "LSTM" and not packed and "proj_size" not in kw):
+        for g, t in zip(got, _amp_run(theirs, x, packed, amp, False)):
+            assert g.dtype == t.dtype
+            torch.testing.assert_close(g.float(), t.float(), atol=3e-2, rtol=3e-2)
+    # training: the loss through the autocast outputs, float32 gradients for the float32 parameters
+    y = _amp_run(ours, x, packed, amp, True)[0]
+    y.float().pow(2).sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
+    ref = getattr(fastrnn, name)(8, 12, **kw)
+    ref.load_state_dict(ours.state_dict())
+    inp = pack_padded_sequence(x, torch.tensor([6, 4, 3]), enforce_sorted=False) if packed else x
+    out = ref(inp)[0]
+    (out.data if packed else out).to(y.dtype).float().pow(2).sum().backward()
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("amp", DTYPES, ids=IDS)
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_autocast_cells(cls, amp, grad):
+    """Cells under CPU autocast, with and without a state and autograd (with autograd they used to fail:
+    the autocast projection gave a bfloat16 xw for a float32 state): torch.nn's dtypes, its values
+    within half precision."""
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(8, 12)
+    theirs = getattr(torch.nn, cls)(8, 12)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 8)
+    for hx in (None, (torch.randn(3, 12), torch.randn(3, 12)) if cls == "LSTMCell" else torch.randn(3, 12)):
+        with torch.autocast("cpu", dtype=amp), torch.set_grad_enabled(grad):
+            with dispatch.record_calls() as ran:
+                got = ours(x, hx)
+            want = theirs(x, hx)
+        assert backends_used(ran) == {"cpp"}
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype == (amp if cls == "RNNCell" else torch.float32)
+            torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
+        if grad:
+            sum(g.float().sum() for g in got).backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+
+
+def test_autocast_under_torch_compile():
+    """The autocast rules trace: a fullgraph-compiled LSTM under CPU autocast gives the eager result."""
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(8, 12)
+    x = torch.randn(5, 2, 8)
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, eager = compiled(x), m(x)
+    for g, e in zip([got[0], *got[1]], [eager[0], *eager[1]]):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, e)
