@@ -10,7 +10,7 @@ RAGGED_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)  # packed case: len
 @dataclass(frozen=True)
 class Case:
     cell: str  # LSTM | GRU | RNN (RNN = tanh)
-    mode: str  # inference | training | streaming
+    mode: str  # inference | training | streaming (a cell, T calls) | chunked (a sequence module, T calls of one step)
     T: int
     B: int
     H: int
@@ -76,6 +76,9 @@ def all_cases(quick: bool) -> list[Case]:
     for cell in cells:
         for H in ((256,) if quick else (64, 256, 512)):
             cases.append(Case(cell, "streaming", 100, 1, H))
+    # chunked: batch 1, a 2-layer sequence module called T times on one step each, state carried
+    for cell in cells:
+        cases.append(Case(cell, "chunked", 100, 1, 256, layers=2))
     # the structured cases
     for mode in ("inference", "training"):
         if quick and mode == "training":

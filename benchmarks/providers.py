@@ -63,6 +63,9 @@ class Workload:
             with torch.no_grad():
                 out, st = m(self._input()[1])
             return self._flat(out, st)
+        if self.case.mode == "chunked":
+            with torch.no_grad():
+                return self._chunks(m)
         for p in m.parameters():
             p.grad = None
         leaf, x = self._input(True)
@@ -78,6 +81,10 @@ class Workload:
             def fn():
                 with torch.no_grad():
                     self._stream(m)
+        elif mode == "chunked":
+            def fn():
+                with torch.no_grad():
+                    self._chunks(m)
         elif mode == "inference":
             x = self._input()[1]
 
@@ -99,6 +106,15 @@ class Workload:
         for t in range(self.case.T):
             state = cell(self.x[t], state)
         return state[0] if isinstance(state, tuple) else state
+
+    def _chunks(self, module):
+        """A sequence module fed one step at a time (chunks of T=1), its state carried: streaming with the
+        layer stack of a sequence model. Returns the outputs of every step and the final state."""
+        state, outs = None, []
+        for t in range(self.case.T):
+            out, state = module(self.x[t:t + 1], state)
+            outs.append(out)
+        return [torch.cat(outs)] + (list(state) if isinstance(state, tuple) else [state])
 
     @staticmethod
     def _flat(out, st):

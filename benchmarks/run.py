@@ -1,7 +1,7 @@
 """fastrnn's benchmark suite: every backend against torch.nn, side by side, in one process.
 
     python -m benchmarks.run [--quick | --full] [--device cpu|cuda] [--providers torch,reference,...]
-                             [--cells LSTM,GRU,RNN] [--modes inference,training,streaming] [--budget S]
+                             [--cells LSTM,GRU,RNN] [--modes inference,training,streaming,chunked] [--budget S]
 
 Prints a table (median ms, p20-p80, GFLOP/s, % of the machine's peak measured in the same run,
 speedup vs torch, peak memory), writes benchmarks/results/latest.{csv,json} and PNG plots.
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--providers", help="comma-separated subset of: torch and the available backends")
     ap.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
-    ap.add_argument("--modes", help="comma-separated subset of inference,training,streaming")
+    ap.add_argument("--modes", help="comma-separated subset of inference,training,streaming,chunked")
     ap.add_argument("--budget", type=float, default=None, help="measured seconds per case (default 1.0 quick, 4 full)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plots", action="store_true")

@@ -321,6 +321,20 @@ std::tuple<at::Tensor, at::Tensor> cell_fwd(const at::Tensor& x, const at::Tenso
   });
 }
 
+// A short sequence in inference, input projection inside (x [T, B, I]): returns (y, h_n, c_n).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
+    const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+    const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled) {
+  at::Tensor xw = chunk_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0));
+  const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_chunk_fwd", [&] {
+    auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, reverse, coupled, false,
+                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+    return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r));
+  });
+}
+
 Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& xw, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
                const c10::optional<at::Tensor>& w_ch, const at::Tensor& h, const at::Tensor& c, const at::Tensor& ws,
@@ -341,6 +355,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("lstm_step_fwd", &step_fwd);
   m.impl("lstm_step_bwd", &step_bwd);
   m.impl("lstm_cell_fwd", &cell_fwd);
+  m.impl("lstm_chunk_fwd", &chunk_fwd);
 }
 
 }  // namespace fastrnn

@@ -1,7 +1,7 @@
 // The schemas of the cpp backend's ops, defined once. Each cell file registers its implementations
 // (TORCH_LIBRARY_IMPL) beside its kernels. The argument lists are those of the backend contract in
-// fastrnn/backends/__init__.py, without the trailing backend name; <f>_cell_fwd is the contract's
-// optional inference cell (the input projection inside the call).
+// fastrnn/backends/__init__.py, without the trailing backend name; <f>_cell_fwd and <f>_chunk_fwd are
+// the contract's optional inference entries with the input projection inside the call.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -38,6 +38,13 @@ TORCH_LIBRARY(fastrnn_cpp, m) {
   m.def("gru_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h) -> Tensor");
   m.def("rnn_cell_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h, "
         "str nonlinearity) -> Tensor");
+  // a short sequence in inference, input projection inside the call (x [T, B, I]): (y, *state_n)
+  m.def("lstm_chunk_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+        "Tensor? w_ch, Tensor h0, Tensor c0, bool reverse, bool coupled) -> (Tensor, Tensor, Tensor)");
+  m.def("gru_chunk_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, bool reverse) "
+        "-> (Tensor, Tensor)");
+  m.def("rnn_chunk_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, bool reverse, "
+        "str nonlinearity) -> (Tensor, Tensor)");
   // an uninitialized CPU tensor from the large-buffer cache (csrc/pool.cpp)
   m.def("empty(int[] size, ScalarType dtype) -> Tensor");
 }

@@ -692,10 +692,13 @@ template <typename T> const T* data_or_null(const c10::optional<at::Tensor>& t) 
 // a cell entry's input x [B, I], w_ih [GH, I], b_ih [GH]?; returns the buffer for xw, [1, B, GH]
 at::Tensor cell_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                       int64_t GH);
+// a chunk entry's input x [T, B, I] (same checks); returns the buffer for xw, [T, B, GH]
+at::Tensor chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                       int64_t GH);
 template <typename T>
 InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                         at::Tensor& xw) {
-  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(1), xw.data_ptr<T>()};
+  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1), xw.data_ptr<T>()};
 }
 
 }  // namespace fastrnn

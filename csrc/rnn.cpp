@@ -172,6 +172,21 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
   });
 }
 
+// A short sequence in inference, input projection inside (x [T, B, I]): returns (y, h_n).
+std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                             const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                             const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse,
+                                             c10::string_view nonlinearity) {
+  at::Tensor xw = chunk_input(x, w_ih, b_ih, h0.dim() == 2 ? h0.size(1) : 0);
+  const Dims d = check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 1);
+  const bool relu = is_relu(nonlinearity);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_chunk_fwd", [&] {
+    auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, c10::nullopt, reverse, relu,
+                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+    return std::make_tuple(std::get<0>(r), std::get<1>(r));
+  });
+}
+
 Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh,
                const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, const at::Tensor& ws,
                c10::string_view nonlinearity) {
@@ -192,6 +207,7 @@ TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("rnn_step_fwd", &step_fwd);
   m.impl("rnn_step_bwd", &step_bwd);
   m.impl("rnn_cell_fwd", &cell_fwd);
+  m.impl("rnn_chunk_fwd", &chunk_fwd);
 }
 
 }  // namespace fastrnn

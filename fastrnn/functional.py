@@ -50,10 +50,15 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
         return y.to(x.dtype), tuple(s.to(x.dtype) for s in finals)
     seq_fwd = _op(f"{family}_seq_fwd")
     direct = ops.can_skip_ops()
-    alloc = getattr(dispatch.get(backend), "empty", None) if direct else None
+    impl = dispatch.get(backend)
+    alloc = getattr(impl, "empty", None) if direct else None
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
+    # a short dense sequence in inference: one call with the input projection inside, if the backend has it
+    chunk = None
+    if direct and not packed and steps * B <= getattr(impl, "chunk_max_rows", 0):
+        chunk = getattr(impl, f"{family}_chunk_fwd", None)
     layer_input = x
     for layer in range(num_layers):
         outs = []
@@ -62,6 +67,13 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh = weights[k]
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, *hh, *st)
+            if chunk is not None and not save:
+                dispatch.note_call(f"{family}_chunk_fwd", backend)
+                res = chunk(layer_input.contiguous(), w_ih.contiguous(), b_ih, *hh, *st, direction == 1, *options)
+                outs.append(res[0])
+                for acc, s in zip(finals, res[1:]):
+                    acc.append(s)
+                continue
             xw = _project(layer_input, w_ih, b_ih, alloc)
             if packed:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
@@ -112,14 +124,19 @@ def _project(x, w_ih, b_ih, alloc):
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
     dx in such a buffer too."""
-    if alloc is None:
-        return F.linear(x, w_ih, b_ih)
     x2 = x.reshape(-1, x.shape[-1])
+    if alloc is None or x2.shape[0] * w_ih.shape[0] * x.element_size() < _ALLOC_MIN_BYTES:
+        return F.linear(x, w_ih, b_ih)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_ih)):
         out = _Projection.apply(x2, w_ih, b_ih, alloc)
     else:
         out = _linear_into(alloc([x2.shape[0], w_ih.shape[0]], x.dtype), x2, w_ih, b_ih)
     return out.view(*x.shape[:-1], w_ih.shape[0])
+
+
+# below this, xw comes from torch's allocator: small buffers do not fault, and a call of the backend's
+# ``empty`` op costs ~15 us (a T=1 B=1 H=256 GRU layer: ~80 us in all)
+_ALLOC_MIN_BYTES = 1 << 20
 
 
 def _linear_into(out, x2, w, b):

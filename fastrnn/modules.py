@@ -81,9 +81,9 @@ class _SeqMixin(_BackendMixin):
     _n_state = 1
 
     # hooks --------------------------------------------------------------------------------------
-    def _hh(self, k, suffix):
-        b = getattr(self, f"bias_hh_l{k}{suffix}") if self.bias else None
-        return (getattr(self, f"weight_hh_l{k}{suffix}"), b)
+    def _hh_names(self, k, suffix):
+        """Parameter names of layer k's recurrent weights in op order (None: absent)."""
+        return (f"weight_hh_l{k}{suffix}", f"bias_hh_l{k}{suffix}" if self.bias else None)
 
     def _options(self):
         return ()
@@ -116,16 +116,109 @@ class _SeqMixin(_BackendMixin):
 
     # forward ------------------------------------------------------------------------------------
     def _weights(self):
+        """Per layer-direction ``(w_ih, b_ih, hh)``, the tensors the functional layer takes."""
         D = 2 if self.bidirectional else 1
+        params = self._parameters
+        get = getattr
         out = []
         for layer in range(self.num_layers):
             for d in range(D):
                 sfx = "_reverse" if d == 1 else ""
-                b_ih = getattr(self, f"bias_ih_l{layer}{sfx}") if self.bias else None
-                out.append((getattr(self, f"weight_ih_l{layer}{sfx}"), b_ih, self._hh(layer, sfx)))
+                names = (f"weight_ih_l{layer}{sfx}", f"bias_ih_l{layer}{sfx}" if self.bias else None,
+                         *self._hh_names(layer, sfx))
+                try:  # straight from the parameters' dict (the attribute lookup costs ~1 us each)
+                    w = [None if n is None else params[n] for n in names]
+                except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
+                    w = [None if n is None else get(self, n) for n in names]
+                out.append((w[0], w[1], tuple(w[2:])))
         return out
 
     def forward(self, input, hx=None):
+        if not torch.is_grad_enabled() and isinstance(input, torch.Tensor):
+            out = self._chunk_inference(input, hx)
+            if out is not None:
+                return out
+        return self._forward(input, hx)
+
+    def _chunk_inference(self, input, hx):
+        """The streaming fast path: a short dense input in inference (the chunks of a stream, T x B up to
+        the backend's ``chunk_max_rows``) runs each layer-direction as one call of the backend's optional
+        ``<family>_chunk_fwd`` (input projection inside), with none of ``_forward``'s Python checks, which
+        cost more than the kernel there (benchmarks/NOTES.md, "Short sequences"). Taken only without
+        autograd, autocast, inter-layer dropout, torch.compile and dispatch modes (``ops.can_skip_ops``).
+        The op checks shapes, dtypes and contiguity itself and changes no input; whatever it refuses goes
+        to ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
+        the path does not apply."""
+        if input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type):
+            return None
+        if self.training and self.dropout > 0 and self.num_layers > 1:
+            return None
+        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
+        cached = self.__dict__.get("_chunk_choice")  # (key, backend name, backend object, its op, max rows)
+        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
+            try:
+                name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend)
+            except dispatch.BackendNotSupportedError:
+                return None  # _forward raises it
+            impl = dispatch.get(name)
+            op = getattr(impl, f"{self._family}_chunk_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
+            cached = self.__dict__["_chunk_choice"] = (key, name, impl, op, getattr(impl, "chunk_max_rows", 0))
+        name, op, max_rows = cached[1], cached[3], cached[4]
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
+        if op is None or T == 0 or T * B > max_rows:
+            return None
+        D = 2 if self.bidirectional else 1
+        L = self.num_layers
+        if hx is None:
+            states = self._zeros_state(x, B)
+        else:
+            states = tuple(hx) if self._n_state == 2 else (hx,)
+            if len(states) != self._n_state or not all(isinstance(s, torch.Tensor) for s in states):
+                return None
+            if not batched:
+                if any(s.dim() != 2 for s in states):
+                    return None
+                states = tuple(s.unsqueeze(1) for s in states)
+            if any(s.dim() != 3 or s.shape[0] != L * D for s in states):
+                return None
+        weights, options = self._weights(), self._options()
+        layer_input = x.contiguous()
+        finals = [[] for _ in states]
+        try:
+            for layer in range(L):
+                outs = []
+                for d in range(D):
+                    k = layer * D + d
+                    w_ih, b_ih, hh = weights[k]
+                    res = op(layer_input, w_ih, b_ih, *hh, *(s[k] for s in states), d == 1, *options)
+                    dispatch.note_call(f"{self._family}_chunk_fwd", name)
+                    outs.append(res[0])
+                    for acc, st in zip(finals, res[1:]):
+                        acc.append(st)
+                layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
+        except (RuntimeError, TypeError):
+            return None
+        states = tuple(torch.stack(acc) for acc in finals)
+        if batched:
+            out = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        else:
+            out = layer_input.squeeze(1)
+            states = tuple(st.squeeze(1) for st in states)
+        return out, self._hx_out(states)
+
+    def __getstate__(self):
+        # the fast path's cached choice holds the backend and its op, which do not pickle (torch.save of
+        # a whole module); it is rebuilt on the next call
+        state = super().__getstate__()  # torch's RNNBase: a copy of __dict__
+        state.pop("_chunk_choice", None)
+        return state
+
+    def _forward(self, input, hx=None):
+        """The general path: torch's argument checks, any backend, autograd."""
         name = self._torch_name()
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
@@ -268,10 +361,9 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
             return  # cuDNN's weight layout has no place for the variants; fastrnn never uses it
         super().flatten_parameters()
 
-    def _hh(self, k, suffix):
-        w_hr = getattr(self, f"weight_hr_l{k}{suffix}") if self.proj_size > 0 else None
-        w_ch = getattr(self, f"weight_ch_l{k}{suffix}") if self.peephole else None
-        return (*super()._hh(k, suffix), w_hr, w_ch)
+    def _hh_names(self, k, suffix):
+        return (*super()._hh_names(k, suffix), f"weight_hr_l{k}{suffix}" if self.proj_size > 0 else None,
+                f"weight_ch_l{k}{suffix}" if self.peephole else None)
 
     def _options(self):
         return (self.coupled_gates,)

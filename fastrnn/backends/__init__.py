@@ -64,6 +64,13 @@ the call, x [B,I], w_ih [G*H,I], b_ih [G*H]?. No autograd and no workspace: the 
 torch.compile tracing or dispatch mode is active (``fastrnn.ops.can_skip_ops``), and use the step ops
 otherwise.
 
+Optional, for inference: ``<f>_chunk_fwd(x, w_ih, b_ih, *weights, *state0, reverse, *options) -> (y, *state_n)``
+with the backend attribute ``chunk_max_rows``: a whole dense sequence (x [T,B,I], no lengths) with the
+input projection inside the call, as ``<f>_seq_fwd`` with ``save`` False computes it from ``xw``.
+``fastrnn.functional`` calls it directly, on the same conditions as ``<f>_cell_fwd``, for a
+layer-direction of at most ``chunk_max_rows`` rows (T x B): the short chunks of a stream, where one
+call beats a separate projection and recurrence.
+
 Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
 from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the
 direct path above (no torch.compile tracing, no dispatch mode) ``fastrnn.functional`` writes the input

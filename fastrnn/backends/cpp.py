@@ -57,6 +57,9 @@ class CppBackend(Backend):
     # and torch's own bf16 RNNs run 1.1-4x slower than its float32 ones: benchmarks/NOTES.md), so half
     # precision modules run in float32: rounded once, at the layer's outputs
     compute_dtypes = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+    # the contract's optional <family>_chunk_fwd pays up to this many rows (T x B) per layer-direction:
+    # beyond it the input projection as one GEMM wins (benchmarks/NOTES.md, "Short sequences")
+    chunk_max_rows = 16
     features = frozenset({"proj", "peephole", "coupled", "varlen"})
 
     def unavailable_reasons(self):
@@ -116,5 +119,5 @@ class CppBackend(Backend):
 
 
 _OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")} | {
-    f"{f}_cell_fwd" for f in ("lstm", "gru", "rnn")}  # the contract's optional inference cell
+    f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk")}  # the contract's optional ones
 BACKEND = CppBackend()

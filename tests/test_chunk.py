@@ -1,0 +1,206 @@
+"""Short sequences in inference (the chunks of a stream): the cpp backend's optional ``<family>_chunk_fwd``
+(input projection inside the call), taken by the sequence modules' fast path and by
+``fastrnn.functional`` up to ``chunk_max_rows`` rows (T x B) per layer-direction."""
+import io
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import dispatch
+from conftest import CPU_BACKENDS
+
+pytestmark = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp backend is not available here")
+
+MAX_ROWS = 16  # fastrnn.backends.cpp.CppBackend.chunk_max_rows
+
+CASES = {
+    "LSTM": dict(),
+    "LSTM-2L-bi": dict(num_layers=2, bidirectional=True),
+    "LSTM-proj-bi": dict(proj_size=5, bidirectional=True),
+    "LSTM-peephole-coupled": dict(peephole=True, coupled_gates=True),
+    "GRU": dict(),
+    "GRU-3L-batch_first": dict(num_layers=3, batch_first=True),
+    "RNN-tanh-bi": dict(bidirectional=True),
+    "RNN-relu-2L-nobias": dict(nonlinearity="relu", num_layers=2, bias=False),
+}
+
+
+def _pair(name, dtype=torch.float64):
+    """fastrnn's module (automatic backend) and the same weights on the reference backend."""
+    cls, kw = name.split("-")[0], CASES[name]
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(6, 10, dtype=dtype, **kw)
+    ref = getattr(fastrnn, cls)(6, 10, dtype=dtype, backend="reference", **kw)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _state(m, B, dtype, batched=True):
+    D = 2 if m.bidirectional else 1
+    shape = (m.num_layers * D, B) if batched else (m.num_layers * D,)
+    P = getattr(m, "proj_size", 0) or m.hidden_size
+    h = torch.randn(*shape, P, dtype=dtype)
+    return (h, torch.randn(*shape, m.hidden_size, dtype=dtype)) if isinstance(m, torch.nn.LSTM) else h
+
+
+def _flat(out):
+    y, st = out
+    return [y] + list(st if isinstance(st, tuple) else (st,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+@pytest.mark.parametrize("T,B", [(1, 1), (4, 1), (1, 3), (2, 8), (16, 1)])
+@pytest.mark.parametrize("name", list(CASES))
+def test_values_and_op(name, T, B, with_state, dtype):
+    ours, ref = _pair(name, dtype)
+    x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
+    hx = _state(ours, B, dtype) if with_state else None
+    with torch.no_grad():
+        with dispatch.record_calls() as ran:
+            got = _flat(ours(x, hx))
+        want = _flat(ref(x, hx))
+    fam = name.split("-")[0].lower()
+    D = 2 if ours.bidirectional else 1
+    assert ran == [(f"{fam}_chunk_fwd", "cpp")] * (ours.num_layers * D)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("name", ["LSTM-2L-bi", "GRU-3L-batch_first", "RNN-tanh-bi"])
+def test_unbatched(name):
+    ours, ref = _pair(name)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for hx in (None, _state(ours, 1, torch.float64, batched=False)):
+        with torch.no_grad():
+            with dispatch.record_calls() as ran:
+                got = _flat(ours(x, hx))
+            want = _flat(ref(x, hx))
+        assert {op for op, _ in ran} == {f"{name.split('-')[0].lower()}_chunk_fwd"}
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def test_when_the_path_is_not_taken():
+    """Past chunk_max_rows, with autograd, with a PackedSequence, on a backend without the op: the general
+    path (projection, then the sequence op)."""
+    torch.manual_seed(0)
+    m = fastrnn.GRU(6, 10, num_layers=2, dropout=0.5)
+    m.eval()
+    cases = [(torch.randn(MAX_ROWS + 1, 1, 6), "no_grad"), (torch.randn(4, 4, 6), "no_grad"),
+             (torch.randn(17, 1, 6), "no_grad"), (torch.randn(2, 2, 6), "grad")]
+    for x, mode in cases:
+        with torch.set_grad_enabled(mode == "grad"), dispatch.record_calls() as ran:
+            m(x)
+        rows = x.shape[0] * x.shape[1]
+        want = "gru_chunk_fwd" if rows <= MAX_ROWS and mode == "no_grad" else "gru_seq_fwd"
+        assert {op for op, _ in ran} == {want}, (rows, mode)
+    # training mode with dropout: the module's fast path steps aside, the functional layer still takes
+    # the op per layer and draws the dropout between the layers
+    x = torch.randn(2, 2, 6)
+    with torch.no_grad():
+        y_eval = m(x)[0]
+        m.train()
+        with dispatch.record_calls() as ran:
+            y_train = m(x)[0]
+    assert ran == [("gru_chunk_fwd", "cpp")] * 2
+    assert not torch.equal(y_train, y_eval)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 6), torch.tensor([3, 1]))
+    m.eval()
+    with torch.no_grad(), dispatch.record_calls() as ran:
+        m(packed)
+    assert {op for op, _ in ran} == {"gru_seq_fwd"}
+    with torch.no_grad(), dispatch.record_calls() as ran, fastrnn.use_backend("numba"):
+        m(torch.randn(2, 2, 6))  # a backend without the op: its sequence op
+    assert {op for op, _ in ran} == {"gru_seq_fwd"}
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_bad_input_gets_torchs_errors(name):
+    """What the fast path refuses goes to the general path, which raises torch.nn's error; the module is
+    left as it was."""
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, name)(6, 10, num_layers=2)
+    theirs = getattr(torch.nn, name)(6, 10, num_layers=2)
+    theirs.load_state_dict(ours.state_dict())
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(3, 2, 6)
+    lstm = name == "LSTM"
+
+    def st(*shape, dtype=torch.float32):
+        h = torch.zeros(*shape, dtype=dtype)
+        return (h, h.clone()) if lstm else h
+
+    bad = [
+        (torch.randn(3, 2, 5), None),            # input size
+        (x, st(1, 2, 10)),                       # one layer's state for two layers
+        (x, st(3, 2, 10)),                       # three
+        (x, st(2, 3, 10)),                       # batch
+        (x, st(2, 2, 9)),                        # hidden size
+        (x, st(2, 2, 10, dtype=torch.float64)),  # dtype
+        (x.double(), None),                      # input dtype against the parameters
+        (torch.randn(3, 6), st(2, 2, 10)),       # unbatched input, batched state
+        (torch.randn(0, 2, 6), None),            # no steps
+    ]
+    if lstm:
+        bad.append((x, (torch.zeros(2, 2, 10),)))  # one tensor of the two
+    for inp, hx in bad:
+        with torch.no_grad():
+            with pytest.raises(Exception) as theirs_err:
+                theirs(inp, hx)
+            with pytest.raises(type(theirs_err.value)):
+                ours(inp, hx)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_non_contiguous_state_and_input():
+    ours, ref = _pair("LSTM-2L-bi")
+    x = torch.randn(2, 3, 6, dtype=torch.float64).transpose(0, 1)  # [3, 2, 6], not contiguous
+    h = torch.randn(2, 4, 10, dtype=torch.float64).transpose(0, 1)  # [4, 2, 10]
+    c = torch.randn(2, 4, 10, dtype=torch.float64).transpose(0, 1)
+    with torch.no_grad():
+        got, want = _flat(ours(x, (h, c))), _flat(ref(x, (h, c)))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def test_pickles_after_a_call():
+    """The fast path caches its choice in the module; torch.save of the whole module still works."""
+    m = fastrnn.GRU(6, 10)
+    with torch.no_grad():
+        y = m(torch.randn(2, 1, 6))[0]
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        x = torch.randn(2, 1, 6)
+        torch.testing.assert_close(m2(x)[0], m(x)[0])
+    assert y.shape == (2, 1, 10)
+
+
+@pytest.mark.parametrize("T,B", [(1, 1), (3, 5), (16, 1)])
+def test_functional_layer_takes_it(T, B):
+    """``fastrnn.functional.rnn_layers`` on the direct path uses the op too (a PackedSequence does not)."""
+    m = fastrnn.LSTM(6, 10, num_layers=2)
+    x = torch.randn(T, B, 6)
+    h = torch.zeros(2, B, 10)
+    with torch.no_grad(), dispatch.record_calls() as ran:
+        fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(), num_layers=2, num_directions=1,
+                                      dropout=0.0, training=False, lengths=None, steps=T, backend="cpp")
+    assert ran == [("lstm_chunk_fwd", "cpp")] * 2
+
+
+def test_raw_op_checks():
+    O = torch.ops.fastrnn_cpp
+    w_ih, w_hh, h = torch.randn(30, 6), torch.randn(30, 10), torch.zeros(2, 10)
+    with pytest.raises(RuntimeError, match=r"x must be \[T, B, I\]"):
+        O.gru_chunk_fwd(torch.randn(2, 6), w_ih, None, w_hh, None, h, False)
+    with pytest.raises(RuntimeError, match="w_ih"):
+        O.gru_chunk_fwd(torch.randn(3, 2, 7), w_ih, None, w_hh, None, h, False)
+    with pytest.raises(RuntimeError, match="h0"):
+        O.gru_chunk_fwd(torch.randn(3, 2, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False)
