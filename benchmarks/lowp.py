@@ -1,6 +1,6 @@
 """Half-precision modules (bfloat16, float16) on the CPU: torch.nn against fastrnn's cpp backend, in one process:
 
-    python -m benchmarks.lowp [--budget S] [--dtypes bfloat16,float16] [--cells LSTM,GRU,RNN]
+    python -m benchmarks.lowp [--budget S] [--dtypes bfloat16,float16] [--cells LSTM,GRU,RNN] [--modes inference,training]
 
 For each case four providers are timed in interleaved rounds: torch.nn and cpp in the half dtype, and
 torch.nn and cpp in float32 on the same weights (what the half-precision model costs against keeping it
@@ -40,6 +40,7 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=1.5, help="measured seconds per case")
     ap.add_argument("--dtypes", default="bfloat16,float16")
     ap.add_argument("--cells", default="LSTM,GRU,RNN")
+    ap.add_argument("--modes", default=",".join(MODES), help="torch's float16 training takes ~20 s a call at B64")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastrnn {fastrnn.__version__}; "
           "x = torch.nn in the same dtype / this median")
@@ -48,7 +49,7 @@ def main(argv=None):
     for dt_name in args.dtypes.split(","):
         dt = getattr(torch, dt_name)
         for cell in args.cells.split(","):
-            for mode in MODES:
+            for mode in args.modes.split(","):
                 for B, H in SHAPES:
                     case = Case(cell, mode, 100, B, H)
                     half = Workload(case, ["torch", "cpp"], dtype=dt)
