@@ -57,7 +57,8 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     packed = index is not None
     # a short dense sequence in inference: one call with the input projection inside, if the backend has it
     chunk = None
-    if direct and not packed and steps * B <= getattr(impl, "chunk_max_rows", 0):
+    T = x.shape[0] if steps is None else steps
+    if direct and not packed and lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0):
         chunk = getattr(impl, f"{family}_chunk_fwd", None)
     layer_input = x
     for layer in range(num_layers):
@@ -69,7 +70,8 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             save = _needs_grad(layer_input, w_ih, b_ih, *hh, *st)
             if chunk is not None and not save:
                 dispatch.note_call(f"{family}_chunk_fwd", backend)
-                res = chunk(layer_input.contiguous(), w_ih.contiguous(), b_ih, *hh, *st, direction == 1, *options)
+                res = chunk(layer_input.contiguous(), w_ih.contiguous(), None if b_ih is None else b_ih.contiguous(),
+                            *hh, *st, direction == 1, *options)
                 outs.append(res[0])
                 for acc, s in zip(finals, res[1:]):
                     acc.append(s)
@@ -104,7 +106,8 @@ def _caster(backend, dtype):
     alloc = getattr(dispatch.get(backend), "empty", None) if ops.can_skip_ops() else None
     if alloc is None:
         return lambda t: t.to(dtype)
-    return lambda t: alloc(list(t.shape), dtype).copy_(t)
+    size = torch.empty((), dtype=dtype).element_size()
+    return lambda t: t.to(dtype) if t.numel() * size < _ALLOC_MIN_BYTES else alloc(list(t.shape), dtype).copy_(t)
 
 
 def _cast_weights(weights, cast):

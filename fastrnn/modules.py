@@ -17,11 +17,22 @@ from . import dispatch, ops
 from .functional import autocast_dtype, cell_step, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
-# projection too, so its xw matches its state), and returns the dtypes torch.nn's module returns there
-# (torch 2.13, measured for bfloat16 and float16: benchmarks/NOTES.md): the autocast dtype for LSTM
-# (float32 with a PackedSequence input; c_n float32 with proj_size), RNN and RNNCell, float32 for GRU,
-# LSTMCell and GRUCell. A float64 module is left as it is, as autocast leaves float64 ops.
+# projection too, so its xw matches its state; the input and a given state are cast to it first, as
+# autocast lets torch.nn take a bfloat16 input or the bfloat16 state it returned), and returns the dtypes
+# torch.nn's module returns there (torch 2.13, measured for bfloat16 and float16: benchmarks/NOTES.md):
+# the autocast dtype for LSTM (but not with a PackedSequence input, nor c_n with proj_size), RNN and
+# RNNCell; for the others (GRU, LSTMCell, GRUCell) the dtype of the given state, else of the input. A
+# float64 module is left as it is, as autocast leaves float64 ops.
 _NO_CONTEXT = contextlib.nullcontext()
+_AUTOCAST_MODULE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _autocast_for(device_type, module_dtype):
+    return autocast_dtype(device_type) if module_dtype in _AUTOCAST_MODULE_DTYPES else None
+
+
+def _to_float(t, dtype):
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def _check_float(name, input, exc=ValueError):
@@ -98,7 +109,7 @@ class _SeqMixin(_BackendMixin):
         D = 2 if self.bidirectional else 1
         return (x.new_zeros(self.num_layers * D, B, self.hidden_size),)
 
-    def _hx_tuple(self, hx):
+    def _hx_tuple(self, hx, batched=True):
         return (hx,)
 
     def _hx_out(self, states):
@@ -176,6 +187,8 @@ class _SeqMixin(_BackendMixin):
         if hx is None:
             states = self._zeros_state(x, B)
         else:
+            if self._n_state == 2 and not isinstance(hx, (tuple, list)):
+                return None  # (a stacked tensor: torch raises a TypeError for it, _forward too)
             states = tuple(hx) if self._n_state == 2 else (hx,)
             if len(states) != self._n_state or not all(isinstance(s, torch.Tensor) for s in states):
                 return None
@@ -195,13 +208,14 @@ class _SeqMixin(_BackendMixin):
                     k = layer * D + d
                     w_ih, b_ih, hh = weights[k]
                     res = op(layer_input, w_ih, b_ih, *hh, *(s[k] for s in states), d == 1, *options)
-                    dispatch.note_call(f"{self._family}_chunk_fwd", name)
                     outs.append(res[0])
                     for acc, st in zip(finals, res[1:]):
                         acc.append(st)
                 layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
         except (RuntimeError, TypeError):
             return None
+        for _ in range(L * D):
+            dispatch.note_call(f"{self._family}_chunk_fwd", name)
         states = tuple(torch.stack(acc) for acc in finals)
         if batched:
             out = layer_input.transpose(0, 1) if self.batch_first else layer_input
@@ -234,11 +248,19 @@ class _SeqMixin(_BackendMixin):
                 input = input.unsqueeze(0 if self.batch_first else 1)
             B = input.size(0 if self.batch_first else 1)
         _check_float(name, input)
+        wdt = self.weight_ih_l0.dtype
+        amp = _autocast_for(input.device.type, wdt)
+        if amp is not None:
+            # the dtype torch.nn returns the outputs in that do not take the autocast dtype (see the top)
+            high = self._hx_tuple(hx, batched)[0].dtype if hx is not None else input.dtype
+            input = input.to(wdt)
 
         if hx is None:
             states = self._zeros_state(input, B)
         else:
-            states = self._hx_tuple(hx)
+            states = self._hx_tuple(hx, batched)
+            if amp is not None:
+                states = tuple(_to_float(s, wdt) for s in states)
             want = 3 if batched else 2
             if any(s.dim() != want for s in states):
                 raise RuntimeError(self._hx_dim_error(batched, states))
@@ -264,7 +286,6 @@ class _SeqMixin(_BackendMixin):
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                   self.backend)
 
-        amp = autocast_dtype(input.device.type) if input.dtype == torch.float32 else None
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
             y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
                                    num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
@@ -272,7 +293,7 @@ class _SeqMixin(_BackendMixin):
                                    index=index, steps=T, backend=backend)
         if amp is not None:
             low = self._autocast_low(packed)
-            y, states = (y.to(amp) if low[0] else y), tuple(s.to(amp) if k else s for s, k in zip(states, low[1:]))
+            y, states = y.to(amp if low[0] else high), tuple(s.to(amp if k else high) for s, k in zip(states, low[1:]))
         if packed:
             out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
             if unsorted_indices is not None:
@@ -381,11 +402,21 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         return (x.new_zeros(self.num_layers * D, B, P), x.new_zeros(self.num_layers * D, B, self.hidden_size))
 
-    def _hx_tuple(self, hx):
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            got = type(hx).__name__ if not isinstance(hx, (tuple, list)) else f"{len(hx)} items"
-            # torch fails on this with an IndexError from hx[1]; same type, clearer words
-            raise IndexError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+    def _hx_tuple(self, hx, batched=True):
+        # torch's forms and errors: unbatched, it takes hx[0] and hx[1] (also the rows of one tensor);
+        # batched, one tensor is an IndexError from hx[1] when it has fewer than two rows, else a TypeError
+        # (lstm()'s argument parsing), a tuple of one an IndexError, of three or more a RuntimeError; same
+        # types, clearer words
+        if isinstance(hx, torch.Tensor) and not batched:
+            return (hx[0], hx[1])
+        if not isinstance(hx, (tuple, list)):
+            short = isinstance(hx, torch.Tensor) and (hx.dim() == 0 or hx.shape[0] < 2)
+            raise (IndexError if short else TypeError)(
+                f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+        if len(hx) < 2:
+            raise IndexError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {len(hx)} items")
+        if len(hx) > 2:
+            raise RuntimeError(f"LSTM: lstm expects two hidden states (h_0, c_0), got {len(hx)}")
         return tuple(hx)
 
     def _hx_out(self, states):
@@ -527,6 +558,11 @@ class _CellMixin(_BackendMixin):
             input = input.unsqueeze(0)
             states = None if states is None else tuple(s.unsqueeze(0) for s in states)
         _check_float(name, input, RuntimeError)
+        amp = _autocast_for(input.device.type, self.weight_ih.dtype)
+        if amp is not None:  # see the top
+            high = states[0].dtype if states is not None else input.dtype
+            input = input.to(self.weight_ih.dtype)
+            states = None if states is None else tuple(_to_float(s, input.dtype) for s in states)
         if input.dtype != self.weight_ih.dtype:
             raise RuntimeError(f"{name}: input dtype {str(input.dtype)} does not match weight dtype "
                                f"{str(self.weight_ih.dtype)}")
@@ -546,12 +582,11 @@ class _CellMixin(_BackendMixin):
 
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                   self.backend, "step")
-        amp = autocast_dtype(input.device.type) if input.dtype == torch.float32 else None
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
             out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
                             backend)
-        if amp is not None and self._family == "rnn":  # see the top: torch's RNNCell, not its other cells
-            out = tuple(s.to(amp) for s in out)
+        if amp is not None:  # see the top: torch's RNNCell in the autocast dtype, its other cells not
+            out = tuple(s.to(amp if self._family == "rnn" else high) for s in out)
         if not batched:
             out = tuple(s.squeeze(0) for s in out)
         return out if self._n_state == 2 else out[0]

@@ -78,6 +78,23 @@ def test_lstm_hx_not_a_pair():
                       r"LSTM: hx must be a tuple \(h_0, c_0\) of two tensors, got Tensor")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_lstm_hx_forms(grad):
+    """torch's forms of an LSTM's hx: batched, a stacked tensor is a TypeError, a tuple of one an
+    IndexError, of three a RuntimeError; unbatched, the rows of one tensor are (h_0, c_0)."""
+    f, t = _pair(fastrnn.LSTM, torch.nn.LSTM, None)
+    x = torch.randn(5, 3, 4)
+    with torch.set_grad_enabled(grad):
+        for hx, exc in ((torch.zeros(2, 1, 3, 8), TypeError), ((torch.zeros(1, 3, 8),), IndexError),
+                        ((torch.zeros(1, 3, 8),) * 3, RuntimeError)):
+            with pytest.raises(exc):
+                t(x, hx)
+            with pytest.raises(exc):
+                f(x, hx)
+        hx = torch.randn(2, 1, 8)
+        torch.testing.assert_close(f(x[:, 0], hx)[0], t(x[:, 0], hx)[0])
+
+
 def test_packed_zero_length_rejected_by_packing():
     # torch rejects it while packing, before any module runs; nothing for fastrnn to add
     with pytest.raises(RuntimeError, match="Length of all samples has to be greater than 0"):

@@ -91,7 +91,7 @@ def test_when_the_path_is_not_taken():
     m = fastrnn.GRU(6, 10, num_layers=2, dropout=0.5)
     m.eval()
     cases = [(torch.randn(MAX_ROWS + 1, 1, 6), "no_grad"), (torch.randn(4, 4, 6), "no_grad"),
-             (torch.randn(17, 1, 6), "no_grad"), (torch.randn(2, 2, 6), "grad")]
+             (torch.randn(1, MAX_ROWS + 1, 6), "no_grad"), (torch.randn(2, 2, 6), "grad")]
     for x, mode in cases:
         with torch.set_grad_enabled(mode == "grad"), dispatch.record_calls() as ran:
             m(x)
@@ -147,6 +147,7 @@ def test_bad_input_gets_torchs_errors(name):
     ]
     if lstm:
         bad.append((x, (torch.zeros(2, 2, 10),)))  # one tensor of the two
+        bad.append((x, torch.zeros(2, 2, 2, 10)))  # the two stacked in one tensor
     for inp, hx in bad:
         with torch.no_grad():
             with pytest.raises(Exception) as theirs_err:
@@ -157,15 +158,72 @@ def test_bad_input_gets_torchs_errors(name):
         assert torch.equal(v, before[k])
 
 
-def test_non_contiguous_state_and_input():
+def test_non_contiguous_input_state_and_bias():
+    """A non-contiguous input runs on the op (made contiguous); a non-contiguous state makes the op refuse
+    and the general path serve it; a strided bias parameter too (the functional layer passes it
+    contiguous)."""
     ours, ref = _pair("LSTM-2L-bi")
     x = torch.randn(2, 3, 6, dtype=torch.float64).transpose(0, 1)  # [3, 2, 6], not contiguous
-    h = torch.randn(2, 4, 10, dtype=torch.float64).transpose(0, 1)  # [4, 2, 10]
-    c = torch.randn(2, 4, 10, dtype=torch.float64).transpose(0, 1)
+    h, c = torch.randn(4, 2, 10, dtype=torch.float64), torch.randn(4, 2, 10, dtype=torch.float64)
+    for state in ((h, c), (h.transpose(0, 1).contiguous().transpose(0, 1), c)):  # the second: [4, 2, 10] strided
+        with torch.no_grad():
+            with dispatch.record_calls() as ran:
+                got = _flat(ours(x, state))
+            want = _flat(ref(x, state))
+        assert {op for op, _ in ran} == {"lstm_chunk_fwd"}
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    torch.manual_seed(0)
+    gru, theirs = fastrnn.GRU(6, 10), torch.nn.GRU(6, 10)
+    gru.bias_ih_l0 = torch.nn.Parameter(torch.randn(60)[::2])
+    theirs.load_state_dict(gru.state_dict())
+    x = torch.randn(2, 1, 6)
+    with torch.no_grad(), dispatch.record_calls() as ran:
+        got = gru(x)
+    assert {op for op, _ in ran} == {"gru_chunk_fwd"}
+    for g, w in zip(_flat(got), _flat(theirs(x))):
+        torch.testing.assert_close(g, w)
+
+
+def test_parametrized_weight():
+    """A parametrized weight (not in the module's parameter dict) is read through the attribute."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    ours = fastrnn.GRU(6, 10)
+    theirs = torch.nn.GRU(6, 10)
+    theirs.load_state_dict(ours.state_dict())
+    parametrize.register_parametrization(ours, "weight_hh_l0", Double())
     with torch.no_grad():
-        got, want = _flat(ours(x, (h, c))), _flat(ref(x, (h, c)))
+        theirs.weight_hh_l0.mul_(2)
+        x = torch.randn(3, 2, 6)
+        with dispatch.record_calls() as ran:
+            got = ours(x)
+        want = theirs(x)
+    assert {op for op, _ in ran} == {"gru_chunk_fwd"}
+    for g, w in zip(_flat(got), _flat(want)):
+        torch.testing.assert_close(g, w)
+
+
+def test_half_precision_module():
+    """A bfloat16 module's short call: the casts, then the op in float32."""
+    torch.manual_seed(0)
+    ours = fastrnn.LSTM(6, 10, dtype=torch.bfloat16)
+    truth = torch.nn.LSTM(6, 10, dtype=torch.float64)
+    truth.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(4, 2, 6).bfloat16()
+    with torch.no_grad():
+        with dispatch.record_calls() as ran:
+            got = _flat(ours(x))
+        want = _flat(truth(x.double()))
+    assert ran == [("lstm_chunk_fwd", "cpp")]
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+        assert g.dtype == torch.bfloat16
+        assert bool(((g.double() - w).abs() <= 2.0 ** -8 * w.abs() + 2e-5).all())
 
 
 def test_pickles_after_a_call():
@@ -185,14 +243,25 @@ def test_pickles_after_a_call():
 
 @pytest.mark.parametrize("T,B", [(1, 1), (3, 5), (16, 1)])
 def test_functional_layer_takes_it(T, B):
-    """``fastrnn.functional.rnn_layers`` on the direct path uses the op too (a PackedSequence does not)."""
+    """``fastrnn.functional.rnn_layers`` on the direct path uses the op too (``steps`` may be left out for
+    dense input), not with per-row ``lengths``."""
     m = fastrnn.LSTM(6, 10, num_layers=2)
     x = torch.randn(T, B, 6)
     h = torch.zeros(2, B, 10)
-    with torch.no_grad(), dispatch.record_calls() as ran:
-        fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(), num_layers=2, num_directions=1,
-                                      dropout=0.0, training=False, lengths=None, steps=T, backend="cpp")
-    assert ran == [("lstm_chunk_fwd", "cpp")] * 2
+    kw = dict(num_layers=2, num_directions=1, dropout=0.0, training=False, backend="cpp")
+    with torch.no_grad():
+        with dispatch.record_calls() as ran:
+            y, _ = fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(), lengths=None, **kw)
+        assert ran == [("lstm_chunk_fwd", "cpp")] * 2
+        y_seq = m(x.expand(T, B, 6), (h, h))[0] if T * B > MAX_ROWS else m._forward(x, (h, h))[0]
+        torch.testing.assert_close(y, y_seq)
+        lengths = torch.tensor([T] + [max(1, T - 1)] * (B - 1))
+        with dispatch.record_calls() as ran:
+            y_len, _ = fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(), lengths=lengths,
+                                                     **kw)
+        assert ran == [("lstm_seq_fwd", "cpp")] * 2
+        if B > 1 and T > 1:
+            assert bool((y_len[T - 1, 1:] == 0).all())  # past those rows' end
 
 
 def test_raw_op_checks():

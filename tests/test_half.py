@@ -260,3 +260,52 @@ def test_autocast_under_torch_compile():
         got, eager = compiled(x), m(x)
     for g, e in zip([got[0], *got[1]], [eager[0], *eager[1]]):
         assert g.dtype == torch.bfloat16 and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("T", [2, 20], ids=["chunk", "seq"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_autocast_other_inputs(name, T, grad):
+    """Under autocast torch.nn also takes a bfloat16 module, a bfloat16 input for a float32 module, and
+    the bfloat16 state it returned fed back (streaming under autocast); so does fastrnn, with torch's
+    dtypes and values within half precision."""
+    torch.manual_seed(0)
+    amp = torch.bfloat16
+    for mdt in (torch.float32, torch.bfloat16):
+        ours = getattr(fastrnn, name)(6, 10, num_layers=2, dtype=mdt)
+        theirs = getattr(torch.nn, name)(6, 10, num_layers=2, dtype=mdt)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(T, 1, 6).to(amp)
+        with torch.autocast("cpu", dtype=amp), torch.set_grad_enabled(grad):
+            with dispatch.record_calls() as ran:
+                y, st = ours(x)
+                y2, st2 = ours(x, st)  # the returned state fed back
+            yt, stt = theirs(x)
+            yt2, stt2 = theirs(x, stt)
+        assert backends_used(ran) == {"cpp"}
+        for a, b in zip(_flat_out(y2, st2), _flat_out(yt2, stt2)):
+            assert a.dtype == b.dtype, (mdt, a.dtype, b.dtype)
+            torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+        if grad:
+            y2.float().sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == mdt for p in ours.parameters())
+
+
+def _flat_out(y, st):
+    return [y] + list(st if isinstance(st, tuple) else (st,))
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_autocast_cells_other_inputs(cls):
+    """Cells under autocast: a bfloat16 input for a float32 cell, its returned state fed back."""
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(6, 10)
+    theirs = getattr(torch.nn, cls)(6, 10)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, st = ours(x), theirs(x)
+        out, want = ours(x, s), theirs(x, st)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
