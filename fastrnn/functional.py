@@ -12,10 +12,6 @@ import torch.nn.functional as F
 from . import dispatch, ops
 
 
-def _op(name):
-    return getattr(torch.ops.fastrnn, name)
-
-
 def autocast_dtype(device_type):
     """The lower-precision dtype of an autocast region active on ``device_type``, else None (CPU only:
     what torch.nn does under CUDA autocast is not measured here)."""
@@ -48,7 +44,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
                                options, num_layers=num_layers, num_directions=num_directions, dropout=dropout,
                                training=training, lengths=lengths, index=index, steps=steps, backend=backend)
         return y.to(x.dtype), tuple(s.to(x.dtype) for s in finals)
-    seq_fwd = _op(f"{family}_seq_fwd")
+    seq_fwd = ops.with_autograd(f"{family}_seq_fwd")
     direct = ops.can_skip_ops()
     impl = dispatch.get(backend)
     alloc = getattr(impl, "empty", None) if direct else None
@@ -201,6 +197,6 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
             res = fused(x.contiguous(), w_ih.contiguous(), b_ih, *hh, *state, *options)
             return tuple(res) if isinstance(res, (tuple, list)) else (res,)
     xw = F.linear(x, w_ih, b_ih).contiguous()
-    step = ops.DIRECT[f"{family}_step_fwd"] if direct else _op(f"{family}_step_fwd")
+    step = ops.DIRECT[f"{family}_step_fwd"] if direct else ops.with_autograd(f"{family}_step_fwd")
     res = step(xw, *hh, *state, *options, save, backend)
     return tuple(res[:-1])

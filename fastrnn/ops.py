@@ -129,10 +129,16 @@ def _autograd(family, scope, bwd_op):
 LIB = torch.library.Library("fastrnn", "DEF")
 
 
+def _forward_through(op):
+    def forward(*args):
+        return op(*args)
+    return forward
+
+
 def _define_all():
     # Library.define/impl rather than torch.library.custom_op: custom_op wraps each implementation in
     # torch._dynamo.disable, whose first call imports torch._dynamo (~1.5 s of cold start).
-    ops = {}
+    ops, functions = {}, {}
     for family in FAMILIES:
         for kind, schema in _schemas(family).items():
             opname = f"{family}_{kind}"
@@ -141,20 +147,42 @@ def _define_all():
             torch.library.register_fake(f"fastrnn::{opname}", _fakes(family, opname), lib=LIB)
             ops[opname] = getattr(torch.ops.fastrnn, opname).default
         for scope in ("seq", "step"):
+            name = f"{family}_{scope}_fwd"
             setup_context, backward = _autograd(family, scope, ops[f"{family}_{scope}_bwd"])
-            torch.library.register_autograd(f"fastrnn::{family}_{scope}_fwd", backward,
-                                            setup_context=setup_context, lib=LIB)
-    return ops
+            torch.library.register_autograd(f"fastrnn::{name}", backward, setup_context=setup_context, lib=LIB)
+            # forward through the op itself: under vmap its batching falls back to a loop over the
+            # samples (generate_vmap_rule), so every backend sees plain tensors
+            functions[name] = type(f"_{name}", (torch.autograd.Function,), {
+                "forward": staticmethod(_forward_through(ops[name])),
+                "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
+                "generate_vmap_rule": True})
+    return ops, functions
 
 
-OPS = _define_all()
+OPS, _FUNCTIONS = _define_all()
+
+
+def functorch_active():
+    """Is a torch.func transform (grad, vjp, jacrev, ...) active?"""
+    return torch._C._are_functorch_transforms_active()
+
+
+def with_autograd(name):
+    """The forward op ``name`` with its autograd formula. Under torch.func transforms the same formula
+    as an autograd.Function of our own: the one torch.library.register_autograd generates has no
+    setup_context staticmethod, which functorch requires (pytorch/pytorch#168393, open in torch 2.13)."""
+    if functorch_active():
+        return _FUNCTIONS[name].apply
+    return getattr(torch.ops.fastrnn, name)
 
 
 def can_skip_ops():
     """May a call that needs no autograd skip the op layer (its Python autograd wrapper costs ~25 us a
     call) and run the op's implementation directly? Not while torch.compile traces, and not under a
-    dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation."""
-    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation, nor under torch.func
+    transforms (the op layer's autograd and batching)."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active())
 
 
 #: what each op runs, to call without the op layer when ``can_skip_ops()`` and no gradient is needed
