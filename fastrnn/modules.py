@@ -8,6 +8,7 @@ checks its arguments the way torch does, brings the input to time-major form and
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
@@ -67,8 +68,30 @@ def _packed_layout(batch_sizes, device):
     return lengths, index
 
 
+def _exporting():
+    """Is torch.jit.trace (and so torch.onnx's TorchScript exporter, which traces) recording this call?
+    Then a module that torch.nn can run runs torch.nn's own forward: the trace gets aten::lstm/gru/rnn
+    ops, which the ONNX exporter maps to ONNX's LSTM/GRU/RNN, instead of fastrnn's custom ops, which it
+    cannot. (The tracing state itself: ``torch.jit.is_tracing`` costs ~1 us more a call.)"""
+    return torch._C._get_tracing_state() is not None
+
+
 class _BackendMixin:
     """The keyword-only ``backend`` argument every fastrnn module adds to its torch constructor."""
+
+    def _variant_only(self):
+        """Does the module use a feature torch.nn lacks (the LSTM variants)?"""
+        return bool(getattr(self, "peephole", False) or getattr(self, "coupled_gates", False))
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script compiles torch.nn's forward over the same parameters (a shallow copy whose
+        class is the torch.nn class: the parameter dict is shared), since fastrnn's Python forward is not
+        scriptable. The variants, which torch.nn lacks, stay as they are (and do not script)."""
+        if self._variant_only():
+            return self
+        twin = copy.copy(self)
+        twin.__class__ = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+        return twin
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -145,6 +168,8 @@ class _SeqMixin(_BackendMixin):
         return out
 
     def forward(self, input, hx=None):
+        if _exporting() and not self._variant_only():
+            return super().forward(input, hx)  # torch.nn's own ops, which exporters know
         if not torch.is_grad_enabled() and isinstance(input, torch.Tensor):
             out = self._chunk_inference(input, hx)
             if out is not None:
@@ -467,6 +492,8 @@ class _CellMixin(_BackendMixin):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {s.dim()}D instead")
 
     def forward(self, input, hx=None):
+        if _exporting() and not self._variant_only():
+            return super().forward(input, hx)  # as in _SeqMixin.forward
         if hx is not None and not torch.is_grad_enabled():
             out = self._fused_inference(input, hx)
             if out is not None:
