@@ -8,7 +8,6 @@ checks its arguments the way torch does, brings the input to time-major form and
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn as nn
@@ -84,13 +83,17 @@ class _BackendMixin:
         return bool(getattr(self, "peephole", False) or getattr(self, "coupled_gates", False))
 
     def __prepare_scriptable__(self):
-        """torch.jit.script compiles torch.nn's forward over the same parameters (a shallow copy whose
-        class is the torch.nn class: the parameter dict is shared), since fastrnn's Python forward is not
-        scriptable. The variants, which torch.nn lacks, stay as they are (and do not script)."""
+        """torch.jit.script compiles torch.nn's forward over the same module state (a twin of the torch.nn
+        class sharing this module's ``__dict__``: parameters, hooks, flags), since fastrnn's Python forward
+        is not scriptable. Scripting a parent puts the twin in the parent's place (torch writes back what
+        this returns): the parent then runs torch.nn's forward in eager calls too, on the same state, until
+        ``fastrnn.convert(parent)``. The variants, which torch.nn lacks, stay as they are (and do not
+        script)."""
         if self._variant_only():
             return self
-        twin = copy.copy(self)
-        twin.__class__ = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+        cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+        twin = cls.__new__(cls)
+        object.__setattr__(twin, "__dict__", self.__dict__)
         return twin
 
     def __init__(self, *args, backend: str | None = None, **kwargs):

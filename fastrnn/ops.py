@@ -117,6 +117,8 @@ def _autograd(family, scope, bwd_op):
         grads = [torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
                  for g, o in zip(grads[:-1], like)]
         res = list(bwd_op(*grads, *saved, *ctx.opts))
+        if torch.is_grad_enabled():  # create_graph: what flows out must not read as a zero derivative
+            res = _underivable(f"fastrnn::{family}_{scope}_bwd", res, grads)
         for k, absent in enumerate(ctx.absent):
             if absent:
                 res[1 + k] = None
@@ -124,6 +126,38 @@ def _autograd(family, scope, bwd_op):
         return (*res, *([None] * extra))
 
     return setup_context, backward
+
+
+class _Underivable(torch.autograd.Function):
+    """Views of a backward op's results, tied to the incoming gradients, whose own backward raises: the
+    backward ops have no derivative, and without this a double backward (create_graph=True, the grad of
+    a torch.func.grad, a hessian) through them would silently give zero."""
+
+    @staticmethod
+    def forward(name, n, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name} is not differentiable: fastrnn does not support a double backward "
+                           "(create_graph=True, torch.func.grad of a grad, hessian) through its recurrence")
+
+    generate_vmap_rule = True
+
+
+def _underivable(name, res, grads):
+    idx = [k for k, t in enumerate(res) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    ties = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+    if not idx or not ties:
+        return res
+    views = _Underivable.apply(name, len(idx), *(res[k] for k in idx), *ties)
+    for k, v in zip(idx, views):
+        res[k] = v
+    return res
 
 
 LIB = torch.library.Library("fastrnn", "DEF")
@@ -180,9 +214,10 @@ def can_skip_ops():
     """May a call that needs no autograd skip the op layer (its Python autograd wrapper costs ~25 us a
     call) and run the op's implementation directly? Not while torch.compile traces, and not under a
     dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation, nor under torch.func
-    transforms (the op layer's autograd and batching)."""
+    transforms (the op layer's autograd and batching), nor while torch.jit.trace records (a direct call
+    would leave the recurrence out of the trace)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active())
+            and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None)
 
 
 #: what each op runs, to call without the op layer when ``can_skip_ops()`` and no gradient is needed

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastrnn
+from conftest import CPU_BACKENDS
 
 CASES = [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=3, batch_first=True)),
          ("GRU", dict(num_layers=2)), ("RNN", dict(nonlinearity="relu", bidirectional=True))]
@@ -120,12 +121,44 @@ def test_torch_export(name, kw):
             torch.testing.assert_close(a, b)
 
 
-def test_variants_trace_as_fastrnn_ops():
-    """torch.nn has no peephole LSTM: tracing keeps fastrnn's ops (the ONNX exporter cannot map them)."""
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_variants_trace_as_fastrnn_ops(backend, grad):
+    """torch.nn has no peephole LSTM: tracing records fastrnn's ops (the ONNX exporter cannot map them),
+    with and without autograd (without it the call must not skip the op layer, or the trace would miss
+    the recurrence); the trace computes new inputs right."""
     torch.manual_seed(0)
-    m = fastrnn.LSTM(4, 6, peephole=True).eval()
-    x = torch.randn(5, 2, 4)
-    traced = torch.jit.trace(m, (x,), check_trace=False)
-    assert any(n.kind().startswith("fastrnn::lstm_seq_fwd") for n in traced.inlined_graph.nodes())
+    for m in (fastrnn.LSTM(4, 6, peephole=True, backend=backend).eval(),
+              fastrnn.LSTMCell(4, 6, coupled_gates=True, backend=backend)):
+        seq = isinstance(m, torch.nn.LSTM)
+        x = torch.randn(5, 2, 4) if seq else torch.randn(2, 4)
+        args = (x,) if seq else (x, (torch.zeros(2, 6), torch.zeros(2, 6)))
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(m, args, check_trace=False)
+        kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+        assert any(k.startswith("fastrnn::lstm_") for k in kinds), kinds
+        x2 = torch.randn_like(x)
+        args2 = (x2,) if seq else (x2, (torch.randn(2, 6), torch.randn(2, 6)))
+        with torch.no_grad():
+            got, want = traced(*args2), m(*args2)
+        got, want = (_flat(got), _flat(want)) if seq else (list(got), list(want))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_scripting_a_parent():
+    """torch.jit.script writes the twin back into the parent: it shares the module's state, computes the
+    same, and fastrnn.convert brings the fastrnn class back."""
+    torch.manual_seed(0)
+    cell = fastrnn.GRUCell(4, 6)
+    parent = torch.nn.Sequential(cell)
+    scripted = torch.jit.script(parent)
+    x = torch.randn(3, 4)
     with torch.no_grad():
-        torch.testing.assert_close(traced(x)[0], m(x)[0])
+        torch.testing.assert_close(scripted(x), cell(x))
+        torch.testing.assert_close(parent(x), cell(x))
+    assert type(parent[0]) is torch.nn.GRUCell and parent[0].__dict__ is cell.__dict__
+    cell.eval()
+    assert not parent[0].training
+    fastrnn.convert(parent)
+    assert type(parent[0]) is fastrnn.GRUCell
