@@ -102,7 +102,7 @@ def _caster(backend, dtype):
     alloc = getattr(dispatch.get(backend), "empty", None) if ops.can_skip_ops() else None
     if alloc is None:
         return lambda t: t.to(dtype)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = torch.finfo(dtype).bits // 8
     return lambda t: t.to(dtype) if t.numel() * size < _ALLOC_MIN_BYTES else alloc(list(t.shape), dtype).copy_(t)
 
 

@@ -100,6 +100,26 @@ class _BackendMixin:
         super().__init__(*args, **kwargs)
         self.backend = dispatch.check_name(backend)
 
+    def _fast_op(self, input, kind, scope):
+        """For the fast paths: (backend name, its optional ``<family>_<kind>_fwd`` or None, the backend)
+        for a call on ``input``, the choice cached in the module (keyed on dtype, device, the module's and
+        the context's backend request; remade when the backend object changes). None when the choice
+        raises: ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast op
+        (it goes through the functional layer's casts)."""
+        slot = f"_{kind}_choice"
+        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
+        cached = self.__dict__.get(slot)  # (key, backend name, backend object, its op)
+        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
+            try:
+                name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
+                                       scope)
+            except dispatch.BackendNotSupportedError:
+                return None
+            impl = dispatch.get(name)
+            op = getattr(impl, f"{self._family}_{kind}_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
+            cached = self.__dict__[slot] = (key, name, impl, op)
+        return cached[1], cached[3], cached[2]
+
     def extra_repr(self):
         s = super().extra_repr()
         if getattr(self, "backend", None) is not None:
@@ -192,23 +212,16 @@ class _SeqMixin(_BackendMixin):
             return None
         if self.training and self.dropout > 0 and self.num_layers > 1:
             return None
-        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
-        cached = self.__dict__.get("_chunk_choice")  # (key, backend name, backend object, its op, max rows)
-        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
-            try:
-                name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend)
-            except dispatch.BackendNotSupportedError:
-                return None  # _forward raises it
-            impl = dispatch.get(name)
-            op = getattr(impl, f"{self._family}_chunk_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
-            cached = self.__dict__["_chunk_choice"] = (key, name, impl, op, getattr(impl, "chunk_max_rows", 0))
-        name, op, max_rows = cached[1], cached[3], cached[4]
+        choice = self._fast_op(input, "chunk", "seq")
+        if choice is None or choice[1] is None:
+            return None
+        name, op, impl = choice
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[0], x.shape[1]
-        if op is None or T == 0 or T * B > max_rows:
+        if T == 0 or T * B > impl.chunk_max_rows:
             return None
         D = 2 if self.bidirectional else 1
         L = self.num_layers
@@ -279,8 +292,9 @@ class _SeqMixin(_BackendMixin):
         wdt = self.weight_ih_l0.dtype
         amp = _autocast_for(input.device.type, wdt)
         if amp is not None:
-            # the dtype torch.nn returns the outputs in that do not take the autocast dtype (see the top)
-            high = self._hx_tuple(hx, batched)[0].dtype if hx is not None else input.dtype
+            # the dtype torch.nn returns the outputs in that do not take the autocast dtype (see the top):
+            # the given state's, else the input's
+            high = input.dtype
             input = input.to(wdt)
 
         if hx is None:
@@ -288,6 +302,7 @@ class _SeqMixin(_BackendMixin):
         else:
             states = self._hx_tuple(hx, batched)
             if amp is not None:
+                high = states[0].dtype
                 states = tuple(_to_float(s, wdt) for s in states)
             want = 3 if batched else 2
             if any(s.dim() != want for s in states):
@@ -516,21 +531,10 @@ class _CellMixin(_BackendMixin):
             return None
         if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
-        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
-        cached = self.__dict__.get("_fused_choice")  # (key, backend name, backend object, its fused op)
-        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
-            try:
-                name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
-                                       "step")
-            except dispatch.BackendNotSupportedError:
-                return None  # _forward raises it
-            impl = dispatch.get(name)
-            # a dtype the backend computes in a wider one goes through _forward's casts
-            fused = getattr(impl, f"{self._family}_cell_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
-            cached = self.__dict__["_fused_choice"] = (key, name, impl, fused)
-        name, fused = cached[1], cached[3]
-        if fused is None:
+        choice = self._fast_op(input, "cell", "step")
+        if choice is None or choice[1] is None:
             return None
+        name, fused, _ = choice
         states = tuple(hx) if self._n_state == 2 else (hx,)
         unbatched = input.dim() == 1
         if unbatched:
@@ -557,7 +561,7 @@ class _CellMixin(_BackendMixin):
         # the fast path's cached choice holds the backend and its op, which do not pickle (torch.save of
         # a whole module); it is rebuilt on the next call
         state = self.__dict__.copy()
-        state.pop("_fused_choice", None)
+        state.pop("_cell_choice", None)
         return state
 
     def _fused_weight_names(self):

@@ -217,7 +217,7 @@ def can_skip_ops():
     transforms (the op layer's autograd and batching), nor while torch.jit.trace records (a direct call
     would leave the recurrence out of the trace)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None)
+            and not functorch_active() and torch._C._get_tracing_state() is None)
 
 
 #: what each op runs, to call without the op layer when ``can_skip_ops()`` and no gradient is needed
