@@ -65,22 +65,14 @@ void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArra
   if (opt_ptr(t)) check_tensor(*t, what, shape, like);
 }
 
-at::Tensor cell_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                      int64_t GH) {
+at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
+                      bool steps) {
   check_float(x, "x", x);
-  TORCH_CHECK(x.dim() == 2, "fastrnn cpp backend: x must be [B, I], got ", x.sizes());
-  check_tensor(w_ih, "w_ih", {GH, x.size(1)}, x);
+  TORCH_CHECK(x.dim() == (steps ? 3 : 2), "fastrnn cpp backend: x must be ", steps ? "[T, B, I]" : "[B, I]", ", got ",
+              x.sizes());
+  check_tensor(w_ih, "w_ih", {GH, x.size(-1)}, x);
   check_opt(b_ih, "b_ih", {GH}, x);
-  return at::empty({1, x.size(0), GH}, x.options());
-}
-
-at::Tensor chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                       int64_t GH) {
-  check_float(x, "x", x);
-  TORCH_CHECK(x.dim() == 3, "fastrnn cpp backend: x must be [T, B, I], got ", x.sizes());
-  check_tensor(w_ih, "w_ih", {GH, x.size(2)}, x);
-  check_opt(b_ih, "b_ih", {GH}, x);
-  return pool_empty({x.size(0), x.size(1), GH}, x.options());
+  return steps ? pool_empty({x.size(0), x.size(1), GH}, x.options()) : at::empty({1, x.size(0), GH}, x.options());
 }
 
 StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,

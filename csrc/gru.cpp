@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tens
 // A cell in inference, input projection included (see InputProj): returns h'.
 at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h) {
-  at::Tensor xw = cell_input(x, w_ih, b_ih, 3 * (h.dim() == 2 ? h.size(1) : 0));
+  at::Tensor xw = proj_input(x, w_ih, b_ih, 3 * (h.dim() == 2 ? h.size(1) : 0), false);
   const Dims d = check_single_state(xw, w_hh, b_hh, h, c10::nullopt, 3);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell_fwd", [&] {
     return std::get<1>(seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h, c10::nullopt, false, false,
@@ -207,7 +207,7 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
 std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse) {
-  at::Tensor xw = chunk_input(x, w_ih, b_ih, 3 * (h0.dim() == 2 ? h0.size(1) : 0));
+  at::Tensor xw = proj_input(x, w_ih, b_ih, 3 * (h0.dim() == 2 ? h0.size(1) : 0), true);
   const Dims d = check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 3);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, c10::nullopt, reverse, false,

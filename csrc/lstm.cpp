@@ -312,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor> cell_fwd(const at::Tensor& x, const at::Tenso
                                             const c10::optional<at::Tensor>& w_hr,
                                             const c10::optional<at::Tensor>& w_ch, const at::Tensor& h,
                                             const at::Tensor& c, bool coupled) {
-  at::Tensor xw = cell_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c.dim() == 2 ? c.size(1) : 0));
+  at::Tensor xw = proj_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c.dim() == 2 ? c.size(1) : 0), false);
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, coupled);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, false, coupled, false,
@@ -326,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
     const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled) {
-  at::Tensor xw = chunk_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0));
+  at::Tensor xw = proj_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0), true);
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, reverse, coupled, false,

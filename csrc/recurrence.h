@@ -689,12 +689,10 @@ template <typename T> const T* data_or_null(const c10::optional<at::Tensor>& t) 
   return opt_ptr(t) ? t->data_ptr<T>() : nullptr;
 }
 
-// a cell entry's input x [B, I], w_ih [GH, I], b_ih [GH]?; returns the buffer for xw, [1, B, GH]
-at::Tensor cell_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                      int64_t GH);
-// a chunk entry's input x [T, B, I] (same checks); returns the buffer for xw, [T, B, GH]
-at::Tensor chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                       int64_t GH);
+// the input of an entry with the projection inside: x [B, I] (a cell; returns the buffer for xw,
+// [1, B, GH]) or, with `steps`, x [T, B, I] (a chunk; [T, B, GH])
+at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
+                      bool steps);
 template <typename T>
 InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                         at::Tensor& xw) {

@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tens
 at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
                     c10::string_view nonlinearity) {
-  at::Tensor xw = cell_input(x, w_ih, b_ih, h.dim() == 2 ? h.size(1) : 0);
+  at::Tensor xw = proj_input(x, w_ih, b_ih, h.dim() == 2 ? h.size(1) : 0, false);
   const Dims d = check_single_state(xw, w_hh, b_hh, h, c10::nullopt, 1);
   const bool relu = is_relu(nonlinearity);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_cell_fwd", [&] {
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tens
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse,
                                              c10::string_view nonlinearity) {
-  at::Tensor xw = chunk_input(x, w_ih, b_ih, h0.dim() == 2 ? h0.size(1) : 0);
+  at::Tensor xw = proj_input(x, w_ih, b_ih, h0.dim() == 2 ? h0.size(1) : 0, true);
   const Dims d = check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 1);
   const bool relu = is_relu(nonlinearity);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_chunk_fwd", [&] {
