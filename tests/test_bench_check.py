@@ -35,3 +35,17 @@ def test_interleaved_orders_are_balanced(n):
     samples = interleaved(fns, warmup_s=0, min_warmup=0, budget_s=0, min_rounds=1)
     assert len(calls) == n * len(orders)  # whole sets of orders only
     assert all(len(v) == len(orders) for v in samples.values())
+
+
+def test_report_prints_the_ceiling_on_torchs_row():
+    """torch's row says what a provider at the measured peak would reach: 100 / torch's % of peak."""
+    from benchmarks.run import ceiling_vs_torch, format_table
+    env = dict(date="d", device="cpu", hardware="h", threads=2, torch="t", numba="n", triton="-", git_sha="g")
+    base = dict(cell="GRU", mode="inference", shape="T100 B64 H512", p20_ms=1.0, p80_ms=1.0, peak_mem_mb=0.0)
+    rows = [dict(base, provider="torch", p50_ms=10.0, gflops=116.0, pct_peak=40.0, speedup_vs_torch=1.0),
+            dict(base, provider="cpp", p50_ms=5.0, gflops=232.0, pct_peak=80.0, speedup_vs_torch=2.0)]
+    assert ceiling_vs_torch(rows[0]) == 2.5
+    lines = format_table(env, 290.0, "how", rows, []).splitlines()
+    torch_line = next(line for line in lines if " torch " in line and "10.000" in line)
+    cpp_line = next(line for line in lines if " cpp " in line)
+    assert torch_line.endswith("(at peak: 2.50x)") and "at peak" not in cpp_line
