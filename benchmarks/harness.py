@@ -121,6 +121,13 @@ def _quiet_stderr():
 
 def measure_peak_gflops(device="cpu", n=2048, repeats=7) -> tuple[float, str]:
     """The machine's fp32 matmul rate through the fastest GEMM torch has here: (GFLOP/s, how)."""
+    fn, flops, how = peak_gemm(device, n)
+    samples = interleaved({"peak": fn}, device=device, warmup_s=0.5, budget_s=1.0, min_rounds=repeats)["peak"]
+    return flops / percentiles(samples)[1] / 1e9, how
+
+
+def peak_gemm(device="cpu", n=2048):
+    """(call, its FLOPs, how): an n x n x n fp32 matmul through the fastest GEMM torch has here."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, n, generator=g).to(device)
     w = torch.randn(n, n, generator=g).to(device)
@@ -135,5 +142,4 @@ def measure_peak_gflops(device="cpu", n=2048, repeats=7) -> tuple[float, str]:
             how = f"oneDNN torch.ops.mkldnn._linear_pointwise, prepacked weight, {n}x{n}x{n} fp32"
         except (RuntimeError, AttributeError):
             fn, how = (lambda: torch.mm(x, w)), f"torch.mm {n}x{n}x{n} fp32"
-    samples = interleaved({"peak": fn}, device=device, warmup_s=0.5, budget_s=1.0, min_rounds=repeats)["peak"]
-    return 2 * n ** 3 / percentiles(samples)[1] / 1e9, how
+    return fn, 2 * n ** 3, how

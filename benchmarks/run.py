@@ -26,7 +26,7 @@ import torch
 import fastrnn
 
 from .cases import Case, all_cases
-from .harness import interleaved, measure_peak_gflops, peak_memory_bytes, percentiles
+from .harness import interleaved, measure_peak_gflops, peak_gemm, peak_memory_bytes, percentiles
 from .providers import Workload, provider_names
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,6 +87,19 @@ def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=
     return None
 
 
+# A PEAK_N^3 GEMM runs in every case's rounds, interleaved with the providers like one of them
+PEAK_KEY, PEAK_N = "(peak gemm)", 1024
+
+
+def case_peak(run_peak: float, in_rounds: float) -> float:
+    """The peak a case's % of peak is taken against: the higher of the run's reading (before the cases,
+    2048^3) and the GEMM rate measured in the case's own rounds (1024^3). Other tenants of this VM slow
+    everything down by up to ~1.5x for minutes at a time (one run read its peak at 180 GFLOP/s, others
+    210-232): the reading in the same rounds sees the same machine the providers saw, and the higher of
+    the two keeps a low reading from making a provider look faster than the machine."""
+    return max(run_peak, in_rounds)
+
+
 def bench_case(case: Case, providers: list[str], device: str, peak: float, budget: float, min_rounds=5) -> list[dict]:
     dtype = torch.float32
     work = Workload(case, providers, device=device, dtype=dtype)
@@ -97,8 +110,12 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
         if failure is None:
             fns[p] = work.call(p)
         rows.append({"provider": p, "failure": failure})
+    # the machine's GEMM rate in the same rounds (see case_peak)
+    gemm, gemm_flops, _ = peak_gemm(device, PEAK_N)
     # the correctness check above already ran every provider once (compiles, caches): one more warm-up call
-    samples = interleaved(fns, device=device, budget_s=budget, min_warmup=1, min_rounds=min_rounds)
+    samples = interleaved({**fns, PEAK_KEY: gemm}, device=device, budget_s=budget, min_warmup=1,
+                          min_rounds=min_rounds)
+    peak = case_peak(peak, gemm_flops / percentiles(samples.pop(PEAK_KEY))[1] / 1e9)
     flops = case.flops()
     t_torch = percentiles(samples["torch"])[1]
     for row in rows:
@@ -111,7 +128,7 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
             continue
         p20, p50, p80 = percentiles(samples[p])
         row.update({"p20_ms": p20 * 1e3, "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3, "rounds": len(samples[p]),
-                    "gflops": flops / p50 / 1e9, "pct_peak": 100 * flops / p50 / 1e9 / peak,
+                    "gflops": flops / p50 / 1e9, "case_peak_gflops": peak, "pct_peak": 100 * flops / p50 / 1e9 / peak,
                     "speedup_vs_torch": t_torch / p50, "peak_mem_mb": peak_memory_bytes(fns[p], device) / 2 ** 20})
     return rows
 
@@ -133,6 +150,11 @@ def cold_start(providers: list[str], cell="LSTM") -> list[dict]:
     return rows
 
 
+def _case_peak_range(rows):
+    peaks = [r["case_peak_gflops"] for r in rows if r.get("case_peak_gflops")]
+    return f" ({min(peaks):.0f}-{max(peaks):.0f} GFLOP/s over the cases)" if peaks else ""
+
+
 def ceiling_vs_torch(torch_row: dict) -> float:
     """The speedup over torch of a provider that did the case's FLOPs at the peak measured in the run:
     100 / torch's % of peak. No provider can beat it in float32 arithmetic, so a target above it cannot
@@ -143,7 +165,8 @@ def ceiling_vs_torch(torch_row: dict) -> float:
 def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict]) -> str:
     lines = [f"fastrnn benchmark {env['date']} | {env['device']}: {env['hardware']}, {env['threads']} threads | "
              f"torch {env['torch']}, numba {env['numba']}, triton {env['triton']} | commit {env['git_sha']}",
-             f"peak fp32 measured in this run: {peak:.0f} GFLOP/s ({peak_how})",
+             f"peak fp32 measured in this run: {peak:.0f} GFLOP/s ({peak_how}); % peak: of the higher of that "
+             f"and a {PEAK_N}^3 GEMM's rate in the case's own rounds{_case_peak_range(rows)}",
              "float32; ms = median of interleaved calls (p20-p80); x torch = torch's median / this median; "
              "* = fastest; at peak = the x torch of a provider running at the measured peak (the ceiling)",
              ""]
@@ -181,7 +204,7 @@ def write_results(out: Path, env: dict, peak: float, peak_how: str, rows: list[d
     out.mkdir(parents=True, exist_ok=True)
     fields = ["cell", "provider", "mode", "shape", "T", "B", "H", "layers", "bidirectional", "packed", "proj",
               "dtype", "device", "hardware", "threads", "torch", "numba", "triton", "git_sha", "date", "p20_ms",
-              "p50_ms", "p80_ms", "rounds", "flops", "gflops", "pct_peak", "peak_gflops", "speedup_vs_torch",
+              "p50_ms", "p80_ms", "rounds", "flops", "gflops", "pct_peak", "peak_gflops", "case_peak_gflops", "speedup_vs_torch",
               "peak_mem_mb", "failure"]
     full = [{**r, **env, "peak_gflops": peak} for r in rows]
     with open(out / "latest.csv", "w", newline="") as f:
