@@ -3,7 +3,7 @@ in one process:
 
     python -m benchmarks.chunk_ab [--budget S]
 
-For each case (B1 H256, 100 steps fed in chunks of 1 or 4 with the state carried) three providers are
+For each case (B1 H256, 100 steps fed in chunks of 1, 4, 16 or 32 with the state carried) three providers are
 timed in interleaved rounds: torch.nn, cpp, and cpp with the chunk path switched off for its call (the
 module's fast path and the functional layer's ``<family>_chunk_fwd``: the projection and the sequence op
 as before). See benchmarks/NOTES.md, "Short sequences".
@@ -40,7 +40,7 @@ def main(argv=None):
         cpp.CppBackend.chunk_max_rows = max_rows
 
     for cell in ("LSTM", "GRU", "RNN"):
-        for layers, chunk in ((2, 1), (1, 1), (2, 4)):
+        for layers, chunk in ((2, 1), (1, 1), (2, 4), (1, 16), (1, 32)):
             w = Workload(Case(cell, "chunked", 100, 1, 256, layers=layers), ["torch", "cpp"])
 
             def loop(m):

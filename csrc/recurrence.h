@@ -433,10 +433,12 @@ inline std::vector<int64_t> batch_sizes(const c10::optional<at::Tensor>& lengths
   return sizes;
 }
 
-// Cells in inference (one step, nothing saved): the input projection runs inside the call. Each worker
-// computes xw for its own units just before its recurrent product, so its rows of W_ih and of W_hh
-// stay in its own core's cache from one call to the next (together they exceed one core's L2 at
-// H = 256, which is what a separate F.linear and step op cost: ~40 us more per call, NOTES.md).
+// Cells and short chunks in inference (nothing saved): the input projection runs inside the call. Each
+// worker computes xw for its own units, so its rows of W_ih and of W_hh stay in its own core's cache
+// from one call to the next (together they exceed one core's L2 at H = 256, which is what a separate
+// F.linear and step op cost: ~40 us more per call, NOTES.md). A single step does it just before its
+// recurrent product; a chunk of several steps does all its steps' rows first, as one product per
+// worker, which reads the worker's W_ih rows once instead of once a step (NOTES.md, seventh session).
 template <typename T>
 struct InputProj {
   const T* x = nullptr;     // [T, B, I]
@@ -523,6 +525,11 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
                    panr + w * H * PU);
       }
     }
+    const bool all_first = a.in.x && T_ > 1;  // see InputProj
+    for (int w = wb; w < we && all_first; ++w) {
+      const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+      if (nu > 0) project_input(a, 0, T_ * B, u0, nu);
+    }
     for (int64_t it = 0; it < T_; ++it) {
       const int64_t t = a.reverse ? T_ - 1 - it : it;
       const int64_t bs = a.sizes[t];
@@ -537,7 +544,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         if (nu <= 0 || bs == 0) continue;
         T* pw = prb + w * B * ncols;
         if (bs_next > 0) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
-        if (a.in.x) project_input(a, t, bs, u0, nu);
+        if (a.in.x && !all_first) project_input(a, t, bs, u0, nu);
         if (packed)
           gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);
         else

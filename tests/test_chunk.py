@@ -12,7 +12,7 @@ from conftest import CPU_BACKENDS
 
 pytestmark = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp backend is not available here")
 
-MAX_ROWS = 16  # fastrnn.backends.cpp.CppBackend.chunk_max_rows
+MAX_ROWS = fastrnn.backends.cpp.CppBackend.chunk_max_rows
 
 CASES = {
     "LSTM": dict(),
@@ -51,7 +51,7 @@ def _flat(out):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
-@pytest.mark.parametrize("T,B", [(1, 1), (4, 1), (1, 3), (2, 8), (16, 1)])
+@pytest.mark.parametrize("T,B", [(1, 1), (4, 1), (1, 3), (2, 8), (16, 1), (32, 1), (5, 6)])
 @pytest.mark.parametrize("name", list(CASES))
 def test_values_and_op(name, T, B, with_state, dtype):
     ours, ref = _pair(name, dtype)

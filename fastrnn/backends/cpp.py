@@ -58,8 +58,9 @@ class CppBackend(Backend):
     # precision modules run in float32: rounded once, at the layer's outputs
     compute_dtypes = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
     # the contract's optional <family>_chunk_fwd pays up to this many rows (T x B) per layer-direction:
-    # beyond it the input projection as one GEMM wins (benchmarks/NOTES.md, "Short sequences")
-    chunk_max_rows = 16
+    # beyond it (~48-64 rows at H=256) the input projection as one GEMM wins (benchmarks/NOTES.md,
+    # "Short sequences" and the seventh session)
+    chunk_max_rows = 32
     features = frozenset({"proj", "peephole", "coupled", "varlen"})
 
     def unavailable_reasons(self):
