@@ -51,8 +51,8 @@ def test_report_prints_the_ceiling_on_torchs_row():
     assert torch_line.endswith("(at peak: 2.50x)") and "at peak" not in cpp_line
 
 
-def test_each_case_takes_its_peak_from_its_own_rounds_when_that_is_higher():
-    """% of peak is taken against the higher of the run's reading and a GEMM timed in the case's rounds."""
+def test_each_case_takes_its_peak_from_around_its_rounds_when_that_is_higher():
+    """% of peak is taken against the higher of the run's reading and a GEMM timed around the case's rounds."""
     from benchmarks.run import bench_case, case_peak
     assert case_peak(180.0, 212.0) == 212.0 and case_peak(232.0, 150.0) == 232.0
     rows = bench_case(Case("RNN", "inference", 5, 1, 8), ["torch", "reference"], "cpu", 1e-3, 0.0, min_rounds=1)

@@ -56,7 +56,7 @@ def _within_half_ulp(out, truth, dtype):
 @pytest.mark.parametrize("name", list(CASES))
 def test_outputs_rounded_once(name, dtype):
     ours, truth = _modules(name, CASES[name], dtype)
-    x = torch.randn(7, 3, 8).to(dtype)
+    x = torch.randn(12, 3, 8).to(dtype)  # 36 rows: the sequence op (test_chunk covers the chunk op's)
     h0 = None
     if not name.startswith("LSTM"):  # with a given initial state too
         D = 2 if ours.bidirectional else 1
@@ -263,7 +263,7 @@ def test_autocast_under_torch_compile():
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("T", [2, 20], ids=["chunk", "seq"])
+@pytest.mark.parametrize("T", [2, 40], ids=["chunk", "seq"])  # 40 x B rows: past chunk_max_rows
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_autocast_other_inputs(name, T, grad):
     """Under autocast torch.nn also takes a bfloat16 module, a bfloat16 input for a float32 module, and

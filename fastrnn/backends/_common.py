@@ -107,10 +107,14 @@ def _split_output(ws, h):
 
 
 def column_sums(g):
-    """The sums over the rows of a 2-D g (a bias gradient), as a product with a vector of ones: BLAS's
-    GEMV streams g once; ``g.sum(0)`` ran at about half that speed here (a [6400, 2048] float32 gradient,
-    the T100 B64 H512 LSTM's: 3.8 vs 2.1 ms, benchmarks/NOTES.md)."""
-    return g.new_ones(g.shape[0]) @ g
+    """The sums over the rows of a 2-D g (a bias gradient). On the CPU in float32/float64 as a product
+    with a vector of ones: BLAS's GEMV streams g once; ``g.sum(0)`` ran at about half that speed here (a
+    [6400, 2048] float32 gradient, the T100 B64 H512 LSTM's: 3.8 vs 2.1 ms, benchmarks/NOTES.md). Else
+    ``g.sum(0)``: on a GPU a product would follow TF32 and reduced-precision-reduction settings that a
+    sum ignores, and nothing was measured there."""
+    if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64):
+        return g.new_ones(g.shape[0]) @ g
+    return g.sum(0)
 
 
 def recurrent_weight_grads(d_gh, h_prev, b_hh):
