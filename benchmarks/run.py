@@ -114,15 +114,15 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
     # the machine's GEMM rate right before and right after the case's rounds (see case_peak); not inside
     # them, where its 12 MiB would clear the caches before the provider that follows it
     gemm, gemm_flops, _ = peak_gemm(device, PEAK_N)
-    rate = []
-    for when in ("before", "after"):
-        if when == "after":
-            # the correctness check above already ran every provider once (compiles, caches): one more
-            # warm-up call
-            samples = interleaved(fns, device=device, budget_s=budget, min_warmup=1, min_rounds=min_rounds)
-        rate += interleaved({"gemm": gemm}, device=device, warmup_s=0, min_warmup=1, budget_s=0,
-                            min_rounds=PEAK_CALLS)["gemm"]
-    peak = case_peak(peak, gemm_flops / percentiles(rate)[1] / 1e9)
+
+    def gemm_times():
+        return interleaved({"gemm": gemm}, device=device, warmup_s=0, min_warmup=1, budget_s=0,
+                           min_rounds=PEAK_CALLS)["gemm"]
+
+    before = gemm_times()
+    # the correctness check above already ran every provider once (compiles, caches): one more warm-up call
+    samples = interleaved(fns, device=device, budget_s=budget, min_warmup=1, min_rounds=min_rounds)
+    peak = case_peak(peak, gemm_flops / percentiles(before + gemm_times())[1] / 1e9)
     flops = case.flops()
     t_torch = percentiles(samples["torch"])[1]
     for row in rows:

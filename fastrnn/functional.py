@@ -52,11 +52,15 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
-    # a short dense sequence in inference: one call with the input projection inside, if the backend has it
-    chunk = None
+    # a short dense sequence in inference: one call a layer-direction with the input projection inside,
+    # if the backend has it
     T = x.shape[0] if steps is None else steps
     if direct and not packed and lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0):
         chunk = getattr(impl, f"{family}_chunk_fwd", None)
+        tensors = [t for w_ih, b_ih, hh in weights for t in (w_ih, b_ih, *hh)]
+        if chunk is not None and not _needs_grad(x, *state0, *tensors):
+            return chunk_layers(family, chunk, x, state0, weights, options, num_layers=num_layers,
+                                num_directions=num_directions, dropout=dropout, training=training, backend=backend)
     layer_input = x
     for layer in range(num_layers):
         outs = []
@@ -65,14 +69,6 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh = weights[k]
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, *hh, *st)
-            if chunk is not None and not save:
-                dispatch.note_call(f"{family}_chunk_fwd", backend)
-                res = chunk(layer_input.contiguous(), w_ih.contiguous(), None if b_ih is None else b_ih.contiguous(),
-                            *hh, *st, direction == 1, *options)
-                outs.append(res[0])
-                for acc, s in zip(finals, res[1:]):
-                    acc.append(s)
-                continue
             xw = _project(layer_input, w_ih, b_ih, alloc)
             if packed:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
@@ -86,6 +82,32 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+def chunk_layers(family, op, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
+                 backend):
+    """``rnn_layers`` for a short dense sequence in inference, each layer-direction one call of a backend's
+    ``<family>_chunk_fwd`` (``op``; input projection inside). Same arguments and results as
+    ``rnn_layers``; nothing saved. The op checks its arguments and raises (RuntimeError, TypeError) for
+    what it refuses; the calls are recorded once all have run."""
+    layer_input = x.contiguous()
+    finals = [[] for _ in state0]
+    for layer in range(num_layers):
+        outs = []
+        for d in range(num_directions):
+            k = layer * num_directions + d
+            w_ih, b_ih, hh = weights[k]
+            res = op(layer_input, w_ih.contiguous(), None if b_ih is None else b_ih.contiguous(), *hh,
+                     *(s[k].contiguous() for s in state0), d == 1, *options)
+            outs.append(res[0])
+            for acc, st in zip(finals, res[1:]):
+                acc.append(st)
+        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    for _ in range(num_layers * num_directions):
+        dispatch.note_call(f"{family}_chunk_fwd", backend)
     return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 

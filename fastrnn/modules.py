@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops
-from .functional import autocast_dtype, cell_step, rnn_layers
+from .functional import autocast_dtype, cell_step, chunk_layers, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
 # projection too, so its xw matches its state; the input and a given state are cast to it first, as
@@ -204,13 +204,11 @@ class _SeqMixin(_BackendMixin):
         the backend's ``chunk_max_rows``) runs each layer-direction as one call of the backend's optional
         ``<family>_chunk_fwd`` (input projection inside), with none of ``_forward``'s Python checks, which
         cost more than the kernel there (benchmarks/NOTES.md, "Short sequences"). Taken only without
-        autograd, autocast, inter-layer dropout, torch.compile and dispatch modes (``ops.can_skip_ops``).
-        The op checks shapes, dtypes and contiguity itself and changes no input; whatever it refuses goes
-        to ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
+        autograd, autocast, torch.compile and dispatch modes (``ops.can_skip_ops``).
+        The op checks shapes and dtypes itself and changes no input; whatever it refuses goes to
+        ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
         the path does not apply."""
         if input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type):
-            return None
-        if self.training and self.dropout > 0 and self.num_layers > 1:
             return None
         choice = self._fast_op(input, "chunk", "seq")
         if choice is None or choice[1] is None:
@@ -239,29 +237,16 @@ class _SeqMixin(_BackendMixin):
                 states = tuple(s.unsqueeze(1) for s in states)
             if any(s.dim() != 3 or s.shape[0] != L * D for s in states):
                 return None
-        weights, options = self._weights(), self._options()
-        layer_input = x.contiguous()
-        finals = [[] for _ in states]
         try:
-            for layer in range(L):
-                outs = []
-                for d in range(D):
-                    k = layer * D + d
-                    w_ih, b_ih, hh = weights[k]
-                    res = op(layer_input, w_ih, b_ih, *hh, *(s[k] for s in states), d == 1, *options)
-                    outs.append(res[0])
-                    for acc, st in zip(finals, res[1:]):
-                        acc.append(st)
-                layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
+            y, states = chunk_layers(self._family, op, x, states, self._weights(), self._options(), num_layers=L,
+                                     num_directions=D, dropout=float(self.dropout), training=self.training,
+                                     backend=name)
         except (RuntimeError, TypeError):
             return None
-        for _ in range(L * D):
-            dispatch.note_call(f"{self._family}_chunk_fwd", name)
-        states = tuple(torch.stack(acc) for acc in finals)
         if batched:
-            out = layer_input.transpose(0, 1) if self.batch_first else layer_input
+            out = y.transpose(0, 1) if self.batch_first else y
         else:
-            out = layer_input.squeeze(1)
+            out = y.squeeze(1)
             states = tuple(st.squeeze(1) for st in states)
         return out, self._hx_out(states)
 

@@ -98,8 +98,7 @@ def test_when_the_path_is_not_taken():
         rows = x.shape[0] * x.shape[1]
         want = "gru_chunk_fwd" if rows <= MAX_ROWS and mode == "no_grad" else "gru_seq_fwd"
         assert {op for op, _ in ran} == {want}, (rows, mode)
-    # training mode with dropout: the module's fast path steps aside, the functional layer still takes
-    # the op per layer and draws the dropout between the layers
+    # training mode with dropout: still the op per layer, with the dropout drawn between the layers
     x = torch.randn(2, 2, 6)
     with torch.no_grad():
         y_eval = m(x)[0]
@@ -159,9 +158,8 @@ def test_bad_input_gets_torchs_errors(name):
 
 
 def test_non_contiguous_input_state_and_bias():
-    """A non-contiguous input runs on the op (made contiguous); a non-contiguous state makes the op refuse
-    and the general path serve it; a strided bias parameter too (the functional layer passes it
-    contiguous)."""
+    """A non-contiguous input, state or bias parameter runs on the op (``functional.chunk_layers`` makes
+    them contiguous), with the same values."""
     ours, ref = _pair("LSTM-2L-bi")
     x = torch.randn(2, 3, 6, dtype=torch.float64).transpose(0, 1)  # [3, 2, 6], not contiguous
     h, c = torch.randn(4, 2, 10, dtype=torch.float64), torch.randn(4, 2, 10, dtype=torch.float64)
