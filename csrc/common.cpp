@@ -33,40 +33,6 @@ FASTRNN_CLONES void gemm_rows(int64_t M, int64_t K, const double* A, int64_t lda
   gemm_rows_impl<double>(M, K, A, lda, W, cm, C, ldc);
 }
 
-// Down the rows for one vector of columns at a time (in registers, in T: at most B values per step),
-// then once into the double sums: reading and writing acc per row cost as much as the separate column
-// sum it replaces (LSTM B64 H512: +4.1 ms a backward).
-template <typename T>
-FASTRNN_INLINE void add_rows_impl(const T* src, int64_t bs, int64_t ld, int64_t G, int64_t H, int64_t nu,
-                                  double* acc) {
-  constexpr int N = lanes<T>();
-  for (int64_t g = 0; g < G; ++g) {
-    const T* s = src + g * H;
-    double* d = acc + g * H;
-    int64_t j = 0;
-    for (; j + N <= nu; j += N) {
-      V<T> v = V<T>{};
-      for (int64_t b = 0; b < bs; ++b) v += vload(s + b * ld + j);
-      for (int l = 0; l < N; ++l) d[j + l] += double(v[l]);
-    }
-    for (; j < nu; ++j) {
-      T v = T(0);
-      for (int64_t b = 0; b < bs; ++b) v += s[b * ld + j];
-      d[j] += double(v);
-    }
-  }
-}
-
-FASTRNN_CLONES void add_rows(const float* src, int64_t bs, int64_t ld, int64_t G, int64_t H, int64_t nu,
-                             double* acc) {
-  add_rows_impl<float>(src, bs, ld, G, H, nu, acc);
-}
-
-FASTRNN_CLONES void add_rows(const double* src, int64_t bs, int64_t ld, int64_t G, int64_t H, int64_t nu,
-                             double* acc) {
-  add_rows_impl<double>(src, bs, ld, G, H, nu, acc);
-}
-
 FASTRNN_CLONES void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
                               int64_t offset, int64_t count, float* C, int64_t ldc) {
   gemm_cols_impl<float>(M, K, A, lda, W, ldw, offset, count, C, ldc);

@@ -149,7 +149,6 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
   at::Tensor d_xw = new_({T_, B, GH}), d_hh = new_({T_, B, GH}), hprev = new_({T_, B, H});
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
-  at::Tensor d_bias = at::zeros({opt_ptr(b_hh) ? d.GH : 0}, xw.options().dtype(at::kDouble));
   if (B > 0 && T_ > 0) {
     const T* gates = ws.data_ptr<T>();
     const T* ghn = gates + T_ * B * GH;
@@ -161,7 +160,6 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     T* dx = d_xw.data_ptr<T>();
     T* dr = d_hh.data_ptr<T>();
     T* dhr = dh0.data_ptr<T>();
-    if (opt_ptr(b_hh)) a.d_bias = d_bias.data_ptr<double>();
     backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
                               const T* dh, int64_t ldh) {
       BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + t * B * GH + u0, ghn + t * B * H + u0,
@@ -172,7 +170,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   }
   const at::Tensor flat = d_hh.view({T_ * B, GH});
   at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, H}));
-  at::Tensor d_b_hh = opt_ptr(b_hh) ? d_bias.to(xw.scalar_type()) : at::empty({0}, xw.options());
+  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   return {d_xw, d_w_hh, d_b_hh, dh0};
 }
 

@@ -246,7 +246,6 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   at::Tensor dh0 = grad_h_n.clone(), dc0 = grad_c_n.clone();
   at::Tensor dh_cur = at::empty({B, P}, xw.options());
   at::Tensor d_w_ch = opt_ptr(w_ch) ? at::zeros({3, H}, xw.options()) : at::empty({0}, xw.options());
-  at::Tensor d_bias = at::zeros({opt_ptr(b_hh) ? d.GH : 0}, xw.options().dtype(at::kDouble));
   if (B > 0 && T_ > 0) {
     const T* wsp = ws.data_ptr<T>();
     const T* gates = wsp;
@@ -260,7 +259,6 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     const T* c0p = c0.data_ptr<T>();
     T* dc = dc0.data_ptr<T>();
     T* dx = d_xw.data_ptr<T>();
-    if (opt_ptr(b_hh)) a.d_bias = d_bias.data_ptr<double>();
     backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
                               const T* dh, int64_t ldh) {
       BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + t * B * GH + u0, call + t * B * H + u0,
@@ -271,7 +269,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   }
   const at::Tensor flat = d_xw.view({T_ * B, GH});
   at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, P}));
-  at::Tensor d_b_hh = opt_ptr(b_hh) ? d_bias.to(xw.scalar_type()) : at::empty({0}, xw.options());
+  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (proj) {
     at::Tensor hfull = ws.narrow(0, T_ * B * (GH + H), T_ * B * H).view({T_ * B, H});

@@ -334,13 +334,6 @@ void pack_panel(const T* src, int64_t ld, bool trans, int64_t K, int64_t ncols, 
   pack_cols(src, ld, trans, K, ncols, cols.data(), panel);
 }
 
-// acc[g * H + j] += the sum over rows b < bs of src[b * ld + g * H + j], for g < G, j < nu. The backward
-// adds each step's pre-activation gradients of its units while they are in L1 (the bias gradient; a
-// separate column sum after the loop re-read all of d_rec: 3.8 ms of an LSTM T100 B64 H512 backward).
-// Accumulated in double.
-void add_rows(const float* src, int64_t bs, int64_t ld, int64_t G, int64_t H, int64_t nu, double* acc);
-void add_rows(const double* src, int64_t bs, int64_t ld, int64_t G, int64_t H, int64_t nu, double* acc);
-
 // ---- large buffers (pool.cpp) -------------------------------------------------------------------
 // Tensors of 1 MiB and more from a cache of blocks whose pages are already mapped (a fresh mmap'ed
 // buffer costs a page fault per 4 KiB on first touch); smaller ones from torch's CPU allocator.
@@ -601,7 +594,6 @@ struct BwdArgs {
   T* dh_proj;       // [T, B, P] with a projection: dh of each step (for d W_hr)
   T* hprev;         // [T, B, P]: h_{t-1} of each row and step (for d W_hh)
   std::vector<int64_t> sizes;
-  double* d_bias = nullptr;  // [G*H] zeros, or null: gets the sum of d_rec over all rows and steps (d b_hh)
 };
 
 template <typename T, typename Point>
@@ -651,7 +643,6 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
           make_dh(it, u0, nu, a.dh_cur);
           point(t, bs, nprev, tprev, u0, nu, (const T*)(a.dh_cur + u0), P);
         }
-        if (a.d_bias) add_rows(a.d_rec + t * B * GH + u0, bs, GH, a.G, H, nu, a.d_bias + u0);
       }
       bar.arrive(we - wb);
       for (int w = wb; w < we; ++w) {

@@ -120,14 +120,12 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
   at::Tensor d_xw = new_({T_, B, H}), hprev = new_({T_, B, H});
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
-  at::Tensor d_bias = at::zeros({opt_ptr(b_hh) ? d.GH : 0}, xw.options().dtype(at::kDouble));
   if (B > 0 && T_ > 0) {
     const T* yp = y.data_ptr<T>();
     BwdArgs<T> a{T_, B, H, H, 1, reverse, false, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                  yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
                  batch_sizes(lengths, T_, B)};
     T* dx = d_xw.data_ptr<T>();
-    if (opt_ptr(b_hh)) a.d_bias = d_bias.data_ptr<double>();
     backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
                               int64_t ldh) {
       bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + t * B * H + u0, dx + t * B * H + u0}, relu);
@@ -135,7 +133,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   }
   const at::Tensor flat = d_xw.view({T_ * B, H});
   at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, H}));
-  at::Tensor d_b_hh = opt_ptr(b_hh) ? d_bias.to(xw.scalar_type()) : at::empty({0}, xw.options());
+  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   return {d_xw, d_w_hh, d_b_hh, dh0};
 }
 

@@ -106,20 +106,9 @@ def _split_output(ws, h):
     return ws[:k], ws[k:].view(1, *h.shape)
 
 
-def column_sums(g):
-    """The sums over the rows of a 2-D g (a bias gradient). On the CPU in float32/float64 as a product
-    with a vector of ones: BLAS's GEMV streams g once; ``g.sum(0)`` ran at about half that speed here (a
-    [6400, 2048] float32 gradient, the T100 B64 H512 LSTM's: 3.8 vs 2.1 ms, benchmarks/NOTES.md). Else
-    ``g.sum(0)``: on a GPU a product would follow TF32 and reduced-precision-reduction settings that a
-    sum ignores, and nothing was measured there."""
-    if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64):
-        return g.new_ones(g.shape[0]) @ g
-    return g.sum(0)
-
-
 def recurrent_weight_grads(d_gh, h_prev, b_hh):
     """(dW_hh, db_hh) after a backward loop: d_ghᵀ·h_prev over all T*B rows as one GEMM, and the column
     sums of d_gh (an empty tensor when there is no b_hh). d_gh [T,B,GH], h_prev [T,B,P]."""
     flat = d_gh.reshape(-1, d_gh.shape[-1])
-    d_b = column_sums(flat) if b_hh is not None else flat.new_empty(0)
+    d_b = flat.sum(0) if b_hh is not None else flat.new_empty(0)
     return flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])), d_b
