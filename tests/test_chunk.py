@@ -1,6 +1,7 @@
 """Short sequences in inference (the chunks of a stream): the cpp backend's optional ``<family>_chunk_fwd``
 (input projection inside the call), taken by the sequence modules' fast path and by
 ``fastrnn.functional`` up to ``chunk_max_rows`` rows (T x B) per layer-direction."""
+import contextlib
 import io
 
 import pytest
@@ -26,14 +27,33 @@ CASES = {
 }
 
 
-def _pair(name, dtype=torch.float64):
-    """fastrnn's module (automatic backend) and the same weights on the reference backend."""
+def _pair(name, dtype=torch.float64, hidden=10):
+    """fastrnn's module (automatic backend) and the same weights in torch.nn's module (for the variants,
+    which torch.nn lacks, in fastrnn's on the reference backend)."""
     cls, kw = name.split("-")[0], CASES[name]
     torch.manual_seed(0)
-    ours = getattr(fastrnn, cls)(6, 10, dtype=dtype, **kw)
-    ref = getattr(fastrnn, cls)(6, 10, dtype=dtype, backend="reference", **kw)
+    ours = getattr(fastrnn, cls)(6, hidden, dtype=dtype, **kw)
+    if kw.get("peephole") or kw.get("coupled_gates"):
+        ref = getattr(fastrnn, cls)(6, hidden, dtype=dtype, backend="reference", **kw)
+    else:
+        ref = getattr(torch.nn, cls)(6, hidden, dtype=dtype, **kw)
     ref.load_state_dict(ours.state_dict())
     return ours, ref
+
+
+TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+
+
+@contextlib.contextmanager
+def fast_path_only(m):
+    """Within the block the module's general path raises: what runs is the fast path."""
+    def general(*args, **kwargs):
+        raise AssertionError("the general path ran")
+    m.__dict__["_forward"] = general
+    try:
+        yield
+    finally:
+        del m.__dict__["_forward"]
 
 
 def _state(m, B, dtype, batched=True):
@@ -58,15 +78,14 @@ def test_values_and_op(name, T, B, with_state, dtype):
     x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
     hx = _state(ours, B, dtype) if with_state else None
     with torch.no_grad():
-        with dispatch.record_calls() as ran:
+        with dispatch.record_calls() as ran, fast_path_only(ours):
             got = _flat(ours(x, hx))
         want = _flat(ref(x, hx))
     fam = name.split("-")[0].lower()
     D = 2 if ours.bidirectional else 1
     assert ran == [(f"{fam}_chunk_fwd", "cpp")] * (ours.num_layers * D)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, **tol)
+        torch.testing.assert_close(g, w, **TOL[dtype])
 
 
 @pytest.mark.parametrize("name", ["LSTM-2L-bi", "GRU-3L-batch_first", "RNN-tanh-bi"])
@@ -75,13 +94,12 @@ def test_unbatched(name):
     x = torch.randn(5, 6, dtype=torch.float64)
     for hx in (None, _state(ours, 1, torch.float64, batched=False)):
         with torch.no_grad():
-            with dispatch.record_calls() as ran:
+            with dispatch.record_calls() as ran, fast_path_only(ours):
                 got = _flat(ours(x, hx))
             want = _flat(ref(x, hx))
-        assert {op for op, _ in ran} == {f"{name.split('-')[0].lower()}_chunk_fwd"}
+        assert set(ran) == {(f"{name.split('-')[0].lower()}_chunk_fwd", "cpp")}
         for g, w in zip(got, want):
-            assert g.shape == w.shape
-            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(g, w, **TOL[torch.float64])
 
 
 def test_when_the_path_is_not_taken():
@@ -97,7 +115,7 @@ def test_when_the_path_is_not_taken():
             m(x)
         rows = x.shape[0] * x.shape[1]
         want = "gru_chunk_fwd" if rows <= MAX_ROWS and mode == "no_grad" else "gru_seq_fwd"
-        assert {op for op, _ in ran} == {want}, (rows, mode)
+        assert set(ran) == {(want, "cpp")}, (rows, mode)
     # training mode with dropout: still the op per layer, with the dropout drawn between the layers
     x = torch.randn(2, 2, 6)
     with torch.no_grad():
@@ -111,10 +129,10 @@ def test_when_the_path_is_not_taken():
     m.eval()
     with torch.no_grad(), dispatch.record_calls() as ran:
         m(packed)
-    assert {op for op, _ in ran} == {"gru_seq_fwd"}
-    with torch.no_grad(), dispatch.record_calls() as ran, fastrnn.use_backend("numba"):
+    assert set(ran) == {("gru_seq_fwd", "cpp")}
+    with torch.no_grad(), dispatch.record_calls() as ran, fastrnn.use_backend("reference"):
         m(torch.randn(2, 2, 6))  # a backend without the op: its sequence op
-    assert {op for op, _ in ran} == {"gru_seq_fwd"}
+    assert set(ran) == {("gru_seq_fwd", "reference")}
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
@@ -133,25 +151,26 @@ def test_bad_input_gets_torchs_errors(name):
         h = torch.zeros(*shape, dtype=dtype)
         return (h, h.clone()) if lstm else h
 
+    hid = r"Expected hidden\[0\] size" if lstm else "Expected hidden size"
     bad = [
-        (torch.randn(3, 2, 5), None),            # input size
-        (x, st(1, 2, 10)),                       # one layer's state for two layers
-        (x, st(3, 2, 10)),                       # three
-        (x, st(2, 3, 10)),                       # batch
-        (x, st(2, 2, 9)),                        # hidden size
-        (x, st(2, 2, 10, dtype=torch.float64)),  # dtype
-        (x.double(), None),                      # input dtype against the parameters
-        (torch.randn(3, 6), st(2, 2, 10)),       # unbatched input, batched state
-        (torch.randn(0, 2, 6), None),            # no steps
+        (torch.randn(3, 2, 5), None, "input.size\\(-1\\) must be equal to input_size. Expected 6, got 5"),
+        (x, st(1, 2, 10), hid + r" \(2, 2, 10\), got \[1, 2, 10\]"),  # one layer's state for two layers
+        (x, st(3, 2, 10), hid + r" \(2, 2, 10\), got \[3, 2, 10\]"),  # three
+        (x, st(2, 3, 10), hid + r" \(2, 2, 10\), got \[2, 3, 10\]"),  # batch
+        (x, st(2, 2, 9), hid + r" \(2, 2, 10\), got \[2, 2, 9\]"),    # hidden size
+        (x, st(2, 2, 10, dtype=torch.float64), "has dtype torch.float64 but the input has dtype torch.float32"),
+        (x.double(), None, r"input dtype \(torch.float64\) does not match weight dtype \(torch.float32\)"),
+        (torch.randn(3, 6), st(2, 2, 10), "For unbatched 2-D input, hx .*should also be 2-D"),
+        (torch.randn(0, 2, 6), None, "Expected sequence length to be larger than 0"),
     ]
     if lstm:
-        bad.append((x, (torch.zeros(2, 2, 10),)))  # one tensor of the two
-        bad.append((x, torch.zeros(2, 2, 2, 10)))  # the two stacked in one tensor
-    for inp, hx in bad:
+        bad.append((x, (torch.zeros(2, 2, 10),), r"hx must be a tuple \(h_0, c_0\) of two tensors, got 1 items"))
+        bad.append((x, torch.zeros(2, 2, 2, 10), r"hx must be a tuple \(h_0, c_0\) of two tensors, got Tensor"))
+    for inp, hx, words in bad:
         with torch.no_grad():
             with pytest.raises(Exception) as theirs_err:
                 theirs(inp, hx)
-            with pytest.raises(type(theirs_err.value)):
+            with pytest.raises(type(theirs_err.value), match=words):
                 ours(inp, hx)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, before[k])
@@ -165,22 +184,22 @@ def test_non_contiguous_input_state_and_bias():
     h, c = torch.randn(4, 2, 10, dtype=torch.float64), torch.randn(4, 2, 10, dtype=torch.float64)
     for state in ((h, c), (h.transpose(0, 1).contiguous().transpose(0, 1), c)):  # the second: [4, 2, 10] strided
         with torch.no_grad():
-            with dispatch.record_calls() as ran:
+            with dispatch.record_calls() as ran, fast_path_only(ours):
                 got = _flat(ours(x, state))
             want = _flat(ref(x, state))
-        assert {op for op, _ in ran} == {"lstm_chunk_fwd"}
+        assert set(ran) == {("lstm_chunk_fwd", "cpp")}
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(g, w, **TOL[torch.float64])
     torch.manual_seed(0)
     gru, theirs = fastrnn.GRU(6, 10), torch.nn.GRU(6, 10)
     gru.bias_ih_l0 = torch.nn.Parameter(torch.randn(60)[::2])
     theirs.load_state_dict(gru.state_dict())
     x = torch.randn(2, 1, 6)
-    with torch.no_grad(), dispatch.record_calls() as ran:
+    with torch.no_grad(), dispatch.record_calls() as ran, fast_path_only(gru):
         got = gru(x)
-    assert {op for op, _ in ran} == {"gru_chunk_fwd"}
+    assert set(ran) == {("gru_chunk_fwd", "cpp")}
     for g, w in zip(_flat(got), _flat(theirs(x))):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
 def test_parametrized_weight():
@@ -199,12 +218,12 @@ def test_parametrized_weight():
     with torch.no_grad():
         theirs.weight_hh_l0.mul_(2)
         x = torch.randn(3, 2, 6)
-        with dispatch.record_calls() as ran:
+        with dispatch.record_calls() as ran, fast_path_only(ours):
             got = ours(x)
         want = theirs(x)
-    assert {op for op, _ in ran} == {"gru_chunk_fwd"}
+    assert set(ran) == {("gru_chunk_fwd", "cpp")}
     for g, w in zip(_flat(got), _flat(want)):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
 def test_half_precision_module():
@@ -228,38 +247,47 @@ def test_pickles_after_a_call():
     """The fast path caches its choice in the module; torch.save of the whole module still works."""
     m = fastrnn.GRU(6, 10)
     with torch.no_grad():
-        y = m(torch.randn(2, 1, 6))[0]
+        m(torch.randn(2, 1, 6))
+    assert "_chunk_choice" in m.__dict__
     buf = io.BytesIO()
     torch.save(m, buf)
     buf.seek(0)
     m2 = torch.load(buf, weights_only=False)
+    assert "_chunk_choice" not in m2.__dict__
     with torch.no_grad():
         x = torch.randn(2, 1, 6)
-        torch.testing.assert_close(m2(x)[0], m(x)[0])
-    assert y.shape == (2, 1, 10)
+        torch.testing.assert_close(m2(x)[0], m(x)[0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("T,B", [(1, 1), (3, 5), (16, 1)])
 def test_functional_layer_takes_it(T, B):
     """``fastrnn.functional.rnn_layers`` on the direct path uses the op too (``steps`` may be left out for
-    dense input), not with per-row ``lengths``."""
-    m = fastrnn.LSTM(6, 10, num_layers=2)
+    dense input), with torch.nn's values; not with per-row ``lengths``, which match torch.nn's packed
+    sequence."""
+    torch.manual_seed(0)
+    m, theirs = fastrnn.LSTM(6, 10, num_layers=2), torch.nn.LSTM(6, 10, num_layers=2)
+    theirs.load_state_dict(m.state_dict())
     x = torch.randn(T, B, 6)
-    h = torch.zeros(2, B, 10)
+    h = torch.randn(2, B, 10)
     kw = dict(num_layers=2, num_directions=1, dropout=0.0, training=False, backend="cpp")
     with torch.no_grad():
         with dispatch.record_calls() as ran:
-            y, _ = fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(), lengths=None, **kw)
+            y, (h_n, c_n) = fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(),
+                                                          lengths=None, **kw)
         assert ran == [("lstm_chunk_fwd", "cpp")] * 2
-        y_seq = m(x.expand(T, B, 6), (h, h))[0] if T * B > MAX_ROWS else m._forward(x, (h, h))[0]
-        torch.testing.assert_close(y, y_seq)
+        y_ref, (h_ref, c_ref) = theirs(x, (h, h))
+        for g, w in ((y, y_ref), (h_n, h_ref), (c_n, c_ref)):
+            torch.testing.assert_close(g, w, **TOL[torch.float32])
         lengths = torch.tensor([T] + [max(1, T - 1)] * (B - 1))
         with dispatch.record_calls() as ran:
-            y_len, _ = fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(), lengths=lengths,
-                                                     **kw)
+            y_len, (h_len, c_len) = fastrnn.functional.rnn_layers("lstm", x, (h, h), m._weights(), m._options(),
+                                                                  lengths=lengths, **kw)
         assert ran == [("lstm_seq_fwd", "cpp")] * 2
-        if B > 1 and T > 1:
-            assert bool((y_len[T - 1, 1:] == 0).all())  # past those rows' end
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        out, (h_ref, c_ref) = theirs(packed, (h, h))
+        y_ref = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)[0]  # zeros past each row's end
+        for g, w in ((y_len, y_ref), (h_len, h_ref), (c_len, c_ref)):
+            torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
 def test_raw_op_checks():
@@ -267,9 +295,9 @@ def test_raw_op_checks():
     w_ih, w_hh, h = torch.randn(30, 6), torch.randn(30, 10), torch.zeros(2, 10)
     with pytest.raises(RuntimeError, match=r"x must be \[T, B, I\]"):
         O.gru_chunk_fwd(torch.randn(2, 6), w_ih, None, w_hh, None, h, False)
-    with pytest.raises(RuntimeError, match="w_ih"):
+    with pytest.raises(RuntimeError, match=r"w_ih must have shape \[30, 7\], got \[30, 6\]"):
         O.gru_chunk_fwd(torch.randn(3, 2, 7), w_ih, None, w_hh, None, h, False)
-    with pytest.raises(RuntimeError, match="h0"):
+    with pytest.raises(RuntimeError, match=r"h0 must have shape \[2, 10\], got \[3, 10\]"):
         O.gru_chunk_fwd(torch.randn(3, 2, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False)
 
 
@@ -277,28 +305,24 @@ def test_raw_op_checks():
 @pytest.mark.parametrize("name", ["LSTM-2L-bi", "LSTM-proj-bi", "LSTM-peephole-coupled", "GRU", "RNN-tanh-bi"])
 def test_threaded_chunks(name, dtype):
     """The chunk op split over torch's threads (each worker projects its own units' rows of all steps
-    first, then runs the loop): the same values as the reference, at a hidden size that leaves the last
+    first, then runs the loop): torch.nn's values, at a hidden size that leaves the last
     worker a partial block. Forced on small shapes by dropping the split threshold."""
     from fastrnn.backends import cpp
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: the chunk op cannot split (torch.get_num_threads() == 1)")
-    cls, kw = name.split("-")[0], CASES[name]
-    torch.manual_seed(0)
-    ours = getattr(fastrnn, cls)(6, 40, dtype=dtype, **kw)
-    ref = getattr(fastrnn, cls)(6, 40, dtype=dtype, backend="reference", **kw)
-    ref.load_state_dict(ours.state_dict())
+    cls = name.split("-")[0]
+    ours, ref = _pair(name, dtype, hidden=40)
     old = cpp.BACKEND.set_parallel_min_macs(0)
     try:
         for T, B in ((1, 2), (7, 3), (MAX_ROWS, 1)):
             x = torch.randn(T, B, 6, dtype=dtype)
             hx = _state(ours, B, dtype)
             with torch.no_grad():
-                with dispatch.record_calls() as ran:
+                with dispatch.record_calls() as ran, fast_path_only(ours):
                     got = _flat(ours(x, hx))
                 want = _flat(ref(x, hx))
-            assert {op for op, _ in ran} == {f"{cls.lower()}_chunk_fwd"}
-            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
+            assert set(ran) == {(f"{cls.lower()}_chunk_fwd", "cpp")}
             for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, **tol)
+                torch.testing.assert_close(g, w, **TOL[dtype])
     finally:
         cpp.BACKEND.set_parallel_min_macs(old)
