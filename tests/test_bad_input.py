@@ -85,14 +85,17 @@ def test_lstm_hx_forms(grad):
     f, t = _pair(fastrnn.LSTM, torch.nn.LSTM, None)
     x = torch.randn(5, 3, 4)
     with torch.set_grad_enabled(grad):
-        for hx, exc in ((torch.zeros(2, 1, 3, 8), TypeError), ((torch.zeros(1, 3, 8),), IndexError),
-                        ((torch.zeros(1, 3, 8),) * 3, RuntimeError)):
+        for hx, exc, words in (
+                (torch.zeros(2, 1, 3, 8), TypeError, r"hx must be a tuple \(h_0, c_0\) of two tensors, got Tensor"),
+                ((torch.zeros(1, 3, 8),), IndexError, r"hx must be a tuple \(h_0, c_0\) of two tensors, got 1 items"),
+                ((torch.zeros(1, 3, 8),) * 3, RuntimeError, r"lstm expects two hidden states \(h_0, c_0\), got 3")):
             with pytest.raises(exc):
                 t(x, hx)
-            with pytest.raises(exc):
-                f(x, hx)
+            expect_same_error(f, t, (x, hx), words)
         hx = torch.randn(2, 1, 8)
-        torch.testing.assert_close(f(x[:, 0], hx)[0], t(x[:, 0], hx)[0])
+        got, want = f(x[:, 0], hx), t(x[:, 0], hx)
+        for g, w in ((got[0], want[0]), (got[1][0], want[1][0]), (got[1][1], want[1][1])):
+            torch.testing.assert_close(g, w)
 
 
 def test_packed_zero_length_rejected_by_packing():
