@@ -211,8 +211,8 @@ def write_results(out: Path, env: dict, peak: float, peak_how: str, rows: list[d
     out.mkdir(parents=True, exist_ok=True)
     fields = ["cell", "provider", "mode", "shape", "T", "B", "H", "layers", "bidirectional", "packed", "proj",
               "dtype", "device", "hardware", "threads", "torch", "numba", "triton", "git_sha", "date", "p20_ms",
-              "p50_ms", "p80_ms", "rounds", "flops", "gflops", "pct_peak", "peak_gflops", "case_peak_gflops", "speedup_vs_torch",
-              "peak_mem_mb", "failure"]
+              "p50_ms", "p80_ms", "rounds", "flops", "gflops", "pct_peak", "peak_gflops", "case_peak_gflops",
+              "speedup_vs_torch", "peak_mem_mb", "failure"]
     full = [{**r, **env, "peak_gflops": peak} for r in rows]
     with open(out / "latest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

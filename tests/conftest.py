@@ -14,6 +14,26 @@ CPU_BACKENDS = fastrnn.available_backends("cpu")
 TOL = {torch.float64: dict(out=1e-10, grad=1e-10), torch.float32: dict(out=1e-5, grad=1e-4)}
 
 
+def flat_outputs(out):
+    """A sequence module's (output, state) as a list of tensors: [output, *states]."""
+    y, st = out
+    return [y, *(st if isinstance(st, tuple) else (st,))]
+
+
+# half precision: one rounding of the float32 result (half an ulp of the dtype), plus float32's own error
+# over a few steps and its tanh/sigmoid approximations
+HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+F32_ERR = 2e-5
+
+
+def within_half_ulp(out, truth, dtype):
+    """``out`` (in ``dtype``) is the float64 ``truth`` rounded once from float32."""
+    assert out.dtype == dtype
+    err = (out.double() - truth).abs()
+    bound = HALF_ULP[dtype] * truth.abs() + F32_ERR
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3e}"
+
+
 def assert_close(actual, expected, tol, what=""):
     torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 

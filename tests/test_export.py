@@ -11,7 +11,7 @@ import torch
 
 import fastrnn
 from fastrnn import dispatch
-from conftest import CPU_BACKENDS, backends_used
+from conftest import CPU_BACKENDS, backends_used, flat_outputs
 
 CASES = [("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(proj_size=3, batch_first=True)),
          ("GRU", dict(num_layers=2)), ("RNN", dict(nonlinearity="relu", bidirectional=True))]
@@ -27,11 +27,6 @@ def _module(name, kw):
     return model[0].eval()
 
 
-def _flat(out):
-    y, st = out
-    return [y] + list(st if isinstance(st, tuple) else (st,))
-
-
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
 def test_jit_trace_records_torch_ops(name, kw):
     m = _module(name, kw)
@@ -41,7 +36,7 @@ def test_jit_trace_records_torch_ops(name, kw):
     assert ATEN[name] in kinds and not any(k.startswith("fastrnn") for k in kinds)
     x2 = torch.randn_like(x)
     with torch.no_grad():
-        for a, b in zip(_flat(traced(x2)), _flat(m(x2))):
+        for a, b in zip(flat_outputs(traced(x2)), flat_outputs(m(x2))):
             torch.testing.assert_close(a, b)
 
 
@@ -59,7 +54,7 @@ def test_onnx_export_runs_in_onnxruntime(name, kw):
     x2 = torch.randn_like(x)
     got = sess.run(None, {sess.get_inputs()[0].name: x2.numpy()})
     with torch.no_grad():
-        want = _flat(m(x2))
+        want = flat_outputs(m(x2))
     assert len(got) == len(want)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-6, rtol=1e-6)
@@ -107,7 +102,7 @@ def test_jit_script_as_torchs(name, kw):
     for mod in (theirs, m):
         try:
             with torch.no_grad():
-                outcomes.append(("ok", _flat(torch.jit.script(mod)(x))))
+                outcomes.append(("ok", flat_outputs(torch.jit.script(mod)(x))))
         except Exception as e:  # noqa: BLE001 (the outcome itself is what is compared)
             outcomes.append((type(e).__name__, str(e)))
     assert outcomes[0][0] == outcomes[1][0]
@@ -128,7 +123,7 @@ def test_torch_export(name, kw):
     assert f"fastrnn.{name.lower()}_seq_fwd.default" in targets, targets  # the module docstring's claim
     x2 = torch.randn_like(x)
     with torch.no_grad():
-        for a, b in zip(_flat(ep.module()(x2)), _flat(m(x2))):  # (eager takes the chunk op here)
+        for a, b in zip(flat_outputs(ep.module()(x2)), flat_outputs(m(x2))):  # (eager takes the chunk op here)
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
@@ -155,7 +150,7 @@ def test_variants_trace_as_fastrnn_ops(backend, grad):
                 got = traced(*args2)
             want = m(*args2)
         assert backends_used(ran) == {backend}
-        got, want = (_flat(got), _flat(want)) if seq else (list(got), list(want))
+        got, want = (flat_outputs(got), flat_outputs(want)) if seq else (list(got), list(want))
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
 

@@ -9,13 +9,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from fastrnn import dispatch
-from conftest import CPU_BACKENDS, backends_used
+from conftest import CPU_BACKENDS, backends_used, flat_outputs, within_half_ulp
 
 pytestmark = pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp backend is not available here")
 
 # relative half-ulp of a round-to-nearest: 8 significant bits (bfloat16), 11 (float16)
-HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-F32_ERR = 2e-5  # float32 arithmetic over a few steps, and the float32 tanh/sigmoid approximations
 DTYPES = [torch.bfloat16, torch.float16]
 IDS = ["bf16", "f16"]
 
@@ -45,13 +43,6 @@ def _modules(name, kw, dtype, I=8, H=12):
     return ours, truth
 
 
-def _within_half_ulp(out, truth, dtype):
-    assert out.dtype == dtype
-    err = (out.double() - truth).abs()
-    bound = HALF_ULP[dtype] * truth.abs() + F32_ERR
-    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3e}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_outputs_rounded_once(name, dtype):
@@ -66,9 +57,9 @@ def test_outputs_rounded_once(name, dtype):
             y, st = ours(x, h0)
         y64, st64 = truth(x.double(), None if h0 is None else h0.double())
     assert backends_used(ran) == {"cpp"} and {op for op, _ in ran} == {f"{name.split('-')[0].lower()}_seq_fwd"}
-    _within_half_ulp(y, y64, dtype)
+    within_half_ulp(y, y64, dtype)
     for s, s64 in zip(st if isinstance(st, tuple) else (st,), st64 if isinstance(st64, tuple) else (st64,)):
-        _within_half_ulp(s, s64, dtype)
+        within_half_ulp(s, s64, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -107,7 +98,7 @@ def test_packed_sequence(dtype):
     assert backends_used(ran) == {"cpp"}
     assert torch.equal(y.batch_sizes, y64.batch_sizes)
     for a, b in ((y.data, y64.data), (h, h64), (c, c64)):
-        _within_half_ulp(a, b, dtype)
+        within_half_ulp(a, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -131,7 +122,7 @@ def test_cells(cls, dtype, grad):
     # without autograd the fused cell op (input projection inside) runs on the float32 casts
     assert {op for op, _ in ran} == {f"{cls[:-4].lower()}_{'step' if grad else 'cell'}_fwd"}
     for a, b in zip(out if isinstance(out, tuple) else (out,), out64 if isinstance(out64, tuple) else (out64,)):
-        _within_half_ulp(a.detach(), b.detach(), dtype)
+        within_half_ulp(a.detach(), b.detach(), dtype)
 
 
 def test_nan_and_inf_propagate():
@@ -296,7 +287,7 @@ def test_autocast_other_inputs(name, T, grad):
             yt, stt = theirs(x)
             yt2, stt2 = theirs(x, stt)
         assert backends_used(ran) == {"cpp"}
-        for a, b in [*zip(_flat_out(y, st), _flat_out(yt, stt)), *zip(_flat_out(y2, st2), _flat_out(yt2, stt2))]:
+        for a, b in [*zip(flat_outputs((y, st)), flat_outputs((yt, stt))), *zip(flat_outputs((y2, st2)), flat_outputs((yt2, stt2)))]:
             assert a.dtype == b.dtype, (mdt, a.dtype, b.dtype)
             torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
         if grad:
@@ -306,10 +297,6 @@ def test_autocast_other_inputs(name, T, grad):
 
 def _states(st):
     return st if isinstance(st, tuple) else (st,)
-
-
-def _flat_out(y, st):
-    return [y, *_states(st)]
 
 
 @pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
