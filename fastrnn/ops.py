@@ -6,8 +6,9 @@ function the op runs (``can_skip_ops``). The cells' optional fused inference op 
 
 Twelve ops, ``fastrnn::<family>_<scope>_<pass>`` for family in lstm, gru, rnn, scope in seq, step and
 pass in fwd, bwd. Their schemas are generated from ``FAMILIES`` (the argument lists of the backend
-contract in ``fastrnn.backends``), each has a fake (meta) implementation for torch.compile, and the
-forward ops have autograd formulas that call the backward ops on the same backend. The last argument
+contract in ``fastrnn.backends``), each has a fake (meta) implementation for torch.compile, the
+forward ops have autograd formulas that call the backward ops on the same backend, and the backward
+ops have one too (a double backward, by recomputation on the reference math: ``_double_backward``). The last argument
 of every op is the backend's name; the op's implementation calls that backend's method of the same name.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _fakes(family, opname):
     return {"seq_fwd": seq_fwd, "seq_bwd": seq_bwd, "step_fwd": step_fwd, "step_bwd": step_bwd}[opname.split("_", 1)[1]]
 
 
-def _autograd(family, scope, bwd_op):
+def _autograd(family, scope, bwd_name):
     weights, state, options = FAMILIES[family]
     nw, ns, no = len(weights), len(state), len(options)
     n_tensors = 1 + nw + ns + (1 if scope == "seq" else 0)  # xw, weights, state(, lengths)
@@ -116,9 +117,9 @@ def _autograd(family, scope, bwd_op):
         like = ((saved[-2],) if scope == "seq" else ()) + tuple(saved[1 + nw:1 + nw + ns])
         grads = [torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
                  for g, o in zip(grads[:-1], like)]
-        res = list(bwd_op(*grads, *saved, *ctx.opts))
-        if torch.is_grad_enabled():  # create_graph: what flows out must not read as a zero derivative
-            res = _underivable(f"fastrnn::{family}_{scope}_bwd", res, grads)
+        # with create_graph the backward op is recorded with its own derivative (_double_backward)
+        bwd = with_autograd(bwd_name) if torch.is_grad_enabled() else getattr(torch.ops.fastrnn, bwd_name).default
+        res = list(bwd(*grads, *saved, *ctx.opts))
         for k, absent in enumerate(ctx.absent):
             if absent:
                 res[1 + k] = None
@@ -128,36 +129,67 @@ def _autograd(family, scope, bwd_op):
     return setup_context, backward
 
 
-class _Underivable(torch.autograd.Function):
-    """Views of a backward op's results, tied to the incoming gradients, whose own backward raises: the
-    backward ops have no derivative, and without this a double backward (create_graph=True, the grad of
-    a torch.func.grad, a hessian) through them would silently give zero."""
+def _double_backward(family, scope):
+    """The derivative of the backward op ``<family>_<scope>_bwd``, for a double backward (a gradient
+    penalty, a Hessian-vector product, the grad of a torch.func.grad): by recomputation on the
+    reference backend's math. The backward op computes the vector-Jacobian product ``J(p)^T g`` of the
+    cell's forward at the inputs ``p`` (xw, weights, state) with the incoming gradients ``g``; its own
+    vector-Jacobian product with ``v`` is ``J(p) v`` for ``g`` and ``d(g . J(p) v)/dp`` for ``p``.
+    Both come from differentiating the recomputed forward twice. The forward's outputs (y, ws) that the
+    backward op also takes are functions of ``p``: the whole derivative goes to ``p``, none to them.
+    A third derivative works too: the recomputation is plain torch ops, recorded when the graph is kept.
+    The fused kernels keep the first-order path; this runs only when a backward is differentiated."""
+    from .backends import reference
 
-    @staticmethod
-    def forward(name, n, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n])
+    weights, state, options = FAMILIES[family]
+    nw, ns, no = len(weights), len(state), len(options)
+    ng = ns + (1 if scope == "seq" else 0)  # incoming grads: (grad_y,) + state for seq, state for step
+    n_in = 1 + nw + ns  # xw, weights, state: the backward op's outputs are their gradients
+    cell = reference.CELLS[family][0]
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.name = inputs[0]
+        ctx.set_materialize_grads(False)
+        tensors = list(inputs[:ng + n_in])
+        if scope == "seq":
+            tensors.append(inputs[ng + n_in])  # lengths
+            ctx.reverse, ctx.options = inputs[ng + n_in + 3], tuple(inputs[ng + n_in + 4:-1])
+        else:
+            ctx.options = tuple(inputs[ng + n_in + 1:-1])
+        ctx.save_for_backward(*tensors)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{ctx.name} is not differentiable: fastrnn does not support a double backward "
-                           "(create_graph=True, torch.func.grad of a grad, hessian) through its recurrence")
+    def backward(ctx, *vs):
+        saved = ctx.saved_tensors
+        g, p = saved[:ng], saved[ng:ng + n_in]
+        present = [k for k, t in enumerate(p) if t is not None]
+        lengths = saved[-1] if scope == "seq" else None
 
-    generate_vmap_rule = True
+        def forward(*q):  # the cell's outputs from the present inputs
+            full = list(p)
+            for k, t in zip(present, q):
+                full[k] = t
+            if scope == "seq":
+                y, st = reference._seq(family, full[0], full[1:1 + nw], full[1 + nw:], lengths, ctx.reverse,
+                                       ctx.options)
+                return (y, *st)
+            return tuple(cell(*full, *ctx.options))
 
+        def first(gs, q):  # what the backward op computes: the vector-Jacobian product of forward with gs
+            return torch.func.vjp(forward, *q)[1](gs)
 
-def _underivable(name, res, grads):
-    idx = [k for k, t in enumerate(res) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
-    ties = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
-    if not idx or not ties:
-        return res
-    views = _Underivable.apply(name, len(idx), *(res[k] for k in idx), *ties)
-    for k, v in zip(idx, views):
-        res[k] = v
-    return res
+        # torch.func rather than torch.autograd.grad: it differentiates only along these inputs (the
+        # outer graph also links them: a lower layer's incoming grad depends on its xw), and it composes
+        # with torch.func transforms and with a further derivative (the results are recorded when the
+        # graph is kept)
+        cot = tuple(torch.zeros_like(p[k]) if vs[k] is None or not vs[k].numel() else vs[k] for k in present)
+        d_g, d_q = torch.func.vjp(first, tuple(g), tuple(p[k] for k in present))[1](cot)
+        need = ctx.needs_input_grad
+        res = [d if need[k] else None for k, d in enumerate(d_g)] + [None] * (len(need) - ng)
+        for k, d in zip(present, d_q):
+            if need[ng + k]:
+                res[ng + k] = d
+        return tuple(res)
+
+    return setup_context, backward
 
 
 LIB = torch.library.Library("fastrnn", "DEF")
@@ -181,15 +213,17 @@ def _define_all():
             torch.library.register_fake(f"fastrnn::{opname}", _fakes(family, opname), lib=LIB)
             ops[opname] = getattr(torch.ops.fastrnn, opname).default
         for scope in ("seq", "step"):
-            name = f"{family}_{scope}_fwd"
-            setup_context, backward = _autograd(family, scope, ops[f"{family}_{scope}_bwd"])
-            torch.library.register_autograd(f"fastrnn::{name}", backward, setup_context=setup_context, lib=LIB)
-            # forward through the op itself: under vmap its batching falls back to a loop over the
-            # samples (generate_vmap_rule), so every backend sees plain tensors
-            functions[name] = type(f"_{name}", (torch.autograd.Function,), {
-                "forward": staticmethod(_forward_through(ops[name])),
-                "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
-                "generate_vmap_rule": True})
+            for name, (setup_context, backward) in (
+                    (f"{family}_{scope}_fwd", _autograd(family, scope, f"{family}_{scope}_bwd")),
+                    (f"{family}_{scope}_bwd", _double_backward(family, scope))):
+                torch.library.register_autograd(f"fastrnn::{name}", backward, setup_context=setup_context,
+                                                lib=LIB)
+                # forward through the op itself: under vmap its batching falls back to a loop over the
+                # samples (generate_vmap_rule), so every backend sees plain tensors
+                functions[name] = type(f"_{name}", (torch.autograd.Function,), {
+                    "forward": staticmethod(_forward_through(ops[name])),
+                    "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
+                    "generate_vmap_rule": True})
     return ops, functions
 
 

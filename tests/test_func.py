@@ -83,22 +83,3 @@ def test_cells_grad(name, backend):
     want = grad(loss(theirs))(params, x)
     for k in want:
         torch.testing.assert_close(g[k], want[k], atol=1e-10, rtol=1e-10)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_double_backward_raises(backend):
-    """The backward ops have no derivative: a double backward through them raises (eagerly with
-    create_graph=True, and the grad of a torch.func.grad) instead of giving zero; the first-order
-    gradients taken with create_graph=True are still right."""
-    ours, theirs, params = _pair("GRU", {}, backend)
-    x = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
-    with dispatch.record_calls() as ran:
-        (gx,) = torch.autograd.grad(ours(x)[0].pow(2).sum(), x, create_graph=True)
-    assert backends_used(ran) == {backend}
-    (want,) = torch.autograd.grad(theirs(x)[0].pow(2).sum(), x)
-    torch.testing.assert_close(gx, want, atol=1e-10, rtol=1e-10)
-    with pytest.raises(RuntimeError, match="fastrnn::gru_seq_bwd is not differentiable"):
-        gx.sum().backward()
-    f = _loss(ours)
-    with pytest.raises(RuntimeError, match="fastrnn::gru_seq_bwd is not differentiable"):
-        grad(lambda xx: grad(f, argnums=1)(params, xx).sum())(x.detach())
