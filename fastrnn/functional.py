@@ -81,7 +81,18 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
+    if save and num_directions == 1 and not packed:
+        # the caller gets a copy of the op's y, which its backward reads: an in-place op on the output
+        # (a residual ``out += x``, ``relu_``, in-place dropout) then leaves the saved y intact, as
+        # torch.nn allows it (one copy of [T,B,P]: benchmarks/NOTES.md, "In-place ops on the output")
+        layer_input = _fresh_output(layer_input)
     return layer_input, tuple(torch.stack(acc) for acc in finals)
+
+
+def _fresh_output(y):
+    """A copy of a sequence op's output for the caller (``rnn_layers``; ``benchmarks.inplace_ab`` times
+    the module without it)."""
+    return y.clone()
 
 
 def chunk_layers(family, op, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
