@@ -274,7 +274,9 @@ class _SeqMixin(_BackendMixin):
                 input = input.unsqueeze(0 if self.batch_first else 1)
             B = input.size(0 if self.batch_first else 1)
         _check_float(name, input)
-        wdt = self.weight_ih_l0.dtype
+        weights = self._weights()  # once a call: a parametrized weight is computed here, and only here
+        w0 = weights[0][0]
+        wdt = w0.dtype
         amp = _autocast_for(input.device.type, wdt)
         if amp is not None:
             # the dtype torch.nn returns the outputs in that do not take the autocast dtype (see the top):
@@ -297,7 +299,6 @@ class _SeqMixin(_BackendMixin):
             if sorted_indices is not None:
                 states = tuple(s.index_select(1, sorted_indices) for s in states)
         self.check_forward_args(input, self._hx_out(states) if self._n_state == 1 else states, batch_sizes)
-        w0 = self.weight_ih_l0
         _check_device(name, input, w0)
         _check_state_like(name, states, input)
         T = batch_sizes.numel() if packed else input.size(1 if self.batch_first else 0)
@@ -315,7 +316,7 @@ class _SeqMixin(_BackendMixin):
                                   self.backend)
 
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
-            y, states = rnn_layers(self._family, x, states, self._weights(), self._options(),
+            y, states = rnn_layers(self._family, x, states, weights, self._options(),
                                    num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
                                    dropout=float(self.dropout), training=self.training, lengths=lengths,
                                    index=index, steps=T, backend=backend)
@@ -577,15 +578,16 @@ class _CellMixin(_BackendMixin):
             input = input.unsqueeze(0)
             states = None if states is None else tuple(s.unsqueeze(0) for s in states)
         _check_float(name, input, RuntimeError)
-        amp = _autocast_for(input.device.type, self.weight_ih.dtype)
+        w_ih, b_ih, hh = self.weight_ih, self.bias_ih, self._hh()  # once a call (parametrized weights)
+        amp = _autocast_for(input.device.type, w_ih.dtype)
         if amp is not None:  # see the top
             high = states[0].dtype if states is not None else input.dtype
-            input = input.to(self.weight_ih.dtype)
+            input = input.to(w_ih.dtype)
             states = None if states is None else tuple(_to_float(s, input.dtype) for s in states)
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != w_ih.dtype:
             raise RuntimeError(f"{name}: input dtype {str(input.dtype)} does not match weight dtype "
-                               f"{str(self.weight_ih.dtype)}")
-        _check_device(name, input, self.weight_ih)
+                               f"{str(w_ih.dtype)}")
+        _check_device(name, input, w_ih)
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         B = input.size(0)
@@ -602,8 +604,7 @@ class _CellMixin(_BackendMixin):
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                   self.backend, "step")
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
-            out = cell_step(self._family, input, states, self.weight_ih, self.bias_ih, self._hh(), self._options(),
-                            backend)
+            out = cell_step(self._family, input, states, w_ih, b_ih, hh, self._options(), backend)
         if amp is not None:  # see the top: torch's RNNCell in the autocast dtype, its other cells not
             out = tuple(s.to(amp if self._family == "rnn" else high) for s in out)
         if not batched:

@@ -1,4 +1,6 @@
 """fastrnn.convert on a small model: embedding, 2-layer bidirectional LSTM, linear head."""
+import warnings
+
 import pytest
 import torch
 
@@ -68,8 +70,155 @@ def test_convert_keeps_user_subclasses():
     class MyLSTM(torch.nn.LSTM):
         pass
     m = torch.nn.Sequential(MyLSTM(3, 4))
-    fastrnn.convert(m)
+    with pytest.warns(UserWarning, match=r"left '0' \(MyLSTM\) as torch.nn runs it: its class .*MyLSTM is a "
+                                         r"subclass of torch.nn.LSTM"):
+        fastrnn.convert(m)
     assert type(m[0]) is MyLSTM
+
+
+class _Scale(torch.nn.Module):
+    """A custom parametrization: w * exp(s), s a parameter of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+
+    def forward(self, w):
+        return w * self.s.exp()
+
+
+P = torch.nn.utils.parametrizations
+PARAMETRIZATIONS = {
+    "weight_norm": lambda m, n: P.weight_norm(m, n),
+    "spectral_norm": lambda m, n: P.spectral_norm(m, n),
+    "custom": lambda m, n: torch.nn.utils.parametrize.register_parametrization(m, n, _Scale().double()),
+}
+PARAM_MODULES = [("LSTM", ("weight_hh_l0", "weight_ih_l1")), ("GRU", ("weight_hh_l0",)),
+                 ("RNN", ("weight_ih_l0",)), ("LSTMCell", ("weight_hh",)), ("GRUCell", ("weight_ih", "weight_hh")),
+                 ("RNNCell", ("weight_hh",))]
+
+
+def _param_pair(name, kind, names, when):
+    torch.manual_seed(0)
+    kw = dict(num_layers=2) if "Cell" not in name else {}
+    theirs = getattr(torch.nn, name)(3, 4, dtype=torch.float64, **kw)
+    ours = torch.nn.Sequential(getattr(torch.nn, name)(3, 4, dtype=torch.float64, **kw))
+    ours[0].load_state_dict(theirs.state_dict())
+    if when == "after":
+        fastrnn.convert(ours)
+    for n in names:
+        torch.manual_seed(1)  # spectral_norm's random start vectors: the same on both
+        PARAMETRIZATIONS[kind](theirs, n)
+        torch.manual_seed(1)
+        PARAMETRIZATIONS[kind](ours[0], n)
+    originals = [p for p in ours.parameters()]
+    if when == "before":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # converted: nothing to warn about
+            fastrnn.convert(ours)
+    assert all(p is q for p, q in zip(ours.parameters(), originals))
+    return ours[0], theirs
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("kind", list(PARAMETRIZATIONS))
+@pytest.mark.parametrize("name,names", PARAM_MODULES, ids=[n for n, _ in PARAM_MODULES])
+def test_convert_parametrized(name, names, kind, when, ran):
+    """A parametrized module (weight_norm, spectral_norm, a custom one; applied before or after convert) is
+    a fastrnn module that keeps its parametrizations: outputs and every gradient (the parametrizations'
+    own parameters included) equal torch.nn's, and fastrnn's op ran. spectral_norm in eval mode: in
+    training its power iteration runs on each evaluation of the weight, and torch.nn evaluates it more
+    often than fastrnn (README)."""
+    ours, theirs = _param_pair(name, kind, names, when)
+    fcls = getattr(fastrnn, name)
+    assert isinstance(ours, fcls) and type(ours).__name__ == f"Parametrized{name}"
+    assert torch.nn.utils.parametrize.is_parametrized(ours) and set(ours.parametrizations) == set(names)
+    if kind == "spectral_norm":
+        ours.eval(), theirs.eval()
+    torch.manual_seed(2)
+    x = torch.randn(*((2, 3) if "Cell" in name else (5, 2, 3)), dtype=torch.float64)
+    outs = []
+    for m in (ours, theirs):
+        out = m(x)
+        flat = [out] if isinstance(out, torch.Tensor) else (list(out) if "Cell" in name else [out[0], *out[1]] if
+                                                             isinstance(out[1], tuple) else [out[0], out[1]])
+        sum(o.pow(2).sum() for o in flat).backward()
+        outs.append(flat + [p.grad for p in m.parameters()])
+    assert len(outs[0]) == len(outs[1])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert backends_used(ran) == {CPU_BACKENDS[0]}
+    for n in names:  # removing the parametrizations gives back the plain fastrnn class
+        torch.nn.utils.parametrize.remove_parametrizations(ours, n)
+    assert type(ours) is fcls
+
+
+def test_parametrized_weight_computed_once_per_forward():
+    """fastrnn computes a parametrized weight once per forward (torch.nn: 2-4 times; README)."""
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def forward(self, w):
+            calls.append(1)
+            return w * 2
+
+    for name, names, x in [("LSTM", ("weight_ih_l0", "weight_hh_l0"), torch.randn(5, 2, 3)),
+                           ("GRUCell", ("weight_ih", "weight_hh"), torch.randn(2, 3))]:
+        m = getattr(fastrnn, name)(3, 4)
+        for n in names:
+            torch.nn.utils.parametrize.register_parametrization(m, n, Counted())
+        for grad_mode in (True, False):
+            calls.clear()
+            with torch.set_grad_enabled(grad_mode):
+                m(x)
+            assert len(calls) == 2, (name, grad_mode)
+
+
+def _weight_drop(module, names, p):
+    """The weight-drop helper of torchnlp-style code: raw weights as parameters, the dropped ones set as
+    plain attributes by a wrapper captured around the module's bound forward."""
+    for n in names:
+        w = getattr(module, n)
+        del module._parameters[n]
+        module.register_parameter(n + "_raw", torch.nn.Parameter(w.detach().clone()))
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        for n in names:
+            setattr(module, n, torch.nn.functional.dropout(getattr(module, n + "_raw"), p, module.training))
+        return inner(*args, **kwargs)
+    module.forward = forward
+    return module
+
+
+def test_convert_warns_for_a_captured_forward_and_serves_weight_drop_converted_first(ran):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Sequential(_weight_drop(torch.nn.LSTM(3, 4), ["weight_hh_l0"], 0.5)))
+    with pytest.warns(UserWarning, match=r"left '0.0' \(LSTM\) as torch.nn runs it: its instance has a forward "
+                                         r"of its own .* convert the module before wrapping its forward"):
+        fastrnn.convert(model)
+    assert type(model[0][0]) is torch.nn.LSTM
+    # converted before the wrapper: fastrnn runs, with the dropped weight, as torch.nn with the same mask
+    torch.manual_seed(0)
+    ref = _weight_drop(torch.nn.LSTM(3, 4), ["weight_hh_l0"], 0.5)
+    torch.manual_seed(0)
+    ours = _weight_drop(fastrnn.convert(torch.nn.LSTM(3, 4)), ["weight_hh_l0"], 0.5)
+    x = torch.randn(5, 2, 3)
+    for m in (ours, ref):
+        torch.manual_seed(4)
+        m(x)[0].sum().backward()
+    torch.testing.assert_close(ours.weight_hh_l0, ref.weight_hh_l0, atol=0, rtol=0)
+    torch.testing.assert_close(ours.weight_hh_l0_raw.grad, ref.weight_hh_l0_raw.grad, atol=1e-6, rtol=1e-5)
+    assert backends_used(ran) == {CPU_BACKENDS[0]}
+
+
+def test_convert_rebinds_torchs_own_forward_on_the_instance(ran):
+    m = torch.nn.GRU(3, 4)
+    m.forward = m.forward  # torch.nn's bound forward, kept on the instance
+    fastrnn.convert(m)
+    assert type(m) is fastrnn.GRU and "forward" not in m.__dict__
+    m(torch.randn(2, 1, 3))
+    assert backends_used(ran) == {CPU_BACKENDS[0]}
 
 
 def test_convert_unknown_backend():
