@@ -7,6 +7,8 @@ the weight gradients as large GEMMs with torch. float32 and float64; threads: up
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -27,6 +29,41 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
 PARALLEL_MIN_MACS = 1 << 16
 
 
+_FORKED_UNDER_GNU_OMP = False
+_SERIAL = {}
+
+
+def _after_fork_in_child():
+    """In a forked child: did the parent launch parallel numba code under GNU OpenMP (numba's default
+    threading layer here when TBB is not installed)? That layer cannot run in a forked child: numba
+    terminates the process at its next parallel launch (or it hangs). ``_kernel`` then runs serial twins."""
+    global _FORKED_UNDER_GNU_OMP
+    from numba.np.ufunc import parallel
+    if parallel._is_initialized and parallel._threading_layer == "omp":
+        from numba.np.ufunc import omppool
+        _FORKED_UNDER_GNU_OMP = getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+def _kernel(fn):
+    """The compiled kernel ``fn`` (``parallel=True``), or in a process forked after its parent ran numba's
+    GNU OpenMP layer (DataLoader workers, Hogwild-style training) the same kernel compiled without
+    ``parallel`` (each ``prange`` runs as a plain loop on one thread), which starts no OpenMP region.
+    The twin is compiled on its first use in that process (not cached on disk, so that it never shares a
+    cache entry with the parallel kernel). TBB, numba's fork-safe layer, measured 10-35% slower here
+    (benchmarks/NOTES.md, "numba after fork"), so the parent keeps OpenMP."""
+    if not _FORKED_UNDER_GNU_OMP:
+        return fn
+    serial = _SERIAL.get(fn)
+    if serial is None:
+        from .numba_kernels.common import JIT
+        serial = _SERIAL[fn] = numba.njit(**{**JIT, "cache": False})(fn.py_func)
+    return serial
+
+
+if numba is not None:
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _np(t):
     return None if t is None else t.detach().numpy()
 
@@ -42,7 +79,7 @@ def _parts(rows, macs_per_row):
     """How many threads split a step's hidden units: all of torch's threads when the step's GEMM has
     enough work to pay for a parallel region per step (~2 us here), else one."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads > 1 and rows * macs_per_row >= PARALLEL_MIN_MACS:
+    if threads > 1 and not _FORKED_UNDER_GNU_OMP and rows * macs_per_row >= PARALLEL_MIN_MACS:
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
         return threads
@@ -108,9 +145,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         scratch = torch.empty(2 * B * P + B * H, dtype=xw.dtype).numpy()
         h_a, h_b = scratch[:B * P].reshape(B, P), scratch[B * P:2 * B * P].reshape(B, P)
         c = scratch[2 * B * P:].reshape(B, H)
-        _lstm.lstm_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw), coupled,
-                       _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(h_n),
-                       _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
+        _kernel(_lstm.lstm_fwd)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw), coupled,
+                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(h_n),
+                                _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
         return y, h_n, c_n, ws
 
     def lstm_seq_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
@@ -126,11 +163,12 @@ class NumbaBackend(StepsFromSequence, Backend):
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         dhf = np.empty((B, H), dtype=_np(xw).dtype)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
-        _lstm.lstm_bwd(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
-                       _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled,
-                       _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(gates),
-                       _np(c_all), _np(hfull), _np(dgates), _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0),
-                       _np(dw_ch))
+        _kernel(_lstm.lstm_bwd)(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
+                                _opt(w_hr, 2, xw),
+                                _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled,
+                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(gates),
+                                _np(c_all), _np(hfull), _np(dgates), _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0),
+                                _np(dw_ch))
         d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh)
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
@@ -147,8 +185,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
-        _gru.gru_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
-                     _parts(B, GH * H), _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
+        _kernel(_gru.gru_fwd)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
+                              _parts(B, GH * H), _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
         return y, h_n, ws
 
     def gru_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
@@ -158,8 +196,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        _gru.gru_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
-                     _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
+        _kernel(_gru.gru_bwd)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
+                              reverse, _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh),
+                              _np(h_prev), _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
 
@@ -170,8 +209,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
-        _rnn.rnn_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
-                     nonlinearity == "relu", _parts(B, H * H), _np(y), _np(h_n), h_a, h_b)
+        _kernel(_rnn.rnn_fwd)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
+                              nonlinearity == "relu", _parts(B, H * H), _np(y), _np(h_n), h_a, h_b)
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):
@@ -179,8 +218,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         d_xw, h_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        _rnn.rnn_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
-                     reverse, nonlinearity == "relu", _parts(B, H * H), _np(y), _np(d_xw), _np(h_prev), _np(dh0))
+        _kernel(_rnn.rnn_bwd)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
+                              reverse, nonlinearity == "relu", _parts(B, H * H), _np(y), _np(d_xw), _np(h_prev),
+                              _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
 

@@ -1,0 +1,69 @@
+"""A process forked after the parent ran fastrnn (DataLoader workers, Hogwild-style training) runs the same
+modules, forward and backward, and gets the parent's values. numba's GNU OpenMP threading layer (its
+default here) cannot run in a forked child: there the numba backend runs serial twins of its kernels
+(``fastrnn.backends.numba._kernel``), and the parent keeps its parallel ones."""
+import multiprocessing as mp
+import os
+import pytest
+import torch
+
+import fastrnn
+from conftest import CPU_BACKENDS
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork (POSIX)")
+FORK_BACKENDS = [b for b in ("numba", "cpp") if b in CPU_BACKENDS]
+
+
+def _case(backend):
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(32, 32, backend=backend)  # a size at which numba splits each step over threads
+    return m, torch.randn(20, 16, 32)
+
+
+def _child(backend, threads, q):
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        m, x = _case(backend)
+        y, _ = m(x)
+        y.sum().backward()  # training too
+        serial = None
+        if backend == "numba":
+            from fastrnn.backends import numba as nb
+            serial = (nb._FORKED_UNDER_GNU_OMP, len(nb._SERIAL))
+        q.put(("ok", y.detach().numpy(), m.weight_hh_l0.grad.numpy(), serial))  # not shared-memory tensors
+    except BaseException as e:  # report, do not hang the parent
+        q.put(("error", repr(e), None, None))
+
+
+# The child sets one torch thread, as DataLoader workers do: with torch's default threads a forked child
+# hangs in torch.nn's own LSTM (torch's GNU OpenMP pool does not survive fork), so that is not a case a
+# drop-in can serve.
+@pytest.mark.parametrize("backend", FORK_BACKENDS)
+def test_forked_child_runs_after_parent_used_backend(backend, threads=1):
+    m, x = _case(backend)
+    y, _ = m(x)
+    y.sum().backward()
+    if backend == "numba":
+        import numba
+        from numba.np.ufunc import parallel
+        assert parallel._is_initialized  # the parent really launched parallel numba code
+        omp = numba.threading_layer() == "omp"
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(backend, threads, q))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        pytest.fail(f"the forked child hangs on the {backend} backend")
+    assert p.exitcode == 0, f"child exit code {p.exitcode}"
+    status, got, grad, serial = q.get(timeout=10)
+    assert status == "ok", got
+    if backend == "numba":  # under GNU OpenMP the child ran the serial twins, forward and backward
+        assert serial == ((True, 2) if omp else (False, 0))
+    # the same values (a serial twin splits no step, so float32 may differ in the last bits)
+    torch.testing.assert_close(torch.from_numpy(got), y.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(grad), m.weight_hh_l0.grad, atol=1e-5, rtol=1e-5)
+    y2, _ = m(x)  # and the parent still runs
+    torch.testing.assert_close(y2, y, atol=0, rtol=0)
