@@ -7,6 +7,7 @@
 Backends: see ``fastrnn.available_backends()`` and ``python -m fastrnn.info``.
 """
 from . import _compile, ops  # noqa: F401  (ops registers the torch.library ops)
+from .backends import _common  # noqa: F401  (its fork hook: see FORKED_UNDER_GNU_OMP)
 from .convert import convert
 from .cuda_graph import cuda_graphed
 from .dispatch import BACKEND_NAMES, BackendNotSupportedError, available_backends, use_backend

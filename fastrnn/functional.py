@@ -26,7 +26,7 @@ def _needs_grad(*tensors):
 
 
 def rnn_layers(family, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
-               lengths, index=None, steps=None, backend):
+               lengths, index=None, steps=None, backend, fresh_output=True):
     """Run a multi-layer (bi)directional recurrence.
 
     x: [T,B,I], or for packed input its rows [N,I] in PackedSequence order, with ``index`` the flat
@@ -35,15 +35,17 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     (LSTM (h0, c0), else (h0,)); weights: per layer-direction ``(w_ih, b_ih, hh)`` with ``hh`` the
     family's recurrent weights in op order; options: the family's op options; lengths: None or int64
     CPU [B], non-increasing. Returns the output in the input's form ([T,B,D*P] with zeros past each
-    row's end, or [N,D*P]) and the final states, each [L*D,B,*].
+    row's end, or [N,D*P]) and the final states, each [L*D,B,*]. The output is never a tensor the
+    backward reads (``fresh_output=False``: the caller makes its own copy of it).
     """
     cdt = _compute_dtype(backend, x.dtype)
     if cdt is not None:  # the backend computes this dtype in a wider one: cast in, run, cast out
         cast = _caster(backend, cdt)
         y, finals = rnn_layers(family, cast(x), tuple(cast(s) for s in state0), _cast_weights(weights, cast),
                                options, num_layers=num_layers, num_directions=num_directions, dropout=dropout,
-                               training=training, lengths=lengths, index=index, steps=steps, backend=backend)
-        return y.to(x.dtype), tuple(s.to(x.dtype) for s in finals)
+                               training=training, lengths=lengths, index=index, steps=steps, backend=backend,
+                               fresh_output=False)
+        return y.to(x.dtype), tuple(s.to(x.dtype) for s in finals)  # y.to: a new tensor
     seq_fwd = ops.with_autograd(f"{family}_seq_fwd")
     direct = ops.can_skip_ops()
     impl = dispatch.get(backend)
@@ -81,7 +83,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    if save and num_directions == 1 and not packed:
+    if fresh_output and save and num_directions == 1 and not packed:
         # the caller gets a copy of the op's y, which its backward reads: an in-place op on the output
         # (a residual ``out += x``, ``relu_``, in-place dropout) then leaves the saved y intact, as
         # torch.nn allows it (one copy of [T,B,P]: benchmarks/NOTES.md, "In-place ops on the output")

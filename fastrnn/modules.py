@@ -31,6 +31,13 @@ def _autocast_for(device_type, module_dtype):
     return autocast_dtype(device_type) if module_dtype in _AUTOCAST_MODULE_DTYPES else None
 
 
+def _no_autocast(input):
+    """Autocast off for the block, if CPU autocast is on for ``input``: a layer computes its (parametrized)
+    weights and runs in the module's own dtype (see the top)."""
+    dev = input.device.type
+    return torch.autocast(dev, enabled=False) if autocast_dtype(dev) is not None else _NO_CONTEXT
+
+
 def _to_float(t, dtype):
     return t.to(dtype) if t.is_floating_point() else t
 
@@ -91,7 +98,7 @@ class _BackendMixin:
         script)."""
         if self._variant_only():
             return self
-        cls = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+        cls = self._torch_class()
         twin = cls.__new__(cls)
         object.__setattr__(twin, "__dict__", self.__dict__)
         return twin
@@ -126,9 +133,13 @@ class _BackendMixin:
             s += f", backend={self.backend!r}"
         return s
 
+    def _torch_class(self):
+        """The torch.nn class this module replaces (not torch's ``Parametrized*`` class over it)."""
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn.modules"))
+
     def _torch_name(self):
-        """The torch.nn class this module replaces (its name starts torch's error messages)."""
-        return next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+        """The name of the torch.nn class this module replaces (it starts torch's error messages)."""
+        return self._torch_class().__name__
 
 
 class _SeqMixin(_BackendMixin):
@@ -274,7 +285,8 @@ class _SeqMixin(_BackendMixin):
                 input = input.unsqueeze(0 if self.batch_first else 1)
             B = input.size(0 if self.batch_first else 1)
         _check_float(name, input)
-        weights = self._weights()  # once a call: a parametrized weight is computed here, and only here
+        with _no_autocast(input):  # once a call: a parametrized weight is computed here, and only here
+            weights = self._weights()
         w0 = weights[0][0]
         wdt = w0.dtype
         amp = _autocast_for(input.device.type, wdt)
@@ -578,7 +590,8 @@ class _CellMixin(_BackendMixin):
             input = input.unsqueeze(0)
             states = None if states is None else tuple(s.unsqueeze(0) for s in states)
         _check_float(name, input, RuntimeError)
-        w_ih, b_ih, hh = self.weight_ih, self.bias_ih, self._hh()  # once a call (parametrized weights)
+        with _no_autocast(input):  # once a call (parametrized weights), as _SeqMixin._forward
+            w_ih, b_ih, hh = self.weight_ih, self.bias_ih, self._hh()
         amp = _autocast_for(input.device.type, w_ih.dtype)
         if amp is not None:  # see the top
             high = states[0].dtype if states is not None else input.dtype

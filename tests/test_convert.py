@@ -148,6 +148,8 @@ def test_convert_parametrized(name, names, kind, when, ran):
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     assert backends_used(ran) == {CPU_BACKENDS[0]}
+    with pytest.raises(ValueError, match=f"^{name}: Expected input to be"):  # torch's class name, not Parametrized*
+        ours(torch.randn(1, 1, 1, 1, 3, dtype=torch.float64))
     for n in names:  # removing the parametrizations gives back the plain fastrnn class
         torch.nn.utils.parametrize.remove_parametrizations(ours, n)
     assert type(ours) is fcls
@@ -270,3 +272,26 @@ def test_deepcopy_pickle_and_dtype_moves_keep_working(tmp_path):
     ref = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True).double()
     ref.load_state_dict(d[0].state_dict())
     torch.testing.assert_close(d(x.double())[0], ref(x.double())[0], atol=1e-10, rtol=1e-10)
+
+
+class _MatmulScale(torch.nn.Module):
+    """A parametrization with a matmul: under autocast it would run in bfloat16."""
+
+    def forward(self, w):
+        return 0.5 * (w @ torch.eye(w.shape[1], dtype=w.dtype))
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
+def test_parametrized_weights_under_autocast_in_the_modules_dtype(name):
+    """Under CPU autocast a fastrnn layer runs in its own dtype (README): its parametrized weights too. The
+    outputs are the float32 module's, rounded once to the autocast dtype."""
+    torch.manual_seed(0)
+    m = getattr(fastrnn, name)(3, 4)
+    torch.nn.utils.parametrize.register_parametrization(m, "weight_ih_l0" if name == "LSTM" else "weight_ih",
+                                                        _MatmulScale())
+    x = torch.randn(*((5, 2, 3) if name == "LSTM" else (2, 3)))
+    want = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)
+    want, got = (want[0], got[0]) if name == "LSTM" else (want, got)
+    torch.testing.assert_close(got.float(), want.to(got.dtype).float(), atol=0, rtol=0)

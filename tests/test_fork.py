@@ -29,8 +29,8 @@ def _child(backend, threads, q):
         y.sum().backward()  # training too
         serial = None
         if backend == "numba":
-            from fastrnn.backends import numba as nb
-            serial = (nb._FORKED_UNDER_GNU_OMP, len(nb._SERIAL))
+            from fastrnn.backends import _common, numba as nb
+            serial = (_common.FORKED_UNDER_GNU_OMP, len(nb._SERIAL))
         q.put(("ok", y.detach().numpy(), m.weight_hh_l0.grad.numpy(), serial))  # not shared-memory tensors
     except BaseException as e:  # report, do not hang the parent
         q.put(("error", repr(e), None, None))
@@ -67,3 +67,45 @@ def test_forked_child_runs_after_parent_used_backend(backend, threads=1):
     torch.testing.assert_close(torch.from_numpy(grad), m.weight_hh_l0.grad, atol=1e-5, rtol=1e-5)
     y2, _ = m(x)  # and the parent still runs
     torch.testing.assert_close(y2, y, atol=0, rtol=0)
+
+
+@pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba is not available here")
+def test_forked_child_after_users_own_parallel_numba():
+    """The parent ran parallel numba code of its own (not fastrnn's) before forking: the child's numba
+    backend still runs (the fork hook is registered when fastrnn is imported), in a fresh interpreter so
+    that fastrnn's numba backend is not loaded before the fork."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import os, sys, numpy as np, numba, torch, fastrnn
+        @numba.njit(parallel=True)
+        def f(a):
+            s = 0.0
+            for i in numba.prange(a.shape[0]):
+                s += a[i]
+            return s
+        f(np.ones(1000))
+        assert "fastrnn.backends.numba" not in sys.modules
+        torch.manual_seed(0)
+        m = fastrnn.LSTM(32, 32, backend="numba")
+        x = torch.randn(20, 16, 32)
+        pid = os.fork()
+        if pid == 0:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                y = m(x)[0]
+            np.save(sys.argv[1], y.numpy())
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        with torch.no_grad():
+            want = m(x)[0]
+        got = torch.from_numpy(np.load(sys.argv[1]))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", script, os.path.join(d, "y.npy")], capture_output=True,
+                           text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr

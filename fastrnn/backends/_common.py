@@ -1,7 +1,28 @@
 """Small helpers shared by the backends' host code."""
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
+
+#: set in a process forked after its parent launched parallel numba code under GNU OpenMP (numba's
+#: default threading layer where TBB is not installed), which cannot run in a forked child: numba
+#: terminates the process at its next parallel launch, or it hangs. The numba backend then runs serial
+#: twins of its kernels. Registered when fastrnn is imported, so it also sees numba code of the user's
+#: own that ran before fastrnn's numba backend was first loaded.
+FORKED_UNDER_GNU_OMP = False
+
+
+def _after_fork_in_child():
+    global FORKED_UNDER_GNU_OMP
+    parallel = sys.modules.get("numba.np.ufunc.parallel")  # nothing to do (or import) if numba never ran
+    if parallel is not None and parallel._is_initialized and parallel._threading_layer == "omp":
+        omppool = sys.modules.get("numba.np.ufunc.omppool")
+        FORKED_UNDER_GNU_OMP = getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def batch_sizes_from_lengths(lengths, T: int, B: int) -> list[int]:

@@ -7,12 +7,10 @@ the weight gradients as large GEMMs with torch. float32 and float64; threads: up
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
-from . import Backend
+from . import Backend, _common
 from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recurrent_weight_grads
 
 try:
@@ -29,39 +27,24 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
 PARALLEL_MIN_MACS = 1 << 16
 
 
-_FORKED_UNDER_GNU_OMP = False
 _SERIAL = {}
-
-
-def _after_fork_in_child():
-    """In a forked child: did the parent launch parallel numba code under GNU OpenMP (numba's default
-    threading layer here when TBB is not installed)? That layer cannot run in a forked child: numba
-    terminates the process at its next parallel launch (or it hangs). ``_kernel`` then runs serial twins."""
-    global _FORKED_UNDER_GNU_OMP
-    from numba.np.ufunc import parallel
-    if parallel._is_initialized and parallel._threading_layer == "omp":
-        from numba.np.ufunc import omppool
-        _FORKED_UNDER_GNU_OMP = getattr(omppool, "openmp_vendor", "GNU") == "GNU"
 
 
 def _kernel(fn):
     """The compiled kernel ``fn`` (``parallel=True``), or in a process forked after its parent ran numba's
-    GNU OpenMP layer (DataLoader workers, Hogwild-style training) the same kernel compiled without
-    ``parallel`` (each ``prange`` runs as a plain loop on one thread), which starts no OpenMP region.
+    GNU OpenMP layer (``_common.FORKED_UNDER_GNU_OMP``: DataLoader workers, Hogwild-style training) the
+    same kernel compiled without ``parallel`` (each ``prange`` a plain loop on one thread), which starts
+    no OpenMP region.
     The twin is compiled on its first use in that process (not cached on disk, so that it never shares a
     cache entry with the parallel kernel). TBB, numba's fork-safe layer, measured 10-35% slower here
     (benchmarks/NOTES.md, "numba after fork"), so the parent keeps OpenMP."""
-    if not _FORKED_UNDER_GNU_OMP:
+    if not _common.FORKED_UNDER_GNU_OMP:
         return fn
     serial = _SERIAL.get(fn)
     if serial is None:
         from .numba_kernels.common import JIT
         serial = _SERIAL[fn] = numba.njit(**{**JIT, "cache": False})(fn.py_func)
     return serial
-
-
-if numba is not None:
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _np(t):
@@ -79,7 +62,7 @@ def _parts(rows, macs_per_row):
     """How many threads split a step's hidden units: all of torch's threads when the step's GEMM has
     enough work to pay for a parallel region per step (~2 us here), else one."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads > 1 and not _FORKED_UNDER_GNU_OMP and rows * macs_per_row >= PARALLEL_MIN_MACS:
+    if threads > 1 and not _common.FORKED_UNDER_GNU_OMP and rows * macs_per_row >= PARALLEL_MIN_MACS:
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
         return threads
