@@ -11,7 +11,7 @@ EXT_STAMP := fastrnn/.ext-built
 NINJA_VERSION ?= 1.13.2
 BENCH_ARGS ?= --quick
 
-.PHONY: venv ext test test-triton-all bench info clean
+.PHONY: venv ext test test-triton-all bench examples info clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) ninja==$(NINJA_VERSION)
-	FASTRNN_NO_EXT=1 $(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,bench]"
+	FASTRNN_NO_EXT=1 $(PY) -m pip install -q -c constraints.txt --no-build-isolation -e ".[test,bench,examples]"
 	touch $@
 
 # the extension, built in place (the install above skips it, so it is built once); again after a change in csrc/
@@ -43,6 +43,14 @@ test-triton-all: ext
 
 bench: ext
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# the examples with their default, CPU-friendly settings: torch.nn, then fastrnn's automatic backend
+examples: ext
+	$(PY) -m examples.text_classify --backend torch
+	$(PY) -m examples.text_classify --backend auto
+	$(PY) -m examples.forecast --backend torch
+	$(PY) -m examples.forecast --backend auto --plot examples/forecast.png
+	$(PY) -m examples.ddp_train --nproc 2 --backend auto
 
 info: ext
 	$(PY) -m fastrnn.info
