@@ -10,6 +10,10 @@ import torch
 import fastrnn
 
 
+class BackendError(Exception):
+    """``--backend`` names a backend that cannot run here: fastrnn's error and its reason."""
+
+
 def add_common_args(ap: argparse.ArgumentParser, epochs: int) -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="auto",
                     help="torch (torch.nn itself), auto (fastrnn's automatic choice) or a fastrnn backend: "
@@ -29,7 +33,11 @@ def rnn_class(name: str, backend: str, device: str = "cpu"):
         return getattr(torch.nn, name)
     chosen = None if backend == "auto" else backend
     dev = torch.device(device).type
-    fastrnn.dispatch.choose(name.lower(), dev, torch.float32, (), chosen)  # raises with the reason
+    try:
+        fastrnn.dispatch.check_name(chosen)
+        fastrnn.dispatch.choose(name.lower(), dev, torch.float32, (), chosen)
+    except (ValueError, fastrnn.BackendNotSupportedError) as e:  # fastrnn's message, with the reason
+        raise BackendError(f"{type(e).__name__}: {e}") from e
 
     def make(*args, **kwargs):
         return getattr(fastrnn, name)(*args, backend=chosen, **kwargs)

@@ -10,7 +10,6 @@ training). Each process gets an equal share of torch's threads. Rank 0 reports e
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import text_classify as tc
-from .common import EpochTimer, add_common_args, progress
+from .common import BackendError, EpochTimer, progress
 
 
 def global_batches(n, batch_size, world, generator):
@@ -112,7 +111,7 @@ def main(argv=None):
     try:
         tc.load(args)  # a missing data package or unreadable file: one message, before any process starts
         tc.rnn_class("LSTM", args.backend, args.device)
-    except tc.DataError as e:
+    except (tc.DataError, BackendError) as e:
         sys.exit(f"error: {e}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         world = int(os.environ["WORLD_SIZE"])

@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from .common import EpochTimer, add_common_args, batches, progress, rnn_class
+from .common import BackendError, EpochTimer, add_common_args, batches, progress, rnn_class
 
 CYCLE = 11  # years: the seasonal-naive forecast repeats the value of one solar cycle before
 
@@ -150,7 +150,7 @@ def main(argv=None):
     try:
         years, values = load_sunspots()
         rnn_class(args.cell, args.backend, args.device)  # an unavailable backend fails here, with its reason
-    except DataError as e:
+    except (DataError, BackendError) as e:
         sys.exit(f"error: {e}")
     train_set, valid_set, (mean, std), split = prepare(values, args.window)
     last, seasonal = naive_rmse(values, split)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
-from .common import EpochTimer, add_common_args, batches, progress, rnn_class
+from .common import BackendError, EpochTimer, add_common_args, batches, progress, rnn_class
 
 # Faker locale -> language: Latin-script locales whose surname lists are large enough to learn from
 LANGUAGES = {"en_US": "English", "de_DE": "German", "fr_FR": "French", "es_ES": "Spanish", "it_IT": "Italian",
@@ -221,10 +221,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         texts, labels, classes, tokens = load(args)
-        model_rnn = rnn_class("LSTM", args.backend, args.device)  # an unavailable backend fails here
-    except DataError as e:
+        rnn_class("LSTM", args.backend, args.device)  # an unavailable backend fails here, with its reason
+    except (DataError, BackendError) as e:
         sys.exit(f"error: {e}")
-    del model_rnn
     vocab, train_set, test_set = prepare(texts, labels, tokens, args.seed)
     counts = collections.Counter(y for _, y in test_set)
     majority = max(counts.values()) / len(test_set)

@@ -141,8 +141,8 @@ def _double_backward(family, scope):
     The fused kernels keep the first-order path; this runs only when a backward is differentiated."""
     from .backends import reference
 
-    weights, state, options = FAMILIES[family]
-    nw, ns, no = len(weights), len(state), len(options)
+    weights, state, _ = FAMILIES[family]
+    nw, ns = len(weights), len(state)
     ng = ns + (1 if scope == "seq" else 0)  # incoming grads: (grad_y,) + state for seq, state for step
     n_in = 1 + nw + ns  # xw, weights, state: the backward op's outputs are their gradients
     cell = reference.CELLS[family][0]

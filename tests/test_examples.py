@@ -2,7 +2,6 @@
 backend give the same loss trajectory over the first steps (relative 1e-4, float32); a short training beats
 the baseline; the loaders for users' own data; data-parallel training equals single-process training on the
 whole batch; bad input gets one clear message."""
-import os
 
 import pytest
 import torch
@@ -151,10 +150,13 @@ def test_missing_data_packages(monkeypatch):
 
 
 def test_unavailable_backend_gets_fastrnns_error():
-    with pytest.raises(fastrnn.BackendNotSupportedError, match=r"backend 'cpp' cannot run .*device 'cuda'"):
+    with pytest.raises(SystemExit, match=r"^error: BackendNotSupportedError: fastrnn backend 'cpp' cannot run .*"
+                                         r"device 'cuda' is not supported"):
         tc.main(["--backend", "cpp", "--device", "cuda"])
-    with pytest.raises(ValueError, match="Unknown fastrnn backend 'fast'"):
+    with pytest.raises(SystemExit, match=r"^error: ValueError: Unknown fastrnn backend 'fast'"):
         forecast.main(["--backend", "fast"])
+    with pytest.raises(SystemExit, match=r"^error: BackendNotSupportedError: .*'numba' cannot run .*device 'cuda'"):
+        ddp_train.main(["--backend", "numba", "--device", "cuda"])
 
 
 def test_ddp_equals_single_process_training(tmp_path):
