@@ -76,4 +76,4 @@ class EpochTimer:
     def summary(self) -> str:
         t = self.times
         later = sorted(t[1:]) if len(t) > 1 else t
-        return f"first epoch {t[0]:.2f} s, median of the rest {later[len(later) // 2]:.2f} s"
+        return f"first epoch {t[0]:.3g} s, median of the rest {later[len(later) // 2]:.3g} s"

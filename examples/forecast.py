@@ -137,7 +137,7 @@ def plot(path, years, values, valid_idx, pred, mean, std, cell):
 
 def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap, epochs=60)
+    add_common_args(ap, epochs=20)
     ap.add_argument("--cell", choices=["LSTM", "GRU"], default="LSTM")
     ap.add_argument("--window", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=32)
