@@ -117,8 +117,12 @@ def _autograd(family, scope, bwd_name):
         like = ((saved[-2],) if scope == "seq" else ()) + tuple(saved[1 + nw:1 + nw + ns])
         grads = [torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
                  for g, o in zip(grads[:-1], like)]
-        # with create_graph the backward op is recorded with its own derivative (_double_backward)
-        bwd = with_autograd(bwd_name) if torch.is_grad_enabled() else getattr(torch.ops.fastrnn, bwd_name).default
+        # with create_graph the backward op is recorded with its own derivative (_double_backward); without,
+        # its implementation runs directly where nothing intercepts ops (its autograd layer is Python)
+        if torch.is_grad_enabled():
+            bwd = with_autograd(bwd_name)
+        else:
+            bwd = DIRECT[bwd_name] if can_skip_ops() else getattr(torch.ops.fastrnn, bwd_name).default
         res = list(bwd(*grads, *saved, *ctx.opts))
         for k, absent in enumerate(ctx.absent):
             if absent:
