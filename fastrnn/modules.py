@@ -8,6 +8,7 @@ checks its arguments the way torch does, brings the input to time-major form and
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 import torch.nn as nn
@@ -85,9 +86,11 @@ def _exporting():
 class _BackendMixin:
     """The keyword-only ``backend`` argument every fastrnn module adds to its torch constructor."""
 
+    weight_dropout = 0.0  # class default: also what a module pickled before this option had
+
     def _variant_only(self):
-        """Does the module use a feature torch.nn lacks (the LSTM variants)?"""
-        return bool(getattr(self, "peephole", False) or getattr(self, "coupled_gates", False))
+        """Does the module use a feature torch.nn lacks (the LSTM variants, weight dropout)?"""
+        return bool(getattr(self, "peephole", False) or getattr(self, "coupled_gates", False) or self.weight_dropout)
 
     def __prepare_scriptable__(self):
         """torch.jit.script compiles torch.nn's forward over the same module state (a twin of the torch.nn
@@ -103,9 +106,26 @@ class _BackendMixin:
         object.__setattr__(twin, "__dict__", self.__dict__)
         return twin
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
+    def __init__(self, *args, backend: str | None = None, weight_dropout: float = 0.0, **kwargs):
+        p = _check_probability("weight_dropout", weight_dropout)
         super().__init__(*args, **kwargs)
         self.backend = dispatch.check_name(backend)
+        self.weight_dropout = p
+
+    def _dropping_weights(self):
+        return self.weight_dropout > 0 and self.training
+
+    def _drop_recurrent(self, w_hh):
+        """``weight_dropout=p`` (DropConnect on the recurrent weights, as in AWD-LSTM): in training each
+        element of ``w_hh`` is zeroed with probability p and the others scaled by 1/(1-p), with a new mask
+        each forward call for the whole sequence; off in eval. The mask is drawn from torch's RNG on the
+        weight's device, ``torch.empty_like(w_hh).bernoulli_(1 - p).div_(1 - p)``, one recurrent matrix
+        after another in layer-direction order, and multiplies the weight (``w_hh * mask``) outside the
+        kernels, which see a plain weight; the parameter itself is never changed."""
+        if not self._dropping_weights():
+            return w_hh
+        p = self.weight_dropout
+        return w_hh * torch.empty_like(w_hh).bernoulli_(1 - p).div_(1 - p)
 
     def _fast_op(self, input, kind, scope):
         """For the fast paths: (backend name, its optional ``<family>_<kind>_fwd`` or None, the backend)
@@ -129,6 +149,8 @@ class _BackendMixin:
 
     def extra_repr(self):
         s = super().extra_repr()
+        if self.weight_dropout:
+            s += f", weight_dropout={self.weight_dropout}"
         if getattr(self, "backend", None) is not None:
             s += f", backend={self.backend!r}"
         return s
@@ -198,7 +220,7 @@ class _SeqMixin(_BackendMixin):
                     w = [None if n is None else params[n] for n in names]
                 except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
                     w = [None if n is None else get(self, n) for n in names]
-                out.append((w[0], w[1], tuple(w[2:])))
+                out.append((w[0], w[1], (self._drop_recurrent(w[2]), *w[3:])))
         return out
 
     def forward(self, input, hx=None):
@@ -219,7 +241,8 @@ class _SeqMixin(_BackendMixin):
         The op checks shapes and dtypes itself and changes no input; whatever it refuses goes to
         ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
         the path does not apply."""
-        if input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type):
+        if (input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type)
+                or self._dropping_weights()):
             return None
         choice = self._fast_op(input, "chunk", "seq")
         if choice is None or choice[1] is None:
@@ -345,6 +368,14 @@ class _SeqMixin(_BackendMixin):
                 out = out.squeeze(0 if self.batch_first else 1)
                 states = tuple(s.squeeze(1) for s in states)
         return out, self._hx_out(states)
+
+
+def _check_probability(name, p):
+    """A dropout probability: a number in [0, 1) (torch's dropout message and error type)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Number) or not 0 <= p < 1:
+        raise ValueError(f"{name} should be a number in range [0, 1) representing the probability of an element "
+                         f"being zeroed, got {p!r}")
+    return float(p)
 
 
 def _check_flag(name, value):
@@ -525,7 +556,8 @@ class _CellMixin(_BackendMixin):
         the fast path does not apply. A cell call at batch 1 is short enough that the Python checks cost
         as much as the kernel (benchmarks/NOTES.md).
         """
-        if not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops()):
+        if not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops()) \
+                or self._dropping_weights():
             return None
         if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
@@ -592,6 +624,7 @@ class _CellMixin(_BackendMixin):
         _check_float(name, input, RuntimeError)
         with _no_autocast(input):  # once a call (parametrized weights), as _SeqMixin._forward
             w_ih, b_ih, hh = self.weight_ih, self.bias_ih, self._hh()
+            hh = (self._drop_recurrent(hh[0]), *hh[1:])
         amp = _autocast_for(input.device.type, w_ih.dtype)
         if amp is not None:  # see the top
             high = states[0].dtype if states is not None else input.dtype
