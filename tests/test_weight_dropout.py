@@ -1,6 +1,7 @@
 """``weight_dropout=p``: DropConnect on the recurrent weights (issue 18's weight drop), on every module class
 and CPU backend. The oracle is torch.nn itself run on the dropped weights, with the masks drawn as the
-module documents them (``_BackendMixin._drop_recurrent``): same seed, same masks, value for value."""
+module documents them (``fastrnn.modules._drop_mask``, written out again here): same seed, same masks,
+value for value."""
 import pytest
 import torch
 from torch.func import functional_call
@@ -28,7 +29,10 @@ def _oracle(theirs, p, x, hx):
     params = dict(theirs.named_parameters())
     for n in _hh_names(theirs):
         w = params[n]
-        params[n] = w * torch.empty_like(w).bernoulli_(1 - p).div_(1 - p)
+        bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((w.numel() + 3) // 4,), dtype=torch.int64)
+        c = min(round(p * 65536), 65535)
+        keep = bits.view(torch.int16)[:w.numel()].view(w.shape) >= c - 32768
+        params[n] = w * (keep.to(w.dtype) * (65536 / (65536 - c)))
     return functional_call(theirs, params, (x, hx))
 
 
@@ -140,8 +144,8 @@ def test_new_mask_each_call_parameter_untouched_and_rate():
     n = w.numel()  # 1M elements: the rate within 6 standard deviations of p
     assert all(abs(z - 0.25) < 6 * (0.25 * 0.75 / n) ** 0.5 for z in zeros), zeros
     assert not torch.equal(seen[0] == 0, seen[1] == 0)  # a new mask each call
-    kept = seen[0] != 0
-    torch.testing.assert_close(seen[0][kept], (w / 0.75)[kept], atol=1e-6, rtol=1e-6)
+    kept = seen[0] != 0  # p = 0.25 is a multiple of 2^-16: the scale is exactly 1 / 0.75
+    torch.testing.assert_close(seen[0][kept], (w * (1 / 0.75))[kept], atol=1e-6, rtol=1e-6)
     # the gradient reaches the parameter through the mask of the last call: zero where it dropped
     g = m.weight_hh_l0.grad
     assert bool((g[seen[1] == 0] == 0).all()) and bool((g[seen[1] != 0] != 0).any())
