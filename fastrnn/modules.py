@@ -127,6 +127,26 @@ class _BackendMixin:
         keep, scale = _drop_mask(w_hh, self.weight_dropout)
         return w_hh * (keep.to(w_hh.dtype) * scale)
 
+    def _fast_op(self, input, kind, scope):
+        """For the fast paths: (backend name, its optional ``<family>_<kind>_fwd`` or None, the backend)
+        for a call on ``input``, the choice cached in the module (keyed on dtype, device, the module's and
+        the context's backend request; remade when the backend object changes). None when the choice
+        raises: ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast op
+        (it goes through the functional layer's casts)."""
+        slot = f"_{kind}_choice"
+        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
+        cached = self.__dict__.get(slot)  # (key, backend name, backend object, its op)
+        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
+            try:
+                name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
+                                       scope)
+            except dispatch.BackendNotSupportedError:
+                return None
+            impl = dispatch.get(name)
+            op = getattr(impl, f"{self._family}_{kind}_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
+            cached = self.__dict__[slot] = (key, name, impl, op)
+        return cached[1], cached[3], cached[2]
+
     def extra_repr(self):
         s = super().extra_repr()
         if self.weight_dropout:
