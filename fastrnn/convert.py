@@ -31,9 +31,9 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
     dispatch.check_name(backend)
     for path, module in model.named_modules():
         cls = type(module)
-        if cls in _FASTRNN or (parametrize.is_parametrized(module) and cls.__bases__[0] in _FASTRNN):
+        torch_cls = cls.__bases__[0] if parametrize.is_parametrized(module) else cls  # under torch's Parametrized*
+        if torch_cls in _FASTRNN:
             continue
-        torch_cls = cls.__bases__[0] if parametrize.is_parametrized(module) else cls
         target = _REPLACEMENT.get(torch_cls)
         if target is None:
             base = next((c for c in _REPLACEMENT if isinstance(module, c)), None)

@@ -220,7 +220,7 @@ class _SeqMixin(_BackendMixin):
                     w = [None if n is None else params[n] for n in names]
                 except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
                     w = [None if n is None else get(self, n) for n in names]
-                out.append((w[0], w[1], (self._drop_recurrent(w[2]), *w[3:])))
+                out.append((w[0], w[1], tuple(w[2:])))
         return out
 
     def forward(self, input, hx=None):
@@ -351,6 +351,8 @@ class _SeqMixin(_BackendMixin):
                                   self.backend)
 
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
+            if self._dropping_weights():  # drawn once the call's arguments have passed their checks
+                weights = [(w_ih, b_ih, (self._drop_recurrent(hh[0]), *hh[1:])) for w_ih, b_ih, hh in weights]
             y, states = rnn_layers(self._family, x, states, weights, self._options(),
                                    num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
                                    dropout=float(self.dropout), training=self.training, lengths=lengths,
@@ -570,8 +572,8 @@ class _CellMixin(_BackendMixin):
         the fast path does not apply. A cell call at batch 1 is short enough that the Python checks cost
         as much as the kernel (benchmarks/NOTES.md).
         """
-        if not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops()) \
-                or self._dropping_weights():
+        if (not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops())
+                or self._dropping_weights()):
             return None
         if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
@@ -638,7 +640,6 @@ class _CellMixin(_BackendMixin):
         _check_float(name, input, RuntimeError)
         with _no_autocast(input):  # once a call (parametrized weights), as _SeqMixin._forward
             w_ih, b_ih, hh = self.weight_ih, self.bias_ih, self._hh()
-            hh = (self._drop_recurrent(hh[0]), *hh[1:])
         amp = _autocast_for(input.device.type, w_ih.dtype)
         if amp is not None:  # see the top
             high = states[0].dtype if states is not None else input.dtype
@@ -664,6 +665,7 @@ class _CellMixin(_BackendMixin):
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                   self.backend, "step")
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
+            hh = (self._drop_recurrent(hh[0]), *hh[1:])  # drawn once the arguments have passed their checks
             out = cell_step(self._family, input, states, w_ih, b_ih, hh, self._options(), backend)
         if amp is not None:  # see the top: torch's RNNCell in the autocast dtype, its other cells not
             out = tuple(s.to(amp if self._family == "rnn" else high) for s in out)

@@ -171,3 +171,15 @@ def test_compile_and_convert_keep_working():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     model = fastrnn.convert(torch.nn.Sequential(torch.nn.GRU(3, 4)))
     assert model[0].weight_dropout == 0.0
+
+
+@pytest.mark.parametrize("name", ["GRU", "LSTMCell"])
+def test_bad_input_draws_no_mask(name):
+    """A call refused by the argument checks raises torch's error before any mask is drawn: the RNG state
+    is as it was, so a seeded run is not shifted by a caught error."""
+    m = getattr(fastrnn, name)(3, 4, weight_dropout=0.5)
+    bad = torch.randn(2, 5) if "Cell" in name else torch.randn(5, 2, 7)  # wrong feature size
+    before = torch.random.get_rng_state()
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size|inconsistent input_size"):
+        m(bad)
+    assert torch.equal(torch.random.get_rng_state(), before)
