@@ -19,7 +19,7 @@ from fastrnn import modules
 from fastrnn.backends import cpp
 
 from .cases import Case
-from .harness import interleaved, percentiles
+from .harness import medians_ms
 from .providers import Workload
 
 
@@ -60,9 +60,7 @@ def main(argv=None):
                 finally:
                     on()
 
-            med = {k: percentiles(v)[1] * 1e3 for k, v in
-                   interleaved({"torch": loop(w.modules["torch"]), "cpp": run_cpp, "off": run_off},
-                               budget_s=args.budget).items()}
+            med = medians_ms({"torch": loop(w.modules["torch"]), "cpp": run_cpp, "off": run_off}, budget_s=args.budget)
             print(f"{cell} {layers} layer(s), chunks of {chunk}: torch {med['torch']:.2f}, cpp {med['cpp']:.2f} "
                   f"({med['torch'] / med['cpp']:.2f}x), without the chunk path {med['off']:.2f} "
                   f"({med['torch'] / med['off']:.2f}x)", flush=True)

@@ -81,6 +81,11 @@ def interleaved(fns: dict, device="cpu", warmup_s=0.3, min_warmup=2, budget_s=3.
     return samples
 
 
+def medians_ms(fns: dict, **kwargs) -> dict:
+    """``interleaved(fns, **kwargs)`` reduced to each callable's median in milliseconds."""
+    return {k: percentiles(v)[1] * 1e3 for k, v in interleaved(fns, **kwargs).items()}
+
+
 def peak_memory_bytes(fn, device="cpu") -> int:
     """Peak of memory allocated through torch during one call of ``fn`` (above what was held before)."""
     if device == "cuda":

@@ -92,8 +92,8 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
 
 
 def _fresh_output(y):
-    """A copy of a sequence op's output for the caller (``rnn_layers``; ``benchmarks.inplace_ab`` times
-    the module without it)."""
+    """A copy of a sequence op's output for the caller (``rnn_layers``; ``python -m benchmarks.train_ab
+    --variant copy`` times the module without it)."""
     return y.clone()
 
 
