@@ -34,7 +34,7 @@ $(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) fastrnn/_build.py
 # variant tests, and the double-backward, in-place and weight-dropout tests on two workers;
 # `make test-triton-all` runs every test file's triton cases (~20 min here).
 TRITON_TESTS ?= tests/test_triton.py tests/test_parity.py tests/test_cells.py tests/test_variants.py \
-	tests/test_double_backward.py tests/test_inplace.py tests/test_weight_dropout.py
+	tests/test_double_backward.py tests/test_inplace.py tests/test_weight_dropout.py tests/test_cell_options.py
 
 test: ext
 	$(PY) -m pytest tests

@@ -63,9 +63,10 @@ struct BwdPoint {
   T* dxw;          // gradient of xw[t] + u0
   T* dhh;          // gradient of the recurrent pre-activations (n block times r) + u0
   T* dh_direct;    // dh_rec + u0: receives dh * z, the recurrent product is added by the driver
+  bool add;        // add dh * z to what dh_rec holds (zoneout: the share of dh_t carried to h_{t-1})
 };
 
-template <typename T>
+template <typename T, bool ADD>
 FASTRNN_INLINE void bwd_impl(const BwdPoint<T>& p) {
   const int64_t H = p.H;
   for (int64_t b = 0; b < p.bs; ++b) {
@@ -88,13 +89,117 @@ FASTRNN_INLINE void bwd_impl(const BwdPoint<T>& p) {
       dr[j] = d_r;
       dr[H + j] = d_z;
       dr[2 * H + j] = d_n * r;
-      dd[j] = d * z;
+      dd[j] = ADD ? dd[j] + d * z : d * z;
     }
   }
 }
 
-FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p) { bwd_impl(p); }
-FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p) { bwd_impl(p); }
+FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p) { p.add ? bwd_impl<float, true>(p) : bwd_impl<float, false>(p); }
+FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p) {
+  p.add ? bwd_impl<double, true>(p) : bwd_impl<double, false>(p);
+}
+
+// ---- layer norm of the recurrent product (the cell option the pointwise pass applies; zoneout and
+// recurrent dropout are the driver's). A row's statistics span all its units: one worker (u0 = 0, nu = H).
+constexpr double LN_EPS = 1e-5;  // nn.LayerNorm's
+
+template <typename T>
+void fwd_ln_impl(const FwdPoint<T>& p, const T* gain, T* xhat, T* rstd) {
+  const int64_t H = p.H, U = p.U;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* pr = p.pre + b * p.ldp;
+    const T* x = p.xw + b * 3 * H;
+    const T* hp = p.hp + b * H;
+    T* h = p.hdst + b * H;
+    T sum = T(0), sq = T(0);
+    for (int k = 0; k < 3; ++k)
+      for (int64_t j = 0; j < p.nu; ++j) sum += pr[k * U + j];
+    const T mean = sum / T(3 * p.nu);
+    for (int k = 0; k < 3; ++k)
+      for (int64_t j = 0; j < p.nu; ++j) sq += (pr[k * U + j] - mean) * (pr[k * U + j] - mean);
+    const T rs = T(1) / std::sqrt(sq / T(3 * p.nu) + T(LN_EPS));
+    if (rstd) rstd[b] = rs;
+    auto gh = [&](int k, int64_t j) {
+      const T n = (pr[k * U + j] - mean) * rs;
+      if (xhat) xhat[b * 3 * H + k * H + j] = n;
+      return n * gain[k * H + j] + p.bias[k * H + j];
+    };
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T r = sigmoid_(x[j] + gh(0, j));
+      const T z = sigmoid_(x[H + j] + gh(1, j));
+      const T hn = gh(2, j);
+      const T n = tanh_(x[2 * H + j] + r * hn);
+      h[j] = (T(1) - z) * n + z * hp[j];
+      if (p.gates) {
+        T* s = p.gates + b * 3 * H;
+        s[j] = r;
+        s[H + j] = z;
+        s[2 * H + j] = n;
+        p.ghn[b * H + j] = hn;
+      }
+    }
+  }
+}
+
+FASTRNN_CLONES void fwd_ln(const FwdPoint<float>& p, const float* g, float* xhat, float* rstd) {
+  fwd_ln_impl(p, g, xhat, rstd);
+}
+FASTRNN_CLONES void fwd_ln(const FwdPoint<double>& p, const double* g, double* xhat, double* rstd) {
+  fwd_ln_impl(p, g, xhat, rstd);
+}
+
+// after bwd_impl wrote the gradient of the normalized product (+ bias) into p.dhh: accumulate the gain's
+// and the bias's gradients and replace it by the gradient of the raw product
+template <typename T>
+void bwd_ln_impl(const BwdPoint<T>& p, const T* gain, const T* xhat, const T* rstd, T* d_gain, T* d_bias) {
+  const int64_t GH = 3 * p.H;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    T* dr = p.dhh + b * GH;
+    const T* xh = xhat + b * GH;
+    T t1 = T(0), t2 = T(0);
+    for (int64_t n = 0; n < GH; ++n) {
+      d_bias[n] += dr[n];
+      d_gain[n] += dr[n] * xh[n];
+      const T dn = dr[n] * gain[n];
+      t1 += dn;
+      t2 += dn * xh[n];
+    }
+    const T inv = T(1) / T(GH);
+    for (int64_t n = 0; n < GH; ++n) dr[n] = rstd[b] * (dr[n] * gain[n] - t1 * inv - xh[n] * t2 * inv);
+  }
+}
+
+FASTRNN_CLONES void bwd_ln(const BwdPoint<float>& p, const float* g, const float* xh, const float* rs, float* dg,
+                           float* db) {
+  bwd_ln_impl(p, g, xh, rs, dg, db);
+}
+FASTRNN_CLONES void bwd_ln(const BwdPoint<double>& p, const double* g, const double* xh, const double* rs, double* dg,
+                           double* db) {
+  bwd_ln_impl(p, g, xh, rs, dg, db);
+}
+
+using OptT = c10::optional<at::Tensor>;
+
+// the cell options of a call (null / 0 where off)
+struct Opts {
+  const at::Tensor *ln_h, *rmask, *zmask;
+  double z;
+};
+const Opts NO_OPTS{nullptr, nullptr, nullptr, 0.0};
+
+Opts check_opts(const StateDims& d, const at::Tensor& xw, const OptT& ln_h, const OptT& rmask, const OptT& zmask,
+                double z) {
+  check_opt(ln_h, "ln_h", {d.GH}, xw);
+  check_opt(rmask, "rmask", {d.B, d.H}, xw);
+  check_opt(zmask, "zmask", {d.T, d.B, d.H}, xw);
+  return Opts{opt_ptr(ln_h), opt_ptr(rmask), opt_ptr(zmask), z};
+}
+
+// the workspace of a saving forward per (t, b): r, z, n 3H, W_hn h + b_hn H; with layer norm the
+// normalized recurrent product 3H and its rstd
+int64_t ws_row(const StateDims& d, const Opts& o) { return d.GH + d.H + (o.ln_h ? d.GH + 1 : 0); }
+
+template <typename T> const T* tptr(const at::Tensor* t) { return t ? t->data_ptr<T>() : nullptr; }
 
 using Dims = StateDims;
 
@@ -104,12 +209,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& b_hh,
                                                             const at::Tensor& h0,
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
-                                                            bool save, const InputProj<T>& in = {}) {
+                                                            bool save, const InputProj<T>& in = {},
+                                                            const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   at::Tensor y = opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
-  const int64_t ws_numel = save ? T_ * B * (GH + H) : 0;
+  const int64_t ws_numel = save ? T_ * B * ws_row(d, o) : 0;
   at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
   if (B == 0 || T_ == 0) return {y, h_n, ws};
   at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
@@ -117,38 +223,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   T* ghn = save ? gates + T_ * B * GH : nullptr;
   FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
                h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
+  a.rmask = tptr<T>(o.rmask);
+  a.zmask_h = tptr<T>(o.zmask);
+  a.zoneout_h = T(o.z);
+  a.single = o.ln_h != nullptr;
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
+  const T* gain = tptr<T>(o.ln_h);
+  T* xhat = save && gain ? ghn + T_ * B * H : nullptr;
+  T* rstd = save && gain ? xhat + T_ * B * GH : nullptr;
   forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
                            const T* hp, T* hdst, int64_t) {
     FwdPoint<T> p{bs, nu, H, U, ldp, pre, xp + t * B * GH + u0, bp + u0, hp + u0, hdst + u0,
                   save ? gates + t * B * GH + u0 : nullptr, save ? ghn + t * B * H + u0 : nullptr};
-    fwd_point(p);
+    if (gain)
+      fwd_ln(p, gain, xhat ? xhat + t * B * GH : nullptr, rstd ? rstd + t * B : nullptr);
+    else
+      fwd_point(p);
   });
   return {y, h_n, ws};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
-                                                       const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-                                                       const c10::optional<at::Tensor>& lengths, bool reverse,
-                                                       bool save) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, const at::Tensor& w_hh, const OptT& b_hh,
+                                                       const OptT& ln_h, const OptT& rmask, const OptT& zmask,
+                                                       const at::Tensor& h0, const OptT& lengths, bool reverse,
+                                                       double zoneout, bool save) {
   const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 3);
-  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_seq_fwd",
-                                    [&] { return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, lengths, reverse, save); });
+  const Opts o = check_opts(d, xw, ln_h, rmask, zmask, zoneout);
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_seq_fwd", [&] {
+    return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, lengths, reverse, save, {}, o);
+  });
 }
 
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// d_xw, d_w_hh, d_b_hh, d_ln_h, (empty: the masks), d_h0
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename T>
 Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw,
                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                    const c10::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& ws,
-                   bool reverse) {
+                   bool reverse, const Opts& o) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   const bool varlen = opt_ptr(lengths);
   auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
   at::Tensor d_xw = new_({T_, B, GH}), d_hh = new_({T_, B, GH}), hprev = new_({T_, B, H});
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
+  const bool ln = o.ln_h != nullptr;
+  at::Tensor d_ln = ln ? at::zeros({GH}, xw.options()) : at::empty({0}, xw.options());
+  at::Tensor d_bias = ln ? at::zeros({GH}, xw.options()) : at::empty({0}, xw.options());
   if (B > 0 && T_ > 0) {
     const T* gates = ws.data_ptr<T>();
     const T* ghn = gates + T_ * B * GH;
@@ -156,6 +278,16 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     BwdArgs<T> a{T_, B, H, H, 3, reverse, true, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                  yp, d_hh.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
                  batch_sizes(lengths, T_, B)};
+    a.rmask = tptr<T>(o.rmask);
+    a.zmask_h = tptr<T>(o.zmask);
+    a.zoneout_h = T(o.z);
+    a.single = ln;
+    const T* gain = tptr<T>(o.ln_h);
+    const T* xhat = ln ? ghn + T_ * B * H : nullptr;
+    const T* rstd = ln ? xhat + T_ * B * GH : nullptr;
+    T* dg = ln ? d_ln.data_ptr<T>() : nullptr;
+    const bool zon = o.zmask || o.z != 0;
+    T* db = ln ? d_bias.data_ptr<T>() : nullptr;
     const T* h0p = h0.data_ptr<T>();
     T* dx = d_xw.data_ptr<T>();
     T* dr = d_hh.data_ptr<T>();
@@ -164,31 +296,38 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                               const T* dh, int64_t ldh) {
       BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + t * B * GH + u0, ghn + t * B * H + u0,
                     tprev >= 0 ? yp + tprev * B * H + u0 : nullptr, h0p + u0, dx + t * B * GH + u0,
-                    dr + t * B * GH + u0, dhr + u0};
+                    dr + t * B * GH + u0, dhr + u0, zon};
       bwd_point(p);
+      if (gain) bwd_ln(p, gain, xhat + t * B * GH, rstd + t * B, dg, db);
     });
   }
   const at::Tensor flat = d_hh.view({T_ * B, GH});
   at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, H}));
-  at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
-  return {d_xw, d_w_hh, d_b_hh, dh0};
+  // the bias is added after the normalization: its gradient is the normalized product's (accumulated by bwd_ln)
+  at::Tensor d_b_hh = !opt_ptr(b_hh) ? at::empty({0}, xw.options()) : ln ? d_bias : flat.sum(0);
+  auto none = [&] { return at::empty({0}, xw.options()); };  // the masks' (distinct tensors: outputs never alias)
+  return {d_xw, d_w_hh, d_b_hh, d_ln, none(), none(), dh0};
 }
 
 Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw, const at::Tensor& w_hh,
-              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& lengths,
-              const at::Tensor& y, const at::Tensor& ws, bool reverse) {
+              const OptT& b_hh, const OptT& ln_h, const OptT& rmask, const OptT& zmask, const at::Tensor& h0,
+              const OptT& lengths, const at::Tensor& y, const at::Tensor& ws, bool reverse, double zoneout) {
   const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 3);
+  const Opts o = check_opts(d, xw, ln_h, rmask, zmask, zoneout);
   check_single_state_grads(d, grad_y, grad_h_n, y, xw);
-  check_tensor(ws, "ws", {d.T * d.B * (d.GH + d.H)}, xw);
+  check_tensor(ws, "ws", {d.T * d.B * ws_row(d, o)}, xw);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_seq_bwd", [&] {
-    return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse);
+    return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, o);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
-                                            const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, bool save) {
+at::Tensor steps1(const OptT& m) { return opt_ptr(m) ? m->unsqueeze(0) : at::Tensor(); }  // a step's mask, T = 1
+
+std::tuple<at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh, const OptT& b_hh,
+                                            const OptT& ln_h, const OptT& rmask, const OptT& zmask, const at::Tensor& h,
+                                            double zoneout, bool save) {
   TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, 3H], got ", xw.sizes());
-  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, c10::nullopt, false, save);
+  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, ln_h, rmask, steps1(zmask), h, c10::nullopt, false, zoneout, save);
   return {std::get<1>(r), std::get<2>(r)};
 }
 
@@ -216,12 +355,14 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tens
   });
 }
 
-Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh,
-               const c10::optional<at::Tensor>& b_hh, const at::Tensor& h, const at::Tensor& ws) {
+Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor& w_hh, const OptT& b_hh,
+               const OptT& ln_h, const OptT& rmask, const OptT& zmask, const at::Tensor& h, const at::Tensor& ws,
+               double zoneout) {
   TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, 3H], got ", xw.sizes());
   // one step: the previous state is h itself, so y is never read
-  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, c10::nullopt,
-                   at::zeros({1, h.size(0), h.size(1)}, h.options()), ws, false);
+  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, ln_h, rmask,
+                   steps1(zmask), h, c10::nullopt, at::zeros({1, h.size(0), h.size(1)}, h.options()), ws, false,
+                   zoneout);
   std::get<0>(g) = std::get<0>(g).squeeze(0);
   return g;
 }

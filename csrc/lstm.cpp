@@ -155,6 +155,241 @@ FASTRNN_INLINE void bwd_dispatch(const BwdPoint<T>& p, bool peep, bool coupled) 
 FASTRNN_CLONES void bwd_point(const BwdPoint<float>& p, bool peep, bool coupled) { bwd_dispatch(p, peep, coupled); }
 FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p, bool peep, bool coupled) { bwd_dispatch(p, peep, coupled); }
 
+// ---- the cell options: layer norm of the recurrent product and of c, zoneout of c ----------------------
+// A second pointwise pair, taken only when one of these is on (the plain passes above stay as they are).
+// With layer norm a row's statistics span all its units, so the call runs on one worker (u0 = 0, nu = H).
+constexpr double LN_EPS = 1e-5;  // nn.LayerNorm's
+
+template <typename T>
+struct OptPoint {
+  const T* ln_h;     // gain of the recurrent product's layer norm [G*H], or null
+  const T* ln_c;     // gain and bias of c's layer norm [H], or null
+  const T* ln_cb;
+  const T* zmask_c;  // zoneout keep mask of c at step t + u0: [b * H + j], or null (then zoneout_c)
+  T zoneout_c;
+  T* ctil;           // the cell's new c~ (before zoneout) + u0: [b * H + j] (saved, or scratch [bs, H])
+  T* xhat;           // saved normalized recurrent product [b * GH + k * H + j] (layer norm, save only)
+  T* stats;          // saved per row [b * 3]: rstd of the product, mean and rstd of c~ (layer norm, save only)
+  T* obuf;           // scratch [H]: o of the row (layer norm of c)
+};
+
+template <typename T>
+FASTRNN_INLINE void row_stats(const T* v, int64_t n, int64_t stride, int64_t blocks, int64_t block_stride, T& mean,
+                              T& rstd) {
+  // two passes (mean, then the variance around it), over `blocks` blocks of n values
+  T sum = T(0);
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t j = 0; j < n; ++j) sum += v[k * block_stride + j * stride];
+  mean = sum / T(n * blocks);
+  T sq = T(0);
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = v[k * block_stride + j * stride] - mean;
+      sq += d * d;
+    }
+  rstd = T(1) / std::sqrt(sq / T(n * blocks) + T(LN_EPS));
+}
+
+template <typename T>
+void fwd_opts_impl(const FwdPoint<T>& p, const OptPoint<T>& q, bool peep, bool coupled) {
+  const int KG = coupled ? 1 : 2, KO = coupled ? 2 : 3, G = coupled ? 3 : 4;
+  const int64_t H = p.H, U = p.U, GH = p.GH;
+  const bool save = p.gates != nullptr;
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* pr = p.pre + b * p.ldp;
+    const T* x = p.xw + b * GH;
+    T* c = p.c + b * H;
+    T* h = p.hdst + b * p.ldd;
+    T* ct = q.ctil + b * H;
+    T mh = T(0), rh = T(1);
+    if (q.ln_h) {
+      row_stats(pr, p.nu, int64_t(1), int64_t(G), U, mh, rh);
+      if (save) q.stats[b * 3] = rh;
+    }
+    auto gate = [&](int k, int64_t j) {  // the recurrent product of gate block k, unit j, normalized
+      const T v = pr[k * U + j];
+      if (!q.ln_h) return v;
+      const T n = (v - mh) * rh;
+      if (save) q.xhat[b * GH + k * H + j] = n;
+      return n * q.ln_h[k * H + j];
+    };
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T cp = c[j];
+      T gi = gate(0, j) + x[j] + p.bias[j];
+      T gg = gate(KG, j) + x[KG * H + j] + p.bias[KG * H + j];
+      T go = gate(KO, j) + x[KO * H + j] + p.bias[KO * H + j];
+      T gf = T(0);
+      if (!coupled) gf = gate(1, j) + x[H + j] + p.bias[H + j];
+      if (peep) {
+        gi += p.wc[j] * cp;
+        if (!coupled) gf += p.wc[H + j] * cp;
+      }
+      const T i = sigmoid_(gi);
+      const T f = coupled ? T(1) - i : sigmoid_(gf);
+      const T g = tanh_(gg);
+      const T cn = f * cp + i * g;
+      if (peep) go += p.wc[2 * H + j] * cn;
+      const T o = sigmoid_(go);
+      const T k = q.zmask_c ? q.zmask_c[b * H + j] : q.zoneout_c;
+      c[j] = k * cp + (T(1) - k) * cn;
+      ct[j] = cn;
+      if (q.ln_c)
+        q.obuf[j] = o;
+      else
+        h[j] = o * tanh_(cn);
+      if (save) {
+        T* s = p.gates + b * GH;
+        s[j] = i;
+        if (!coupled) s[H + j] = f;
+        s[KG * H + j] = g;
+        s[KO * H + j] = o;
+        p.call[b * H + j] = c[j];
+      }
+    }
+    if (q.ln_c) {
+      T mc, rc;
+      row_stats(ct, p.nu, int64_t(1), int64_t(1), int64_t(0), mc, rc);
+      if (save) {
+        q.stats[b * 3 + 1] = mc;
+        q.stats[b * 3 + 2] = rc;
+      }
+      for (int64_t j = 0; j < p.nu; ++j) h[j] = q.obuf[j] * tanh_((ct[j] - mc) * rc * q.ln_c[j] + q.ln_cb[j]);
+    }
+  }
+}
+
+FASTRNN_CLONES void fwd_opts(const FwdPoint<float>& p, const OptPoint<float>& q, bool peep, bool coupled) {
+  fwd_opts_impl(p, q, peep, coupled);
+}
+FASTRNN_CLONES void fwd_opts(const FwdPoint<double>& p, const OptPoint<double>& q, bool peep, bool coupled) {
+  fwd_opts_impl(p, q, peep, coupled);
+}
+
+template <typename T>
+struct OptGrad {
+  const T* ln_h;     // as OptPoint
+  const T* ln_c;
+  const T* ln_cb;
+  const T* zmask_c;  // step t + u0
+  T zoneout_c;
+  const T* ctil;     // c~ of step t + u0
+  const T* xhat;     // step t
+  const T* stats;    // step t: [b * 3]
+  T* d_rec;          // the gradient of the (raw) recurrent product of step t (layer norm of it), [b * GH + ...]
+  T* d_ln_h;         // accumulated [G*H]
+  T* d_ln_c;         // accumulated [H]
+  T* d_ln_cb;
+  T* buf;            // scratch [2 * H]
+};
+
+template <typename T>
+void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, bool peep, bool coupled) {
+  const int KG = coupled ? 1 : 2, KO = coupled ? 2 : 3, G = coupled ? 3 : 4;
+  const int64_t H = p.H, GH = p.GH;
+  T* dct_h = q.buf;         // the gradient of c~ through h
+  T* dchat = q.buf + p.nu;  // the gradient of c~'s normalized values
+  for (int64_t b = 0; b < p.bs; ++b) {
+    const T* s = p.gates + b * GH;
+    const T* ct = q.ctil + b * H;
+    const T* cpv = b < p.nprev ? p.cprev + b * H : p.c0 + b * H;
+    const T* dh = p.dh + b * p.ldh;
+    T* dc = p.dc + b * H;
+    T* dx = p.dxw + b * GH;
+    T mc = T(0), rc = T(1);
+    if (q.ln_c) {
+      mc = q.stats[b * 3 + 1];
+      rc = q.stats[b * 3 + 2];
+    }
+    T s1 = T(0), s2 = T(0);
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T o = s[KO * H + j], d = dh[j];
+      T a = ct[j], chat = T(0);
+      if (q.ln_c) {
+        chat = (ct[j] - mc) * rc;
+        a = chat * q.ln_c[j] + q.ln_cb[j];
+      }
+      const T ta = tanh_(a);
+      dx[KO * H + j] = d * ta * o * (T(1) - o);  // d_o
+      const T da = d * o * (T(1) - ta * ta);
+      if (q.ln_c) {
+        q.d_ln_c[j] += da * chat;
+        q.d_ln_cb[j] += da;
+        const T dn = da * q.ln_c[j];
+        dchat[j] = dn;
+        dct_h[j] = chat;
+        s1 += dn;
+        s2 += dn * chat;
+      } else {
+        dct_h[j] = da;
+      }
+    }
+    if (q.ln_c) {
+      const T inv = T(1) / T(p.nu);
+      for (int64_t j = 0; j < p.nu; ++j) dct_h[j] = rc * (dchat[j] - s1 * inv - dct_h[j] * s2 * inv);
+    }
+    for (int64_t j = 0; j < p.nu; ++j) {
+      const T i = s[j], g = s[KG * H + j];
+      const T f = coupled ? T(1) - i : s[H + j];
+      const T cp = cpv[j], d_o = dx[KO * H + j];
+      const T k = q.zmask_c ? q.zmask_c[b * H + j] : q.zoneout_c;
+      T dcv = dct_h[j] + (T(1) - k) * dc[j];
+      if (peep) dcv += d_o * p.wc[2 * H + j];
+      const T d_g = dcv * i * (T(1) - g * g);
+      T d_i, d_f = T(0);
+      if (coupled) {
+        d_i = dcv * (g - cp) * i * (T(1) - i);
+      } else {
+        d_i = dcv * g * i * (T(1) - i);
+        d_f = dcv * cp * f * (T(1) - f);
+      }
+      T dcp = k * dc[j] + dcv * f;
+      if (peep) {
+        dcp += d_i * p.wc[j];
+        p.dwc[j] += d_i * cp;
+        if (!coupled) {
+          dcp += d_f * p.wc[H + j];
+          p.dwc[H + j] += d_f * cp;
+        }
+        p.dwc[2 * H + j] += d_o * ct[j];
+      }
+      dc[j] = dcp;
+      dx[j] = d_i;
+      if (!coupled) dx[H + j] = d_f;
+      dx[KG * H + j] = d_g;
+    }
+    if (q.ln_h) {  // through the recurrent product's layer norm: d_rec from the gate gradients
+      const T* xh = q.xhat + b * GH;
+      T* dr = q.d_rec + b * GH;
+      const T rh = q.stats[b * 3];
+      T t1 = T(0), t2 = T(0);
+      for (int64_t n = 0; n < G * H; ++n) {
+        const T dn = dx[n] * q.ln_h[n];
+        q.d_ln_h[n] += dx[n] * xh[n];
+        t1 += dn;
+        t2 += dn * xh[n];
+      }
+      const T inv = T(1) / T(G * H);
+      for (int64_t n = 0; n < G * H; ++n) dr[n] = rh * (dx[n] * q.ln_h[n] - t1 * inv - xh[n] * t2 * inv);
+    }
+  }
+}
+
+FASTRNN_CLONES void bwd_opts(const BwdPoint<float>& p, const OptGrad<float>& q, bool peep, bool coupled) {
+  bwd_opts_impl(p, q, peep, coupled);
+}
+FASTRNN_CLONES void bwd_opts(const BwdPoint<double>& p, const OptGrad<double>& q, bool peep, bool coupled) {
+  bwd_opts_impl(p, q, peep, coupled);
+}
+
+// The cell options of a call (null / 0 where off), checked against its dims.
+struct Opts {
+  const at::Tensor *ln_h, *ln_c, *ln_cb, *rmask, *zmask_h, *zmask_c;
+  double zh, zc;
+  bool ln() const { return ln_h || ln_c; }
+  bool zone_c() const { return zmask_c || zc != 0; }
+  bool cell() const { return ln() || zone_c(); }  // the options the pointwise pass applies
+};
+
 struct Dims {
   int64_t T, B, G, H, P, GH;
 };
@@ -184,18 +419,42 @@ Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optiona
   return d;
 }
 
+using OptT = c10::optional<at::Tensor>;
+
+Opts check_opts(const Dims& d, const at::Tensor& xw, const OptT& ln_h, const OptT& ln_c, const OptT& ln_cb,
+                const OptT& rmask, const OptT& zmask_h, const OptT& zmask_c, double zh, double zc) {
+  check_opt(ln_h, "ln_h", {d.GH}, xw);
+  check_opt(ln_c, "ln_c", {d.H}, xw);
+  check_opt(ln_cb, "ln_c_bias", {d.H}, xw);
+  TORCH_CHECK(bool(opt_ptr(ln_c)) == bool(opt_ptr(ln_cb)), "fastrnn cpp backend: ln_c and ln_c_bias go together");
+  check_opt(rmask, "rmask", {d.B, d.P}, xw);
+  check_opt(zmask_h, "zmask_h", {d.T, d.B, d.P}, xw);
+  check_opt(zmask_c, "zmask_c", {d.T, d.B, d.H}, xw);
+  return Opts{opt_ptr(ln_h), opt_ptr(ln_c), opt_ptr(ln_cb), opt_ptr(rmask), opt_ptr(zmask_h), opt_ptr(zmask_c), zh, zc};
+}
+
+const Opts NO_OPTS{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0.0, 0.0};
+
+// the workspace of a saving forward, per (t, b): gates GH, c H, then h_full H (projection), c~ H (zoneout
+// of c or layer norm), the normalized recurrent product GH and 3 statistics (layer norm)
+int64_t ws_row(const Dims& d, bool proj, const Opts& o) {
+  return d.GH + d.H + (proj ? d.H : 0) + (o.cell() ? d.H : 0) + (o.ln() ? d.GH + 3 : 0);
+}
+
+template <typename T> const T* tptr(const at::Tensor* t) { return t ? t->data_ptr<T>() : nullptr; }
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
     const Dims& d, const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
     const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save,
-    const InputProj<T>& in = {}) {
+    const InputProj<T>& in = {}, const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
   at::Tensor y = varlen ? pool_zeros({T_, B, P}, xw.options()) : pool_empty({T_, B, P}, xw.options());
   at::Tensor h_n = at::empty({B, P}, xw.options()), c_n = c0.clone();
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
-  const int64_t ws_numel = save ? T_ * B * (GH + H + (proj ? H : 0)) : 0;
+  const int64_t ws_numel = save ? T_ * B * ws_row(d, proj, o) : 0;
   at::Tensor ws = varlen ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
   at::Tensor hfull_scratch = (proj && !save) ? at::empty({B * H}, xw.options()) : at::Tensor();
   if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
@@ -207,37 +466,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
                y.data_ptr<T>(), h_n.data_ptr<T>(),
                proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data_ptr<T>()) : nullptr, save,
                batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
+  a.rmask = tptr<T>(o.rmask);
+  a.zmask_h = tptr<T>(o.zmask_h);
+  a.zoneout_h = T(o.zh);
+  a.single = o.ln();
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   const T* wc = data_or_null<T>(w_ch);
   T* c = c_n.data_ptr<T>();
+  // the cell options' slots of the workspace (or scratch when nothing is saved: c~ of one step, o of a row)
+  const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
+  at::Tensor scratch = at::empty({o.cell() && !save ? B * H + H : H}, xw.options());
+  T* ctil = !o.cell() ? nullptr : save ? wsp + off_ctil : scratch.data_ptr<T>();
+  T* xhat = save && o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
+  T* stats = save && o.ln() ? xhat + T_ * B * GH : nullptr;
+  T* obuf = scratch.data_ptr<T>() + (o.cell() && !save ? B * H : 0);
+  const T* zc = tptr<T>(o.zmask_c);
   forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
                            const T*, T* hdst, int64_t ldd) {
     FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xp + t * B * GH + u0, bp + u0, wc ? wc + u0 : nullptr, c + u0,
                   hdst + u0, save ? gates + t * B * GH + u0 : nullptr, save ? call + t * B * H + u0 : nullptr};
-    fwd_point(p, wc != nullptr, coupled);
+    if (!o.cell()) return fwd_point(p, wc != nullptr, coupled);
+    const int64_t st = save ? t : 0;  // scratch: one step's slot
+    OptPoint<T> q{tptr<T>(o.ln_h), tptr<T>(o.ln_c), tptr<T>(o.ln_cb), zc ? zc + t * B * H + u0 : nullptr, T(o.zc),
+                  ctil + st * B * H + u0, xhat ? xhat + t * B * GH : nullptr, stats ? stats + t * B * 3 : nullptr,
+                  obuf + u0};
+    fwd_opts(p, q, wc != nullptr, coupled);
   });
   return {y, h_n, c_n, ws};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd(
-    const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-    const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
-    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save) {
+    const at::Tensor& xw, const at::Tensor& w_hh, const OptT& b_hh, const OptT& w_hr, const OptT& w_ch,
+    const OptT& ln_h, const OptT& ln_c, const OptT& ln_cb, const OptT& rmask, const OptT& zmask_h,
+    const OptT& zmask_c, const at::Tensor& h0, const at::Tensor& c0, const OptT& lengths, bool reverse, bool coupled,
+    double zoneout_h, double zoneout_c, bool save) {
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  const Opts o = check_opts(d, xw, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_seq_fwd", [&] {
-    return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save);
+    return seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save, {}, o);
   });
 }
 
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// d_xw, the weights' (w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_c_bias; the three masks get empty tensors), d_h0, d_c0
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename T>
 Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                    const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                    const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
                    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
-                   const at::Tensor& ws, bool reverse, bool coupled) {
+                   const at::Tensor& ws, bool reverse, bool coupled, const Opts& o) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
   auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
@@ -246,14 +526,31 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   at::Tensor dh0 = grad_h_n.clone(), dc0 = grad_c_n.clone();
   at::Tensor dh_cur = at::empty({B, P}, xw.options());
   at::Tensor d_w_ch = opt_ptr(w_ch) ? at::zeros({3, H}, xw.options()) : at::empty({0}, xw.options());
+  auto zeros_or_empty = [&](const at::Tensor* t, int64_t n) {
+    return t ? at::zeros({n}, xw.options()) : at::empty({0}, xw.options());
+  };
+  at::Tensor d_ln_h = zeros_or_empty(o.ln_h, GH), d_ln_c = zeros_or_empty(o.ln_c, H), d_ln_cb = zeros_or_empty(o.ln_cb, H);
+  // with layer norm of the recurrent product its gradient (for d W_hh and dh) differs from the gates'
+  at::Tensor d_rec = o.ln_h ? new_({T_, B, GH}) : d_xw;
   if (B > 0 && T_ > 0) {
     const T* wsp = ws.data_ptr<T>();
     const T* gates = wsp;
     const T* call = wsp + T_ * B * GH;
     const T* yp = y.defined() && y.numel() ? y.data_ptr<T>() : nullptr;
     BwdArgs<T> a{T_, B, H, P, d.G, reverse, false, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), data_or_null<T>(w_hr),
-                 h0.data_ptr<T>(), yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(),
+                 h0.data_ptr<T>(), yp, d_rec.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(),
                  proj ? dh_proj.data_ptr<T>() : nullptr, hprev.data_ptr<T>(), batch_sizes(lengths, T_, B)};
+    a.rmask = tptr<T>(o.rmask);
+    a.zmask_h = tptr<T>(o.zmask_h);
+    a.zoneout_h = T(o.zh);
+    a.single = o.ln();
+    const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
+    const T* ctil = o.cell() ? wsp + off_ctil : nullptr;
+    const T* xhat = o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
+    const T* stats = o.ln() ? xhat + T_ * B * GH : nullptr;
+    const T* zc = tptr<T>(o.zmask_c);
+    at::Tensor buf = at::empty({2 * H}, xw.options());
+    T* dr = d_rec.data_ptr<T>();
     const T* wc = data_or_null<T>(w_ch);
     T* dwc = opt_ptr(w_ch) ? d_w_ch.data_ptr<T>() : nullptr;
     const T* c0p = c0.data_ptr<T>();
@@ -264,44 +561,55 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
       BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + t * B * GH + u0, call + t * B * H + u0,
                     tprev >= 0 ? call + tprev * B * H + u0 : nullptr, c0p + u0, wc ? wc + u0 : nullptr, dc + u0,
                     dx + t * B * GH + u0, dwc ? dwc + u0 : nullptr};
-      bwd_point(p, wc != nullptr, coupled);
+      if (!o.cell()) return bwd_point(p, wc != nullptr, coupled);
+      OptGrad<T> q{tptr<T>(o.ln_h), tptr<T>(o.ln_c), tptr<T>(o.ln_cb), zc ? zc + t * B * H + u0 : nullptr, T(o.zc),
+                   ctil + t * B * H + u0, xhat ? xhat + t * B * GH : nullptr, stats ? stats + t * B * 3 : nullptr,
+                   dr + t * B * GH, o.ln_h ? d_ln_h.data_ptr<T>() : nullptr, o.ln_c ? d_ln_c.data_ptr<T>() : nullptr,
+                   o.ln_cb ? d_ln_cb.data_ptr<T>() : nullptr, buf.data_ptr<T>() + 2 * u0};
+      bwd_opts(p, q, wc != nullptr, coupled);
     });
   }
   const at::Tensor flat = d_xw.view({T_ * B, GH});
-  at::Tensor d_w_hh = flat.t().mm(hprev.view({T_ * B, P}));
+  at::Tensor d_w_hh = d_rec.view({T_ * B, GH}).t().mm(hprev.view({T_ * B, P}));
   at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (proj) {
     at::Tensor hfull = ws.narrow(0, T_ * B * (GH + H), T_ * B * H).view({T_ * B, H});
     d_w_hr = dh_proj.view({T_ * B, P}).t().mm(hfull);
   }
-  return {d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, dh0, dc0};
+  auto none = [&] { return at::empty({0}, xw.options()); };  // the masks' (distinct tensors: outputs never alias)
+  return {d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, d_ln_h, d_ln_c, d_ln_cb, none(), none(), none(), dh0, dc0};
 }
 
 Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& xw,
-              const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
-              const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0,
-              const c10::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& ws, bool reverse,
-              bool coupled) {
+              const at::Tensor& w_hh, const OptT& b_hh, const OptT& w_hr, const OptT& w_ch, const OptT& ln_h,
+              const OptT& ln_c, const OptT& ln_cb, const OptT& rmask, const OptT& zmask_h, const OptT& zmask_c,
+              const at::Tensor& h0, const at::Tensor& c0, const OptT& lengths, const at::Tensor& y, const at::Tensor& ws,
+              bool reverse, bool coupled, double zoneout_h, double zoneout_c) {
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  const Opts o = check_opts(d, xw, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c);
   check_tensor(grad_y, "grad_y", {d.T, d.B, d.P}, xw);
   check_tensor(grad_h_n, "grad_h_n", {d.B, d.P}, xw);
   check_tensor(grad_c_n, "grad_c_n", {d.B, d.H}, xw);
   check_tensor(y, "y", {d.T, d.B, d.P}, xw);
-  check_tensor(ws, "ws", {d.T * d.B * (d.GH + d.H + (opt_ptr(w_hr) ? d.H : 0))}, xw);
+  check_tensor(ws, "ws", {d.T * d.B * ws_row(d, opt_ptr(w_hr), o)}, xw);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_seq_bwd", [&] {
     return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
-                                  reverse, coupled);
+                                  reverse, coupled, o);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
-                                                        const c10::optional<at::Tensor>& b_hh,
-                                                        const c10::optional<at::Tensor>& w_hr,
-                                                        const c10::optional<at::Tensor>& w_ch, const at::Tensor& h,
-                                                        const at::Tensor& c, bool coupled, bool save) {
+at::Tensor steps1(const OptT& m) { return opt_ptr(m) ? m->unsqueeze(0) : at::Tensor(); }  // a step's mask, T = 1
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd(const at::Tensor& xw, const at::Tensor& w_hh, const OptT& b_hh,
+                                                        const OptT& w_hr, const OptT& w_ch, const OptT& ln_h,
+                                                        const OptT& ln_c, const OptT& ln_cb, const OptT& rmask,
+                                                        const OptT& zmask_h, const OptT& zmask_c, const at::Tensor& h,
+                                                        const at::Tensor& c, bool coupled, double zoneout_h,
+                                                        double zoneout_c, bool save) {
   TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, G*H], got ", xw.sizes());
-  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, false, coupled, save);
+  auto r = seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, steps1(zmask_h), steps1(zmask_c),
+                   h, c, c10::nullopt, false, coupled, zoneout_h, zoneout_c, save);
   return {std::get<1>(r), std::get<2>(r), std::get<3>(r)};
 }
 
@@ -336,13 +644,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
 }
 
 Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Tensor& xw, const at::Tensor& w_hh,
-               const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
-               const c10::optional<at::Tensor>& w_ch, const at::Tensor& h, const at::Tensor& c, const at::Tensor& ws,
-               bool coupled) {
+               const OptT& b_hh, const OptT& w_hr, const OptT& w_ch, const OptT& ln_h, const OptT& ln_c,
+               const OptT& ln_cb, const OptT& rmask, const OptT& zmask_h, const OptT& zmask_c, const at::Tensor& h,
+               const at::Tensor& c, const at::Tensor& ws, bool coupled, double zoneout_h, double zoneout_c) {
   TORCH_CHECK(xw.dim() == 2, "fastrnn cpp backend: xw must be [B, G*H], got ", xw.sizes());
   // one step: the previous state is (h, c) itself, so y is never read; grad_h enters as grad_y
-  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h,
-                   c, c10::nullopt, at::zeros({1, h.size(0), h.size(1)}, h.options()), ws, false, coupled);
+  auto g = seq_bwd(grad_h.unsqueeze(0), at::zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, ln_h,
+                   ln_c, ln_cb, rmask, steps1(zmask_h), steps1(zmask_c), h, c, c10::nullopt,
+                   at::zeros({1, h.size(0), h.size(1)}, h.options()), ws, false, coupled, zoneout_h, zoneout_c);
   std::get<0>(g) = std::get<0>(g).squeeze(0);
   return g;
 }

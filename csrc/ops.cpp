@@ -8,23 +8,25 @@
 #include "recurrence.h"
 
 TORCH_LIBRARY(fastrnn_cpp, m) {
-  m.def("lstm_seq_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? w_ch, Tensor h0, Tensor c0, "
-        "Tensor? lengths, bool reverse, bool coupled, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("lstm_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor xw, Tensor w_hh, Tensor? b_hh, "
-        "Tensor? w_hr, Tensor? w_ch, Tensor h0, Tensor c0, Tensor? lengths, Tensor y, Tensor ws, bool reverse, "
-        "bool coupled) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("lstm_step_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? w_ch, Tensor h, Tensor c, "
-        "bool coupled, bool save) -> (Tensor, Tensor, Tensor)");
-  m.def("lstm_step_bwd(Tensor grad_h, Tensor grad_c, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-        "Tensor? w_ch, Tensor h, Tensor c, Tensor ws, bool coupled) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("gru_seq_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, bool reverse, bool save) "
+#define LSTM_W "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? w_ch, Tensor? ln_h, Tensor? ln_c, Tensor? ln_c_bias, " \
+               "Tensor? rmask, Tensor? zmask_h, Tensor? zmask_c, "
+#define LSTM_O "bool coupled, float zoneout_h, float zoneout_c"
+#define LSTM_G "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+  m.def("lstm_seq_fwd(Tensor xw, " LSTM_W "Tensor h0, Tensor c0, Tensor? lengths, bool reverse, " LSTM_O
+        ", bool save) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lstm_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor xw, " LSTM_W "Tensor h0, Tensor c0, "
+        "Tensor? lengths, Tensor y, Tensor ws, bool reverse, " LSTM_O ") -> " LSTM_G);
+  m.def("lstm_step_fwd(Tensor xw, " LSTM_W "Tensor h, Tensor c, " LSTM_O ", bool save) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_step_bwd(Tensor grad_h, Tensor grad_c, Tensor xw, " LSTM_W "Tensor h, Tensor c, Tensor ws, " LSTM_O
+        ") -> " LSTM_G);
+#define GRU_W "Tensor w_hh, Tensor? b_hh, Tensor? ln_h, Tensor? rmask, Tensor? zmask, "
+#define GRU_G "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+  m.def("gru_seq_fwd(Tensor xw, " GRU_W "Tensor h0, Tensor? lengths, bool reverse, float zoneout, bool save) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("gru_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, "
-        "Tensor? lengths, Tensor y, Tensor ws, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("gru_step_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, bool save) -> (Tensor, Tensor)");
-  m.def("gru_step_bwd(Tensor grad_h, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h, Tensor ws) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gru_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor xw, " GRU_W "Tensor h0, Tensor? lengths, Tensor y, "
+        "Tensor ws, bool reverse, float zoneout) -> " GRU_G);
+  m.def("gru_step_fwd(Tensor xw, " GRU_W "Tensor h, float zoneout, bool save) -> (Tensor, Tensor)");
+  m.def("gru_step_bwd(Tensor grad_h, Tensor xw, " GRU_W "Tensor h, Tensor ws, float zoneout) -> " GRU_G);
   m.def("rnn_seq_fwd(Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, bool reverse, "
         "str nonlinearity, bool save) -> (Tensor, Tensor, Tensor)");
   m.def("rnn_seq_bwd(Tensor grad_y, Tensor grad_h_n, Tensor xw, Tensor w_hh, Tensor? b_hh, Tensor h0, "

@@ -406,9 +406,10 @@ struct Layout {
   bool packed;
 };
 
+// single: one worker (a cell whose pointwise pass reduces over all units of a row: layer norm)
 inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block,
-                     int64_t input_size = 0) {
-  const int nw = team_size(B * G * H * (P + input_size), H, block);
+                     int64_t input_size = 0, bool single = false) {
+  const int nw = single ? 1 : team_size(B * G * H * (P + input_size), H, block);
   const int64_t U = round_up((H + nw - 1) / nw, block);
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }
@@ -460,7 +461,19 @@ struct FwdArgs {
   std::vector<int64_t> sizes;
   InputProj<T> in{};  // x == null: xw comes from the caller
   const T* xw = nullptr;  // [T, B, G*H], when given: the driver prefetches the next step's rows of it
+  // the cell options the driver applies (fastrnn/backends/__init__.py): recurrent dropout of h_{t-1} in
+  // the recurrent product, and zoneout of h (keep k: the 0/1 mask of the step, or the probability in eval)
+  const T* rmask = nullptr;    // [B, P], or null
+  const T* zmask_h = nullptr;  // [T, B, P], or null
+  T zoneout_h = T(0);          // k where zmask_h is null
+  bool single = false;         // one worker (see layout)
 };
+
+// zoneout's keep weight of element (t, b, p) of an [T, B, P] state
+template <typename T>
+FASTRNN_INLINE T keep_of(const T* mask, T p, int64_t t, int64_t B, int64_t P, int64_t b, int64_t j) {
+  return mask ? mask[(t * B + b) * P + j] : p;
+}
 
 // Prefetch (into L2) the xw rows the worker's pointwise pass reads at step t, while this step's GEMM
 // runs: at small batch nothing else brings them in time (at B=1, H=256 the pass stalled on them,
@@ -494,8 +507,37 @@ template <typename T, typename Point>
 void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I);
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I, a.single);
   const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
+  const bool zon = a.zmask_h || a.zoneout_h != T(0);
+  // with recurrent dropout the GEMM reads h * rmask from two more buffers (this step's and the next's)
+  at::Tensor hmbuf = pool_empty({a.rmask ? 2 * B * P : 0}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* hm = hmbuf.data_ptr<T>();
+  for (int64_t i = 0; a.rmask && i < B * P; ++i) hm[i] = hm[B * P + i] = a.h0[i] * a.rmask[i];
+  // the end of step t for rows b < bs and columns [p0, p0 + np) of the new h `hn` (h~ from the cell):
+  // zoneout, then y, the final state of rows that end here, and the masked copy for the next GEMM
+  auto finish = [&](int64_t t, int64_t it, int64_t bs, int64_t bs_next, int64_t p0, int64_t np, const T* hp, T* hn,
+                    const T* src, int64_t lds) {
+    T* yt = a.y + t * B * P;
+    T* hmn = hm + ((it + 1) & 1) * B * P;
+    for (int64_t b = 0; b < bs; ++b) {
+      T* h = hn + b * P + p0;
+      const T* s = src + b * lds;
+      if (zon) {
+        const T* q = hp + b * P + p0;
+        for (int64_t j = 0; j < np; ++j) {
+          const T k = keep_of(a.zmask_h, a.zoneout_h, t, B, P, b, p0 + j);
+          h[j] = k * q[j] + (T(1) - k) * s[j];
+        }
+      } else if (s != h) {
+        std::memcpy(h, s, sizeof(T) * np);
+      }
+      std::memcpy(yt + b * P + p0, h, sizeof(T) * np);
+      if (b >= bs_next) std::memcpy(a.h_n + b * P + p0, h, sizeof(T) * np);
+      if (a.rmask)
+        for (int64_t j = 0; j < np; ++j) hmn[b * P + p0 + j] = h[j] * a.rmask[b * P + p0 + j];
+    }
+  };
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor panel = pool_empty({packed ? nw * P * ncols : 0}, opts), pre = pool_empty({nw * B * ncols}, opts);
   at::Tensor panel_r = pool_empty({packed && proj ? nw * H * PU : 0}, opts), pre_r = pool_empty({proj ? nw * B * PU : 0}, opts);
@@ -528,10 +570,10 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       const int64_t bs = a.sizes[t];
       const int64_t bs_next = it + 1 < T_ ? a.sizes[a.reverse ? t - 1 : t + 1] : 0;
       const T* hp = hb + (it & 1) * B * P;
+      const T* hg = a.rmask ? hm + (it & 1) * B * P : hp;  // what the GEMM multiplies
       T* hn = hb + ((it + 1) & 1) * B * P;
       T* hdst = proj ? a.hfull + (a.hfull_per_step ? t * B * H : 0) : hn;
       const int64_t ldd = proj ? H : P;
-      T* yt = a.y + t * B * P;
       for (int w = wb; w < we; ++w) {
         const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
         if (nu <= 0 || bs == 0) continue;
@@ -539,16 +581,11 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         if (bs_next > 0) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
         if (a.in.x && !all_first) project_input(a, t, bs, u0, nu);
         if (packed)
-          gemm_packed(bs, P, hp, P, pan + w * P * ncols, ncb, pw, ncols);
+          gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
         else
-          gemm_rows(bs, P, hp, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
+          gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
         point(t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd);
-        if (!proj) {
-          for (int64_t b = 0; b < bs; ++b) {
-            std::memcpy(yt + b * P + u0, hn + b * P + u0, sizeof(T) * nu);
-            if (b >= bs_next) std::memcpy(a.h_n + b * P + u0, hn + b * P + u0, sizeof(T) * nu);
-          }
-        }
+        if (!proj) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
       }
       bar.arrive(we - wb);
       if (!proj) continue;
@@ -560,11 +597,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
           gemm_packed(bs, H, hdst, H, panr + w * H * PU, PU / NR<T>, pw, PU);
         else
           gemm_rows(bs, H, hdst, H, a.w_hr, ColMap{1, 0, p0, np, 0}, pw, PU);
-        for (int64_t b = 0; b < bs; ++b) {
-          std::memcpy(hn + b * P + p0, pw + b * PU, sizeof(T) * np);
-          std::memcpy(yt + b * P + p0, pw + b * PU, sizeof(T) * np);
-          if (b >= bs_next) std::memcpy(a.h_n + b * P + p0, pw + b * PU, sizeof(T) * np);
-        }
+        finish(t, it, bs, bs_next, p0, np, hp, hn, pw, PU);
       }
       bar.arrive(we - wb);
     }
@@ -592,15 +625,23 @@ struct BwdArgs {
   T* dh_rec;        // [B, P]: starts as grad of h_n, ends as grad of h0
   T* dh_cur;        // [B, P] scratch (no projection)
   T* dh_proj;       // [T, B, P] with a projection: dh of each step (for d W_hr)
-  T* hprev;         // [T, B, P]: h_{t-1} of each row and step (for d W_hh)
+  T* hprev;         // [T, B, P]: h_{t-1} of each row and step (for d W_hh; times rmask)
   std::vector<int64_t> sizes;
+  const T* rmask = nullptr;    // as FwdArgs
+  const T* zmask_h = nullptr;
+  T zoneout_h = T(0);
+  bool single = false;
 };
 
 template <typename T, typename Point>
 void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, 0, a.single);
+  const bool zon = a.zmask_h || a.zoneout_h != T(0);
+  // zoneout: dh_t splits into (1-k) dh_t for the cell's h~ and k dh_t carried to h_{t-1}, which the
+  // recurrent product then adds to
+  const bool accumulate = a.accumulate || zon;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   at::Tensor panel_a = pool_empty({packed && proj ? nw * P * U : 0}, opts), pre_a = pool_empty({proj ? nw * B * U : 0}, opts);
   at::Tensor panel_b = pool_empty({packed ? nw * GH * PU : 0}, opts), pre_b = pool_empty({nw * B * PU}, opts);
@@ -611,7 +652,16 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   auto make_dh = [&](int64_t it, int64_t p0, int64_t np, T* dst) {
     const int64_t t = tf(it), bs = a.sizes[t];
     for (int64_t b = 0; b < bs; ++b)
-      for (int64_t p = p0; p < p0 + np; ++p) dst[b * P + p] = a.grad_y[(t * B + b) * P + p] + a.dh_rec[b * P + p];
+      for (int64_t p = p0; p < p0 + np; ++p) {
+        const T full = a.grad_y[(t * B + b) * P + p] + a.dh_rec[b * P + p];
+        if (zon) {
+          const T k = keep_of(a.zmask_h, a.zoneout_h, t, B, P, b, p);
+          dst[b * P + p] = (T(1) - k) * full;
+          a.dh_rec[b * P + p] = k * full;
+        } else {
+          dst[b * P + p] = full;
+        }
+      }
   };
 
   run_team(nw, [&](int wb, int we, Barrier& bar) {
@@ -654,12 +704,19 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
         for (int64_t b = 0; b < bs; ++b) {
           T* d = a.dh_rec + b * P + p0;
           const T* g = pw + b * PU;
-          if (a.accumulate) {
+          const T* src = b < nprev ? a.y + (tprev * B + b) * P : a.h0 + b * P;
+          if (a.rmask) {  // h_{t-1} entered the product times its mask
+            const T* m = a.rmask + b * P + p0;
+            for (int64_t p = 0; p < np; ++p) d[p] = (accumulate ? d[p] : T(0)) + g[p] * m[p];
+            T* hv = a.hprev + (t * B + b) * P + p0;
+            for (int64_t p = 0; p < np; ++p) hv[p] = src[p0 + p] * m[p];
+            continue;
+          }
+          if (accumulate) {
             for (int64_t p = 0; p < np; ++p) d[p] += g[p];
           } else {
             std::memcpy(d, g, sizeof(T) * np);
           }
-          const T* src = b < nprev ? a.y + (tprev * B + b) * P : a.h0 + b * P;
           std::memcpy(a.hprev + (t * B + b) * P + p0, src + p0, sizeof(T) * np);
         }
         if (proj && it > 0) make_dh(it - 1, p0, np, a.dh_proj + tprev * B * P);

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, ops
+from .backends.reference import LN_EPS
 
 
 def autocast_dtype(device_type):
@@ -32,8 +33,10 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     x: [T,B,I], or for packed input its rows [N,I] in PackedSequence order, with ``index`` the flat
     positions of those rows in [T*B] and ``steps`` = T (the input projection then runs on real rows
     only, and dropout draws its mask over them, as torch does). state0: tuple of [L*D,B,*] tensors
-    (LSTM (h0, c0), else (h0,)); weights: per layer-direction ``(w_ih, b_ih, hh)`` with ``hh`` the
-    family's recurrent weights in op order; options: the family's op options; lengths: None or int64
+    (LSTM (h0, c0), else (h0,)); weights: per layer-direction ``(w_ih, b_ih, hh)`` or ``(w_ih, b_ih, hh,
+    ln_ih)`` with ``hh`` the family's recurrent weights and masks in op order and ``ln_ih`` the gain of the
+    input projection's layer normalization (``layer_norm``: ``xw = LN(x @ w_ih.T; ln_ih) + b_ih``, see
+    ``_project``); options: the family's op options; lengths: None or int64
     CPU [B], non-increasing. Returns the output in the input's form ([T,B,D*P] with zeros past each
     row's end, or [N,D*P]) and the final states, each [L*D,B,*]. The output is never a tensor the
     backward reads (``fresh_output=False``: the caller makes its own copy of it).
@@ -56,9 +59,10 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     # a short dense sequence in inference: one call a layer-direction with the input projection inside,
     # if the backend has it
     T = x.shape[0] if steps is None else steps
-    if direct and not packed and lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0):
+    if (direct and not packed and lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0)
+            and all(plain(family, w, options) for w in weights)):
         chunk = getattr(impl, f"{family}_chunk_fwd", None)
-        tensors = [t for w_ih, b_ih, hh in weights for t in (w_ih, b_ih, *hh)]
+        tensors = [t for w_ih, b_ih, hh, _ in map(_unpack, weights) for t in (w_ih, b_ih, *hh)]
         if chunk is not None and not _needs_grad(x, *state0, *tensors):
             return chunk_layers(family, chunk, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend)
@@ -67,10 +71,10 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
         outs = []
         for direction in range(num_directions):
             k = layer * num_directions + direction
-            w_ih, b_ih, hh = weights[k]
+            w_ih, b_ih, hh, ln_ih = _unpack(weights[k])
             st = [s[k].contiguous() for s in state0]
-            save = _needs_grad(layer_input, w_ih, b_ih, *hh, *st)
-            xw = _project(layer_input, w_ih, b_ih, alloc)
+            save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
+            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih)
             if packed:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
             fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
@@ -91,6 +95,24 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 
+# the number of weight arguments and options of each family's plain cell (the contract's optional fused
+# inference entries, ``<family>_cell_fwd`` and ``<family>_chunk_fwd``, take only those)
+_PLAIN = {"lstm": (4, 1), "gru": (2, 0), "rnn": (2, 1)}
+
+
+def plain(family, weights, options):
+    """Does a layer-direction use none of the cell options (layer norm, zoneout, recurrent dropout)?
+    ``weights`` as ``rnn_layers`` takes them."""
+    _, _, hh, ln_ih = _unpack(weights)
+    nw, no = _PLAIN[family]
+    return ln_ih is None and all(t is None for t in hh[nw:]) and not any(options[no:])
+
+
+def _unpack(weights):
+    """``(w_ih, b_ih, hh, ln_ih)`` of one layer-direction's weights (ln_ih None when absent)."""
+    return (*weights, None) if len(weights) == 3 else tuple(weights)
+
+
 def _fresh_output(y):
     """A copy of a sequence op's output for the caller (``rnn_layers``; ``python -m benchmarks.train_ab
     --variant copy`` times the module without it)."""
@@ -109,9 +131,10 @@ def chunk_layers(family, op, x, state0, weights, options, *, num_layers, num_dir
         outs = []
         for d in range(num_directions):
             k = layer * num_directions + d
-            w_ih, b_ih, hh = weights[k]
-            res = op(layer_input, w_ih.contiguous(), None if b_ih is None else b_ih.contiguous(), *hh,
-                     *(s[k].contiguous() for s in state0), d == 1, *options)
+            w_ih, b_ih, hh = weights[k][:3]
+            nw, no = _PLAIN[family]
+            res = op(layer_input, w_ih.contiguous(), None if b_ih is None else b_ih.contiguous(), *hh[:nw],
+                     *(s[k].contiguous() for s in state0), d == 1, *options[:no])
             outs.append(res[0])
             for acc, st in zip(finals, res[1:]):
                 acc.append(st)
@@ -145,19 +168,24 @@ def _cast_weights(weights, cast):
     """Per layer-direction ``(w_ih, b_ih, hh)`` with every tensor through ``cast`` (None stays None)."""
     def one(t):
         return None if t is None else cast(t)
-    return [(one(w_ih), one(b_ih), tuple(one(t) for t in hh)) for w_ih, b_ih, hh in weights]
+    return [(one(w[0]), one(w[1]), tuple(one(t) for t in w[2]), *map(one, w[3:])) for w in weights]
 
 
 def _empty(alloc, shape, like):
     return like.new_empty(shape) if alloc is None else alloc(list(shape), like.dtype)
 
 
-def _project(x, w_ih, b_ih, alloc):
-    """The input projection of all steps, ``x @ w_ih.T + b_ih``. With ``alloc`` (a backend's optional
+def _project(x, w_ih, b_ih, alloc, ln_ih=None):
+    """The input projection of all steps, ``x @ w_ih.T + b_ih``; with ``ln_ih`` (``layer_norm``)
+    ``LN(x @ w_ih.T; ln_ih) + b_ih``, normalized over its G*H columns per row as ``nn.LayerNorm`` (eps
+    1e-5, gain ``ln_ih``, no bias of its own: b_ih follows it). With ``alloc`` (a backend's optional
     ``empty``) it is written into a buffer the backend hands out, from memory it keeps mapped: a fresh
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
     dx in such a buffer too."""
+    if ln_ih is not None:  # all steps at once: the normalization is not on the sequential path
+        xw = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln_ih, None, LN_EPS)
+        return xw if b_ih is None else xw + b_ih
     x2 = x.reshape(-1, x.shape[-1])
     if alloc is None or x2.shape[0] * w_ih.shape[0] * x.element_size() < _ALLOC_MIN_BYTES:
         return F.linear(x, w_ih, b_ih)
@@ -207,8 +235,9 @@ class _Projection(torch.autograd.Function):
         return dx, dw, db, None
 
 
-def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
-    """One step of a cell: x [B,I], state tuple of [B,*]; returns the new state tuple.
+def cell_step(family, x, state, w_ih, b_ih, hh, options, backend, ln_ih=None):
+    """One step of a cell: x [B,I], state tuple of [B,*]; returns the new state tuple. ``hh``, ``options``
+    and ``ln_ih`` as for ``rnn_layers`` (a step's zoneout masks are [B,*]).
 
     In inference (no gradient can be needed) on a backend that offers the contract's optional
     ``<family>_cell_fwd``, the input projection runs inside the backend's call and the call skips the
@@ -219,19 +248,20 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend):
     cdt = _compute_dtype(backend, x.dtype)
     if cdt is not None:  # as in rnn_layers
         cast = _caster(backend, cdt)
-        (w_ih, b_ih, hh), = _cast_weights([(w_ih, b_ih, hh)], cast)
-        out = cell_step(family, cast(x), [cast(s) for s in state], w_ih, b_ih, hh, options, backend)
+        (w_ih, b_ih, hh, ln_ih), = _cast_weights([(w_ih, b_ih, hh, ln_ih)], cast)
+        out = cell_step(family, cast(x), [cast(s) for s in state], w_ih, b_ih, hh, options, backend, ln_ih)
         return tuple(s.to(x.dtype) for s in out)
     state = [s.contiguous() for s in state]
-    save = _needs_grad(x, w_ih, b_ih, *hh, *state)
+    save = _needs_grad(x, w_ih, b_ih, ln_ih, *hh, *state)
     direct = not save and ops.can_skip_ops()
-    if direct:
+    if direct and plain(family, (w_ih, b_ih, hh, ln_ih), options):
         fused = getattr(dispatch.get(backend), f"{family}_cell_fwd", None)
         if fused is not None:
             dispatch.note_call(f"{family}_cell_fwd", backend)
-            res = fused(x.contiguous(), w_ih.contiguous(), b_ih, *hh, *state, *options)
+            nw, no = _PLAIN[family]
+            res = fused(x.contiguous(), w_ih.contiguous(), b_ih, *hh[:nw], *state, *options[:no])
             return tuple(res) if isinstance(res, (tuple, list)) else (res,)
-    xw = F.linear(x, w_ih, b_ih).contiguous()
+    xw = _project(x, w_ih, b_ih, None, ln_ih).contiguous()
     step = ops.DIRECT[f"{family}_step_fwd"] if direct else ops.with_autograd(f"{family}_step_fwd")
     res = step(xw, *hh, *state, *options, save, backend)
     return tuple(res[:-1])

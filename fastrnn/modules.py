@@ -8,6 +8,7 @@ checks its arguments the way torch does, brings the input to time-major form and
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 
 import torch
@@ -86,11 +87,31 @@ def _exporting():
 class _BackendMixin:
     """The keyword-only ``backend`` argument every fastrnn module adds to its torch constructor."""
 
-    weight_dropout = 0.0  # class default: also what a module pickled before this option had
+    # class defaults: also what a module pickled before these options had
+    weight_dropout = 0.0
+    layer_norm = False
+    zoneout = 0.0
+    recurrent_dropout = 0.0
 
     def _variant_only(self):
-        """Does the module use a feature torch.nn lacks (the LSTM variants, weight dropout)?"""
-        return bool(getattr(self, "peephole", False) or getattr(self, "coupled_gates", False) or self.weight_dropout)
+        """Does the module use a feature torch.nn lacks (the LSTM variants, weight dropout, the cell options)?"""
+        return bool(getattr(self, "peephole", False) or getattr(self, "coupled_gates", False) or self.weight_dropout
+                    or self._cell_options())
+
+    def _cell_options(self):
+        """Does the module use one of the cell options (layer norm, zoneout, recurrent dropout)?"""
+        return bool(self.layer_norm or any(self._zoneout_probs()) or self.recurrent_dropout)
+
+    def _zoneout_probs(self):
+        """The zoneout probabilities in op order: (p_h, p_c) for an LSTM, (p,) for a GRU, () for an RNN."""
+        z = self.zoneout
+        if self._family == "lstm":
+            return tuple(z) if isinstance(z, tuple) else (z, z)
+        return () if self._family == "rnn" else (z,)
+
+    def _cell_option_features(self):
+        return {f for f, on in (("layer_norm", self.layer_norm), ("zoneout", any(self._zoneout_probs())),
+                                ("recurrent_dropout", self.recurrent_dropout and self.training)) if on}
 
     def __prepare_scriptable__(self):
         """torch.jit.script compiles torch.nn's forward over the same module state (a twin of the torch.nn
@@ -106,14 +127,95 @@ class _BackendMixin:
         object.__setattr__(twin, "__dict__", self.__dict__)
         return twin
 
-    def __init__(self, *args, backend: str | None = None, weight_dropout: float = 0.0, **kwargs):
+    def __init__(self, *args, backend: str | None = None, weight_dropout: float = 0.0, layer_norm: bool = False,
+                 zoneout=0.0, recurrent_dropout: float = 0.0, **kwargs):
         p = _check_probability("weight_dropout", weight_dropout)
+        layer_norm = _check_flag("layer_norm", layer_norm)
+        zoneout = self._check_zoneout(zoneout)
+        recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout)
+        cls = self._torch_class().__name__
+        if self._family == "rnn":
+            used = [n for n, v in (("layer_norm", layer_norm), ("zoneout", zoneout),
+                                   ("recurrent_dropout", recurrent_dropout)) if v]
+            if used:
+                raise ValueError(f"{cls}: {', '.join(used)} {'is' if len(used) == 1 else 'are'} defined for the "
+                                 f"gated cells (LSTM, GRU and their cells); {cls} has no gate form for "
+                                 f"{'it' if len(used) == 1 else 'them'}")
+        if recurrent_dropout and not isinstance(self, _SeqMixin):
+            raise ValueError(f"{cls}: recurrent_dropout draws one mask per sequence, and a cell sees one step; "
+                             f"use fastrnn.{cls[:-4]} for the whole sequence")
         super().__init__(*args, **kwargs)
         self.backend = dispatch.check_name(backend)
         self.weight_dropout = p
+        self.zoneout = zoneout
+        self.recurrent_dropout = recurrent_dropout
+
+    def _check_zoneout(self, z):
+        """``zoneout``: a probability in [0, 1), or for an LSTM also a pair (p_h, p_c)."""
+        if isinstance(z, (tuple, list)):
+            if self._family != "lstm":
+                raise ValueError(f"{self._torch_class().__name__}: zoneout takes one probability (the cell has one "
+                                 f"state), got {z!r}")
+            if len(z) != 2:
+                raise ValueError(f"zoneout should be a probability or a pair (p_h, p_c) of probabilities, got {z!r}")
+            z = tuple(_check_probability("zoneout", p) for p in z)
+            return z if z[0] != z[1] else z[0]
+        return _check_probability("zoneout", z)
+
+    def _setup_layer_norm(self, layer_norm, groups):
+        """``layer_norm=True``: registers the gains (and the LSTM's cell-state bias) of each layer-direction
+        ``suffix`` (``_l{k}[_reverse]``, or nothing for a cell), appending the names to ``names`` of each
+        (names, suffix) group: ``layer_norm_weight_ih{suffix}`` and ``layer_norm_weight_hh{suffix}`` of
+        shape (G*hidden_size,), init 1, and for an LSTM ``layer_norm_weight_c{suffix}`` (init 1) and
+        ``layer_norm_bias_c{suffix}`` (init 0) of shape (hidden_size,). The math: ``_CELL_OPTIONS_DOC``."""
+        self.layer_norm = layer_norm
+        if not layer_norm:
+            return
+        for names, suffix in groups:
+            ref = getattr(self, "weight_hh" + suffix)
+            shapes = [("weight_ih", ref.shape[0], 1.0), ("weight_hh", ref.shape[0], 1.0)]
+            if self._family == "lstm":
+                shapes += [("weight_c", self.hidden_size, 1.0), ("bias_c", self.hidden_size, 0.0)]
+            for what, size, value in shapes:
+                name = f"layer_norm_{what}{suffix}"
+                self.register_parameter(name, nn.Parameter(ref.new_full((size,), value)))
+                names.append(name)
+
+    def reset_parameters(self):
+        super().reset_parameters()  # torch's: every parameter U(-1/sqrt(H), 1/sqrt(H))
+        if self.layer_norm:  # the normalizations' gains start at 1, their biases at 0
+            with torch.no_grad():
+                for name, p in self.named_parameters(recurse=False):
+                    if name.startswith("layer_norm_"):
+                        p.fill_(1.0 if name.startswith("layer_norm_weight") else 0.0)
 
     def _dropping_weights(self):
         return self.weight_dropout > 0 and self.training
+
+    def _cell_masks(self, steps, B, like, count):
+        """The masks of the cell options for one call (training only; None where off), per layer-direction
+        in op order: (rmask, zmask_h, zmask_c) for an LSTM, (rmask, zmask) for a GRU. rmask [B,P]: the
+        recurrent dropout of h_{t-1} on its way into the recurrent product, one mask per sequence row for
+        the whole sequence, 0 or 1/(1-p) (scaled). zmask [T,B,*] ([B,*] for a cell, ``steps`` None): 1
+        where the unit keeps its previous value (probability p), else 0. Drawn from torch's RNG on the
+        weights' device, in that order, one layer-direction after another (``_drop_mask``)."""
+        if self._family == "rnn":
+            return [()] * count
+        P = getattr(self, "proj_size", 0) or self.hidden_size
+        sizes = (P, self.hidden_size) if self._family == "lstm" else (P,)
+        lead = (B,) if steps is None else (steps, B)
+        zs = self._zoneout_probs()
+        out = []
+        for _ in range(count):
+            masks = [None]
+            if self.recurrent_dropout and self.training:
+                keep, scale = _drop_mask((B, P), like.device, self.recurrent_dropout)
+                masks[0] = keep.to(like.dtype) * scale
+            for p, size in zip(zs, sizes):
+                masks.append((~_drop_mask((*lead, size), like.device, p)[0]).to(like.dtype)
+                             if p and self.training else None)
+            out.append(tuple(masks))
+        return out
 
     def _drop_recurrent(self, w_hh):
         """``weight_dropout=p`` (DropConnect on the recurrent weights, as in AWD-LSTM): in training each
@@ -124,7 +226,7 @@ class _BackendMixin:
         order (``_drop_mask``)."""
         if not self._dropping_weights():
             return w_hh
-        keep, scale = _drop_mask(w_hh, self.weight_dropout)
+        keep, scale = _drop_mask(w_hh.shape, w_hh.device, self.weight_dropout)
         return w_hh * (keep.to(w_hh.dtype) * scale)
 
     def _fast_op(self, input, kind, scope):
@@ -149,8 +251,9 @@ class _BackendMixin:
 
     def extra_repr(self):
         s = super().extra_repr()
-        if self.weight_dropout:
-            s += f", weight_dropout={self.weight_dropout}"
+        for name in ("weight_dropout", "layer_norm", "zoneout", "recurrent_dropout"):
+            if getattr(self, name):
+                s += f", {name}={getattr(self, name)}"
         if getattr(self, "backend", None) is not None:
             s += f", backend={self.backend!r}"
         return s
@@ -175,11 +278,27 @@ class _SeqMixin(_BackendMixin):
         """Parameter names of layer k's recurrent weights in op order (None: absent)."""
         return (f"weight_hh_l{k}{suffix}", f"bias_hh_l{k}{suffix}" if self.bias else None)
 
+    def _ln_names(self, k, suffix):
+        """Parameter names of layer k's recurrent layer-norm tensors in op order (``layer_norm``), and of
+        its input projection's gain: ``(hh names, ih name)``."""
+        if not self.layer_norm:
+            return ((None, None, None) if self._family == "lstm" else (None,) if self._family == "gru" else ()), None
+        s = f"_l{k}{suffix}"
+        hh = (f"layer_norm_weight_hh{s}",)
+        if self._family == "lstm":
+            hh += (f"layer_norm_weight_c{s}", f"layer_norm_bias_c{s}")
+        return hh, f"layer_norm_weight_ih{s}"
+
     def _options(self):
-        return ()
+        return self._zoneout_probs()
 
     def _features(self):
-        return frozenset()
+        return frozenset(self._cell_option_features())
+
+    def flatten_parameters(self):
+        if self.layer_norm or getattr(self, "peephole", False) or getattr(self, "coupled_gates", False):
+            return  # cuDNN's weight layout has no place for these; fastrnn never uses it
+        super().flatten_parameters()
 
     def _dim_error(self, d):
         return f"{self._torch_name()}: Expected input to be 2D or 3D, got {d}D instead"
@@ -206,7 +325,9 @@ class _SeqMixin(_BackendMixin):
 
     # forward ------------------------------------------------------------------------------------
     def _weights(self):
-        """Per layer-direction ``(w_ih, b_ih, hh)``, the tensors the functional layer takes."""
+        """Per layer-direction ``(w_ih, b_ih, hh, ln_ih)``, the tensors the functional layer takes (the cell
+        options' masks in ``hh`` are None: ``_forward`` draws them)."""
+        masks = (None,) * _N_MASKS[self._family]
         D = 2 if self.bidirectional else 1
         params = self._parameters
         get = getattr
@@ -214,13 +335,14 @@ class _SeqMixin(_BackendMixin):
         for layer in range(self.num_layers):
             for d in range(D):
                 sfx = "_reverse" if d == 1 else ""
-                names = (f"weight_ih_l{layer}{sfx}", f"bias_ih_l{layer}{sfx}" if self.bias else None,
-                         *self._hh_names(layer, sfx))
+                ln_hh, ln_ih = self._ln_names(layer, sfx)
+                names = (f"weight_ih_l{layer}{sfx}", f"bias_ih_l{layer}{sfx}" if self.bias else None, ln_ih,
+                         *self._hh_names(layer, sfx), *ln_hh)
                 try:  # straight from the parameters' dict (the attribute lookup costs ~1 us each)
                     w = [None if n is None else params[n] for n in names]
                 except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
                     w = [None if n is None else get(self, n) for n in names]
-                out.append((w[0], w[1], tuple(w[2:])))
+                out.append((w[0], w[1], (*w[3:], *masks), w[2]))
         return out
 
     def forward(self, input, hx=None):
@@ -242,7 +364,7 @@ class _SeqMixin(_BackendMixin):
         ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
         the path does not apply."""
         if (input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type)
-                or self._dropping_weights()):
+                or self._dropping_weights() or self._cell_options()):
             return None
         choice = self._fast_op(input, "chunk", "seq")
         if choice is None or choice[1] is None:
@@ -352,7 +474,11 @@ class _SeqMixin(_BackendMixin):
 
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
             if self._dropping_weights():  # drawn once the call's arguments have passed their checks
-                weights = [(w_ih, b_ih, (self._drop_recurrent(hh[0]), *hh[1:])) for w_ih, b_ih, hh in weights]
+                weights = [(w_ih, b_ih, (self._drop_recurrent(hh[0]), *hh[1:]), ln) for w_ih, b_ih, hh, ln in weights]
+            n = _N_MASKS[self._family]
+            if n:  # then the cell options' masks
+                masks = self._cell_masks(T, B, w0, len(weights))
+                weights = [(w_ih, b_ih, (*hh[:-n], *m), ln) for (w_ih, b_ih, hh, ln), m in zip(weights, masks)]
             y, states = rnn_layers(self._family, x, states, weights, self._options(),
                                    num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
                                    dropout=float(self.dropout), training=self.training, lengths=lengths,
@@ -372,17 +498,21 @@ class _SeqMixin(_BackendMixin):
         return out, self._hx_out(states)
 
 
-def _drop_mask(w, p):
-    """(keep, scale) for a dropout of probability ``p`` over ``w``: a bool mask of w's shape and the scale of
-    the kept elements. Each element takes 16 random bits, four from one 64-bit draw
+# the number of mask arguments of each family's op (recurrent dropout, zoneout)
+_N_MASKS = {"lstm": 3, "gru": 2, "rnn": 0}
+
+
+def _drop_mask(shape, device, p):
+    """(keep, scale) for a dropout of probability ``p`` over a tensor of ``shape`` on ``device``: a bool mask
+    and the scale of the kept elements. Each element takes 16 random bits, four from one 64-bit draw
     (``torch.randint(-2**63, 2**63 - 1, (ceil(n/4),), dtype=torch.int64)`` viewed as int16), and is dropped
     when they fall below ``c - 32768``, with ``c = min(round(p * 65536), 65535)``: p at a resolution of
     2^-16, and scale = 65536 / (65536 - c) keeps the expectation exact. (torch's ``bernoulli_`` draws once
     per element: 10 ns an element here, 4 ms of a 6 ms LSTM training call at B1 H256; benchmarks/NOTES.md.)"""
-    n = w.numel()
-    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=w.device)
+    n = math.prod(shape)
+    bits = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     c = min(round(p * 65536), 65535)
-    keep = bits.view(torch.int16)[:n].view(w.shape) >= c - 32768
+    keep = bits.view(torch.int16)[:n].view(shape) >= c - 32768
     return keep, 65536 / (65536 - c)
 
 
@@ -448,34 +578,69 @@ class _VariantMixin:
 
 _VARIANT_DOC = "\n    fastrnn adds ``peephole`` and ``coupled_gates`` (keyword-only): see ``_VariantMixin``.\n"
 
+_CELL_OPTIONS_DOC = r"""
+    fastrnn adds the cell options (keyword-only, off by default; with none of them the module is torch's):
+
+    ``layer_norm=True`` (Ba et al. 2016, the supplement's LSTM): with LN(v; a, b) = a * (v - mean(v)) /
+    sqrt(var(v) + 1e-5) + b over the G*H gate values of a row (biased variance, as nn.LayerNorm),
+
+    - LSTM: ``gates = LN(x W_ih^T; g_ih) + b_ih + LN(h_{t-1} W_hh^T; g_hh) + b_hh``; i, f, g, o from them as
+      usual (peephole and coupled gates too); ``c_t = f*c_{t-1} + i*g`` carried un-normalized;
+      ``h_t = o * tanh(LN(c_t; g_c, b_c))`` over the H units (then ``W_hr`` with proj_size).
+    - GRU: ``gx = LN(x W_ih^T; g_ih) + b_ih``, ``gh = LN(h_{t-1} W_hh^T; g_hh) + b_hh``, then torch's GRU:
+      ``r = sigma(gx_r + gh_r)``, ``z = sigma(gx_z + gh_z)``, ``n = tanh(gx_n + r*gh_n)``,
+      ``h_t = (1-z)*n + z*h_{t-1}``.
+
+    Parameters (per layer-direction, torch's suffixes ``_l{k}[_reverse]``; none for a cell):
+    ``layer_norm_weight_ih``, ``layer_norm_weight_hh`` (G*hidden_size,) = g_ih, g_hh, init 1; LSTM also
+    ``layer_norm_weight_c``, ``layer_norm_bias_c`` (hidden_size,) = g_c, b_c, init 1 and 0.
+
+    ``zoneout=p`` (LSTM: also ``(p_h, p_c)``): with (h~, c~) the cell's new state, in training
+    ``h_t = m*h_{t-1} + (1-m)*h~`` with m a 0/1 mask per element and step, 1 with probability p (c_t the
+    same with its own mask and p_c); in eval the expectation ``h_t = p*h_{t-1} + (1-p)*h~``. The output
+    of a step is its h_t. Padded steps of a packed row change nothing.
+
+    ``recurrent_dropout=p`` (LSTM, GRU; not the cells): in training, ``h_{t-1}`` enters the recurrent
+    product as ``h_{t-1} * d`` with d a mask of 0 and 1/(1-p), one per sequence row for the whole sequence
+    and layer-direction (Gal and Ghahramani's variational dropout); off in eval. The GRU's ``z*h_{t-1}``
+    term and the zoneout of the state see the undropped h.
+
+    ``weight_dropout=p`` (all classes): DropConnect on W_hh, see ``_BackendMixin._drop_recurrent``.
+
+    The masks come from torch's RNG on the module's device (``torch.manual_seed`` reproduces a run; every
+    backend sees the same masks).
+"""
+
+
+def _layer_groups(module):
+    """(the parameter names of each layer-direction of a sequence module, in torch's ``_all_weights``
+    (lists that the variants' setup appends to), and its suffix ``_l{k}[_reverse]``)."""
+    D = 2 if module.bidirectional else 1
+    return [(module._all_weights[k], f"_l{k // D}{'_reverse' if k % D else ''}")
+            for k in range(module.num_layers * D)]
+
 
 class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
-    __doc__ = (nn.LSTM.__doc__ or "") + _VARIANT_DOC
+    __doc__ = (nn.LSTM.__doc__ or "") + _VARIANT_DOC + _CELL_OPTIONS_DOC
     _family = "lstm"
     _n_state = 2
 
-    def __init__(self, *args, peephole: bool = False, coupled_gates: bool = False, **kwargs):
+    def __init__(self, *args, peephole: bool = False, coupled_gates: bool = False, layer_norm: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        D = 2 if self.bidirectional else 1
-        groups = [(self._all_weights[k * D + d], "_reverse" if d else "") for k in range(self.num_layers)
-                  for d in range(D)]
-        groups = [(names, f"_l{k // D}{sfx}") for k, (names, sfx) in enumerate(groups)]
+        groups = _layer_groups(self)
         self._setup_variants(peephole, coupled_gates, groups)
-        if peephole:  # the new names join the ones torch's RNNBase keeps in step with the parameters
+        self._setup_layer_norm(_check_flag("layer_norm", layer_norm), groups)
+        if peephole or layer_norm:  # the new names join the ones torch's RNNBase keeps in step with the parameters
             self._flat_weights_names = [n for names in self._all_weights for n in names]
             self._init_flat_weights()
-
-    def flatten_parameters(self):
-        if self.peephole or self.coupled_gates:
-            return  # cuDNN's weight layout has no place for the variants; fastrnn never uses it
-        super().flatten_parameters()
 
     def _hh_names(self, k, suffix):
         return (*super()._hh_names(k, suffix), f"weight_hr_l{k}{suffix}" if self.proj_size > 0 else None,
                 f"weight_ch_l{k}{suffix}" if self.peephole else None)
 
     def _options(self):
-        return (self.coupled_gates,)
+        return (self.coupled_gates, *self._zoneout_probs())
 
     def _autocast_low(self, packed):
         if self.proj_size > 0:  # torch's projected LSTM (packed or not): c_n stays float32
@@ -483,7 +648,8 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
         return super()._autocast_low(packed)
 
     def _features(self):
-        return frozenset(({"proj"} if self.proj_size > 0 else set()) | self._variant_features())
+        return frozenset(({"proj"} if self.proj_size > 0 else set()) | self._variant_features()
+                         | self._cell_option_features())
 
     def _zeros_state(self, x, B):
         D = 2 if self.bidirectional else 1
@@ -519,8 +685,16 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
 
 
 class GRU(_SeqMixin, nn.GRU):
-    __doc__ = nn.GRU.__doc__
+    __doc__ = (nn.GRU.__doc__ or "") + _CELL_OPTIONS_DOC
     _family = "gru"
+
+    def __init__(self, *args, layer_norm: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        layer_norm = _check_flag("layer_norm", layer_norm)
+        self._setup_layer_norm(layer_norm, _layer_groups(self))
+        if layer_norm:
+            self._flat_weights_names = [n for names in self._all_weights for n in names]
+            self._init_flat_weights()
 
 
 class RNN(_SeqMixin, nn.RNN):
@@ -541,13 +715,15 @@ class _CellMixin(_BackendMixin):
     _n_state = 1
 
     def _options(self):
-        return ()
+        return self._zoneout_probs()
 
     def _hh(self):
-        return (self.weight_hh, self.bias_hh)
+        """The recurrent weights and the layer-norm tensors in op order (without the masks)."""
+        return (self.weight_hh, self.bias_hh) + ((self.layer_norm_weight_hh if self.layer_norm else None,)
+                                                 if self._family == "gru" else ())
 
     def _features(self):
-        return frozenset()
+        return frozenset(self._cell_option_features())
 
     def _hx_dim_check(self, name, states):
         for s in states:
@@ -573,7 +749,7 @@ class _CellMixin(_BackendMixin):
         as much as the kernel (benchmarks/NOTES.md).
         """
         if (not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops())
-                or self._dropping_weights()):
+                or self._dropping_weights() or self._cell_options()):
             return None
         if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
@@ -640,6 +816,7 @@ class _CellMixin(_BackendMixin):
         _check_float(name, input, RuntimeError)
         with _no_autocast(input):  # once a call (parametrized weights), as _SeqMixin._forward
             w_ih, b_ih, hh = self.weight_ih, self.bias_ih, self._hh()
+            ln_ih = self.layer_norm_weight_ih if self.layer_norm else None
         amp = _autocast_for(input.device.type, w_ih.dtype)
         if amp is not None:  # see the top
             high = states[0].dtype if states is not None else input.dtype
@@ -666,7 +843,8 @@ class _CellMixin(_BackendMixin):
                                   self.backend, "step")
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
             hh = (self._drop_recurrent(hh[0]), *hh[1:])  # drawn once the arguments have passed their checks
-            out = cell_step(self._family, input, states, w_ih, b_ih, hh, self._options(), backend)
+            hh = (*hh, *self._cell_masks(None, B, w_ih, 1)[0])  # then the zoneout masks
+            out = cell_step(self._family, input, states, w_ih, b_ih, hh, self._options(), backend, ln_ih)
         if amp is not None:  # see the top: torch's RNNCell in the autocast dtype, its other cells not
             out = tuple(s.to(amp if self._family == "rnn" else high) for s in out)
         if not batched:
@@ -675,17 +853,21 @@ class _CellMixin(_BackendMixin):
 
 
 class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
-    __doc__ = (nn.LSTMCell.__doc__ or "") + _VARIANT_DOC
+    __doc__ = (nn.LSTMCell.__doc__ or "") + _VARIANT_DOC + _CELL_OPTIONS_DOC
     _family = "lstm"
     _n_state = 2
 
-    def __init__(self, *args, peephole: bool = False, coupled_gates: bool = False, **kwargs):
+    def __init__(self, *args, peephole: bool = False, coupled_gates: bool = False, layer_norm: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
         self._setup_variants(peephole, coupled_gates, [(names, "")])
+        self._setup_layer_norm(_check_flag("layer_norm", layer_norm), [(names, "")])
 
     def _hh(self):
-        return (self.weight_hh, self.bias_hh, None, self.weight_ch if self.peephole else None)
+        ln = ((self.layer_norm_weight_hh, self.layer_norm_weight_c, self.layer_norm_bias_c) if self.layer_norm
+              else (None, None, None))
+        return (self.weight_hh, self.bias_hh, None, self.weight_ch if self.peephole else None, *ln)
 
     def _fused_weight_names(self):
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh", None, "weight_ch" if self.peephole else None)
@@ -705,10 +887,10 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
         return tuple(hx)
 
     def _options(self):
-        return (self.coupled_gates,)
+        return (self.coupled_gates, *self._zoneout_probs())
 
     def _features(self):
-        return frozenset(self._variant_features())
+        return frozenset(self._variant_features() | self._cell_option_features())
 
     def _hx_dim_check(self, name, states):
         for k, s in enumerate(states):
@@ -717,8 +899,12 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
 
 
 class GRUCell(_CellMixin, nn.GRUCell):
-    __doc__ = nn.GRUCell.__doc__
+    __doc__ = (nn.GRUCell.__doc__ or "") + _CELL_OPTIONS_DOC
     _family = "gru"
+
+    def __init__(self, *args, layer_norm: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_layer_norm(_check_flag("layer_norm", layer_norm), [([], "")])
 
 
 class RNNCell(_CellMixin, nn.RNNCell):

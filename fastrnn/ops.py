@@ -20,10 +20,18 @@ from . import dispatch
 
 # weights ('?' = optional), state tensors, options: see the table in fastrnn.backends
 FAMILIES = {
-    "lstm": (("w_hh", "b_hh?", "w_hr?", "w_ch?"), ("h", "c"), ("bool coupled",)),
-    "gru": (("w_hh", "b_hh?"), ("h",), ()),
+    "lstm": (("w_hh", "b_hh?", "w_hr?", "w_ch?", "ln_h?", "ln_c?", "ln_c_bias?", "rmask?", "zmask_h?", "zmask_c?"),
+             ("h", "c"), ("bool coupled", "float zoneout_h", "float zoneout_c")),
+    "gru": (("w_hh", "b_hh?", "ln_h?", "rmask?", "zmask?"), ("h",), ("float zoneout",)),
     "rnn": (("w_hh", "b_hh?"), ("h",), ("str nonlinearity",)),
 }
+#: the weight arguments that are masks (recurrent dropout, zoneout): inputs without a gradient
+MASKS = frozenset({"rmask", "zmask_h", "zmask_c", "zmask"})
+
+
+def mask_positions(family):
+    """Indices (among the family's weight arguments) of its masks."""
+    return tuple(k for k, n in enumerate(FAMILIES[family][0]) if n.rstrip("?") in MASKS)
 
 
 def _tensor_args(names, suffix=""):
@@ -61,8 +69,8 @@ def _call_backend(opname):
     return impl
 
 
-def _like(x, ref):
-    return ref.new_empty(0) if x is None else torch.empty_like(x)
+def _like(x, ref, mask=False):
+    return ref.new_empty(0) if x is None or mask else torch.empty_like(x)
 
 
 def _fakes(family, opname):
@@ -74,9 +82,11 @@ def _fakes(family, opname):
         ws = xw.new_empty(dispatch.get(a[-1]).workspace_numel(opname, *a[:-1]))
         return (xw.new_empty(xw.shape[0], xw.shape[1], st[0].shape[-1]), *map(torch.empty_like, st), ws)
 
+    masks = {1 + k for k in mask_positions(family)}  # positions among (xw, *weights, *state)
+
     def seq_bwd(*a):
         ins = a[1 + ns:1 + ns + 1 + nw + ns]
-        return tuple(_like(x, ins[0]) for x in ins)
+        return tuple(_like(x, ins[0], k in masks) for k, x in enumerate(ins))
 
     def step_fwd(*a):
         st = a[1 + nw:1 + nw + ns]
@@ -85,7 +95,7 @@ def _fakes(family, opname):
 
     def step_bwd(*a):
         ins = a[ns:ns + 1 + nw + ns]
-        return tuple(_like(x, ins[0]) for x in ins)
+        return tuple(_like(x, ins[0], k in masks) for k, x in enumerate(ins))
 
     return {"seq_fwd": seq_fwd, "seq_bwd": seq_bwd, "step_fwd": step_fwd, "step_bwd": step_bwd}[opname.split("_", 1)[1]]
 
@@ -94,6 +104,7 @@ def _autograd(family, scope, bwd_name):
     weights, state, options = FAMILIES[family]
     nw, ns, no = len(weights), len(state), len(options)
     n_tensors = 1 + nw + ns + (1 if scope == "seq" else 0)  # xw, weights, state(, lengths)
+    masks = set(mask_positions(family))
 
     def setup_context(ctx, inputs, output):
         # grads of unused outputs arrive as None, not as zeros: ws's (never used) would otherwise be a
@@ -101,7 +112,7 @@ def _autograd(family, scope, bwd_name):
         ctx.set_materialize_grads(False)
         ctx.opts = tuple(inputs[n_tensors:-2]) + (inputs[-1],)  # (reverse,) + options + (backend,)
         ctx.saved = inputs[-2]
-        ctx.absent = [w is None for w in inputs[1:1 + nw]]
+        ctx.absent = [w is None or k in masks for k, w in enumerate(inputs[1:1 + nw])]  # masks: no gradient
         saved = list(inputs[:n_tensors])
         if scope == "seq":
             saved.append(output[0])  # y
@@ -149,6 +160,7 @@ def _double_backward(family, scope):
     nw, ns = len(weights), len(state)
     ng = ns + (1 if scope == "seq" else 0)  # incoming grads: (grad_y,) + state for seq, state for step
     n_in = 1 + nw + ns  # xw, weights, state: the backward op's outputs are their gradients
+    masks = {1 + k for k in mask_positions(family)}
     cell = reference.CELLS[family][0]
 
     def setup_context(ctx, inputs, output):
@@ -164,7 +176,7 @@ def _double_backward(family, scope):
     def backward(ctx, *vs):
         saved = ctx.saved_tensors
         g, p = saved[:ng], saved[ng:ng + n_in]
-        present = [k for k, t in enumerate(p) if t is not None]
+        present = [k for k, t in enumerate(p) if t is not None and k not in masks]  # masks: constants
         lengths = saved[-1] if scope == "seq" else None
 
         def forward(*q):  # the cell's outputs from the present inputs

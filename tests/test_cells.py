@@ -67,13 +67,17 @@ def _op_args(family, T, B, H, P, dtype, reverse, lengths, proj, g):
     out = P if proj else H
     xw = r(T, B, G * H)
     if family == "lstm":
-        weights = (r(G * H, out), r(G * H), r(P, H) if proj else None, None)
+        weights = (r(G * H, out), r(G * H), r(P, H) if proj else None, None, *[None] * 6)  # no cell options
         state = (r(B, out), r(B, H))
-        options = (False,)
+        options = (False, 0.0, 0.0)
+    elif family == "gru":
+        weights = (r(G * H, H), r(G * H), None, None, None)
+        state = (r(B, H),)
+        options = (0.0,)
     else:
         weights = (r(G * H, H), r(G * H))
         state = (r(B, H),)
-        options = ("tanh",) if family == "rnn" else ()
+        options = ("tanh",)
     return xw, weights, state, options
 
 
@@ -123,16 +127,17 @@ def test_lstm_op_variant_hooks(backend):
     issue builds on: zero peephole weights equal a plain LSTM, and the coupled form matches its formula."""
     g = torch.Generator().manual_seed(0)
     T, B, H = 4, 3, 5
-    xw, (w_hh, b_hh, _, _), (h0, c0), _ = _op_args("lstm", T, B, H, H, torch.float64, False, None, False, g)
+    xw, (w_hh, b_hh, *_), (h0, c0), _ = _op_args("lstm", T, B, H, H, torch.float64, False, None, False, g)
     op = torch.ops.fastrnn.lstm_seq_fwd
-    plain = op(xw, w_hh, b_hh, None, None, h0, c0, None, False, False, False, backend)
-    zero_peep = op(xw, w_hh, b_hh, None, torch.zeros(3, H, dtype=torch.float64), h0, c0, None, False, False, False,
-                   backend)
+    none6 = [None] * 6  # no cell options
+    plain = op(xw, w_hh, b_hh, None, None, *none6, h0, c0, None, False, False, 0.0, 0.0, False, backend)
+    zero_peep = op(xw, w_hh, b_hh, None, torch.zeros(3, H, dtype=torch.float64), *none6, h0, c0, None, False, False,
+                   0.0, 0.0, False, backend)
     for a, b in zip(plain[:3], zero_peep[:3]):
         assert_close(a, b, 0, "zero peephole")
     # coupled input-forget gate: 3 gate blocks (i, g, o), f = 1 - i, against a hand-written step loop
     xw3, w3, b3 = xw[..., :3 * H].contiguous(), w_hh[:3 * H].contiguous(), b_hh[:3 * H].contiguous()
-    y, hT, cT, _ = op(xw3, w3, b3, None, None, h0, c0, None, False, True, False, backend)
+    y, hT, cT, _ = op(xw3, w3, b3, None, None, *none6, h0, c0, None, False, True, 0.0, 0.0, False, backend)
     h, c = h0, c0
     for t in range(T):
         i, gg, o = (xw3[t] + h @ w3.T + b3).chunk(3, 1)

@@ -39,18 +39,24 @@ def test_extension_loaded_and_ran(ran):
 def test_raw_ops_check_their_arguments():
     op = torch.ops.fastrnn_cpp
     xw, w, h = torch.randn(3, 2, 12), torch.randn(12, 4), torch.zeros(2, 4)
+    no = (None, None, None)  # no cell options (ln_h, rmask, zmask)
     with pytest.raises(RuntimeError, match=r"w_hh must have shape \[12, 4\], got \[12, 5\]"):
-        op.gru_seq_fwd(xw, torch.randn(12, 5), None, h, None, False, False)
+        op.gru_seq_fwd(xw, torch.randn(12, 5), None, *no, h, None, False, 0.0, False)
     with pytest.raises(RuntimeError, match="xw has dtype Double but the input has Float|h0 has dtype Double"):
-        op.gru_seq_fwd(xw, w, None, h.double(), None, False, False)
+        op.gru_seq_fwd(xw, w, None, *no, h.double(), None, False, 0.0, False)
     with pytest.raises(RuntimeError, match=r"lengths\[1\] = 4 is not in 1..3"):
-        op.gru_seq_fwd(xw, w, None, h, torch.tensor([3, 4]), False, False)
+        op.gru_seq_fwd(xw, w, None, *no, h, torch.tensor([3, 4]), False, 0.0, False)
     with pytest.raises(RuntimeError, match="lengths must be non-increasing"):
-        op.gru_seq_fwd(xw, w, None, h, torch.tensor([1, 3]), False, False)
+        op.gru_seq_fwd(xw, w, None, *no, h, torch.tensor([1, 3]), False, 0.0, False)
     with pytest.raises(RuntimeError, match="unknown nonlinearity 'gelu'"):
         op.rnn_seq_fwd(torch.randn(3, 2, 4), torch.randn(4, 4), None, h, None, False, "gelu", False)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        op.gru_seq_fwd(xw, torch.randn(4, 12).t(), None, h, None, False, False)
+        op.gru_seq_fwd(xw, torch.randn(4, 12).t(), None, *no, h, None, False, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"rmask must have shape \[2, 4\], got \[2, 5\]"):
+        op.gru_seq_fwd(xw, w, None, None, torch.ones(2, 5), None, h, None, False, 0.0, False)
+    with pytest.raises(RuntimeError, match=r"zmask_c must have shape \[3, 2, 4\], got \[2, 4\]"):
+        op.lstm_seq_fwd(torch.randn(3, 2, 16), torch.randn(16, 4), None, None, None, None, None, None, None, None,
+                        torch.ones(2, 4), h, h, None, False, False, 0.0, 0.0, False)
     # the inference cells (input projection inside): x [B, I], w_ih [G*H, I]
     x, w_ih = torch.randn(2, 5), torch.randn(12, 5)
     with pytest.raises(RuntimeError, match=r"w_ih must have shape \[12, 5\], got \[12, 6\]"):

@@ -199,7 +199,8 @@ def _unrolled_variant(m, x, h, c):
     xw = torch.nn.functional.linear(x, m.weight_ih_l0, m.bias_ih_l0)
     ys = []
     for t in range(x.shape[0]):
-        h, c = reference.lstm_cell(xw[t], m.weight_hh_l0, m.bias_hh_l0, None, m.weight_ch_l0, h, c, m.coupled_gates)
+        h, c = reference.lstm_cell(xw[t], m.weight_hh_l0, m.bias_hh_l0, None, m.weight_ch_l0, *[None] * 6, h, c,
+                                       m.coupled_gates, 0.0, 0.0)
         ys.append(h)
     return torch.stack(ys), h, c
 

@@ -54,11 +54,11 @@ def test_peephole_and_coupled_match_reference(backend, threaded, H):
     for coupled in (False, True):
         G = 3 if coupled else 4
         r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-        args = [r(T, B, G * H), r(G * H, H), r(G * H), None, r(3, H), r(B, H), r(B, H)]
+        args = [r(T, B, G * H), r(G * H, H), r(G * H), None, r(3, H), *[None] * 6, r(B, H), r(B, H)]
         leaves = [a.requires_grad_() for a in args if a is not None]
         outs = {}
         for be in ("reference", backend):
-            res = torch.ops.fastrnn.lstm_seq_fwd(*args, torch.tensor([5, 3, 2]), True, coupled, True, be)[:3]
+            res = torch.ops.fastrnn.lstm_seq_fwd(*args, torch.tensor([5, 3, 2]), True, coupled, 0.0, 0.0, True, be)[:3]
             grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(res)), leaves)
             outs[be] = list(res) + list(grads)
         for a, b in zip(outs[backend], outs["reference"]):

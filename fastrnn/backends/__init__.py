@@ -16,22 +16,35 @@ Cell families and their pieces (the order is the op argument order):
 =======  ==============  ==========================================  ===========================
 family   state           weights                                     options
 =======  ==============  ==========================================  ===========================
-lstm     h [B,P], c [B,H] w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?,    coupled: bool
-                          w_ch [3,H]? (peephole)
-gru      h [B,H]          w_hh [3H,H], b_hh [3H]?
+lstm     h [B,P], c [B,H] w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?,    coupled: bool,
+                          w_ch [3,H]? (peephole), ln_h [G*H]?,        zoneout_h: float,
+                          ln_c [H]?, ln_c_bias [H]?, rmask [B,P]?,    zoneout_c: float
+                          zmask_h [T,B,P]?, zmask_c [T,B,H]?
+gru      h [B,H]          w_hh [3H,H], b_hh [3H]?, ln_h [3H]?,        zoneout: float
+                          rmask [B,H]?, zmask [T,B,H]?
 rnn      h [B,H]          w_hh [H,H], b_hh [H]?                       nonlinearity: 'tanh'|'relu'
 =======  ==============  ==========================================  ===========================
 
-``?`` marks an optional tensor (``None`` when absent). The input projection is done once for all steps
+``?`` marks an optional tensor (``None`` when absent). The cell options (``fastrnn.modules``'
+``_CELL_OPTIONS_DOC``): ``ln_h`` is the gain of the recurrent product's layer normalization, ``ln_c``/
+``ln_c_bias`` those of c's (LSTM); ``rmask`` the recurrent dropout mask (0 or 1/(1-p), one per row for the
+whole sequence); ``zmask_*`` the zoneout masks (1: the unit keeps its previous value), one per step
+([B,*] in the step ops); without a mask, ``zoneout_*`` is the keep weight (eval: the probability). The
+masks are inputs without a gradient (a backend returns an empty tensor for them). A backend that serves an
+option declares its feature ('layer_norm', 'zoneout', 'recurrent_dropout'); ``_common.without_cell_options``
+adapts one that serves none. The input projection is done once for all steps
 outside the backend: ``xw = x @ w_ih.T + b_ih`` of shape [T,B,G*H] (sequence) or [B,G*H] (step), in
 torch's gate order (LSTM i,f,g,o, or i,g,o when coupled; GRU r,z,n; RNN one block).
 
-The math, per step (``sigma`` = sigmoid, ``*`` elementwise, ``gh = h @ w_hh.T + b_hh``):
+The math, per step (``sigma`` = sigmoid, ``*`` elementwise, ``gh = h @ w_hh.T + b_hh``; with the cell
+options ``gh = LN((h * rmask) @ w_hh.T; ln_h) + b_hh``, LN over the G*H columns of a row with eps 1e-5):
 
 - lstm: ``i,f,g,o = split(xw_t + gh)``; with peephole ``i += w_ch[0]*c``, ``f += w_ch[1]*c``;
   ``i,f,g = sigma(i), sigma(f), tanh(g)``, with coupled gates ``f = 1 - i`` (no f block);
-  ``c' = f*c + i*g``; with peephole ``o += w_ch[2]*c'``; ``h' = sigma(o)*tanh(c')``, then
-  ``h' = h' @ w_hr.T`` with projection.
+  ``c' = f*c + i*g``; with peephole ``o += w_ch[2]*c'``; ``h' = sigma(o)*tanh(c')`` (with ``ln_c``:
+  ``tanh(LN(c'; ln_c, ln_c_bias))``, c' carried un-normalized), then ``h' = h' @ w_hr.T`` with projection.
+- zoneout (lstm, gru), after the cell: ``h_t = k*h + (1-k)*h'`` with k the step's ``zmask_h`` or else
+  ``zoneout_h`` (c likewise with ``zmask_c``/``zoneout_c``); y_t is h_t.
 - gru (torch's form, reset after the recurrent product): ``r = sigma(xr + ghr)``,
   ``z = sigma(xz + ghz)``, ``n = tanh(xn + r*ghn)``, ``h' = (1-z)*n + z*h``.
 - rnn: ``h' = act(xw_t + gh)``.

@@ -72,8 +72,8 @@ def fwd_dims(op: str, args) -> tuple:
     family, scope, _ = op.split("_")
     xw = args[0]
     T, B, GH = xw.shape if scope == "seq" else (1, *xw.shape)
-    if family == "lstm":  # (xw, w_hh, b_hh, w_hr, w_ch, h, c, ...) for seq and step alike
-        return family, scope, T, B, GH, args[6].shape[-1], args[5].shape[-1], args[3] is not None
+    if family == "lstm":  # (xw, w_hh, b_hh, w_hr, w_ch, 6 more weights, h, c, ...) for seq and step alike
+        return family, scope, T, B, GH, args[12].shape[-1], args[11].shape[-1], args[3] is not None
     H = GH // 3 if family == "gru" else GH
     return family, scope, T, B, GH, H, H, False
 
@@ -83,39 +83,53 @@ class StepsFromSequence:
 
     A step's workspace is the sequence workspace followed by the step's output h (its backward needs
     h_new as the sequence backward needs y), so ``workspace_numel`` of a step op adds B*P to the
-    sequence's count.
+    sequence's count. A step's zoneout masks ([B,*]) become the sequence's ([1,B,*]).
     """
 
-    def lstm_step_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled, save):
-        y, h_n, c_n, ws = self.lstm_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, w_hr, w_ch, h, c, None, False, coupled,
-                                            save)
-        return h_n, c_n, _with_output(ws, y, save)
+    def lstm_step_fwd(self, xw, *args):
+        return _step_fwd(self.lstm_seq_fwd, "lstm", xw, args)
 
-    def lstm_step_bwd(self, grad_h, grad_c, xw, w_hh, b_hh, w_hr, w_ch, h, c, ws, coupled):
-        ws, y = _split_output(ws, h)
-        g = self.lstm_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), grad_c, xw.unsqueeze(0), w_hh, b_hh,
-                              w_hr, w_ch, h, c, None, y, ws, False, coupled)
-        return (g[0][0],) + tuple(g[1:])
+    def lstm_step_bwd(self, grad_h, grad_c, *args):
+        return _step_bwd(self.lstm_seq_bwd, "lstm", (grad_h, grad_c), args)
 
-    def gru_step_fwd(self, xw, w_hh, b_hh, h, save):
-        y, h_n, ws = self.gru_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, save)
-        return h_n, _with_output(ws, y, save)
+    def gru_step_fwd(self, xw, *args):
+        return _step_fwd(self.gru_seq_fwd, "gru", xw, args)
 
-    def gru_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws):
-        ws, y = _split_output(ws, h)
-        g = self.gru_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None, y,
-                             ws, False)
-        return (g[0][0],) + tuple(g[1:])
+    def gru_step_bwd(self, grad_h, *args):
+        return _step_bwd(self.gru_seq_bwd, "gru", (grad_h,), args)
 
-    def rnn_step_fwd(self, xw, w_hh, b_hh, h, nonlinearity, save):
-        y, h_n, ws = self.rnn_seq_fwd(xw.unsqueeze(0), w_hh, b_hh, h, None, False, nonlinearity, save)
-        return h_n, _with_output(ws, y, save)
+    def rnn_step_fwd(self, xw, *args):
+        return _step_fwd(self.rnn_seq_fwd, "rnn", xw, args)
 
-    def rnn_step_bwd(self, grad_h, xw, w_hh, b_hh, h, ws, nonlinearity):
-        ws, y = _split_output(ws, h)
-        g = self.rnn_seq_bwd(grad_h.unsqueeze(0), torch.zeros_like(grad_h), xw.unsqueeze(0), w_hh, b_hh, h, None,
-                             y, ws, False, nonlinearity)
-        return (g[0][0],) + tuple(g[1:])
+    def rnn_step_bwd(self, grad_h, *args):
+        return _step_bwd(self.rnn_seq_bwd, "rnn", (grad_h,), args)
+
+
+def _seq_weights(family, weights):
+    """A step's weight arguments as a one-step sequence's: its per-step masks get a T axis of 1."""
+    from .reference import CELLS
+    steps = CELLS[family][4]
+    return tuple(w.unsqueeze(0) if k in steps and w is not None else w for k, w in enumerate(weights))
+
+
+def _step_fwd(seq_fwd, family, xw, args):
+    from .reference import CELLS
+    nw, ns = CELLS[family][1], CELLS[family][2]
+    weights, state, options, save = args[:nw], args[nw:nw + ns], args[nw + ns:-1], args[-1]
+    res = seq_fwd(xw.unsqueeze(0), *_seq_weights(family, weights), *state, None, False, *options, save)
+    return (*res[1:-1], _with_output(res[-1], res[0], save))
+
+
+def _step_bwd(seq_bwd, family, grads, args):
+    from .reference import CELLS
+    nw, ns = CELLS[family][1], CELLS[family][2]
+    xw, weights, state, ws, options = args[0], args[1:1 + nw], args[1 + nw:1 + nw + ns], args[1 + nw + ns], \
+        args[2 + nw + ns:]
+    ws, y = _split_output(ws, state[0])
+    # one step: grad_h enters as grad_y, the final h's grad is zero
+    g = seq_bwd(grads[0].unsqueeze(0), torch.zeros_like(grads[0]), *grads[1:], xw.unsqueeze(0),
+                *_seq_weights(family, weights), *state, None, y, ws, False, *options)
+    return (g[0][0],) + tuple(g[1:])
 
 
 def _with_output(ws, y, save):
@@ -133,3 +147,49 @@ def recurrent_weight_grads(d_gh, h_prev, b_hh):
     flat = d_gh.reshape(-1, d_gh.shape[-1])
     d_b = flat.sum(0) if b_hh is not None else flat.new_empty(0)
     return flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])), d_b
+
+
+# the cell options added to the LSTM and GRU argument lists (fastrnn.backends): how many weight arguments
+# and options each family had before them, and had then
+_PLAIN = {"lstm": (4, 10, 1, 3, 2), "gru": (2, 5, 0, 1, 1)}  # nw before, nw, no before, no, ns
+# the feature each added weight argument belongs to
+_OPTION_OF = {"lstm": ("layer_norm",) * 3 + ("recurrent_dropout", "zoneout", "zoneout"),
+              "gru": ("layer_norm", "recurrent_dropout", "zoneout")}
+
+
+def without_cell_options(cls, scopes=("seq",)):
+    """Class decorator for a backend whose kernels serve none of the cell options (layer norm, zoneout,
+    recurrent dropout; it does not declare those features, so dispatch never picks it for them): its
+    ``lstm``/``gru`` ``seq_fwd``/``seq_bwd`` methods, written for the argument lists without them, take
+    the contract's lists. A call that uses an option anyway (a direct op call) is refused with a
+    RuntimeError naming it; the backward returns empty gradients for the option's tensors."""
+    for family, (nw0, nw, no0, no, ns) in _PLAIN.items():
+        for scope in scopes:
+            for kind in ("fwd", "bwd"):
+                name = f"{family}_{scope}_{kind}"
+                setattr(cls, name, _adapt(getattr(cls, name), cls.name, family, scope, kind, nw0, nw, no0, no, ns))
+    return cls
+
+
+def _adapt(plain, backend, family, scope, kind, nw0, nw, no0, no, ns):
+    ng = (1 if scope == "seq" else 0) + ns if kind == "bwd" else 0  # incoming gradients first
+    # between the state and the options: (lengths, y, ws, reverse), (lengths, reverse), (ws,) or nothing
+    k_mid = {("seq", "bwd"): 4, ("seq", "fwd"): 2, ("step", "bwd"): 1, ("step", "fwd"): 0}[scope, kind]
+
+    def method(self, *args):
+        rest = args[ng:]
+        w, after = rest[1:1 + nw], rest[1 + nw:]
+        opts = after[ns + k_mid:ns + k_mid + no]
+        used = [n for n, t in zip(_OPTION_OF[family], w[nw0:]) if t is not None]
+        used += ["zoneout" for p in opts[no0:] if p]
+        if used:
+            raise RuntimeError(f"fastrnn {backend} backend: {family} with {', '.join(sorted(set(used)))} is not "
+                               f"supported by its kernels")
+        res = plain(self, *args[:ng], rest[0], *w[:nw0], *after[:ns + k_mid], *opts[:no0], *after[ns + k_mid + no:])
+        if kind == "fwd":
+            return res
+        return (*res[:1 + nw0], *(rest[0].new_empty(0) for _ in range(nw - nw0)), *res[1 + nw0:])
+
+    method.__name__ = plain.__name__
+    method.__doc__ = plain.__doc__
+    return method

@@ -61,7 +61,9 @@ class CppBackend(Backend):
     # beyond it (~48-64 rows at H=256) the input projection as one GEMM wins (benchmarks/NOTES.md,
     # "Short sequences" and the seventh session)
     chunk_max_rows = 32
-    features = frozenset({"proj", "peephole", "coupled", "varlen"})
+    # the cell options: zoneout and recurrent dropout on any number of workers; layer norm (its statistics
+    # span a row's units) on one
+    features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
 
     def unavailable_reasons(self):
         return [_LOAD_ERROR] if _LOAD_ERROR else []
@@ -74,10 +76,12 @@ class CppBackend(Backend):
         if not args[-1]:  # save=False: inference keeps nothing
             return 0
         family, scope, T, B, GH, H, _, proj = fwd_dims(op, args)
-        if family == "lstm":
-            return T * B * (GH + H + (H if proj else 0))
-        if family == "gru":
-            return T * B * (GH + H)
+        if family == "lstm":  # csrc/lstm.cpp, ws_row: args (xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ..., zmask_c, ...)
+            ln = args[5] is not None or args[6] is not None
+            cell = ln or args[10] is not None or args[-2] != 0  # zoneout of c: its mask, or p (args[-2])
+            return T * B * (GH + H + (H if proj else 0) + (H if cell else 0) + (GH + 3 if ln else 0))
+        if family == "gru":  # csrc/gru.cpp, ws_row
+            return T * B * (GH + H + (GH + 1 if args[3] is not None else 0))
         return B * GH if scope == "step" else 0  # a plain RNN step keeps its output
 
     @staticmethod

@@ -77,6 +77,7 @@ def _alloc(varlen):
     return torch.zeros if varlen else torch.empty
 
 
+@_common.without_cell_options
 class NumbaBackend(StepsFromSequence, Backend):
     name = "numba"
     devices = ("cpu",)

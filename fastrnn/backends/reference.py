@@ -14,8 +14,31 @@ from . import FLOAT_DTYPES, Backend
 from ._common import autograd_inside_op, batch_sizes_from_lengths, empty_grads
 
 
-def lstm_cell(xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
-    gates = xw + F.linear(h, w_hh, b_hh)
+#: nn.LayerNorm's default eps, used by every layer normalization of the cells
+LN_EPS = 1e-5
+
+
+def _recurrent(h, w_hh, b_hh, ln_h, rmask):
+    """The recurrent product ``gh``: h (times its recurrent dropout mask) @ w_hh.T, layer-normalized over
+    its G*H columns with gain ``ln_h`` when given, plus b_hh (added after the normalization)."""
+    if rmask is not None:
+        h = h * rmask
+    if ln_h is None:
+        return F.linear(h, w_hh, b_hh)
+    gh = F.layer_norm(F.linear(h, w_hh), (w_hh.shape[0],), ln_h, None, LN_EPS)
+    return gh if b_hh is None else gh + b_hh
+
+
+def _zoneout(new, old, mask, p):
+    """Zoneout: ``k*old + (1-k)*new`` with k the step's 0/1 mask (training) or the probability p (eval)."""
+    if mask is not None:
+        return torch.lerp(new, old, mask)
+    return new if p == 0 else torch.lerp(new, old, torch.full_like(new, p))
+
+
+def lstm_cell(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_c_bias, rmask, zmask_h, zmask_c, h, c, coupled,
+              zoneout_h, zoneout_c):
+    gates = xw + _recurrent(h, w_hh, b_hh, ln_h, rmask)
     if coupled:
         i, g, o = gates.chunk(3, 1)
     else:
@@ -29,19 +52,20 @@ def lstm_cell(xw, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
     c_new = f * c + i * torch.tanh(g)
     if w_ch is not None:
         o = o + w_ch[2] * c_new
-    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    c_out = c_new if ln_c is None else F.layer_norm(c_new, (c_new.shape[1],), ln_c, ln_c_bias, LN_EPS)
+    h_new = torch.sigmoid(o) * torch.tanh(c_out)
     if w_hr is not None:
         h_new = F.linear(h_new, w_hr)
-    return h_new, c_new
+    return _zoneout(h_new, h, zmask_h, zoneout_h), _zoneout(c_new, c, zmask_c, zoneout_c)
 
 
-def gru_cell(xw, w_hh, b_hh, h):
+def gru_cell(xw, w_hh, b_hh, ln_h, rmask, zmask, h, zoneout):
     xr, xz, xn = xw.chunk(3, 1)
-    hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, 1)
+    hr, hz, hn = _recurrent(h, w_hh, b_hh, ln_h, rmask).chunk(3, 1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
-    return ((1 - z) * n + z * h,)
+    return (_zoneout((1 - z) * n + z * h, h, zmask, zoneout),)
 
 
 def rnn_cell(xw, w_hh, b_hh, h, nonlinearity):
@@ -49,8 +73,25 @@ def rnn_cell(xw, w_hh, b_hh, h, nonlinearity):
     return (torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre),)
 
 
-# family -> (cell, number of weights, number of state tensors)
-CELLS = {"lstm": (lstm_cell, 4, 2), "gru": (gru_cell, 2, 1), "rnn": (rnn_cell, 2, 1)}
+# family -> (cell, number of weights, number of state tensors, weight positions of the per-row masks
+# ([B,*] for a sequence), weight positions of the per-step masks ([T,B,*] for a sequence, [B,*] for a step))
+CELLS = {"lstm": (lstm_cell, 10, 2, (7,), (8, 9)), "gru": (gru_cell, 5, 1, (3,), (4,)),
+         "rnn": (rnn_cell, 2, 1, (), ())}
+
+
+def _step_weights(family, weights, t, n):
+    """The weights of one step of a sequence on its first n rows: the masks cut to that step and those rows."""
+    _, _, _, rows, steps = CELLS[family]
+    if not rows and not steps:
+        return weights
+    out = list(weights)
+    for k in rows:
+        if out[k] is not None:
+            out[k] = out[k][:n]
+    for k in steps:
+        if out[k] is not None:
+            out[k] = out[k][t, :n]
+    return out
 
 
 def _seq(family, xw, weights, state, lengths, reverse, options):
@@ -60,11 +101,12 @@ def _seq(family, xw, weights, state, lengths, reverse, options):
     ys = [None] * T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         n = sizes[t]
+        w = _step_weights(family, weights, t, n)
         if n == B:
-            state = cell(xw[t], *weights, *state, *options)
+            state = cell(xw[t], *w, *state, *options)
             ys[t] = state[0]
         else:  # rows n.. are past their end: untouched
-            new = cell(xw[t, :n], *weights, *(s[:n] for s in state), *options)
+            new = cell(xw[t, :n], *w, *(s[:n] for s in state), *options)
             state = tuple(torch.cat([a, s[n:]]) for a, s in zip(new, state))
             ys[t] = torch.cat([new[0], new[0].new_zeros(B - n, new[0].shape[1])])
     if T == 0:
@@ -92,11 +134,20 @@ def _leaf(x):
     return None if x is None else x.detach().requires_grad_(True)
 
 
+def _leaves(family, xw, weights, state):
+    """(the inputs for a recomputation, the ones to differentiate: None for absent inputs and masks)."""
+    masks = set(CELLS[family][3]) | set(CELLS[family][4])
+    ws = [w.detach() if k in masks and w is not None else _leaf(w) for k, w in enumerate(weights)]
+    inputs = [_leaf(xw), *ws, *map(_leaf, state)]
+    diff = [None if k - 1 in masks else x for k, x in enumerate(inputs)]
+    return inputs, diff
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
     dtypes = FLOAT_DTYPES
-    features = frozenset({"proj", "peephole", "coupled", "varlen"})
+    features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
 
     # ---- generic implementations over CELLS -------------------------------------------------
     def _seq_fwd(self, family, args):
@@ -113,10 +164,10 @@ class ReferenceBackend(Backend):
         xw, weights, state0 = rest[0], rest[1:1 + nw], rest[1 + nw:1 + nw + ns]
         lengths = rest[1 + nw + ns]
         reverse, options = rest[4 + nw + ns], rest[5 + nw + ns:]  # skip y, ws
-        inputs = [_leaf(xw), *map(_leaf, weights), *map(_leaf, state0)]
+        inputs, diff = _leaves(family, xw, weights, state0)
         with autograd_inside_op():
             y, state = _seq(family, inputs[0], inputs[1:1 + nw], inputs[1 + nw:], lengths, reverse, options)
-            res = _grad([y, *state], list(grads), inputs)
+            res = _grad([y, *state], list(grads), diff)
         return empty_grads(res, xw)
 
     def _step_fwd(self, family, args):
@@ -131,10 +182,10 @@ class ReferenceBackend(Backend):
         grads, rest = args[:ns], args[ns:]
         xw, weights, state = rest[0], rest[1:1 + nw], rest[1 + nw:1 + nw + ns]
         options = rest[2 + nw + ns:]  # skip ws
-        inputs = [_leaf(xw), *map(_leaf, weights), *map(_leaf, state)]
+        inputs, diff = _leaves(family, xw, weights, state)
         with autograd_inside_op():
             new = CELLS[family][0](*inputs, *options)
-            res = _grad(list(new), list(grads), inputs)
+            res = _grad(list(new), list(grads), diff)
         return empty_grads(res, xw)
 
 

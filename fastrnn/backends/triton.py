@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from . import Backend
+from . import Backend, _common
 from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recurrent_weight_grads
 
 try:
@@ -131,6 +131,7 @@ def _schedule(sizes, T, reverse, backward):
     return out
 
 
+@_common.without_cell_options
 class TritonBackend(StepsFromSequence, Backend):
     name = "triton"
     features = frozenset({"proj", "peephole", "coupled", "varlen"})
