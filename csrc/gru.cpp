@@ -100,34 +100,68 @@ FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p) {
 }
 
 // ---- layer norm of the recurrent product (the cell option the pointwise pass applies; zoneout and
-// recurrent dropout are the driver's). A row's statistics span all its units: one worker (u0 = 0, nu = H).
+// recurrent dropout are the driver's). A row's statistics span all its units, which the workers share
+// out: phase 0 writes each worker's partial statistics, phase 1 combines them (forward_driver), as in
+// lstm.cpp.
 constexpr double LN_EPS = 1e-5;  // nn.LayerNorm's
 
 template <typename T>
-void fwd_ln_impl(const FwdPoint<T>& p, const T* gain, T* xhat, T* rstd) {
-  const int64_t H = p.H, U = p.U;
+struct LnPoint {
+  const T* gain;  // + u0: [k * H + j]
+  T* xhat;        // normalized product of step t + u0: [b * 3H + k * H + j] (save only)
+  T* rstd;        // step t: [b] (save only)
+  T* part;        // partial statistics [slot][B][3] (count, mean, squared deviations)
+  int slots, w;
+  int64_t B, u0;
+};
+
+template <typename T>
+FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int ph) {
+  const int64_t H = p.H, U = p.U, nu = p.nu;
+  if (ph == 0) {
+    for (int64_t b = 0; b < p.bs; ++b) {
+      const T* pr = p.pre + b * p.ldp;
+      T sum = T(0), sq = T(0);
+      for (int k = 0; k < 3; ++k)
+        for (int64_t j = 0; j < nu; ++j) sum += pr[k * U + j];
+      const T mean = sum / T(3 * nu);
+      for (int k = 0; k < 3; ++k)
+        for (int64_t j = 0; j < nu; ++j) sq += (pr[k * U + j] - mean) * (pr[k * U + j] - mean);
+      T* o = q.part + (q.w * q.B + b) * 3;
+      o[0] = T(3 * nu);
+      o[1] = mean;
+      o[2] = sq;
+    }
+    return;
+  }
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
     const T* x = p.xw + b * 3 * H;
     const T* hp = p.hp + b * H;
     T* h = p.hdst + b * H;
-    T sum = T(0), sq = T(0);
-    for (int k = 0; k < 3; ++k)
-      for (int64_t j = 0; j < p.nu; ++j) sum += pr[k * U + j];
-    const T mean = sum / T(3 * p.nu);
-    for (int k = 0; k < 3; ++k)
-      for (int64_t j = 0; j < p.nu; ++j) sq += (pr[k * U + j] - mean) * (pr[k * U + j] - mean);
-    const T rs = T(1) / std::sqrt(sq / T(3 * p.nu) + T(LN_EPS));
-    if (rstd) rstd[b] = rs;
-    auto gh = [&](int k, int64_t j) {
-      const T n = (pr[k * U + j] - mean) * rs;
-      if (xhat) xhat[b * 3 * H + k * H + j] = n;
-      return n * gain[k * H + j] + p.bias[k * H + j];
-    };
-    for (int64_t j = 0; j < p.nu; ++j) {
-      const T r = sigmoid_(x[j] + gh(0, j));
-      const T z = sigmoid_(x[H + j] + gh(1, j));
-      const T hn = gh(2, j);
+    T n_ = T(0), m = T(0), m2 = T(0);  // combine the workers' statistics (Chan et al.)
+    for (int w = 0; w < q.slots; ++w) {
+      const T* s = q.part + (w * q.B + b) * 3;
+      if (s[0] == T(0)) continue;
+      const T nn = n_ + s[0], d = s[1] - m;
+      m += d * s[0] / nn;
+      m2 += s[2] + d * d * n_ * s[0] / nn;
+      n_ = nn;
+    }
+    const T rs = T(1) / std::sqrt(m2 / n_ + T(LN_EPS));
+    if (q.rstd && q.u0 == 0) q.rstd[b] = rs;
+    T* xh = q.xhat ? q.xhat + b * 3 * H : nullptr;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < nu; ++j) {
+      const T nr = (pr[j] - m) * rs, nz = (pr[U + j] - m) * rs, nn = (pr[2 * U + j] - m) * rs;
+      if (xh) {
+        xh[j] = nr;
+        xh[H + j] = nz;
+        xh[2 * H + j] = nn;
+      }
+      const T r = sigmoid_(x[j] + nr * q.gain[j] + p.bias[j]);
+      const T z = sigmoid_(x[H + j] + nz * q.gain[H + j] + p.bias[H + j]);
+      const T hn = nn * q.gain[2 * H + j] + p.bias[2 * H + j];
       const T n = tanh_(x[2 * H + j] + r * hn);
       h[j] = (T(1) - z) * n + z * hp[j];
       if (p.gates) {
@@ -141,41 +175,53 @@ void fwd_ln_impl(const FwdPoint<T>& p, const T* gain, T* xhat, T* rstd) {
   }
 }
 
-FASTRNN_CLONES void fwd_ln(const FwdPoint<float>& p, const float* g, float* xhat, float* rstd) {
-  fwd_ln_impl(p, g, xhat, rstd);
-}
-FASTRNN_CLONES void fwd_ln(const FwdPoint<double>& p, const double* g, double* xhat, double* rstd) {
-  fwd_ln_impl(p, g, xhat, rstd);
-}
+FASTRNN_CLONES void fwd_ln(const FwdPoint<float>& p, const LnPoint<float>& q, int ph) { fwd_ln_impl(p, q, ph); }
+FASTRNN_CLONES void fwd_ln(const FwdPoint<double>& p, const LnPoint<double>& q, int ph) { fwd_ln_impl(p, q, ph); }
 
-// after bwd_impl wrote the gradient of the normalized product (+ bias) into p.dhh: accumulate the gain's
-// and the bias's gradients and replace it by the gradient of the raw product
+// phase 0, after bwd_impl wrote the gradient of the normalized product (+ bias) into p.dhh: the partial
+// sums over the worker's columns; phase 1: the gain's and the bias's gradients (accumulated, + u0) and the
+// gradient of the raw product in place of it
 template <typename T>
-void bwd_ln_impl(const BwdPoint<T>& p, const T* gain, const T* xhat, const T* rstd, T* d_gain, T* d_bias) {
-  const int64_t GH = 3 * p.H;
+FASTRNN_INLINE void bwd_ln_impl(const BwdPoint<T>& p, const LnPoint<T>& q, const T* rstd, T* d_gain, T* d_bias, int ph) {
+  const int64_t H = p.H, GH = 3 * H, nu = p.nu;
   for (int64_t b = 0; b < p.bs; ++b) {
     T* dr = p.dhh + b * GH;
-    const T* xh = xhat + b * GH;
+    const T* xh = q.xhat + b * GH;
+    if (ph == 0) {
+      T t1 = T(0), t2 = T(0);
+      for (int k = 0; k < 3; ++k)
+        for (int64_t j = 0; j < nu; ++j) {
+          const T dn = dr[k * H + j] * q.gain[k * H + j];
+          t1 += dn;
+          t2 += dn * xh[k * H + j];
+        }
+      q.part[(q.w * q.B + b) * 2] = t1;
+      q.part[(q.w * q.B + b) * 2 + 1] = t2;
+      continue;
+    }
     T t1 = T(0), t2 = T(0);
-    for (int64_t n = 0; n < GH; ++n) {
-      d_bias[n] += dr[n];
-      d_gain[n] += dr[n] * xh[n];
-      const T dn = dr[n] * gain[n];
-      t1 += dn;
-      t2 += dn * xh[n];
+    for (int w = 0; w < q.slots; ++w) {
+      t1 += q.part[(w * q.B + b) * 2];
+      t2 += q.part[(w * q.B + b) * 2 + 1];
     }
     const T inv = T(1) / T(GH);
-    for (int64_t n = 0; n < GH; ++n) dr[n] = rstd[b] * (dr[n] * gain[n] - t1 * inv - xh[n] * t2 * inv);
+    for (int k = 0; k < 3; ++k)
+      for (int64_t j = 0; j < nu; ++j) {
+        const int64_t n = k * H + j;
+        d_bias[n] += dr[n];
+        d_gain[n] += dr[n] * xh[n];
+        dr[n] = rstd[b] * (dr[n] * q.gain[n] - t1 * inv - xh[n] * t2 * inv);
+      }
   }
 }
 
-FASTRNN_CLONES void bwd_ln(const BwdPoint<float>& p, const float* g, const float* xh, const float* rs, float* dg,
-                           float* db) {
-  bwd_ln_impl(p, g, xh, rs, dg, db);
+FASTRNN_CLONES void bwd_ln(const BwdPoint<float>& p, const LnPoint<float>& q, const float* rs, float* dg, float* db,
+                           int ph) {
+  bwd_ln_impl(p, q, rs, dg, db, ph);
 }
-FASTRNN_CLONES void bwd_ln(const BwdPoint<double>& p, const double* g, const double* xh, const double* rs, double* dg,
-                           double* db) {
-  bwd_ln_impl(p, g, xh, rs, dg, db);
+FASTRNN_CLONES void bwd_ln(const BwdPoint<double>& p, const LnPoint<double>& q, const double* rs, double* dg,
+                           double* db, int ph) {
+  bwd_ln_impl(p, q, rs, dg, db, ph);
 }
 
 using OptT = c10::optional<at::Tensor>;
@@ -226,18 +272,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask);
   a.zoneout_h = T(o.z);
-  a.single = o.ln_h != nullptr;
+  a.phases = o.ln_h ? 2 : 1;  // layer norm: partial statistics, then the pass (fwd_ln)
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   const T* gain = tptr<T>(o.ln_h);
   T* xhat = save && gain ? ghn + T_ * B * H : nullptr;
   T* rstd = save && gain ? xhat + T_ * B * GH : nullptr;
-  forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
+  const int slots = at::get_num_threads();
+  at::Tensor parts = at::zeros({gain ? slots * B * 3 : 0}, xw.options());
+  forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
                            const T* hp, T* hdst, int64_t) {
     FwdPoint<T> p{bs, nu, H, U, ldp, pre, xp + t * B * GH + u0, bp + u0, hp + u0, hdst + u0,
                   save ? gates + t * B * GH + u0 : nullptr, save ? ghn + t * B * H + u0 : nullptr};
     if (gain)
-      fwd_ln(p, gain, xhat ? xhat + t * B * GH : nullptr, rstd ? rstd + t * B : nullptr);
+      fwd_ln(p, LnPoint<T>{gain + u0, xhat ? xhat + t * B * GH + u0 : nullptr, rstd ? rstd + t * B : nullptr,
+                           parts.data_ptr<T>(), slots, w, B, u0}, ph);
     else
       fwd_point(p);
   });
@@ -281,7 +330,9 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.rmask = tptr<T>(o.rmask);
     a.zmask_h = tptr<T>(o.zmask);
     a.zoneout_h = T(o.z);
-    a.single = ln;
+    a.phases = ln ? 2 : 1;
+    const int slots = at::get_num_threads();
+    at::Tensor parts = at::zeros({ln ? slots * B * 2 : 0}, xw.options());
     const T* gain = tptr<T>(o.ln_h);
     const T* xhat = ln ? ghn + T_ * B * H : nullptr;
     const T* rstd = ln ? xhat + T_ * B * GH : nullptr;
@@ -292,13 +343,16 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     T* dx = d_xw.data_ptr<T>();
     T* dr = d_hh.data_ptr<T>();
     T* dhr = dh0.data_ptr<T>();
-    backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
+    backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
                               const T* dh, int64_t ldh) {
       BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + t * B * GH + u0, ghn + t * B * H + u0,
                     tprev >= 0 ? yp + tprev * B * H + u0 : nullptr, h0p + u0, dx + t * B * GH + u0,
                     dr + t * B * GH + u0, dhr + u0, zon};
-      bwd_point(p);
-      if (gain) bwd_ln(p, gain, xhat + t * B * GH, rstd + t * B, dg, db);
+      if (ph == 0) bwd_point(p);
+      if (gain)
+        bwd_ln(p, LnPoint<T>{gain + u0, const_cast<T*>(xhat) + t * B * GH + u0, nullptr, parts.data_ptr<T>(), slots,
+                             w, B, u0},
+               rstd + t * B, dg + u0, db + u0, ph);
     });
   }
   const at::Tensor flat = d_hh.view({T_ * B, GH});

@@ -157,69 +157,135 @@ FASTRNN_CLONES void bwd_point(const BwdPoint<double>& p, bool peep, bool coupled
 
 // ---- the cell options: layer norm of the recurrent product and of c, zoneout of c ----------------------
 // A second pointwise pair, taken only when one of these is on (the plain passes above stay as they are).
-// With layer norm a row's statistics span all its units, so the call runs on one worker (u0 = 0, nu = H).
+// Layer norm: a row's statistics span all its units, which the workers share out, so the pass runs in
+// phases with a barrier between them (forward_driver): each worker writes its units' partial statistics
+// (count, mean, sum of squared deviations) and combines everyone's in the next phase (Chan et al.'s
+// pairwise update: no cancellation from sums of squares).
 constexpr double LN_EPS = 1e-5;  // nn.LayerNorm's
 
 template <typename T>
-struct OptPoint {
-  const T* ln_h;     // gain of the recurrent product's layer norm [G*H], or null
-  const T* ln_c;     // gain and bias of c's layer norm [H], or null
-  const T* ln_cb;
-  const T* zmask_c;  // zoneout keep mask of c at step t + u0: [b * H + j], or null (then zoneout_c)
-  T zoneout_c;
-  T* ctil;           // the cell's new c~ (before zoneout) + u0: [b * H + j] (saved, or scratch [bs, H])
-  T* xhat;           // saved normalized recurrent product [b * GH + k * H + j] (layer norm, save only)
-  T* stats;          // saved per row [b * 3]: rstd of the product, mean and rstd of c~ (layer norm, save only)
-  T* obuf;           // scratch [H]: o of the row (layer norm of c)
-};
-
-template <typename T>
-FASTRNN_INLINE void row_stats(const T* v, int64_t n, int64_t stride, int64_t blocks, int64_t block_stride, T& mean,
-                              T& rstd) {
-  // two passes (mean, then the variance around it), over `blocks` blocks of n values
+FASTRNN_INLINE void local_stats(const T* v, int64_t n, int blocks, int64_t block_stride, T* out) {
   T sum = T(0);
-  for (int64_t k = 0; k < blocks; ++k)
-    for (int64_t j = 0; j < n; ++j) sum += v[k * block_stride + j * stride];
-  mean = sum / T(n * blocks);
+  for (int k = 0; k < blocks; ++k)
+    for (int64_t j = 0; j < n; ++j) sum += v[k * block_stride + j];
+  const T mean = sum / T(n * blocks);
   T sq = T(0);
-  for (int64_t k = 0; k < blocks; ++k)
+  for (int k = 0; k < blocks; ++k)
     for (int64_t j = 0; j < n; ++j) {
-      const T d = v[k * block_stride + j * stride] - mean;
+      const T d = v[k * block_stride + j] - mean;
       sq += d * d;
     }
-  rstd = T(1) / std::sqrt(sq / T(n * blocks) + T(LN_EPS));
+  out[0] = T(n * blocks);
+  out[1] = mean;
+  out[2] = sq;
+}
+
+// mean and 1/sqrt(var + eps) of row b from the partial statistics of `slots` workers ([slot][B][3])
+template <typename T>
+FASTRNN_INLINE void combine_stats(const T* part, int slots, int64_t B, int64_t b, T& mean, T& rstd) {
+  T n = T(0), m = T(0), m2 = T(0);
+  for (int w = 0; w < slots; ++w) {
+    const T* s = part + (w * B + b) * 3;
+    if (s[0] == T(0)) continue;
+    const T nn = n + s[0], d = s[1] - m;
+    m += d * s[0] / nn;
+    m2 += s[2] + d * d * n * s[0] / nn;
+    n = nn;
+  }
+  mean = m;
+  rstd = T(1) / std::sqrt(m2 / n + T(LN_EPS));
 }
 
 template <typename T>
-void fwd_opts_impl(const FwdPoint<T>& p, const OptPoint<T>& q, bool peep, bool coupled) {
-  const int KG = coupled ? 1 : 2, KO = coupled ? 2 : 3, G = coupled ? 3 : 4;
-  const int64_t H = p.H, U = p.U, GH = p.GH;
-  const bool save = p.gates != nullptr;
+struct OptPoint {
+  const T* ln_h;     // gain of the recurrent product's layer norm + u0: [k * H + j], or null
+  const T* ln_c;     // gain and bias of c's layer norm + u0: [j], or null
+  const T* ln_cb;
+  const T* zmask_c;  // zoneout keep weight of c at step t + u0: [b * zstride + j] (zoneout of c only)
+  int64_t zstride;   // H: a mask; 0: one row of the probability (eval)
+  T* ctil;           // the cell's new c~ (before zoneout) + u0: [b * H + j] (saved, or scratch)
+  T* xhat;           // normalized recurrent product of step t + u0: [b * GH + k * H + j] (save only)
+  T* stats;          // step t, per row [b * 3]: rstd of the product, mean and rstd of c~ (save only)
+  T* obuf;           // scratch + u0: o of [b * H + j] between the phases
+  T* part_h;         // partial statistics [slot][B][3] of the product, and of c~
+  T* part_c;
+  int slots, w;
+  int64_t B, u0;
+};
+
+// calls f(std::bool_constant<v>{}): a runtime flag as a template argument. Everything below a
+// FASTRNN_CLONES function must be inlined into it (the lambdas too): a function of its own is built for the
+// baseline ISA only (SSE2, no FMA), which made the pass 2-4x slower.
+#define FASTRNN_INLINE_LAMBDA __attribute__((always_inline))
+template <typename F>
+FASTRNN_INLINE void with_flag(bool v, F f) {
+  if (v)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+template <typename T, bool peep, bool coupled, bool LN, bool ZC, bool SAVE>
+FASTRNN_INLINE void fwd_opts_impl(const FwdPoint<T>& p, const OptPoint<T>& q, int ph) {
+  constexpr int KG = coupled ? 1 : 2, KO = coupled ? 2 : 3, G = coupled ? 3 : 4;
+  const int64_t H = p.H, U = p.U, GH = p.GH, nu = p.nu;
+  if (LN && ph == 0) {  // the partial statistics of the worker's columns of the recurrent product
+    for (int64_t b = 0; b < p.bs; ++b) local_stats(p.pre + b * p.ldp, nu, G, U, q.part_h + (q.w * q.B + b) * 3);
+    return;
+  }
+  if (LN && ph == 2) {  // h from c~'s layer norm
+    for (int64_t b = 0; b < p.bs; ++b) {
+      T mc, rc;
+      combine_stats(q.part_c, q.slots, q.B, b, mc, rc);
+      if (SAVE && q.u0 == 0) {
+        q.stats[b * 3 + 1] = mc;
+        q.stats[b * 3 + 2] = rc;
+      }
+      const T* ct = q.ctil + b * H;
+      const T* ob = q.obuf + b * H;
+      T* h = p.hdst + b * p.ldd;
+      for (int64_t j = 0; j < nu; ++j) h[j] = ob[j] * tanh_((ct[j] - mc) * rc * q.ln_c[j] + q.ln_cb[j]);
+    }
+    return;
+  }
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
     const T* x = p.xw + b * GH;
     T* c = p.c + b * H;
     T* h = p.hdst + b * p.ldd;
     T* ct = q.ctil + b * H;
+    T* ob = q.obuf + b * H;
+    T* xh = SAVE && LN ? q.xhat + b * GH : nullptr;
+    const T* zm = ZC ? q.zmask_c + b * q.zstride : nullptr;
     T mh = T(0), rh = T(1);
-    if (q.ln_h) {
-      row_stats(pr, p.nu, int64_t(1), int64_t(G), U, mh, rh);
-      if (save) q.stats[b * 3] = rh;
+    if (LN) {
+      combine_stats(q.part_h, q.slots, q.B, b, mh, rh);
+      if (SAVE && q.u0 == 0) q.stats[b * 3] = rh;
     }
-    auto gate = [&](int k, int64_t j) {  // the recurrent product of gate block k, unit j, normalized
-      const T v = pr[k * U + j];
-      if (!q.ln_h) return v;
-      const T n = (v - mh) * rh;
-      if (save) q.xhat[b * GH + k * H + j] = n;
-      return n * q.ln_h[k * H + j];
-    };
-    for (int64_t j = 0; j < p.nu; ++j) {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < nu; ++j) {
       const T cp = c[j];
-      T gi = gate(0, j) + x[j] + p.bias[j];
-      T gg = gate(KG, j) + x[KG * H + j] + p.bias[KG * H + j];
-      T go = gate(KO, j) + x[KO * H + j] + p.bias[KO * H + j];
-      T gf = T(0);
-      if (!coupled) gf = gate(1, j) + x[H + j] + p.bias[H + j];
+      T ni = pr[j], ng = pr[KG * U + j], no = pr[KO * U + j], nf = coupled ? T(0) : pr[U + j];
+      if (LN) {
+        ni = (ni - mh) * rh;
+        ng = (ng - mh) * rh;
+        no = (no - mh) * rh;
+        nf = (nf - mh) * rh;
+        if (SAVE) {
+          xh[j] = ni;
+          xh[KG * H + j] = ng;
+          xh[KO * H + j] = no;
+          if (!coupled) xh[H + j] = nf;
+        }
+        ni *= q.ln_h[j];
+        ng *= q.ln_h[KG * H + j];
+        no *= q.ln_h[KO * H + j];
+        if (!coupled) nf *= q.ln_h[H + j];
+      }
+      T gi = ni + x[j] + p.bias[j];
+      T gg = ng + x[KG * H + j] + p.bias[KG * H + j];
+      T go = no + x[KO * H + j] + p.bias[KO * H + j];
+      T gf = coupled ? T(0) : nf + x[H + j] + p.bias[H + j];
       if (peep) {
         gi += p.wc[j] * cp;
         if (!coupled) gf += p.wc[H + j] * cp;
@@ -230,109 +296,167 @@ void fwd_opts_impl(const FwdPoint<T>& p, const OptPoint<T>& q, bool peep, bool c
       const T cn = f * cp + i * g;
       if (peep) go += p.wc[2 * H + j] * cn;
       const T o = sigmoid_(go);
-      const T k = q.zmask_c ? q.zmask_c[b * H + j] : q.zoneout_c;
-      c[j] = k * cp + (T(1) - k) * cn;
-      ct[j] = cn;
-      if (q.ln_c)
-        q.obuf[j] = o;
+      const T k = ZC ? zm[j] : T(0);
+      const T cnew = ZC ? k * cp + (T(1) - k) * cn : cn;
+      c[j] = cnew;
+      if (LN || SAVE) ct[j] = cn;
+      if (LN)
+        ob[j] = o;
       else
         h[j] = o * tanh_(cn);
-      if (save) {
+      if (SAVE) {
         T* s = p.gates + b * GH;
         s[j] = i;
         if (!coupled) s[H + j] = f;
         s[KG * H + j] = g;
         s[KO * H + j] = o;
-        p.call[b * H + j] = c[j];
+        p.call[b * H + j] = cnew;
       }
     }
-    if (q.ln_c) {
-      T mc, rc;
-      row_stats(ct, p.nu, int64_t(1), int64_t(1), int64_t(0), mc, rc);
-      if (save) {
-        q.stats[b * 3 + 1] = mc;
-        q.stats[b * 3 + 2] = rc;
-      }
-      for (int64_t j = 0; j < p.nu; ++j) h[j] = q.obuf[j] * tanh_((ct[j] - mc) * rc * q.ln_c[j] + q.ln_cb[j]);
-    }
+    if (LN) local_stats(ct, nu, 1, 0, q.part_c + (q.w * q.B + b) * 3);
   }
 }
 
-FASTRNN_CLONES void fwd_opts(const FwdPoint<float>& p, const OptPoint<float>& q, bool peep, bool coupled) {
-  fwd_opts_impl(p, q, peep, coupled);
+// every flag a template argument, so that each combination's loops vectorize (runtime branches in them
+// did not: zoneout of c cost 2.3x the plain pass, benchmarks/NOTES.md)
+template <typename T>
+FASTRNN_INLINE void fwd_opts_dispatch(const FwdPoint<T>& p, const OptPoint<T>& q, int ph, bool peep, bool coupled) {
+  const bool ln = q.ln_h != nullptr, zc = q.zmask_c != nullptr, save = p.gates != nullptr;
+  with_flag(peep, [&](auto P) FASTRNN_INLINE_LAMBDA {
+    with_flag(coupled, [&](auto C) FASTRNN_INLINE_LAMBDA {
+      with_flag(ln, [&](auto L) FASTRNN_INLINE_LAMBDA {
+        with_flag(zc, [&](auto Z) FASTRNN_INLINE_LAMBDA {
+          with_flag(save, [&](auto S) FASTRNN_INLINE_LAMBDA {
+            fwd_opts_impl<T, decltype(P)::value, decltype(C)::value, decltype(L)::value, decltype(Z)::value,
+                          decltype(S)::value>(p, q, ph);
+          });
+        });
+      });
+    });
+  });
 }
-FASTRNN_CLONES void fwd_opts(const FwdPoint<double>& p, const OptPoint<double>& q, bool peep, bool coupled) {
-  fwd_opts_impl(p, q, peep, coupled);
+
+FASTRNN_CLONES void fwd_opts(const FwdPoint<float>& p, const OptPoint<float>& q, int ph, bool peep, bool coupled) {
+  fwd_opts_dispatch(p, q, ph, peep, coupled);
+}
+FASTRNN_CLONES void fwd_opts(const FwdPoint<double>& p, const OptPoint<double>& q, int ph, bool peep, bool coupled) {
+  fwd_opts_dispatch(p, q, ph, peep, coupled);
 }
 
 template <typename T>
 struct OptGrad {
-  const T* ln_h;     // as OptPoint
+  const T* ln_h;     // as OptPoint (+ u0)
   const T* ln_c;
   const T* ln_cb;
-  const T* zmask_c;  // step t + u0
-  T zoneout_c;
+  const T* zmask_c;  // step t + u0, as OptPoint
+  int64_t zstride;
   const T* ctil;     // c~ of step t + u0
-  const T* xhat;     // step t
+  const T* xhat;     // step t + u0
   const T* stats;    // step t: [b * 3]
-  T* d_rec;          // the gradient of the (raw) recurrent product of step t (layer norm of it), [b * GH + ...]
-  T* d_ln_h;         // accumulated [G*H]
-  T* d_ln_c;         // accumulated [H]
+  T* d_rec;          // the gradient of the raw recurrent product of step t + u0 (layer norm of it)
+  T* d_ln_h;         // accumulated + u0: [k * H + j]
+  T* d_ln_c;         // accumulated + u0: [j]
   T* d_ln_cb;
-  T* buf;            // scratch [2 * H]
+  T* buf;            // scratch + u0: [2][B][H] (c~'s normalized value, its gradient), between the phases
+  T* part;           // partial sums [slot][B][2]: of c~'s layer norm (phase 0), of the product's (phase 1)
+  T* part2;
+  int slots, w;
+  int64_t B;
 };
 
-template <typename T>
-void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, bool peep, bool coupled) {
-  const int KG = coupled ? 1 : 2, KO = coupled ? 2 : 3, G = coupled ? 3 : 4;
-  const int64_t H = p.H, GH = p.GH;
-  T* dct_h = q.buf;         // the gradient of c~ through h
-  T* dchat = q.buf + p.nu;  // the gradient of c~'s normalized values
+template <typename T, bool peep, bool coupled, bool LN, bool ZC>
+FASTRNN_INLINE void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, int ph) {
+  constexpr int KG = coupled ? 1 : 2, KO = coupled ? 2 : 3, G = coupled ? 3 : 4;
+  const int64_t H = p.H, GH = p.GH, nu = p.nu;
+  const int64_t BH = q.B * H;
+  if (LN && ph == 0) {  // through h = o tanh(LN(c~)): d_o, the LN gains' gradients, partial sums
+    for (int64_t b = 0; b < p.bs; ++b) {
+      const T* s = p.gates + b * GH;
+      const T* ct = q.ctil + b * H;
+      const T* dh = p.dh + b * p.ldh;
+      T* dx = p.dxw + b * GH;
+      T* chat = q.buf + b * H;
+      T* dchat = q.buf + BH + b * H;
+      const T mc = q.stats[b * 3 + 1], rc = q.stats[b * 3 + 2];
+      T s1 = T(0), s2 = T(0);
+      for (int64_t j = 0; j < nu; ++j) {
+        const T o = s[KO * H + j], d = dh[j];
+        const T ch = (ct[j] - mc) * rc;
+        const T ta = tanh_(ch * q.ln_c[j] + q.ln_cb[j]);
+        dx[KO * H + j] = d * ta * o * (T(1) - o);
+        const T da = d * o * (T(1) - ta * ta);
+        q.d_ln_c[j] += da * ch;
+        q.d_ln_cb[j] += da;
+        const T dn = da * q.ln_c[j];
+        chat[j] = ch;
+        dchat[j] = dn;
+        s1 += dn;
+        s2 += dn * ch;
+      }
+      q.part[(q.w * q.B + b) * 2] = s1;
+      q.part[(q.w * q.B + b) * 2 + 1] = s2;
+    }
+    return;
+  }
+  if (LN && ph == 2) {  // through the recurrent product's layer norm: d_rec from the gate gradients
+    const T inv = T(1) / T(GH);
+    for (int64_t b = 0; b < p.bs; ++b) {
+      T t1 = T(0), t2 = T(0);
+      for (int w = 0; w < q.slots; ++w) {
+        t1 += q.part2[(w * q.B + b) * 2];
+        t2 += q.part2[(w * q.B + b) * 2 + 1];
+      }
+      const T rh = q.stats[b * 3];
+      const T* dx = p.dxw + b * GH;
+      const T* xh = q.xhat + b * GH;
+      T* dr = q.d_rec + b * GH;
+      for (int k = 0; k < G; ++k)
+        for (int64_t j = 0; j < nu; ++j) {
+          const int64_t n = k * H + j;
+          q.d_ln_h[n] += dx[n] * xh[n];
+          dr[n] = rh * (dx[n] * q.ln_h[n] - t1 * inv - xh[n] * t2 * inv);
+        }
+    }
+    return;
+  }
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* s = p.gates + b * GH;
     const T* ct = q.ctil + b * H;
     const T* cpv = b < p.nprev ? p.cprev + b * H : p.c0 + b * H;
     const T* dh = p.dh + b * p.ldh;
+    const T* zm = ZC ? q.zmask_c + b * q.zstride : nullptr;
     T* dc = p.dc + b * H;
     T* dx = p.dxw + b * GH;
-    T mc = T(0), rc = T(1);
-    if (q.ln_c) {
-      mc = q.stats[b * 3 + 1];
+    T S1 = T(0), S2 = T(0), rc = T(0);
+    if (LN) {
+      for (int w = 0; w < q.slots; ++w) {
+        S1 += q.part[(w * q.B + b) * 2];
+        S2 += q.part[(w * q.B + b) * 2 + 1];
+      }
+      S1 /= T(H);
+      S2 /= T(H);
       rc = q.stats[b * 3 + 2];
     }
-    T s1 = T(0), s2 = T(0);
-    for (int64_t j = 0; j < p.nu; ++j) {
-      const T o = s[KO * H + j], d = dh[j];
-      T a = ct[j], chat = T(0);
-      if (q.ln_c) {
-        chat = (ct[j] - mc) * rc;
-        a = chat * q.ln_c[j] + q.ln_cb[j];
-      }
-      const T ta = tanh_(a);
-      dx[KO * H + j] = d * ta * o * (T(1) - o);  // d_o
-      const T da = d * o * (T(1) - ta * ta);
-      if (q.ln_c) {
-        q.d_ln_c[j] += da * chat;
-        q.d_ln_cb[j] += da;
-        const T dn = da * q.ln_c[j];
-        dchat[j] = dn;
-        dct_h[j] = chat;
-        s1 += dn;
-        s2 += dn * chat;
-      } else {
-        dct_h[j] = da;
-      }
-    }
-    if (q.ln_c) {
-      const T inv = T(1) / T(p.nu);
-      for (int64_t j = 0; j < p.nu; ++j) dct_h[j] = rc * (dchat[j] - s1 * inv - dct_h[j] * s2 * inv);
-    }
-    for (int64_t j = 0; j < p.nu; ++j) {
-      const T i = s[j], g = s[KG * H + j];
+    const T* chat = q.buf + b * H;
+    const T* dchat = q.buf + BH + b * H;
+    T t1 = T(0), t2 = T(0);
+#pragma GCC ivdep
+    for (int64_t j = 0; j < nu; ++j) {
+      const T i = s[j], g = s[KG * H + j], o = s[KO * H + j];
       const T f = coupled ? T(1) - i : s[H + j];
-      const T cp = cpv[j], d_o = dx[KO * H + j];
-      const T k = q.zmask_c ? q.zmask_c[b * H + j] : q.zoneout_c;
-      T dcv = dct_h[j] + (T(1) - k) * dc[j];
+      const T cp = cpv[j];
+      T dct, d_o;
+      if (LN) {
+        dct = rc * (dchat[j] - S1 - chat[j] * S2);
+        d_o = dx[KO * H + j];
+      } else {
+        const T tc = tanh_(ct[j]), d = dh[j];
+        d_o = d * tc * o * (T(1) - o);
+        dct = d * o * (T(1) - tc * tc);
+        dx[KO * H + j] = d_o;
+      }
+      const T k = ZC ? zm[j] : T(0);
+      T dcv = dct + (ZC ? (T(1) - k) * dc[j] : dc[j]);
       if (peep) dcv += d_o * p.wc[2 * H + j];
       const T d_g = dcv * i * (T(1) - g * g);
       T d_i, d_f = T(0);
@@ -342,7 +466,7 @@ void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, bool peep, bool co
         d_i = dcv * g * i * (T(1) - i);
         d_f = dcv * cp * f * (T(1) - f);
       }
-      T dcp = k * dc[j] + dcv * f;
+      T dcp = (ZC ? k * dc[j] : T(0)) + dcv * f;
       if (peep) {
         dcp += d_i * p.wc[j];
         p.dwc[j] += d_i * cp;
@@ -357,28 +481,40 @@ void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, bool peep, bool co
       if (!coupled) dx[H + j] = d_f;
       dx[KG * H + j] = d_g;
     }
-    if (q.ln_h) {  // through the recurrent product's layer norm: d_rec from the gate gradients
+    if (LN) {  // the partial sums of the product's layer norm over the worker's columns
       const T* xh = q.xhat + b * GH;
-      T* dr = q.d_rec + b * GH;
-      const T rh = q.stats[b * 3];
-      T t1 = T(0), t2 = T(0);
-      for (int64_t n = 0; n < G * H; ++n) {
-        const T dn = dx[n] * q.ln_h[n];
-        q.d_ln_h[n] += dx[n] * xh[n];
-        t1 += dn;
-        t2 += dn * xh[n];
-      }
-      const T inv = T(1) / T(G * H);
-      for (int64_t n = 0; n < G * H; ++n) dr[n] = rh * (dx[n] * q.ln_h[n] - t1 * inv - xh[n] * t2 * inv);
+      for (int kk = 0; kk < G; ++kk)
+        for (int64_t j = 0; j < nu; ++j) {
+          const int64_t n = kk * H + j;
+          const T dn = dx[n] * q.ln_h[n];
+          t1 += dn;
+          t2 += dn * xh[n];
+        }
+      q.part2[(q.w * q.B + b) * 2] = t1;
+      q.part2[(q.w * q.B + b) * 2 + 1] = t2;
     }
   }
 }
 
-FASTRNN_CLONES void bwd_opts(const BwdPoint<float>& p, const OptGrad<float>& q, bool peep, bool coupled) {
-  bwd_opts_impl(p, q, peep, coupled);
+template <typename T>
+FASTRNN_INLINE void bwd_opts_dispatch(const BwdPoint<T>& p, const OptGrad<T>& q, int ph, bool peep, bool coupled) {
+  const bool ln = q.ln_h != nullptr, zc = q.zmask_c != nullptr;
+  with_flag(peep, [&](auto P) FASTRNN_INLINE_LAMBDA {
+    with_flag(coupled, [&](auto C) FASTRNN_INLINE_LAMBDA {
+      with_flag(ln, [&](auto L) FASTRNN_INLINE_LAMBDA {
+        with_flag(zc, [&](auto Z) FASTRNN_INLINE_LAMBDA {
+          bwd_opts_impl<T, decltype(P)::value, decltype(C)::value, decltype(L)::value, decltype(Z)::value>(p, q, ph);
+        });
+      });
+    });
+  });
 }
-FASTRNN_CLONES void bwd_opts(const BwdPoint<double>& p, const OptGrad<double>& q, bool peep, bool coupled) {
-  bwd_opts_impl(p, q, peep, coupled);
+
+FASTRNN_CLONES void bwd_opts(const BwdPoint<float>& p, const OptGrad<float>& q, int ph, bool peep, bool coupled) {
+  bwd_opts_dispatch(p, q, ph, peep, coupled);
+}
+FASTRNN_CLONES void bwd_opts(const BwdPoint<double>& p, const OptGrad<double>& q, int ph, bool peep, bool coupled) {
+  bwd_opts_dispatch(p, q, ph, peep, coupled);
 }
 
 // The cell options of a call (null / 0 where off), checked against its dims.
@@ -426,7 +562,8 @@ Opts check_opts(const Dims& d, const at::Tensor& xw, const OptT& ln_h, const Opt
   check_opt(ln_h, "ln_h", {d.GH}, xw);
   check_opt(ln_c, "ln_c", {d.H}, xw);
   check_opt(ln_cb, "ln_c_bias", {d.H}, xw);
-  TORCH_CHECK(bool(opt_ptr(ln_c)) == bool(opt_ptr(ln_cb)), "fastrnn cpp backend: ln_c and ln_c_bias go together");
+  TORCH_CHECK(bool(opt_ptr(ln_c)) == bool(opt_ptr(ln_cb)) && bool(opt_ptr(ln_c)) == bool(opt_ptr(ln_h)),
+              "fastrnn cpp backend: the layer norm tensors ln_h, ln_c and ln_c_bias go together (all or none)");
   check_opt(rmask, "rmask", {d.B, d.P}, xw);
   check_opt(zmask_h, "zmask_h", {d.T, d.B, d.P}, xw);
   check_opt(zmask_c, "zmask_c", {d.T, d.B, d.H}, xw);
@@ -469,29 +606,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask_h);
   a.zoneout_h = T(o.zh);
-  a.single = o.ln();
+  a.phases = o.ln() ? 3 : 1;  // layer norm: statistics of the product, then of c~ (fwd_opts)
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
   const T* wc = data_or_null<T>(w_ch);
   T* c = c_n.data_ptr<T>();
-  // the cell options' slots of the workspace (or scratch when nothing is saved: c~ of one step, o of a row)
+  // the cell options' slots of the workspace (or scratch when nothing is saved: c~ of one step), o between
+  // the phases, the workers' partial statistics
   const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
-  at::Tensor scratch = at::empty({o.cell() && !save ? B * H + H : H}, xw.options());
+  const int slots = at::get_num_threads();
+  at::Tensor scratch = at::empty({o.cell() ? 2 * B * H : 0}, xw.options());
+  at::Tensor parts = at::zeros({o.ln() ? 2 * slots * B * 3 : 0}, xw.options());
   T* ctil = !o.cell() ? nullptr : save ? wsp + off_ctil : scratch.data_ptr<T>();
   T* xhat = save && o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
   T* stats = save && o.ln() ? xhat + T_ * B * GH : nullptr;
-  T* obuf = scratch.data_ptr<T>() + (o.cell() && !save ? B * H : 0);
-  const T* zc = tptr<T>(o.zmask_c);
-  forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
-                           const T*, T* hdst, int64_t ldd) {
+  T* obuf = o.cell() ? scratch.data_ptr<T>() + B * H : nullptr;
+  T* part = o.ln() ? parts.data_ptr<T>() : nullptr;
+  // zoneout of c: the step's mask, or in eval one row of its probability (stride 0)
+  at::Tensor zrow = !o.zmask_c && o.zc != 0 ? at::full({H}, o.zc, xw.options()) : at::Tensor();
+  const T* zc = o.zmask_c ? tptr<T>(o.zmask_c) : zrow.defined() ? zrow.data_ptr<T>() : nullptr;
+  const int64_t zstride = o.zmask_c ? H : 0, zstep = o.zmask_c ? B * H : 0;
+  const T* lnh = tptr<T>(o.ln_h), *lnc = tptr<T>(o.ln_c), *lncb = tptr<T>(o.ln_cb);
+  forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp,
+                           int64_t U, const T*, T* hdst, int64_t ldd) {
     FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xp + t * B * GH + u0, bp + u0, wc ? wc + u0 : nullptr, c + u0,
                   hdst + u0, save ? gates + t * B * GH + u0 : nullptr, save ? call + t * B * H + u0 : nullptr};
     if (!o.cell()) return fwd_point(p, wc != nullptr, coupled);
     const int64_t st = save ? t : 0;  // scratch: one step's slot
-    OptPoint<T> q{tptr<T>(o.ln_h), tptr<T>(o.ln_c), tptr<T>(o.ln_cb), zc ? zc + t * B * H + u0 : nullptr, T(o.zc),
-                  ctil + st * B * H + u0, xhat ? xhat + t * B * GH : nullptr, stats ? stats + t * B * 3 : nullptr,
-                  obuf + u0};
-    fwd_opts(p, q, wc != nullptr, coupled);
+    OptPoint<T> q{lnh ? lnh + u0 : nullptr, lnc ? lnc + u0 : nullptr, lncb ? lncb + u0 : nullptr,
+                  zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + st * B * H + u0,
+                  xhat ? xhat + t * B * GH + u0 : nullptr, stats ? stats + t * B * 3 : nullptr, obuf + u0, part,
+                  part ? part + slots * B * 3 : nullptr, slots, w, B, u0};
+    fwd_opts(p, q, ph, wc != nullptr, coupled);
   });
   return {y, h_n, c_n, ws};
 }
@@ -543,30 +689,40 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.rmask = tptr<T>(o.rmask);
     a.zmask_h = tptr<T>(o.zmask_h);
     a.zoneout_h = T(o.zh);
-    a.single = o.ln();
+    a.phases = o.ln() ? 3 : 1;  // layer norm: c~'s, then the product's (bwd_opts)
     const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
     const T* ctil = o.cell() ? wsp + off_ctil : nullptr;
     const T* xhat = o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
     const T* stats = o.ln() ? xhat + T_ * B * GH : nullptr;
-    const T* zc = tptr<T>(o.zmask_c);
-    at::Tensor buf = at::empty({2 * H}, xw.options());
+    at::Tensor zrow = !o.zmask_c && o.zc != 0 ? at::full({H}, o.zc, xw.options()) : at::Tensor();
+    const T* zc = o.zmask_c ? tptr<T>(o.zmask_c) : zrow.defined() ? zrow.data_ptr<T>() : nullptr;
+    const int64_t zstride = o.zmask_c ? H : 0, zstep = o.zmask_c ? B * H : 0;
+    const int slots = at::get_num_threads();
+    at::Tensor buf = at::empty({o.ln() ? 2 * B * H : 0}, xw.options());
+    at::Tensor parts = at::zeros({o.ln() ? 2 * slots * B * 2 : 0}, xw.options());
+    T* part = o.ln() ? parts.data_ptr<T>() : nullptr;
+    T* bufp = buf.data_ptr<T>();
+    const T* lnh = tptr<T>(o.ln_h), *lnc = tptr<T>(o.ln_c), *lncb = tptr<T>(o.ln_cb);
+    T* dlnh = o.ln_h ? d_ln_h.data_ptr<T>() : nullptr, *dlnc = o.ln_c ? d_ln_c.data_ptr<T>() : nullptr;
+    T* dlncb = o.ln_cb ? d_ln_cb.data_ptr<T>() : nullptr;
     T* dr = d_rec.data_ptr<T>();
     const T* wc = data_or_null<T>(w_ch);
     T* dwc = opt_ptr(w_ch) ? d_w_ch.data_ptr<T>() : nullptr;
     const T* c0p = c0.data_ptr<T>();
     T* dc = dc0.data_ptr<T>();
     T* dx = d_xw.data_ptr<T>();
-    backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
+    backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
                               const T* dh, int64_t ldh) {
       BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + t * B * GH + u0, call + t * B * H + u0,
                     tprev >= 0 ? call + tprev * B * H + u0 : nullptr, c0p + u0, wc ? wc + u0 : nullptr, dc + u0,
                     dx + t * B * GH + u0, dwc ? dwc + u0 : nullptr};
       if (!o.cell()) return bwd_point(p, wc != nullptr, coupled);
-      OptGrad<T> q{tptr<T>(o.ln_h), tptr<T>(o.ln_c), tptr<T>(o.ln_cb), zc ? zc + t * B * H + u0 : nullptr, T(o.zc),
-                   ctil + t * B * H + u0, xhat ? xhat + t * B * GH : nullptr, stats ? stats + t * B * 3 : nullptr,
-                   dr + t * B * GH, o.ln_h ? d_ln_h.data_ptr<T>() : nullptr, o.ln_c ? d_ln_c.data_ptr<T>() : nullptr,
-                   o.ln_cb ? d_ln_cb.data_ptr<T>() : nullptr, buf.data_ptr<T>() + 2 * u0};
-      bwd_opts(p, q, wc != nullptr, coupled);
+      OptGrad<T> q{lnh ? lnh + u0 : nullptr, lnc ? lnc + u0 : nullptr, lncb ? lncb + u0 : nullptr,
+                   zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + t * B * H + u0,
+                   xhat ? xhat + t * B * GH + u0 : nullptr, stats ? stats + t * B * 3 : nullptr, dr + t * B * GH + u0,
+                   dlnh ? dlnh + u0 : nullptr, dlnc ? dlnc + u0 : nullptr, dlncb ? dlncb + u0 : nullptr,
+                   o.ln() ? bufp + u0 : nullptr, part, part ? part + slots * B * 2 : nullptr, slots, w, B};
+      bwd_opts(p, q, ph, wc != nullptr, coupled);
     });
   }
   const at::Tensor flat = d_xw.view({T_ * B, GH});

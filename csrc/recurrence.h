@@ -406,10 +406,9 @@ struct Layout {
   bool packed;
 };
 
-// single: one worker (a cell whose pointwise pass reduces over all units of a row: layer norm)
 inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block,
-                     int64_t input_size = 0, bool single = false) {
-  const int nw = single ? 1 : team_size(B * G * H * (P + input_size), H, block);
+                     int64_t input_size = 0) {
+  const int nw = team_size(B * G * H * (P + input_size), H, block);
   const int64_t U = round_up((H + nw - 1) / nw, block);
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }
@@ -446,7 +445,9 @@ struct InputProj {
 // One layer-direction. Per step, worker w: gates of its units = h_{t-1} @ W_hh[its rows]^T (packed GEMM
 // into `pre`), then the cell's pointwise pass writes the new (full-size) h of its units; with a
 // projection a second phase computes its slice of h = h_full @ W_hr^T. The driver writes y and the final
-// state of rows that end at this step. `point(t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd)`.
+// state of rows that end at this step. `point(phase, w, t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd)`, for
+// phase < `phases` with a barrier between phases (a cell whose pass reduces over a row's units: layer norm
+// writes each worker's partial statistics in one phase and combines them in the next); w: the worker.
 template <typename T>
 struct FwdArgs {
   int64_t T_, B, H, P, G;
@@ -466,7 +467,7 @@ struct FwdArgs {
   const T* rmask = nullptr;    // [B, P], or null
   const T* zmask_h = nullptr;  // [T, B, P], or null
   T zoneout_h = T(0);          // k where zmask_h is null
-  bool single = false;         // one worker (see layout)
+  int phases = 1;              // of the pointwise pass (see forward_driver)
 };
 
 // zoneout's keep weight of element (t, b, p) of an [T, B, P] state
@@ -507,7 +508,7 @@ template <typename T, typename Point>
 void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I, a.single);
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I);
   const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
   // with recurrent dropout the GEMM reads h * rmask from two more buffers (this step's and the next's)
@@ -574,18 +575,23 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       T* hn = hb + ((it + 1) & 1) * B * P;
       T* hdst = proj ? a.hfull + (a.hfull_per_step ? t * B * H : 0) : hn;
       const int64_t ldd = proj ? H : P;
-      for (int w = wb; w < we; ++w) {
-        const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-        if (nu <= 0 || bs == 0) continue;
-        T* pw = prb + w * B * ncols;
-        if (bs_next > 0) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
-        if (a.in.x && !all_first) project_input(a, t, bs, u0, nu);
-        if (packed)
-          gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
-        else
-          gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
-        point(t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd);
-        if (!proj) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
+      for (int ph = 0; ph < a.phases; ++ph) {
+        if (ph > 0) bar.arrive(we - wb);
+        for (int w = wb; w < we; ++w) {
+          const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+          if (nu <= 0 || bs == 0) continue;
+          T* pw = prb + w * B * ncols;
+          if (ph == 0) {
+            if (bs_next > 0) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
+            if (a.in.x && !all_first) project_input(a, t, bs, u0, nu);
+            if (packed)
+              gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
+            else
+              gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
+          }
+          point(ph, w, t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd);
+          if (!proj && ph == a.phases - 1) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
+        }
       }
       bar.arrive(we - wb);
       if (!proj) continue;
@@ -610,8 +616,8 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
 // backward writes the gate gradients; a barrier. Phase B (worker's slice of the P outputs): dh_rec = d_rec @ W_hh
 // for the previous step (added to what the pointwise pass left there when `accumulate`), h_prev of the
 // step for the weight gradients, and (projection) the next step's dh.
-// `point(t, bs, nprev, tprev, u0, nu, dh, ldh)`: rows b < nprev had a previous step (at tprev), the
-// others start from the initial state.
+// `point(phase, w, t, bs, nprev, tprev, u0, nu, dh, ldh)`: rows b < nprev had a previous step (at tprev), the
+// others start from the initial state; phases as in the forward.
 template <typename T>
 struct BwdArgs {
   int64_t T_, B, H, P, G;
@@ -630,14 +636,14 @@ struct BwdArgs {
   const T* rmask = nullptr;    // as FwdArgs
   const T* zmask_h = nullptr;
   T zoneout_h = T(0);
-  bool single = false;
+  int phases = 1;
 };
 
 template <typename T, typename Point>
 void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, 0, a.single);
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
   // zoneout: dh_t splits into (1-k) dh_t for the cell's h~ and k dh_t carried to h_{t-1}, which the
   // recurrent product then adds to
@@ -679,19 +685,22 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
     for (int64_t it = T_ - 1; it >= 0; --it) {
       const int64_t t = tf(it), bs = a.sizes[t];
       const int64_t tprev = it > 0 ? tf(it - 1) : -1, nprev = it > 0 ? a.sizes[tprev] : 0;
-      for (int w = wb; w < we; ++w) {
-        const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-        if (nu <= 0 || bs == 0) continue;
-        if (proj) {
-          T* pw = pra + w * B * U;
-          if (packed)
-            gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * U, U / NR<T>, pw, U);
-          else
-            gemm_cols(bs, P, a.dh_proj + t * B * P, P, a.w_hr, H, u0, nu, pw, U);
-          point(t, bs, nprev, tprev, u0, nu, (const T*)pw, U);
-        } else {
-          make_dh(it, u0, nu, a.dh_cur);
-          point(t, bs, nprev, tprev, u0, nu, (const T*)(a.dh_cur + u0), P);
+      for (int ph = 0; ph < a.phases; ++ph) {
+        if (ph > 0) bar.arrive(we - wb);
+        for (int w = wb; w < we; ++w) {
+          const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+          if (nu <= 0 || bs == 0) continue;
+          if (proj) {
+            T* pw = pra + w * B * U;
+            if (ph == 0 && packed)
+              gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * U, U / NR<T>, pw, U);
+            else if (ph == 0)
+              gemm_cols(bs, P, a.dh_proj + t * B * P, P, a.w_hr, H, u0, nu, pw, U);
+            point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)pw, U);
+          } else {
+            if (ph == 0) make_dh(it, u0, nu, a.dh_cur);
+            point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)(a.dh_cur + u0), P);
+          }
         }
       }
       bar.arrive(we - wb);

@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
   const T* xp = xw.data_ptr<T>();
   const T* bp = bias.data_ptr<T>();
-  forward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
+  forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
                            const T*, T* hdst, int64_t) {
     fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xp + t * B * H + u0, bp + u0, hdst + u0}, relu);
   });
@@ -126,7 +126,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                  yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
                  batch_sizes(lengths, T_, B)};
     T* dx = d_xw.data_ptr<T>();
-    backward_driver<T>(a, [&](int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
+    backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
                               int64_t ldh) {
       bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + t * B * H + u0, dx + t * B * H + u0}, relu);
     });

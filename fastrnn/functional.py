@@ -183,9 +183,8 @@ def _project(x, w_ih, b_ih, alloc, ln_ih=None):
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
     dx in such a buffer too."""
-    if ln_ih is not None:  # all steps at once: the normalization is not on the sequential path
-        xw = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), ln_ih, None, LN_EPS)
-        return xw if b_ih is None else xw + b_ih
+    if ln_ih is not None:  # all steps at once (not on the sequential path); b_ih as the normalization's bias
+        return F.layer_norm(_project(x, w_ih, None, alloc), (w_ih.shape[0],), ln_ih, b_ih, LN_EPS)
     x2 = x.reshape(-1, x.shape[-1])
     if alloc is None or x2.shape[0] * w_ih.shape[0] * x.element_size() < _ALLOC_MIN_BYTES:
         return F.linear(x, w_ih, b_ih)
