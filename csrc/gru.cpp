@@ -115,18 +115,16 @@ struct LnPoint {
   int64_t B, u0;
 };
 
-template <typename T>
+template <typename T, bool SAVE>
 FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int ph) {
   const int64_t H = p.H, U = p.U, nu = p.nu;
   if (ph == 0) {
     for (int64_t b = 0; b < p.bs; ++b) {
       const T* pr = p.pre + b * p.ldp;
       T sum = T(0), sq = T(0);
-      for (int k = 0; k < 3; ++k)
-        for (int64_t j = 0; j < nu; ++j) sum += pr[k * U + j];
+      for (int k = 0; k < 3; ++k) sum += vsum(pr + k * U, nu);
       const T mean = sum / T(3 * nu);
-      for (int k = 0; k < 3; ++k)
-        for (int64_t j = 0; j < nu; ++j) sq += (pr[k * U + j] - mean) * (pr[k * U + j] - mean);
+      for (int k = 0; k < 3; ++k) sq += vsqdev(pr + k * U, nu, mean);
       T* o = q.part + (q.w * q.B + b) * 3;
       o[0] = T(3 * nu);
       o[1] = mean;
@@ -149,12 +147,12 @@ FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int p
       n_ = nn;
     }
     const T rs = T(1) / std::sqrt(m2 / n_ + T(LN_EPS));
-    if (q.rstd && q.u0 == 0) q.rstd[b] = rs;
-    T* xh = q.xhat ? q.xhat + b * 3 * H : nullptr;
+    if (SAVE && q.u0 == 0) q.rstd[b] = rs;
+    T* xh = SAVE ? q.xhat + b * 3 * H : nullptr;
 #pragma GCC ivdep
     for (int64_t j = 0; j < nu; ++j) {
       const T nr = (pr[j] - m) * rs, nz = (pr[U + j] - m) * rs, nn = (pr[2 * U + j] - m) * rs;
-      if (xh) {
+      if (SAVE) {
         xh[j] = nr;
         xh[H + j] = nz;
         xh[2 * H + j] = nn;
@@ -164,7 +162,7 @@ FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int p
       const T hn = nn * q.gain[2 * H + j] + p.bias[2 * H + j];
       const T n = tanh_(x[2 * H + j] + r * hn);
       h[j] = (T(1) - z) * n + z * hp[j];
-      if (p.gates) {
+      if (SAVE) {
         T* s = p.gates + b * 3 * H;
         s[j] = r;
         s[H + j] = z;
@@ -175,8 +173,12 @@ FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int p
   }
 }
 
-FASTRNN_CLONES void fwd_ln(const FwdPoint<float>& p, const LnPoint<float>& q, int ph) { fwd_ln_impl(p, q, ph); }
-FASTRNN_CLONES void fwd_ln(const FwdPoint<double>& p, const LnPoint<double>& q, int ph) { fwd_ln_impl(p, q, ph); }
+FASTRNN_CLONES void fwd_ln(const FwdPoint<float>& p, const LnPoint<float>& q, int ph) {
+  p.gates ? fwd_ln_impl<float, true>(p, q, ph) : fwd_ln_impl<float, false>(p, q, ph);
+}
+FASTRNN_CLONES void fwd_ln(const FwdPoint<double>& p, const LnPoint<double>& q, int ph) {
+  p.gates ? fwd_ln_impl<double, true>(p, q, ph) : fwd_ln_impl<double, false>(p, q, ph);
+}
 
 // phase 0, after bwd_impl wrote the gradient of the normalized product (+ bias) into p.dhh: the partial
 // sums over the worker's columns; phase 1: the gain's and the bias's gradients (accumulated, + u0) and the
@@ -189,12 +191,10 @@ FASTRNN_INLINE void bwd_ln_impl(const BwdPoint<T>& p, const LnPoint<T>& q, const
     const T* xh = q.xhat + b * GH;
     if (ph == 0) {
       T t1 = T(0), t2 = T(0);
-      for (int k = 0; k < 3; ++k)
-        for (int64_t j = 0; j < nu; ++j) {
-          const T dn = dr[k * H + j] * q.gain[k * H + j];
-          t1 += dn;
-          t2 += dn * xh[k * H + j];
-        }
+      for (int k = 0; k < 3; ++k) {
+        t1 += vdot(dr + k * H, q.gain + k * H, nu);
+        t2 += vdot3(dr + k * H, q.gain + k * H, xh + k * H, nu);
+      }
       q.part[(q.w * q.B + b) * 2] = t1;
       q.part[(q.w * q.B + b) * 2 + 1] = t2;
       continue;

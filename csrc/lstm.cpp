@@ -166,15 +166,10 @@ constexpr double LN_EPS = 1e-5;  // nn.LayerNorm's
 template <typename T>
 FASTRNN_INLINE void local_stats(const T* v, int64_t n, int blocks, int64_t block_stride, T* out) {
   T sum = T(0);
-  for (int k = 0; k < blocks; ++k)
-    for (int64_t j = 0; j < n; ++j) sum += v[k * block_stride + j];
+  for (int k = 0; k < blocks; ++k) sum += vsum(v + k * block_stride, n);
   const T mean = sum / T(n * blocks);
   T sq = T(0);
-  for (int k = 0; k < blocks; ++k)
-    for (int64_t j = 0; j < n; ++j) {
-      const T d = v[k * block_stride + j] - mean;
-      sq += d * d;
-    }
+  for (int k = 0; k < blocks; ++k) sq += vsqdev(v + k * block_stride, n, mean);
   out[0] = T(n * blocks);
   out[1] = mean;
   out[2] = sq;
@@ -378,7 +373,7 @@ FASTRNN_INLINE void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, int
       T* chat = q.buf + b * H;
       T* dchat = q.buf + BH + b * H;
       const T mc = q.stats[b * 3 + 1], rc = q.stats[b * 3 + 2];
-      T s1 = T(0), s2 = T(0);
+#pragma GCC ivdep
       for (int64_t j = 0; j < nu; ++j) {
         const T o = s[KO * H + j], d = dh[j];
         const T ch = (ct[j] - mc) * rc;
@@ -390,11 +385,9 @@ FASTRNN_INLINE void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, int
         const T dn = da * q.ln_c[j];
         chat[j] = ch;
         dchat[j] = dn;
-        s1 += dn;
-        s2 += dn * ch;
       }
-      q.part[(q.w * q.B + b) * 2] = s1;
-      q.part[(q.w * q.B + b) * 2 + 1] = s2;
+      q.part[(q.w * q.B + b) * 2] = vsum(dchat, nu);
+      q.part[(q.w * q.B + b) * 2 + 1] = vdot(dchat, chat, nu);
     }
     return;
   }
@@ -483,13 +476,10 @@ FASTRNN_INLINE void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, int
     }
     if (LN) {  // the partial sums of the product's layer norm over the worker's columns
       const T* xh = q.xhat + b * GH;
-      for (int kk = 0; kk < G; ++kk)
-        for (int64_t j = 0; j < nu; ++j) {
-          const int64_t n = kk * H + j;
-          const T dn = dx[n] * q.ln_h[n];
-          t1 += dn;
-          t2 += dn * xh[n];
-        }
+      for (int kk = 0; kk < G; ++kk) {
+        t1 += vdot(dx + kk * H, q.ln_h + kk * H, nu);
+        t2 += vdot3(dx + kk * H, q.ln_h + kk * H, xh + kk * H, nu);
+      }
       q.part2[(q.w * q.B + b) * 2] = t1;
       q.part2[(q.w * q.B + b) * 2 + 1] = t2;
     }

@@ -42,6 +42,51 @@ template <typename T> constexpr int lanes() { return 64 / sizeof(T); }
 template <typename T> FASTRNN_INLINE V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T> FASTRNN_INLINE void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof v); }
 
+// ---- reductions over a row: vector accumulators (GCC does not vectorize a floating-point sum by itself,
+// which would reorder it; a scalar chain of adds waits ~4 cycles each) ---------------------------------------
+template <typename T>
+FASTRNN_INLINE T hsum(V<T> v) {
+  T s = T(0);
+  for (int l = 0; l < lanes<T>(); ++l) s += v[l];
+  return s;
+}
+
+// sum_j f(vector at j) over j < n, f taking (offset) and returning a vector; `tail` the scalar form
+template <typename T, typename FV, typename FS>
+FASTRNN_INLINE T vreduce(int64_t n, FV fv, FS fs) {
+  constexpr int N = lanes<T>();
+  V<T> a0 = {}, a1 = {};
+  int64_t j = 0;
+  for (; j + 2 * N <= n; j += 2 * N) {
+    a0 += fv(j);
+    a1 += fv(j + N);
+  }
+  for (; j + N <= n; j += N) a0 += fv(j);
+  T s = hsum<T>(a0 + a1);
+  for (; j < n; ++j) s += fs(j);
+  return s;
+}
+
+template <typename T>
+FASTRNN_INLINE T vsum(const T* a, int64_t n) {
+  return vreduce<T>(n, [&](int64_t j) { return vload(a + j); }, [&](int64_t j) { return a[j]; });
+}
+template <typename T>
+FASTRNN_INLINE T vsqdev(const T* a, int64_t n, T mean) {  // sum (a - mean)^2
+  const V<T> m = V<T>{} + mean;
+  return vreduce<T>(n, [&](int64_t j) { const V<T> d = vload(a + j) - m; return d * d; },
+                    [&](int64_t j) { return (a[j] - mean) * (a[j] - mean); });
+}
+template <typename T>
+FASTRNN_INLINE T vdot(const T* a, const T* b, int64_t n) {
+  return vreduce<T>(n, [&](int64_t j) { return vload(a + j) * vload(b + j); }, [&](int64_t j) { return a[j] * b[j]; });
+}
+template <typename T>
+FASTRNN_INLINE T vdot3(const T* a, const T* b, const T* c, int64_t n) {
+  return vreduce<T>(n, [&](int64_t j) { return vload(a + j) * vload(b + j) * vload(c + j); },
+                    [&](int64_t j) { return a[j] * b[j] * c[j]; });
+}
+
 // ---- activations ------------------------------------------------------------------------------------
 // float32: tanh(x) ~ x P(x^2) / Q(x^2) on [-9, 9] (least-squares fit made for fastrnn, max abs error
 // 3.3e-7 in float32; the same coefficients as the numba backend). A NaN fails both clamps and stays
