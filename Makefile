@@ -45,6 +45,7 @@ test-triton-all: ext
 
 bench: ext
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+	$(PY) -m benchmarks.cell_options --budget 0.2 --out benchmarks/results/cell_options.txt
 
 # the examples with their default, CPU-friendly settings: torch.nn, then fastrnn's automatic backend
 examples: ext

@@ -480,3 +480,15 @@ def test_cpp_split_over_threads(name, kw, ran):
     finally:
         impl.set_parallel_min_macs(old)
     assert ("lstm_seq_fwd" if name == "LSTM" else "gru_seq_fwd", "cpp") in ran
+
+
+def test_benchmark_runs(monkeypatch, tmp_path, capsys):
+    """`python -m benchmarks.cell_options` (run by `make bench`) on a tiny shape: every ratio line, the file."""
+    from benchmarks import cell_options
+    monkeypatch.setattr(cell_options, "SHAPES", [(3, 1, 8)])
+    out = tmp_path / "co.txt"
+    backend = "cpp" if "cpp" in SERVING else "reference"
+    cell_options.main(["--budget", "0.01", "--backend", backend, "--out", str(out)])
+    text = out.read_text()
+    assert "lstm ln/plain" in text and "recdrop/plain" in text and "eager/plain" in text
+    assert len(text.splitlines()) == 5  # the header, then a line of times and one of ratios per mode
