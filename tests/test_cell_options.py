@@ -492,3 +492,44 @@ def test_benchmark_runs(monkeypatch, tmp_path, capsys):
     text = out.read_text()
     assert "lstm ln/plain" in text and "recdrop/plain" in text and "eager/plain" in text
     assert len(text.splitlines()) == 5  # the header, then a line of times and one of ratios per mode
+
+
+def test_compile_fullgraph(monkeypatch):
+    """torch.compile(fullgraph=True) of a module with every option: equal to eager in eval; in training too
+    when inductor draws random numbers as eager does (``fallback_random``: its own generator otherwise
+    gives other masks, as for torch's own dropout)."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = fastrnn.LSTM(4, 6, num_layers=2, layer_norm=True, zoneout=(0.1, 0.2), recurrent_dropout=0.2,
+                     dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.manual_seed(1)
+    y_c = compiled(x)[0]
+    torch.manual_seed(1)
+    y_e = m(x)[0]
+    torch.testing.assert_close(y_c, y_e, atol=1e-10, rtol=1e-10)
+    m.eval()
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x)[0], m(x)[0], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", SERVING)
+@pytest.mark.parametrize("name,kw", [("LSTM", dict(layer_norm=True, zoneout=(0.1, 0.2), recurrent_dropout=0.2)),
+                                     ("GRU", dict(layer_norm=True, zoneout=0.1, recurrent_dropout=0.2))])
+def test_double_backward(backend, name, kw, ran):
+    """A gradient penalty through the options (the masks are constants of the second derivative) equals the
+    reference backend's, with the same masks."""
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    res = {}
+    for be in ("reference", backend):
+        torch.manual_seed(0)
+        m = getattr(fastrnn, name)(4, 6, num_layers=2, dtype=torch.float64, backend=be, **kw)
+        torch.manual_seed(3)
+        y = m(x)[0]
+        (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        res[be] = torch.autograd.grad((gx ** 2).sum(), [x, *m.parameters()])
+    for a, b in zip(res[backend], res["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    assert (f"{name.lower()}_seq_bwd", backend) in ran
