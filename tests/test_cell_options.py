@@ -494,12 +494,16 @@ def test_benchmark_runs(monkeypatch, tmp_path, capsys):
     assert len(text.splitlines()) == 5  # the header, then a line of times and one of ratios per mode
 
 
-def test_compile_fullgraph(monkeypatch):
+def test_compile_fullgraph():
     """torch.compile(fullgraph=True) of a module with every option: equal to eager in eval; in training too
     when inductor draws random numbers as eager does (``fallback_random``: its own generator otherwise
     gives other masks, as for torch's own dropout)."""
     import torch._inductor.config as inductor_config
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    with inductor_config.patch(fallback_random=True):
+        _compile_case()
+
+
+def _compile_case():
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = fastrnn.LSTM(4, 6, num_layers=2, layer_norm=True, zoneout=(0.1, 0.2), recurrent_dropout=0.2,
@@ -533,3 +537,33 @@ def test_double_backward(backend, name, kw, ran):
     for a, b in zip(res[backend], res["reference"]):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
     assert (f"{name.lower()}_seq_bwd", backend) in ran
+
+
+@pytest.mark.parametrize("backend", SERVING + ["reference"])
+@pytest.mark.parametrize("family", ["lstm", "gru"])
+@pytest.mark.parametrize("save", [False, True], ids=["nosave", "save"])
+def test_opcheck_with_options(backend, family, save):
+    """torch.library.opcheck on the sequence and step ops with every option (the fake's workspace size
+    included): layer norm, masks, zoneout probability."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    T, B, H = 4, 3, 5
+    mask = lambda *s: (torch.rand(*s, generator=g) < 0.3).double()  # noqa: E731
+    if family == "lstm":
+        w = (r(4 * H, H), r(4 * H), None, r(3, H), r(4 * H), r(H), r(H), mask(B, H) * 1.5, mask(T, B, H), mask(T, B, H))
+        state, opts = (r(B, H), r(B, H)), (False, 0.2, 0.1)
+        step_w = w[:8] + (w[8][0], w[9][0])
+    else:
+        w = (r(3 * H, H), r(3 * H), r(3 * H), mask(B, H) * 1.5, mask(T, B, H))
+        state, opts = (r(B, H),), (0.2,)
+        step_w = w[:4] + (w[4][0],)
+    ops = torch.ops.fastrnn
+    xw = r(T, B, w[0].shape[0])
+    torch.library.opcheck(getattr(ops, f"{family}_seq_fwd"), (xw, *w, *state, torch.tensor([4, 3, 1]), False, *opts,
+                                                               save, backend))
+    torch.library.opcheck(getattr(ops, f"{family}_step_fwd"), (xw[0], *step_w, *state, *opts, save, backend))
+    if save:
+        y, *rest = getattr(ops, f"{family}_seq_fwd")(xw, *w, *state, None, True, *opts, True, backend)
+        grads = [torch.randn_like(y)] + [torch.randn_like(f) for f in rest[:-1]]
+        torch.library.opcheck(getattr(ops, f"{family}_seq_bwd"),
+                              (*grads, xw, *w, *state, None, y, rest[-1], True, *opts, backend))

@@ -16,7 +16,9 @@ from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recu
 try:
     import numba
     from .numba_kernels import gru as _gru
+    from .numba_kernels import gru_options as _gru_opt
     from .numba_kernels import lstm as _lstm
+    from .numba_kernels import lstm_options as _lstm_opt
     from .numba_kernels import rnn as _rnn
     _IMPORT_ERROR = None
 except ImportError as e:  # numba missing or broken: the backend is unavailable, fastrnn still imports
@@ -77,12 +79,16 @@ def _alloc(varlen):
     return torch.zeros if varlen else torch.empty
 
 
-@_common.without_cell_options
+def _lstm_options_used(ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zh, zc):
+    return any(t is not None for t in (ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c)) or bool(zh) or bool(zc)
+
+
 class NumbaBackend(StepsFromSequence, Backend):
     name = "numba"
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float64)
-    features = frozenset({"proj", "peephole", "coupled", "varlen"})
+    # the cell options run in their own kernels (numba_kernels/*_options.py), on one thread
+    features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
 
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
@@ -102,6 +108,11 @@ class NumbaBackend(StepsFromSequence, Backend):
             return 0
         family, scope, T, B, GH, H, P, proj = fwd_dims(op, args)
         n = {"lstm": T * B * (GH + H + (H if proj else 0)), "gru": T * B * (GH + H), "rnn": 0}[family]
+        # the options' kernels keep more (numba_kernels/*_options.py): args (xw, *weights, *state, ..., save)
+        if family == "lstm" and _lstm_options_used(*args[5:11], args[-3], args[-2]):
+            n = T * B * (2 * GH + 2 * H + (H if proj else 0) + 3)
+        if family == "gru" and (any(t is not None for t in args[3:6]) or bool(args[-2])):
+            n = T * B * (2 * GH + H + 1)
         return n + (B * P if scope == "step" else 0)  # a step also keeps its output
 
     # ---- LSTM ------------------------------------------------------------------------------------
@@ -112,7 +123,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         hfull = ws[T * B * (GH + H):T * B * (GH + 2 * H)].view(T, B, H) if proj else ws[:0].view(0, 0, 0)
         return gates, c_all, hfull
 
-    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save):
+    def _lstm_plain_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         varlen = lengths is not None
@@ -134,8 +145,8 @@ class NumbaBackend(StepsFromSequence, Backend):
                                 _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
         return y, h_n, c_n, ws
 
-    def lstm_seq_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
-                     reverse, coupled):
+    def _lstm_plain_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                        reverse, coupled):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         proj = w_hr is not None
@@ -158,7 +169,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
 
     # ---- GRU -------------------------------------------------------------------------------------
-    def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
+    def _gru_plain_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
         T, B, GH = xw.shape
         H = h0.shape[1]
         new = _alloc(lengths is not None)
@@ -173,7 +184,7 @@ class NumbaBackend(StepsFromSequence, Backend):
                               _parts(B, GH * H), _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
         return y, h_n, ws
 
-    def gru_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
+    def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
         T, B, GH = xw.shape
         H = h0.shape[1]
         gates, hn_all = ws[:T * B * GH].view(T, B, GH), ws[T * B * GH:].view(T, B, H)
@@ -185,6 +196,125 @@ class NumbaBackend(StepsFromSequence, Backend):
                               _np(h_prev), _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
+
+    # ---- the contract's LSTM and GRU methods: the plain kernels, or with a cell option its own ----------
+    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, h0, c0, lengths,
+                     reverse, coupled, zoneout_h, zoneout_c, save):
+        if not _lstm_options_used(ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c):
+            return self._lstm_plain_fwd(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save)
+        T, B, GH = xw.shape
+        H, P = c0.shape[1], h0.shape[1]
+        proj = w_hr is not None
+        new = _alloc(lengths is not None)
+        S = T if save else 1  # workspace slots: every step for the backward, or one reused
+        buf = new(S * B * (2 * GH + 2 * H + (H if proj else 0) + 3), dtype=xw.dtype)
+        ws = buf if save else xw.new_empty(0)
+        gates, c_all, hfull, ctil, xhat, stats = self._lstm_opt_ws(buf, S, B, GH, H, proj)
+        y = new(T, B, P, dtype=xw.dtype)
+        h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+        d = _np(xw).dtype
+        _lstm_opt.lstm_opt_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
+                               _opt(ln_h, 1, xw), _opt(ln_c, 1, xw), _opt(ln_cb, 1, xw), _opt(rmask, 2, xw),
+                               _opt(zmask_h, 3, xw), _opt(zmask_c, 3, xw), float(zoneout_h), float(zoneout_c), coupled,
+                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _np(y), _np(h_n), _np(c_n),
+                               _np(gates), _np(c_all), _np(hfull), _np(ctil), _np(xhat), _np(stats),
+                               np.empty((B, P), d), np.empty((B, P), d), np.empty((B, P), d), np.empty((B, H), d))
+        return y, h_n, c_n, ws
+
+    @staticmethod
+    def _lstm_opt_ws(buf, S, B, GH, H, proj):
+        sizes = [GH, H, H if proj else 0, H, GH, 3]
+        views, o = [], 0
+        for n in sizes:
+            views.append(buf[o:o + S * B * n].view(S, B, n))
+            o += S * B * n
+        return views
+
+    def lstm_seq_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h,
+                     zmask_c, h0, c0, lengths, y, ws, reverse, coupled, zoneout_h, zoneout_c):
+        if not _lstm_options_used(ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c):
+            g = self._lstm_plain_bwd(grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                                     reverse, coupled)
+            return (*g[:5], *(xw.new_empty(0) for _ in range(6)), *g[5:])
+        T, B, GH = xw.shape
+        H, P = c0.shape[1], h0.shape[1]
+        proj = w_hr is not None
+        gates, c_all, hfull, ctil, xhat, stats = self._lstm_opt_ws(ws, T, B, GH, H, proj)
+        new = _alloc(lengths is not None)
+        dgates = new(T, B, GH, dtype=xw.dtype)
+        d_rec = new(T, B, GH, dtype=xw.dtype) if ln_h is not None else dgates
+        h_prev = new(T, B, P, dtype=xw.dtype)
+        dh_proj = new(T, B, P, dtype=xw.dtype) if proj else xw.new_empty(0, 0, 0)
+        dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
+        d = _np(xw).dtype
+        dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
+        zeros = lambda t: torch.zeros_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
+        d_ln_h, d_ln_c, d_ln_cb = zeros(ln_h), zeros(ln_c), zeros(ln_cb)
+        _lstm_opt.lstm_opt_bwd(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
+                               _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw),
+                               _opt(ln_h, 1, xw), _opt(ln_c, 1, xw), _opt(ln_cb, 1, xw), _opt(rmask, 2, xw),
+                               _opt(zmask_h, 3, xw), _opt(zmask_c, 3, xw), float(zoneout_h), float(zoneout_c), coupled,
+                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _np(y), _np(gates), _np(c_all),
+                               _np(ctil), _np(xhat), _np(stats), _np(dgates), _np(d_rec), _np(h_prev), _np(dh_proj),
+                               _np(dh0), np.empty((B, H), d), _np(dc0), np.empty((B, P), d), _np(dw_ch), _np(d_ln_h),
+                               _np(d_ln_c), _np(d_ln_cb))
+        flat = dgates.reshape(T * B, GH)
+        d_w_hh = d_rec.reshape(T * B, GH).t().mm(h_prev.reshape(T * B, P))
+        d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
+        d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
+        none = [xw.new_empty(0) for _ in range(3)]  # the masks'
+        return (dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), d_ln_h, d_ln_c, d_ln_cb,
+                *none, dh0, dc0)
+
+    def gru_seq_fwd(self, xw, w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, reverse, zoneout, save):
+        if ln_h is None and rmask is None and zmask is None and not zoneout:
+            return self._gru_plain_fwd(xw, w_hh, b_hh, h0, lengths, reverse, save)
+        T, B, GH = xw.shape
+        H = h0.shape[1]
+        new = _alloc(lengths is not None)
+        S = T if save else 1
+        buf = new(S * B * (2 * GH + H + 1), dtype=xw.dtype)
+        ws = buf if save else xw.new_empty(0)
+        gates, hn_all, xhat, stats = self._gru_opt_ws(buf, S, B, GH, H)
+        y = new(T, B, H, dtype=xw.dtype)
+        h_n = torch.empty_like(h0)
+        d = _np(xw).dtype
+        _gru_opt.gru_opt_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(ln_h, 1, xw), _opt(rmask, 2, xw),
+                             _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B), reverse, _np(y),
+                             _np(h_n), _np(gates), _np(hn_all), _np(xhat), _np(stats), np.empty((B, H), d),
+                             np.empty((B, H), d))
+        return y, h_n, ws
+
+    @staticmethod
+    def _gru_opt_ws(buf, S, B, GH, H):
+        views, o = [], 0
+        for n in (GH, H, GH, 1):
+            views.append(buf[o:o + S * B * n].view(S, B, n))
+            o += S * B * n
+        return views
+
+    def gru_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, y, ws, reverse, zoneout):
+        if ln_h is None and rmask is None and zmask is None and not zoneout:
+            g = self._gru_plain_bwd(grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse)
+            return (*g[:3], *(xw.new_empty(0) for _ in range(3)), g[3])
+        T, B, GH = xw.shape
+        H = h0.shape[1]
+        gates, hn_all, xhat, stats = self._gru_opt_ws(ws, T, B, GH, H)
+        new = _alloc(lengths is not None)
+        d_xw, d_rec = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype)
+        h_prev, hm_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
+        dh0 = torch.empty_like(h0)
+        d_ln_h = torch.zeros_like(ln_h) if ln_h is not None else xw.new_empty(0)
+        d_bias = torch.zeros(GH, dtype=xw.dtype)
+        _gru_opt.gru_opt_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _opt(ln_h, 1, xw),
+                             _opt(rmask, 2, xw), _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B),
+                             reverse, _np(y), _np(gates), _np(hn_all), _np(xhat), _np(stats), _np(d_xw), _np(d_rec),
+                             _np(h_prev), _np(hm_prev), _np(dh0), np.empty((B, H), _np(xw).dtype), _np(d_ln_h),
+                             _np(d_bias))
+        d_w_hh = d_rec.reshape(T * B, GH).t().mm(hm_prev.reshape(T * B, H))
+        # b_hh is added after the normalization: with layer norm its gradient is the normalized product's
+        d_b_hh = xw.new_empty(0) if b_hh is None else d_bias if ln_h is not None else d_rec.reshape(T * B, GH).sum(0)
+        return d_xw, d_w_hh, d_b_hh, d_ln_h, xw.new_empty(0), xw.new_empty(0), dh0
 
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
