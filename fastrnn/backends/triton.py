@@ -176,7 +176,8 @@ class TritonBackend(StepsFromSequence, Backend):
         proj, varlen, dev = w_hr is not None, lengths is not None, xw.device
         acc = _acc(xw.dtype)
         n_acc = T * B * (GH + H + (H if proj else 0))
-        ws = _new(varlen)(self.workspace_numel("lstm_seq_fwd", xw, w_hh, b_hh, w_hr, w_ch, h0, c0, save),
+        # the contract's argument list (no cell options: without_cell_options took them off)
+        ws = _new(varlen)(self.workspace_numel("lstm_seq_fwd", xw, w_hh, b_hh, w_hr, w_ch, *[None] * 6, h0, c0, save),
                           dtype=xw.dtype, device=dev)
         saved = self._ws(ws, n_acc, xw.dtype) if save else None
         y = _new(varlen)(T, B, P, dtype=xw.dtype, device=dev)
