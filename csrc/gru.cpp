@@ -204,14 +204,21 @@ FASTRNN_INLINE void bwd_ln_impl(const BwdPoint<T>& p, const LnPoint<T>& q, const
       t1 += q.part[(w * q.B + b) * 2];
       t2 += q.part[(w * q.B + b) * 2 + 1];
     }
-    const T inv = T(1) / T(GH);
-    for (int k = 0; k < 3; ++k)
+    const T inv = T(1) / T(GH), rs = rstd[b], m1 = t1 * inv, m2 = t2 * inv;
+    for (int k = 0; k < 3; ++k) {
+      T* dr_k = dr + k * H;
+      T* db_k = d_bias + k * H;
+      T* dg_k = d_gain + k * H;
+      const T* xh_k = xh + k * H;
+      const T* g_k = q.gain + k * H;
+#pragma GCC ivdep
       for (int64_t j = 0; j < nu; ++j) {
-        const int64_t n = k * H + j;
-        d_bias[n] += dr[n];
-        d_gain[n] += dr[n] * xh[n];
-        dr[n] = rstd[b] * (dr[n] * q.gain[n] - t1 * inv - xh[n] * t2 * inv);
+        const T d = dr_k[j];
+        db_k[j] += d;
+        dg_k[j] += d * xh_k[j];
+        dr_k[j] = rs * (d * g_k[j] - m1 - xh_k[j] * m2);
       }
+    }
   }
 }
 

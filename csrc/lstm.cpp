@@ -211,7 +211,6 @@ struct OptPoint {
 // calls f(std::bool_constant<v>{}): a runtime flag as a template argument. Everything below a
 // FASTRNN_CLONES function must be inlined into it (the lambdas too): a function of its own is built for the
 // baseline ISA only (SSE2, no FMA), which made the pass 2-4x slower.
-#define FASTRNN_INLINE_LAMBDA __attribute__((always_inline))
 template <typename F>
 FASTRNN_INLINE void with_flag(bool v, F f) {
   if (v)
@@ -403,12 +402,19 @@ FASTRNN_INLINE void bwd_opts_impl(const BwdPoint<T>& p, const OptGrad<T>& q, int
       const T* dx = p.dxw + b * GH;
       const T* xh = q.xhat + b * GH;
       T* dr = q.d_rec + b * GH;
-      for (int k = 0; k < G; ++k)
+      const T m1 = t1 * inv, m2 = t2 * inv;
+      for (int k = 0; k < G; ++k) {
+        const T* dx_k = dx + k * H;
+        const T* xh_k = xh + k * H;
+        const T* g_k = q.ln_h + k * H;
+        T* dg_k = q.d_ln_h + k * H;
+        T* dr_k = dr + k * H;
+#pragma GCC ivdep
         for (int64_t j = 0; j < nu; ++j) {
-          const int64_t n = k * H + j;
-          q.d_ln_h[n] += dx[n] * xh[n];
-          dr[n] = rh * (dx[n] * q.ln_h[n] - t1 * inv - xh[n] * t2 * inv);
+          dg_k[j] += dx_k[j] * xh_k[j];
+          dr_k[j] = rh * (dx_k[j] * g_k[j] - m1 - xh_k[j] * m2);
         }
+      }
     }
     return;
   }

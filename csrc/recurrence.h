@@ -51,6 +51,10 @@ FASTRNN_INLINE T hsum(V<T> v) {
   return s;
 }
 
+// a lambda that must be inlined into a FASTRNN_CLONES function (a function of its own is built for the
+// baseline ISA only)
+#define FASTRNN_INLINE_LAMBDA __attribute__((always_inline))
+
 // sum_j f(vector at j) over j < n, f taking (offset) and returning a vector; `tail` the scalar form
 template <typename T, typename FV, typename FS>
 FASTRNN_INLINE T vreduce(int64_t n, FV fv, FS fs) {
@@ -69,22 +73,22 @@ FASTRNN_INLINE T vreduce(int64_t n, FV fv, FS fs) {
 
 template <typename T>
 FASTRNN_INLINE T vsum(const T* a, int64_t n) {
-  return vreduce<T>(n, [&](int64_t j) { return vload(a + j); }, [&](int64_t j) { return a[j]; });
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload(a + j); }, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j]; });
 }
 template <typename T>
 FASTRNN_INLINE T vsqdev(const T* a, int64_t n, T mean) {  // sum (a - mean)^2
   const V<T> m = V<T>{} + mean;
-  return vreduce<T>(n, [&](int64_t j) { const V<T> d = vload(a + j) - m; return d * d; },
-                    [&](int64_t j) { return (a[j] - mean) * (a[j] - mean); });
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { const V<T> d = vload(a + j) - m; return d * d; },
+                    [&](int64_t j) FASTRNN_INLINE_LAMBDA { return (a[j] - mean) * (a[j] - mean); });
 }
 template <typename T>
 FASTRNN_INLINE T vdot(const T* a, const T* b, int64_t n) {
-  return vreduce<T>(n, [&](int64_t j) { return vload(a + j) * vload(b + j); }, [&](int64_t j) { return a[j] * b[j]; });
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload(a + j) * vload(b + j); }, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j] * b[j]; });
 }
 template <typename T>
 FASTRNN_INLINE T vdot3(const T* a, const T* b, const T* c, int64_t n) {
-  return vreduce<T>(n, [&](int64_t j) { return vload(a + j) * vload(b + j) * vload(c + j); },
-                    [&](int64_t j) { return a[j] * b[j] * c[j]; });
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload(a + j) * vload(b + j) * vload(c + j); },
+                    [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j] * b[j] * c[j]; });
 }
 
 // ---- activations ------------------------------------------------------------------------------------
