@@ -6,12 +6,10 @@ the normalized recurrent product [B, 3H] and its rstd [B, 1].
 """
 from __future__ import annotations
 
-import math
-
 import numba
 
 from .common import JIT, fill_h_prev, final_h, mm_nt, sigmoid_, tanh_
-from .lstm_options import EPS, _keep
+from .lstm_options import _keep, recurrent_product
 
 
 @numba.njit(**JIT)
@@ -20,39 +18,17 @@ def gru_opt_fwd(xw, w_hh, b_hh, ln_h, rmask, zmask, zp, h0, sizes, reverse, y, h
     T = xw.shape[0]
     H = h0.shape[1]
     GH = 3 * H
-    ln = ln_h.shape[0] > 0
-    rdrop = rmask.shape[0] > 0
     has_b = b_hh.shape[0] > 0
-    one, zero = xw.dtype.type(1), xw.dtype.type(0)
-    eps = xw.dtype.type(EPS)
+    one = xw.dtype.type(1)
     zp = xw.dtype.type(zp)
     h[:, :] = h0
     for s in range(T):
         t = T - 1 - s if reverse else s
         n = sizes[t]
         st = t if gates.shape[0] == T else 0
-        src = h
-        if rdrop:
-            for b in range(n):
-                for k in range(H):
-                    hm[b, k] = h[b, k] * rmask[b, k]
-            src = hm
-        mm_nt(src, n, w_hh, gates[st], 0, GH, False)  # the raw recurrent product
+        recurrent_product(h, hm, rmask, n, w_hh, gates[st], ln_h, xhat[st], stats[st])
         for b in range(n):
             g = gates[st, b]
-            if ln:
-                mean = zero
-                for k in range(GH):
-                    mean += g[k]
-                mean /= GH
-                var = zero
-                for k in range(GH):
-                    var += (g[k] - mean) * (g[k] - mean)
-                rs = one / math.sqrt(var / GH + eps)
-                stats[st, b, 0] = rs
-                for k in range(GH):
-                    xhat[st, b, k] = (g[k] - mean) * rs
-                    g[k] = xhat[st, b, k] * ln_h[k]
             if has_b:
                 for k in range(GH):
                     g[k] += b_hh[k]

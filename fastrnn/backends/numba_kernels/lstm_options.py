@@ -29,6 +29,40 @@ def _keep(mask, p, t, b, j):
 
 
 @numba.njit(**JIT)
+def mean_rstd(v):
+    """(mean, 1/sqrt(var + eps)) of a row, biased variance as nn.LayerNorm."""
+    n = v.shape[0]
+    mean = v.dtype.type(0)
+    for k in range(n):
+        mean += v[k]
+    mean /= n
+    var = v.dtype.type(0)
+    for k in range(n):
+        var += (v[k] - mean) * (v[k] - mean)
+    return mean, v.dtype.type(1) / math.sqrt(var / n + v.dtype.type(EPS))
+
+
+@numba.njit(**JIT)
+def recurrent_product(h, hm, rmask, n, w_hh, g, ln_h, xhat, stats):
+    """g[:n] = the recurrent product of rows [0, n) (h times its recurrent dropout mask, when given), with
+    layer norm over each row (gain ln_h; xhat and stats[:, 0] get the normalized row and its rstd)."""
+    src = h
+    if rmask.shape[0] > 0:
+        for b in range(n):
+            for k in range(h.shape[1]):
+                hm[b, k] = h[b, k] * rmask[b, k]
+        src = hm
+    mm_nt(src, n, w_hh, g, 0, g.shape[1], False)
+    if ln_h.shape[0] > 0:
+        for b in range(n):
+            mean, rs = mean_rstd(g[b])
+            stats[b, 0] = rs
+            for k in range(g.shape[1]):
+                xhat[b, k] = (g[b, k] - mean) * rs
+                g[b, k] = xhat[b, k] * ln_h[k]
+
+
+@numba.njit(**JIT)
 def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zh, zc, coupled, h0, c0,
                  sizes, reverse, y, h_n, c_n, gates, c_all, hfull, ctil, xhat, stats, h, hm, hn, c):
     """Whole-sequence forward of one layer-direction. gates .. stats: the workspace, [T, ...] to keep every
@@ -42,10 +76,8 @@ def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, 
     proj = w_hr.shape[0] > 0
     peep = w_ch.shape[0] > 0
     ln = ln_h.shape[0] > 0
-    rdrop = rmask.shape[0] > 0
     has_b = b_hh.shape[0] > 0
     one, zero = xw.dtype.type(1), xw.dtype.type(0)
-    eps = xw.dtype.type(EPS)
     zh, zc = xw.dtype.type(zh), xw.dtype.type(zc)
     h[:, :] = h0
     c[:, :] = c0
@@ -53,28 +85,9 @@ def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, 
         t = T - 1 - s if reverse else s
         n = sizes[t]
         st = t if gates.shape[0] == T else 0
-        src = h
-        if rdrop:
-            for b in range(n):
-                for k in range(P):
-                    hm[b, k] = h[b, k] * rmask[b, k]
-            src = hm
-        mm_nt(src, n, w_hh, gates[st], 0, GH, False)  # the raw recurrent product
+        recurrent_product(h, hm, rmask, n, w_hh, gates[st], ln_h, xhat[st], stats[st])
         for b in range(n):
             g = gates[st, b]
-            if ln:
-                mean = zero
-                for k in range(GH):
-                    mean += g[k]
-                mean /= GH
-                var = zero
-                for k in range(GH):
-                    var += (g[k] - mean) * (g[k] - mean)
-                rs = one / math.sqrt(var / GH + eps)
-                stats[st, b, 0] = rs
-                for k in range(GH):
-                    xhat[st, b, k] = (g[k] - mean) * rs
-                    g[k] = xhat[st, b, k] * ln_h[k]
             for k in range(GH):
                 g[k] += xw[t, b, k]
                 if has_b:
@@ -106,13 +119,7 @@ def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, 
                 c_all[st, b, j] = c[b, j]
             mc, rc = zero, one
             if ln:
-                for j in range(H):
-                    mc += ctil[st, b, j]
-                mc /= H
-                var = zero
-                for j in range(H):
-                    var += (ctil[st, b, j] - mc) * (ctil[st, b, j] - mc)
-                rc = one / math.sqrt(var / H + eps)
+                mc, rc = mean_rstd(ctil[st, b])
                 stats[st, b, 1] = mc
                 stats[st, b, 2] = rc
             out = hfull[st, b] if proj else hn[b]
