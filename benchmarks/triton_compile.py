@@ -66,6 +66,35 @@ def _configs():
         ptr = dict(gy=d, rec_h=a, gn_h=d, y_t=d, w_hh=d, d_xw=d, dh_out=a, dh_fin=d)
         out.append((rnn.bwd_step, f"BP={BH}", ptr, ("n", "n_cont", "n_last", "H"),
                     dict(step, RELU=False, BP=BH), tb.NUM_WARPS))
+    # the cell options' row kernels (every option on) at the padded hidden sizes of H = 64, 512, 1024
+    from fastrnn.backends.triton_kernels import common
+    for HP in (64, 512, 1024):
+        rows = dict(ACC=tl.float32, BR=tb.row_block(HP), HP=HP)
+        p2 = {"n": "i32", "H": "i32", "p_h": "fp32", "p_c": "fp32"}
+        ptr = dict(xw=d, raw=a, b_hh=d, w_ch=d, ln_h=d, ln_c=d, ln_cb=d, zm_h=d, zm_c=d, rmask=d, h_state=a,
+                   c_state=a, m_out=a, y=d, hm=a, gates=a, c_new_out=a, c_post=a, xhat_h=a, xhat_c=a, rstd=a)
+        out.append((lstm.fwd_opts_step, f"HP={HP} all options", ptr, p2,
+                    dict(rows, HAS_BIAS=True, PEEP=True, COUPLED=False, LN=True, ZH=1, ZC=1, RMASK=True, PROJ=False,
+                         SAVE=True), tb.row_warps(HP)))
+        ptr = dict(gy=d, dh_state=a, dm=a, dc_state=a, zm_h=d, zm_c=d, gates=a, c_new_in=a, c_prev=a, xhat_h=a,
+                   xhat_c=a, rstd=a, w_ch=d, ln_h=d, ln_c=d, ln_cb=d, d_xw=d, dg=a, d_raw=a, dcn_out=a)
+        out.append((lstm.bwd_opts_step, f"HP={HP} all options", ptr, p2,
+                    dict(rows, PEEP=True, COUPLED=False, LN=True, ZH=1, ZC=1, PROJ=False), tb.row_warps(HP)))
+        p1 = {"n": "i32", "H": "i32", "p": "fp32"}
+        ptr = dict(xw=d, raw=a, b_hh=d, ln_h=d, zm=d, rmask=d, h_state=a, y=d, hm=a, saved=a, xhat_h=a, rstd=a)
+        out.append((gru.fwd_opts_step, f"HP={HP} all options", ptr, p1,
+                    dict(rows, HAS_BIAS=True, LN=True, Z=1, RMASK=True, SAVE=True), tb.row_warps(HP)))
+        ptr = dict(gy=d, dh_state=a, zm=d, saved=a, h_prev=d, xhat_h=a, rstd=a, ln_h=d, d_xw=d, dg=a, d_raw=a)
+        out.append((gru.bwd_opts_step, f"HP={HP} all options", ptr, p1, dict(rows, LN=True, Z=1), tb.row_warps(HP)))
+        pp = dict(ACC=tl.float32, BR=tb.row_block(HP), PP=HP)
+        ptr = dict(cand=a, h_state=a, zm=d, rmask=d, y=d, hm=a)
+        out.append((common.finish_step, f"PP={HP}", ptr, {"n": "i32", "P": "i32", "p": "fp32"},
+                    dict(pp, Z=1, RMASK=True), tb.row_warps(HP)))
+        ptr = dict(gy=d, dh_state=a, zm=d, dcand=a)
+        out.append((common.split_step, f"PP={HP}", ptr, {"n": "i32", "P": "i32", "p": "fp32"}, dict(pp, Z=1),
+                    tb.row_warps(HP)))
+        ptr = dict(prod=a, rmask=d, dh_state=a)
+        out.append((common.add_recurrent_dh, f"PP={HP}", ptr, ("n", "P"), dict(pp, RMASK=True), tb.row_warps(HP)))
     seq = dict(HAS_LEN=True, REVERSE=True, HAS_BIAS=True, ACC=tl.float32, BB=tb.BB)
     for HP in sorted({tb.seq_hp(h) for h in range(1, tb.SEQ_MAX_H + 1)}):
         def warps(family, HP=HP):  # the sequence kernel's warps depend on the dtype
@@ -101,13 +130,14 @@ def compile_one(fn, ptr_roles, scalars, constexprs, dtype: str, arch: int, num_w
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = {"PREC": "ieee", **constexprs}  # torch's default: allow_tf32 is False for matmuls
+    if "PREC" in fn.arg_names:  # torch's default: allow_tf32 is False for matmuls
+        constexprs = {"PREC": "ieee", **constexprs}
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in scalars:
-            sig[name] = "i32"
+        elif name in scalars:  # a tuple of int32 names, or a dict name -> type
+            sig[name] = scalars[name] if isinstance(scalars, dict) else "i32"
         else:
             role = ptr_roles[name]
             sig[name] = "*" + {"D": dtype, "A": "fp32"}.get(role, role)

@@ -35,7 +35,9 @@ def test_kernels_compile_for_gpu_without_spills(dtype, arch):
 
     results = run(archs=(arch,), dtypes=(dtype,))
     kernels = {r.kernel for r in results}
-    assert kernels == {f"{f}.{k}" for f in ("lstm", "gru", "rnn") for k in ("fwd_step", "bwd_step", "fwd_seq")}
+    assert kernels == {f"{f}.{k}" for f in ("lstm", "gru", "rnn") for k in ("fwd_step", "bwd_step", "fwd_seq")} | \
+        {f"{f}.{k}" for f in ("lstm", "gru") for k in ("fwd_opts_step", "bwd_opts_step")} | \
+        {"common.finish_step", "common.split_step", "common.add_recurrent_dh"}
     seq_blocks = {r.config.split()[0] for r in results if r.kernel == "lstm.fwd_seq"}
     assert seq_blocks == {"HP=16", "HP=32", "HP=64"}  # every padded size up to SEQ_MAX_H
     for r in results:

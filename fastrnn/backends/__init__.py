@@ -31,9 +31,8 @@ rnn      h [B,H]          w_hh [H,H], b_hh [H]?                       nonlineari
 whole sequence); ``zmask_*`` the zoneout masks (1: the unit keeps its previous value), one per step
 ([B,*] in the step ops); without a mask, ``zoneout_*`` is the keep weight (eval: the probability). The
 masks are inputs without a gradient (a backend returns an empty tensor for them). A backend that serves an
-option declares its feature ('layer_norm', 'zoneout', 'recurrent_dropout'); ``_common.without_cell_options``
-adapts one that serves none. The input projection is done once for all steps
-outside the backend: ``xw = x @ w_ih.T + b_ih`` of shape [T,B,G*H] (sequence) or [B,G*H] (step), in
+option declares its feature ('layer_norm', 'zoneout', 'recurrent_dropout'). The input projection is done
+once for all steps outside the backend: ``xw = x @ w_ih.T + b_ih`` of shape [T,B,G*H] (sequence) or [B,G*H] (step), in
 torch's gate order (LSTM i,f,g,o, or i,g,o when coupled; GRU r,z,n; RNN one block).
 
 The math, per step (``sigma`` = sigmoid, ``*`` elementwise, ``gh = h @ w_hh.T + b_hh``; with the cell

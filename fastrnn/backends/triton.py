@@ -13,6 +13,11 @@ Host side only: allocate, choose the path and block sizes, launch the kernels of
   are fp32 (fp64 for fp64, which the interpreter runs for the parity tests).
 - No host synchronisation inside the time loop: the per-step path can be captured in a CUDA graph
   (``fastrnn.cuda_graphed``).
+- The cell options (layer norm, zoneout, recurrent dropout) always take a per-step path of their own:
+  the recurrent product by cuBLAS, then one row kernel per step (``<family>.fwd_opts_step``: a program
+  owns whole rows, so a row's layer-norm statistics need no other program) that does the normalization,
+  the gate math, zoneout and the masked h for the next product; backward likewise (``bwd_opts_step``,
+  the product, ``common.add_recurrent_dh``).
 """
 from __future__ import annotations
 
@@ -20,18 +25,19 @@ import os
 
 import torch
 
-from . import Backend, _common
+from . import Backend
 from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recurrent_weight_grads
 
 try:
     import triton
     import triton.language as tl
+    from .triton_kernels import common as _common_k
     from .triton_kernels import gru as _gru
     from .triton_kernels import lstm as _lstm
     from .triton_kernels import rnn as _rnn
     _IMPORT_ERROR = None
 except ImportError as e:  # triton missing or broken: the backend is unavailable, fastrnn still imports
-    triton = tl = None
+    triton = tl = _common_k = None
     _IMPORT_ERROR = e
 
 # the whole-sequence forward kernel serves hidden sizes up to this (W_hh held in registers: larger
@@ -131,10 +137,28 @@ def _schedule(sizes, T, reverse, backward):
     return out
 
 
-@_common.without_cell_options
+def _zmode(mask, p):
+    """The row kernels' zoneout mode: 1 the step's mask (training), 2 the probability (eval), 0 none."""
+    return 1 if mask is not None else (2 if p > 0 else 0)
+
+
+def _empties(like, k):
+    """k distinct empty tensors (the gradients of absent inputs and masks: outputs must not alias)."""
+    return tuple(like.new_empty(0) for _ in range(k))
+
+
+def row_block(HP):
+    """Rows per program of the cell options' row kernels (every unit of a row in one program)."""
+    return 4 if HP <= 64 else (2 if HP <= 256 else 1)
+
+
+def row_warps(HP):
+    return 4 if HP <= 256 else (8 if HP <= 1024 else 16)
+
+
 class TritonBackend(StepsFromSequence, Backend):
     name = "triton"
-    features = frozenset({"proj", "peephole", "coupled", "varlen"})
+    features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
 
     @property
     def devices(self):
@@ -158,7 +182,13 @@ class TritonBackend(StepsFromSequence, Backend):
         if not args[-1]:  # save=False: inference keeps nothing
             return 0
         family, scope, T, B, GH, H, P, proj = fwd_dims(op, args)
-        n_acc = {"lstm": T * B * (GH + H + (H if proj else 0)), "gru": T * B * 4 * H, "rnn": 0}[family]
+        if family == "lstm":  # gates, c', m (proj); with the options c after zoneout, LN's xhat_h, xhat_c, rstds
+            zc, ln = args[10] is not None or args[-2] > 0, args[5] is not None
+            n_acc = T * B * (GH + H + (H if proj else 0) + (H if zc else 0) + (GH + H + 2 if ln else 0))
+        elif family == "gru":  # r, z, n, ghn; with layer norm xhat_h and its rstd
+            n_acc = T * B * (4 * H + (3 * H + 1 if args[3] is not None else 0))
+        else:
+            n_acc = 0
         dtype = args[0].dtype
         n = n_acc * (_acc(dtype).itemsize // dtype.itemsize)  # saved values are fp32 for 16-bit dtypes
         return n + (B * P if scope == "step" else 0)  # a step also keeps its output h (xw's dtype)
@@ -170,15 +200,31 @@ class TritonBackend(StepsFromSequence, Backend):
         return ws[:n_acc * acc.itemsize // dtype.itemsize].view(acc)
 
     # ---- LSTM -------------------------------------------------------------------------------------
-    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save):
+    def lstm_seq_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zm_h, zm_c, h0, c0, lengths,
+                     reverse, coupled, p_h, p_c, save):
+        numel = self.workspace_numel("lstm_seq_fwd", xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zm_h, zm_c,
+                                     h0, c0, lengths, reverse, coupled, p_h, p_c, save)
+        if ln_h is not None or rmask is not None or _zmode(zm_h, p_h) or _zmode(zm_c, p_c):
+            return self._lstm_opts_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zm_h, zm_c, h0, c0,
+                                       lengths, reverse, coupled, p_h, p_c, save, numel)
+        return self._lstm_plain_fwd(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save, numel)
+
+    def lstm_seq_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zm_h,
+                     zm_c, h0, c0, lengths, y, ws, reverse, coupled, p_h, p_c):
+        if ln_h is not None or rmask is not None or _zmode(zm_h, p_h) or _zmode(zm_c, p_c):
+            return self._lstm_opts_bwd(grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb,
+                                       rmask, zm_h, zm_c, h0, c0, lengths, y, ws, reverse, coupled, p_h, p_c)
+        d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, dh0, dc0 = self._lstm_plain_bwd(
+            grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws, reverse, coupled)
+        return d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, *_empties(xw, 6), dh0, dc0
+
+    def _lstm_plain_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save, numel):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         proj, varlen, dev = w_hr is not None, lengths is not None, xw.device
         acc = _acc(xw.dtype)
         n_acc = T * B * (GH + H + (H if proj else 0))
-        # the contract's argument list (no cell options: without_cell_options took them off)
-        ws = _new(varlen)(self.workspace_numel("lstm_seq_fwd", xw, w_hh, b_hh, w_hr, w_ch, *[None] * 6, h0, c0, save),
-                          dtype=xw.dtype, device=dev)
+        ws = _new(varlen)(numel, dtype=xw.dtype, device=dev)
         saved = self._ws(ws, n_acc, xw.dtype) if save else None
         y = _new(varlen)(T, B, P, dtype=xw.dtype, device=dev)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
@@ -220,8 +266,8 @@ class TritonBackend(StepsFromSequence, Backend):
         h_n.copy_(_final_rows(y, lengths, reverse))
         return y, h_n, c_n, ws
 
-    def lstm_seq_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
-                     reverse, coupled):
+    def _lstm_plain_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
+                        reverse, coupled):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         proj, varlen, dev = w_hr is not None, lengths is not None, xw.device
@@ -271,11 +317,23 @@ class TritonBackend(StepsFromSequence, Backend):
         return d_gates, d_w_hh, d_b_hh, d_w_hr, d_w_ch, dh0, dc0
 
     # ---- GRU --------------------------------------------------------------------------------------
-    def gru_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
+    def gru_seq_fwd(self, xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, reverse, p, save):
+        numel = self.workspace_numel("gru_seq_fwd", xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, reverse, p, save)
+        if ln_h is not None or rmask is not None or _zmode(zm, p):
+            return self._gru_opts_fwd(xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, reverse, p, save, numel)
+        return self._gru_plain_fwd(xw, w_hh, b_hh, h0, lengths, reverse, save, numel)
+
+    def gru_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, y, ws, reverse, p):
+        if ln_h is not None or rmask is not None or _zmode(zm, p):
+            return self._gru_opts_bwd(grad_y, grad_h_n, xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, y, ws, reverse, p)
+        d_xw, d_w_hh, d_b_hh, dh0 = self._gru_plain_bwd(grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse)
+        return d_xw, d_w_hh, d_b_hh, *_empties(xw, 3), dh0
+
+    def _gru_plain_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save, numel):
         T, B, GH = xw.shape
         H = h0.shape[1]
         varlen, dev = lengths is not None, xw.device
-        ws = _new(varlen)(self.workspace_numel("gru_seq_fwd", xw, w_hh, b_hh, h0, save), dtype=xw.dtype, device=dev)
+        ws = _new(varlen)(numel, dtype=xw.dtype, device=dev)
         saved = self._ws(ws, T * B * 4 * H, xw.dtype).view(T, B, 4 * H) if save else None
         y = _new(varlen)(T, B, H, dtype=xw.dtype, device=dev)
         h_n = torch.empty_like(h0)
@@ -297,7 +355,7 @@ class TritonBackend(StepsFromSequence, Backend):
         h_n.copy_(_final_rows(y, lengths, reverse))
         return y, h_n, ws
 
-    def gru_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
+    def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
         T, B, GH = xw.shape
         H = h0.shape[1]
         varlen, dev = lengths is not None, xw.device
@@ -317,6 +375,175 @@ class TritonBackend(StepsFromSequence, Backend):
                 num_warps=NUM_WARPS)
         d_w_hh, d_b_hh = recurrent_weight_grads(d_gh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
+
+    # ---- the cell options (layer norm, zoneout, recurrent dropout) ---------------------------------
+    # Per step: raw = hm @ W_hh^T (cuBLAS, in the accumulation dtype), then one row kernel per family (a
+    # program owns whole rows, so the layer norm's statistics are its own); an LSTM with projection adds
+    # the W_hr matmul and finish_step. h, c and hm (h * rmask, the next product's input) live in state
+    # buffers that a step updates only for its active rows, so a row past its end keeps its final state
+    # and a reverse row that has not started keeps its initial one. The backward mirrors it: the row
+    # kernel (plus split_step with projection), d_raw @ W_hh, add_recurrent_dh; the weight and gain
+    # gradients are reductions over all steps after the loop.
+    def _opts_saved(self, family, ws, T, B, GH, H, proj, zc, ln, dtype):
+        """Views of a workspace of the options path (see workspace_numel for the layout)."""
+        sizes = {"lstm": [("gates", GH), ("c_new", H), ("m", H if proj else 0), ("c_post", H if zc else 0),
+                          ("xhat_h", GH if ln else 0), ("xhat_c", H if ln else 0), ("rstd", 2 if ln else 0)],
+                 "gru": [("saved", 4 * H), ("xhat_h", GH if ln else 0), ("rstd", 1 if ln else 0)]}[family]
+        flat = self._ws(ws, T * B * sum(k for _, k in sizes), dtype)
+        out, at = {}, 0
+        for name, k in sizes:
+            out[name] = flat[at:at + T * B * k].view(T, B, k) if k else None
+            at += T * B * k
+        return out
+
+    def _lstm_opts_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zm_h, zm_c, h0, c0, lengths,
+                       reverse, coupled, p_h, p_c, save, numel):
+        T, B, GH = xw.shape
+        H, P = c0.shape[1], h0.shape[1]
+        proj, varlen, dev, acc = w_hr is not None, lengths is not None, xw.device, _acc(xw.dtype)
+        ZH, ZC, ln = _zmode(zm_h, p_h), _zmode(zm_c, p_c), ln_h is not None
+        ws = _new(varlen)(numel, dtype=xw.dtype, device=dev)
+        y = _new(varlen)(T, B, P, dtype=xw.dtype, device=dev)
+        h_state, c_state = h0.to(acc, copy=True), c0.to(acc, copy=True)
+        hm = h_state * rmask if rmask is not None else h_state.clone()
+        sv = self._opts_saved("lstm", ws, T, B, GH, H, proj, ZC != 0, ln, xw.dtype) if save else {}
+        w_t, d = w_hh.t().to(acc), xw  # d: the pointer for an absent tensor (never read)
+        HP, PP = triton.next_power_of_2(H), triton.next_power_of_2(P)
+        raw = torch.empty(B, GH, dtype=acc, device=dev)
+        if proj:
+            w_hr_t, hc = w_hr.t().to(acc), torch.empty(B, P, dtype=acc, device=dev)
+            m_tmp = torch.empty(B, H, dtype=acc, device=dev)
+        flags = dict(HAS_BIAS=b_hh is not None, PEEP=w_ch is not None, COUPLED=coupled, LN=ln, ZH=ZH, ZC=ZC,
+                     RMASK=rmask is not None, PROJ=proj, SAVE=save, ACC=_tl_acc(xw.dtype), BR=row_block(HP), HP=HP,
+                     num_warps=row_warps(HP))
+        opt = lambda v, t=None: d if v is None else (v if t is None else v[t])  # noqa: E731
+        for t, n, *_ in _schedule(batch_sizes_from_lengths(lengths, T, B), T, reverse, backward=False):
+            torch.mm(hm[:n], w_t, out=raw[:n])
+            m_out = sv["m"][t] if (save and proj) else (m_tmp if proj else d)
+            _lstm.fwd_opts_step[(triton.cdiv(n, row_block(HP)),)](
+                xw[t], raw, opt(b_hh), opt(w_ch), opt(ln_h), opt(ln_c), opt(ln_cb), opt(zm_h, t), opt(zm_c, t),
+                opt(rmask), float(p_h), float(p_c), h_state, c_state, m_out, y[t], hm, opt(sv.get("gates"), t),
+                opt(sv.get("c_new"), t), opt(sv.get("c_post"), t), opt(sv.get("xhat_h"), t),
+                opt(sv.get("xhat_c"), t), opt(sv.get("rstd"), t), n, H, **flags)
+            if proj:
+                torch.mm(m_out[:n], w_hr_t, out=hc[:n])
+                _common_k.finish_step[(triton.cdiv(n, row_block(PP)),)](
+                    hc, h_state, opt(zm_h, t), float(p_h), opt(rmask), y[t], hm, n, P, Z=ZH, RMASK=rmask is not None,
+                    ACC=_tl_acc(xw.dtype), BR=row_block(PP), PP=PP, num_warps=row_warps(PP))
+        return y, h_state.to(h0.dtype), c_state.to(c0.dtype), ws
+
+    def _lstm_opts_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zm_h,
+                       zm_c, h0, c0, lengths, y, ws, reverse, coupled, p_h, p_c):
+        T, B, GH = xw.shape
+        H, P = c0.shape[1], h0.shape[1]
+        proj, varlen, dev, acc, dt = w_hr is not None, lengths is not None, xw.device, _acc(xw.dtype), xw.dtype
+        ZH, ZC, ln = _zmode(zm_h, p_h), _zmode(zm_c, p_c), ln_h is not None
+        G = GH // H
+        sv = self._opts_saved("lstm", ws, T, B, GH, H, proj, ZC != 0, ln, dt)
+        new = _new(varlen)
+        c_prev = _prev_hist(sv["c_post"] if ZC else sv["c_new"], c0, lengths, reverse)[:T]
+        d_xw = new(T, B, GH, dtype=dt, device=dev)
+        dg = new(T, B, GH, dtype=acc, device=dev)
+        d_raw = new(T, B, GH, dtype=acc, device=dev) if ln else dg
+        dcn = new(T, B, H, dtype=acc, device=dev) if ln else None
+        dh_state, dc_state = grad_h_n.to(acc, copy=True), grad_c_n.to(acc, copy=True)
+        prod = torch.empty(B, P, dtype=acc, device=dev)
+        w_a, d = w_hh.to(acc), xw
+        HP, PP = triton.next_power_of_2(H), triton.next_power_of_2(P)
+        if proj:
+            w_hr_a, dm = w_hr.to(acc), torch.empty(B, H, dtype=acc, device=dev)
+            dproj = new(T, B, P, dtype=acc, device=dev)
+        tla = _tl_acc(dt)
+        pk = dict(ACC=tla, BR=row_block(PP), PP=PP, num_warps=row_warps(PP))
+        flags = dict(PEEP=w_ch is not None, COUPLED=coupled, LN=ln, ZH=ZH, ZC=ZC, PROJ=proj, ACC=tla,
+                     BR=row_block(HP), HP=HP, num_warps=row_warps(HP))
+        opt = lambda v, t=None: d if v is None else (v if t is None else v[t])  # noqa: E731
+        for t, n, *_ in _schedule(batch_sizes_from_lengths(lengths, T, B), T, reverse, backward=True):
+            if proj:
+                _common_k.split_step[(triton.cdiv(n, pk["BR"]),)](grad_y[t], dh_state, opt(zm_h, t), float(p_h),
+                                                                   dproj[t], n, P, Z=ZH, **pk)
+                torch.mm(dproj[t, :n], w_hr_a, out=dm[:n])
+            _lstm.bwd_opts_step[(triton.cdiv(n, row_block(HP)),)](
+                grad_y[t], dh_state, dm if proj else d, dc_state, opt(zm_h, t), opt(zm_c, t), float(p_h), float(p_c),
+                sv["gates"][t], sv["c_new"][t], c_prev[t], opt(sv["xhat_h"], t), opt(sv["xhat_c"], t),
+                opt(sv["rstd"], t), opt(w_ch), opt(ln_h), opt(ln_c), opt(ln_cb), d_xw[t], dg[t], d_raw[t],
+                opt(dcn, t), n, H, **flags)
+            torch.mm(d_raw[t, :n], w_a, out=prod[:n])
+            _common_k.add_recurrent_dh[(triton.cdiv(n, pk["BR"]),)](prod, opt(rmask), dh_state, n, P,
+                                                                     RMASK=rmask is not None, **pk)
+        e = lambda: xw.new_empty(0)  # noqa: E731  (a fresh one each: outputs must not alias)
+        h_prev = _prev_hist(y, h0, lengths, reverse)[:T].to(acc)
+        if rmask is not None:
+            h_prev = h_prev * rmask
+        d_w_hh = recurrent_weight_grads(d_raw, h_prev, None)[0].to(dt)
+        d_b_hh = dg.sum((0, 1)).to(dt) if b_hh is not None else e()
+        d_w_hr = dproj.view(T * B, P).t().mm(sv["m"].reshape(T * B, H)).to(dt) if proj else e()
+        d_w_ch = e()
+        if w_ch is not None:
+            c_new = sv["c_new"]
+            d_w_ch = torch.stack([(dg[..., :H] * c_prev).sum((0, 1)),
+                                  (dg[..., H:2 * H] * c_prev).sum((0, 1)) if G == 4 else c_prev.new_zeros(H),
+                                  (dg[..., (G - 1) * H:] * c_new).sum((0, 1))]).to(dt)
+        d_ln_h = (dg * sv["xhat_h"]).sum((0, 1)).to(dt) if ln else e()
+        d_ln_c = (dcn * sv["xhat_c"]).sum((0, 1)).to(dt) if ln else e()
+        d_ln_cb = dcn.sum((0, 1)).to(dt) if ln else e()
+        return (d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, d_ln_h, d_ln_c, d_ln_cb, *_empties(xw, 3), dh_state.to(h0.dtype),
+                dc_state.to(c0.dtype))
+
+    def _gru_opts_fwd(self, xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, reverse, p, save, numel):
+        T, B, GH = xw.shape
+        H = h0.shape[1]
+        varlen, dev, acc = lengths is not None, xw.device, _acc(xw.dtype)
+        Z, ln = _zmode(zm, p), ln_h is not None
+        ws = _new(varlen)(numel, dtype=xw.dtype, device=dev)
+        y = _new(varlen)(T, B, H, dtype=xw.dtype, device=dev)
+        h_state = h0.to(acc, copy=True)
+        hm = h_state * rmask if rmask is not None else h_state.clone()
+        sv = self._opts_saved("gru", ws, T, B, GH, H, False, False, ln, xw.dtype) if save else {}
+        w_t, d = w_hh.t().to(acc), xw
+        HP = triton.next_power_of_2(H)
+        raw = torch.empty(B, GH, dtype=acc, device=dev)
+        flags = dict(HAS_BIAS=b_hh is not None, LN=ln, Z=Z, RMASK=rmask is not None, SAVE=save,
+                     ACC=_tl_acc(xw.dtype), BR=row_block(HP), HP=HP, num_warps=row_warps(HP))
+        opt = lambda v, t=None: d if v is None else (v if t is None else v[t])  # noqa: E731
+        for t, n, *_ in _schedule(batch_sizes_from_lengths(lengths, T, B), T, reverse, backward=False):
+            torch.mm(hm[:n], w_t, out=raw[:n])
+            _gru.fwd_opts_step[(triton.cdiv(n, row_block(HP)),)](
+                xw[t], raw, opt(b_hh), opt(ln_h), opt(zm, t), opt(rmask), float(p), h_state, y[t], hm,
+                opt(sv.get("saved"), t), opt(sv.get("xhat_h"), t), opt(sv.get("rstd"), t), n, H, **flags)
+        return y, h_state.to(h0.dtype), ws
+
+    def _gru_opts_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, ln_h, rmask, zm, h0, lengths, y, ws, reverse, p):
+        T, B, GH = xw.shape
+        H = h0.shape[1]
+        varlen, dev, acc, dt = lengths is not None, xw.device, _acc(xw.dtype), xw.dtype
+        Z, ln = _zmode(zm, p), ln_h is not None
+        sv = self._opts_saved("gru", ws, T, B, GH, H, False, False, ln, dt)
+        new = _new(varlen)
+        h_prev = _prev_hist(y, h0, lengths, reverse)[:T]
+        d_xw = new(T, B, GH, dtype=dt, device=dev)
+        dg = new(T, B, GH, dtype=acc, device=dev)
+        d_raw = new(T, B, GH, dtype=acc, device=dev) if ln else dg
+        dh_state = grad_h_n.to(acc, copy=True)
+        prod = torch.empty(B, H, dtype=acc, device=dev)
+        w_a, d = w_hh.to(acc), xw
+        HP = triton.next_power_of_2(H)
+        tla = _tl_acc(dt)
+        opt = lambda v, t=None: d if v is None else (v if t is None else v[t])  # noqa: E731
+        for t, n, *_ in _schedule(batch_sizes_from_lengths(lengths, T, B), T, reverse, backward=True):
+            _gru.bwd_opts_step[(triton.cdiv(n, row_block(HP)),)](
+                grad_y[t], dh_state, opt(zm, t), float(p), sv["saved"][t], h_prev[t], opt(sv["xhat_h"], t),
+                opt(sv["rstd"], t), opt(ln_h), d_xw[t], dg[t], d_raw[t], n, H, LN=ln, Z=Z, ACC=tla,
+                BR=row_block(HP), HP=HP, num_warps=row_warps(HP))
+            torch.mm(d_raw[t, :n], w_a, out=prod[:n])
+            _common_k.add_recurrent_dh[(triton.cdiv(n, row_block(HP)),)](
+                prod, opt(rmask), dh_state, n, H, RMASK=rmask is not None, ACC=tla, BR=row_block(HP), PP=HP,
+                num_warps=row_warps(HP))
+        hm_prev = h_prev.to(acc) * rmask if rmask is not None else h_prev.to(acc)
+        d_w_hh = recurrent_weight_grads(d_raw, hm_prev, None)[0].to(dt)
+        d_b_hh = dg.sum((0, 1)).to(dt) if b_hh is not None else xw.new_empty(0)
+        d_ln_h = (dg * sv["xhat_h"]).sum((0, 1)).to(dt) if ln else xw.new_empty(0)
+        return d_xw, d_w_hh, d_b_hh, d_ln_h, *_empties(xw, 2), dh_state.to(h0.dtype)
 
     # ---- RNN --------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):

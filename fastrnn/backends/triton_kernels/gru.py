@@ -6,8 +6,8 @@ Gate blocks of xw / W_hh rows: r, z, n. Saved per step for the backward: r, z, n
 import triton
 import triton.language as tl
 
-from .common import (first_col_tile, load_prev, load_tile, load_vec, load_w, load_wt, row_lengths, tile,
-                     time_index, sigmoid, tanh)
+from .common import (LN_EPS, centered, finish_h, first_col_tile, ln_backward, load_prev, load_tile, load_vec,
+                     load_w, load_wt, row_lengths, split_dh, tile, time_index, sigmoid, tanh)
 
 
 @triton.jit
@@ -148,3 +148,91 @@ def fwd_seq(xw, w_hh, b_hh, h0, lengths, y, h_n, saved, T, B, H,
             tl.store(saved + soffs + 2 * H, nn, mask=act)
             tl.store(saved + soffs + 3 * H, hn, mask=act)
     tl.store(h_n + rows[:, None] * H + units[None, :], h.to(h_n.dtype.element_ty), mask=m2)
+
+
+# ---- the cell options: row kernels (host code: TritonBackend._gru_opts_fwd/_bwd) -------------------------
+# A step is a matmul (raw = hm @ W_hh^T, cuBLAS) and one row kernel. Saved per step: r, z, n, ghn as in
+# fwd_step, then (layer norm) the normalized raw product [3H] and its rstd.
+
+
+@triton.jit
+def fwd_opts_step(xw, raw, b_hh, ln_h, zm, rmask, p, h_state, y, hm, saved, xhat_h, rstd, n, H,
+                  HAS_BIAS: tl.constexpr, LN: tl.constexpr, Z: tl.constexpr, RMASK: tl.constexpr,
+                  SAVE: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, HP: tl.constexpr):
+    """One step of rows [0, n) with the cell options, from raw = hm @ W_hh^T: layer norm of raw over its
+    3H columns (gain ln_h), + b_hh, the cell, zoneout of h (finish_h)."""
+    rows, units, _, umask, m2 = tile(n, H, BR, HP)
+    GH = 3 * H
+    hr = load_tile(raw, rows, units, GH, m2, ACC)
+    hz = load_tile(raw, rows, H + units, GH, m2, ACC)
+    hn = load_tile(raw, rows, 2 * H + units, GH, m2, ACC)
+    goffs = rows[:, None] * GH + units[None, :]
+    if LN:
+        mean = (tl.sum(hr, 1) + tl.sum(hz, 1) + tl.sum(hn, 1)) / GH
+        hr = centered(hr, mean, m2)
+        hz = centered(hz, mean, m2)
+        hn = centered(hn, mean, m2)
+        rs = 1.0 / tl.sqrt((tl.sum(hr * hr, 1) + tl.sum(hz * hz, 1) + tl.sum(hn * hn, 1)) / GH + LN_EPS)
+        hr = hr * rs[:, None]
+        hz = hz * rs[:, None]
+        hn = hn * rs[:, None]
+        if SAVE:
+            tl.store(xhat_h + goffs, hr, mask=m2)
+            tl.store(xhat_h + goffs + H, hz, mask=m2)
+            tl.store(xhat_h + goffs + 2 * H, hn, mask=m2)
+            tl.store(rstd + rows, rs, mask=rows < n)
+        hr = hr * load_vec(ln_h, units, umask, ACC)[None, :]
+        hz = hz * load_vec(ln_h, H + units, umask, ACC)[None, :]
+        hn = hn * load_vec(ln_h, 2 * H + units, umask, ACC)[None, :]
+    if HAS_BIAS:
+        hr += load_vec(b_hh, units, umask, ACC)[None, :]
+        hz += load_vec(b_hh, H + units, umask, ACC)[None, :]
+        hn += load_vec(b_hh, 2 * H + units, umask, ACC)[None, :]
+    hp = load_tile(h_state, rows, units, H, m2, ACC)
+    r, z, nn, h_new = cell(load_tile(xw, rows, units, GH, m2, ACC), load_tile(xw, rows, H + units, GH, m2, ACC),
+                           load_tile(xw, rows, 2 * H + units, GH, m2, ACC), hr, hz, hn, hp)
+    if SAVE:
+        soffs = rows[:, None] * (4 * H) + units[None, :]
+        tl.store(saved + soffs, r, mask=m2)
+        tl.store(saved + soffs + H, z, mask=m2)
+        tl.store(saved + soffs + 2 * H, nn, mask=m2)
+        tl.store(saved + soffs + 3 * H, hn, mask=m2)
+    finish_h(h_new, h_state, zm, p, rmask, y, hm, rows, units, H, m2, Z, RMASK, ACC)
+
+
+@triton.jit
+def bwd_opts_step(gy, dh_state, zm, p, saved, h_prev, xhat_h, rstd, ln_h, d_xw, dg, d_raw, n, H,
+                  LN: tl.constexpr, Z: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, HP: tl.constexpr):
+    """The backward of fwd_opts_step for rows [0, n): dh_t = grad_y_t + dh_state, split by zoneout; the
+    pre-activation gradients into d_xw, those of gh = LN(raw) + b_hh into dg (ACC), of raw into d_raw
+    (layer norm), and the direct share of dh_{t-1} (zoneout's and the z*h path's) into dh_state."""
+    rows, units, _, umask, m2 = tile(n, H, BR, HP)
+    GH = 3 * H
+    dh, direct = split_dh(gy, dh_state, zm, p, rows, units, H, m2, Z, ACC)
+    r = load_tile(saved, rows, units, 4 * H, m2, ACC)
+    z = load_tile(saved, rows, H + units, 4 * H, m2, ACC)
+    nn = load_tile(saved, rows, 2 * H + units, 4 * H, m2, ACC)
+    ghn = load_tile(saved, rows, 3 * H + units, 4 * H, m2, ACC)
+    dpr, dpz, dpn, dghn = cell_bwd(dh, r, z, nn, ghn, load_tile(h_prev, rows, units, H, m2, ACC))
+    tl.store(dh_state + rows[:, None] * H + units[None, :], direct + dh * z, mask=m2)
+    goffs = rows[:, None] * GH + units[None, :]
+    DT = d_xw.dtype.element_ty
+    tl.store(d_xw + goffs, dpr.to(DT), mask=m2)
+    tl.store(d_xw + goffs + H, dpz.to(DT), mask=m2)
+    tl.store(d_xw + goffs + 2 * H, dpn.to(DT), mask=m2)
+    tl.store(dg + goffs, dpr, mask=m2)
+    tl.store(dg + goffs + H, dpz, mask=m2)
+    tl.store(dg + goffs + 2 * H, dghn, mask=m2)
+    if LN:
+        xr = load_tile(xhat_h, rows, units, GH, m2, ACC)
+        xz = load_tile(xhat_h, rows, H + units, GH, m2, ACC)
+        xn = load_tile(xhat_h, rows, 2 * H + units, GH, m2, ACC)
+        dr = dpr * load_vec(ln_h, units, umask, ACC)[None, :]
+        dz = dpz * load_vec(ln_h, H + units, umask, ACC)[None, :]
+        dn = dghn * load_vec(ln_h, 2 * H + units, umask, ACC)[None, :]
+        s1 = tl.sum(dr, 1) + tl.sum(dz, 1) + tl.sum(dn, 1)
+        s2 = tl.sum(dr * xr, 1) + tl.sum(dz * xz, 1) + tl.sum(dn * xn, 1)
+        rs = tl.load(rstd + rows, mask=rows < n, other=0.0).to(ACC)
+        tl.store(d_raw + goffs, ln_backward(dr, xr, s1, s2, rs, GH), mask=m2)
+        tl.store(d_raw + goffs + H, ln_backward(dz, xz, s1, s2, rs, GH), mask=m2)
+        tl.store(d_raw + goffs + 2 * H, ln_backward(dn, xn, s1, s2, rs, GH), mask=m2)

@@ -6,8 +6,8 @@ the activated gates [B, G*H] and c_t [B, H], in the accumulation dtype (fp32, or
 import triton
 import triton.language as tl
 
-from .common import (first_col_tile, load_prev, load_tile, load_vec, load_w, load_wt, row_lengths, tile,
-                     time_index, sigmoid, tanh)
+from .common import (LN_EPS, centered, finish_h, first_col_tile, keep_weight, ln_backward, load_prev, load_tile,
+                     load_vec, load_w, load_wt, row_lengths, split_dh, tile, time_index, sigmoid, tanh)
 
 
 @triton.jit
@@ -35,7 +35,12 @@ def cell_bwd(dh, dc, i, f, g, o, c, cp, wci, wcf, wco, PEEP: tl.constexpr, COUPL
     """Gradients of the pre-activations and of c_{t-1} from dh_t, dc_t (dc from the next step)."""
     tc = tanh(c)
     dpo = dh * tc * o * (1.0 - o)
-    dc = dc + dh * o * (1.0 - tc * tc)
+    return gates_bwd(dc + dh * o * (1.0 - tc * tc), dpo, i, f, g, cp, wci, wcf, wco, PEEP, COUPLED)
+
+
+@triton.jit
+def gates_bwd(dc, dpo, i, f, g, cp, wci, wcf, wco, PEEP: tl.constexpr, COUPLED: tl.constexpr):
+    """cell_bwd from the point where dc_t (without its peephole term) and dpo are known."""
     if PEEP:
         dc = dc + dpo * wco[None, :]
     dpg = dc * i * (1.0 - g * g)
@@ -252,3 +257,184 @@ def fwd_seq(xw, w_hh, b_hh, w_ch, h0, c0, lengths, y, h_n, c_n, gates, c_all, T,
     offs = rows[:, None] * H + units[None, :]
     tl.store(h_n + offs, h.to(h_n.dtype.element_ty), mask=m2)
     tl.store(c_n + offs, c.to(c_n.dtype.element_ty), mask=m2)
+
+
+# ---- the cell options: row kernels (host code: TritonBackend._lstm_opts_fwd/_bwd) ------------------------
+# A step with layer norm, zoneout or recurrent dropout is a matmul (raw = hm @ W_hh^T, cuBLAS) and one row
+# kernel; with projection the row kernel writes m and finish_step completes h after the W_hr matmul.
+# Saved per step (rows of the workspace): the activated gates, c' (before zoneout), m (projection),
+# c_t after zoneout (zoneout of c), the normalized recurrent product and c' and their rstd (layer norm).
+
+
+@triton.jit
+def _ln_gates(ai, af, ag, ao, m2, GH, COUPLED: tl.constexpr):
+    """Mean-centred gate blocks of the raw recurrent product and the rows' rstd over all G*H columns."""
+    s = tl.sum(ai, 1) + tl.sum(ag, 1) + tl.sum(ao, 1)
+    if not COUPLED:
+        s += tl.sum(af, 1)
+    mean = s / GH
+    ai = centered(ai, mean, m2)
+    af = centered(af, mean, m2)
+    ag = centered(ag, mean, m2)
+    ao = centered(ao, mean, m2)
+    v = tl.sum(ai * ai, 1) + tl.sum(ag * ag, 1) + tl.sum(ao * ao, 1)
+    if not COUPLED:
+        v += tl.sum(af * af, 1)
+    rstd = 1.0 / tl.sqrt(v / GH + LN_EPS)
+    return ai * rstd[:, None], af * rstd[:, None], ag * rstd[:, None], ao * rstd[:, None], rstd
+
+
+@triton.jit
+def fwd_opts_step(xw, raw, b_hh, w_ch, ln_h, ln_c, ln_cb, zm_h, zm_c, rmask, p_h, p_c,
+                  h_state, c_state, m_out, y, hm, gates, c_new_out, c_post, xhat_h, xhat_c, rstd, n, H,
+                  HAS_BIAS: tl.constexpr, PEEP: tl.constexpr, COUPLED: tl.constexpr, LN: tl.constexpr,
+                  ZH: tl.constexpr, ZC: tl.constexpr, RMASK: tl.constexpr, PROJ: tl.constexpr,
+                  SAVE: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, HP: tl.constexpr):
+    """One step of rows [0, n) with the cell options, from raw = hm @ W_hh^T: layer norm of raw (gain
+    ln_h), + xw_t + b_hh, the cell (peephole, coupled), layer norm of c' into tanh (ln_c, ln_cb), zoneout
+    of c into c_state and, without projection, of h (finish_h); with projection m goes to m_out."""
+    G: tl.constexpr = 3 if COUPLED else 4
+    GB: tl.constexpr = 1 if COUPLED else 2
+    rows, units, _, umask, m2 = tile(n, H, BR, HP)
+    GH = G * H
+    ai = load_tile(raw, rows, units, GH, m2, ACC)
+    af = ai
+    if not COUPLED:
+        af = load_tile(raw, rows, H + units, GH, m2, ACC)
+    ag = load_tile(raw, rows, GB * H + units, GH, m2, ACC)
+    ao = load_tile(raw, rows, (G - 1) * H + units, GH, m2, ACC)
+    goffs = rows[:, None] * GH + units[None, :]
+    if LN:
+        ai, af, ag, ao, rs = _ln_gates(ai, af, ag, ao, m2, GH, COUPLED)
+        if SAVE:
+            tl.store(xhat_h + goffs, ai, mask=m2)
+            if not COUPLED:
+                tl.store(xhat_h + goffs + H, af, mask=m2)
+            tl.store(xhat_h + goffs + GB * H, ag, mask=m2)
+            tl.store(xhat_h + goffs + (G - 1) * H, ao, mask=m2)
+            tl.store(rstd + rows * 2, rs, mask=rows < n)
+        ai = ai * load_vec(ln_h, units, umask, ACC)[None, :]
+        if not COUPLED:
+            af = af * load_vec(ln_h, H + units, umask, ACC)[None, :]
+        ag = ag * load_vec(ln_h, GB * H + units, umask, ACC)[None, :]
+        ao = ao * load_vec(ln_h, (G - 1) * H + units, umask, ACC)[None, :]
+    ai += load_tile(xw, rows, units, GH, m2, ACC)
+    if not COUPLED:
+        af += load_tile(xw, rows, H + units, GH, m2, ACC)
+    ag += load_tile(xw, rows, GB * H + units, GH, m2, ACC)
+    ao += load_tile(xw, rows, (G - 1) * H + units, GH, m2, ACC)
+    if HAS_BIAS:
+        ai += load_vec(b_hh, units, umask, ACC)[None, :]
+        if not COUPLED:
+            af += load_vec(b_hh, H + units, umask, ACC)[None, :]
+        ag += load_vec(b_hh, GB * H + units, umask, ACC)[None, :]
+        ao += load_vec(b_hh, (G - 1) * H + units, umask, ACC)[None, :]
+    c = load_tile(c_state, rows, units, H, m2, ACC)
+    wci, wcf, wco = _peep(w_ch, units, umask, H, ACC, PEEP)
+    i, f, g, o, c_new, h_new = cell(ai, af, ag, ao, c, wci, wcf, wco, PEEP, COUPLED)
+    offs = rows[:, None] * H + units[None, :]
+    if LN:
+        dc = centered(c_new, tl.sum(tl.where(m2, c_new, 0.0), 1) / H, m2)
+        rc = 1.0 / tl.sqrt(tl.sum(dc * dc, 1) / H + LN_EPS)
+        xc = dc * rc[:, None]
+        h_new = o * tanh(xc * load_vec(ln_c, units, umask, ACC)[None, :] + load_vec(ln_cb, units, umask, ACC)[None, :])
+        if SAVE:
+            tl.store(xhat_c + offs, xc, mask=m2)
+            tl.store(rstd + rows * 2 + 1, rc, mask=rows < n)
+    c_out = c_new + keep_weight(zm_c, p_c, rows, units, H, m2, ZC, ACC) * (c - c_new)
+    tl.store(c_state + offs, c_out, mask=m2)
+    if SAVE:
+        tl.store(gates + goffs, i, mask=m2)
+        if not COUPLED:
+            tl.store(gates + goffs + H, f, mask=m2)
+        tl.store(gates + goffs + GB * H, g, mask=m2)
+        tl.store(gates + goffs + (G - 1) * H, o, mask=m2)
+        tl.store(c_new_out + offs, c_new, mask=m2)
+        if ZC != 0:
+            tl.store(c_post + offs, c_out, mask=m2)
+    if PROJ:
+        tl.store(m_out + offs, h_new, mask=m2)
+    else:
+        finish_h(h_new, h_state, zm_h, p_h, rmask, y, hm, rows, units, H, m2, ZH, RMASK, ACC)
+
+
+@triton.jit
+def bwd_opts_step(gy, dh_state, dm, dc_state, zm_h, zm_c, p_h, p_c, gates, c_new_in, c_prev, xhat_h, xhat_c,
+                  rstd, w_ch, ln_h, ln_c, ln_cb, d_xw, dg, d_raw, dcn_out, n, H,
+                  PEEP: tl.constexpr, COUPLED: tl.constexpr, LN: tl.constexpr, ZH: tl.constexpr,
+                  ZC: tl.constexpr, PROJ: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, HP: tl.constexpr):
+    """The backward of fwd_opts_step for rows [0, n): from dh_t (grad_y_t + dh_state, split by zoneout;
+    with projection the candidate's gradient dm comes in) and dc_t (dc_state) to the gate gradients
+    (d_xw in the input's dtype, dg in ACC), the raw product's gradient d_raw (through the layer norm),
+    dc_{t-1} into dc_state, the direct share of dh_{t-1} into dh_state (no projection), and the gradient
+    of the normalized c' into dcn_out (layer norm, for its gain and bias)."""
+    G: tl.constexpr = 3 if COUPLED else 4
+    GB: tl.constexpr = 1 if COUPLED else 2
+    rows, units, _, umask, m2 = tile(n, H, BR, HP)
+    GH = G * H
+    offs = rows[:, None] * H + units[None, :]
+    if PROJ:
+        dh = load_tile(dm, rows, units, H, m2, ACC)
+    else:
+        dh, direct = split_dh(gy, dh_state, zm_h, p_h, rows, units, H, m2, ZH, ACC)
+        tl.store(dh_state + offs, direct, mask=m2)
+    dct = load_tile(dc_state, rows, units, H, m2, ACC)
+    kc = keep_weight(zm_c, p_c, rows, units, H, m2, ZC, ACC)
+    goffs = rows[:, None] * GH + units[None, :]
+    i = load_tile(gates, rows, units, GH, m2, ACC)
+    if COUPLED:
+        f = 1.0 - i
+    else:
+        f = load_tile(gates, rows, H + units, GH, m2, ACC)
+    g = load_tile(gates, rows, GB * H + units, GH, m2, ACC)
+    o = load_tile(gates, rows, (G - 1) * H + units, GH, m2, ACC)
+    cp = load_tile(c_prev, rows, units, H, m2, ACC)
+    wci, wcf, wco = _peep(w_ch, units, umask, H, ACC, PEEP)
+    dc = dct - kc * dct
+    if LN:
+        xc = load_tile(xhat_c, rows, units, H, m2, ACC)
+        gc = load_vec(ln_c, units, umask, ACC)[None, :]
+        tc = tanh(xc * gc + load_vec(ln_cb, units, umask, ACC)[None, :])
+        dcn = dh * o * (1.0 - tc * tc)
+        tl.store(dcn_out + offs, dcn, mask=m2)
+        dxh = dcn * gc
+        rc = tl.load(rstd + rows * 2 + 1, mask=rows < n, other=0.0).to(ACC)
+        dc += ln_backward(dxh, xc, tl.sum(dxh, 1), tl.sum(dxh * xc, 1), rc, H)
+    else:
+        tc = tanh(load_tile(c_new_in, rows, units, H, m2, ACC))
+        dc += dh * o * (1.0 - tc * tc)
+    dpi, dpf, dpg, dpo, dcp = gates_bwd(dc, dh * tc * o * (1.0 - o), i, f, g, cp, wci, wcf, wco, PEEP, COUPLED)
+    tl.store(dc_state + offs, dcp + kc * dct, mask=m2)
+    DT = d_xw.dtype.element_ty
+    tl.store(d_xw + goffs, dpi.to(DT), mask=m2)
+    tl.store(dg + goffs, dpi, mask=m2)
+    if not COUPLED:
+        tl.store(d_xw + goffs + H, dpf.to(DT), mask=m2)
+        tl.store(dg + goffs + H, dpf, mask=m2)
+    tl.store(d_xw + goffs + GB * H, dpg.to(DT), mask=m2)
+    tl.store(dg + goffs + GB * H, dpg, mask=m2)
+    tl.store(d_xw + goffs + (G - 1) * H, dpo.to(DT), mask=m2)
+    tl.store(dg + goffs + (G - 1) * H, dpo, mask=m2)
+    if LN:  # through the recurrent product's layer norm: one more pass over the row's G*H columns
+        xi = load_tile(xhat_h, rows, units, GH, m2, ACC)
+        di = dpi * load_vec(ln_h, units, umask, ACC)[None, :]
+        xf = xi
+        df = di
+        if not COUPLED:
+            xf = load_tile(xhat_h, rows, H + units, GH, m2, ACC)
+            df = dpf * load_vec(ln_h, H + units, umask, ACC)[None, :]
+        xg = load_tile(xhat_h, rows, GB * H + units, GH, m2, ACC)
+        dg_ = dpg * load_vec(ln_h, GB * H + units, umask, ACC)[None, :]
+        xo = load_tile(xhat_h, rows, (G - 1) * H + units, GH, m2, ACC)
+        do = dpo * load_vec(ln_h, (G - 1) * H + units, umask, ACC)[None, :]
+        s1 = tl.sum(di, 1) + tl.sum(dg_, 1) + tl.sum(do, 1)
+        s2 = tl.sum(di * xi, 1) + tl.sum(dg_ * xg, 1) + tl.sum(do * xo, 1)
+        if not COUPLED:
+            s1 += tl.sum(df, 1)
+            s2 += tl.sum(df * xf, 1)
+        rs = tl.load(rstd + rows * 2, mask=rows < n, other=0.0).to(ACC)
+        tl.store(d_raw + goffs, ln_backward(di, xi, s1, s2, rs, GH), mask=m2)
+        if not COUPLED:
+            tl.store(d_raw + goffs + H, ln_backward(df, xf, s1, s2, rs, GH), mask=m2)
+        tl.store(d_raw + goffs + GB * H, ln_backward(dg_, xg, s1, s2, rs, GH), mask=m2)
+        tl.store(d_raw + goffs + (G - 1) * H, ln_backward(do, xo, s1, s2, rs, GH), mask=m2)
