@@ -449,7 +449,7 @@ def test_refusals(backend, feature, kw):
     assert all(torch.equal(before[n], p) for n, p in m.state_dict().items())
 
 
-@pytest.mark.skipif("cpp" not in SERVING, reason="the cpp backend is not available here")
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "numba") if b in SERVING])
 @pytest.mark.parametrize("name,kw", [
     ("LSTM", dict(zoneout=(0.3, 0.2), recurrent_dropout=0.3, bidirectional=True)),
     ("LSTM", dict(zoneout=0.3, recurrent_dropout=0.3, proj_size=20, peephole=True)),
@@ -458,32 +458,38 @@ def test_refusals(backend, feature, kw):
     ("LSTM", dict(layer_norm=True, proj_size=20, peephole=True, coupled_gates=True)),
     ("GRU", dict(layer_norm=True, zoneout=0.4, recurrent_dropout=0.2, bidirectional=True)),
 ], ids=["lstm", "lstm-proj-peep", "gru", "lstm-ln", "lstm-ln-proj-variants", "gru-ln"])
-def test_cpp_split_over_threads(name, kw, ran):
-    """The cell options on the cpp backend with each step split over two workers (hidden size 40: two unit
-    blocks, unequal; layer norm combines the workers' partial statistics), packed: equal to the reference
-    backend with the same masks."""
+def test_split_over_threads(backend, name, kw, ran, monkeypatch):
+    """The cell options with each step split over two threads, packed (3 rows, then 2, then 1): equal to the
+    reference backend with the same masks. cpp splits the units (hidden size 40: two unequal blocks; layer
+    norm combines the workers' partial statistics); numba splits the products' columns and the pointwise
+    part's rows (each part with its own gradient accumulators)."""
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: the parallel path cannot split")
-    impl = dispatch.get("cpp")
-    old = impl.set_parallel_min_macs(0)
+    if backend == "cpp":
+        impl = dispatch.get("cpp")
+        old = impl.set_parallel_min_macs(0)
+    else:
+        from fastrnn.backends import numba as nb
+        monkeypatch.setattr(nb, "PARALLEL_MIN_MACS", 0)
     try:
         outs = {}
-        for backend in ("reference", "cpp"):
+        for b in ("reference", backend):
             torch.manual_seed(0)
-            m = getattr(fastrnn, name)(3, 40, dtype=torch.float64, backend=backend, **kw)
+            m = getattr(fastrnn, name)(3, 40, dtype=torch.float64, backend=b, **kw)
             x = torch.randn(6, 3, 3, dtype=torch.float64, requires_grad=True)
             torch.manual_seed(1)
             out, st = m(pack_padded_sequence(x, [6, 4, 2]))
             y = pad_packed_sequence(out)[0]
             st = st if isinstance(st, tuple) else (st,)
             res = [y, *st]
-            outs[backend] = res + list(torch.autograd.grad(sum((t * (k + 1)).sum() for k, t in enumerate(res)),
-                                                            [x, *m.parameters()]))
-        for a, b in zip(outs["cpp"], outs["reference"]):
+            outs[b] = res + list(torch.autograd.grad(sum((t * (k + 1)).sum() for k, t in enumerate(res)),
+                                                      [x, *m.parameters()]))
+        for a, b in zip(outs[backend], outs["reference"]):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     finally:
-        impl.set_parallel_min_macs(old)
-    assert ("lstm_seq_fwd" if name == "LSTM" else "gru_seq_fwd", "cpp") in ran
+        if backend == "cpp":
+            impl.set_parallel_min_macs(old)
+    assert ("lstm_seq_fwd" if name == "LSTM" else "gru_seq_fwd", backend) in ran
 
 
 def test_benchmark_runs(monkeypatch, tmp_path, capsys):

@@ -213,10 +213,12 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, P, dtype=xw.dtype)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         d = _np(xw).dtype
-        _lstm_opt.lstm_opt_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
+        _kernel(_lstm_opt.lstm_opt_fwd)(
+                               _np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                _opt(ln_h, 1, xw), _opt(ln_c, 1, xw), _opt(ln_cb, 1, xw), _opt(rmask, 2, xw),
                                _opt(zmask_h, 3, xw), _opt(zmask_c, 3, xw), float(zoneout_h), float(zoneout_c), coupled,
-                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _np(y), _np(h_n), _np(c_n),
+                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(h_n),
+                               _np(c_n),
                                _np(gates), _np(c_all), _np(hfull), _np(ctil), _np(xhat), _np(stats),
                                np.empty((B, P), d), np.empty((B, P), d), np.empty((B, P), d), np.empty((B, H), d))
         return y, h_n, c_n, ws
@@ -247,14 +249,17 @@ class NumbaBackend(StepsFromSequence, Backend):
         dh_proj = new(T, B, P, dtype=xw.dtype) if proj else xw.new_empty(0, 0, 0)
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         d = _np(xw).dtype
-        dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
-        zeros = lambda t: torch.zeros_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
+        parts = _parts(B, GH * P)
+        # per-thread accumulators (the kernel's row parts), summed below
+        dw_ch = torch.zeros(parts, *((3, H) if w_ch is not None else (0, 0)), dtype=xw.dtype)
+        zeros = lambda t: torch.zeros(parts, t.shape[0] if t is not None else 0, dtype=xw.dtype)  # noqa: E731
         d_ln_h, d_ln_c, d_ln_cb = zeros(ln_h), zeros(ln_c), zeros(ln_cb)
-        _lstm_opt.lstm_opt_bwd(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
+        _kernel(_lstm_opt.lstm_opt_bwd)(
+                               _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
                                _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw),
                                _opt(ln_h, 1, xw), _opt(ln_c, 1, xw), _opt(ln_cb, 1, xw), _opt(rmask, 2, xw),
                                _opt(zmask_h, 3, xw), _opt(zmask_c, 3, xw), float(zoneout_h), float(zoneout_c), coupled,
-                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _np(y), _np(gates), _np(c_all),
+                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, parts, _np(y), _np(gates), _np(c_all),
                                _np(ctil), _np(xhat), _np(stats), _np(dgates), _np(d_rec), _np(h_prev), _np(dh_proj),
                                _np(dh0), np.empty((B, H), d), _np(dc0), np.empty((B, P), d), _np(dw_ch), _np(d_ln_h),
                                _np(d_ln_c), _np(d_ln_cb))
@@ -263,8 +268,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         d_b_hh = flat.sum(0) if b_hh is not None else xw.new_empty(0)
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         none = [xw.new_empty(0) for _ in range(3)]  # the masks'
-        return (dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), d_ln_h, d_ln_c, d_ln_cb,
-                *none, dh0, dc0)
+        acc = lambda a, t: a.sum(0) if t is not None else xw.new_empty(0)  # noqa: E731
+        return (dgates, d_w_hh, d_b_hh, d_w_hr, acc(dw_ch, w_ch), acc(d_ln_h, ln_h), acc(d_ln_c, ln_c),
+                acc(d_ln_cb, ln_cb), *none, dh0, dc0)
 
     def gru_seq_fwd(self, xw, w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, reverse, zoneout, save):
         if ln_h is None and rmask is None and zmask is None and not zoneout:
@@ -279,8 +285,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         d = _np(xw).dtype
-        _gru_opt.gru_opt_fwd(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(ln_h, 1, xw), _opt(rmask, 2, xw),
-                             _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B), reverse, _np(y),
+        _kernel(_gru_opt.gru_opt_fwd)(
+                             _np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(ln_h, 1, xw), _opt(rmask, 2, xw),
+                             _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B), reverse,
+                             _parts(B, GH * H), _np(y),
                              _np(h_n), _np(gates), _np(hn_all), _np(xhat), _np(stats), np.empty((B, H), d),
                              np.empty((B, H), d))
         return y, h_n, ws
@@ -304,16 +312,22 @@ class NumbaBackend(StepsFromSequence, Backend):
         d_xw, d_rec = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype)
         h_prev, hm_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        d_ln_h = torch.zeros_like(ln_h) if ln_h is not None else xw.new_empty(0)
-        d_bias = torch.zeros(GH, dtype=xw.dtype)
-        _gru_opt.gru_opt_bwd(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _opt(ln_h, 1, xw),
+        parts = _parts(B, GH * H)
+        # per-thread accumulators (the kernel's row parts), summed below
+        d_ln_h = torch.zeros(parts, GH if ln_h is not None else 0, dtype=xw.dtype)
+        d_bias = torch.zeros(parts, GH, dtype=xw.dtype)
+        _kernel(_gru_opt.gru_opt_bwd)(
+                             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _opt(ln_h, 1, xw),
                              _opt(rmask, 2, xw), _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B),
-                             reverse, _np(y), _np(gates), _np(hn_all), _np(xhat), _np(stats), _np(d_xw), _np(d_rec),
+                             reverse, parts, _np(y), _np(gates), _np(hn_all), _np(xhat), _np(stats), _np(d_xw),
+                             _np(d_rec),
                              _np(h_prev), _np(hm_prev), _np(dh0), np.empty((B, H), _np(xw).dtype), _np(d_ln_h),
                              _np(d_bias))
         d_w_hh = d_rec.reshape(T * B, GH).t().mm(hm_prev.reshape(T * B, H))
         # b_hh is added after the normalization: with layer norm its gradient is the normalized product's
-        d_b_hh = xw.new_empty(0) if b_hh is None else d_bias if ln_h is not None else d_rec.reshape(T * B, GH).sum(0)
+        d_b_hh = xw.new_empty(0) if b_hh is None else d_bias.sum(0) if ln_h is not None else \
+            d_rec.reshape(T * B, GH).sum(0)
+        d_ln_h = d_ln_h.sum(0) if ln_h is not None else xw.new_empty(0)
         return d_xw, d_w_hh, d_b_hh, d_ln_h, xw.new_empty(0), xw.new_empty(0), dh0
 
     # ---- RNN -------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """LSTM kernels with the cell options (layer norm, zoneout, recurrent dropout), forward and backward.
 
-Taken only when a call uses an option (the plain kernels in ``lstm.py`` stay as they are). One thread: a
-step's layer norm reduces over all of a row's units, and the options' users train at the batch sizes
-where the recurrence is short anyway; the cpp backend splits these over threads. The math:
-``fastrnn.backends`` (the contract) and ``fastrnn.modules._CELL_OPTIONS_DOC``.
+Taken only when a call uses an option (the plain kernels in ``lstm.py`` stay as they are). A step's
+matrix products (recurrent, projection, and the backward's) are split over ``parts`` threads by output
+columns, its pointwise part by rows (a row's layer norm is its own; the backward's gradient accumulators
+get one slice per thread). At batch 1 the pointwise part runs on one thread.
+The math: ``fastrnn.backends`` (the contract) and ``fastrnn.modules._CELL_OPTIONS_DOC``.
 
 Workspace per step t: the activated gates [B, G*H], the carried (zoned) c_t [B, H], with a projection the
 pre-projection output [B, H], the cell's c~_t before zoneout [B, H], the normalized recurrent product
@@ -14,8 +15,9 @@ from __future__ import annotations
 import math
 
 import numba
+from numba import prange
 
-from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, sigmoid_, tanh_
+from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
 
 EPS = 1e-5  # nn.LayerNorm's
 
@@ -43,18 +45,22 @@ def mean_rstd(v):
 
 
 @numba.njit(**JIT)
-def recurrent_product(h, hm, rmask, n, w_hh, g, ln_h, xhat, stats):
-    """g[:n] = the recurrent product of rows [0, n) (h times its recurrent dropout mask, when given), with
-    layer norm over each row (gain ln_h; xhat and stats[:, 0] get the normalized row and its rstd)."""
-    src = h
-    if rmask.shape[0] > 0:
-        for b in range(n):
-            for k in range(h.shape[1]):
-                hm[b, k] = h[b, k] * rmask[b, k]
-        src = hm
-    mm_nt(src, n, w_hh, g, 0, g.shape[1], False)
+def masked(h, hm, rmask, n):
+    """The recurrent product's input: h, or h times its recurrent dropout mask (written to hm)."""
+    if rmask.shape[0] == 0:
+        return h
+    for b in range(n):
+        for k in range(h.shape[1]):
+            hm[b, k] = h[b, k] * rmask[b, k]
+    return hm
+
+
+@numba.njit(**JIT)
+def normalize(g, lo, hi, ln_h, xhat, stats):
+    """With layer norm (ln_h not empty): rows [lo, hi) of the recurrent product g normalized in place and
+    times the gain ln_h; xhat and stats[:, 0] get the normalized rows and their rstd."""
     if ln_h.shape[0] > 0:
-        for b in range(n):
+        for b in range(lo, hi):
             mean, rs = mean_rstd(g[b])
             stats[b, 0] = rs
             for k in range(g.shape[1]):
@@ -63,21 +69,91 @@ def recurrent_product(h, hm, rmask, n, w_hh, g, ln_h, xhat, stats):
 
 
 @numba.njit(**JIT)
-def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zh, zc, coupled, h0, c0,
-                 sizes, reverse, y, h_n, c_n, gates, c_all, hfull, ctil, xhat, stats, h, hm, hn, c):
-    """Whole-sequence forward of one layer-direction. gates .. stats: the workspace, [T, ...] to keep every
-    step for the backward or [1, ...] to reuse one slot; h, hm, hn [B, P] and c [B, H]: scratch."""
-    T, B = xw.shape[0], xw.shape[1]
-    H = c0.shape[1]
-    P = h0.shape[1]
+def _fwd_rows(lo, hi, t, st, xw, b_hh, w_ch, ln_h, ln_c, ln_cb, zmask_c, zc, coupled, proj, gates, xhat, c, ctil,
+              c_all, stats, hfull, hn):
+    """The pointwise part of step t for rows [lo, hi): layer norm of the recurrent product, the cell, zoneout
+    of c, the layer norm of c~ and the output before the projection (hfull, or hn without projection)."""
+    H = c.shape[1]
     G = 3 if coupled else 4
     GH = G * H
     KG, KO = G - 2, G - 1
-    proj = w_hr.shape[0] > 0
     peep = w_ch.shape[0] > 0
     ln = ln_h.shape[0] > 0
     has_b = b_hh.shape[0] > 0
     one, zero = xw.dtype.type(1), xw.dtype.type(0)
+    normalize(gates[st], lo, hi, ln_h, xhat[st], stats[st])
+    # one pass per piece of the cell over a row's units (each loop branch-free, so that it vectorizes)
+    for b in range(lo, hi):
+        g = gates[st, b]
+        x = xw[t, b]
+        if has_b:
+            for k in range(GH):
+                g[k] += x[k] + b_hh[k]
+        else:
+            for k in range(GH):
+                g[k] += x[k]
+        gi, gg, go = g[:H], g[KG * H:(KG + 1) * H], g[KO * H:]
+        gf = g[H:2 * H]  # (the g block when coupled: not used)
+        cb, ct = c[b], ctil[st, b]
+        if peep:
+            for j in range(H):
+                gi[j] += w_ch[0, j] * cb[j]
+            if not coupled:
+                for j in range(H):
+                    gf[j] += w_ch[1, j] * cb[j]
+        for j in range(H):
+            gi[j] = sigmoid_(gi[j])
+        for j in range(H):
+            gg[j] = tanh_(gg[j])
+        if coupled:
+            for j in range(H):
+                ct[j] = (one - gi[j]) * cb[j] + gi[j] * gg[j]
+        else:
+            for j in range(H):
+                gf[j] = sigmoid_(gf[j])
+            for j in range(H):
+                ct[j] = gf[j] * cb[j] + gi[j] * gg[j]
+        if peep:
+            for j in range(H):
+                go[j] += w_ch[2, j] * ct[j]
+        for j in range(H):
+            go[j] = sigmoid_(go[j])
+        if zmask_c.shape[0] > 0:  # zoneout of c: the step's mask (training) or p (eval)
+            m = zmask_c[t, b]
+            for j in range(H):
+                cb[j] = m[j] * cb[j] + (one - m[j]) * ct[j]
+        elif zc != zero:
+            for j in range(H):
+                cb[j] = zc * cb[j] + (one - zc) * ct[j]
+        else:
+            for j in range(H):
+                cb[j] = ct[j]
+        ca = c_all[st, b]
+        for j in range(H):
+            ca[j] = cb[j]
+        out = hfull[st, b] if proj else hn[b]
+        if ln:
+            mc, rc = mean_rstd(ct)
+            stats[st, b, 1] = mc
+            stats[st, b, 2] = rc
+            for j in range(H):
+                out[j] = go[j] * tanh_((ct[j] - mc) * rc * ln_c[j] + ln_cb[j])
+        else:
+            for j in range(H):
+                out[j] = go[j] * tanh_(ct[j])
+
+
+@numba.njit(parallel=True, **JIT)
+def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zh, zc, coupled, h0, c0,
+                 sizes, reverse, parts, y, h_n, c_n, gates, c_all, hfull, ctil, xhat, stats, h, hm, hn, c):
+    """Whole-sequence forward of one layer-direction. gates .. stats: the workspace, [T, ...] to keep every
+    step for the backward or [1, ...] to reuse one slot; h, hm, hn [B, P] and c [B, H]: scratch."""
+    T = xw.shape[0]
+    H = c0.shape[1]
+    P = h0.shape[1]
+    GH = (3 if coupled else 4) * H
+    proj = w_hr.shape[0] > 0
+    one = xw.dtype.type(1)
     zh, zc = xw.dtype.type(zh), xw.dtype.type(zc)
     h[:, :] = h0
     c[:, :] = c0
@@ -85,51 +161,22 @@ def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, 
         t = T - 1 - s if reverse else s
         n = sizes[t]
         st = t if gates.shape[0] == T else 0
-        recurrent_product(h, hm, rmask, n, w_hh, gates[st], ln_h, xhat[st], stats[st])
-        for b in range(n):
-            g = gates[st, b]
-            for k in range(GH):
-                g[k] += xw[t, b, k]
-                if has_b:
-                    g[k] += b_hh[k]
-            for j in range(H):
-                cp = c[b, j]
-                gi = g[j]
-                gf = zero if coupled else g[H + j]
-                if peep:
-                    gi += w_ch[0, j] * cp
-                    if not coupled:
-                        gf += w_ch[1, j] * cp
-                i = sigmoid_(gi)
-                f = one - i if coupled else sigmoid_(gf)
-                gg = tanh_(g[KG * H + j])
-                cn = f * cp + i * gg
-                go = g[KO * H + j]
-                if peep:
-                    go += w_ch[2, j] * cn
-                o = sigmoid_(go)
-                g[j] = i
-                if not coupled:
-                    g[H + j] = f
-                g[KG * H + j] = gg
-                g[KO * H + j] = o
-                ctil[st, b, j] = cn
-                k = _keep(zmask_c, zc, t, b, j)
-                c[b, j] = k * cp + (one - k) * cn
-                c_all[st, b, j] = c[b, j]
-            mc, rc = zero, one
-            if ln:
-                mc, rc = mean_rstd(ctil[st, b])
-                stats[st, b, 1] = mc
-                stats[st, b, 2] = rc
-            out = hfull[st, b] if proj else hn[b]
-            for j in range(H):
-                a = ctil[st, b, j]
-                if ln:
-                    a = (a - mc) * rc * ln_c[j] + ln_cb[j]
-                out[j] = g[KO * H + j] * tanh_(a)
+        src = masked(h, hm, rmask, n)
+        for p in prange(parts):
+            lo, hi = split(GH, parts, p)
+            mm_nt(src, n, w_hh, gates[st], lo, hi, False)
+        rows = min(parts, n)  # the pointwise part: rows split over the threads (a row's layer norm is its own)
+        if rows > 1:
+            for p in prange(rows):
+                _fwd_rows(p * n // rows, (p + 1) * n // rows, t, st, xw, b_hh, w_ch, ln_h, ln_c, ln_cb, zmask_c, zc,
+                          coupled, proj, gates, xhat, c, ctil, c_all, stats, hfull, hn)
+        else:
+            _fwd_rows(0, n, t, st, xw, b_hh, w_ch, ln_h, ln_c, ln_cb, zmask_c, zc, coupled, proj, gates, xhat, c,
+                      ctil, c_all, stats, hfull, hn)
         if proj:
-            mm_nt(hfull[st], n, w_hr, hn, 0, P, False)
+            for p in prange(parts):
+                lo, hi = split(P, parts, p)
+                mm_nt(hfull[st], n, w_hr, hn, lo, hi, False)
         for b in range(n):
             for k in range(P):
                 kk = _keep(zmask_h, zh, t, b, k)
@@ -141,23 +188,103 @@ def lstm_opt_fwd(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, 
 
 
 @numba.njit(**JIT)
-def lstm_opt_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr_t, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c,
-                 zh, zc, coupled, h0, c0, sizes, reverse, y, gates, c_all, ctil, xhat, stats, dgates, d_rec,
-                 h_prev, dh_proj, dh_rec, dhf, dc, carry, dw_ch, d_ln_h, d_ln_c, d_ln_cb):
-    """Whole-sequence backward: dgates (= d_xw) and d_rec (the raw recurrent product's gradient, for dW_hh
-    and dh; the same array without layer norm), h_prev (the product's input, masked), dh_proj (projection);
-    dh_rec/dc end as d_h0/d_c0; dw_ch and the layer norm's gradients accumulate."""
-    T = grad_y.shape[0]
+def _bwd_rows(lo, hi, t, tp, reverse, sizes, w_ch, ln_h, ln_c, ln_cb, zmask_c, zc, coupled, c0, gates, c_all, ctil,
+              xhat, stats, dgates, d_rec, dhf, dc, dw_ch, d_ln_h, d_ln_c, d_ln_cb):
+    """The pointwise part of backward step t for rows [lo, hi) (from dhf, the gradient of the output before
+    the projection, and dc): dgates, d_rec through the layer norm, dc_{t-1}; the peephole and layer-norm
+    gradients accumulate into this part's dw_ch, d_ln_h, d_ln_c, d_ln_cb."""
+    T = gates.shape[0]
     H = c0.shape[1]
-    P = h0.shape[1]
     G = 3 if coupled else 4
     GH = G * H
     KG, KO = G - 2, G - 1
-    proj = w_hr_t.shape[0] > 0
     peep = w_ch.shape[0] > 0
     ln = ln_h.shape[0] > 0
-    rdrop = rmask.shape[0] > 0
     one, zero = c0.dtype.type(1), c0.dtype.type(0)
+    for b in range(lo, hi):
+        g = gates[t, b]
+        d = dgates[t, b]
+        first = first_step(reverse, t, T, b, sizes)
+        mc, rc = zero, one
+        if ln:
+            mc, rc = stats[t, b, 1], stats[t, b, 2]
+        s1, s2 = zero, zero
+        for j in range(H):  # through h = o * tanh(a), a = c~ or its layer norm
+            o = g[KO * H + j]
+            a = ctil[t, b, j]
+            ch = (a - mc) * rc
+            if ln:
+                a = ch * ln_c[j] + ln_cb[j]
+            ta = tanh_(a)
+            d[KO * H + j] = dhf[b, j] * ta * o * (one - o)
+            da = dhf[b, j] * o * (one - ta * ta)
+            if ln:
+                d_ln_c[j] += da * ch
+                d_ln_cb[j] += da
+                da *= ln_c[j]
+                s1 += da
+                s2 += da * ch
+            dhf[b, j] = da  # reused: the gradient of a (times the gain)
+        for j in range(H):
+            i = g[j]
+            gg = g[KG * H + j]
+            f = one - i if coupled else g[H + j]
+            cp = c0[b, j] if first else c_all[tp, b, j]
+            d_o = d[KO * H + j]
+            dct = dhf[b, j]
+            if ln:
+                ch = (ctil[t, b, j] - mc) * rc
+                dct = rc * (dct - s1 / H - ch * s2 / H)
+            kc = _keep(zmask_c, zc, t, b, j)
+            dcv = dct + (one - kc) * dc[b, j]
+            if peep:
+                dcv += d_o * w_ch[2, j]
+            d_g = dcv * i * (one - gg * gg)
+            if coupled:
+                d_i = dcv * (gg - cp) * i * (one - i)
+                d_f = zero
+            else:
+                d_i = dcv * gg * i * (one - i)
+                d_f = dcv * cp * f * (one - f)
+            dcp = kc * dc[b, j] + dcv * f
+            if peep:
+                dcp += d_i * w_ch[0, j]
+                dw_ch[0, j] += d_i * cp
+                if not coupled:
+                    dcp += d_f * w_ch[1, j]
+                    dw_ch[1, j] += d_f * cp
+                dw_ch[2, j] += d_o * ctil[t, b, j]
+            dc[b, j] = dcp
+            d[j] = d_i
+            if not coupled:
+                d[H + j] = d_f
+            d[KG * H + j] = d_g
+        if ln:  # through the recurrent product's layer norm
+            t1, t2 = zero, zero
+            for k in range(GH):
+                dn = d[k] * ln_h[k]
+                t1 += dn
+                t2 += dn * xhat[t, b, k]
+            rs = stats[t, b, 0]
+            for k in range(GH):
+                d_ln_h[k] += d[k] * xhat[t, b, k]
+                d_rec[t, b, k] = rs * (d[k] * ln_h[k] - t1 / GH - xhat[t, b, k] * t2 / GH)
+
+
+@numba.njit(parallel=True, **JIT)
+def lstm_opt_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr_t, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c,
+                 zh, zc, coupled, h0, c0, sizes, reverse, parts, y, gates, c_all, ctil, xhat, stats, dgates, d_rec,
+                 h_prev, dh_proj, dh_rec, dhf, dc, carry, dw_ch, d_ln_h, d_ln_c, d_ln_cb):
+    """Whole-sequence backward: dgates (= d_xw) and d_rec (the raw recurrent product's gradient, for dW_hh
+    and dh; the same array without layer norm), h_prev (the product's input, masked), dh_proj (projection);
+    dh_rec/dc end as d_h0/d_c0; dw_ch and the layer norm's gradients accumulate, one slice per thread
+    ([parts, ...]: the caller sums them)."""
+    T = grad_y.shape[0]
+    H = c0.shape[1]
+    P = h0.shape[1]
+    proj = w_hr_t.shape[0] > 0
+    rdrop = rmask.shape[0] > 0
+    one = c0.dtype.type(1)
     zh, zc = c0.dtype.type(zh), c0.dtype.type(zc)
     dh_rec[:, :] = grad_h_n
     dc[:, :] = grad_c_n
@@ -180,76 +307,21 @@ def lstm_opt_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr_t, w_ch, ln_h, ln_c, l
                 else:
                     dhf[b, k] = (one - kk) * full
         if proj:
-            mm_nt(dh_proj[t], n, w_hr_t, dhf, 0, H, False)
-        for b in range(n):
-            g = gates[t, b]
-            d = dgates[t, b]
-            first = first_step(reverse, t, T, b, sizes)
-            mc, rc = zero, one
-            if ln:
-                mc, rc = stats[t, b, 1], stats[t, b, 2]
-            s1, s2 = zero, zero
-            for j in range(H):  # through h = o * tanh(a), a = c~ or its layer norm
-                o = g[KO * H + j]
-                a = ctil[t, b, j]
-                ch = (a - mc) * rc
-                if ln:
-                    a = ch * ln_c[j] + ln_cb[j]
-                ta = tanh_(a)
-                d[KO * H + j] = dhf[b, j] * ta * o * (one - o)
-                da = dhf[b, j] * o * (one - ta * ta)
-                if ln:
-                    d_ln_c[j] += da * ch
-                    d_ln_cb[j] += da
-                    da *= ln_c[j]
-                    s1 += da
-                    s2 += da * ch
-                dhf[b, j] = da  # reused: the gradient of a (times the gain)
-            for j in range(H):
-                i = g[j]
-                gg = g[KG * H + j]
-                f = one - i if coupled else g[H + j]
-                cp = c0[b, j] if first else c_all[tp, b, j]
-                d_o = d[KO * H + j]
-                dct = dhf[b, j]
-                if ln:
-                    ch = (ctil[t, b, j] - mc) * rc
-                    dct = rc * (dct - s1 / H - ch * s2 / H)
-                kc = _keep(zmask_c, zc, t, b, j)
-                dcv = dct + (one - kc) * dc[b, j]
-                if peep:
-                    dcv += d_o * w_ch[2, j]
-                d_g = dcv * i * (one - gg * gg)
-                if coupled:
-                    d_i = dcv * (gg - cp) * i * (one - i)
-                    d_f = zero
-                else:
-                    d_i = dcv * gg * i * (one - i)
-                    d_f = dcv * cp * f * (one - f)
-                dcp = kc * dc[b, j] + dcv * f
-                if peep:
-                    dcp += d_i * w_ch[0, j]
-                    dw_ch[0, j] += d_i * cp
-                    if not coupled:
-                        dcp += d_f * w_ch[1, j]
-                        dw_ch[1, j] += d_f * cp
-                    dw_ch[2, j] += d_o * ctil[t, b, j]
-                dc[b, j] = dcp
-                d[j] = d_i
-                if not coupled:
-                    d[H + j] = d_f
-                d[KG * H + j] = d_g
-            if ln:  # through the recurrent product's layer norm
-                t1, t2 = zero, zero
-                for k in range(GH):
-                    dn = d[k] * ln_h[k]
-                    t1 += dn
-                    t2 += dn * xhat[t, b, k]
-                rs = stats[t, b, 0]
-                for k in range(GH):
-                    d_ln_h[k] += d[k] * xhat[t, b, k]
-                    d_rec[t, b, k] = rs * (d[k] * ln_h[k] - t1 / GH - xhat[t, b, k] * t2 / GH)
-        mm_nt(d_rec[t], n, w_hh_t, dh_rec, 0, P, False)
+            for p in prange(parts):
+                lo, hi = split(H, parts, p)
+                mm_nt(dh_proj[t], n, w_hr_t, dhf, lo, hi, False)
+        rows = min(parts, n)  # the pointwise part: rows split over the threads, each with its accumulators
+        if rows > 1:
+            for p in prange(rows):
+                _bwd_rows(p * n // rows, (p + 1) * n // rows, t, tp, reverse, sizes, w_ch, ln_h, ln_c, ln_cb, zmask_c,
+                          zc, coupled, c0, gates, c_all, ctil, xhat, stats, dgates, d_rec, dhf, dc, dw_ch[p], d_ln_h[p],
+                          d_ln_c[p], d_ln_cb[p])
+        else:
+            _bwd_rows(0, n, t, tp, reverse, sizes, w_ch, ln_h, ln_c, ln_cb, zmask_c, zc, coupled, c0, gates, c_all,
+                      ctil, xhat, stats, dgates, d_rec, dhf, dc, dw_ch[0], d_ln_h[0], d_ln_c[0], d_ln_cb[0])
+        for p in prange(parts):
+            lo, hi = split(P, parts, p)
+            mm_nt(d_rec[t], n, w_hh_t, dh_rec, lo, hi, False)
         for b in range(n):
             for k in range(P):
                 v = dh_rec[b, k]
