@@ -201,64 +201,73 @@ def _bwd_rows(lo, hi, t, tp, reverse, sizes, w_ch, ln_h, ln_c, ln_cb, zmask_c, z
     peep = w_ch.shape[0] > 0
     ln = ln_h.shape[0] > 0
     one, zero = c0.dtype.type(1), c0.dtype.type(0)
+    # one pass per piece over a row's units, each branch-free (so that it vectorizes), as in _fwd_rows
     for b in range(lo, hi):
         g = gates[t, b]
         d = dgates[t, b]
-        first = first_step(reverse, t, T, b, sizes)
-        mc, rc = zero, one
-        if ln:
+        gi, gg, go = g[:H], g[KG * H:(KG + 1) * H], g[KO * H:]
+        di, dgg, do = d[:H], d[KG * H:(KG + 1) * H], d[KO * H:]
+        gf, df = g[H:2 * H], d[H:2 * H]  # (not used when coupled)
+        ct, da, dcb = ctil[t, b], dhf[b], dc[b]
+        cp = c0[b] if first_step(reverse, t, T, b, sizes) else c_all[tp, b]
+        if ln:  # through h = o * tanh(LN(c~)): da becomes dL/dc~
             mc, rc = stats[t, b, 1], stats[t, b, 2]
-        s1, s2 = zero, zero
-        for j in range(H):  # through h = o * tanh(a), a = c~ or its layer norm
-            o = g[KO * H + j]
-            a = ctil[t, b, j]
-            ch = (a - mc) * rc
-            if ln:
-                a = ch * ln_c[j] + ln_cb[j]
-            ta = tanh_(a)
-            d[KO * H + j] = dhf[b, j] * ta * o * (one - o)
-            da = dhf[b, j] * o * (one - ta * ta)
-            if ln:
-                d_ln_c[j] += da * ch
-                d_ln_cb[j] += da
-                da *= ln_c[j]
-                s1 += da
-                s2 += da * ch
-            dhf[b, j] = da  # reused: the gradient of a (times the gain)
+            for j in range(H):
+                ch = (ct[j] - mc) * rc
+                ta = tanh_(ch * ln_c[j] + ln_cb[j])
+                do[j] = da[j] * ta * go[j] * (one - go[j])
+                a = da[j] * go[j] * (one - ta * ta)
+                d_ln_c[j] += a * ch
+                d_ln_cb[j] += a
+                da[j] = a * ln_c[j]
+            s1, s2 = zero, zero
+            for j in range(H):
+                s1 += da[j]
+                s2 += da[j] * (ct[j] - mc) * rc
+            for j in range(H):
+                da[j] = rc * (da[j] - s1 / H - (ct[j] - mc) * rc * s2 / H)
+        else:
+            for j in range(H):
+                ta = tanh_(ct[j])
+                do[j] = da[j] * ta * go[j] * (one - go[j])
+                da[j] = da[j] * go[j] * (one - ta * ta)
+        # zoneout of c: (1-k) of dc_t joins the cell's, k goes straight to c_{t-1} (left in dcb)
+        if zmask_c.shape[0] > 0:
+            m = zmask_c[t, b]
+            for j in range(H):
+                da[j] += (one - m[j]) * dcb[j]
+                dcb[j] = m[j] * dcb[j]
+        elif zc != zero:
+            for j in range(H):
+                da[j] += (one - zc) * dcb[j]
+                dcb[j] = zc * dcb[j]
+        else:
+            for j in range(H):
+                da[j] += dcb[j]
+                dcb[j] = zero
+        if peep:
+            for j in range(H):
+                da[j] += do[j] * w_ch[2, j]
+                dw_ch[2, j] += do[j] * ct[j]
         for j in range(H):
-            i = g[j]
-            gg = g[KG * H + j]
-            f = one - i if coupled else g[H + j]
-            cp = c0[b, j] if first else c_all[tp, b, j]
-            d_o = d[KO * H + j]
-            dct = dhf[b, j]
-            if ln:
-                ch = (ctil[t, b, j] - mc) * rc
-                dct = rc * (dct - s1 / H - ch * s2 / H)
-            kc = _keep(zmask_c, zc, t, b, j)
-            dcv = dct + (one - kc) * dc[b, j]
-            if peep:
-                dcv += d_o * w_ch[2, j]
-            d_g = dcv * i * (one - gg * gg)
-            if coupled:
-                d_i = dcv * (gg - cp) * i * (one - i)
-                d_f = zero
-            else:
-                d_i = dcv * gg * i * (one - i)
-                d_f = dcv * cp * f * (one - f)
-            dcp = kc * dc[b, j] + dcv * f
-            if peep:
-                dcp += d_i * w_ch[0, j]
-                dw_ch[0, j] += d_i * cp
-                if not coupled:
-                    dcp += d_f * w_ch[1, j]
-                    dw_ch[1, j] += d_f * cp
-                dw_ch[2, j] += d_o * ctil[t, b, j]
-            dc[b, j] = dcp
-            d[j] = d_i
+            dgg[j] = da[j] * gi[j] * (one - gg[j] * gg[j])
+        if coupled:
+            for j in range(H):
+                di[j] = da[j] * (gg[j] - cp[j]) * gi[j] * (one - gi[j])
+                dcb[j] += da[j] * (one - gi[j])
+        else:
+            for j in range(H):
+                di[j] = da[j] * gg[j] * gi[j] * (one - gi[j])
+                df[j] = da[j] * cp[j] * gf[j] * (one - gf[j])
+                dcb[j] += da[j] * gf[j]
+        if peep:
+            for j in range(H):
+                dcb[j] += di[j] * w_ch[0, j]
+                dw_ch[0, j] += di[j] * cp[j]
             if not coupled:
-                d[H + j] = d_f
-            d[KG * H + j] = d_g
+                for j in range(H):
+                    dcb[j] += df[j] * w_ch[1, j]
+                    dw_ch[1, j] += df[j] * cp[j]
         if ln:  # through the recurrent product's layer norm
             t1, t2 = zero, zero
             for k in range(GH):
