@@ -60,3 +60,44 @@ def test_each_case_takes_its_peak_from_around_its_rounds_when_that_is_higher():
     for r in rows:
         assert r["case_peak_gflops"] > 1.0  # a real GEMM rate, not the 1e-3 passed in
         assert abs(r["pct_peak"] - 100 * r["gflops"] / r["case_peak_gflops"]) < 1e-9
+
+
+def _run(rows, sha):
+    """A latest.json-like run: rows of (provider, shape, p20, p50, p80, failure)."""
+    results = [dict(provider=p, failure=f, cell="LSTM", mode="inference", shape=s, layers=1, bidirectional=False,
+                    packed=False, proj=0, dtype="float32", p20_ms=a, p50_ms=b, p80_ms=c) for p, s, a, b, c, f in rows]
+    return {"environment": {"hardware": "cpu-x", "threads": 2, "torch": "t", "git_sha": sha, "date": "d"},
+            "results": results}
+
+
+def test_compare_flags_drops_beyond_the_noise_only(tmp_path, capsys):
+    """benchmarks.compare: x-torch side by side; a drop beyond the summed p20-p80 spreads is flagged (exit 1),
+    one within them is not; a failure that ran before is flagged; cases in one run only are listed."""
+    import json
+
+    from benchmarks import compare
+    old = _run([("torch", "A", 9.9, 10.0, 10.1, None), ("cpp", "A", 4.95, 5.0, 5.05, None),
+                ("torch", "B", 9.9, 10.0, 10.1, None), ("cpp", "B", 4.95, 5.0, 5.05, None),
+                ("numba", "B", 4.95, 5.0, 5.05, None), ("cpp", "C", 1, 1, 1, None)], "old")
+    new = _run([("torch", "A", 9.9, 10.0, 10.1, None), ("cpp", "A", 5.95, 6.0, 6.05, None),
+                ("torch", "B", 9.9, 10.0, 10.1, None), ("cpp", "B", 4.98, 5.03, 5.08, None),
+                ("numba", "B", 0, 0, 0, "crashed"), ("cpp", "D", 1, 1, 1, None)], "new")
+    rows = {(r["case"][2], r["provider"]): r for r in compare.compare(old, new)}
+    a = rows["A", "cpp"]
+    assert a["old"] == pytest.approx(2.0) and a["new"] == pytest.approx(10 / 6)
+    # the spreads: cpp 1% then 1.7%, torch 2% in each run
+    assert a["change"] == pytest.approx(10 / 6 / 2 - 1) and a["noise"] == pytest.approx(0.02 + 0.1 / 6 + 0.04)
+    assert a["flag"] == "DROP"  # 16.7% slower against 7.7% of noise
+    b = rows["B", "cpp"]
+    assert b["flag"] == "" and -b["change"] < b["noise"]  # 0.6% slower within 8% of noise
+    assert rows["B", "numba"]["flag"] == "FAILS NOW"
+    assert rows["C", "cpp"]["flag"] == "only old" and rows["D", "cpp"]["flag"] == "only new"
+    po, pn = tmp_path / "old.json", tmp_path / "new.json"
+    po.write_text(json.dumps(old))
+    pn.write_text(json.dumps(new))
+    assert compare.main([str(po), str(pn)]) == 1
+    out = capsys.readouterr().out
+    assert "OLD: cpu-x, 2 threads" in out and "DROP" in out and "FAILS NOW" in out
+    po.write_text(json.dumps(old))
+    assert compare.main([str(po), str(po)]) == 0
+    assert "no drop beyond the runs' noise" in capsys.readouterr().out
