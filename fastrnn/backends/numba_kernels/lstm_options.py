@@ -32,16 +32,19 @@ def _keep(mask, p, t, b, j):
 
 @numba.njit(**JIT)
 def mean_rstd(v):
-    """(mean, 1/sqrt(var + eps)) of a row, biased variance as nn.LayerNorm."""
-    n = v.shape[0]
-    mean = v.dtype.type(0)
-    for k in range(n):
-        mean += v[k]
-    mean /= n
-    var = v.dtype.type(0)
-    for k in range(n):
-        var += (v[k] - mean) * (v[k] - mean)
-    return mean, v.dtype.type(1) / math.sqrt(var / n + v.dtype.type(EPS))
+    """(mean, 1/sqrt(var + eps)) of a row, biased variance as nn.LayerNorm. Every value stays in the row's
+    dtype (a division by the int n would make the accumulators float64 for a float32 row, and the loops
+    slower)."""
+    n = v.dtype.type(v.shape[0])
+    s = v.dtype.type(0)
+    for k in range(v.shape[0]):
+        s += v[k]
+    mean = s / n
+    q = v.dtype.type(0)
+    for k in range(v.shape[0]):
+        d = v[k] - mean
+        q += d * d
+    return mean, v.dtype.type(1) / math.sqrt(q / n + v.dtype.type(EPS))
 
 
 @numba.njit(**JIT)
