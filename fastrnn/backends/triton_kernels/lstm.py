@@ -72,6 +72,46 @@ def _peep(w_ch, units, umask, H, ACC: tl.constexpr, PEEP: tl.constexpr):
 
 
 @triton.jit
+def load_gates(ptr, rows, units, ld, m2, H, ACC: tl.constexpr, COUPLED: tl.constexpr):
+    """The (i, f, g, o) tiles [BB, len(units)] of a row-major [*, G*H] array (f = i when COUPLED: no f block)."""
+    G: tl.constexpr = 3 if COUPLED else 4
+    GB: tl.constexpr = 1 if COUPLED else 2
+    i = load_tile(ptr, rows, units, ld, m2, ACC)
+    f = i
+    if not COUPLED:
+        f = load_tile(ptr, rows, H + units, ld, m2, ACC)
+    return i, f, load_tile(ptr, rows, GB * H + units, ld, m2, ACC), load_tile(ptr, rows, (G - 1) * H + units, ld,
+                                                                            m2, ACC)
+
+
+@triton.jit
+def gate_vecs(ptr, units, umask, H, ACC: tl.constexpr, COUPLED: tl.constexpr):
+    """The (i, f, g, o) parts [1, len(units)] of a [G*H] vector (a bias, a gain), ready to broadcast."""
+    G: tl.constexpr = 3 if COUPLED else 4
+    GB: tl.constexpr = 1 if COUPLED else 2
+    i = load_vec(ptr, units, umask, ACC)[None, :]
+    f = i
+    if not COUPLED:
+        f = load_vec(ptr, H + units, umask, ACC)[None, :]
+    return i, f, load_vec(ptr, GB * H + units, umask, ACC)[None, :], \
+        load_vec(ptr, (G - 1) * H + units, umask, ACC)[None, :]
+
+
+@triton.jit
+def store_gates(ptr, rows, units, ld, m2, H, i, f, g, o, COUPLED: tl.constexpr):
+    """Store (i, f, g, o) tiles into a row-major [*, G*H] array (f not when COUPLED), in its dtype."""
+    G: tl.constexpr = 3 if COUPLED else 4
+    GB: tl.constexpr = 1 if COUPLED else 2
+    DT = ptr.dtype.element_ty
+    offs = rows[:, None] * ld + units[None, :]
+    tl.store(ptr + offs, i.to(DT), mask=m2)
+    if not COUPLED:
+        tl.store(ptr + offs + H, f.to(DT), mask=m2)
+    tl.store(ptr + offs + GB * H, g.to(DT), mask=m2)
+    tl.store(ptr + offs + (G - 1) * H, o.to(DT), mask=m2)
+
+
+@triton.jit
 def fwd_step(xw, w_hh, b_hh, w_ch, h_prev, h0, c_prev, c0, h_out, c_out, c_fin, gates,
              n, n_cont, n_last, H, P,
              HAS_BIAS: tl.constexpr, PEEP: tl.constexpr, COUPLED: tl.constexpr, SAVE: tl.constexpr,
@@ -98,17 +138,17 @@ def fwd_step(xw, w_hh, b_hh, w_ch, h_prev, h0, c_prev, c0, h_out, c_out, c_fin, 
         ao = tl.dot(h, load_wt(w_hh, (G - 1) * H, units, ks, P, umask, kmask), ao, input_precision=PREC,
                     out_dtype=ACC)
     GH = G * H
-    ai += load_tile(xw, rows, units, GH, m2, ACC)
-    if not COUPLED:
-        af += load_tile(xw, rows, H + units, GH, m2, ACC)
-    ag += load_tile(xw, rows, GB * H + units, GH, m2, ACC)
-    ao += load_tile(xw, rows, (G - 1) * H + units, GH, m2, ACC)
+    xi, xf, xg, xo = load_gates(xw, rows, units, GH, m2, H, ACC, COUPLED)
+    ai += xi
+    af += xf
+    ag += xg
+    ao += xo
     if HAS_BIAS:
-        ai += load_vec(b_hh, units, umask, ACC)[None, :]
-        if not COUPLED:
-            af += load_vec(b_hh, H + units, umask, ACC)[None, :]
-        ag += load_vec(b_hh, GB * H + units, umask, ACC)[None, :]
-        ao += load_vec(b_hh, (G - 1) * H + units, umask, ACC)[None, :]
+        bi, bf, bg, bo = gate_vecs(b_hh, units, umask, H, ACC, COUPLED)
+        ai += bi
+        af += bf
+        ag += bg
+        ao += bo
     c = load_prev(c_prev, c0, rows, units, H, n_cont, m2, ACC)
     wci, wcf, wco = _peep(w_ch, units, umask, H, ACC, PEEP)
     i, f, g, o, c_new, h_new = cell(ai, af, ag, ao, c, wci, wcf, wco, PEEP, COUPLED)
@@ -117,12 +157,7 @@ def fwd_step(xw, w_hh, b_hh, w_ch, h_prev, h0, c_prev, c0, h_out, c_out, c_fin, 
     tl.store(c_out + offs, c_new.to(c_out.dtype.element_ty), mask=m2)
     tl.store(c_fin + offs, c_new.to(c_fin.dtype.element_ty), mask=m2 & (rows[:, None] >= n_last))
     if SAVE:
-        goffs = rows[:, None] * GH + units[None, :]
-        tl.store(gates + goffs, i, mask=m2)
-        if not COUPLED:
-            tl.store(gates + goffs + H, f, mask=m2)
-        tl.store(gates + goffs + GB * H, g, mask=m2)
-        tl.store(gates + goffs + (G - 1) * H, o, mask=m2)
+        store_gates(gates, rows, units, GH, m2, H, i, f, g, o, COUPLED)
 
 
 @triton.jit
@@ -294,41 +329,30 @@ def fwd_opts_step(xw, raw, b_hh, w_ch, ln_h, ln_c, ln_cb, zm_h, zm_c, rmask, p_h
     ln_h), + xw_t + b_hh, the cell (peephole, coupled), layer norm of c' into tanh (ln_c, ln_cb), zoneout
     of c into c_state and, without projection, of h (finish_h); with projection m goes to m_out."""
     G: tl.constexpr = 3 if COUPLED else 4
-    GB: tl.constexpr = 1 if COUPLED else 2
     rows, units, _, umask, m2 = tile(n, H, BR, HP)
     GH = G * H
-    ai = load_tile(raw, rows, units, GH, m2, ACC)
-    af = ai
-    if not COUPLED:
-        af = load_tile(raw, rows, H + units, GH, m2, ACC)
-    ag = load_tile(raw, rows, GB * H + units, GH, m2, ACC)
-    ao = load_tile(raw, rows, (G - 1) * H + units, GH, m2, ACC)
-    goffs = rows[:, None] * GH + units[None, :]
+    ai, af, ag, ao = load_gates(raw, rows, units, GH, m2, H, ACC, COUPLED)
     if LN:
         ai, af, ag, ao, rs = _ln_gates(ai, af, ag, ao, m2, GH, COUPLED)
         if SAVE:
-            tl.store(xhat_h + goffs, ai, mask=m2)
-            if not COUPLED:
-                tl.store(xhat_h + goffs + H, af, mask=m2)
-            tl.store(xhat_h + goffs + GB * H, ag, mask=m2)
-            tl.store(xhat_h + goffs + (G - 1) * H, ao, mask=m2)
+            store_gates(xhat_h, rows, units, GH, m2, H, ai, af, ag, ao, COUPLED)
             tl.store(rstd + rows * 2, rs, mask=rows < n)
-        ai = ai * load_vec(ln_h, units, umask, ACC)[None, :]
-        if not COUPLED:
-            af = af * load_vec(ln_h, H + units, umask, ACC)[None, :]
-        ag = ag * load_vec(ln_h, GB * H + units, umask, ACC)[None, :]
-        ao = ao * load_vec(ln_h, (G - 1) * H + units, umask, ACC)[None, :]
-    ai += load_tile(xw, rows, units, GH, m2, ACC)
-    if not COUPLED:
-        af += load_tile(xw, rows, H + units, GH, m2, ACC)
-    ag += load_tile(xw, rows, GB * H + units, GH, m2, ACC)
-    ao += load_tile(xw, rows, (G - 1) * H + units, GH, m2, ACC)
+        gi, gf, gg, go = gate_vecs(ln_h, units, umask, H, ACC, COUPLED)
+        ai = ai * gi
+        af = af * gf
+        ag = ag * gg
+        ao = ao * go
+    xi, xf, xg, xo = load_gates(xw, rows, units, GH, m2, H, ACC, COUPLED)
+    ai += xi
+    af += xf
+    ag += xg
+    ao += xo
     if HAS_BIAS:
-        ai += load_vec(b_hh, units, umask, ACC)[None, :]
-        if not COUPLED:
-            af += load_vec(b_hh, H + units, umask, ACC)[None, :]
-        ag += load_vec(b_hh, GB * H + units, umask, ACC)[None, :]
-        ao += load_vec(b_hh, (G - 1) * H + units, umask, ACC)[None, :]
+        bi, bf, bg, bo = gate_vecs(b_hh, units, umask, H, ACC, COUPLED)
+        ai += bi
+        af += bf
+        ag += bg
+        ao += bo
     c = load_tile(c_state, rows, units, H, m2, ACC)
     wci, wcf, wco = _peep(w_ch, units, umask, H, ACC, PEEP)
     i, f, g, o, c_new, h_new = cell(ai, af, ag, ao, c, wci, wcf, wco, PEEP, COUPLED)
@@ -344,11 +368,7 @@ def fwd_opts_step(xw, raw, b_hh, w_ch, ln_h, ln_c, ln_cb, zm_h, zm_c, rmask, p_h
     c_out = c_new + keep_weight(zm_c, p_c, rows, units, H, m2, ZC, ACC) * (c - c_new)
     tl.store(c_state + offs, c_out, mask=m2)
     if SAVE:
-        tl.store(gates + goffs, i, mask=m2)
-        if not COUPLED:
-            tl.store(gates + goffs + H, f, mask=m2)
-        tl.store(gates + goffs + GB * H, g, mask=m2)
-        tl.store(gates + goffs + (G - 1) * H, o, mask=m2)
+        store_gates(gates, rows, units, GH, m2, H, i, f, g, o, COUPLED)
         tl.store(c_new_out + offs, c_new, mask=m2)
         if ZC != 0:
             tl.store(c_post + offs, c_out, mask=m2)
@@ -369,7 +389,6 @@ def bwd_opts_step(gy, dh_state, dm, dc_state, zm_h, zm_c, p_h, p_c, gates, c_new
     dc_{t-1} into dc_state, the direct share of dh_{t-1} into dh_state (no projection), and the gradient
     of the normalized c' into dcn_out (layer norm, for its gain and bias)."""
     G: tl.constexpr = 3 if COUPLED else 4
-    GB: tl.constexpr = 1 if COUPLED else 2
     rows, units, _, umask, m2 = tile(n, H, BR, HP)
     GH = G * H
     offs = rows[:, None] * H + units[None, :]
@@ -380,14 +399,9 @@ def bwd_opts_step(gy, dh_state, dm, dc_state, zm_h, zm_c, p_h, p_c, gates, c_new
         tl.store(dh_state + offs, direct, mask=m2)
     dct = load_tile(dc_state, rows, units, H, m2, ACC)
     kc = keep_weight(zm_c, p_c, rows, units, H, m2, ZC, ACC)
-    goffs = rows[:, None] * GH + units[None, :]
-    i = load_tile(gates, rows, units, GH, m2, ACC)
+    i, f, g, o = load_gates(gates, rows, units, GH, m2, H, ACC, COUPLED)
     if COUPLED:
         f = 1.0 - i
-    else:
-        f = load_tile(gates, rows, H + units, GH, m2, ACC)
-    g = load_tile(gates, rows, GB * H + units, GH, m2, ACC)
-    o = load_tile(gates, rows, (G - 1) * H + units, GH, m2, ACC)
     cp = load_tile(c_prev, rows, units, H, m2, ACC)
     wci, wcf, wco = _peep(w_ch, units, umask, H, ACC, PEEP)
     dc = dct - kc * dct
@@ -405,36 +419,21 @@ def bwd_opts_step(gy, dh_state, dm, dc_state, zm_h, zm_c, p_h, p_c, gates, c_new
         dc += dh * o * (1.0 - tc * tc)
     dpi, dpf, dpg, dpo, dcp = gates_bwd(dc, dh * tc * o * (1.0 - o), i, f, g, cp, wci, wcf, wco, PEEP, COUPLED)
     tl.store(dc_state + offs, dcp + kc * dct, mask=m2)
-    DT = d_xw.dtype.element_ty
-    tl.store(d_xw + goffs, dpi.to(DT), mask=m2)
-    tl.store(dg + goffs, dpi, mask=m2)
-    if not COUPLED:
-        tl.store(d_xw + goffs + H, dpf.to(DT), mask=m2)
-        tl.store(dg + goffs + H, dpf, mask=m2)
-    tl.store(d_xw + goffs + GB * H, dpg.to(DT), mask=m2)
-    tl.store(dg + goffs + GB * H, dpg, mask=m2)
-    tl.store(d_xw + goffs + (G - 1) * H, dpo.to(DT), mask=m2)
-    tl.store(dg + goffs + (G - 1) * H, dpo, mask=m2)
+    store_gates(d_xw, rows, units, GH, m2, H, dpi, dpf, dpg, dpo, COUPLED)
+    store_gates(dg, rows, units, GH, m2, H, dpi, dpf, dpg, dpo, COUPLED)
     if LN:  # through the recurrent product's layer norm: one more pass over the row's G*H columns
-        xi = load_tile(xhat_h, rows, units, GH, m2, ACC)
-        di = dpi * load_vec(ln_h, units, umask, ACC)[None, :]
-        xf = xi
-        df = di
-        if not COUPLED:
-            xf = load_tile(xhat_h, rows, H + units, GH, m2, ACC)
-            df = dpf * load_vec(ln_h, H + units, umask, ACC)[None, :]
-        xg = load_tile(xhat_h, rows, GB * H + units, GH, m2, ACC)
-        dg_ = dpg * load_vec(ln_h, GB * H + units, umask, ACC)[None, :]
-        xo = load_tile(xhat_h, rows, (G - 1) * H + units, GH, m2, ACC)
-        do = dpo * load_vec(ln_h, (G - 1) * H + units, umask, ACC)[None, :]
+        xi, xf, xg, xo = load_gates(xhat_h, rows, units, GH, m2, H, ACC, COUPLED)
+        gi, gf, gg, go = gate_vecs(ln_h, units, umask, H, ACC, COUPLED)
+        di = dpi * gi
+        df = dpf * gf
+        dg_ = dpg * gg
+        do = dpo * go
         s1 = tl.sum(di, 1) + tl.sum(dg_, 1) + tl.sum(do, 1)
         s2 = tl.sum(di * xi, 1) + tl.sum(dg_ * xg, 1) + tl.sum(do * xo, 1)
         if not COUPLED:
             s1 += tl.sum(df, 1)
             s2 += tl.sum(df * xf, 1)
         rs = tl.load(rstd + rows * 2, mask=rows < n, other=0.0).to(ACC)
-        tl.store(d_raw + goffs, ln_backward(di, xi, s1, s2, rs, GH), mask=m2)
-        if not COUPLED:
-            tl.store(d_raw + goffs + H, ln_backward(df, xf, s1, s2, rs, GH), mask=m2)
-        tl.store(d_raw + goffs + GB * H, ln_backward(dg_, xg, s1, s2, rs, GH), mask=m2)
-        tl.store(d_raw + goffs + (G - 1) * H, ln_backward(do, xo, s1, s2, rs, GH), mask=m2)
+        store_gates(d_raw, rows, units, GH, m2, H, ln_backward(di, xi, s1, s2, rs, GH),
+                    ln_backward(df, xf, s1, s2, rs, GH), ln_backward(dg_, xg, s1, s2, rs, GH),
+                    ln_backward(do, xo, s1, s2, rs, GH), COUPLED)
