@@ -52,7 +52,7 @@ def main(args) -> int:
             tol = (1e-3, 1e-2) if dtype == torch.float32 else (3e-2, 1e-1)  # TF32 / half precision
             ok = ["torch"]
             for p in providers[1:]:
-                failure = check(work, p, ref, *tol)
+                failure, err, ran = check(work, p, ref, *tol)
                 if failure:
                     print(f"{str(dtype)[6:]:9} {case.name:34} {p:10} FAILED CHECK: {failure}")
                 else:

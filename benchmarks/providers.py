@@ -1,5 +1,9 @@
-"""Providers: torch.nn (the baseline) and each fastrnn backend, built on identical weights and inputs."""
+"""Providers: torch.nn (the baseline), fastrnn's automatic choice and each fastrnn backend, and the peers a
+CPU user would pick instead (ONNX Runtime, torch's dynamic int8), built on identical weights and inputs."""
 from __future__ import annotations
+
+import io
+import os
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -14,14 +18,109 @@ FASTRNN_CLASSES = {"LSTM": (fastrnn.LSTM, fastrnn.LSTMCell), "GRU": (fastrnn.GRU
                    "RNN": (fastrnn.RNN, fastrnn.RNNCell)}
 
 
+#: the peers: inference only (their rows are absent from training cases), each skipped with the printed
+#: reason when its package is missing (``peer_reasons``)
+PEERS = ("onnxruntime", "torch-int8")
+#: fastrnn's automatic choice (the policy table in force: ``python -m fastrnn.info`` shows it)
+AUTO = "auto"
+
+
 def provider_names(device: str) -> list[str]:
-    """'torch' first, then each available fastrnn backend (the eager reference last)."""
-    return ["torch"] + fastrnn.available_backends(device)
+    """'torch' first, then fastrnn's automatic choice, each available fastrnn backend (the eager reference
+    last) and, on CPU, the peers whose packages are installed."""
+    peers = [p for p in PEERS if not peer_reasons(p)] if device == "cpu" else []
+    return ["torch", AUTO] + fastrnn.available_backends(device) + peers
+
+
+def peer_reasons(peer: str) -> list[str]:
+    """Why a peer cannot run here (empty: it can)."""
+    if peer == "onnxruntime":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return [f"onnxruntime not installed ({e}); `make bench` installs it (the test extras)"]
+    if peer == "torch-int8":
+        try:
+            from torch.ao.quantization import quantize_dynamic  # noqa: F401
+        except ImportError as e:
+            return [f"torch.ao.quantization not available ({e})"]
+    return []
+
+
+def case_reasons(case: Case, provider: str) -> list[str]:
+    """Why ``provider`` has no row in ``case`` (empty: it has one)."""
+    if provider not in PEERS:
+        return []
+    if case.mode == "training":
+        return ["inference only"]
+    if provider == "onnxruntime":
+        if case.packed:
+            return ["torch's ONNX exporter has no PackedSequence form"]
+        if case.proj:
+            return ["ONNX's LSTM has no proj_size"]
+        if case.mode == "streaming":
+            return ["torch's ONNX exporter has no form for the cells"]
+    if provider == "torch-int8":
+        if case.cell == "RNN" and case.mode != "streaming":
+            return ["quantize_dynamic has no int8 nn.RNN"]
+        if case.proj:
+            return ["torch's dynamic int8 LSTM has no proj_size"]
+    return []
+
+
+class OrtModule:
+    """A torch.nn module exported to ONNX (torch's TorchScript exporter) and run by ONNX Runtime's CPU
+    execution provider: intra-op threads = the cores, idle threads not spinning (they would take the cores
+    from the provider timed next). Called like the module: ``(x, state) -> (y, state)``, fixed shapes."""
+
+    def __init__(self, module, x, state):
+        import onnxruntime as ort
+        n_state = 2 if isinstance(module, torch.nn.LSTM) else 1
+        flat = tuple(state) if n_state == 2 else (state,)
+        names = ["x"] + [f"s{k}" for k in range(n_state)]
+        buf = io.BytesIO()
+        torch.onnx.export(module, (x, flat if n_state == 2 else flat[0]), buf, dynamo=False, input_names=names,
+                          output_names=["y"] + [f"o{k}" for k in range(n_state)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        self.names, self.n_state = names, n_state
+        self.zeros = [torch.zeros_like(t) for t in flat]
+        self.training = False
+
+    def __call__(self, x, state=None):
+        flat = self.zeros if state is None else (list(state) if self.n_state == 2 else [state])
+        feeds = {n: t.detach().numpy() for n, t in zip(self.names, [x, *flat])}
+        outs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        return outs[0], (tuple(outs[1:]) if self.n_state == 2 else outs[1])
+
+    def parameters(self):
+        return iter(())
+
+    def train(self, mode=True):
+        return self
+
+
+def _peer(case: Case, provider: str, torch_module, x):
+    if provider == "torch-int8":
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(torch.nn.Sequential(torch_module), {torch.nn.LSTM, torch.nn.GRU, torch.nn.LSTMCell,
+                                                                    torch.nn.GRUCell, torch.nn.RNNCell},
+                                dtype=torch.qint8)[0]
+    D = (2 if case.bidirectional else 1) * case.layers
+    T = 1 if case.mode == "chunked" else case.T
+    h = torch.zeros(D, case.B, case.H)
+    state = (h, h.clone()) if case.cell == "LSTM" else h
+    return OrtModule(torch_module, x[:T], state)
 
 
 def _module(case: Case, provider: str, device, dtype):
     seq_cls, cell_cls = (TORCH_CLASSES if provider == "torch" else FASTRNN_CLASSES)[case.cell]
-    kw = {} if provider == "torch" else {"backend": provider}
+    kw = {} if provider == "torch" else {"backend": None if provider == AUTO else provider}
     if case.mode == "streaming":
         return cell_cls(case.I, case.H, device=device, dtype=dtype, **kw)
     extra = {"proj_size": case.proj} if case.proj else {}
@@ -37,15 +136,17 @@ class Workload:
         torch.manual_seed(seed)
         self.modules = {}
         state = None
-        for p in providers:
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x = torch.randn(case.T, case.B, case.I, generator=g, dtype=dtype).to(device)
+        for p in [q for q in providers if q not in PEERS]:
             m = _module(case, p, device, dtype)
             if state is None:
                 state = m.state_dict()
             m.load_state_dict(state)
             m.train(case.mode == "training")
             self.modules[p] = m
-        g = torch.Generator().manual_seed(seed + 1)
-        self.x = torch.randn(case.T, case.B, case.I, generator=g, dtype=dtype).to(device)
+        for p in [q for q in providers if q in PEERS]:
+            self.modules[p] = _peer(case, p, self.modules["torch"], self.x)
 
     def _input(self, requires_grad=False):
         x = self.x.detach().requires_grad_(requires_grad)

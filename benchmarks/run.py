@@ -3,8 +3,13 @@
     python -m benchmarks.run [--quick | --full] [--device cpu|cuda] [--providers torch,reference,...]
                              [--cells LSTM,GRU,RNN] [--modes inference,training,streaming,chunked] [--budget S]
 
-Prints a table (median ms, p20-p80, GFLOP/s, % of the machine's peak measured in the same run,
-speedup vs torch, peak memory), writes benchmarks/results/latest.{csv,json} and PNG plots.
+Prints a table (median ms, p20-p80, GFLOP/s, % of the machine's peak and % of the case's roofline, both
+measured in the same run, speedup vs torch, max abs error against torch.nn float32, peak memory), writes
+benchmarks/results/latest.{csv,json} and PNG plots.
+
+Providers: torch (torch.nn), auto (fastrnn's automatic choice; the backend it ran is shown), each fastrnn
+backend, and on CPU the peers onnxruntime (torch.nn exported to ONNX) and torch-int8 (torch's dynamic
+int8 RNNs) in the inference cases, skipped with a printed reason where they cannot run.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import fastrnn
 
 from .cases import Case, all_cases
 from .harness import interleaved, measure_peak_gflops, peak_gemm, peak_memory_bytes, percentiles
-from .providers import Workload, provider_names
+from .providers import AUTO, PEERS, Workload, case_reasons, peer_reasons, provider_names
+from .roofline import roofline_ms
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
@@ -65,26 +71,37 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).abs().max().item() / scale) if b.numel() else 0.0
 
 
-def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=TOL_GRAD) -> str | None:
-    """None if ``provider`` matches torch on this case, else what differs."""
+#: providers whose results are not held to the tolerance (a quantized model): their error is reported
+UNCHECKED = ("torch-int8",)
+
+
+def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=TOL_GRAD) -> tuple:
+    """(None if ``provider`` matches torch on this case, else what differs; the max abs error of its
+    outputs against torch.nn's; the fastrnn backends that ran, for the automatic choice)."""
     try:
-        got = work.run(provider)
+        with fastrnn.dispatch.record_calls() as calls:
+            got = work.run(provider)
     except Exception as e:  # a provider that crashes is reported, not timed
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", None, ""
+    ran = "+".join(sorted({b for _, b in calls}))
     n_out = len(ref_results) if work.case.mode != "training" else len(ref_results) - 1 - len(
         list(work.modules[provider].parameters()))
     if len(got) != len(ref_results):
-        return f"returned {len(got)} tensors, torch {len(ref_results)}"
+        return f"returned {len(got)} tensors, torch {len(ref_results)}", None, ran
+    err = max(((a.double() - b.double()).abs().max().item() if a.numel() else 0.0)
+              for a, b in zip(got[:n_out], ref_results[:n_out]))
+    if provider in UNCHECKED:
+        return None, err, ran
     for k, (a, b) in enumerate(zip(got, ref_results)):
         if (a is None) != (b is None):
             return f"tensor {k} is missing on {'this provider' if a is None else 'torch'}"
         if a is None:
             continue
         tol = tol_out if k < n_out else tol_grad
-        err = _rel_err(a, b)
-        if not err <= tol:
-            return f"{'output' if k < n_out else 'gradient'} {k} differs from torch by {err:.2e} (tolerance {tol:.0e})"
-    return None
+        if not _rel_err(a, b) <= tol:
+            return (f"{'output' if k < n_out else 'gradient'} {k} differs from torch by {_rel_err(a, b):.2e} "
+                    f"(tolerance {tol:.0e})", err, ran)
+    return None, err, ran
 
 
 # A PEAK_N^3 GEMM is timed PEAK_CALLS times right before and right after every case's rounds
@@ -101,16 +118,18 @@ def case_peak(run_peak: float, in_rounds: float) -> float:
     return max(run_peak, in_rounds)
 
 
-def bench_case(case: Case, providers: list[str], device: str, peak: float, budget: float, min_rounds=5) -> list[dict]:
+def bench_case(case: Case, providers: list[str], device: str, peak: float, budget: float, min_rounds=5,
+               bandwidth: dict | None = None) -> list[dict]:
     dtype = torch.float32
+    providers = [p for p in providers if not case_reasons(case, p)]
     work = Workload(case, providers, device=device, dtype=dtype)
     ref = work.run("torch")
     rows, fns = [], {}
     for p in providers:
-        failure = None if p == "torch" else check(work, p, ref)
+        failure, err, ran = (None, 0.0, "") if p == "torch" else check(work, p, ref)
         if failure is None:
             fns[p] = work.call(p)
-        rows.append({"provider": p, "failure": failure})
+        rows.append({"provider": p, "failure": failure, "max_abs_err": err, "ran": ran})
     # the machine's GEMM rate right before and right after the case's rounds (see case_peak); not inside
     # them, where its 12 MiB would clear the caches before the provider that follows it
     gemm, gemm_flops, _ = peak_gemm(device, PEAK_N)
@@ -125,6 +144,7 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
     peak = case_peak(peak, gemm_flops / percentiles(before + gemm_times())[1] / 1e9)
     flops = case.flops()
     t_torch = percentiles(samples["torch"])[1]
+    roof = roofline_ms(case, peak, bandwidth) if bandwidth else None
     for row in rows:
         p = row["provider"]
         base = {"cell": case.cell, "mode": case.mode, "shape": case.shape, "T": case.T, "B": case.B, "H": case.H,
@@ -136,7 +156,13 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
         p20, p50, p80 = percentiles(samples[p])
         row.update({"p20_ms": p20 * 1e3, "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3, "rounds": len(samples[p]),
                     "gflops": flops / p50 / 1e9, "case_peak_gflops": peak, "pct_peak": 100 * flops / p50 / 1e9 / peak,
-                    "speedup_vs_torch": t_torch / p50, "peak_mem_mb": peak_memory_bytes(fns[p], device) / 2 ** 20})
+                    "speedup_vs_torch": t_torch / p50,
+                    # the peers' memory is not allocated through torch, where the profiler looks
+                    "peak_mem_mb": None if p in PEERS else peak_memory_bytes(fns[p], device) / 2 ** 20})
+        if roof is not None:
+            row.update({"roofline_ms": roof["ms"], "pct_roofline": 100 * roof["ms"] / (p50 * 1e3),
+                        "roofline_bound": roof["bound"], "roofline_vs_torch": t_torch * 1e3 / roof["ms"],
+                        "weights_level": roof["weights_level"]})
     return rows
 
 
@@ -169,16 +195,29 @@ def ceiling_vs_torch(torch_row: dict) -> float:
     return 100.0 / torch_row["pct_peak"] if torch_row["pct_peak"] > 0 else float("inf")
 
 
-def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict]) -> str:
+def provider_label(r: dict) -> str:
+    """The provider's name; for the automatic choice, with the backend(s) it ran."""
+    return f"{r['provider']}:{r['ran']}" if r["provider"] == AUTO and r.get("ran") else r["provider"]
+
+
+def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict], bandwidth=None,
+                 notes=()) -> str:
     lines = [f"fastrnn benchmark {env['date']} | {env['device']}: {env['hardware']}, {env['threads']} threads | "
              f"torch {env['torch']}, numba {env['numba']}, triton {env['triton']} | commit {env['git_sha']}",
              f"peak fp32 measured in this run: {peak:.0f} GFLOP/s ({peak_how}); % peak: of the higher of that "
-             f"and a {PEAK_N}^3 GEMM's rate around the case's rounds{_case_peak_range(rows)}",
-             "float32; ms = median of interleaved calls (p20-p80); x torch = torch's median / this median; "
-             "* = fastest; at peak = the x torch of a provider running at the measured peak (the ceiling)",
-             ""]
-    hdr = f"{'cell':5} {'mode':10} {'shape':22} {'provider':10} {'ms':>9} {'p20-p80 ms':>17} {'GFLOP/s':>8} " \
-          f"{'% peak':>7} {'x torch':>8} {'peak MB':>8}"
+             f"and a {PEAK_N}^3 GEMM's rate around the case's rounds{_case_peak_range(rows)}"]
+    if bandwidth:
+        sz = bandwidth["sizes"]
+        lines.append("read bandwidth measured in this run (every core its own block): " + ", ".join(
+            f"{lvl} {bandwidth[lvl]:.0f} GB/s" for lvl in ("L2", "L3", "DRAM") if lvl in bandwidth)
+            + f" (L2 {sz['L2'] >> 10} KiB x {sz['cores']} cores, L3 {sz['L3'] >> 20} MiB)")
+        lines.append("% roof = the case's roofline time / this median: roofline = max(FLOPs / peak, bytes that "
+                     "must move / bandwidth of the level holding them); on torch's row: the roofline's x torch")
+    lines += ["float32; ms = median of interleaved calls (p20-p80); x torch = torch's median / this median; "
+              "* = fastest; err = max abs output error vs torch.nn fp32; auto:X = fastrnn's automatic choice ran X",
+              ""]
+    hdr = f"{'cell':5} {'mode':10} {'shape':22} {'provider':16} {'ms':>9} {'p20-p80 ms':>17} {'GFLOP/s':>8} " \
+          f"{'% peak':>7} {'% roof':>7} {'x torch':>8} {'err':>8} {'peak MB':>8}"
     lines += [hdr, "-" * len(hdr)]
     key = None
     for r in rows:
@@ -189,14 +228,24 @@ def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: 
         if k != key and key is not None:
             lines.append("")
         key = k
+        label = provider_label(r)
         if r.get("failure"):
-            lines.append(f"{lead} {r['provider']:10} FAILED CHECK: {r['failure']}")
+            lines.append(f"{lead} {label:16} FAILED CHECK: {r['failure']}")
             continue
         star = "*" if r["provider"] == best else " "
-        ceiling = f"  (at peak: {ceiling_vs_torch(r):.2f}x)" if r["provider"] == "torch" else ""
-        lines.append(f"{lead} {r['provider']:10} {r['p50_ms']:9.3f}{star}{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} "
-                     f"{r['gflops']:8.2f} {r['pct_peak']:6.1f}% {r['speedup_vs_torch']:8.2f} {r['peak_mem_mb']:8.2f}"
+        roof = f"{r['pct_roofline']:6.1f}%" if r.get("pct_roofline") is not None else f"{'-':>7}"
+        err = f"{r['max_abs_err']:8.1e}" if r.get("max_abs_err") else f"{'0':>8}"
+        mem = f"{r['peak_mem_mb']:8.2f}" if r.get("peak_mem_mb") is not None else f"{'-':>8}"
+        ceiling = ""
+        if r["provider"] == "torch":
+            ceiling = f"  (at peak: {ceiling_vs_torch(r):.2f}x" + (
+                f"; roofline: {r['roofline_vs_torch']:.2f}x, {r['roofline_bound']}-bound, W from "
+                f"{r['weights_level']})" if r.get("roofline_vs_torch") else ")")
+        lines.append(f"{lead} {label:16} {r['p50_ms']:9.3f}{star}{r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} "
+                     f"{r['gflops']:8.2f} {r['pct_peak']:6.1f}% {roof} {r['speedup_vs_torch']:8.2f} {err} {mem}"
                      f"{ceiling}")
+    if notes:
+        lines += ["", "not run:"] + [f"  {n}" for n in notes]
     if cold:
         lines += ["", "cold start (fresh process, LSTM T100 B1 H256 inference): import s | first call s"]
         for c in cold:
@@ -207,20 +256,22 @@ def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: 
     return "\n".join(lines)
 
 
-def write_results(out: Path, env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict]) -> None:
+def write_results(out: Path, env: dict, peak: float, peak_how: str, rows: list[dict], cold: list[dict],
+                  bandwidth=None, notes=()) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fields = ["cell", "provider", "mode", "shape", "T", "B", "H", "layers", "bidirectional", "packed", "proj",
               "dtype", "device", "hardware", "threads", "torch", "numba", "triton", "git_sha", "date", "p20_ms",
               "p50_ms", "p80_ms", "rounds", "flops", "gflops", "pct_peak", "peak_gflops", "case_peak_gflops",
-              "speedup_vs_torch", "peak_mem_mb", "failure"]
+              "speedup_vs_torch", "peak_mem_mb", "max_abs_err", "ran", "roofline_ms", "pct_roofline",
+              "roofline_bound", "roofline_vs_torch", "weights_level", "failure"]
     full = [{**r, **env, "peak_gflops": peak} for r in rows]
     with open(out / "latest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(full)
     with open(out / "latest.json", "w") as f:
-        json.dump({"environment": env, "peak_gflops": peak, "peak_method": peak_how, "results": full,
-                   "cold_start": cold}, f, indent=1)
+        json.dump({"environment": env, "peak_gflops": peak, "peak_method": peak_how, "bandwidth_gbs": bandwidth,
+                   "not_run": list(notes), "results": full, "cold_start": cold}, f, indent=1)
 
 
 def plot(out: Path, rows: list[dict], env: dict) -> list[Path]:
@@ -303,14 +354,28 @@ def main(argv=None) -> int:
 
     env = environment(args.device)
     peak, peak_how = measure_peak_gflops(args.device)
+    notes = [f"{p}: {'; '.join(peer_reasons(p))}" for p in PEERS if peer_reasons(p)]
+    try:
+        from .roofline import measure_bandwidth
+        bandwidth = measure_bandwidth()
+    except ImportError as e:
+        bandwidth = None
+        notes.append(f"the memory roofline: the bandwidth kernel needs numba ({e})")
     from tqdm import tqdm
     rows = []
     for case in tqdm(cases, desc="benchmark", unit="case", file=sys.stderr):
-        rows += bench_case(case, providers, args.device, peak, budget, min_rounds=3 if quick else 5)
-    cold = [] if args.no_cold_start else cold_start(providers)
-    table = format_table(env, peak, peak_how, rows, cold)
+        rows += bench_case(case, providers, args.device, peak, budget, min_rounds=3 if quick else 5,
+                           bandwidth=bandwidth)
+    skipped = {}
+    for case in cases:
+        for p in providers:
+            for why in case_reasons(case, p):
+                skipped.setdefault(f"{p}: {why}", []).append(case.name)
+    notes += [f"{k} ({len(v)} case{'s' if len(v) > 1 else ''})" for k, v in skipped.items()]
+    cold = [] if args.no_cold_start else cold_start([p for p in providers if p not in PEERS and p != AUTO])
+    table = format_table(env, peak, peak_how, rows, cold, bandwidth, notes)
     print(table)
-    write_results(args.out, env, peak, peak_how, rows, cold)
+    write_results(args.out, env, peak, peak_how, rows, cold, bandwidth, notes)
     (args.out / "latest.txt").write_text(table + "\n")
     written = [args.out / "latest.csv", args.out / "latest.json", args.out / "latest.txt"]
     if not args.no_plots:

@@ -2,7 +2,9 @@
 
 Order of precedence for a call: the module's ``backend=`` argument, then the innermost
 ``fastrnn.use_backend(...)`` context, then the ``FASTRNN_BACKEND`` environment variable, then the
-automatic choice: the first backend in the device's priority list that can serve the call.
+automatic choice: for a float32 call whose shape class the module passes, the ranking of that class in
+the policy table (``fastrnn.policy``: measured, ``torch`` among the candidates, skipped while a tracer
+records the call), then the device's static priority list; the first backend that can serve the call.
 An explicitly named backend that cannot serve a call raises ``BackendNotSupportedError``; only the
 automatic choice moves on to the next backend.
 """
@@ -16,9 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKEND_NAMES = ("reference", "numba", "cpp", "triton")
+from . import policy
 
-# best first. triton is listed on CPU too: it serves CPU tensors only under TRITON_INTERPRET=1 (its own
+BACKEND_NAMES = ("reference", "numba", "cpp", "triton", "torch")
+
+# fastrnn's own backends, best first (``torch`` enters the automatic choice only through the policy
+# table). triton is listed on CPU too: it serves CPU tensors only under TRITON_INTERPRET=1 (its own
 # `devices` say so), and after the reference, which serves everything, it is reached only when named.
 PRIORITY = {"cpu": ("cpp", "numba", "reference", "triton"), "cuda": ("triton", "reference")}
 # single steps (the cells): on CPU the per-call host cost decides, and numba's is higher than the
@@ -27,6 +32,7 @@ PRIORITY = {"cpu": ("cpp", "numba", "reference", "triton"), "cuda": ("triton", "
 STEP_PRIORITY = {"cpu": ("cpp", "reference", "numba", "triton")}
 
 _MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
+_MODULES["torch"] = "fastrnn.backends.torchnn"
 _loaded: dict = {}
 _requested: contextvars.ContextVar = contextvars.ContextVar("fastrnn_backend", default=None)
 _recorders: list = []
@@ -95,7 +101,8 @@ def _priority(device: str, scope: str = "seq") -> tuple:
 
 
 def available_backends(device="cpu") -> list[str]:
-    """Backends that can run plain cells on ``device`` here (in float32 or float64), best first."""
+    """fastrnn's own backends (those that run its ops; not ``torch``) that can run plain cells on
+    ``device`` here (in float32 or float64), in the static priority order."""
     dev = torch.device(device).type
     probes = [Spec("lstm", dev, dtype) for dtype in (torch.float32, torch.float64)]
     return [n for n in _priority(dev) if any(not reasons(n, p) for p in probes)]
@@ -123,20 +130,23 @@ def use_backend(name: str | None):
 
 
 def choose(family: str, device: str, dtype: torch.dtype, features: tuple = (), explicit: str | None = None,
-           scope: str = "seq") -> str:
+           scope: str = "seq", shape: str | None = None, traced: bool = False) -> str:
     """``select`` with plain arguments: what the modules call.
 
     Under torch.compile the choice is made once, when the graph is traced, and baked into it.
     """
-    return select(Spec(family, device, dtype, frozenset(features), scope), explicit)
+    return select(Spec(family, device, dtype, frozenset(features), scope), explicit, shape, traced)
 
 
 # what torch._dynamo.assume_constant_result does, without importing torch._dynamo (~2 s) at import
 choose._dynamo_marked_constant = True
 
 
-def select(spec: Spec, explicit: str | None = None) -> str:
-    """The name of the backend that runs a call described by ``spec``."""
+def select(spec: Spec, explicit: str | None = None, shape: str | None = None, traced: bool = False) -> str:
+    """The name of the backend that runs a call described by ``spec``. ``shape``: the call's class in
+    the policy table (``policy.shape_class``), None when unknown; ``traced``: a tracer (torch.compile, a
+    dispatch mode, a torch.func transform, torch.jit.trace) records the call, so the automatic choice
+    never picks ``torch``."""
     name = explicit if explicit is not None else requested()
     if name is not None:
         why = reasons(name, spec)
@@ -147,7 +157,13 @@ def select(spec: Spec, explicit: str | None = None) -> str:
                 f"({spec.device}, {str(spec.dtype).replace('torch.', '')}): {'; '.join(why)}. "
                 f"Backends that can: {', '.join(avail) or 'none'}")
         return name
-    for name in _priority(spec.device, spec.scope):
+    # the tables rank plain dense float32 calls (measured so); a call with a feature (proj_size and packed
+    # input included: torch.nn's LSTM leaves oneDNN for them, benchmarks/NOTES.md) takes the static priority
+    ranked = policy.ranking(spec.device, spec.family, spec.scope, shape) \
+        if shape is not None and not spec.features and (spec.dtype == torch.float32 or spec.device == "cuda") else ()
+    for name in (*ranked, *_priority(spec.device, spec.scope)):
+        if name == "torch" and traced:
+            continue
         if not reasons(name, spec):
             return name
     raise BackendNotSupportedError(f"no fastrnn backend can run this call: {spec}")

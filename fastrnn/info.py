@@ -47,9 +47,29 @@ def report() -> str:
         if why:
             lines.append(f"  {name:10s} unavailable: {'; '.join(why)}")
             continue
-        devices = [d for d in ("cpu", "cuda") if name in dispatch.available_backends(d)]
+        devices = [d for d in ("cpu", "cuda") if name in dispatch.available_backends(d)
+                   or (name == "torch" and (d == "cpu" or torch.cuda.is_available()))]
         lines.append(f"  {name:10s} available (serves: {', '.join(devices) or 'no device present here'})")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + policy_report())
+
+
+def policy_report() -> list[str]:
+    """The policy table of the automatic choice (float32 on CPU): where it came from, and per class the
+    backend it picks here (the first of the ranking that is available) and the ranking."""
+    from . import policy
+    table = policy.current()
+    lines = [f"automatic choice, float32 on cpu: policy table from {table['source']}",
+             "  (python -m fastrnn.tune measures it on this machine; FASTRNN_POLICY=builtin ignores that)"]
+    for key in policy.keys():
+        ranked = table["rankings"].get("cpu", {}).get(key, ())
+        family, scope, cls = key.split(" ", 2)
+        pick = next((n for n in ranked if not dispatch.reasons(n, dispatch.Spec(family, "cpu", torch.float32,
+                                                                                  scope=scope))), None)
+        times = table.get("times_ms", {}).get(key)
+        how = " (" + ", ".join(f"{n} {t:.3g} ms" for n, t in times.items()) + ")" if times else ""
+        lines.append(f"  {key:28s} -> {pick or 'the static priority'}: {' > '.join(ranked) or '-'}{how}")
+    lines.append("  cuda: " + " > ".join(policy.CUDA_RANKING) + " for the plain cells (cuDNN until measured)")
+    return lines
 
 
 if __name__ == "__main__":

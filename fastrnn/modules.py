@@ -8,6 +8,7 @@ checks its arguments the way torch does, brings the input to time-major form and
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import dispatch, ops
+from . import dispatch, ops, policy
 from .functional import autocast_dtype, cell_step, chunk_layers, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
@@ -74,6 +75,12 @@ def _packed_layout(batch_sizes, device):
     lengths = active.sum(0)
     index = active.flatten().nonzero().squeeze(1).to(device)
     return lengths, index
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_class_of(cls):
+    """The torch.nn class a fastrnn class (or torch's ``Parametrized*`` class over one) replaces."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules"))
 
 
 def _exporting():
@@ -229,19 +236,20 @@ class _BackendMixin:
         keep, scale = _drop_mask(w_hh.shape, w_hh.device, self.weight_dropout)
         return w_hh * (keep.to(w_hh.dtype) * scale)
 
-    def _fast_op(self, input, kind, scope):
-        """For the fast paths: (backend name, its optional ``<family>_<kind>_fwd`` or None, the backend)
-        for a call on ``input``, the choice cached in the module (keyed on dtype, device, the module's and
-        the context's backend request; remade when the backend object changes). None when the choice
-        raises: ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast op
-        (it goes through the functional layer's casts)."""
+    def _fast_op(self, input, kind, scope, shape):
+        """For the fast paths (inference, nothing tracing): (backend name, its optional
+        ``<family>_<kind>_fwd`` or None, the backend) for a call on ``input`` of policy class ``shape``,
+        the choice cached in the module (keyed on dtype, device, class, the module's and the context's
+        backend request; remade when the backend object changes). None when the choice raises:
+        ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast op (it goes
+        through the functional layer's casts)."""
         slot = f"_{kind}_choice"
-        key = (input.dtype, input.device.type, self.backend, dispatch.requested())
+        key = (input.dtype, input.device.type, shape, self.backend, dispatch.requested())
         cached = self.__dict__.get(slot)  # (key, backend name, backend object, its op)
         if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
             try:
                 name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
-                                       scope)
+                                       scope, shape)
             except dispatch.BackendNotSupportedError:
                 return None
             impl = dispatch.get(name)
@@ -258,9 +266,15 @@ class _BackendMixin:
             s += f", backend={self.backend!r}"
         return s
 
+    def _torch_forward(self, input, hx):
+        """What the ``torch`` backend runs: torch.nn's own forward on this module's state (its parameters,
+        hooks and flags), with torch.nn's checks, numbers and autograd."""
+        dispatch.note_call(f"{self._family}_module", "torch")
+        return _torch_class_of(type(self)).forward(self, input, hx)
+
     def _torch_class(self):
         """The torch.nn class this module replaces (not torch's ``Parametrized*`` class over it)."""
-        return next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn.modules"))
+        return _torch_class_of(type(self))
 
     def _torch_name(self):
         """The name of the torch.nn class this module replaces (it starts torch's error messages)."""
@@ -361,21 +375,23 @@ class _SeqMixin(_BackendMixin):
         cost more than the kernel there (benchmarks/NOTES.md, "Short sequences"). Taken only without
         autograd, autocast, torch.compile and dispatch modes (``ops.can_skip_ops``).
         The op checks shapes and dtypes itself and changes no input; whatever it refuses goes to
-        ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
-        the path does not apply."""
+        ``_forward``, which raises torch's error for it (or serves it another way). When the automatic
+        choice for the call is ``torch``, a well-formed call runs torch.nn's forward from here. Returns
+        None when the path does not apply."""
         if (input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type)
                 or self._dropping_weights() or self._cell_options()):
             return None
-        choice = self._fast_op(input, "chunk", "seq")
-        if choice is None or choice[1] is None:
-            return None
-        name, op, impl = choice
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[0], x.shape[1]
-        if T == 0 or T * B > impl.chunk_max_rows:
+        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", False, B, T))
+        if choice is None:
+            return None
+        name, op, impl = choice
+        torch_nn = name == "torch"
+        if not torch_nn and (op is None or T == 0 or T * B > impl.chunk_max_rows):
             return None
         D = 2 if self.bidirectional else 1
         L = self.num_layers
@@ -393,6 +409,8 @@ class _SeqMixin(_BackendMixin):
                 states = tuple(s.unsqueeze(1) for s in states)
             if any(s.dim() != 3 or s.shape[0] != L * D for s in states):
                 return None
+        if torch_nn:  # a well-formed call (the others get _forward's checks and messages first)
+            return self._torch_forward(input, hx)
         try:
             y, states = chunk_layers(self._family, op, x, states, self._weights(), self._options(), num_layers=L,
                                      num_directions=D, dropout=float(self.dropout), training=self.training,
@@ -416,6 +434,7 @@ class _SeqMixin(_BackendMixin):
     def _forward(self, input, hx=None):
         """The general path: torch's argument checks, any backend, autograd."""
         name = self._torch_name()
+        given = input, hx  # for the torch backend, which takes them as they came
         packed = isinstance(input, PackedSequence)
         batch_sizes = sorted_indices = unsorted_indices = None
         if packed:
@@ -468,9 +487,15 @@ class _SeqMixin(_BackendMixin):
             x = input
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        features = self._features() | ({"varlen"} if packed else set())
+        features = self._features() | ({"varlen"} if packed else set()) | (
+            {"weight_dropout"} if self._dropping_weights() else set())
+        grad = torch.is_grad_enabled() and (input.requires_grad or w0.requires_grad
+                                            or any(s.requires_grad for s in states))
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
-                                  self.backend)
+                                  self.backend, "seq", policy.shape_class("seq", grad, B, T),
+                                  not ops.can_skip_ops())
+        if backend == "torch":
+            return self._torch_forward(*given)
 
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
             if self._dropping_weights():  # drawn once the call's arguments have passed their checks
@@ -753,10 +778,15 @@ class _CellMixin(_BackendMixin):
             return None
         if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
-        choice = self._fast_op(input, "cell", "step")
-        if choice is None or choice[1] is None:
+        choice = self._fast_op(input, "cell", "step",
+                               policy.shape_class("step", False, input.shape[0] if input.dim() == 2 else 1))
+        if choice is None:
             return None
         name, fused, _ = choice
+        if name == "torch":
+            return self._torch_forward(input, hx)
+        if fused is None:
+            return None
         states = tuple(hx) if self._n_state == 2 else (hx,)
         unbatched = input.dim() == 1
         if unbatched:
@@ -800,6 +830,7 @@ class _CellMixin(_BackendMixin):
     def _forward(self, input, hx):
         """The general path: torch's argument checks, any backend, autograd."""
         name = self._torch_name()
+        given = input, hx  # for the torch backend, which takes them as they came
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         states = None
@@ -839,8 +870,14 @@ class _CellMixin(_BackendMixin):
                                    f"expected {self.hidden_size}")
         _check_state_like(name, states, input, "hx")
 
-        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
-                                  self.backend, "step")
+        features = self._features() | ({"weight_dropout"} if self._dropping_weights() else set())
+        grad = torch.is_grad_enabled() and (input.requires_grad or w_ih.requires_grad
+                                            or any(s.requires_grad for s in states))
+        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
+                                  self.backend, "step", policy.shape_class("step", grad, B),
+                                  not ops.can_skip_ops())
+        if backend == "torch":
+            return self._torch_forward(*given)
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
             hh = (self._drop_recurrent(hh[0]), *hh[1:])  # drawn once the arguments have passed their checks
             hh = (*hh, *self._cell_masks(None, B, w_ih, 1)[0])  # then the zoneout masks

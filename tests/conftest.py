@@ -3,8 +3,14 @@ import os
 import pytest
 import torch
 
-import fastrnn
-from fastrnn import dispatch
+# The tests of fastrnn's kernels run with the automatic choice on the static priority of fastrnn's own
+# backends, never a policy table (which hands some shape classes to torch.nn, and which
+# `python -m fastrnn.tune` may have cached on this machine): tests/test_policy.py tests the tables and
+# the modules served by torch.nn.
+os.environ["FASTRNN_POLICY"] = "static"
+
+import fastrnn  # noqa: E402
+from fastrnn import dispatch  # noqa: E402
 
 # Backends the CPU tests run on: every backend available here, plus triton when its interpreter is
 # on (TRITON_INTERPRET=1 lets it serve CPU tensors). Unavailable backends are listed by

@@ -12,11 +12,62 @@ from conftest import CPU_BACKENDS
 def test_check_passes_real_providers_and_catches_wrong_ones(backend, mode):
     work = Workload(Case("GRU", mode, 10, 2, 16), ["torch", backend])
     ref = work.run("torch")
-    assert check(work, backend, ref) is None
+    failure, err, ran = check(work, backend, ref)
+    assert failure is None and 0 <= err < 1e-5 and ran == backend
     wrong = [t.clone() for t in ref]
     wrong[-1] = wrong[-1] + 1e-2  # the last gradient (training) or output
-    assert "differs from torch" in check(work, backend, wrong)
-    assert "returned" in check(work, backend, ref[:-1])
+    assert "differs from torch" in check(work, backend, wrong)[0]
+    assert "returned" in check(work, backend, ref[:-1])[0]
+
+
+@pytest.mark.parametrize("mode", ["inference", "chunked", "streaming"])
+def test_peers_and_the_automatic_choice(mode):
+    """ONNX Runtime fp32 passes the check; torch's int8 is not held to it, its error is reported (the
+    tolerance would fail it); the automatic choice says which backend it ran."""
+    from benchmarks.providers import case_reasons, peer_reasons
+    case = Case("LSTM", mode, 12, 3, 32)
+    peers = [p for p in ("onnxruntime", "torch-int8") if not peer_reasons(p) and not case_reasons(case, p)]
+    work = Workload(case, ["torch", "auto", *peers])
+    ref = work.run("torch")
+    failure, err, ran = check(work, "auto", ref)
+    assert failure is None and err < 1e-5 and ran in CPU_BACKENDS
+    if "onnxruntime" in peers:
+        failure, err, _ = check(work, "onnxruntime", ref)
+        assert failure is None and 0 < err < 1e-5
+    if "torch-int8" in peers:
+        failure, err, _ = check(work, "torch-int8", ref)
+        assert failure is None and 1e-4 < err < 0.2  # int8 weights: far past the float tolerance, still close
+    assert case_reasons(Case("LSTM", "training", 5, 1, 8), "onnxruntime") == ["inference only"]
+    assert case_reasons(Case("RNN", "inference", 5, 1, 8), "torch-int8") == ["quantize_dynamic has no int8 nn.RNN"]
+
+
+def test_roofline_bytes_levels_and_time():
+    """The bytes a case must move, the level that holds the weights, and max(compute, memory) time."""
+    from benchmarks.roofline import case_bytes, level_for, roofline_ms
+    sizes = {"L2": 1 << 20, "L2_total": 2 << 20, "L3": 32 << 20, "cores": 2}
+    c = Case("LSTM", "inference", 100, 1, 256)
+    b = case_bytes(c)
+    assert b["weights_step"] == 4 * 1024 * 256 and b["steps"] == 100  # W_hh (4 gates x H rows), once a step
+    # x, W_ih, xw written then read, y
+    assert b["once"] == 4 * (100 * 256 + 1024 * 256 + 2 * 100 * 1024 + 100 * 256)
+    assert level_for(b["weights_step"], sizes) == "L2" and level_for(8 << 20, sizes) == "L3"
+    assert level_for(64 << 20, sizes) == "DRAM"
+    assert case_bytes(Case("LSTM", "training", 100, 1, 256))["steps"] == 200  # the backward reads W again
+    s = case_bytes(Case("GRU", "streaming", 100, 1, 256))
+    assert s["weights_step"] == 4 * 2 * 768 * 256  # W_ih too: the projection runs every step
+    bw = {"sizes": sizes, "L2": 100.0, "L3": 50.0, "DRAM": 10.0}
+    r = roofline_ms(c, 200.0, bw)
+    mem = 1e3 * (b["weights_step"] * 100 / 100e9 + b["once"] / 100e9)  # all of it fits in the L2s
+    assert r["memory_ms"] == pytest.approx(mem) and r["compute_ms"] == pytest.approx(1e3 * c.flops() / 200e9)
+    assert r["ms"] == pytest.approx(max(mem, r["compute_ms"])) and r["bound"] == "memory"
+
+
+def test_bandwidth_is_measured_per_level():
+    pytest.importorskip("numba", reason="the bandwidth kernel is a numba kernel (test extras)")
+    from benchmarks.roofline import measure_bandwidth
+    bw = measure_bandwidth(repeats=1, min_bytes=1 << 24)
+    assert bw["sizes"]["L2"] > 0 and bw["L2"] > 1.0 and bw["DRAM"] > 0.1
+    assert bw["block_bytes"]["L2"] <= bw["sizes"]["L2"]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])

@@ -99,12 +99,20 @@ Availability: ``unavailable_reasons()`` (why this machine cannot run it at all: 
 no compiler) and ``not_supported_reasons(spec)`` (why it cannot serve one call: device, dtype, a
 feature). Both return a list of strings; empty means yes. ``fastrnn.dispatch`` is the one place that
 uses them to choose.
+
+One backend stands apart: ``torch`` (``backends/torchnn.py``) implements none of the methods above. A
+module whose call it serves runs torch.nn's own forward on its parameters; it is chosen by name or, for
+the shape classes where it is measured fastest, by ``fastrnn.policy``.
 """
 from __future__ import annotations
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: features the modules implement around the ops, so that every backend running the ops serves them
+#: (weight dropout: the module hands the ops a dropped W_hh); the ``torch`` backend, which runs torch.nn's
+#: forward instead of the ops, refuses them
+MODULE_FEATURES = frozenset({"weight_dropout"})
 
 
 def _name(dtype):
@@ -139,7 +147,7 @@ class Backend:
             names = ", ".join([_name(d) for d in self.dtypes] + [
                 f"{_name(d)} (computed in {_name(c)})" for d, c in self.compute_dtypes.items()])
             reasons.append(f"dtype {_name(spec.dtype)} is not supported (serves {names})")
-        for feat in sorted(spec.features - self.features):
+        for feat in sorted(spec.features - self.features - MODULE_FEATURES):
             reasons.append(f"feature '{feat}' is not supported")
         return reasons
 

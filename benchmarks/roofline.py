@@ -1,0 +1,141 @@
+"""The memory side of the roofline: read bandwidth of L2, L3 and DRAM measured in the run, and the bytes
+each case must move.
+
+A case's attainable time is max(FLOPs / measured peak, memory time), where the memory time adds up, for
+each group of bytes, bytes / the bandwidth of the level that can hold them:
+
+- the recurrent weights (W_hh, and W_hr with proj_size; plus W_ih for the cells and one-step calls,
+  whose input projection runs every step) are read every step, from the smallest level that holds one
+  layer-direction's share: the sum of the cores' L2s, else L3, else DRAM; training reads them again in
+  the backward;
+- the rest moves once: the input, W_ih, the input projection (written, then read by the recurrence) and
+  the output; training adds the saved workspace (written, read back) and the gradients of the same
+  tensors.
+
+The bandwidths are read by ``measure_bandwidth``: every core sums its own block of float32 (a numba
+kernel, one thread a core), block sizes set from the cache sizes the OS reports (sysfs), never assumed.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import statistics
+import time
+
+import numpy as np
+
+from .cases import GATES, Case
+
+F32 = 4
+
+
+def cache_sizes() -> dict:
+    """{'L2': bytes of one core's L2, 'L2_total': all cores' L2s, 'L3': bytes of L3 (all its instances),
+    'cores': n} from /sys/devices/system/cpu (0 where the OS does not say)."""
+    cores = os.cpu_count() or 1
+    seen = {2: {}, 3: {}}
+    for d in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            level = int(open(f"{d}/level").read())
+            kind = open(f"{d}/type").read().strip()
+            if level not in seen or kind not in ("Unified", "Data"):
+                continue
+            size = open(f"{d}/size").read().strip()
+            shared = open(f"{d}/shared_cpu_list").read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+        seen[level][shared] = int(size.rstrip("KMG")) * mult
+    l2 = list(seen[2].values())
+    return {"L2": min(l2) if l2 else 0, "L2_total": sum(l2), "L3": sum(seen[3].values()), "cores": cores}
+
+
+def _kernel():
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True)
+    def read(buf, reps):  # buf [cores, n]: core p sums row p, reps times
+        parts, n = buf.shape
+        out = np.zeros(parts, np.float32)
+        for p in numba.prange(parts):
+            s = np.float32(0)
+            row = buf[p]
+            for _ in range(reps):
+                for i in range(n):
+                    s += row[i]
+            out[p] = s
+        return out
+    return read
+
+
+def measure_bandwidth(repeats=7, min_bytes=1 << 30) -> dict:
+    """Read bandwidth in GB/s of 'L2', 'L3' and 'DRAM' with every core reading its own block (half its L2;
+    a quarter of its L3 share above its L2; 4x its L3 share), the median of ``repeats`` timings of at
+    least ``min_bytes`` each. Raises ImportError without numba."""
+    sizes = cache_sizes()
+    cores = sizes["cores"]
+    read = _kernel()
+    l3_share = sizes["L3"] // cores if sizes["L3"] else 8 * sizes["L2"]
+    blocks = {"L2": sizes["L2"] // 2 or 128 << 10, "L3": max(l3_share // 4, 2 * sizes["L2"]) if sizes["L3"] else 0,
+              "DRAM": 4 * max(l3_share, 8 << 20)}
+    out = {"sizes": sizes, "block_bytes": {}}
+    for level, block in blocks.items():
+        if not block:
+            continue
+        n = block // F32 // 64 * 64
+        buf = np.ones((cores, n), np.float32)
+        reps = max(1, min_bytes // (cores * n * F32))
+        read(buf, 1)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            read(buf, reps)
+            times.append(time.perf_counter() - t0)
+        out[level] = cores * n * F32 * reps / statistics.median(times) / 1e9
+        out["block_bytes"][level] = n * F32
+    return out
+
+
+def level_for(nbytes: int, sizes: dict) -> str:
+    """The smallest level that holds ``nbytes``: 'L2' (the cores' L2s together), 'L3' or 'DRAM'."""
+    if nbytes <= sizes["L2_total"]:
+        return "L2"
+    if sizes["L3"] and nbytes <= sizes["L3"]:
+        return "L3"
+    return "DRAM"
+
+
+def case_bytes(case: Case) -> dict:
+    """{'weights_step': bytes read every step by one layer-direction, 'steps': steps x layer-directions
+    (x2 in training), 'once': bytes that move once} for one timed call, float32."""
+    G, H, I = GATES[case.cell], case.H, case.I
+    P = case.proj or H
+    D = 2 if case.bidirectional else 1
+    rows = sum(case.lengths())
+    per_step = G * H * P + (P * H if case.proj else 0)
+    per_call_projection = case.mode in ("streaming", "chunked")  # the input projection runs every step
+    once = 0
+    weights_step = 0
+    for layer in range(case.layers):
+        i_size = I if layer == 0 else D * P
+        w_ih = G * H * i_size
+        weights_step = max(weights_step, per_step + (w_ih if per_call_projection else 0))
+        x, xw, y = rows * i_size, rows * G * H, rows * P
+        once += D * ((0 if per_call_projection else w_ih) + 2 * xw + y) + x
+    steps = case.T * case.layers * D
+    if case.mode == "training":
+        ws = D * case.layers * rows * (G + 2) * H  # gates and states saved, written then read back
+        once = 3 * once + 2 * ws
+        steps *= 2
+    return {"weights_step": weights_step * F32, "steps": steps, "once": once * F32}
+
+
+def roofline_ms(case: Case, peak_gflops: float, bw: dict) -> dict:
+    """{'ms': attainable time, 'bound': 'compute' | 'memory', 'memory_ms', 'compute_ms', levels}."""
+    b = case_bytes(case)
+    sizes = bw["sizes"]
+    lw, lo = level_for(b["weights_step"], sizes), level_for(b["once"], sizes)
+    mem_s = b["weights_step"] * b["steps"] / (bw[lw] * 1e9) + b["once"] / (bw[lo] * 1e9)
+    comp_s = case.flops() / (peak_gflops * 1e9)
+    return {"ms": 1e3 * max(mem_s, comp_s), "bound": "memory" if mem_s > comp_s else "compute",
+            "memory_ms": 1e3 * mem_s, "compute_ms": 1e3 * comp_s, "weights_level": lw, "once_level": lo}

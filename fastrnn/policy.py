@@ -1,0 +1,174 @@
+"""The automatic choice's policy table: for each call shape class, the backends ranked by measured speed.
+
+``fastrnn.dispatch`` consults it for a float32 call of a plain cell on dense input (no proj_size, no
+PackedSequence, none of fastrnn's additions: what the table measures) whose shape class the module
+passes; every other call follows the static priority lists in ``fastrnn.dispatch``. On CUDA, every dtype. A class
+is a short string (``shape_class``): the scope (whole sequences or one cell step), inference or
+training (a gradient will follow), and the batch size in three bands; a sequence call of one step in
+inference (the chunks of a stream) is a class of its own. A ranking lists backend names fastest first,
+``torch`` (torch.nn's own implementation) among them; the automatic choice takes the first that can serve
+the call and is allowed (``torch`` is skipped while torch.compile or another tracer records the call),
+then the static priority.
+
+Where the table comes from, first match wins:
+
+1. ``FASTRNN_POLICY``: ``builtin`` (the built-in table, whatever is cached), ``static`` (no table: the
+   static priority of fastrnn's own backends, never ``torch``; the tests of the kernels run so), or the
+   path of a JSON file that ``python -m fastrnn.tune --out`` wrote;
+2. the cache that ``python -m fastrnn.tune`` writes for this CPU model (``cache_path()``);
+3. ``builtin()``: measured on the machines this project runs on, one table per CPU vendor
+   (benchmarks/NOTES.md, "The policy table").
+
+On CUDA the plain cells go to ``torch`` (cuDNN) until the GPU check (``benchmarks/gpu_check.sh``) has
+measured triton faster for a case; triton serves what cuDNN lacks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+FORMAT = 1
+FAMILIES = ("lstm", "gru", "rnn")
+SEQ_CLASSES = ("inference B1", "inference B2-31", "inference B32+", "inference T1",
+               "training B1", "training B2-31", "training B32+")
+STEP_CLASSES = ("inference B1", "inference B2+", "training")
+
+
+def shape_class(scope: str, grad: bool, B: int, T: int = 0) -> str:
+    """The class of a call: ``scope`` 'seq' or 'step', ``grad`` whether a backward will follow, batch B,
+    steps T (sequences)."""
+    if scope == "step":
+        return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
+    if not grad and T == 1:
+        return "inference T1"
+    band = "B1" if B == 1 else ("B2-31" if B < 32 else "B32+")
+    return ("training " if grad else "inference ") + band
+
+
+def keys() -> list[str]:
+    """Every key of a CPU table: '<family> <scope> <class>'."""
+    return [f"{f} {s} {c}" for f in FAMILIES for s, classes in (("seq", SEQ_CLASSES), ("step", STEP_CLASSES))
+            for c in classes]
+
+
+# The built-in rankings (fastest first), one table per CPU vendor, from measurements on the machines of
+# this project (benchmarks/NOTES.md, "The policy table"): AMD from three `python -m fastrnn.tune` runs on a
+# Zen 4 EPYC (2026-12-03); Intel from `make bench` on a Xeon (2026-12-01) for the classes it times
+# (sequences at batch 1, 16 and 64, one-step chunks, batch-1 cells) and the AMD ranking for the others.
+# A CPU of another vendor gets the Intel table.
+def _table(seq_lstm, seq_other, t1, step):
+    out = {}
+    for f in FAMILIES:
+        for c in SEQ_CLASSES:
+            out[f"{f} seq {c}"] = t1[f] if c == "inference T1" else (seq_lstm[c] if f == "lstm" else seq_other)
+        for c in STEP_CLASSES:
+            out[f"{f} step {c}"] = step[f][c]
+    return out
+
+
+_CNT = ("cpp", "numba", "torch", "reference")
+_CTN = ("cpp", "torch", "numba", "reference")
+_TCN = ("torch", "cpp", "numba", "reference")
+_STEP_T = ("torch", "cpp", "reference", "numba")
+_STEP_C = ("cpp", "torch", "reference", "numba")
+_AMD_STEP = {"lstm": dict.fromkeys(STEP_CLASSES, _STEP_T), "gru": dict.fromkeys(STEP_CLASSES, _STEP_T),
+             "rnn": {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T}}
+_BUILTIN_CPU = {
+    "amd": _table({"inference B1": _CNT, "inference B2-31": _TCN, "inference B32+": _TCN, "training B1": _CTN,
+                   "training B2-31": _TCN, "training B32+": _TCN},
+                  _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
+    "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
+                    {"lstm": _CNT, "gru": _CTN, "rnn": _TCN},
+                    {"lstm": _AMD_STEP["lstm"], "gru": {**_AMD_STEP["gru"], "inference B1": _STEP_C},
+                     "rnn": {**_AMD_STEP["rnn"], "inference B1": _STEP_T}}),
+}
+
+
+def cpu_vendor() -> str:
+    """'amd', 'intel' or 'other', from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    v = line.split(":", 1)[1].strip()
+                    return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(v, "other")
+    except OSError:
+        pass
+    return "other"
+
+
+def builtin(vendor: str | None = None) -> dict:
+    """The built-in table for a CPU vendor (this machine's by default)."""
+    vendor = vendor or cpu_vendor()
+    table = "amd" if vendor == "amd" else "intel"
+    return {"source": f"built-in default ({table} table{', this CPU: ' + vendor if vendor != table else ''})",
+            "rankings": {"cpu": _BUILTIN_CPU[table]}}
+
+
+#: on CUDA, cuDNN (torch) for the plain cells until measured otherwise (module docstring)
+CUDA_RANKING = ("torch", "triton", "reference")
+
+_loaded: dict = {}
+
+
+def cpu_model() -> str:
+    from .info import _cpu_name
+    return _cpu_name()
+
+
+def cache_path(model: str | None = None) -> Path:
+    """Where ``python -m fastrnn.tune`` stores the table of this CPU model: ``$FASTRNN_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fastrnn``, else ``~/.cache/fastrnn``; one file per CPU model name."""
+    base = os.environ.get("FASTRNN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fastrnn")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model or cpu_model()).strip("-").lower() or "unknown-cpu"
+    return Path(base) / f"policy-{slug}.json"
+
+
+def read(path) -> dict:
+    """A table file written by ``python -m fastrnn.tune``, checked. Raises ValueError naming what is wrong."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a fastrnn policy table of format {FORMAT}")
+    rankings = data.get("rankings", {}).get("cpu")
+    if not isinstance(rankings, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in rankings.values()):
+        raise ValueError(f"{path}: 'rankings.cpu' must map '<family> <scope> <class>' to lists of backend names")
+    data["rankings"] = {"cpu": {k: tuple(v) for k, v in rankings.items()}}
+    data["source"] = f"tuned on {data.get('cpu', '?')} at {data.get('date', '?')} ({path})"
+    return data
+
+
+def current() -> dict:
+    """The table in force (see the module docstring), loaded once per value of ``FASTRNN_POLICY``."""
+    env = os.environ.get("FASTRNN_POLICY", "")
+    if env not in _loaded:
+        if env == "builtin":
+            table = builtin()
+        elif env == "static":
+            table = {"source": "FASTRNN_POLICY=static (no table: the static priority)", "rankings": {}}
+        elif env:
+            table = read(env)  # named explicitly: a bad file is an error
+        else:
+            path = cache_path()
+            try:
+                table = read(path) if path.exists() else builtin()
+            except (OSError, ValueError) as e:  # a stale or broken cache must not break the modules
+                table = dict(builtin(), source=f"built-in default (the cache {path} was not read: {e})")
+        _loaded[env] = table
+    return _loaded[env]
+
+
+def ranking(device: str, family: str, scope: str, cls: str) -> tuple:
+    """The backends for a call of this class, fastest first (may be empty)."""
+    if device == "cuda":
+        return CUDA_RANKING
+    return current()["rankings"].get(device, {}).get(f"{family} {scope} {cls}", ())
+
+
+def forget() -> None:
+    """Drop the loaded tables (after ``python -m fastrnn.tune`` wrote a new one, or in tests)."""
+    _loaded.clear()

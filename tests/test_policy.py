@@ -1,0 +1,256 @@
+"""The automatic choice's policy table and the ``torch`` backend (torch.nn's own implementation).
+
+A module served by ``torch`` must give torch.nn's numbers exactly (the same computation on the same
+parameters), its gradients too; the automatic choice must never hand torch a call while torch.compile
+traces it, nor a module with a feature torch.nn lacks."""
+import json
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from fastrnn import dispatch, policy, tune
+from conftest import backends_used, flat_outputs
+
+TORCH_FIRST = ("torch", "cpp", "numba", "reference")
+KERNEL_FIRST = ("cpp", "numba", "reference", "torch")
+
+
+def _write_table(path, ranking):
+    table = {"format": policy.FORMAT, "cpu": "test CPU", "date": "today",
+             "rankings": {"cpu": {k: list(ranking) for k in policy.keys()}}}
+    path.write_text(json.dumps(table))
+    return path
+
+
+@pytest.fixture
+def use_table(monkeypatch, tmp_path):
+    """``use_table(ranking)``: every class ranked so, through FASTRNN_POLICY (a file, as tune writes)."""
+    def use(ranking):
+        monkeypatch.setenv("FASTRNN_POLICY", str(_write_table(tmp_path / f"p{len(policy._loaded)}.json", ranking)))
+        policy.forget()
+    yield use
+    policy.forget()
+
+
+def test_shape_classes():
+    sc = policy.shape_class
+    assert [sc("seq", False, 1, 100), sc("seq", False, 16, 100), sc("seq", False, 31, 2), sc("seq", False, 32, 2),
+            sc("seq", False, 64, 1), sc("seq", True, 1, 1), sc("seq", True, 40, 100)] == \
+        ["inference B1", "inference B2-31", "inference B2-31", "inference B32+", "inference T1", "training B1",
+         "training B32+"]
+    assert [sc("step", False, 1), sc("step", False, 2), sc("step", True, 1)] == \
+        ["inference B1", "inference B2+", "training"]
+    assert len(policy.keys()) == 3 * (7 + 3)
+
+
+@pytest.mark.parametrize("vendor", ["amd", "intel", "other"])
+def test_builtin_tables_rank_every_class(vendor):
+    table = policy.builtin(vendor)
+    assert ("intel" if vendor == "other" else vendor) in table["source"]
+    rankings = table["rankings"]["cpu"]
+    assert set(rankings) == set(policy.keys())
+    for key, ranked in rankings.items():
+        assert sorted(ranked) == ["cpp", "numba", "reference", "torch"], key
+
+
+def test_select_follows_the_ranking_and_skips_torch_when_traced(use_table):
+    spec = dispatch.Spec("lstm", "cpu", torch.float32)
+    use_table(TORCH_FIRST)
+    assert dispatch.select(spec, shape="inference B1") == "torch"
+    assert dispatch.select(spec, shape="inference B1", traced=True) == dispatch.available_backends("cpu")[0]
+    assert dispatch.select(spec) == dispatch.available_backends("cpu")[0]  # no class: the static priority
+    # float64: the static priority (the tables are measured in float32)
+    assert dispatch.select(dispatch.Spec("lstm", "cpu", torch.float64), shape="inference B1") != "torch"
+    # a feature torch.nn lacks
+    for feat in ("peephole", "coupled", "layer_norm", "zoneout", "recurrent_dropout", "weight_dropout"):
+        assert dispatch.select(dispatch.Spec("lstm", "cpu", torch.float32, frozenset({feat})),
+                               shape="inference B1") != "torch", feat
+    # proj_size or packed input: torch.nn's LSTM leaves oneDNN there, and the tables measure dense plain calls
+    for feat in ("proj", "varlen"):
+        assert dispatch.select(dispatch.Spec("lstm", "cpu", torch.float32, frozenset({feat})),
+                               shape="training B1") == dispatch.available_backends("cpu")[0]
+    assert dispatch.select(dispatch.Spec("lstm", "cpu", torch.float32, frozenset({"proj", "varlen"})), "torch",
+                           shape="training B1") == "torch"  # named: obeyed
+    use_table(KERNEL_FIRST)
+    assert dispatch.select(spec, shape="inference B1") == dispatch.available_backends("cpu")[0]
+
+
+def test_cuda_plain_cells_go_to_cudnn_until_measured():
+    spec = dispatch.Spec("gru", "cuda", torch.float32)
+    assert dispatch.select(spec, shape="training B32+") == "torch"
+    assert dispatch.select(spec, shape="training B32+", traced=True) != "torch"
+    assert dispatch.select(dispatch.Spec("lstm", "cuda", torch.float32, frozenset({"peephole"})),
+                           shape="inference B1") != "torch"
+
+
+SEQ = {"LSTM": (fastrnn.LSTM, torch.nn.LSTM), "GRU": (fastrnn.GRU, torch.nn.GRU), "RNN": (fastrnn.RNN, torch.nn.RNN)}
+CELLS = {"LSTMCell": (fastrnn.LSTMCell, torch.nn.LSTMCell), "GRUCell": (fastrnn.GRUCell, torch.nn.GRUCell),
+         "RNNCell": (fastrnn.RNNCell, torch.nn.RNNCell)}
+
+
+def _pair(classes, **kw):
+    torch.manual_seed(0)
+    ours, theirs = classes[0](5, 8, **kw), classes[1](5, 8, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+KWARGS = {"plain": {}, "L2-bi": {"num_layers": 2, "bidirectional": True}, "batch_first": {"batch_first": True}}
+
+
+@pytest.mark.parametrize("kw", list(KWARGS))
+@pytest.mark.parametrize("name", list(SEQ))
+def test_torch_served_sequences_equal_torch_nn(name, kw, use_table):
+    """Inference (the fast path and the general one), training with gradients and unbatched input: the
+    numbers of torch.nn, bit for bit, and the record says torch ran; named explicitly, torch also serves
+    packed input (which the automatic choice leaves to the kernels)."""
+    kw = KWARGS[kw]
+    use_table(TORCH_FIRST)
+    ours, theirs = _pair(SEQ[name], **kw)
+    fam = name.lower()
+    x = torch.randn(7, 4, 5)
+    for inp in (x, x[:1], x[:, 0]):  # a sequence, a one-step chunk, unbatched
+        with torch.no_grad():
+            with dispatch.record_calls() as ran:
+                got = flat_outputs(ours(inp))
+            want = flat_outputs(theirs(inp))
+        assert ran == [(f"{fam}_module", "torch")]
+        _equal(got, want)
+    packed = pack_padded_sequence(x, torch.tensor([7, 3, 5, 1]), enforce_sorted=False)
+    with dispatch.record_calls() as ran:
+        ours(packed)
+    assert backends_used(ran) == {dispatch.available_backends("cpu")[0]}
+    ours.backend = "torch"
+    with dispatch.record_calls() as ran:
+        out_o = ours(packed)
+    ours.backend = None
+    assert ran == [(f"{fam}_module", "torch")]
+    out_t = theirs(packed)
+    _equal([out_o[0].data, *flat_outputs(out_o)[1:]], [out_t[0].data, *flat_outputs(out_t)[1:]])
+    xr = x.clone().requires_grad_()
+    xs = x.clone().requires_grad_()
+    sum(t.sum() for t in flat_outputs(ours(xr))).backward()
+    sum(t.sum() for t in flat_outputs(theirs(xs))).backward()
+    _equal([xr.grad] + [p.grad for p in ours.parameters()], [xs.grad] + [p.grad for p in theirs.parameters()])
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_torch_served_cells_equal_torch_nn(name, use_table):
+    use_table(TORCH_FIRST)
+    ours, theirs = _pair(CELLS[name])
+    fam = name[:-4].lower()
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        for hx in (None, ours(x)):  # the general path, then the fast path (a state given)
+            with dispatch.record_calls() as ran:
+                got = ours(x, hx)
+            assert ran == [(f"{fam}_module", "torch")]
+            _equal(got if isinstance(got, tuple) else (got,),
+                   (lambda r: r if isinstance(r, tuple) else (r,))(theirs(x, hx)))
+    xr, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_o, out_t = ours(xr), theirs(xs)
+    sum(t.sum() for t in (out_o if isinstance(out_o, tuple) else (out_o,))).backward()
+    sum(t.sum() for t in (out_t if isinstance(out_t, tuple) else (out_t,))).backward()
+    _equal([xr.grad] + [p.grad for p in ours.parameters()], [xs.grad] + [p.grad for p in theirs.parameters()])
+
+
+def test_torch_backend_keeps_fastrnn_errors_first_and_leaves_the_module_untouched(use_table):
+    """A malformed call gets fastrnn's (torch-typed, more precise) message before torch.nn runs."""
+    use_table(TORCH_FIRST)
+    lstm = fastrnn.LSTM(5, 8)
+    before = {k: v.clone() for k, v in lstm.state_dict().items()}
+    with torch.no_grad(), pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors"):
+        lstm(torch.randn(4, 3, 5), torch.zeros(2, 1, 3, 8))
+    with pytest.raises(ValueError, match="Expected input to be 2D or 3D, got 4D"):
+        lstm(torch.randn(1, 4, 3, 5))
+    assert all(torch.equal(v, lstm.state_dict()[k]) for k, v in before.items())
+
+
+def test_features_torch_lacks_never_fall_to_torch(use_table):
+    use_table(TORCH_FIRST)
+    x = torch.randn(6, 2, 5)
+    kernel = dispatch.available_backends("cpu")[0]
+    for m in (fastrnn.LSTM(5, 8, proj_size=3), fastrnn.LSTM(5, 8, peephole=True), fastrnn.LSTM(5, 8, coupled_gates=True),
+              fastrnn.GRU(5, 8, layer_norm=True), fastrnn.LSTM(5, 8, zoneout=0.1),
+              fastrnn.GRU(5, 8, recurrent_dropout=0.2), fastrnn.LSTM(5, 8, weight_dropout=0.3)):
+        with dispatch.record_calls() as ran:
+            m(x)
+        assert backends_used(ran) == {kernel}, m
+    # weight dropout is off in eval: torch.nn's forward computes the same
+    m = fastrnn.LSTM(5, 8, weight_dropout=0.3).eval()
+    with dispatch.record_calls() as ran:
+        m(x)
+    assert backends_used(ran) == {"torch"}
+    with pytest.raises(fastrnn.BackendNotSupportedError, match="feature 'peephole' is not supported"):
+        fastrnn.LSTM(5, 8, peephole=True, backend="torch")(x)
+    with pytest.raises(fastrnn.BackendNotSupportedError, match="feature 'weight_dropout' is not supported"):
+        fastrnn.LSTM(5, 8, weight_dropout=0.3, backend="torch")(x)
+
+
+def test_never_torch_under_compile(use_table):
+    use_table(TORCH_FIRST)
+    m = fastrnn.GRU(5, 8)
+    x = torch.randn(6, 2, 5)
+    want = torch.nn.GRU(5, 8)
+    want.load_state_dict(m.state_dict())
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with dispatch.record_calls() as ran:
+        y = compiled(x)[0]
+    assert backends_used(ran) == {dispatch.available_backends("cpu")[0]}
+    torch.testing.assert_close(y, want(x)[0], atol=1e-5, rtol=1e-5)
+    with dispatch.record_calls() as ran:  # and eagerly, the same module goes to torch
+        m(x)
+    assert backends_used(ran) == {"torch"}
+
+
+def test_tune_writes_a_table_the_choice_uses(monkeypatch, tmp_path):
+    """A small tune (hidden size 8, short calls) writes every class; FASTRNN_POLICY reads it back and
+    python -m fastrnn.info says where the table came from."""
+    monkeypatch.setattr(tune, "H", 8)
+    monkeypatch.setattr(tune, "SEQ_SHAPES", {k: (1 if k.endswith("T1") else 3, 2 if "B2" in k else 1)
+                                             for k in tune.SEQ_SHAPES})
+    monkeypatch.setattr(tune, "STEP_SHAPES", {k: (1, 2) for k in tune.STEP_SHAPES})
+    monkeypatch.setattr(tune, "STREAM_CALLS", 2)
+    out = tmp_path / "policy.json"
+    assert tune.main(["--budget", "0", "--out", str(out)]) == 0
+    table = policy.read(out)
+    assert set(table["rankings"]["cpu"]) == set(policy.keys())
+    for key, ranked in table["rankings"]["cpu"].items():
+        assert set(ranked) >= set(tune.candidates(key.split()[1])) | {"torch"}
+        assert set(table["times_ms"][key]) == set(tune.candidates(key.split()[1]))
+    monkeypatch.setenv("FASTRNN_POLICY", str(out))
+    policy.forget()
+    try:
+        assert policy.current()["source"].startswith(f"tuned on {policy.cpu_model()}")
+        from fastrnn.info import policy_report
+        report = "\n".join(policy_report())
+        assert str(out) in report and "lstm seq inference B1" in report
+    finally:
+        policy.forget()
+
+
+def test_bad_tables(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": 99}))
+    monkeypatch.setenv("FASTRNN_POLICY", str(bad))
+    policy.forget()
+    try:
+        with pytest.raises(ValueError, match="not a fastrnn policy table"):
+            policy.current()
+        # a broken cache (not named explicitly) falls back to the built-in table, saying why
+        monkeypatch.delenv("FASTRNN_POLICY")
+        monkeypatch.setenv("FASTRNN_CACHE_DIR", str(tmp_path))
+        policy.forget()
+        policy.cache_path().write_text("{not json")
+        assert policy.current()["source"].startswith("built-in default (the cache")
+        assert policy.current()["rankings"] == policy.builtin()["rankings"]
+    finally:
+        policy.forget()
