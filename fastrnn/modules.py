@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
-from .functional import autocast_dtype, cell_step, chunk_layers, rnn_layers
+from .functional import _PLAIN, autocast_dtype, cell_step, chunk_layers, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
 # projection too, so its xw matches its state; the input and a given state are cast to it first, as
@@ -801,7 +801,8 @@ class _CellMixin(_BackendMixin):
         except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
             weights = [None if n is None else getattr(self, n) for n in names]
         try:
-            out = fused(input, *weights, *states, *self._options())
+            # the plain cell's options only (the fused op takes no zoneout: the cell options are off here)
+            out = fused(input, *weights, *states, *self._options()[:_PLAIN[self._family][1]])
         except (RuntimeError, TypeError):
             return None
         dispatch.note_call(f"{self._family}_cell_fwd", name)
