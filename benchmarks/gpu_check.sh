@@ -12,8 +12,10 @@
 # info.txt, tests.log, tests.xml, bench.txt. Record the numbers in benchmarks/GPU.md.
 # Exits 2 with a message on a machine without CUDA; otherwise with the tests' status (0: all passed).
 set -u
+RESULTS=${1:-${OUT:-}}
+case "$RESULTS" in ""|/*) ;; *) RESULTS="$PWD/$RESULTS" ;; esac  # relative to where it was called from
 cd "$(dirname "$0")/.."
-RESULTS=${1:-${OUT:-benchmarks/results/gpu}}
+RESULTS=${RESULTS:-$PWD/benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 FASTRNN_NO_EXT=1
 

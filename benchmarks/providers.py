@@ -3,7 +3,6 @@ CPU user would pick instead (ONNX Runtime, torch's dynamic int8), built on ident
 from __future__ import annotations
 
 import io
-import os
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -83,7 +82,7 @@ class OrtModule:
         torch.onnx.export(module, (x, flat if n_state == 2 else flat[0]), buf, dynamo=False, input_names=names,
                           output_names=["y"] + [f"o{k}" for k in range(n_state)])
         so = ort.SessionOptions()
-        so.intra_op_num_threads = os.cpu_count() or 1
+        so.intra_op_num_threads = torch.get_num_threads()  # the threads torch.nn and fastrnn run on
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")

@@ -31,8 +31,8 @@ F32 = 4
 
 def cache_sizes() -> dict:
     """{'L2': bytes of one core's L2, 'L2_total': all cores' L2s, 'L3': bytes of L3 (all its instances),
-    'cores': n} from /sys/devices/system/cpu (0 where the OS does not say)."""
-    cores = os.cpu_count() or 1
+    'cores': physical cores (one per L2 instance; SMT siblings share one)} from /sys/devices/system/cpu
+    (sizes 0 where the OS does not say)."""
     seen = {2: {}, 3: {}}
     for d in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
         try:
@@ -47,7 +47,8 @@ def cache_sizes() -> dict:
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
         seen[level][shared] = int(size.rstrip("KMG")) * mult
     l2 = list(seen[2].values())
-    return {"L2": min(l2) if l2 else 0, "L2_total": sum(l2), "L3": sum(seen[3].values()), "cores": cores}
+    return {"L2": min(l2) if l2 else 0, "L2_total": sum(l2), "L3": sum(seen[3].values()),
+            "cores": len(l2) or os.cpu_count() or 1}
 
 
 def _kernel():
@@ -69,15 +70,20 @@ def _kernel():
 
 
 def measure_bandwidth(repeats=7, min_bytes=1 << 30) -> dict:
-    """Read bandwidth in GB/s of 'L2', 'L3' and 'DRAM' with every core reading its own block (half its L2;
-    a quarter of its L3 share above its L2; 4x its L3 share), the median of ``repeats`` timings of at
-    least ``min_bytes`` each. Raises ImportError without numba."""
+    """Read bandwidth in GB/s of 'L2', 'L3' and 'DRAM' with every physical core reading its own block (one
+    numba thread a core): half its L2; for L3, half its share of L3 when that is at least twice its L2
+    (else no L3 reading: no block fits between them); 4x its L3 share. The median of ``repeats`` timings
+    of at least ``min_bytes`` each. Raises ImportError without numba."""
+    import numba
     sizes = cache_sizes()
-    cores = sizes["cores"]
+    cores = min(sizes["cores"], numba.config.NUMBA_NUM_THREADS)
     read = _kernel()
-    l3_share = sizes["L3"] // cores if sizes["L3"] else 8 * sizes["L2"]
-    blocks = {"L2": sizes["L2"] // 2 or 128 << 10, "L3": max(l3_share // 4, 2 * sizes["L2"]) if sizes["L3"] else 0,
+    l3_share = sizes["L3"] // cores
+    blocks = {"L2": sizes["L2"] // 2 or 128 << 10,
+              "L3": l3_share // 2 if l3_share // 2 >= 2 * sizes["L2"] else 0,
               "DRAM": 4 * max(l3_share, 8 << 20)}
+    saved = numba.get_num_threads()
+    numba.set_num_threads(cores)
     out = {"sizes": sizes, "block_bytes": {}}
     for level, block in blocks.items():
         if not block:
@@ -93,6 +99,9 @@ def measure_bandwidth(repeats=7, min_bytes=1 << 30) -> dict:
             times.append(time.perf_counter() - t0)
         out[level] = cores * n * F32 * reps / statistics.median(times) / 1e9
         out["block_bytes"][level] = n * F32
+    numba.set_num_threads(saved)
+    if "L3" not in out:  # the weights' level then falls back to the DRAM reading (level_for)
+        out["L3"] = out["DRAM"]
     return out
 
 

@@ -88,8 +88,12 @@ def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=
         list(work.modules[provider].parameters()))
     if len(got) != len(ref_results):
         return f"returned {len(got)} tensors, torch {len(ref_results)}", None, ran
-    err = max(((a.double() - b.double()).abs().max().item() if a.numel() else 0.0)
-              for a, b in zip(got[:n_out], ref_results[:n_out]))
+    for k, (a, b) in enumerate(zip(got, ref_results)):
+        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            return f"tensor {k}: {'missing' if a is None or b is None else f'shape {tuple(a.shape)}'} " \
+                   f"(torch: {None if b is None else tuple(b.shape)})", None, ran
+    err = max([(a.double() - b.double()).abs().max().item() for a, b in zip(got[:n_out], ref_results[:n_out])
+               if a is not None and a.numel()] or [0.0])
     if provider in UNCHECKED:
         return None, err, ran
     for k, (a, b) in enumerate(zip(got, ref_results)):
@@ -209,7 +213,7 @@ def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: 
     if bandwidth:
         sz = bandwidth["sizes"]
         lines.append("read bandwidth measured in this run (every core its own block): " + ", ".join(
-            f"{lvl} {bandwidth[lvl]:.0f} GB/s" for lvl in ("L2", "L3", "DRAM") if lvl in bandwidth)
+            f"{lvl} {bandwidth[lvl]:.0f} GB/s" for lvl in ("L2", "L3", "DRAM") if lvl in bandwidth["block_bytes"])
             + f" (L2 {sz['L2'] >> 10} KiB x {sz['cores']} cores, L3 {sz['L3'] >> 20} MiB)")
         lines.append("% roof = the case's roofline time / this median: roofline = max(FLOPs / peak, bytes that "
                      "must move / bandwidth of the level holding them); on torch's row: the roofline's x torch")

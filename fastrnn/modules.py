@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import numbers
 
 import torch
@@ -239,14 +240,18 @@ class _BackendMixin:
     def _fast_op(self, input, kind, scope, shape):
         """For the fast paths (inference, nothing tracing): (backend name, its optional
         ``<family>_<kind>_fwd`` or None, the backend) for a call on ``input`` of policy class ``shape``,
-        the choice cached in the module (keyed on dtype, device, class, the module's and the context's
-        backend request; remade when the backend object changes). None when the choice raises:
-        ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast op (it goes
-        through the functional layer's casts)."""
+        the choices cached in the module, one per key (dtype, device, class, the module's and the context's
+        backend request, the policy table in force; remade when the backend object changes). None when the
+        choice raises: ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast
+        op (it goes through the functional layer's casts)."""
         slot = f"_{kind}_choice"
-        key = (input.dtype, input.device.type, shape, self.backend, dispatch.requested())
-        cached = self.__dict__.get(slot)  # (key, backend name, backend object, its op)
-        if cached is None or cached[0] != key or dispatch.get(cached[1]) is not cached[2]:
+        key = (input.dtype, input.device.type, shape, self.backend, dispatch.requested(), policy.generation,
+               os.environ.get("FASTRNN_POLICY"))
+        choices = self.__dict__.get(slot)  # key -> (backend name, backend object, its op)
+        if choices is None:
+            choices = self.__dict__[slot] = {}
+        cached = choices.get(key)
+        if cached is None or dispatch.get(cached[0]) is not cached[1]:
             try:
                 name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
                                        scope, shape)
@@ -254,8 +259,17 @@ class _BackendMixin:
                 return None
             impl = dispatch.get(name)
             op = getattr(impl, f"{self._family}_{kind}_fwd", None) if impl.compute_dtype(key[0]) == key[0] else None
-            cached = self.__dict__[slot] = (key, name, impl, op)
-        return cached[1], cached[3], cached[2]
+            if len(choices) >= 16:  # a few classes a module sees; not a cache that grows without end
+                choices.clear()
+            cached = choices[key] = (name, impl, op)
+        return cached[0], cached[2], cached[1]
+
+    def _torch_checks(self, input, states, weight):
+        """Before the fast paths hand a call to torch.nn: fastrnn's checks where torch's message is obscure
+        (the state's dtype and device, the parameters' device), so the call fails as it would elsewhere."""
+        name = self._torch_name()
+        _check_device(name, input, weight)
+        _check_state_like(name, states, input)
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -265,6 +279,14 @@ class _BackendMixin:
         if getattr(self, "backend", None) is not None:
             s += f", backend={self.backend!r}"
         return s
+
+    def _training_class(self, input, weight, states):
+        """Is the call in a training class of the policy table? When a backward will follow, and whenever
+        the module is in training mode: a forward under no_grad that a backward later recomputes with grad
+        (reentrant checkpointing) must take the same backend, whose dropout masks and rounding the
+        backward relies on."""
+        return self.training or (torch.is_grad_enabled() and (
+            input.requires_grad or weight.requires_grad or any(s.requires_grad for s in states)))
 
     def _torch_forward(self, input, hx):
         """What the ``torch`` backend runs: torch.nn's own forward on this module's state (its parameters,
@@ -386,7 +408,7 @@ class _SeqMixin(_BackendMixin):
         if batched and self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[0], x.shape[1]
-        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", False, B, T))
+        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", self.training, B, T))
         if choice is None:
             return None
         name, op, impl = choice
@@ -410,6 +432,7 @@ class _SeqMixin(_BackendMixin):
             if any(s.dim() != 3 or s.shape[0] != L * D for s in states):
                 return None
         if torch_nn:  # a well-formed call (the others get _forward's checks and messages first)
+            self._torch_checks(input, states, self.weight_ih_l0)
             return self._torch_forward(input, hx)
         try:
             y, states = chunk_layers(self._family, op, x, states, self._weights(), self._options(), num_layers=L,
@@ -489,11 +512,10 @@ class _SeqMixin(_BackendMixin):
             x = input.transpose(0, 1) if self.batch_first else input
         features = self._features() | ({"varlen"} if packed else set()) | (
             {"weight_dropout"} if self._dropping_weights() else set())
-        grad = torch.is_grad_enabled() and (input.requires_grad or w0.requires_grad
-                                            or any(s.requires_grad for s in states))
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
-                                  self.backend, "seq", policy.shape_class("seq", grad, B, T),
-                                  not ops.can_skip_ops())
+                                  self.backend, "seq", policy.shape_class("seq", self._training_class(input, w0, states),
+                                                                          B, T),
+                                  amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)
 
@@ -779,11 +801,12 @@ class _CellMixin(_BackendMixin):
         if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
             return None
         choice = self._fast_op(input, "cell", "step",
-                               policy.shape_class("step", False, input.shape[0] if input.dim() == 2 else 1))
+                               policy.shape_class("step", self.training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
             return None
         name, fused, _ = choice
         if name == "torch":
+            self._torch_checks(input, tuple(hx) if self._n_state == 2 else (hx,), self.weight_ih)
             return self._torch_forward(input, hx)
         if fused is None:
             return None
@@ -872,11 +895,10 @@ class _CellMixin(_BackendMixin):
         _check_state_like(name, states, input, "hx")
 
         features = self._features() | ({"weight_dropout"} if self._dropping_weights() else set())
-        grad = torch.is_grad_enabled() and (input.requires_grad or w_ih.requires_grad
-                                            or any(s.requires_grad for s in states))
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
-                                  self.backend, "step", policy.shape_class("step", grad, B),
-                                  not ops.can_skip_ops())
+                                  self.backend, "step", policy.shape_class("step", self._training_class(input, w_ih,
+                                                                                                       states), B),
+                                  amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:

@@ -37,8 +37,9 @@ STEP_CLASSES = ("inference B1", "inference B2+", "training")
 
 
 def shape_class(scope: str, grad: bool, B: int, T: int = 0) -> str:
-    """The class of a call: ``scope`` 'seq' or 'step', ``grad`` whether a backward will follow, batch B,
-    steps T (sequences)."""
+    """The class of a call: ``scope`` 'seq' or 'step', ``grad`` whether it is training (a backward will
+    follow, or the module is in training mode: ``_BackendMixin._training_class``), batch B, steps T
+    (sequences)."""
     if scope == "step":
         return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
     if not grad and T == 1:
@@ -73,15 +74,14 @@ _CTN = ("cpp", "torch", "numba", "reference")
 _TCN = ("torch", "cpp", "numba", "reference")
 _STEP_T = ("torch", "cpp", "reference", "numba")
 _STEP_C = ("cpp", "torch", "reference", "numba")
-_AMD_STEP = {"lstm": dict.fromkeys(STEP_CLASSES, _STEP_T), "gru": dict.fromkeys(STEP_CLASSES, _STEP_T),
-             "rnn": {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T}}
+_AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T} for f in FAMILIES}
 _BUILTIN_CPU = {
     "amd": _table({"inference B1": _CNT, "inference B2-31": _TCN, "inference B32+": _TCN, "training B1": _CTN,
                    "training B2-31": _TCN, "training B32+": _TCN},
                   _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
                     {"lstm": _CNT, "gru": _CTN, "rnn": _TCN},
-                    {"lstm": _AMD_STEP["lstm"], "gru": {**_AMD_STEP["gru"], "inference B1": _STEP_C},
+                    {"lstm": {**_AMD_STEP["lstm"], "inference B1": _STEP_T}, "gru": _AMD_STEP["gru"],
                      "rnn": {**_AMD_STEP["rnn"], "inference B1": _STEP_T}}),
 }
 
@@ -111,6 +111,8 @@ def builtin(vendor: str | None = None) -> dict:
 CUDA_RANKING = ("torch", "triton", "reference")
 
 _loaded: dict = {}
+#: bumped by ``forget``: the modules' cached choices carry it, so a new table takes effect at once
+generation = 0
 
 
 def cpu_model() -> str:
@@ -133,10 +135,14 @@ def read(path) -> dict:
         data = json.load(f)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path}: not a fastrnn policy table of format {FORMAT}")
+    from .dispatch import BACKEND_NAMES
     rankings = data.get("rankings", {}).get("cpu")
     if not isinstance(rankings, dict) or not all(
             isinstance(v, list) and all(isinstance(n, str) for n in v) for v in rankings.values()):
         raise ValueError(f"{path}: 'rankings.cpu' must map '<family> <scope> <class>' to lists of backend names")
+    unknown = sorted({n for v in rankings.values() for n in v} - set(BACKEND_NAMES))
+    if unknown:
+        raise ValueError(f"{path}: unknown backend name(s) {unknown} (this fastrnn knows {', '.join(BACKEND_NAMES)})")
     data["rankings"] = {"cpu": {k: tuple(v) for k, v in rankings.items()}}
     data["source"] = f"tuned on {data.get('cpu', '?')} at {data.get('date', '?')} ({path})"
     return data
@@ -164,11 +170,14 @@ def current() -> dict:
 
 def ranking(device: str, family: str, scope: str, cls: str) -> tuple:
     """The backends for a call of this class, fastest first (may be empty)."""
+    table = current()
     if device == "cuda":
-        return CUDA_RANKING
-    return current()["rankings"].get(device, {}).get(f"{family} {scope} {cls}", ())
+        return CUDA_RANKING if table.get("rankings") else ()  # FASTRNN_POLICY=static: none on CUDA either
+    return table["rankings"].get(device, {}).get(f"{family} {scope} {cls}", ())
 
 
 def forget() -> None:
     """Drop the loaded tables (after ``python -m fastrnn.tune`` wrote a new one, or in tests)."""
+    global generation
     _loaded.clear()
+    generation += 1

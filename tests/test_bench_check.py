@@ -33,7 +33,7 @@ def test_peers_and_the_automatic_choice(mode):
     assert failure is None and err < 1e-5 and ran in CPU_BACKENDS
     if "onnxruntime" in peers:
         failure, err, _ = check(work, "onnxruntime", ref)
-        assert failure is None and 0 < err < 1e-5
+        assert failure is None and 0 <= err < 1e-5
     if "torch-int8" in peers:
         failure, err, _ = check(work, "torch-int8", ref)
         assert failure is None and 1e-4 < err < 0.2  # int8 weights: far past the float tolerance, still close
@@ -64,8 +64,10 @@ def test_roofline_bytes_levels_and_time():
 
 def test_bandwidth_is_measured_per_level():
     pytest.importorskip("numba", reason="the bandwidth kernel is a numba kernel (test extras)")
-    from benchmarks.roofline import measure_bandwidth
-    bw = measure_bandwidth(repeats=1, min_bytes=1 << 24)
+    from benchmarks.roofline import cache_sizes, measure_bandwidth
+    if not cache_sizes()["L2"]:
+        pytest.skip("this OS reports no cache sizes in /sys/devices/system/cpu (the blocks are sized from them)")
+    bw = measure_bandwidth(repeats=1, min_bytes=1 << 22)
     assert bw["sizes"]["L2"] > 0 and bw["L2"] > 1.0 and bw["DRAM"] > 0.1
     assert bw["block_bytes"]["L2"] <= bw["sizes"]["L2"]
 

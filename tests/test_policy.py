@@ -77,8 +77,10 @@ def test_select_follows_the_ranking_and_skips_torch_when_traced(use_table):
     assert dispatch.select(spec, shape="inference B1") == dispatch.available_backends("cpu")[0]
 
 
-def test_cuda_plain_cells_go_to_cudnn_until_measured():
+def test_cuda_plain_cells_go_to_cudnn_until_measured(monkeypatch):
     spec = dispatch.Spec("gru", "cuda", torch.float32)
+    assert dispatch.select(spec, shape="training B32+") != "torch"  # FASTRNN_POLICY=static (the tests'): none
+    monkeypatch.setenv("FASTRNN_POLICY", "builtin")
     assert dispatch.select(spec, shape="training B32+") == "torch"
     assert dispatch.select(spec, shape="training B32+", traced=True) != "torch"
     assert dispatch.select(dispatch.Spec("lstm", "cuda", torch.float32, frozenset({"peephole"})),
@@ -254,3 +256,55 @@ def test_bad_tables(monkeypatch, tmp_path):
         assert policy.current()["rankings"] == policy.builtin()["rankings"]
     finally:
         policy.forget()
+
+
+def test_a_table_naming_an_unknown_backend_is_refused(monkeypatch, tmp_path):
+    path = _write_table(tmp_path / "p.json", ("cpp", "fastest"))
+    with pytest.raises(ValueError, match=r"unknown backend name\(s\) \['fastest'\]"):
+        policy.read(path)
+
+
+def test_the_fast_paths_follow_a_new_table_at_once(use_table):
+    """The modules cache their fast-path choice; a new table (tune, FASTRNN_POLICY) takes effect at once."""
+    m = fastrnn.GRUCell(5, 8)
+    x, h = torch.randn(1, 5), torch.zeros(1, 8)
+    kernel = dispatch.available_backends("cpu")[0]
+    with torch.no_grad():
+        for ranking, want in ((TORCH_FIRST, "torch"), (KERNEL_FIRST, kernel), (TORCH_FIRST, "torch")):
+            use_table(ranking)
+            with dispatch.record_calls() as ran:
+                m(x, h)
+            assert backends_used(ran) == {want}
+
+
+def test_training_mode_takes_the_training_class(use_table, tmp_path, monkeypatch):
+    """A module in training mode takes the training class even under no_grad (a reentrant checkpoint's
+    forward, recomputed with grad in the backward, must run the same backend), and autocast never goes
+    to torch (torch.nn would compute in the autocast dtype; fastrnn keeps the module's)."""
+    table = {k: (TORCH_FIRST if "training" in k else KERNEL_FIRST) for k in policy.keys()}
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps({"format": policy.FORMAT, "rankings": {"cpu": table}}))
+    monkeypatch.setenv("FASTRNN_POLICY", str(path))
+    policy.forget()
+    m = fastrnn.LSTM(5, 8, num_layers=2, dropout=0.5)
+    x = torch.randn(6, 3, 5)
+    for train, grad, want in ((True, False, "torch"), (True, True, "torch"), (False, False, None),
+                              (False, True, "torch")):
+        m.train(train)
+        with torch.set_grad_enabled(grad), dispatch.record_calls() as ran:
+            m(x.requires_grad_(grad) if grad else x.detach())
+        assert backends_used(ran) == {want or dispatch.available_backends("cpu")[0]}, (train, grad)
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), dispatch.record_calls() as ran:
+        y = m(x)[0]
+    assert backends_used(ran) == {dispatch.available_backends("cpu")[0]} and y.dtype == torch.bfloat16
+
+
+def test_torch_served_fast_paths_keep_fastrnns_state_checks(use_table):
+    use_table(TORCH_FIRST)
+    cell, seq = fastrnn.GRUCell(5, 8), fastrnn.GRU(5, 8)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="hx has dtype torch.float64 but the input has dtype torch.float32"):
+            cell(torch.randn(2, 5), torch.zeros(2, 8, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="hx has dtype torch.float64 but the input has dtype torch.float32"):
+            seq(torch.randn(1, 2, 5), torch.zeros(1, 2, 8, dtype=torch.float64))
