@@ -26,10 +26,10 @@ BACKEND_NAMES = ("reference", "numba", "cpp", "triton", "torch")
 # table). triton is listed on CPU too: it serves CPU tensors only under TRITON_INTERPRET=1 (its own
 # `devices` say so), and after the reference, which serves everything, it is reached only when named.
 PRIORITY = {"cpu": ("cpp", "numba", "reference", "triton"), "cuda": ("triton", "reference")}
-# single steps (the cells): on CPU the per-call host cost decides, and numba's is higher than the
-# reference's (make bench, 2026-11-23: batch-1 streaming, H=256, 100 steps: LSTM 35.8 vs 25.4 ms,
-# GRU 34.6 vs 30.9, RNN 27.7 vs 17.5; benchmarks/NOTES.md)
-STEP_PRIORITY = {"cpu": ("cpp", "reference", "numba", "triton")}
+# single steps (the cells): the same order since numba has a fused inference cell (2026-12-03: batch-1
+# streaming, H=256, 100 steps: numba 9.3 / 8.9 / 4.5 ms, reference 21.3 / 22.2 / 8.9 for LSTM / GRU / RNN;
+# in training the two are within 10%; benchmarks/NOTES.md)
+STEP_PRIORITY = {"cpu": PRIORITY["cpu"]}
 
 _MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
 _MODULES["torch"] = "fastrnn.backends.torchnn"

@@ -72,8 +72,8 @@ def _table(seq_lstm, seq_other, t1, step):
 _CNT = ("cpp", "numba", "torch", "reference")
 _CTN = ("cpp", "torch", "numba", "reference")
 _TCN = ("torch", "cpp", "numba", "reference")
-_STEP_T = ("torch", "cpp", "reference", "numba")
-_STEP_C = ("cpp", "torch", "reference", "numba")
+_STEP_T = ("torch", "cpp", "numba", "reference")
+_STEP_C = ("cpp", "torch", "numba", "reference")
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T} for f in FAMILIES}
 _BUILTIN_CPU = {
     "amd": _table({"inference B1": _CNT, "inference B2-31": _TCN, "inference B32+": _TCN, "training B1": _CTN,

@@ -207,6 +207,25 @@ def test_nan_inf_propagate_like_torch(backend, name, bad):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", list(CELL))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_inf_propagate_through_cells_like_torch(backend, name, bad):
+    """The cells' inference fast path (a fused op on cpp and numba) too: the bad row only."""
+    f, t = _pair(*CELL[name], backend)
+    f.double()
+    t.double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x[1, 0] = bad
+    hx = tuple(torch.randn(3, 8, dtype=torch.float64) for _ in range(2 if name == "LSTMCell" else 1))
+    hx = hx if name == "LSTMCell" else hx[0]
+    with torch.no_grad():
+        of, ot = f(x, hx), t(x, hx)
+    for a, b in zip(of if isinstance(of, tuple) else (of,), ot if isinstance(ot, tuple) else (ot,)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, equal_nan=True)
+        assert torch.equal(a.isnan(), b.isnan()) and torch.isfinite(a[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("name,args,match", [
     # a batched LSTMCell's state that is one tensor: torch's TypeError

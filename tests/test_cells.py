@@ -149,9 +149,9 @@ def test_lstm_op_variant_hooks(backend):
 
 
 # Backends with the contract's optional inference cell (<family>_cell_fwd: input projection inside the call)
-FUSED_CELL = {"cpp"}
+FUSED_CELL = {"cpp", "numba"}
 _FAST = [pytest.param(b, "one", id=b) for b in CPU_BACKENDS]
-_FAST += [pytest.param("cpp", "team", id="cpp-team")] if "cpp" in CPU_BACKENDS else []
+_FAST += [pytest.param(b, "team", id=f"{b}-team") for b in ("cpp", "numba") if b in CPU_BACKENDS]
 _VARIANTS = {"plain": {}, "peephole": {"peephole": True}, "coupled": {"coupled_gates": True},
              "peephole+coupled": {"peephole": True, "coupled_gates": True}}
 
@@ -185,8 +185,7 @@ def test_cell_inference(backend, threads, name, variant, dtype):
     calls = [(x, hx), (x[1], hx1), (x, None)]
     old = None
     if threads == "team":
-        from fastrnn.backends import cpp
-        old = cpp.BACKEND.set_parallel_min_macs(0)
+        old = dispatch.get(backend).set_parallel_min_macs(0)
     try:
         with torch.no_grad():
             with dispatch.record_calls() as ran:
@@ -194,7 +193,7 @@ def test_cell_inference(backend, threads, name, variant, dtype):
             expected = [ref(*a) for a in calls]
     finally:
         if old is not None:
-            cpp.BACKEND.set_parallel_min_macs(old)
+            dispatch.get(backend).set_parallel_min_macs(old)
     for k, (a, b) in enumerate(zip(outs, expected)):
         a, b = (a, b) if n_state == 2 else ((a,), (b,))
         for s, t in zip(a, b):

@@ -330,6 +330,69 @@ class NumbaBackend(StepsFromSequence, Backend):
         d_ln_h = d_ln_h.sum(0) if ln_h is not None else xw.new_empty(0)
         return d_xw, d_w_hh, d_b_hh, d_ln_h, xw.new_empty(0), xw.new_empty(0), dh0
 
+    # ---- the contract's optional fused inference cells (input projection inside, one kernel call) --------
+    def lstm_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
+        G = 3 if coupled else 4
+        B, H, P, (xn, wi, bi, wh, bh, hn, cn) = _cell_inputs("lstm_cell_fwd", (x, w_ih, b_ih, w_hh, b_hh, h, c), G)
+        dt = xn.dtype
+        hr, ch = _arr(w_hr), _arr(w_ch)
+        if (P != H) if hr is None else (hr.shape != (P, H) or hr.dtype != dt):
+            raise RuntimeError(f"fastrnn numba lstm_cell_fwd: h is [B, {P}] and c [B, {H}], so w_hr must be "
+                               f"[{P}, {H}] (or absent with P == H)")
+        if ch is not None and (ch.shape != (3, H) or ch.dtype != dt):
+            raise RuntimeError(f"fastrnn numba lstm_cell_fwd: w_ch must be [3, {H}], got {ch.shape}")
+        none2 = np.empty((0, 0), dt)
+        h_out, c_out = np.empty((B, P), dt), cn.copy()
+        scratch = np.empty(2 * B * G * H + (B * H if hr is not None else 0), dt)
+        _kernel(_lstm.lstm_cell)(xn, wi, bi, wh, bh, none2 if hr is None else hr, none2 if ch is None else ch, coupled,
+                                 hn, _parts(B, G * H * (xn.shape[1] + P)), scratch[:B * G * H].reshape(1, B, G * H),
+                                 scratch[B * G * H:2 * B * G * H].reshape(1, B, G * H), c_out,
+                                 scratch[2 * B * G * H:].reshape(B, H) if hr is not None else none2, h_out)
+        return torch.from_numpy(h_out), torch.from_numpy(c_out)
+
+    def gru_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h):
+        B, H, _, (xn, wi, bi, wh, bh, hn) = _cell_inputs("gru_cell_fwd", (x, w_ih, b_ih, w_hh, b_hh, h), 3)
+        h_out = np.empty((B, H), xn.dtype)
+        scratch = np.empty(B * 7 * H, xn.dtype)
+        _kernel(_gru.gru_cell)(xn, wi, bi, wh, bh, hn, _parts(B, 3 * H * (xn.shape[1] + H)),
+                               scratch[:3 * B * H].reshape(1, B, 3 * H), scratch[3 * B * H:6 * B * H].reshape(1, B, 3 * H),
+                               scratch[6 * B * H:].reshape(1, B, H), h_out)
+        return torch.from_numpy(h_out)
+
+    def rnn_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
+        if nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"fastrnn numba rnn_cell_fwd: unknown nonlinearity {nonlinearity!r}")
+        B, H, _, (xn, wi, bi, wh, bh, hn) = _cell_inputs("rnn_cell_fwd", (x, w_ih, b_ih, w_hh, b_hh, h), 1)
+        h_out = np.empty((B, H), xn.dtype)
+        _kernel(_rnn.rnn_cell)(xn, wi, bi, wh, bh, hn, nonlinearity == "relu", _parts(B, H * (xn.shape[1] + H)),
+                               np.empty((1, B, H), xn.dtype), h_out)
+        return torch.from_numpy(h_out)
+
+    # ---- the contract's optional chunk entry: a short dense sequence as one fused cell call a step -----
+    #: rows (T x B) a layer-direction may have for ``<f>_chunk_fwd``: each step is one cell call, ~20 us of
+    #: host work (the sequence kernel's host work and the separate input projection cost more only below this)
+    chunk_max_rows = 4
+
+    def _chunk(self, cell, x, w_ih, b_ih, weights, state, reverse, options):
+        if x.dim() != 3:
+            raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
+        T = x.shape[0]
+        ys = [None] * T
+        for t in (range(T - 1, -1, -1) if reverse else range(T)):
+            out = cell(x[t], w_ih, b_ih, *weights, *state, *options)
+            state = out if isinstance(out, tuple) else (out,)
+            ys[t] = state[0]
+        return (ys[0].unsqueeze(0) if T == 1 else torch.stack(ys), *state)
+
+    def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):
+        return self._chunk(self.lstm_cell_fwd, x, w_ih, b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
+
+    def gru_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse):
+        return self._chunk(self.gru_cell_fwd, x, w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, ())
+
+    def rnn_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity):
+        return self._chunk(self.rnn_cell_fwd, x, w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
+
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
         T, B, H = xw.shape
@@ -351,6 +414,44 @@ class NumbaBackend(StepsFromSequence, Backend):
                               _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
+
+
+_CELL_DTYPES = (np.float32, np.float64)
+
+
+def _arr(t):
+    """A C-contiguous numpy view of a tensor (a copy only when it is not contiguous); None stays None."""
+    if t is None:
+        return None
+    t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
+
+
+def _cell_inputs(name, tensors, G):
+    """Check a fused cell call's tensors (x, w_ih, b_ih, w_hh, b_hh, *state; the kernels read them
+    unchecked) and return (B, H, P, numpy views). RuntimeError for what the kernel cannot take: the module's
+    general path then raises torch's error. Cheap on purpose: a batch-1 cell call is a few microseconds of
+    kernel (benchmarks/NOTES.md)."""
+    try:
+        a = [_arr(t) for t in tensors]  # numpy() itself refuses non-CPU tensors (TypeError)
+    except (TypeError, RuntimeError) as e:
+        raise RuntimeError(f"fastrnn numba {name}: {e}") from None
+    x, w_ih, b_ih, w_hh, b_hh, *state = a
+    dt = x.dtype
+    if dt not in _CELL_DTYPES or any(v is not None and v.dtype != dt for v in a):
+        raise RuntimeError(f"fastrnn numba {name}: every tensor must be float32 or float64, of one dtype")
+    if x.ndim != 2 or any(s.ndim != 2 for s in state):
+        raise RuntimeError(f"fastrnn numba {name}: x and the state must be 2-D")
+    B, I = x.shape
+    H = state[-1].shape[1]
+    P = state[0].shape[1]
+    GH = G * H
+    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or any(s.shape[0] != B for s in state)
+            or (b_ih is not None and b_ih.shape != (GH,)) or (b_hh is not None and b_hh.shape != (GH,))):
+        raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {x.shape}, w_ih {w_ih.shape}, "
+                           f"w_hh {w_hh.shape}, state {[s.shape for s in state]}")
+    empty = np.empty(0, dt)
+    return B, H, P, [empty if v is None else v for v in a]
 
 
 BACKEND = NumbaBackend()

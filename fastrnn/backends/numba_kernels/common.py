@@ -210,3 +210,16 @@ def fill_h_prev(t, n, reverse, sizes, h0, y, h_prev):
             h_prev[t, b, :] = h0[b, :]
         else:
             h_prev[t, b, :] = y[tp, b, :]
+
+
+@numba.njit(**JIT)
+def project_units(x, n, w_ih, b_ih, xw, j0, j1):
+    """xw[:n, j0:j1] = x[:n] @ w_ih[j0:j1].T (+ b_ih[j0:j1]): a cell's input projection, columns j0..j1."""
+    mm_nt(x, n, w_ih, xw, j0, j1, False)
+    if b_ih.shape[0] > 0:
+        bb = b_ih[j0:j1]
+        m = j1 - j0
+        for b in range(n):
+            row = xw[b, j0:j1]
+            for u in range(m):
+                row[u] += bb[u]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import JIT, fill_h_prev, final_h, mm_nt, sigmoid_, split, tanh_
+from .common import JIT, fill_h_prev, final_h, mm_nt, project_units, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -116,3 +116,17 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             mm_nt(d_hh[t], n, w_hh_t, dh_rec, lo, hi, True)
+
+
+@numba.njit(parallel=True, **JIT)
+def gru_cell(x, w_ih, b_ih, w_hh, b_hh, h, parts, xw, gates, hn, h_out):
+    """One step of a cell in inference, input projection included (``gru_cell_fwd``); xw, gates:
+    [1, B, 3H] scratch, hn: [1, B, H] scratch, h_out: [B, H]."""
+    B = x.shape[0]
+    H = h.shape[1]
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        for k in range(3):
+            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)

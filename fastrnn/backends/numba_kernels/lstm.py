@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
+from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, project_units, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -220,3 +220,28 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
         for p in prange(parts):
             lo, hi = split(P, parts, p)
             mm_nt(dgates[t], n, w_hh_t, dh_rec, lo, hi, False)
+
+
+@numba.njit(parallel=True, **JIT)
+def lstm_cell(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, parts, xw, gates, c, hfull, h_out):
+    """One step of a cell in inference, input projection included (the contract's ``lstm_cell_fwd``):
+    each thread projects and multiplies its own units' rows of W_ih and W_hh, then their pointwise part.
+    xw, gates: [1, B, G*H] scratch; c: [B, H], holding c_{t-1} on entry and c_t on return (c_all is c
+    itself, one slot); hfull: [B, H] scratch with a projection; h_out: [B, P]."""
+    B = x.shape[0]
+    H = c.shape[1]
+    P = h.shape[1]
+    G = 3 if coupled else 4
+    proj = w_hr.shape[0] > 0
+    hout = hfull if proj else h_out
+    c_all = c.reshape((1, B, H))
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        for k in range(G):
+            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+    if proj:
+        for p in prange(parts):
+            lo, hi = split(P, parts, p)
+            mm_nt(hfull, B, w_hr, h_out, lo, hi, False)

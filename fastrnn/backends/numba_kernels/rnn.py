@@ -4,7 +4,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import JIT, fill_h_prev, final_h, mm_nt, split, tanh_
+from .common import JIT, fill_h_prev, final_h, mm_nt, project_units, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -81,3 +81,16 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, 
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             mm_nt(d_xw[t], n, w_hh_t, dh_rec, lo, hi, False)
+
+
+@numba.njit(parallel=True, **JIT)
+def rnn_cell(x, w_ih, b_ih, w_hh, b_hh, h, relu, parts, xw, h_out):
+    """One step of a cell in inference, input projection included (``rnn_cell_fwd``); xw: [1, B, H]
+    scratch, h_out: [B, H]."""
+    B = x.shape[0]
+    H = h.shape[1]
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        project_units(x, B, w_ih, b_ih, xw[0], lo, hi)
+        mm_nt(h, B, w_hh, h_out, lo, hi, False)
+        _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)

@@ -1,0 +1,87 @@
+"""numba's fused inference entries (the contract's optional ``<family>_cell_fwd`` and ``<family>_chunk_fwd``):
+one kernel call a step with the input projection inside, taken by the modules' fast paths without autograd.
+Values against torch.nn (the variants against the reference backend), fp64 and fp32, the fast path alone."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import dispatch
+from conftest import CPU_BACKENDS, TOL, flat_outputs
+
+pytestmark = pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba is not installed here")
+
+MAX_ROWS = 4
+CASES = {"LSTM": {}, "LSTM-2L-bi": dict(num_layers=2, bidirectional=True), "LSTM-proj": dict(proj_size=5),
+         "LSTM-peephole-coupled": dict(peephole=True, coupled_gates=True), "GRU-bi": dict(bidirectional=True),
+         "GRU-3L-batch_first": dict(num_layers=3, batch_first=True), "RNN-relu-nobias": dict(nonlinearity="relu",
+                                                                                            bias=False)}
+
+
+def _pair(name, dtype):
+    cls, kw = name.split("-")[0], CASES[name]
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(6, 40, dtype=dtype, backend="numba", **kw)
+    variant = kw.get("peephole") or kw.get("coupled_gates")
+    ref = (getattr(fastrnn, cls)(6, 40, dtype=dtype, backend="reference", **kw) if variant
+           else getattr(torch.nn, cls)(6, 40, dtype=dtype, **kw))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def test_chunk_max_rows():
+    assert dispatch.get("numba").chunk_max_rows == MAX_ROWS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (2, 2), (4, 1), (5, 1)])
+@pytest.mark.parametrize("name", list(CASES))
+def test_short_sequences(name, T, B, dtype):
+    """Up to MAX_ROWS rows a layer-direction is a chunk call (the general path disabled), beyond it the
+    sequence kernel; both equal torch.nn's module, with and without a state."""
+    ours, ref = _pair(name, dtype)
+    x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
+    D = 2 if ours.bidirectional else 1
+    P = getattr(ours, "proj_size", 0) or 40
+    h0 = torch.randn(ours.num_layers * D, B, P, dtype=dtype)
+    hx = (h0, torch.randn(ours.num_layers * D, B, 40, dtype=dtype)) if name.startswith("LSTM") else h0
+    for state in (None, hx):
+        with torch.no_grad():
+            with dispatch.record_calls() as ran:
+                got = flat_outputs(ours(x, state))
+            want = flat_outputs(ref(x, state))
+        fam = name.split("-")[0].lower()
+        if T * B <= MAX_ROWS:
+            assert ran == [(f"{fam}_chunk_fwd", "numba")] * (ours.num_layers * D)
+        else:
+            assert {b for _, b in ran} == {"numba"} and all(op.endswith("seq_fwd") for op, _ in ran)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
+
+
+def test_the_chunk_path_alone(monkeypatch):
+    """The fast path serves it: the module's general path is not reached."""
+    ours, ref = _pair("GRU-bi", torch.float64)
+
+    def general(*a):
+        raise AssertionError("the general path ran")
+    monkeypatch.setitem(ours.__dict__, "_forward", general)
+    x = torch.randn(1, 3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = flat_outputs(ours(x)), flat_outputs(ref(x))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_bad_shapes_are_refused_not_read():
+    """The kernels read unchecked: the host refuses what does not fit, RuntimeError naming the op."""
+    nb = dispatch.get("numba")
+    x, h = torch.randn(2, 5), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="gru_cell_fwd: shapes do not fit"):
+        nb.gru_cell_fwd(x, torch.randn(12, 6), None, torch.randn(12, 4), None, h)
+    with pytest.raises(RuntimeError, match="lstm_cell_fwd: every tensor must be float32 or float64, of one dtype"):
+        nb.lstm_cell_fwd(x, torch.randn(16, 5), None, torch.randn(16, 4), None, None, None, h.double(), h, False)
+    with pytest.raises(RuntimeError, match="w_hr must be"):
+        nb.lstm_cell_fwd(x, torch.randn(16, 5), None, torch.randn(16, 3), None, None, None, torch.zeros(2, 3), h,
+                         False)
+    with pytest.raises(RuntimeError, match="x must be"):
+        nb.rnn_chunk_fwd(x, torch.randn(4, 5), None, torch.randn(4, 4), None, h, False, "tanh")
