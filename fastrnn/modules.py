@@ -408,7 +408,7 @@ class _SeqMixin(_BackendMixin):
         if batched and self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[0], x.shape[1]
-        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", self.training, B, T))
+        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", self.training, B, T, self.hidden_size))
         if choice is None:
             return None
         name, op, impl = choice
@@ -514,7 +514,7 @@ class _SeqMixin(_BackendMixin):
             {"weight_dropout"} if self._dropping_weights() else set())
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                   self.backend, "seq", policy.shape_class("seq", self._training_class(input, w0, states),
-                                                                          B, T),
+                                                                          B, T, self.hidden_size),
                                   amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)

@@ -31,21 +31,27 @@ from pathlib import Path
 
 FORMAT = 1
 FAMILIES = ("lstm", "gru", "rnn")
-SEQ_CLASSES = ("inference B1", "inference B2-31", "inference B32+", "inference T1",
-               "training B1", "training B2-31", "training B32+")
+#: sequences: inference or training x batch band (or a one-step chunk), each for hidden sizes up to
+#: WIDE_H and above it (where the weights leave the L2s and the backends' order changes: LSTM B8 H1024,
+#: cpp 1.36x torch.nn, against 0.84x at B16 H256; benchmarks/NOTES.md)
+WIDE_H = 384
+_SEQ_BASE = ("inference B1", "inference B2-31", "inference B32+", "inference T1",
+             "training B1", "training B2-31", "training B32+")
+SEQ_CLASSES = _SEQ_BASE + tuple(f"{c} H>{WIDE_H}" for c in _SEQ_BASE)
 STEP_CLASSES = ("inference B1", "inference B2+", "training")
 
 
-def shape_class(scope: str, grad: bool, B: int, T: int = 0) -> str:
+def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0) -> str:
     """The class of a call: ``scope`` 'seq' or 'step', ``grad`` whether it is training (a backward will
-    follow, or the module is in training mode: ``_BackendMixin._training_class``), batch B, steps T
-    (sequences)."""
+    follow, or the module is in training mode: ``_BackendMixin._training_class``), batch B, steps T and
+    hidden size H (sequences)."""
     if scope == "step":
         return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
+    wide = f" H>{WIDE_H}" if H > WIDE_H else ""
     if not grad and T == 1:
-        return "inference T1"
+        return "inference T1" + wide
     band = "B1" if B == 1 else ("B2-31" if B < 32 else "B32+")
-    return ("training " if grad else "inference ") + band
+    return ("training " if grad else "inference ") + band + wide
 
 
 def keys() -> list[str]:
@@ -63,7 +69,7 @@ def _table(seq_lstm, seq_other, t1, step):
     out = {}
     for f in FAMILIES:
         for c in SEQ_CLASSES:
-            out[f"{f} seq {c}"] = t1[f] if c == "inference T1" else (seq_lstm[c] if f == "lstm" else seq_other)
+            out[f"{f} seq {c}"] = t1[f] if c.startswith("inference T1") else (seq_lstm[c] if f == "lstm" else seq_other)
         for c in STEP_CLASSES:
             out[f"{f} step {c}"] = step[f][c]
     return out
@@ -74,10 +80,15 @@ _CTN = ("cpp", "torch", "numba", "reference")
 _TCN = ("torch", "cpp", "numba", "reference")
 _STEP_T = ("torch", "cpp", "numba", "reference")
 _STEP_C = ("cpp", "torch", "numba", "reference")
+# the LSTM above WIDE_H (tune at H=768, 2026-12-03): cpp at B1 and B2-31 in inference, torch.nn's oneDNN at B32+
+# and in training from B2 (75.6 vs 89.8 ms at B16)
+_AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
+    ("inference B1", _CNT), ("inference B2-31", _CTN), ("inference B32+", _TCN), ("inference T1", _CNT),
+    ("training B1", _CNT), ("training B2-31", _TCN), ("training B32+", _TCN))}
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T} for f in FAMILIES}
 _BUILTIN_CPU = {
     "amd": _table({"inference B1": _CNT, "inference B2-31": _TCN, "inference B32+": _TCN, "training B1": _CTN,
-                   "training B2-31": _TCN, "training B32+": _TCN},
+                   "training B2-31": _TCN, "training B32+": _TCN, **_AMD_LSTM_WIDE},
                   _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
                     {"lstm": _CNT, "gru": _CTN, "rnn": _TCN},

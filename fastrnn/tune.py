@@ -22,13 +22,15 @@ import torch
 from . import __version__, dispatch, policy
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-H = 256
+H = 256  # the hidden size of the cells and of the sequences up to policy.WIDE_H
+H_WIDE = 768  # of the sequences above it
 SEQ = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 CELL = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
-# the representative call of each class: (T, B) for sequences, (B, steps) for cells
+# the representative call of each class: (T, B) for sequences (the wide band: shorter), (B, steps) for cells
 SEQ_SHAPES = {"inference B1": (100, 1), "inference B2-31": (100, 16), "inference B32+": (50, 64),
               "inference T1": (1, 1), "training B1": (100, 1), "training B2-31": (100, 16),
               "training B32+": (50, 64)}
+SEQ_SHAPES.update({f"{c} H>{policy.WIDE_H}": (max(1, T // 4), B) for c, (T, B) in list(SEQ_SHAPES.items())})
 STEP_SHAPES = {"inference B1": (1, 50), "inference B2+": (16, 50), "training": (16, 20)}
 STREAM_CALLS = 50  # calls of one step each in the 'inference T1' class, state carried
 
@@ -42,7 +44,8 @@ def candidates(scope: str) -> list[str]:
 
 
 def _seq_call(family, cls, backend, state, x, T, B):
-    m = SEQ[family](H, H, backend=backend)
+    width = x.shape[-1]
+    m = SEQ[family](width, width, backend=backend)
     m.load_state_dict(state)
     training = cls.startswith("training")
     if training:  # the input needs a gradient too, as a layer above another or an embedding's output
@@ -119,8 +122,9 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         names = candidates(scope)
         if scope == "seq":
             T, B = SEQ_SHAPES[cls]
-            x = torch.randn(STREAM_CALLS if T == 1 else T, B, H)
-            state = SEQ[family](H, H).state_dict()
+            width = H_WIDE if cls.endswith(f"H>{policy.WIDE_H}") else H
+            x = torch.randn(STREAM_CALLS if T == 1 else T, B, width)
+            state = SEQ[family](width, width).state_dict()
             fns = {n: _seq_call(family, cls, n, state, x, T, B) for n in names}
         else:
             B, steps = STEP_SHAPES[cls]
@@ -135,7 +139,7 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         log(f"{key:28s} " + "  ".join(f"{n} {med[n] * 1e3:.3f}" for n in order) + " ms")
     return {"format": policy.FORMAT, "cpu": policy.cpu_model(), "torch": torch.__version__, "fastrnn": __version__,
             "threads": torch.get_num_threads(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "hidden_size": H, "budget_s": budget_s, "rankings": {"cpu": rankings}, "times_ms": times}
+            "hidden_size": H, "hidden_size_wide": H_WIDE, "budget_s": budget_s, "rankings": {"cpu": rankings}, "times_ms": times}
 
 
 def main(argv=None) -> int:
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="where to write the table (default: this CPU model's cache file)")
     ap.add_argument("--print", action="store_true", help="print the table as JSON too")
     args = ap.parse_args(argv)
-    print(f"fastrnn.tune on {policy.cpu_model()}, {torch.get_num_threads()} threads, hidden size {H}, float32; "
+    print(f"fastrnn.tune on {policy.cpu_model()}, {torch.get_num_threads()} threads, hidden size {H} ({H_WIDE} above "
+          f"{policy.WIDE_H}), float32; "
           f"candidates: sequences {', '.join(candidates('seq'))}; cells {', '.join(candidates('step'))}")
     table = measure(args.budget)
     out = args.out or policy.cache_path()

@@ -42,7 +42,10 @@ def test_shape_classes():
          "training B32+"]
     assert [sc("step", False, 1), sc("step", False, 2), sc("step", True, 1)] == \
         ["inference B1", "inference B2+", "training"]
-    assert len(policy.keys()) == 3 * (7 + 3)
+    assert [sc("seq", False, 8, 50, 384), sc("seq", False, 8, 50, 385), sc("seq", True, 1, 1, 1024),
+            sc("seq", False, 1, 1, 1024), sc("step", False, 1, 1, 1024)] == \
+        ["inference B2-31", "inference B2-31 H>384", "training B1 H>384", "inference T1 H>384", "inference B1"]
+    assert len(policy.keys()) == 3 * (2 * 7 + 3)
 
 
 @pytest.mark.parametrize("vendor", ["amd", "intel", "other"])
@@ -217,7 +220,8 @@ def test_tune_writes_a_table_the_choice_uses(monkeypatch, tmp_path):
     """A small tune (hidden size 8, short calls) writes every class; FASTRNN_POLICY reads it back and
     python -m fastrnn.info says where the table came from."""
     monkeypatch.setattr(tune, "H", 8)
-    monkeypatch.setattr(tune, "SEQ_SHAPES", {k: (1 if k.endswith("T1") else 3, 2 if "B2" in k else 1)
+    monkeypatch.setattr(tune, "H_WIDE", policy.WIDE_H + 1)
+    monkeypatch.setattr(tune, "SEQ_SHAPES", {k: (1 if "T1" in k else 3, 2 if "B2" in k else 1)
                                              for k in tune.SEQ_SHAPES})
     monkeypatch.setattr(tune, "STEP_SHAPES", {k: (1, 2) for k in tune.STEP_SHAPES})
     monkeypatch.setattr(tune, "STREAM_CALLS", 2)
