@@ -67,7 +67,7 @@ def policy_report() -> list[str]:
                                                                                   scope=scope))), None)
         times = table.get("times_ms", {}).get(key)
         how = " (" + ", ".join(f"{n} {t:.3g} ms" for n, t in times.items()) + ")" if times else ""
-        lines.append(f"  {key:28s} -> {pick or 'the static priority'}: {' > '.join(ranked) or '-'}{how}")
+        lines.append(f"  {key:31s} -> {pick or 'the static priority'}: {' > '.join(ranked) or '-'}{how}")
     lines.append("  cuda: " + " > ".join(policy.CUDA_RANKING) + " for the plain cells (cuDNN until measured)")
     return lines
 

@@ -136,7 +136,7 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         rest = [n for n in policy.builtin()["rankings"]["cpu"][key] if n not in order]
         rankings[key] = order + rest
         times[key] = {n: round(med[n] * 1e3, 4) for n in order}
-        log(f"{key:28s} " + "  ".join(f"{n} {med[n] * 1e3:.3f}" for n in order) + " ms")
+        log(f"{key:31s} " + "  ".join(f"{n} {med[n] * 1e3:.3f}" for n in order) + " ms")
     return {"format": policy.FORMAT, "cpu": policy.cpu_model(), "torch": torch.__version__, "fastrnn": __version__,
             "threads": torch.get_num_threads(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "hidden_size": H, "hidden_size_wide": H_WIDE, "budget_s": budget_s, "rankings": {"cpu": rankings}, "times_ms": times}
