@@ -3,6 +3,7 @@ CPU user would pick instead (ONNX Runtime, torch's dynamic int8), built on ident
 from __future__ import annotations
 
 import io
+import warnings
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -79,8 +80,10 @@ class OrtModule:
         flat = tuple(state) if n_state == 2 else (state,)
         names = ["x"] + [f"s{k}" for k in range(n_state)]
         buf = io.BytesIO()
-        torch.onnx.export(module, (x, flat if n_state == 2 else flat[0]), buf, dynamo=False, input_names=names,
-                          output_names=["y"] + [f"o{k}" for k in range(n_state)])
+        with warnings.catch_warnings():  # fixed shapes here: the exporter's advice on other batch sizes is moot
+            warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
+            torch.onnx.export(module, (x, flat if n_state == 2 else flat[0]), buf, dynamo=False, input_names=names,
+                              output_names=["y"] + [f"o{k}" for k in range(n_state)])
         so = ort.SessionOptions()
         so.intra_op_num_threads = torch.get_num_threads()  # the threads torch.nn and fastrnn run on
         so.inter_op_num_threads = 1
