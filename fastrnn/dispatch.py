@@ -25,11 +25,10 @@ BACKEND_NAMES = ("reference", "numba", "cpp", "triton", "torch")
 # fastrnn's own backends, best first (``torch`` enters the automatic choice only through the policy
 # table). triton is listed on CPU too: it serves CPU tensors only under TRITON_INTERPRET=1 (its own
 # `devices` say so), and after the reference, which serves everything, it is reached only when named.
-PRIORITY = {"cpu": ("cpp", "numba", "reference", "triton"), "cuda": ("triton", "reference")}
-# single steps (the cells): the same order since numba has a fused inference cell (2026-12-03: batch-1
+# The cells (single steps) take the same order since numba has a fused inference cell (2026-12-03: batch-1
 # streaming, H=256, 100 steps: numba 9.3 / 8.9 / 4.5 ms, reference 21.3 / 22.2 / 8.9 for LSTM / GRU / RNN;
-# in training the two are within 10%; benchmarks/NOTES.md)
-STEP_PRIORITY = {"cpu": PRIORITY["cpu"]}
+# in training the two are within 10%; benchmarks/NOTES.md).
+PRIORITY = {"cpu": ("cpp", "numba", "reference", "triton"), "cuda": ("triton", "reference")}
 
 _MODULES = {name: f"fastrnn.backends.{name}" for name in BACKEND_NAMES}
 _MODULES["torch"] = "fastrnn.backends.torchnn"
@@ -96,8 +95,8 @@ def reasons(name: str, spec: Spec | None = None) -> list[str]:
     return why
 
 
-def _priority(device: str, scope: str = "seq") -> tuple:
-    return (STEP_PRIORITY if scope == "step" else {}).get(device) or PRIORITY.get(device, ("reference",))
+def _priority(device: str) -> tuple:
+    return PRIORITY.get(device, ("reference",))
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -151,7 +150,7 @@ def select(spec: Spec, explicit: str | None = None, shape: str | None = None, tr
     if name is not None:
         why = reasons(name, spec)
         if why:
-            avail = [n for n in _priority(spec.device, spec.scope) if not reasons(n, spec)]
+            avail = [n for n in _priority(spec.device) if not reasons(n, spec)]
             raise BackendNotSupportedError(
                 f"fastrnn backend '{name}' cannot run this {spec.family.upper()} call "
                 f"({spec.device}, {str(spec.dtype).replace('torch.', '')}): {'; '.join(why)}. "
@@ -161,7 +160,7 @@ def select(spec: Spec, explicit: str | None = None, shape: str | None = None, tr
     # input included: torch.nn's LSTM leaves oneDNN for them, benchmarks/NOTES.md) takes the static priority
     ranked = policy.ranking(spec.device, spec.family, spec.scope, shape) \
         if shape is not None and not spec.features and (spec.dtype == torch.float32 or spec.device == "cuda") else ()
-    for name in (*ranked, *_priority(spec.device, spec.scope)):
+    for name in (*ranked, *_priority(spec.device)):
         if name == "torch" and traced:
             continue
         if not reasons(name, spec):

@@ -39,8 +39,8 @@ def report() -> str:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s} "
         f"FASTRNN_BACKEND={os.environ.get('FASTRNN_BACKEND', '')!s}",
         "",
-        "backends (automatic order: cpu " + " > ".join(dispatch._priority("cpu")) + " (cells: "
-        + " > ".join(dispatch._priority("cpu", "step")) + "); cuda " + " > ".join(dispatch._priority("cuda")) + ")",
+        "backends (automatic order: cpu " + " > ".join(dispatch._priority("cpu")) + "; cuda "
+        + " > ".join(dispatch._priority("cuda")) + ")",
     ]
     for name in dispatch.BACKEND_NAMES:
         why = dispatch.reasons(name)

@@ -117,9 +117,13 @@ class _BackendMixin:
             return tuple(z) if isinstance(z, tuple) else (z, z)
         return () if self._family == "rnn" else (z,)
 
-    def _cell_option_features(self):
+    def _option_features(self):
+        """The options in use that torch.nn lacks, as dispatch features: the cell options, and weight dropout
+        in training (which every op backend serves: the module drops W_hh before the ops, see
+        ``backends.MODULE_FEATURES``; only the ``torch`` backend refuses it)."""
         return {f for f, on in (("layer_norm", self.layer_norm), ("zoneout", any(self._zoneout_probs())),
-                                ("recurrent_dropout", self.recurrent_dropout and self.training)) if on}
+                                ("recurrent_dropout", self.recurrent_dropout and self.training),
+                                ("weight_dropout", self._dropping_weights())) if on}
 
     def __prepare_scriptable__(self):
         """torch.jit.script compiles torch.nn's forward over the same module state (a twin of the torch.nn
@@ -329,7 +333,7 @@ class _SeqMixin(_BackendMixin):
         return self._zoneout_probs()
 
     def _features(self):
-        return frozenset(self._cell_option_features())
+        return frozenset(self._option_features())
 
     def flatten_parameters(self):
         if self.layer_norm or getattr(self, "peephole", False) or getattr(self, "coupled_gates", False):
@@ -510,8 +514,7 @@ class _SeqMixin(_BackendMixin):
             x = input
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        features = self._features() | ({"varlen"} if packed else set()) | (
-            {"weight_dropout"} if self._dropping_weights() else set())
+        features = self._features() | ({"varlen"} if packed else set())
         backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                   self.backend, "seq", policy.shape_class("seq", self._training_class(input, w0, states),
                                                                           B, T, self.hidden_size),
@@ -696,7 +699,7 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
 
     def _features(self):
         return frozenset(({"proj"} if self.proj_size > 0 else set()) | self._variant_features()
-                         | self._cell_option_features())
+                         | self._option_features())
 
     def _zeros_state(self, x, B):
         D = 2 if self.bidirectional else 1
@@ -770,7 +773,7 @@ class _CellMixin(_BackendMixin):
                                                  if self._family == "gru" else ())
 
     def _features(self):
-        return frozenset(self._cell_option_features())
+        return frozenset(self._option_features())
 
     def _hx_dim_check(self, name, states):
         for s in states:
@@ -894,8 +897,7 @@ class _CellMixin(_BackendMixin):
                                    f"expected {self.hidden_size}")
         _check_state_like(name, states, input, "hx")
 
-        features = self._features() | ({"weight_dropout"} if self._dropping_weights() else set())
-        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
+        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                   self.backend, "step", policy.shape_class("step", self._training_class(input, w_ih,
                                                                                                        states), B),
                                   amp is not None or not ops.can_skip_ops())
@@ -950,7 +952,7 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
         return (self.coupled_gates, *self._zoneout_probs())
 
     def _features(self):
-        return frozenset(self._variant_features() | self._cell_option_features())
+        return frozenset(self._variant_features() | self._option_features())
 
     def _hx_dim_check(self, name, states):
         for k, s in enumerate(states):

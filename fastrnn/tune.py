@@ -94,7 +94,9 @@ def _step_call(family, cls, backend, state, x, B, steps):
 
 
 def interleaved_medians(fns: dict, budget_s: float, min_rounds=5) -> dict:
-    """Median seconds of each callable, timed in rounds that rotate the order (each warmed up twice)."""
+    """Median seconds of each callable, timed in rounds that rotate the order (each warmed up twice). A
+    small copy of ``benchmarks.harness.interleaved``: the installed package cannot import the repository's
+    benchmarks folder."""
     for fn in fns.values():
         fn()
         fn()

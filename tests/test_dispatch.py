@@ -108,11 +108,11 @@ def test_cells_follow_the_same_selection(fake_numba):
         fastrnn.GRUCell(3, 4, backend="numba").double()(torch.randn(2, 3, dtype=torch.float64))
     assert backends_used(ran) == {"numba"}
     # automatic choice for single steps: numba (its fused inference cell) before the reference (measured, see
-    # STEP_PRIORITY)
+    # dispatch.PRIORITY)
     with dispatch.record_calls() as ran:
         fastrnn.GRUCell(3, 4).double()(torch.randn(2, 3, dtype=torch.float64))
     assert backends_used(ran) == {"numba"}
-    assert dispatch._priority("cpu", "step").index("numba") < dispatch._priority("cpu", "step").index("reference")
+    assert dispatch._priority("cpu").index("numba") < dispatch._priority("cpu").index("reference")
 
 
 def test_reference_serves_half_precision():

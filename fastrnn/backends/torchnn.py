@@ -19,8 +19,6 @@ class TorchBackend(Backend):
     devices = ("cpu", "cuda")
     dtypes = FLOAT_DTYPES
     features = frozenset({"proj", "varlen"})
-    #: runs torch.nn's forward of the whole module instead of the ops (``fastrnn.modules``)
-    whole_module = True
 
     def not_supported_reasons(self, spec):
         reasons = super().not_supported_reasons(spec)
