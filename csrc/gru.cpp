@@ -265,35 +265,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             bool save, const InputProj<T>& in = {},
                                                             const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
-  at::Tensor y = opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
+  Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
+  at::Tensor y = in.cell ? at::Tensor()
+                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
   const int64_t ws_numel = save ? T_ * B * ws_row(d, o) : 0;
   at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
   if (B == 0 || T_ == 0) return {y, h_n, ws};
-  at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
+  Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : GH);
+  if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), GH, T(0));
   T* gates = save ? ws.data_ptr<T>() : nullptr;
   T* ghn = save ? gates + T_ * B * GH : nullptr;
-  FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
-               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
+  FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
+               in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
+               batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask);
   a.zoneout_h = T(o.z);
   a.phases = o.ln_h ? 2 : 1;  // layer norm: partial statistics, then the pass (fwd_ln)
   const T* xp = xw.data_ptr<T>();
-  const T* bp = bias.data_ptr<T>();
+  const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
   const T* gain = tptr<T>(o.ln_h);
   T* xhat = save && gain ? ghn + T_ * B * H : nullptr;
   T* rstd = save && gain ? xhat + T_ * B * GH : nullptr;
   const int slots = at::get_num_threads();
-  at::Tensor parts = at::zeros({gain ? slots * B * 3 : 0}, xw.options());
+  Scratch<T> parts(gain ? slots * B * 3 : 0);
+  std::fill_n(parts.data(), gain ? slots * B * 3 : 0, T(0));
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
                            const T* hp, T* hdst, int64_t) {
     FwdPoint<T> p{bs, nu, H, U, ldp, pre, xp + t * B * GH + u0, bp + u0, hp + u0, hdst + u0,
                   save ? gates + t * B * GH + u0 : nullptr, save ? ghn + t * B * H + u0 : nullptr};
     if (gain)
       fwd_ln(p, LnPoint<T>{gain + u0, xhat ? xhat + t * B * GH + u0 : nullptr, rstd ? rstd + t * B : nullptr,
-                           parts.data_ptr<T>(), slots, w, B, u0}, ph);
+                           parts.data(), slots, w, B, u0}, ph);
     else
       fwd_point(p);
   });
@@ -399,7 +404,7 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
   const Dims d = check_single_state(xw, w_hh, b_hh, h, c10::nullopt, 3);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell_fwd", [&] {
     return std::get<1>(seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h, c10::nullopt, false, false,
-                                              input_proj<scalar_t>(x, w_ih, b_ih, xw)));
+                                              input_proj<scalar_t>(x, w_ih, b_ih, xw, true)));
   });
 }
 
@@ -429,6 +434,17 @@ Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor&
 }
 
 }  // namespace
+
+at::Tensor gru_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih, const at::Tensor& w_hh,
+                        const OptT& b_hh, const at::Tensor& h) {
+  return cell_fwd(x, w_ih, b_ih, w_hh, b_hh, h);
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih,
+                                                 const at::Tensor& w_hh, const OptT& b_hh, const at::Tensor& h0,
+                                                 bool reverse) {
+  return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse);
+}
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("gru_seq_fwd", &seq_fwd);

@@ -584,43 +584,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
     const InputProj<T>& in = {}, const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
-  at::Tensor y = varlen ? pool_zeros({T_, B, P}, xw.options()) : pool_empty({T_, B, P}, xw.options());
+  Scratch<T> y_scratch(in.cell ? T_ * B * P : 0);
+  at::Tensor y = in.cell ? at::Tensor()
+                 : varlen ? pool_zeros({T_, B, P}, xw.options()) : pool_empty({T_, B, P}, xw.options());
   at::Tensor h_n = at::empty({B, P}, xw.options()), c_n = c0.clone();
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
   const int64_t ws_numel = save ? T_ * B * ws_row(d, proj, o) : 0;
   at::Tensor ws = varlen ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
-  at::Tensor hfull_scratch = (proj && !save) ? at::empty({B * H}, xw.options()) : at::Tensor();
+  Scratch<T> hfull_scratch(proj && !save ? B * H : 0);
   if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
-  at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({GH}, xw.options());
+  Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : GH);
+  if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), GH, T(0));
   T* wsp = ws.data_ptr<T>();
   T* gates = save ? wsp : nullptr;
   T* call = save ? wsp + T_ * B * GH : nullptr;
   FwdArgs<T> a{T_, B, H, P, d.G, reverse, w_hh.data_ptr<T>(), data_or_null<T>(w_hr), h0.data_ptr<T>(),
-               y.data_ptr<T>(), h_n.data_ptr<T>(),
-               proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data_ptr<T>()) : nullptr, save,
+               in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(),
+               proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data()) : nullptr, save,
                batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask_h);
   a.zoneout_h = T(o.zh);
   a.phases = o.ln() ? 3 : 1;  // layer norm: statistics of the product, then of c~ (fwd_opts)
   const T* xp = xw.data_ptr<T>();
-  const T* bp = bias.data_ptr<T>();
+  const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
   const T* wc = data_or_null<T>(w_ch);
   T* c = c_n.data_ptr<T>();
   // the cell options' slots of the workspace (or scratch when nothing is saved: c~ of one step), o between
   // the phases, the workers' partial statistics
   const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
   const int slots = at::get_num_threads();
-  at::Tensor scratch = at::empty({o.cell() ? 2 * B * H : 0}, xw.options());
-  at::Tensor parts = at::zeros({o.ln() ? 2 * slots * B * 3 : 0}, xw.options());
-  T* ctil = !o.cell() ? nullptr : save ? wsp + off_ctil : scratch.data_ptr<T>();
+  Scratch<T> scratch(o.cell() ? 2 * B * H : 0), parts(o.ln() ? 2 * slots * B * 3 : 0);
+  std::fill_n(parts.data(), o.ln() ? 2 * slots * B * 3 : 0, T(0));
+  T* ctil = !o.cell() ? nullptr : save ? wsp + off_ctil : scratch.data();
   T* xhat = save && o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
   T* stats = save && o.ln() ? xhat + T_ * B * GH : nullptr;
-  T* obuf = o.cell() ? scratch.data_ptr<T>() + B * H : nullptr;
-  T* part = o.ln() ? parts.data_ptr<T>() : nullptr;
+  T* obuf = o.cell() ? scratch.data() + B * H : nullptr;
+  T* part = o.ln() ? parts.data() : nullptr;
   // zoneout of c: the step's mask, or in eval one row of its probability (stride 0)
-  at::Tensor zrow = !o.zmask_c && o.zc != 0 ? at::full({H}, o.zc, xw.options()) : at::Tensor();
-  const T* zc = o.zmask_c ? tptr<T>(o.zmask_c) : zrow.defined() ? zrow.data_ptr<T>() : nullptr;
+  Scratch<T> zrow(!o.zmask_c && o.zc != 0 ? H : 0);
+  if (!o.zmask_c && o.zc != 0) std::fill_n(zrow.data(), H, T(o.zc));
+  const T* zc = o.zmask_c ? tptr<T>(o.zmask_c) : o.zc != 0 ? zrow.data() : nullptr;
   const int64_t zstride = o.zmask_c ? H : 0, zstep = o.zmask_c ? B * H : 0;
   const T* lnh = tptr<T>(o.ln_h), *lnc = tptr<T>(o.ln_c), *lncb = tptr<T>(o.ln_cb);
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp,
@@ -776,7 +780,7 @@ std::tuple<at::Tensor, at::Tensor> cell_fwd(const at::Tensor& x, const at::Tenso
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, coupled);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h, c, c10::nullopt, false, coupled, false,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+                                    input_proj<scalar_t>(x, w_ih, b_ih, xw, true));
     return std::make_tuple(std::get<1>(r), std::get<2>(r));
   });
 }
@@ -809,6 +813,21 @@ Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& grad_c, const at::Ten
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih,
+                                                 const at::Tensor& w_hh, const OptT& b_hh, const OptT& w_hr,
+                                                 const OptT& w_ch, const at::Tensor& h, const at::Tensor& c,
+                                                 bool coupled) {
+  return cell_fwd(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                              const OptT& b_ih, const at::Tensor& w_hh,
+                                                              const OptT& b_hh, const OptT& w_hr, const OptT& w_ch,
+                                                              const at::Tensor& h0, const at::Tensor& c0, bool reverse,
+                                                              bool coupled) {
+  return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled);
+}
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("lstm_seq_fwd", &seq_fwd);

@@ -87,6 +87,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cache_info", &fastrnn::cache_info,
         "the large-buffer cache: (bytes handed out, bytes idle, most idle bytes kept)");
   m.def("empty_cache", &fastrnn::empty_cache, "free the large-buffer cache's idle blocks");
+  // the inference entries, bound directly (recurrence.h): same arguments and results as the ops of the
+  // same names, for the fast paths only (no dispatcher: nothing traces, records or differentiates them)
+  m.def("lstm_cell_fwd", &fastrnn::lstm_cell_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lstm_chunk_fwd", &fastrnn::lstm_chunk_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gru_cell_fwd", &fastrnn::gru_cell_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gru_chunk_fwd", &fastrnn::gru_chunk_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rnn_cell_fwd", [](const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                           const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                           const std::string& nonlinearity) {
+    return fastrnn::rnn_cell_fwd(x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity);
+  }, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rnn_chunk_fwd", [](const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                            const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                            bool reverse, const std::string& nonlinearity) {
+    return fastrnn::rnn_chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity);
+  }, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("set_cache_cap", &fastrnn::set_cache_cap, pybind11::arg("bytes"), pybind11::arg("trim") = true,
         "set the most idle bytes the large-buffer cache keeps (0 turns it off; trim: free the idle blocks "
         "when lowering it); returns the old limit");

@@ -393,6 +393,68 @@ void empty_cache();
 int64_t set_cache_cap(int64_t bytes, bool trim);
 std::tuple<int64_t, int64_t, int64_t> cache_info();  // bytes in use, bytes idle, the idle cap
 
+// ---- a call's temporaries ------------------------------------------------------------------------
+// Buffers that live only during one call (packed panels, the per-step products, the state's double
+// buffer, a cell's projected input) come from a per-thread stack when they are under 1 MiB: a cell call
+// at batch 1 made ~14 small allocations through at::empty, about half of its cost (NOTES.md, twelfth
+// session). A Scratch takes the next bytes of its thread's block and gives them back when it goes out of
+// scope (in reverse order: Scratches are locals). What does not fit comes from malloc, and the block is
+// regrown to the largest total seen (up to 8 MiB) the next time it is empty. Buffers of 1 MiB and more
+// come from the pool (pool_empty), which keeps their pages mapped.
+struct Arena {
+  char* block = nullptr;
+  size_t cap = 0, top = 0, want = 0;
+  ~Arena() { std::free(block); }
+};
+inline Arena& arena() {
+  thread_local Arena a;
+  return a;
+}
+
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    constexpr size_t kMax = size_t(1) << 20, kArenaMax = size_t(8) << 20;
+    const size_t bytes = (size_t(std::max<int64_t>(n, 0)) * sizeof(T) + 63) / 64 * 64;
+    if (bytes >= kMax) {
+      big_ = pool_empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+      p_ = big_.data_ptr<T>();
+      return;
+    }
+    Arena& a = arena();
+    if (a.top == 0 && a.want > a.cap) {
+      std::free(a.block);
+      a.cap = std::min(a.want, kArenaMax);
+      a.block = static_cast<char*>(std::aligned_alloc(64, a.cap));
+      if (!a.block) a.cap = 0;
+    }
+    mark_ = a.top;
+    a.want = std::max(a.want, a.top + bytes);
+    if (a.top + bytes <= a.cap) {
+      p_ = reinterpret_cast<T*>(a.block + a.top);
+      a.top += bytes;
+    } else {
+      heap_ = std::aligned_alloc(64, bytes ? bytes : 64);
+      TORCH_CHECK(heap_, "fastrnn cpp backend: can't allocate memory: you tried to allocate ", bytes, " bytes");
+      p_ = static_cast<T*>(heap_);
+    }
+  }
+  ~Scratch() {
+    if (heap_) std::free(heap_);
+    else if (!big_.defined()) arena().top = mark_;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+  void* heap_ = nullptr;
+  size_t mark_ = 0;
+  at::Tensor big_;
+};
+
 // ---- the team -----------------------------------------------------------------------------------
 // A sense-counting spin barrier. Each caller arrives with a weight (the number of workers it runs),
 // so it cannot deadlock even if at::parallel_for gives one thread several workers.
@@ -488,6 +550,7 @@ struct InputProj {
   const T* b_ih = nullptr;  // [G*H] or null
   int64_t I = 0;
   T* xw = nullptr;          // [T, B, G*H], written for the worker's units
+  bool cell = false;        // a cell call: the caller keeps only the new state, y is scratch
 };
 
 // ---- the forward time loop ---------------------------------------------------------------------
@@ -561,8 +624,8 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
   // with recurrent dropout the GEMM reads h * rmask from two more buffers (this step's and the next's)
-  at::Tensor hmbuf = pool_empty({a.rmask ? 2 * B * P : 0}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* hm = hmbuf.data_ptr<T>();
+  Scratch<T> hmbuf(a.rmask ? 2 * B * P : 0);
+  T* hm = hmbuf.data();
   for (int64_t i = 0; a.rmask && i < B * P; ++i) hm[i] = hm[B * P + i] = a.h0[i] * a.rmask[i];
   // the end of step t for rows b < bs and columns [p0, p0 + np) of the new h `hn` (h~ from the cell):
   // zoneout, then y, the final state of rows that end here, and the masked copy for the next GEMM
@@ -588,14 +651,13 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
         for (int64_t j = 0; j < np; ++j) hmn[b * P + p0 + j] = h[j] * a.rmask[b * P + p0 + j];
     }
   };
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor panel = pool_empty({packed ? nw * P * ncols : 0}, opts), pre = pool_empty({nw * B * ncols}, opts);
-  at::Tensor panel_r = pool_empty({packed && proj ? nw * H * PU : 0}, opts), pre_r = pool_empty({proj ? nw * B * PU : 0}, opts);
-  at::Tensor hbuf = pool_empty({2, B * P}, opts);
-  T* hb = hbuf.data_ptr<T>();
+  Scratch<T> panel(packed ? nw * P * ncols : 0), pre(nw * B * ncols);
+  Scratch<T> panel_r(packed && proj ? nw * H * PU : 0), pre_r(proj ? nw * B * PU : 0);
+  Scratch<T> hbuf(2 * B * P);
+  T* hb = hbuf.data();
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
   std::memcpy(hb + B * P, a.h0, sizeof(T) * B * P);
-  T* pan = panel.data_ptr<T>(), *prb = pre.data_ptr<T>(), *panr = panel_r.data_ptr<T>(), *prr = pre_r.data_ptr<T>();
+  T* pan = panel.data(), *prb = pre.data(), *panr = panel_r.data(), *prr = pre_r.data();
 
   run_team(nw, [&](int wb, int we, Barrier& bar) {
     for (int w = wb; w < we && packed; ++w) {
@@ -697,10 +759,9 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   // zoneout: dh_t splits into (1-k) dh_t for the cell's h~ and k dh_t carried to h_{t-1}, which the
   // recurrent product then adds to
   const bool accumulate = a.accumulate || zon;
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor panel_a = pool_empty({packed && proj ? nw * P * U : 0}, opts), pre_a = pool_empty({proj ? nw * B * U : 0}, opts);
-  at::Tensor panel_b = pool_empty({packed ? nw * GH * PU : 0}, opts), pre_b = pool_empty({nw * B * PU}, opts);
-  T* pana = panel_a.data_ptr<T>(), *pra = pre_a.data_ptr<T>(), *panb = panel_b.data_ptr<T>(), *prb = pre_b.data_ptr<T>();
+  Scratch<T> panel_a(packed && proj ? nw * P * U : 0), pre_a(proj ? nw * B * U : 0);
+  Scratch<T> panel_b(packed ? nw * GH * PU : 0), pre_b(nw * B * PU);
+  T* pana = panel_a.data(), *pra = pre_a.data(), *panb = panel_b.data(), *prb = pre_b.data();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
 
   // dh of the step at `it` for rows b < bs, columns [p0, p0 + np): grad_y + the recurrent part
@@ -817,8 +878,36 @@ at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::op
                       bool steps);
 template <typename T>
 InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                        at::Tensor& xw) {
-  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1), xw.data_ptr<T>()};
+                        at::Tensor& xw, bool cell = false) {
+  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1), xw.data_ptr<T>(), cell};
 }
+
+// The inference entries with the input projection inside (the contract's optional <f>_cell_fwd and
+// <f>_chunk_fwd), also bound directly in fastrnn._C: the fast paths call them there when nothing traces
+// or needs autograd (ops.can_skip_ops), skipping the dispatcher's boxed call (~3 us of a ~6 us cell call
+// at H = 8, NOTES.md). Defined in each cell's file.
+std::tuple<at::Tensor, at::Tensor> lstm_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                 const c10::optional<at::Tensor>& b_hh,
+                                                 const c10::optional<at::Tensor>& w_hr,
+                                                 const c10::optional<at::Tensor>& w_ch, const at::Tensor& h,
+                                                 const at::Tensor& c, bool coupled);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_chunk_fwd(
+    const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+    const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled);
+at::Tensor gru_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                        const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h);
+std::tuple<at::Tensor, at::Tensor> gru_chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                 bool reverse);
+at::Tensor rnn_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                        const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                        c10::string_view nonlinearity);
+std::tuple<at::Tensor, at::Tensor> rnn_chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                 bool reverse, c10::string_view nonlinearity);
 
 }  // namespace fastrnn

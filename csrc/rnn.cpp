@@ -83,14 +83,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
                                                             bool relu, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H;
-  at::Tensor y = opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
+  Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
+  at::Tensor y = in.cell ? at::Tensor()
+                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
   at::Tensor h_n = at::empty({B, H}, xw.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, xw.options())};
-  at::Tensor bias = opt_ptr(b_hh) ? *b_hh : at::zeros({H}, xw.options());
-  FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(), y.data_ptr<T>(),
-               h_n.data_ptr<T>(), nullptr, false, batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
+  Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : H);
+  if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), H, T(0));
+  FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
+               in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
+               batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
   const T* xp = xw.data_ptr<T>();
-  const T* bp = bias.data_ptr<T>();
+  const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
                            const T*, T* hdst, int64_t) {
     fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xp + t * B * H + u0, bp + u0, hdst + u0}, relu);
@@ -168,7 +172,7 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
   const bool relu = is_relu(nonlinearity);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_cell_fwd", [&] {
     return std::get<1>(seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h, c10::nullopt, false, relu,
-                                              input_proj<scalar_t>(x, w_ih, b_ih, xw)));
+                                              input_proj<scalar_t>(x, w_ih, b_ih, xw, true)));
   });
 }
 
@@ -200,6 +204,19 @@ Grads step_bwd(const at::Tensor& grad_h, const at::Tensor& xw, const at::Tensor&
 }
 
 }  // namespace
+
+at::Tensor rnn_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                        const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                        c10::string_view nonlinearity) {
+  return cell_fwd(x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                 bool reverse, c10::string_view nonlinearity) {
+  return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity);
+}
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
   m.impl("rnn_seq_fwd", &seq_fwd);

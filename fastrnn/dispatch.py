@@ -107,11 +107,14 @@ def available_backends(device="cpu") -> list[str]:
     return [n for n in _priority(dev) if any(not reasons(n, p) for p in probes)]
 
 
+_backend_env = policy.env_reader("FASTRNN_BACKEND")
+
+
 def requested() -> str | None:
     """The backend named by the innermost ``use_backend`` context, else by FASTRNN_BACKEND, else None."""
     name = _requested.get()
     if name is None:
-        name = os.environ.get("FASTRNN_BACKEND") or None
+        name = _backend_env() or None
         if name is not None and name not in BACKEND_NAMES:
             raise ValueError(f"FASTRNN_BACKEND={name!r} is not a fastrnn backend. "
                              f"Known backends: {', '.join(BACKEND_NAMES)}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import numbers
 
 import torch
@@ -249,13 +248,13 @@ class _BackendMixin:
         choice raises: ``_forward`` raises it then. A dtype the backend computes in a wider one has no fast
         op (it goes through the functional layer's casts)."""
         slot = f"_{kind}_choice"
-        key = (input.dtype, input.device.type, shape, self.backend, dispatch.requested(), policy.generation,
-               os.environ.get("FASTRNN_POLICY"))
+        key = (input.dtype, "cpu" if input.is_cpu else input.device.type, shape, self.backend, dispatch.requested(),
+               policy.generation, policy.env())
         choices = self.__dict__.get(slot)  # key -> (backend name, backend object, its op)
         if choices is None:
             choices = self.__dict__[slot] = {}
         cached = choices.get(key)
-        if cached is None or dispatch.get(cached[0]) is not cached[1]:
+        if cached is None or dispatch._loaded.get(cached[0]) is not cached[1]:
             try:
                 name = dispatch.choose(self._family, key[1], key[0], tuple(sorted(self._features())), self.backend,
                                        scope, shape)
@@ -767,6 +766,10 @@ class _CellMixin(_BackendMixin):
     def _options(self):
         return self._zoneout_probs()
 
+    def _plain_options(self):
+        """The options the fused inference op takes (the plain cell's: none for a GRU)."""
+        return ()
+
     def _hh(self):
         """The recurrent weights and the layer-norm tensors in op order (without the masks)."""
         return (self.weight_hh, self.bias_hh) + ((self.layer_norm_weight_hh if self.layer_norm else None,)
@@ -801,7 +804,7 @@ class _CellMixin(_BackendMixin):
         if (not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops())
                 or self._dropping_weights() or self._cell_options()):
             return None
-        if torch.is_autocast_enabled(input.device.type):  # _forward's autocast rules
+        if torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type):  # _forward's autocast rules
             return None
         choice = self._fast_op(input, "cell", "step",
                                policy.shape_class("step", self.training, input.shape[0] if input.dim() == 2 else 1))
@@ -828,7 +831,7 @@ class _CellMixin(_BackendMixin):
             weights = [None if n is None else getattr(self, n) for n in names]
         try:
             # the plain cell's options only (the fused op takes no zoneout: the cell options are off here)
-            out = fused(input, *weights, *states, *self._options()[:_PLAIN[self._family][1]])
+            out = fused(input, *weights, *states, *self._plain_options())
         except (RuntimeError, TypeError):
             return None
         dispatch.note_call(f"{self._family}_cell_fwd", name)
@@ -935,7 +938,8 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh", None, "weight_ch" if self.peephole else None)
 
     def _hx_is_well_formed(self, hx):
-        return isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(s, torch.Tensor) for s in hx)
+        return (isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], torch.Tensor)
+                and isinstance(hx[1], torch.Tensor))
 
     def _hx_states(self, name, hx, batched):
         # as torch: unbatched, it takes hx[0] and hx[1] (of a tuple, or the rows of one tensor); batched,
@@ -950,6 +954,9 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
 
     def _options(self):
         return (self.coupled_gates, *self._zoneout_probs())
+
+    def _plain_options(self):
+        return (self.coupled_gates,)
 
     def _features(self):
         return frozenset(self._variant_features() | self._option_features())
@@ -974,4 +981,7 @@ class RNNCell(_CellMixin, nn.RNNCell):
     _family = "rnn"
 
     def _options(self):
+        return (self.nonlinearity,)
+
+    def _plain_options(self):
         return (self.nonlinearity,)

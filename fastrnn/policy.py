@@ -159,9 +159,32 @@ def read(path) -> dict:
     return data
 
 
+def env_reader(name: str):
+    """A function that reads the environment variable ``name`` (None when unset) as ``os.environ.get``
+    does, at a tenth of its cost: from os.environ's own mapping with the key encoded once. The public
+    lookup (~1 us) is read on every fast-path call, a tenth of a batch-1 cell call."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict) or not hasattr(os.environ, "encodekey"):  # another Python: the public way
+        return lambda: os.environ.get(name)
+    key, decode = os.environ.encodekey(name), os.environ.decodevalue
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+    return read
+
+
+_policy_env = env_reader("FASTRNN_POLICY")
+
+
+def env() -> str:
+    """The value of FASTRNN_POLICY ('' when unset)."""
+    return _policy_env() or ""
+
+
 def current() -> dict:
     """The table in force (see the module docstring), loaded once per value of ``FASTRNN_POLICY``."""
-    env = os.environ.get("FASTRNN_POLICY", "")
+    env = _policy_env() or ""
     if env not in _loaded:
         if env == "builtin":
             table = builtin()
@@ -192,3 +215,4 @@ def forget() -> None:
     global generation
     _loaded.clear()
     generation += 1
+

@@ -69,6 +69,55 @@ def test_raw_ops_check_their_arguments():
         op.rnn_cell_fwd(x, torch.randn(4, 5), None, torch.randn(4, 4), None, torch.zeros(3, 4), "tanh")
 
 
+def _fused_args(family, entry, T, B, I, H, dtype, bias=True):
+    """Random arguments of the cpp backend's ``<family>_<entry>_fwd`` (entry 'cell' or 'chunk')."""
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    lead = (T, B) if entry == "chunk" else (B,)
+    args = [r(*lead, I), r(G * H, I), r(G * H) if bias else None, r(G * H, H), r(G * H) if bias else None]
+    if family == "lstm":
+        args += [None, None, r(B, H), r(B, H)]
+    else:
+        args += [r(B, H)]
+    if entry == "chunk":
+        args.append(False)
+    return args + {"lstm": [False], "gru": [], "rnn": ["tanh"]}[family]
+
+
+@pytest.mark.parametrize("threads", ["one", "team"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_direct_inference_entries_equal_the_ops(family, dtype, threads):
+    """The fast paths call the inference entries through the extension's direct bindings (no dispatcher):
+    the backend hands those out, and they give the registered ops' results bit for bit, over shapes that
+    take the per-thread scratch stack, its overflow to malloc (a first call larger than the stack) and
+    the pool (a panel of 1 MiB and more), with and without biases; bad arguments raise the ops'
+    RuntimeError."""
+    for entry in ("cell", "chunk"):
+        assert getattr(cpp.BACKEND, f"{family}_{entry}_fwd") is getattr(cpp._C, f"{family}_{entry}_fwd")
+    old = cpp.BACKEND.set_parallel_min_macs(0) if threads == "team" else None
+    try:
+        torch.manual_seed(0)
+        for entry, T, B, I, H, bias in (("cell", 1, 1, 8, 5, True), ("cell", 1, 3, 21, 40, False),
+                                        ("chunk", 4, 2, 300, 260, True), ("chunk", 3, 1, 7, 17, False),
+                                        ("cell", 1, 2, 6, 33, True)):
+            args = _fused_args(family, entry, T, B, I, H, dtype, bias)
+            name = f"{family}_{entry}_fwd"
+            want = getattr(torch.ops.fastrnn_cpp, name)(*args)
+            got = getattr(cpp._C, name)(*args)
+            want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.dtype == dtype and torch.equal(g, w), (name, T, B, I, H)
+        bad = _fused_args(family, "cell", 1, 2, 5, 4, dtype)
+        bad[1] = torch.randn(bad[1].shape[0], 6, dtype=dtype)
+        with pytest.raises(RuntimeError, match=r"w_ih must have shape"):
+            getattr(cpp._C, f"{family}_cell_fwd")(*bad)
+    finally:
+        if old is not None:
+            cpp.BACKEND.set_parallel_min_macs(old)
+
+
 def test_no_compiler_means_unavailable_with_the_reason(monkeypatch):
     """Without a prebuilt extension and with a failing build, the backend reports why; fastrnn works."""
     from torch.utils import cpp_extension

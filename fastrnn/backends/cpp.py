@@ -117,12 +117,17 @@ class CppBackend(Backend):
         _C.empty_cache()
 
     def __getattr__(self, name):
-        # the contract's methods are the extension's ops of the same names and arguments
+        # the contract's methods are the extension's ops of the same names and arguments; the optional
+        # inference entries, which only the fast paths call (nothing traces or differentiates them there:
+        # ops.can_skip_ops), are the extension's direct bindings of the same functions, without the
+        # dispatcher's boxed call (~3 us of a cell call, benchmarks/NOTES.md)
         if OPS is not None and name in _OP_NAMES:
             return getattr(OPS, name)
+        if _C is not None and name in _DIRECT_NAMES:
+            return getattr(_C, name)
         raise AttributeError(name)
 
 
-_OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")} | {
-    f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk")}  # the contract's optional ones
+_OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")}
+_DIRECT_NAMES = {f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk")}  # the optional ones
 BACKEND = CppBackend()
