@@ -491,6 +491,9 @@ void run_team(int nw, Body body) {
 
 // Packing costs about one pass over the weights; it pays from a few steps on.
 constexpr int64_t PACK_MIN_STEPS = 3;
+// The input projection inside a call (InputProj) packs W_ih from this many rows (T x B): the packed
+// GEMM's row blocks are 8 rows (NOTES.md, twelfth session).
+constexpr int64_t PACK_IN_ROWS = 8;
 
 // How many workers split a call: one unless each step's GEMM has enough multiply-adds to pay for a
 // barrier per step (~0.3 us here), and never more than torch's threads or than unit blocks.
@@ -658,6 +661,13 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
   std::memcpy(hb + B * P, a.h0, sizeof(T) * B * P);
   T* pan = panel.data(), *prb = pre.data(), *panr = panel_r.data(), *prr = pre_r.data();
+  // the input projection inside the call (InputProj) over at least PACK_IN_ROWS rows: packed, as the
+  // recurrent product (its panel and the product's rows, per worker)
+  const int64_t I = a.in.I;
+  const bool pack_in = a.in.x && T_ > 1 && T_ * B >= PACK_IN_ROWS;
+  constexpr int64_t IN_ROWS = 128;  // rows a block of the packed projection (its output stays in L2)
+  Scratch<T> panel_in(pack_in ? nw * I * ncols : 0), xin_buf(pack_in ? nw * IN_ROWS * ncols : 0);
+  T* pin = panel_in.data(), *xin = xin_buf.data();
 
   run_team(nw, [&](int wb, int we, Barrier& bar) {
     for (int w = wb; w < we && packed; ++w) {
@@ -675,7 +685,31 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
     const bool all_first = a.in.x && T_ > 1;  // see InputProj
     for (int w = wb; w < we && all_first; ++w) {
       const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-      if (nu > 0) project_input(a, 0, T_ * B, u0, nu);
+      if (nu <= 0) continue;
+      if (!pack_in) {
+        project_input(a, 0, T_ * B, u0, nu);
+        continue;
+      }
+      // many rows: the worker's rows of W_ih packed like its W_hh panel, then per block of rows one
+      // packed GEMM into the worker's `xin` [IN_ROWS, G*U], scattered (plus the bias) into xw's gates
+      T* pi = pin + w * I * ncols;
+      T* xo = xin + w * IN_ROWS * ncols;
+      pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
+        const int64_t u = u0 + n % U;
+        return u < H ? (n / U) * H + u : int64_t(-1);
+      }, pi);
+      const int64_t GH = a.G * H;
+      for (int64_t r0 = 0; r0 < T_ * B; r0 += IN_ROWS) {
+        const int64_t rows = std::min(IN_ROWS, T_ * B - r0);
+        gemm_packed(rows, I, a.in.x + r0 * I, I, pi, ncb, xo, ncols);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < a.G; ++g) {
+            T* dst = a.in.xw + (r0 + r) * GH + g * H + u0;
+            const T* src = xo + r * ncols + g * U;
+            const T* bias = a.in.b_ih ? a.in.b_ih + g * H + u0 : nullptr;
+            for (int64_t j = 0; j < nu; ++j) dst[j] = bias ? src[j] + bias[j] : src[j];
+          }
+      }
     }
     for (int64_t it = 0; it < T_; ++it) {
       const int64_t t = a.reverse ? T_ - 1 - it : it;

@@ -4,6 +4,8 @@
 import contextlib
 import io
 
+import math
+
 import pytest
 import torch
 
@@ -98,19 +100,20 @@ def test_unbatched(name):
 
 
 def test_when_the_path_is_not_taken():
-    """Past chunk_max_rows, with autograd, with a PackedSequence, on a backend without the op: the general
-    path (projection, then the sequence op)."""
+    """cpp's chunk op serves dense inference sequences of any length (``chunk_max_rows`` is unbounded;
+    numba's bound is in test_numba_fused.py); with autograd, with a PackedSequence, on a backend without
+    the op: the general path (projection, then the sequence op)."""
+    assert MAX_ROWS == math.inf
     torch.manual_seed(0)
     m = fastrnn.GRU(6, 10, num_layers=2, dropout=0.5)
     m.eval()
-    cases = [(torch.randn(MAX_ROWS + 1, 1, 6), "no_grad"), (torch.randn(4, 4, 6), "no_grad"),
-             (torch.randn(1, MAX_ROWS + 1, 6), "no_grad"), (torch.randn(2, 2, 6), "grad")]
+    cases = [(torch.randn(300, 1, 6), "no_grad"), (torch.randn(4, 4, 6), "no_grad"),
+             (torch.randn(1, 70, 6), "no_grad"), (torch.randn(2, 2, 6), "grad")]
     for x, mode in cases:
         with torch.set_grad_enabled(mode == "grad"), dispatch.record_calls() as ran:
             m(x)
-        rows = x.shape[0] * x.shape[1]
-        want = "gru_chunk_fwd" if rows <= MAX_ROWS and mode == "no_grad" else "gru_seq_fwd"
-        assert set(ran) == {(want, "cpp")}, (rows, mode)
+        want = "gru_chunk_fwd" if mode == "no_grad" else "gru_seq_fwd"
+        assert set(ran) == {(want, "cpp")}, (x.shape, mode)
     # training mode with dropout: still the op per layer, with the dropout drawn between the layers
     x = torch.randn(2, 2, 6)
     with torch.no_grad():
@@ -299,7 +302,7 @@ def test_raw_op_checks():
 @pytest.mark.parametrize("name", ["LSTM-2L-bi", "LSTM-proj-bi", "LSTM-peephole-coupled", "GRU", "RNN-tanh-bi"])
 def test_threaded_chunks(name, dtype):
     """The chunk op split over torch's threads (each worker projects its own units' rows of all steps
-    first, then runs the loop): torch.nn's values, at a hidden size that leaves the last
+    first, packed from 8 rows and in blocks of 128, then runs the loop): torch.nn's values, at a hidden size that leaves the last
     worker a partial block. Forced on small shapes by dropping the split threshold."""
     from fastrnn.backends import cpp
     if torch.get_num_threads() < 2:
@@ -308,7 +311,7 @@ def test_threaded_chunks(name, dtype):
     ours, ref = _pair(name, dtype, hidden=40)
     old = cpp.BACKEND.set_parallel_min_macs(0)
     try:
-        for T, B in ((1, 2), (7, 3), (MAX_ROWS, 1)):
+        for T, B in ((1, 2), (7, 3), (40, 1), (3, 50)):  # past 8 rows the projection is packed
             x = torch.randn(T, B, 6, dtype=dtype)
             hx = _state(ours, B, dtype)
             with torch.no_grad():

@@ -47,7 +47,7 @@ def _modules(name, kw, dtype, I=8, H=12):
 @pytest.mark.parametrize("name", list(CASES))
 def test_outputs_rounded_once(name, dtype):
     ours, truth = _modules(name, CASES[name], dtype)
-    x = torch.randn(12, 3, 8).to(dtype)  # 36 rows: the sequence op (test_chunk covers the chunk op's)
+    x = torch.randn(12, 3, 8).to(dtype)  # 36 rows: the chunk op (inference), its projection packed
     h0 = None
     if not name.startswith("LSTM"):  # with a given initial state too
         D = 2 if ours.bidirectional else 1
@@ -56,7 +56,7 @@ def test_outputs_rounded_once(name, dtype):
         with dispatch.record_calls() as ran:
             y, st = ours(x, h0)
         y64, st64 = truth(x.double(), None if h0 is None else h0.double())
-    assert backends_used(ran) == {"cpp"} and {op for op, _ in ran} == {f"{name.split('-')[0].lower()}_seq_fwd"}
+    assert backends_used(ran) == {"cpp"} and {op for op, _ in ran} == {f"{name.split('-')[0].lower()}_chunk_fwd"}
     within_half_ulp(y, y64, dtype)
     for s, s64 in zip(st if isinstance(st, tuple) else (st,), st64 if isinstance(st64, tuple) else (st64,)):
         within_half_ulp(s, s64, dtype)
@@ -267,7 +267,7 @@ def test_autocast_under_torch_compile():
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("T", [2, 40], ids=["chunk", "seq"])  # 40 x B rows: past chunk_max_rows
+@pytest.mark.parametrize("T", [2, 40], ids=["short", "long"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_autocast_other_inputs(name, T, grad):
     """Under autocast torch.nn also takes a bfloat16 module, a bfloat16 input for a float32 module, and

@@ -80,8 +80,8 @@ Optional, for inference: ``<f>_chunk_fwd(x, w_ih, b_ih, *weights, *state0, rever
 with the backend attribute ``chunk_max_rows``: a whole dense sequence (x [T,B,I], no lengths) with the
 input projection inside the call, as ``<f>_seq_fwd`` with ``save`` False computes it from ``xw``.
 ``fastrnn.functional`` calls it directly, on the same conditions as ``<f>_cell_fwd``, for a
-layer-direction of at most ``chunk_max_rows`` rows (T x B): the short chunks of a stream, where one
-call beats a separate projection and recurrence.
+layer-direction of at most ``chunk_max_rows`` rows (T x B; ``math.inf``: any length): at least the short
+chunks of a stream, where one call beats a separate projection and recurrence.
 
 Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
 from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the

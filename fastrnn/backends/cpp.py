@@ -8,6 +8,7 @@ reports how long that took; with no compiler the backend is unavailable with the
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -57,10 +58,10 @@ class CppBackend(Backend):
     # and torch's own bf16 RNNs run 1.1-4x slower than its float32 ones: benchmarks/NOTES.md), so half
     # precision modules run in float32: rounded once, at the layer's outputs
     compute_dtypes = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
-    # the contract's optional <family>_chunk_fwd pays up to this many rows (T x B) per layer-direction:
-    # beyond it (~48-64 rows at H=256) the input projection as one GEMM wins (benchmarks/NOTES.md,
-    # "Short sequences" and the seventh session)
-    chunk_max_rows = 32
+    # the contract's optional <family>_chunk_fwd serves every dense inference sequence: with its input
+    # projection packed per worker (from 8 rows) it beats a separate GEMM and sequence op at every shape
+    # measured, B1 to B64, T up to 400 (benchmarks/NOTES.md, twelfth session)
+    chunk_max_rows = math.inf
     # the cell options: zoneout and recurrent dropout on any number of workers; layer norm (its statistics
     # span a row's units) on one
     features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
