@@ -81,9 +81,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction set the kernels were dispatched to on this CPU");
   m.def("debug_build", &debug_build, "whether this is a debug build (FASTRNN_DEBUG_BUILD=1)");
   m.def("parallel_min_macs", []() { return fastrnn::parallel_min_macs().load(); },
-        "multiply-adds a step's GEMM needs before a call is split over threads");
+        "C of the team rule: a call of T steps splits over threads when a step's multiply-adds exceed "
+        "C/8 + C/T (recurrence.h, team_size)");
   m.def("set_parallel_min_macs", [](int64_t v) { fastrnn::parallel_min_macs().store(v); },
-        "set that threshold (0: always split when there are at least two unit blocks)");
+        "set C (0: always split when there are at least two unit blocks)");
   m.def("cache_info", &fastrnn::cache_info,
         "the large-buffer cache: (bytes handed out, bytes idle, most idle bytes kept)");
   m.def("empty_cache", &fastrnn::empty_cache, "free the large-buffer cache's idle blocks");

@@ -495,16 +495,20 @@ constexpr int64_t PACK_MIN_STEPS = 3;
 // GEMM's row blocks are 8 rows (NOTES.md, twelfth session).
 constexpr int64_t PACK_IN_ROWS = 8;
 
-// How many workers split a call: one unless each step's GEMM has enough multiply-adds to pay for a
-// barrier per step (~0.3 us here), and never more than torch's threads or than unit blocks.
-// The threshold is settable (tests force the threaded path on small shapes).
+// How many workers split a call: one unless the work pays for a team. Half the work a step against a
+// barrier a step (~0.3 us) and the team's start once a call (~3 us): with C = parallel_min_macs (the
+// call's share, default 65536 multiply-adds) a call of T steps splits when macs_per_step > C/8 + C/T.
+// A batch-1 cell (T = 1) needs ~74K (an LSTM cell from H ~ 96); a sequence ~8K a step (LSTM and GRU from
+// H = 64, RNN from H ~ 96: NOTES.md, twelfth session). Never more workers than torch's threads or
+// unit blocks. The threshold is settable (tests force the threaded path on small shapes with 0).
 inline std::atomic<int64_t>& parallel_min_macs() {
   static std::atomic<int64_t> value{int64_t(1) << 16};
   return value;
 }
 
-inline int team_size(int64_t macs_per_step, int64_t units, int64_t block) {
-  if (macs_per_step < parallel_min_macs().load(std::memory_order_relaxed) || at::in_parallel_region()) return 1;
+inline int team_size(int64_t macs_per_step, int64_t steps, int64_t units, int64_t block) {
+  const int64_t c = parallel_min_macs().load(std::memory_order_relaxed);
+  if (macs_per_step * steps < (c / 8) * steps + c || at::in_parallel_region()) return 1;
   const int64_t blocks = (units + block - 1) / block;
   return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
 }
@@ -522,7 +526,7 @@ struct Layout {
 
 inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block,
                      int64_t input_size = 0) {
-  const int nw = team_size(B * G * H * (P + input_size), H, block);
+  const int nw = team_size(B * G * H * (P + input_size), std::max<int64_t>(T, 1), H, block);
   const int64_t U = round_up((H + nw - 1) / nw, block);
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }

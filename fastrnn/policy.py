@@ -4,7 +4,7 @@
 PackedSequence, none of fastrnn's additions: what the table measures) whose shape class the module
 passes; every other call follows the static priority lists in ``fastrnn.dispatch``. On CUDA, every dtype. A class
 is a short string (``shape_class``): the scope (whole sequences or one cell step), inference or
-training (a gradient will follow), and the batch size in three bands; a sequence call of one step in
+training (a gradient will follow), and the batch size in four bands (1, 2-7, 8-31, 32+); a sequence call of one step in
 inference (the chunks of a stream) is a class of its own. A ranking lists backend names fastest first,
 ``torch`` (torch.nn's own implementation) among them; the automatic choice takes the first that can serve
 the call and is allowed (``torch`` is skipped while torch.compile or another tracer records the call),
@@ -29,14 +29,16 @@ import os
 import re
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 2  # 2: the batch bands B2-7 and B8-31 (format 1 had B2-31)
 FAMILIES = ("lstm", "gru", "rnn")
 #: sequences: inference or training x batch band (or a one-step chunk), each for hidden sizes up to
 #: WIDE_H and above it (where the weights leave the L2s and the backends' order changes: LSTM B8 H1024,
 #: cpp 1.36x torch.nn, against 0.84x at B16 H256; benchmarks/NOTES.md)
 WIDE_H = 384
-_SEQ_BASE = ("inference B1", "inference B2-31", "inference B32+", "inference T1",
-             "training B1", "training B2-31", "training B32+")
+#: batch bands: the LSTM order changes inside 2-31 (cpp ahead at B4, torch.nn's oneDNN from B8 at H=256,
+#: benchmarks/NOTES.md, "A hidden-size band in the policy table")
+BANDS = ("B1", "B2-7", "B8-31", "B32+")
+_SEQ_BASE = (*(f"inference {b}" for b in BANDS), "inference T1", *(f"training {b}" for b in BANDS))
 SEQ_CLASSES = _SEQ_BASE + tuple(f"{c} H>{WIDE_H}" for c in _SEQ_BASE)
 STEP_CLASSES = ("inference B1", "inference B2+", "training")
 
@@ -50,7 +52,7 @@ def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0) -> str:
     wide = f" H>{WIDE_H}" if H > WIDE_H else ""
     if not grad and T == 1:
         return "inference T1" + wide
-    band = "B1" if B == 1 else ("B2-31" if B < 32 else "B32+")
+    band = "B1" if B == 1 else "B2-7" if B < 8 else "B8-31" if B < 32 else "B32+"
     return ("training " if grad else "inference ") + band + wide
 
 
@@ -61,35 +63,45 @@ def keys() -> list[str]:
 
 
 # The built-in rankings (fastest first), one table per CPU vendor, from measurements on the machines of
-# this project (benchmarks/NOTES.md, "The policy table"): AMD from three `python -m fastrnn.tune` runs on a
-# Zen 4 EPYC (2026-12-03); Intel from `make bench` on a Xeon (2026-12-01) for the classes it times
-# (sequences at batch 1, 16 and 64, one-step chunks, batch-1 cells) and the AMD ranking for the others.
-# A CPU of another vendor gets the Intel table.
-def _table(seq_lstm, seq_other, t1, step):
+# this project (benchmarks/NOTES.md, "The policy table"): AMD from `python -m fastrnn.tune` runs on a Zen 4
+# EPYC (three on 2026-12-03 before the batch bands of format 2, two after them and after the chunk op
+# took every dense inference sequence); Intel from `make bench` on a Xeon (2026-12-01) for the classes it
+# times (sequences at batch 1, 16 and 64, one-step chunks, batch-1 cells) and the AMD ranking for the
+# others. A CPU of another vendor gets the Intel table.
+def _table(seq_lstm, seq_other, t1, step, overrides=()):
     out = {}
     for f in FAMILIES:
         for c in SEQ_CLASSES:
             out[f"{f} seq {c}"] = t1[f] if c.startswith("inference T1") else (seq_lstm[c] if f == "lstm" else seq_other)
         for c in STEP_CLASSES:
             out[f"{f} step {c}"] = step[f][c]
+    out.update(overrides)
     return out
 
 
 _CNT = ("cpp", "numba", "torch", "reference")
 _CTN = ("cpp", "torch", "numba", "reference")
 _TCN = ("torch", "cpp", "numba", "reference")
+_NCT = ("numba", "cpp", "torch", "reference")
 _STEP_T = ("torch", "cpp", "numba", "reference")
 _STEP_C = ("cpp", "torch", "numba", "reference")
-# the LSTM above WIDE_H (tune at H=768, 2026-12-03): cpp at B1 and B2-31 in inference, torch.nn's oneDNN at B32+
-# and in training from B2 (75.6 vs 89.8 ms at B16)
+# the LSTM above WIDE_H (tune at H=768, two runs): cpp first in inference (B8-31: 22.3 / 23.7 ms against
+# torch.nn's 27.7 / 24.4; B32+ 42.4 / 40.9 against 42.7 / 42.6), torch.nn's oneDNN in training from B8
+# (72.5 vs 80.5 ms at B16); numba's training at B1 and B2-7 (14.9 / 18.6 ms at B1 against cpp's 16.4 / 20.9)
 _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
-    ("inference B1", _CNT), ("inference B2-31", _CTN), ("inference B32+", _TCN), ("inference T1", _CNT),
-    ("training B1", _CNT), ("training B2-31", _TCN), ("training B32+", _TCN))}
+    ("inference B1", _CNT), ("inference B2-7", _CNT), ("inference B8-31", _CTN), ("inference B32+", _CTN),
+    ("inference T1", _CNT), ("training B1", _NCT), ("training B2-7", _NCT), ("training B8-31", _TCN),
+    ("training B32+", _TCN))}
+# the GRU above WIDE_H in training at B1 and B2-7: numba (16.9 / 17.6 ms at B1 against cpp's 19.4 / 20.2)
+_AMD_GRU_WIDE = {f"gru seq training {b} H>{WIDE_H}": _NCT for b in ("B1", "B2-7")}
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T} for f in FAMILIES}
 _BUILTIN_CPU = {
-    "amd": _table({"inference B1": _CNT, "inference B2-31": _TCN, "inference B32+": _TCN, "training B1": _CTN,
-                   "training B2-31": _TCN, "training B32+": _TCN, **_AMD_LSTM_WIDE},
-                  _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
+    # the LSTM up to WIDE_H: cpp at B1 and B2-7 in inference (B4: 2.9 / 3.8 ms against torch.nn's 4.4 / 5.8),
+    # torch.nn's oneDNN from B8 (B16: 10.1 / 11.8 against cpp's 10.0 / 12.4) and in training from B2
+    "amd": _table({"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _TCN, "inference B32+": _TCN,
+                   "training B1": _CTN, "training B2-7": _TCN, "training B8-31": _TCN, "training B32+": _TCN,
+                   **_AMD_LSTM_WIDE},
+                  _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP, _AMD_GRU_WIDE),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
                     {"lstm": _CNT, "gru": _CTN, "rnn": _TCN},
                     {"lstm": {**_AMD_STEP["lstm"], "inference B1": _STEP_T}, "gru": _AMD_STEP["gru"],

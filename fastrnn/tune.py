@@ -27,9 +27,9 @@ H_WIDE = 768  # of the sequences above it
 SEQ = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 CELL = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
 # the representative call of each class: (T, B) for sequences (the wide band: shorter), (B, steps) for cells
-SEQ_SHAPES = {"inference B1": (100, 1), "inference B2-31": (100, 16), "inference B32+": (50, 64),
-              "inference T1": (1, 1), "training B1": (100, 1), "training B2-31": (100, 16),
-              "training B32+": (50, 64)}
+SEQ_SHAPES = {"inference B1": (100, 1), "inference B2-7": (100, 4), "inference B8-31": (100, 16),
+              "inference B32+": (50, 64), "inference T1": (1, 1), "training B1": (100, 1), "training B2-7": (100, 4),
+              "training B8-31": (100, 16), "training B32+": (50, 64)}
 SEQ_SHAPES.update({f"{c} H>{policy.WIDE_H}": (max(1, T // 4), B) for c, (T, B) in list(SEQ_SHAPES.items())})
 STEP_SHAPES = {"inference B1": (1, 50), "inference B2+": (16, 50), "training": (16, 20)}
 STREAM_CALLS = 50  # calls of one step each in the 'inference T1' class, state carried

@@ -36,16 +36,17 @@ def use_table(monkeypatch, tmp_path):
 
 def test_shape_classes():
     sc = policy.shape_class
-    assert [sc("seq", False, 1, 100), sc("seq", False, 16, 100), sc("seq", False, 31, 2), sc("seq", False, 32, 2),
-            sc("seq", False, 64, 1), sc("seq", True, 1, 1), sc("seq", True, 40, 100)] == \
-        ["inference B1", "inference B2-31", "inference B2-31", "inference B32+", "inference T1", "training B1",
-         "training B32+"]
+    assert [sc("seq", False, 1, 100), sc("seq", False, 2, 100), sc("seq", False, 7, 100), sc("seq", False, 8, 100),
+            sc("seq", False, 31, 2), sc("seq", False, 32, 2), sc("seq", False, 64, 1), sc("seq", True, 1, 1),
+            sc("seq", True, 4, 10), sc("seq", True, 40, 100)] == \
+        ["inference B1", "inference B2-7", "inference B2-7", "inference B8-31", "inference B8-31", "inference B32+",
+         "inference T1", "training B1", "training B2-7", "training B32+"]
     assert [sc("step", False, 1), sc("step", False, 2), sc("step", True, 1)] == \
         ["inference B1", "inference B2+", "training"]
     assert [sc("seq", False, 8, 50, 384), sc("seq", False, 8, 50, 385), sc("seq", True, 1, 1, 1024),
             sc("seq", False, 1, 1, 1024), sc("step", False, 1, 1, 1024)] == \
-        ["inference B2-31", "inference B2-31 H>384", "training B1 H>384", "inference T1 H>384", "inference B1"]
-    assert len(policy.keys()) == 3 * (2 * 7 + 3)
+        ["inference B8-31", "inference B8-31 H>384", "training B1 H>384", "inference T1 H>384", "inference B1"]
+    assert len(policy.keys()) == 3 * (2 * 9 + 3)
 
 
 @pytest.mark.parametrize("vendor", ["amd", "intel", "other"])

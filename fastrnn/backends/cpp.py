@@ -87,7 +87,9 @@ class CppBackend(Backend):
 
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
-        """Multiply-adds a step needs before a call is split over threads; returns the old value."""
+        """Set C of the rule that splits a call of T steps over threads when a step's multiply-adds exceed
+        C/8 + C/T (csrc/recurrence.h, ``team_size``; 0 splits every call with two unit blocks); returns
+        the old value."""
         old = _C.parallel_min_macs()
         _C.set_parallel_min_macs(value)
         return old
