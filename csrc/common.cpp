@@ -70,6 +70,7 @@ at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::op
   check_float(x, "x", x);
   TORCH_CHECK(x.dim() == (steps ? 3 : 2), "fastrnn cpp backend: x must be ", steps ? "[T, B, I]" : "[B, I]", ", got ",
               x.sizes());
+  TORCH_CHECK(x.size(-1) > 0, "fastrnn cpp backend: x must have at least one input feature, got ", x.sizes());
   check_tensor(w_ih, "w_ih", {GH, x.size(-1)}, x);
   check_opt(b_ih, "b_ih", {GH}, x);
   return steps ? pool_empty({x.size(0), x.size(1), GH}, x.options()) : at::empty({1, x.size(0), GH}, x.options());

@@ -423,7 +423,7 @@ class Scratch {
       return;
     }
     Arena& a = arena();
-    if (a.top == 0 && a.want > a.cap) {
+    if (a.top == 0 && std::min(a.want, kArenaMax) > a.cap) {
       std::free(a.block);
       a.cap = std::min(a.want, kArenaMax);
       a.block = static_cast<char*>(std::aligned_alloc(64, a.cap));
@@ -508,7 +508,7 @@ inline std::atomic<int64_t>& parallel_min_macs() {
 
 inline int team_size(int64_t macs_per_step, int64_t steps, int64_t units, int64_t block) {
   const int64_t c = parallel_min_macs().load(std::memory_order_relaxed);
-  if (macs_per_step * steps < (c / 8) * steps + c || at::in_parallel_region()) return 1;
+  if (macs_per_step - c / 8 <= c / steps || at::in_parallel_region()) return 1;  // (no overflow for any C)
   const int64_t blocks = (units + block - 1) / block;
   return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
 }
@@ -668,7 +668,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   // the input projection inside the call (InputProj) over at least PACK_IN_ROWS rows: packed, as the
   // recurrent product (its panel and the product's rows, per worker)
   const int64_t I = a.in.I;
-  const bool pack_in = a.in.x && T_ > 1 && T_ * B >= PACK_IN_ROWS;
+  const bool pack_in = a.in.x && T_ > 1 && T_ * B >= PACK_IN_ROWS && I > 0;
   constexpr int64_t IN_ROWS = 128;  // rows a block of the packed projection (its output stays in L2)
   Scratch<T> panel_in(pack_in ? nw * I * ncols : 0), xin_buf(pack_in ? nw * IN_ROWS * ncols : 0);
   T* pin = panel_in.data(), *xin = xin_buf.data();

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import os
 from dataclasses import dataclass, field
 
 import torch

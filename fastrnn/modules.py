@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
-from .functional import _PLAIN, autocast_dtype, cell_step, chunk_layers, rnn_layers
+from .functional import autocast_dtype, cell_step, chunk_layers, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
 # projection too, so its xw matches its state; the input and a given state are cast to it first, as

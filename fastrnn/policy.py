@@ -225,4 +225,3 @@ def forget() -> None:
     global generation
     _loaded.clear()
     generation += 1
-

@@ -118,6 +118,18 @@ def test_direct_inference_entries_equal_the_ops(family, dtype, threads):
             cpp.BACKEND.set_parallel_min_macs(old)
 
 
+def test_inference_entries_refuse_an_empty_input():
+    """The raw inference entries refuse an input size of 0 (the modules refuse input_size=0 as torch.nn
+    does; an empty x has no data pointer, which the kernels would take for 'no input projection')."""
+    H = 20
+    for fn in (torch.ops.fastrnn_cpp.gru_chunk_fwd, cpp._C.gru_chunk_fwd):
+        with pytest.raises(RuntimeError, match="at least one input feature"):
+            fn(torch.empty(12, 2, 0), torch.empty(3 * H, 0), None, torch.randn(3 * H, H), None, torch.zeros(2, H), False)
+    for fn in (torch.ops.fastrnn_cpp.gru_cell_fwd, cpp._C.gru_cell_fwd):
+        with pytest.raises(RuntimeError, match="at least one input feature"):
+            fn(torch.empty(2, 0), torch.empty(3 * H, 0), None, torch.randn(3 * H, H), None, torch.zeros(2, H))
+
+
 def test_no_compiler_means_unavailable_with_the_reason(monkeypatch):
     """Without a prebuilt extension and with a failing build, the backend reports why; fastrnn works."""
     from torch.utils import cpp_extension
