@@ -51,6 +51,10 @@ TORCH_LIBRARY(fastrnn_cpp, m) {
   m.def("empty(int[] size, ScalarType dtype) -> Tensor");
 }
 
+namespace fastrnn {
+void bind_quant(pybind11::module& m);  // quant.cpp: the quantized inference kernels
+}
+
 namespace {
 
 // Which build of the FASTRNN_CLONES functions runs on this CPU (GCC's resolver takes the best one the
@@ -107,4 +111,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cache_cap", &fastrnn::set_cache_cap, pybind11::arg("bytes"), pybind11::arg("trim") = true,
         "set the most idle bytes the large-buffer cache keeps (0 turns it off; trim: free the idle blocks "
         "when lowering it); returns the old limit");
+  fastrnn::bind_quant(m);
 }

@@ -12,9 +12,10 @@ from .convert import convert
 from .cuda_graph import cuda_graphed
 from .dispatch import BACKEND_NAMES, BackendNotSupportedError, available_backends, use_backend
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .quantized import quantize
 
 _compile.install()
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "available_backends",
-           "use_backend", "BackendNotSupportedError", "BACKEND_NAMES", "cuda_graphed"]
+           "use_backend", "BackendNotSupportedError", "BACKEND_NAMES", "cuda_graphed", "quantize"]
