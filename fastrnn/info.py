@@ -50,6 +50,9 @@ def report() -> str:
         devices = [d for d in ("cpu", "cuda") if name in dispatch.available_backends(d)
                    or (name == "torch" and (d == "cpu" or torch.cuda.is_available()))]
         lines.append(f"  {name:10s} available (serves: {', '.join(devices) or 'no device present here'})")
+    from .quantized import kernel_path
+    lines += ["", f"quantized products (fastrnn.quantize, cpp): int8 {kernel_path(torch.qint8)}; "
+                  f"bfloat16 {kernel_path(torch.bfloat16)}"]
     return "\n".join(lines + [""] + policy_report())
 
 
