@@ -25,6 +25,8 @@
 
 #include <unistd.h>
 
+#include <limits>
+
 #include "recurrence.h"
 
 // GCC 12 warns of an uninitialized variable inside its own _mm512_setzero / _mm512_set1 headers at -O3
@@ -81,13 +83,20 @@ FASTRNN_CLONES void quant_rows_i8(const float* x, int64_t ldx, int64_t M, int64_
                                   float* scale) {
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * ldx;
-    float amax = 0.f, bad = 0.f;
+    // max |x| over the bit patterns (an integer max, which vectorizes; for floats that are not NaN the
+    // order of |x|'s bits is the order of |x|): a pattern from 0x7f800000 up is an inf or a NaN
+    uint32_t mbits = 0;
     for (int64_t k = 0; k < K; ++k) {
-      amax = std::max(amax, std::fabs(r[k]));
-      bad += r[k] * 0.f;  // NaN when the row has a NaN or an inf
+      uint32_t u;
+      std::memcpy(&u, r + k, 4);
+      mbits = std::max(mbits, u & 0x7fffffffu);
     }
+    const bool bad = mbits >= 0x7f800000u;
+    float amax;
+    std::memcpy(&amax, &mbits, 4);
+    if (bad) amax = 0.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    scale[m] = amax / 127.f + bad;
+    scale[m] = bad ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
     uint8_t* o = out + m * Kp;
     for (int64_t k = 0; k < K; ++k) {
       float q = std::nearbyint(r[k] * inv);
@@ -136,27 +145,31 @@ struct Prod {
 #define FASTRNN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define FASTRNN_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+// The accumulators are arrays of GCC vector types, not of __m512i / __m512: those carry __may_alias__,
+// which keeps GCC from putting an array of them in registers (it kept all 24 accumulators on the stack,
+// a store and two moves for each dot product: a third of the speed, NOTES.md).
+typedef int32_t vi32 __attribute__((vector_size(64)));
+typedef float vf32 __attribute__((vector_size(64)));
+
 template <int MR, int NV, int KS>
 FASTRNN_VNNI void mk_vnni(int64_t K4, const uint8_t* A, int64_t lda, const int8_t* P, const int32_t* csum,
                           const float* sw, const float* sx, const float* bias, float* out, int64_t ldo) {
-  __m512i acc[KS][MR][NV];
-#pragma GCC unroll 64
-  for (int s = 0; s < KS * MR * NV; ++s) (&acc[0][0][0])[s] = _mm512_setzero_si512();
+  vi32 acc[KS * MR * NV] = {};
   int64_t k = 0;
   for (; k + KS <= K4; k += KS) {
 #pragma GCC unroll 8
     for (int s = 0; s < KS; ++s) {
       const int8_t* p = P + (k + s) * NV * 64;
-      __m512i w[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512(p + v * 64);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         int32_t a4;
         std::memcpy(&a4, A + r * lda + (k + s) * 4, 4);
         const __m512i a = _mm512_set1_epi32(a4);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[s][r][v] = _mm512_dpbusd_epi32(acc[s][r][v], a, w[v]);
+        for (int v = 0; v < NV; ++v) {
+          vi32& c = acc[(s * MR + r) * NV + v];
+          c = (vi32)_mm512_dpbusd_epi32((__m512i)c, a, _mm512_loadu_si512(p + v * 64));
+        }
       }
     }
   }
@@ -168,7 +181,10 @@ FASTRNN_VNNI void mk_vnni(int64_t K4, const uint8_t* A, int64_t lda, const int8_
       std::memcpy(&a4, A + r * lda + k * 4, 4);
       const __m512i a = _mm512_set1_epi32(a4);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = _mm512_dpbusd_epi32(acc[0][r][v], a, _mm512_loadu_si512(p + v * 64));
+      for (int v = 0; v < NV; ++v) {
+        vi32& c = acc[r * NV + v];
+        c = (vi32)_mm512_dpbusd_epi32((__m512i)c, a, _mm512_loadu_si512(p + v * 64));
+      }
     }
   }
 #pragma GCC unroll 8
@@ -176,11 +192,11 @@ FASTRNN_VNNI void mk_vnni(int64_t K4, const uint8_t* A, int64_t lda, const int8_
     const __m512 s_r = _mm512_set1_ps(sx[r]);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      __m512i a = acc[0][r][v];
+      vi32 a = acc[r * NV + v];
 #pragma GCC unroll 8
-      for (int s = 1; s < KS; ++s) a = _mm512_add_epi32(a, acc[s][r][v]);
-      a = _mm512_sub_epi32(a, _mm512_slli_epi32(_mm512_loadu_si512(csum + v * L), 7));
-      __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), s_r), _mm512_loadu_ps(sw + v * L));
+      for (int s = 1; s < KS; ++s) a += acc[(s * MR + r) * NV + v];
+      const __m512i t = _mm512_sub_epi32((__m512i)a, _mm512_slli_epi32(_mm512_loadu_si512(csum + v * L), 7));
+      __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(t), s_r), _mm512_loadu_ps(sw + v * L));
       if (bias) f = _mm512_add_ps(f, _mm512_loadu_ps(bias + v * L));
       _mm512_storeu_ps(out + r * ldo + v * L, f);
     }
@@ -190,24 +206,22 @@ FASTRNN_VNNI void mk_vnni(int64_t K4, const uint8_t* A, int64_t lda, const int8_
 template <int MR, int NV, int KS>
 FASTRNN_BF16 void mk_bf16(int64_t K2, const uint16_t* A, int64_t lda, const uint16_t* P, const float* bias, float* out,
                           int64_t ldo) {
-  __m512 acc[KS][MR][NV];
-#pragma GCC unroll 64
-  for (int s = 0; s < KS * MR * NV; ++s) (&acc[0][0][0])[s] = _mm512_setzero_ps();
+  vf32 acc[KS * MR * NV] = {};
   int64_t k = 0;
   for (; k + KS <= K2; k += KS) {
 #pragma GCC unroll 8
     for (int s = 0; s < KS; ++s) {
       const uint16_t* p = P + (k + s) * NV * 32;
-      __m512bh w[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) w[v] = (__m512bh)_mm512_loadu_si512(p + v * 32);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         int32_t a2;
         std::memcpy(&a2, A + r * lda + (k + s) * 2, 4);
         const __m512bh a = (__m512bh)_mm512_set1_epi32(a2);
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[s][r][v] = _mm512_dpbf16_ps(acc[s][r][v], a, w[v]);
+        for (int v = 0; v < NV; ++v) {
+          vf32& c = acc[(s * MR + r) * NV + v];
+          c = (vf32)_mm512_dpbf16_ps((__m512)c, a, (__m512bh)_mm512_loadu_si512(p + v * 32));
+        }
       }
     }
   }
@@ -219,19 +233,22 @@ FASTRNN_BF16 void mk_bf16(int64_t K2, const uint16_t* A, int64_t lda, const uint
       std::memcpy(&a2, A + r * lda + k * 2, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(a2);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
-        acc[0][r][v] = _mm512_dpbf16_ps(acc[0][r][v], a, (__m512bh)_mm512_loadu_si512(p + v * 32));
+      for (int v = 0; v < NV; ++v) {
+        vf32& c = acc[r * NV + v];
+        c = (vf32)_mm512_dpbf16_ps((__m512)c, a, (__m512bh)_mm512_loadu_si512(p + v * 32));
+      }
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      __m512 f = acc[0][r][v];
+      vf32 f = acc[r * NV + v];
 #pragma GCC unroll 8
-      for (int s = 1; s < KS; ++s) f = _mm512_add_ps(f, acc[s][r][v]);
-      if (bias) f = _mm512_add_ps(f, _mm512_loadu_ps(bias + v * L));
-      _mm512_storeu_ps(out + r * ldo + v * L, f);
+      for (int s = 1; s < KS; ++s) f += acc[(s * MR + r) * NV + v];
+      __m512 o = (__m512)f;
+      if (bias) o = _mm512_add_ps(o, _mm512_loadu_ps(bias + v * L));
+      _mm512_storeu_ps(out + r * ldo + v * L, o);
     }
   }
 }
@@ -420,58 +437,86 @@ struct QAct {
 };
 
 // ---- the cells' pointwise passes on one tile: rows [mr] x units [nl <= 16] of one group -------------
-// pre: the recurrent products [mr][G*16]; xw: the projected input (+ biases) rows, stride ldx.
-FASTRNN_CLONES void point_lstm(int mr, int nl, const float* pre, const float* xw, int64_t ldx, float* c, int64_t ldc,
-                               const float* wch, int64_t H, bool coupled, float* h, int64_t ldh) {
-  const int G = coupled ? 3 : 4;
+// pre: the recurrent products [mr][G*16]; xw: the projected input (+ biases) rows, stride ldx (its padding
+// columns are there to read). Each row runs all 16 lanes with no branch (one AVX-512 vector each) on local
+// copies of the state, and stores its nl units.
+template <bool COUPLED, bool PEEP>
+FASTRNN_CLONES void point_lstm_t(int mr, int nl, const float* pre, const float* xw, int64_t ldx, float* c,
+                                 int64_t ldc, const float* wch, int64_t H, float* h, int64_t ldh) {
+  constexpr int G = COUPLED ? 3 : 4;
+  alignas(64) float w0[L] = {}, w1[L] = {}, w2[L] = {};
+  if (PEEP)
+    for (int l = 0; l < nl; ++l) {
+      w0[l] = wch[l];
+      w1[l] = wch[H + l];
+      w2[l] = wch[2 * H + l];
+    }
   for (int r = 0; r < mr; ++r) {
     const float* p = pre + r * G * L;
     const float* x = xw + r * ldx;
-    float* cr = c + r * ldc;
-    float* hr = h + r * ldh;
-    for (int l = 0; l < nl; ++l) {
+    alignas(64) float cp[L] = {}, cn[L], hn[L];
+    std::memcpy(cp, c + r * ldc, sizeof(float) * nl);
+    for (int l = 0; l < L; ++l) {
       float gi = p[l] + x[l];
-      float gf = coupled ? 0.f : p[L + l] + x[L + l];
+      float gf = COUPLED ? 0.f : p[L + l] + x[L + l];
       const float gg = p[(G - 2) * L + l] + x[(G - 2) * L + l];
       float go = p[(G - 1) * L + l] + x[(G - 1) * L + l];
-      const float cp = cr[l];
-      if (wch) {
-        gi = gi + wch[l] * cp;
-        gf = gf + wch[H + l] * cp;
+      if (PEEP) {
+        gi = gi + w0[l] * cp[l];
+        gf = gf + w1[l] * cp[l];
       }
       const float i = sigmoid_(gi);
-      const float f = coupled ? 1.f - i : sigmoid_(gf);
-      const float cn = f * cp + i * tanh_(gg);
-      if (wch) go = go + wch[2 * H + l] * cn;
-      cr[l] = cn;
-      hr[l] = sigmoid_(go) * tanh_(cn);
+      const float f = COUPLED ? 1.f - i : sigmoid_(gf);
+      const float cv = f * cp[l] + i * tanh_(gg);
+      if (PEEP) go = go + w2[l] * cv;
+      cn[l] = cv;
+      hn[l] = sigmoid_(go) * tanh_(cv);
     }
+    std::memcpy(c + r * ldc, cn, sizeof(float) * nl);
+    std::memcpy(h + r * ldh, hn, sizeof(float) * nl);
   }
+}
+
+void point_lstm(int mr, int nl, const float* pre, const float* xw, int64_t ldx, float* c, int64_t ldc,
+                const float* wch, int64_t H, bool coupled, float* h, int64_t ldh) {
+  if (coupled)
+    (wch ? point_lstm_t<true, true> : point_lstm_t<true, false>)(mr, nl, pre, xw, ldx, c, ldc, wch, H, h, ldh);
+  else
+    (wch ? point_lstm_t<false, true> : point_lstm_t<false, false>)(mr, nl, pre, xw, ldx, c, ldc, wch, H, h, ldh);
 }
 
 FASTRNN_CLONES void point_gru(int mr, int nl, const float* pre, const float* xw, int64_t ldx, const float* bhn,
                               const float* hp, int64_t ldp, float* h, int64_t ldh) {
+  alignas(64) float bn[L] = {};
+  if (bhn) std::memcpy(bn, bhn, sizeof(float) * nl);
   for (int r = 0; r < mr; ++r) {
     const float* p = pre + r * 3 * L;
     const float* x = xw + r * ldx;
-    for (int l = 0; l < nl; ++l) {
+    alignas(64) float hv[L] = {}, out[L];
+    std::memcpy(hv, hp + r * ldp, sizeof(float) * nl);
+    for (int l = 0; l < L; ++l) {
       const float rg = sigmoid_(x[l] + p[l]);
       const float z = sigmoid_(x[L + l] + p[L + l]);
-      const float hn = bhn ? p[2 * L + l] + bhn[l] : p[2 * L + l];
-      const float n = tanh_(x[2 * L + l] + rg * hn);
-      const float hprev = hp[r * ldp + l];
-      h[r * ldh + l] = (1.f - z) * n + z * hprev;
+      const float n = tanh_(x[2 * L + l] + rg * (p[2 * L + l] + bn[l]));
+      out[l] = (1.f - z) * n + z * hv[l];
     }
+    std::memcpy(h + r * ldh, out, sizeof(float) * nl);
   }
 }
 
 FASTRNN_CLONES void point_rnn(int mr, int nl, const float* pre, const float* xw, int64_t ldx, bool relu, float* h,
                               int64_t ldh) {
-  for (int r = 0; r < mr; ++r)
-    for (int l = 0; l < nl; ++l) {
-      const float v = pre[r * L + l] + xw[r * ldx + l];
-      h[r * ldh + l] = relu ? (v > 0.f ? v : (v == v ? 0.f : v)) : tanh_(v);
-    }
+  for (int r = 0; r < mr; ++r) {
+    alignas(64) float out[L];
+    if (relu)
+      for (int l = 0; l < L; ++l) {
+        const float v = pre[r * L + l] + xw[r * ldx + l];
+        out[l] = v > 0.f ? v : (v == v ? 0.f : v);
+      }
+    else
+      for (int l = 0; l < L; ++l) out[l] = tanh_(pre[r * L + l] + xw[r * ldx + l]);
+    std::memcpy(h + r * ldh, out, sizeof(float) * nl);
+  }
 }
 
 // ---- one layer-direction ----------------------------------------------------------------------------
