@@ -90,3 +90,8 @@ def all_cases(quick: bool) -> list[Case]:
             cases.append(Case("GRU", mode, 100, 16, 256, layers=2, bidirectional=True))
             cases.append(Case("GRU", mode, 100, 16, 256, packed=True))
     return cases
+
+
+def quantized_cases() -> list[Case]:
+    """Issue 20's grid for the quantized models: LSTM and GRU inference at T=100, B 1/16/64, H 256/512/1024."""
+    return [Case(cell, "inference", 100, B, H) for cell in ("LSTM", "GRU") for H in (256, 512, 1024) for B in (1, 16, 64)]

@@ -19,8 +19,10 @@ FASTRNN_CLASSES = {"LSTM": (fastrnn.LSTM, fastrnn.LSTMCell), "GRU": (fastrnn.GRU
 
 
 #: the peers: inference only (their rows are absent from training cases), each skipped with the printed
-#: reason when its package is missing (``peer_reasons``)
-PEERS = ("onnxruntime", "torch-int8")
+#: reason when its package is missing (``peer_reasons``); with them fastrnn's own quantized models
+#: (``fastrnn.quantize``), which are inference only too, and ONNX Runtime's quantized model
+QUANTIZED = ("fastrnn-int8", "fastrnn-bf16")
+PEERS = ("onnxruntime", "torch-int8", "onnxruntime-int8") + QUANTIZED
 #: fastrnn's automatic choice (the policy table in force: ``python -m fastrnn.info`` shows it)
 AUTO = "auto"
 
@@ -34,12 +36,18 @@ def provider_names(device: str) -> list[str]:
 
 def peer_reasons(peer: str) -> list[str]:
     """Why a peer cannot run here (empty: it can)."""
-    if peer == "onnxruntime":
+    if peer in ("onnxruntime", "onnxruntime-int8"):
         try:
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
+            if peer == "onnxruntime-int8":
+                import onnxruntime.quantization  # noqa: F401
         except ImportError as e:
             return [f"onnxruntime not installed ({e}); `make bench` installs it (the test extras)"]
+    if peer in QUANTIZED:
+        from fastrnn import quantized
+        if quantized._cpp() is None:
+            return [f"the cpp extension is not available: {quantized.kernel_path()}"]
     if peer == "torch-int8":
         try:
             from torch.ao.quantization import quantize_dynamic  # noqa: F401
@@ -54,7 +62,7 @@ def case_reasons(case: Case, provider: str) -> list[str]:
         return []
     if case.mode == "training":
         return ["inference only"]
-    if provider == "onnxruntime":
+    if provider in ("onnxruntime", "onnxruntime-int8"):
         if case.packed:
             return ["torch's ONNX exporter has no PackedSequence form"]
         if case.proj:
@@ -74,7 +82,7 @@ class OrtModule:
     execution provider: intra-op threads = the cores, idle threads not spinning (they would take the cores
     from the provider timed next). Called like the module: ``(x, state) -> (y, state)``, fixed shapes."""
 
-    def __init__(self, module, x, state):
+    def __init__(self, module, x, state, quantize=False):
         import onnxruntime as ort
         n_state = 2 if isinstance(module, torch.nn.LSTM) else 1
         flat = tuple(state) if n_state == 2 else (state,)
@@ -84,12 +92,24 @@ class OrtModule:
             warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
             torch.onnx.export(module, (x, flat if n_state == 2 else flat[0]), buf, dynamo=False, input_names=names,
                               output_names=["y"] + [f"o{k}" for k in range(n_state)])
+        model = buf.getvalue()
+        if quantize:  # ONNX Runtime's dynamic quantization: int8 weights (its LSTM becomes DynamicQuantizeLSTM)
+            import os
+            import tempfile
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            with tempfile.TemporaryDirectory() as d:
+                src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
+                with open(src, "wb") as f:
+                    f.write(model)
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+                with open(dst, "rb") as f:
+                    model = f.read()
         so = ort.SessionOptions()
         so.intra_op_num_threads = torch.get_num_threads()  # the threads torch.nn and fastrnn run on
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         self.names, self.n_state = names, n_state
         self.zeros = [torch.zeros_like(t) for t in flat]
         self.training = False
@@ -108,6 +128,8 @@ class OrtModule:
 
 
 def _peer(case: Case, provider: str, torch_module, x):
+    if provider in QUANTIZED:
+        return fastrnn.quantize(torch_module, torch.qint8 if provider == "fastrnn-int8" else torch.bfloat16)
     if provider == "torch-int8":
         from torch.ao.quantization import quantize_dynamic
         return quantize_dynamic(torch.nn.Sequential(torch_module), {torch.nn.LSTM, torch.nn.GRU, torch.nn.LSTMCell,
@@ -117,7 +139,7 @@ def _peer(case: Case, provider: str, torch_module, x):
     T = 1 if case.mode == "chunked" else case.T
     h = torch.zeros(D, case.B, case.H)
     state = (h, h.clone()) if case.cell == "LSTM" else h
-    return OrtModule(torch_module, x[:T], state)
+    return OrtModule(torch_module, x[:T], state, quantize=provider == "onnxruntime-int8")
 
 
 def _module(case: Case, provider: str, device, dtype):
