@@ -26,7 +26,8 @@ def test_peers_and_the_automatic_choice(mode):
     tolerance would fail it); the automatic choice says which backend it ran."""
     from benchmarks.providers import case_reasons, peer_reasons
     case = Case("LSTM", mode, 12, 3, 32)
-    peers = [p for p in ("onnxruntime", "torch-int8") if not peer_reasons(p) and not case_reasons(case, p)]
+    peers = [p for p in ("onnxruntime", "torch-int8", "onnxruntime-int8", "fastrnn-int8", "fastrnn-bf16")
+             if not peer_reasons(p) and not case_reasons(case, p)]
     work = Workload(case, ["torch", "auto", *peers])
     ref = work.run("torch")
     failure, err, ran = check(work, "auto", ref)
@@ -37,6 +38,11 @@ def test_peers_and_the_automatic_choice(mode):
     if "torch-int8" in peers:
         failure, err, _ = check(work, "torch-int8", ref)
         assert failure is None and 1e-4 < err < 0.2  # int8 weights: far past the float tolerance, still close
+    for p, low, high in (("onnxruntime-int8", 1e-4, 0.2), ("fastrnn-int8", 1e-4, 0.2), ("fastrnn-bf16", 1e-5, 0.05)):
+        if p in peers:  # quantized models: reported, not held to the float tolerance
+            failure, err, _ = check(work, p, ref)
+            assert failure is None and low < err < high, (p, failure, err)
+    assert case_reasons(Case("LSTM", "training", 5, 1, 8), "fastrnn-int8") == ["inference only"]
     assert case_reasons(Case("LSTM", "training", 5, 1, 8), "onnxruntime") == ["inference only"]
     assert case_reasons(Case("RNN", "inference", 5, 1, 8), "torch-int8") == ["quantize_dynamic has no int8 nn.RNN"]
 
