@@ -21,8 +21,8 @@ The math (the contract every backend follows; the reference backend is its oracl
 Buffers (in ``state_dict``): torch's parameter names hold the quantized weights (``weight_ih_l0`` int8 or
 bfloat16 ...) with ``<name>_scale`` float32 beside each int8 weight; biases and peephole weights float32.
 Backends: ``cpp`` (csrc/quant.cpp: AVX512-VNNI / AVX512-BF16 products where the CPU has them, portable
-products elsewhere) and ``reference`` (PyTorch math, any CPU). ``backend=None`` takes cpp when its extension
-loads.
+products elsewhere), ``numba`` (fastrnn/backends/numba_kernels/quant.py) and ``reference`` (PyTorch math,
+any CPU). ``backend=None`` takes cpp when its extension loads, else numba, else the reference.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import dispatch, ops
 
 DTYPES = (torch.qint8, torch.bfloat16)
-BACKENDS = ("cpp", "reference")
+BACKENDS = ("cpp", "numba", "reference")
 _FAMILY_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _L = 16  # the kernels' column group: 16 hidden units
 
@@ -162,8 +162,12 @@ class _Quantized(nn.Module):
         if self.backend is not None:
             if self.backend == "cpp" and _cpp() is None:
                 raise RuntimeError(f"{self._name()}: the cpp backend is not available ({kernel_path()})")
+            if self.backend == "numba" and not _numba_ok():
+                raise RuntimeError(f"{self._name()}: the numba backend is not available (numba is not installed)")
             return self.backend
-        return "cpp" if _cpp() is not None else "reference"
+        if _cpp() is not None:
+            return "cpp"
+        return "numba" if _numba_ok() else "reference"
 
     def _name(self):
         return f"{self._torch_class.__name__} (fastrnn.quantize, {'int8' if self.qdtype is torch.qint8 else 'bfloat16'})"
@@ -226,6 +230,8 @@ class _Quantized(nn.Module):
             else:
                 y, h, c = torch.ops.fastrnn_quant.seq_fwd(*args)
             return y, h, (c if c0 is not None else None)
+        if backend == "numba":
+            return _numba_layer(self, names, x, h0, c0, lengths, reverse)
         return _reference_layer(self, names, x, h0, c0, lengths, reverse)
 
     def extra_repr(self):
@@ -238,6 +244,57 @@ def _check_backend(backend):
         raise ValueError(f"fastrnn.quantize: unknown backend {backend!r}; the quantized modules run on "
                          f"{', '.join(BACKENDS)} (or None: automatic)")
     return backend
+
+
+def _numba_ok():
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _numba_layer(mod, names, x, h0, c0, lengths, reverse):
+    """The numba backend's layer-direction (fastrnn/backends/numba_kernels/quant.py)."""
+    import numpy as np
+    from .backends.numba_kernels import quant as nq
+    w_ih, w_hh, b_ih, b_hh, w_hr, w_ch = (None if n is None else getattr(mod, n) for n in names)
+    int8 = mod.qdtype is torch.qint8
+    f32 = np.float32
+
+    def weight(w, name):
+        if int8:
+            return w.numpy(), getattr(mod, name + "_scale").numpy()
+        return w.float().numpy(), np.zeros(0, f32)
+
+    T, B, I = x.shape
+    G, H = mod._gates(), mod.hidden_size
+    wih, sih = weight(w_ih, names[0])
+    whh, shh = weight(w_hh, names[1])
+    K = max(I, 1)
+    xw = np.empty((T * B, G * H), f32)
+    nq.product(x.reshape(T * B, I).numpy(), wih, sih, int8, np.empty((T * B, K), np.int32), np.empty(T * B, f32),
+               np.empty((T * B, K), f32), xw)
+    bhn = np.zeros(0, f32)
+    if b_ih is not None:
+        b = (b_ih + b_hh).numpy().copy()
+        if mod._family == "gru":
+            b[2 * H:] = b_ih[2 * H:].numpy()
+            bhn = b_hh[2 * H:].numpy()
+        xw += b
+    if w_hr is not None:
+        whr, shr = weight(w_hr, names[4])
+    else:
+        whr, shr = np.zeros((0, 0), np.int8 if int8 else f32), np.zeros(0, f32)
+    wch = w_ch.numpy() if w_ch is not None else np.zeros((0, 0), f32)
+    P = h0.shape[1]
+    sizes = np.full(T, B, np.int64) if lengths is None else (
+        (lengths.unsqueeze(0) > torch.arange(T).unsqueeze(1)).sum(1).numpy())
+    c0n = c0.numpy() if c0 is not None else np.zeros((B, 0), f32)
+    y, hT, cT = np.empty((T, B, P), f32), np.empty((B, P), f32), np.empty_like(c0n)
+    nq.seq(_FAMILY_CODE[mod._code()], int8, xw.reshape(T, B, G * H), whh, shh, bhn, whr, shr, wch,
+           h0.contiguous().numpy(), c0n, sizes, reverse, mod.coupled_gates, y, hT, cT)
+    return torch.from_numpy(y), torch.from_numpy(hT), (torch.from_numpy(cT) if c0 is not None else None)
 
 
 def _reference_layer(mod, names, x, h0, c0, lengths, reverse):

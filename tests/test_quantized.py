@@ -17,8 +17,10 @@ from fastrnn import dispatch, quantized
 from conftest import pairwise
 
 CPP = quantized._cpp() is not None
+NUMBA = quantized._numba_ok()
 needs_cpp = pytest.mark.skipif(not CPP, reason="the cpp extension is not built here (fastrnn.info says why)")
-BACKENDS = ["reference"] + (["cpp"] if CPP else [])
+BACKENDS = ["reference"] + (["cpp"] if CPP else []) + (["numba"] if NUMBA else [])
+KERNELS = (["cpp"] if CPP else []) + (["numba"] if NUMBA else [])  # the backends the reference is the oracle of
 
 
 def _torch_int8(mod):
@@ -96,7 +98,7 @@ KERNEL_CASES = _pairs(dict(
     dtype=[torch.qint8, torch.bfloat16],
     form=["dense", "batch_first", "unbatched", "packed"],
     layers=[(1, False), (2, True)],
-    portable=[False, True],
+    kernel=["cpp", "cpp-portable", "numba"],
 ))
 
 
@@ -132,9 +134,8 @@ def _unpack(out):
     return [y, *(st if isinstance(st, tuple) else (st,))]
 
 
-@needs_cpp
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_kernel_equals_reference(case, monkeypatch):
+def test_kernel_equals_reference(case):
     """A sequence: equal up to float32 rounding. A rounding difference in a gate (the kernels' tanh and
     sigmoid are not torch's) can move h_{t-1}'s quantized value by one step in a later step, which moves
     that step's products by about s_h * s_w: hence 2e-3 on the whole and most elements within 1e-5."""
@@ -142,28 +143,35 @@ def test_kernel_equals_reference(case, monkeypatch):
     layers, bidir = case["layers"]
     mod = _make(case["family"], 12, 37, layers, bidir, batch_first=case["form"] == "batch_first").eval()
     x = _sequence_input(case["form"], 9, 6, 12)
-    quantized._cpp().q_set_portable(case["portable"])
+    backend = case["kernel"].split("-")[0]
+    if backend not in KERNELS:
+        pytest.skip(f"the {backend} backend is not available here")
+    _portable(case["kernel"] == "cpp-portable")
     try:
         with torch.no_grad():
-            kern = fastrnn.quantize(mod, case["dtype"], backend="cpp")
+            kern = fastrnn.quantize(mod, case["dtype"], backend=backend)
             ref = fastrnn.quantize(mod, case["dtype"], backend="reference")
             with dispatch.record_calls() as ran:
                 got = _unpack(kern(x))
             want = _unpack(ref(x))
     finally:
-        quantized._cpp().q_set_portable(False)
-    assert {b for _, b in ran} == {"cpp"}
+        _portable(False)
+    assert {b for _, b in ran} == {backend}
     for g, w in zip(got, want):
         assert g.shape == w.shape
         d = (g - w).abs()
         assert d.max() <= 2e-3 and (d > 1e-5).float().mean() <= 0.02, (d.max(), (d > 1e-5).float().mean())
 
 
-@needs_cpp
+def _portable(on):
+    if CPP:
+        quantized._cpp().q_set_portable(on)
+
+
 @pytest.mark.parametrize("family", ["LSTMCell", "GRUCell", "RNNCell", "RNNCell-relu", "LSTMCell-peephole"])
 @pytest.mark.parametrize("dtype", [torch.qint8, torch.bfloat16])
-@pytest.mark.parametrize("portable", [False, True])
-def test_cell_kernel_equals_reference_exactly(family, dtype, portable):
+@pytest.mark.parametrize("kernel", ["cpp", "cpp-portable", "numba"])
+def test_cell_kernel_equals_reference_exactly(family, dtype, kernel):
     """One step from the same state: the same quantized activations and integer sums, so the kernel and the
     reference differ only by float32 rounding of the products and the gates."""
     torch.manual_seed(3)
@@ -175,13 +183,18 @@ def test_cell_kernel_equals_reference_exactly(family, dtype, portable):
         mod = getattr(nn, family)(20, 35)
     x = torch.randn(7, 20)
     hx = (torch.randn(7, 35), torch.randn(7, 35)) if family.startswith("LSTM") else torch.randn(7, 35)
-    quantized._cpp().q_set_portable(portable)
+    backend = kernel.split("-")[0]
+    if backend not in KERNELS:
+        pytest.skip(f"the {backend} backend is not available here")
+    _portable(kernel == "cpp-portable")
     try:
         with torch.no_grad():
-            got = fastrnn.quantize(mod, dtype, backend="cpp")(x, hx)
+            with dispatch.record_calls() as ran:
+                got = fastrnn.quantize(mod, dtype, backend=backend)(x, hx)
             want = fastrnn.quantize(mod, dtype, backend="reference")(x, hx)
     finally:
-        quantized._cpp().q_set_portable(False)
+        _portable(False)
+    assert ran == [(f"{family.split('-')[0][:-4].lower()}_quantized", backend)]
     for g, w in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6)
 
@@ -266,7 +279,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="layer_norm"):
         fastrnn.quantize(fastrnn.LSTM(4, 6, layer_norm=True))
     with pytest.raises(ValueError, match="unknown backend"):
-        fastrnn.quantize(lstm, backend="numba")
+        fastrnn.quantize(lstm, backend="triton")
     with pytest.raises(TypeError, match="expected an nn.Module"):
         fastrnn.quantize(lstm.weight_ih_l0)
     model = nn.Sequential(lstm, fastrnn.LSTM(6, 6, layer_norm=True))
