@@ -273,7 +273,7 @@ void simd_rows(int mr, Kind kind, int64_t ks, const void* A, int64_t lda, const 
     case 1: return simd_block<1, NV>(kind, ks, A, lda, P, csum, sw, sx, bias, out, ldo);
     case 2: return simd_block<2, NV>(kind, ks, A, lda, P, csum, sw, sx, bias, out, ldo);
     case 4: return simd_block<4, NV>(kind, ks, A, lda, P, csum, sw, sx, bias, out, ldo);
-    default: return simd_block<(NV >= 3 ? 6 : 8), NV>(kind, ks, A, lda, P, csum, sw, sx, bias, out, ldo);
+    default: return simd_block<(NV >= 4 ? 6 : 8), NV>(kind, ks, A, lda, P, csum, sw, sx, bias, out, ldo);
   }
 }
 #endif
@@ -328,7 +328,7 @@ struct Packed {
 // rows [0, m) of the product of activations A with group g's columns, in row blocks; out row stride ldo
 template <typename F>
 void for_row_blocks(int64_t m, int nv, F f) {
-  const int big = nv >= 3 ? 6 : 8;
+  const int big = nv >= 4 ? 6 : 8;  // 24 accumulators (8 for G = 1)
   int64_t r = 0;
   while (r < m) {
     const int64_t left = m - r;
@@ -519,6 +519,127 @@ FASTRNN_CLONES void point_rnn(int mr, int nl, const float* pre, const float* xw,
   }
 }
 
+// The same passes with AVX-512 intrinsics, for the SIMD paths (their CPUs have AVX-512F): one vector of
+// 16 units, 1/q of the activations' rational function by rcp14 and a Newton step (relative error ~1e-8)
+// instead of a division, which took ~10 cycles a vector and most of a B=64 step's pointwise time (NOTES).
+// A unit past nl is computed and not stored.
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+#define FASTRNN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+FASTRNN_AVX512 FASTRNN_INLINE __m512 tanh_v(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(9.f), x);  // (a NaN x is the second operand: it stays NaN)
+  x = _mm512_max_ps(_mm512_set1_ps(-9.f), x);
+  const __m512 s = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-8.642440220e-14f);
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(5.329159598e-11f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(-2.031272308e-08f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.117165808e-05f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(3.105340692e-03f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(1.308515589e-01f));
+  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(9.999999738e-01f));
+  __m512 q = _mm512_set1_ps(2.548330486e-04f);
+  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(2.450040609e-02f));
+  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(4.641847807e-01f));
+  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(1.f));
+  __m512 r = _mm512_rcp14_ps(q);  // q >= 1
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.f)));
+  return _mm512_mul_ps(_mm512_mul_ps(x, p), r);
+}
+FASTRNN_AVX512 FASTRNN_INLINE __m512 sigmoid_v(__m512 x) {
+  const __m512 h = _mm512_set1_ps(0.5f);
+  return _mm512_fmadd_ps(h, tanh_v(_mm512_mul_ps(h, x)), h);
+}
+
+template <bool COUPLED, bool PEEP>
+FASTRNN_AVX512 void point_lstm_avx(int mr, int nl, const float* pre, const float* xw, int64_t ldx, float* c,
+                                   int64_t ldc, const float* wch, int64_t H, float* h, int64_t ldh) {
+  constexpr int G = COUPLED ? 3 : 4;
+  const __mmask16 m = __mmask16((1u << nl) - 1u);
+  __m512 w0 = _mm512_setzero_ps(), w1 = w0, w2 = w0;
+  if (PEEP) {
+    w0 = _mm512_maskz_loadu_ps(m, wch);
+    w1 = _mm512_maskz_loadu_ps(m, wch + H);
+    w2 = _mm512_maskz_loadu_ps(m, wch + 2 * H);
+  }
+  for (int r = 0; r < mr; ++r) {
+    const float* p = pre + r * G * L;
+    const float* x = xw + r * ldx;
+    const __m512 cp = _mm512_maskz_loadu_ps(m, c + r * ldc);
+    __m512 gi = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(x));
+    __m512 gf = COUPLED ? gi : _mm512_add_ps(_mm512_loadu_ps(p + L), _mm512_loadu_ps(x + L));
+    const __m512 gg = _mm512_add_ps(_mm512_loadu_ps(p + (G - 2) * L), _mm512_loadu_ps(x + (G - 2) * L));
+    __m512 go = _mm512_add_ps(_mm512_loadu_ps(p + (G - 1) * L), _mm512_loadu_ps(x + (G - 1) * L));
+    if (PEEP) {
+      gi = _mm512_fmadd_ps(w0, cp, gi);
+      gf = _mm512_fmadd_ps(w1, cp, gf);
+    }
+    const __m512 i = sigmoid_v(gi);
+    const __m512 f = COUPLED ? _mm512_sub_ps(_mm512_set1_ps(1.f), i) : sigmoid_v(gf);
+    const __m512 cn = _mm512_fmadd_ps(f, cp, _mm512_mul_ps(i, tanh_v(gg)));
+    if (PEEP) go = _mm512_fmadd_ps(w2, cn, go);
+    _mm512_mask_storeu_ps(c + r * ldc, m, cn);
+    _mm512_mask_storeu_ps(h + r * ldh, m, _mm512_mul_ps(sigmoid_v(go), tanh_v(cn)));
+  }
+}
+
+FASTRNN_AVX512 void point_gru_avx(int mr, int nl, const float* pre, const float* xw, int64_t ldx, const float* bhn,
+                                  const float* hp, int64_t ldp, float* h, int64_t ldh) {
+  const __mmask16 m = __mmask16((1u << nl) - 1u);
+  const __m512 bn = bhn ? _mm512_maskz_loadu_ps(m, bhn) : _mm512_setzero_ps();
+  for (int r = 0; r < mr; ++r) {
+    const float* p = pre + r * 3 * L;
+    const float* x = xw + r * ldx;
+    const __m512 rg = sigmoid_v(_mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(p)));
+    const __m512 z = sigmoid_v(_mm512_add_ps(_mm512_loadu_ps(x + L), _mm512_loadu_ps(p + L)));
+    const __m512 hn = _mm512_add_ps(_mm512_loadu_ps(p + 2 * L), bn);
+    const __m512 n = tanh_v(_mm512_fmadd_ps(rg, hn, _mm512_loadu_ps(x + 2 * L)));
+    const __m512 hv = _mm512_maskz_loadu_ps(m, hp + r * ldp);
+    // (1 - z) * n + z * h
+    _mm512_mask_storeu_ps(h + r * ldh, m, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), z), n,
+                                                          _mm512_mul_ps(z, hv)));
+  }
+}
+
+FASTRNN_AVX512 void point_rnn_avx(int mr, int nl, const float* pre, const float* xw, int64_t ldx, bool relu,
+                                  float* h, int64_t ldh) {
+  const __mmask16 m = __mmask16((1u << nl) - 1u);
+  for (int r = 0; r < mr; ++r) {
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(pre + r * L), _mm512_loadu_ps(xw + r * ldx));
+    // relu: max(0, v) keeps a NaN (the second operand)
+    const __m512 o = relu ? _mm512_max_ps(_mm512_setzero_ps(), v) : tanh_v(v);
+    _mm512_mask_storeu_ps(h + r * ldh, m, o);
+  }
+}
+#endif
+
+// the pass for a tile: the AVX-512 one with the SIMD products, else the portable one
+void point_tile(Family family, bool simd, int mr, int nl, const float* pre, const float* xw, int64_t ldx, float* c,
+                int64_t ldc, const float* wch, int64_t H, bool coupled, const float* bhn, const float* hp, int64_t ldp,
+                float* h, int64_t ldh) {
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+  if (simd) {
+    if (family == LSTM) {
+      if (coupled)
+        (wch ? point_lstm_avx<true, true> : point_lstm_avx<true, false>)(mr, nl, pre, xw, ldx, c, ldc, wch, H, h, ldh);
+      else
+        (wch ? point_lstm_avx<false, true> : point_lstm_avx<false, false>)(mr, nl, pre, xw, ldx, c, ldc, wch, H, h,
+                                                                            ldh);
+    } else if (family == GRU) {
+      point_gru_avx(mr, nl, pre, xw, ldx, bhn, hp, ldp, h, ldh);
+    } else {
+      point_rnn_avx(mr, nl, pre, xw, ldx, family == RNN_RELU, h, ldh);
+    }
+    return;
+  }
+#endif
+  (void)simd;
+  if (family == LSTM)
+    point_lstm(mr, nl, pre, xw, ldx, c, ldc, wch, H, coupled, h, ldh);
+  else if (family == GRU)
+    point_gru(mr, nl, pre, xw, ldx, bhn, hp, ldp, h, ldh);
+  else
+    point_rnn(mr, nl, pre, xw, ldx, family == RNN_RELU, h, ldh);
+}
+
 // ---- one layer-direction ----------------------------------------------------------------------------
 // The rows of the input projection a task takes: its quantized rows stay in L2 while every column group
 // passes over them (a quarter of this core's L2, read from the system once).
@@ -592,8 +713,11 @@ std::vector<at::Tensor> seq_fwd(int64_t family, int64_t kind_, const at::Tensor&
     const float* xp = x.data_ptr<float>();
     const float* bp = bias.data_ptr<float>();
     const int64_t threads = at::get_num_threads();
-    int64_t mb = proj_rows(Kp_in * esz);
-    mb = std::min(mb, round_up((M + threads - 1) / threads, 8));
+    // chunks of at most proj_rows rows, as many for every thread (7 chunks on 2 threads left one idle
+    // for a seventh of the time)
+    const int64_t most = proj_rows(Kp_in * esz);
+    const int64_t want = round_up((M + most - 1) / most, threads);
+    const int64_t mb = round_up((M + want - 1) / want, 8);
     const int64_t chunks = (M + mb - 1) / mb;
     at::parallel_for(0, chunks, 1, [&](int64_t c0_, int64_t c1_) {
       for (int64_t c = c0_; c < c1_; ++c) {
@@ -626,7 +750,7 @@ std::vector<at::Tensor> seq_fwd(int64_t family, int64_t kind_, const at::Tensor&
   std::memcpy(hbuf.data(), h0c.data_ptr<float>(), sizeof(float) * B * P);
   float* c = lstm ? cT.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const bool relu = family == RNN_RELU;
+  const bool simd = use_simd(kind);
 
   run_team(nw, [&](int w0, int w1, Barrier& bar) {
     alignas(64) float tile[8 * 4 * L];
@@ -646,12 +770,8 @@ std::vector<at::Tensor> seq_fwd(int64_t family, int64_t kind_, const at::Tensor&
             const float* xr = xw + (t * B + r) * Np + g * G * L;
             float* dst = proj ? hfull.data() + r * H + u0 : hn + r * P + u0;
             const int64_t ldd = proj ? H : P;
-            if (lstm)
-              point_lstm(mr, nl, tile, xr, Np, c + r * H + u0, H, wch ? wch + u0 : nullptr, H, coupled, dst, ldd);
-            else if (family == GRU)
-              point_gru(mr, nl, tile, xr, Np, bhn ? bhn + u0 : nullptr, hp + r * P + u0, P, dst, ldd);
-            else
-              point_rnn(mr, nl, tile, xr, Np, relu, dst, ldd);
+            point_tile(Family(family), simd, mr, nl, tile, xr, Np, lstm ? c + r * H + u0 : nullptr, H,
+                       wch ? wch + u0 : nullptr, H, coupled, bhn ? bhn + u0 : nullptr, hp + r * P + u0, P, dst, ldd);
             if (!proj)
               for (int64_t i = r; i < r + mr; ++i) std::memcpy(yt + i * P + u0, hn + i * P + u0, sizeof(float) * nl);
           });

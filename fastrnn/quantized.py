@@ -41,9 +41,15 @@ _FAMILY_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 _L = 16  # the kernels' column group: 16 hidden units
 
 
+_EXT = []
+
+
 def _cpp():
-    from .backends import cpp
-    return cpp._C
+    """The cpp backend's extension module (None when it is not available); looked up once."""
+    if not _EXT:
+        from .backends import cpp
+        _EXT.append(cpp._C)
+    return _EXT[0]
 
 
 def kernel_path(dtype=torch.qint8):
@@ -136,6 +142,18 @@ class _Quantized(nn.Module):
         """(the quantized weight, its scale or None)."""
         return getattr(self, name), getattr(self, name + "_scale", None)
 
+    def _apply(self, fn, recurse=True):
+        """Moves go through (``.to(device)``); dtype casts (``model.double()``, ``.half()``) leave the quantized
+        weights, their scales and the float32 biases as they are: the module computes in its own form."""
+        dtypes = {n: b.dtype for n, b in self._buffers.items() if b is not None}
+        self.__dict__.pop("_args_cache", None)
+        super()._apply(fn, recurse)
+        for n, dt in dtypes.items():
+            b = self._buffers[n]
+            if b is not None and b.dtype != dt:
+                self._buffers[n] = b.to(dt)
+        return self
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._repack()
@@ -149,6 +167,22 @@ class _Quantized(nn.Module):
         for k in range(self._count()):
             for j, t in enumerate(self._pack(self._names(k))):
                 self.register_buffer(f"_packed{k}_{j}", t, persistent=False)
+        self.__dict__.pop("_args_cache", None)
+
+    def _packed_args(self, k):
+        """Layer-direction k's packed tensors, from a cache of the buffers (12 attribute lookups cost ~10 us
+        a call); remade after a move, a load or a repack."""
+        cache = self.__dict__.setdefault("_args_cache", {})
+        hit = cache.get(k)
+        if hit is None:
+            hit = cache[k] = tuple(self._buffers[f"_packed{k}_{j}"] for j in range(12))
+        return hit
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_args_cache", None)
+        return state
 
     def _gates(self):
         if self._family == "lstm":
@@ -222,8 +256,7 @@ class _Quantized(nn.Module):
         dispatch.note_call(f"{self._family}_quantized", backend)
         kind = 0 if self.qdtype is torch.qint8 else 1
         if backend == "cpp":
-            packed = tuple(getattr(self, f"_packed{key}_{j}") for j in range(12))
-            args = (_FAMILY_CODE[self._code()], kind, x, *packed, h0.contiguous(),
+            args = (_FAMILY_CODE[self._code()], kind, x, *self._packed_args(key), h0.contiguous(),
                     None if c0 is None else c0.contiguous(), lengths, reverse, self.coupled_gates)
             if ops.can_skip_ops():
                 y, h, c = _cpp().q_seq_fwd(*args)
@@ -472,7 +505,7 @@ class _QuantizedSeq(_Quantized):
                 if packed:  # padded steps stay zero, as torch's packed output has no rows there
                     layer_input = layer_input * (torch.arange(B) < lengths.unsqueeze(0).t()).t().unsqueeze(2)
             layer_input = layer_input.contiguous()
-        out_states = [torch.stack(acc) for acc in finals]
+        out_states = [acc[0].unsqueeze(0) if len(acc) == 1 else torch.stack(acc) for acc in finals]
         if packed:
             out = PackedSequence(layer_input.reshape(T * B, -1).index_select(0, index), batch_sizes, sorted_indices,
                                  unsorted_indices)

@@ -252,6 +252,29 @@ def test_module_replacement_and_types():
     assert type(bare) is quantized.GRU and bare.weight_hh_l0.dtype == torch.bfloat16
 
 
+def test_training_code_idioms():
+    """What a model around a quantized layer does: a dtype cast of the whole model leaves the quantized layer
+    in its form; hooks run; a deepcopy and an in-place op on an output change nothing inside."""
+    import copy
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.GRU(4, 8))
+    q = fastrnn.quantize(model)
+    x = torch.randn(5, 2, 4)
+    with torch.no_grad():
+        want, _ = q[0](x)
+        q.double()
+        assert q[0].weight_ih_l0.dtype == torch.int8 and q[0].bias_ih_l0.dtype == torch.float32
+        seen = []
+        q[0].register_forward_hook(lambda mod, args, out: seen.append(out[0].shape))
+        twin = copy.deepcopy(q)
+        y, _ = q[0](x)
+        y.add_(1.0)  # the output is the caller's own tensor
+        again, _ = twin[0](x)
+        after, _ = q[0](x)
+    assert torch.equal(again, want) and torch.equal(after, want)
+    assert seen == [torch.Size([5, 2, 8])] * 3  # the copy keeps the hook, as deepcopy of any module does
+
+
 @pytest.mark.parametrize("dtype", [torch.qint8, torch.bfloat16])
 def test_state_dict_and_save_round_trip(dtype):
     torch.manual_seed(1)
