@@ -420,12 +420,74 @@ Packed packed_of(const at::Tensor& panel, const at::Tensor& scale, const at::Ten
 }
 
 // Quantized activations of rows [0, m) of x (row stride ldx, K values): the buffer and its row scales.
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+// The same quantization with AVX-512 (the SIMD paths): the same values (rint is the CPU's round-to-nearest-
+// even, as cvtps_epi32 in the default rounding mode). A row with a NaN or inf gets a NaN scale, which makes
+// its products NaN whatever its q.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void quant_rows_i8_avx(
+    const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint8_t* out, float* scale) {
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * ldx;
+    __m512i mx = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + L <= K; k += L) mx = _mm512_max_epu32(mx, _mm512_and_si512(_mm512_loadu_si512(r + k), absmask));
+    if (k < K) {
+      const __mmask16 t = __mmask16((1u << (K - k)) - 1u);
+      mx = _mm512_max_epu32(mx, _mm512_and_si512(_mm512_maskz_loadu_epi32(t, r + k), absmask));
+    }
+    const uint32_t mbits = _mm512_reduce_max_epu32(mx);
+    const bool bad = mbits >= 0x7f800000u;
+    float amax;
+    std::memcpy(&amax, &mbits, 4);
+    if (bad) amax = 0.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    scale[m] = bad ? std::numeric_limits<float>::quiet_NaN() : amax / 127.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
+    uint8_t* o = out + m * Kp;
+    for (k = 0; k < K; k += L) {
+      const __mmask16 t = K - k >= L ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1u);
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, r + k), vinv));
+      q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), off);
+      _mm_mask_storeu_epi8(o + k, t, _mm512_cvtepi32_epi8(q));
+    }
+    for (k = K; k < Kp; ++k) o[k] = 128;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void quant_rows_bf16_avx(
+    const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, uint16_t* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * ldx;
+    uint16_t* o = out + m * Kp;
+    for (int64_t k = 0; k < K; k += L) {
+      const __mmask16 t = K - k >= L ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1u);
+      const __m256bh b = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(t, r + k));  // nearest even; NaN stays NaN
+      __m256i bi;
+      std::memcpy(&bi, &b, sizeof bi);
+      _mm256_mask_storeu_epi16(o + k, t, bi);
+    }
+    for (int64_t k = K; k < Kp; ++k) o[k] = 0;
+  }
+}
+#endif
+
 struct QAct {
   Kind kind;
   int64_t Kp;  // elements a row
   void* data;
   float* scale;
   void fill(const float* x, int64_t ldx, int64_t m0, int64_t m, int64_t K) {
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+    if (use_simd(kind)) {
+      if (kind == INT8)
+        quant_rows_i8_avx(x + m0 * ldx, ldx, m, K, Kp, static_cast<uint8_t*>(data) + m0 * Kp, scale + m0);
+      else
+        quant_rows_bf16_avx(x + m0 * ldx, ldx, m, K, Kp, static_cast<uint16_t*>(data) + m0 * Kp);
+      return;
+    }
+#endif
     if (kind == INT8)
       quant_rows_i8(x + m0 * ldx, ldx, m, K, Kp, static_cast<uint8_t*>(data) + m0 * Kp, scale + m0);
     else
