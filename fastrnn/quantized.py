@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops
+from .backends.reference import gru_pointwise, lstm_pointwise
+from .modules import _check_state_like, _packed_layout
 
 DTYPES = (torch.qint8, torch.bfloat16)
 BACKENDS = ("cpp", "numba", "reference")
@@ -216,13 +218,7 @@ class _Quantized(nn.Module):
             raise RuntimeError(f"{name}: expected a float32 input, got {input.dtype}")
         if input.device.type != "cpu":
             raise RuntimeError(f"{name}: quantized modules run on the CPU; the input is on {input.device}")
-        for s in states:
-            if s.dtype != torch.float32:
-                raise RuntimeError(f"{name}: hx has dtype {s.dtype} but the input has dtype torch.float32; "
-                                   f"they must match")
-            if s.device != input.device:
-                raise RuntimeError(f"{name}: hx is on device {s.device} but the input is on {input.device}; "
-                                   f"they must be on the same device")
+        _check_state_like(name, states, input)
 
     def _pack(self, names):
         w_ih, w_hh, b_ih, b_hh, w_hr, w_ch = (None if n is None else getattr(self, n) for n in names)
@@ -337,7 +333,6 @@ def _reference_layer(mod, names, x, h0, c0, lengths, reverse):
     s_ih, s_hh = (getattr(mod, n + "_scale", None) for n in names[:2])
     s_hr = None if w_hr is None else getattr(mod, names[4] + "_scale", None)
     T, B, _ = x.shape
-    H = mod.hidden_size
     fam, coupled = mod._family, mod.coupled_gates
     xw = reference_product(x.reshape(T * B, -1), w_ih, s_ih)
     if b_ih is not None:
@@ -355,35 +350,16 @@ def _reference_layer(mod, names, x, h0, c0, lengths, reverse):
             gh = gh + b_hh
         xt = xw[t, :n]
         if fam == "lstm":
-            gates = xt + gh
-            i, f, g, o = (*gates.chunk(3, 1)[:1], None, *gates.chunk(3, 1)[1:]) if coupled else gates.chunk(4, 1)
-            cp = c[:n]
-            if w_ch is not None:
-                i = i + w_ch[0] * cp
-                if not coupled:
-                    f = f + w_ch[1] * cp
-            i = torch.sigmoid(i)
-            f = 1 - i if coupled else torch.sigmoid(f)
-            cn = f * cp + i * torch.tanh(g)
-            if w_ch is not None:
-                o = o + w_ch[2] * cn
-            hn = torch.sigmoid(o) * torch.tanh(cn)
+            hn, c[:n] = lstm_pointwise(xt + gh, c[:n], w_ch, coupled)
             if w_hr is not None:
                 hn = reference_product(hn, w_hr, s_hr)
-            c[:n] = cn
         elif fam == "gru":
-            xr, xz, xn = xt.chunk(3, 1)
-            hr, hz, hn_ = gh.chunk(3, 1)
-            r = torch.sigmoid(xr + hr)
-            z = torch.sigmoid(xz + hz)
-            nn_ = torch.tanh(xn + r * hn_)
-            hn = (1 - z) * nn_ + z * h[:n]
+            hn = gru_pointwise(xt, gh, h[:n])
         else:
             pre = xt + gh
             hn = torch.tanh(pre) if mod.nonlinearity == "tanh" else torch.relu(pre)
         h[:n] = hn
         y[t, :n] = hn
-    del H
     return y, h, c
 
 
@@ -485,7 +461,6 @@ class _QuantizedSeq(_Quantized):
         if T == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if packed:
-            from .modules import _packed_layout
             lengths, index = _packed_layout(batch_sizes, data.device)
             x = data.new_zeros(T * B, data.shape[1]).index_copy_(0, index, data).view(T, B, -1)
         layer_input = x.contiguous()

@@ -36,9 +36,9 @@ def _zoneout(new, old, mask, p):
     return new if p == 0 else torch.lerp(new, old, torch.full_like(new, p))
 
 
-def lstm_cell(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_c_bias, rmask, zmask_h, zmask_c, h, c, coupled,
-              zoneout_h, zoneout_c):
-    gates = xw + _recurrent(h, w_hh, b_hh, ln_h, rmask)
+def lstm_pointwise(gates, c, w_ch, coupled, ln_c=None, ln_c_bias=None):
+    """The LSTM cell after its products (gates = xw + the recurrent product): (h before the projection, c_t).
+    Also the quantized modules' oracle (fastrnn/quantized.py)."""
     if coupled:
         i, g, o = gates.chunk(3, 1)
     else:
@@ -53,19 +53,30 @@ def lstm_cell(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_c_bias, rmask, zmask_h,
     if w_ch is not None:
         o = o + w_ch[2] * c_new
     c_out = c_new if ln_c is None else F.layer_norm(c_new, (c_new.shape[1],), ln_c, ln_c_bias, LN_EPS)
-    h_new = torch.sigmoid(o) * torch.tanh(c_out)
+    return torch.sigmoid(o) * torch.tanh(c_out), c_new
+
+
+def lstm_cell(xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_c_bias, rmask, zmask_h, zmask_c, h, c, coupled,
+              zoneout_h, zoneout_c):
+    h_new, c_new = lstm_pointwise(xw + _recurrent(h, w_hh, b_hh, ln_h, rmask), c, w_ch, coupled, ln_c, ln_c_bias)
     if w_hr is not None:
         h_new = F.linear(h_new, w_hr)
     return _zoneout(h_new, h, zmask_h, zoneout_h), _zoneout(c_new, c, zmask_c, zoneout_c)
 
 
-def gru_cell(xw, w_hh, b_hh, ln_h, rmask, zmask, h, zoneout):
+def gru_pointwise(xw, gh, h):
+    """The GRU cell after its products (xw, and gh = the recurrent product + b_hh): h_t. Also the quantized
+    modules' oracle."""
     xr, xz, xn = xw.chunk(3, 1)
-    hr, hz, hn = _recurrent(h, w_hh, b_hh, ln_h, rmask).chunk(3, 1)
+    hr, hz, hn = gh.chunk(3, 1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
-    return (_zoneout((1 - z) * n + z * h, h, zmask, zoneout),)
+    return (1 - z) * n + z * h
+
+
+def gru_cell(xw, w_hh, b_hh, ln_h, rmask, zmask, h, zoneout):
+    return (_zoneout(gru_pointwise(xw, _recurrent(h, w_hh, b_hh, ln_h, rmask), h), h, zmask, zoneout),)
 
 
 def rnn_cell(xw, w_hh, b_hh, h, nonlinearity):
