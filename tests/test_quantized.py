@@ -327,6 +327,30 @@ def test_bad_input_errors():
     assert not y.requires_grad
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cell_call_forms(backend):
+    """A cell: batched with and without a state, unbatched, a non-contiguous input (the fast path's
+    refusals go to the general forward, same numbers), and the general forward's errors for a bad state."""
+    torch.manual_seed(4)
+    q = fastrnn.quantize(nn.LSTMCell(6, 9), backend=backend)
+    x = torch.randn(12, 3)[::2].t().contiguous()  # [3, 6]
+    hx = (torch.randn(3, 9), torch.randn(3, 9))
+    with torch.no_grad():
+        want = q(x, hx)
+        for got in (q(x.t().contiguous().t(), hx), q(x, tuple(hx)), q(x, [*hx])):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        h1, c1 = q(x[1], tuple(s[1] for s in hx))
+        assert torch.equal(h1, want[0][1]) and torch.equal(c1, want[1][1])
+        h0, _ = q(x)
+        assert torch.equal(h0, q(x, (torch.zeros(3, 9), torch.zeros(3, 9)))[0])
+        with pytest.raises(RuntimeError, match="hidden size"):
+            q(x, (torch.zeros(2, 9), torch.zeros(2, 9)))
+        with pytest.raises(RuntimeError, match="dtype"):
+            q(x, (torch.zeros(3, 9, dtype=torch.float64), torch.zeros(3, 9)))
+        with pytest.raises(RuntimeError, match="input_size"):
+            q(torch.randn(3, 5), hx)
+
+
 def test_nan_propagates():
     torch.manual_seed(0)
     for backend in BACKENDS:
@@ -365,16 +389,29 @@ def test_text_classifier_accuracy_after_quantization():
 
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------
+class _SeqAndCell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 5)
+        self.lstm = nn.LSTM(5, 8, num_layers=2)
+        self.cell = nn.GRUCell(8, 6)
+
+    def forward(self, x):
+        y, (h, c) = self.lstm(self.proj(x))
+        return y, self.cell(y[-1], torch.zeros(y.shape[1], 6))
+
+
 @needs_cpp
 def test_compile_fullgraph():
+    """A quantized sequence module and a quantized cell (whose eager fast path must step aside while
+    dynamo traces) in one fullgraph compile: the same numbers as eager."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), nn.LSTM(5, 8, num_layers=2))
-    q = fastrnn.quantize(model).eval()
+    q = fastrnn.quantize(_SeqAndCell()).eval()
     x = torch.randn(4, 2, 3)
     torch._dynamo.reset()
     compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         want = q(x)
         got = compiled(x)
-    for g, w in zip(_flat(got), _flat(want)):
+    for g, w in zip(got, want):
         assert torch.equal(g, w)
