@@ -476,9 +476,8 @@ class _QuantizedSeq(_Quantized):
                     acc.append(s)
             layer_input = outs[0] if self._D == 1 else torch.cat(outs, 2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                # (a packed input's padded steps are zeros in y, and stay zeros)
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-                if packed:  # padded steps stay zero, as torch's packed output has no rows there
-                    layer_input = layer_input * (torch.arange(B) < lengths.unsqueeze(0).t()).t().unsqueeze(2)
             layer_input = layer_input.contiguous()
         out_states = [acc[0].unsqueeze(0) if len(acc) == 1 else torch.stack(acc) for acc in finals]
         if packed:

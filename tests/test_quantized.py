@@ -351,6 +351,33 @@ def test_cell_call_forms(backend):
             q(torch.randn(3, 5), hx)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_between_layers_in_training_mode(backend):
+    """torch's dynamic int8 LSTM drops between layers in training mode too: so do these, with torch's RNG
+    (the same seed, the same output), packed input included; eval mode drops nothing."""
+    torch.manual_seed(5)
+    q = fastrnn.quantize(nn.LSTM(4, 7, num_layers=3, dropout=0.5), backend=backend)
+    x = torch.randn(6, 3, 4)
+    packed = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False)
+    with torch.no_grad():
+        for inp in (x, packed):
+            torch.manual_seed(1)
+            a = _unpack(q(inp))
+            torch.manual_seed(1)
+            b = _unpack(q(inp))
+            torch.manual_seed(2)
+            c = _unpack(q(inp))
+            assert all(torch.equal(u, v) for u, v in zip(a, b)) and not torch.equal(a[0], c[0])
+        q.eval()
+        torch.manual_seed(3)
+        e1 = _unpack(q(packed))
+        torch.manual_seed(4)
+        e2 = _unpack(q(packed))
+        assert all(torch.equal(u, v) for u, v in zip(e1, e2))
+        _, (h_alone, _) = q(x[:2, 1:2])  # the second sequence (length 2) alone: the same final state
+        torch.testing.assert_close(e1[1][:, 1], h_alone[:, 0], rtol=0, atol=1e-5)
+
+
 def test_nan_propagates():
     torch.manual_seed(0)
     for backend in BACKENDS:
