@@ -156,8 +156,19 @@ class _Quantized(nn.Module):
                 self._buffers[n] = b.to(dt)
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a quantized weight must come in its own dtype: load_state_dict's copy_ would turn int8 values into
+        # bfloat16 numbers (or the reverse) without a word
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if buf is not None and buf.dtype in (torch.int8, torch.bfloat16) and key in state_dict \
+                    and state_dict[key].dtype != buf.dtype:
+                error_msgs.append(f"{key}: the checkpoint holds {state_dict[key].dtype} weights, this quantized "
+                                  f"module {buf.dtype} ones (quantize the float model with the checkpoint's dtype)")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._repack()
 
     def _repack(self):

@@ -285,6 +285,10 @@ def test_state_dict_and_save_round_trip(dtype):
         want = _flat(q(x))
         other.load_state_dict(q.state_dict())  # the packed panels are made again from the loaded weights
         assert all(torch.equal(a, b) for a, b in zip(_flat(other(x)), want))
+        other_kind = fastrnn.quantize(nn.LSTM(6, 10, num_layers=2, proj_size=4),
+                                      torch.bfloat16 if dtype is torch.qint8 else torch.qint8)
+        with pytest.raises(RuntimeError, match="the checkpoint holds"):
+            other_kind.load_state_dict(q.state_dict(), strict=False)
         buf = io.BytesIO()
         torch.save(q, buf)
         buf.seek(0)
