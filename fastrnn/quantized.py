@@ -40,7 +40,6 @@ from .modules import _check_state_like, _packed_layout
 DTYPES = (torch.qint8, torch.bfloat16)
 BACKENDS = ("cpp", "numba", "reference")
 _FAMILY_CODE = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-_L = 16  # the kernels' column group: 16 hidden units
 
 
 _EXT = []
@@ -140,10 +139,6 @@ class _Quantized(nn.Module):
     def _keep(self, name, t):
         self.register_buffer(name, None if t is None else t.detach().clone().float().contiguous())
 
-    def _weight(self, name):
-        """(the quantized weight, its scale or None)."""
-        return getattr(self, name), getattr(self, name + "_scale", None)
-
     def _apply(self, fn, recurse=True):
         """Moves go through (``.to(device)``); dtype casts (``model.double()``, ``.half()``) leave the quantized
         weights, their scales and the float32 biases as they are: the module computes in its own form."""
@@ -192,9 +187,8 @@ class _Quantized(nn.Module):
         return hit
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_args_cache", None)
+        state = self.__dict__.copy()
+        state.pop("_args_cache", None)  # remade from the buffers on first use
         return state
 
     def _gates(self):
@@ -206,15 +200,7 @@ class _Quantized(nn.Module):
         return self._family if self._family != "rnn" else f"rnn_{self.nonlinearity}"
 
     def _choose(self):
-        if self.backend is not None:
-            if self.backend == "cpp" and _cpp() is None:
-                raise RuntimeError(f"{self._name()}: the cpp backend is not available ({kernel_path()})")
-            if self.backend == "numba" and not _numba_ok():
-                raise RuntimeError(f"{self._name()}: the numba backend is not available (numba is not installed)")
-            return self.backend
-        if _cpp() is not None:
-            return "cpp"
-        return "numba" if _numba_ok() else "reference"
+        return choose(self.backend, self._name())
 
     def _name(self):
         return f"{self._torch_class.__name__} (fastrnn.quantize, {'int8' if self.qdtype is torch.qint8 else 'bfloat16'})"
@@ -274,9 +260,22 @@ class _Quantized(nn.Module):
             return _numba_layer(self, names, x, h0, c0, lengths, reverse)
         return _reference_layer(self, names, x, h0, c0, lengths, reverse)
 
-    def extra_repr(self):
-        s = super().extra_repr() if hasattr(super(), "extra_repr") else ""
-        return s
+def choose(explicit, what):
+    """The backend of a quantized module's call: ``explicit`` (the module's ``backend``), else the one
+    ``fastrnn.use_backend`` or FASTRNN_BACKEND requests (dispatch.requested, as for every fastrnn module),
+    obeyed exactly or refused with BackendNotSupportedError; else the first of cpp, numba, reference that
+    can run here. ``what`` names the module in the refusal."""
+    name = explicit if explicit is not None else dispatch.requested()
+    if name is None:
+        return next(n for n in BACKENDS if not dispatch.reasons(n))
+    why = [f"the quantized modules run on {', '.join(BACKENDS)}"] if name not in BACKENDS else dispatch.reasons(name)
+    if why:
+        raise dispatch.BackendNotSupportedError(f"fastrnn backend '{name}' cannot run this {what}: {'; '.join(why)}")
+    return name
+
+
+# a constant for torch.compile, as dispatch.choose (it reads a context variable, which Dynamo cannot trace)
+choose._dynamo_marked_constant = True
 
 
 def _check_backend(backend):
@@ -284,14 +283,6 @@ def _check_backend(backend):
         raise ValueError(f"fastrnn.quantize: unknown backend {backend!r}; the quantized modules run on "
                          f"{', '.join(BACKENDS)} (or None: automatic)")
     return backend
-
-
-def _numba_ok():
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _numba_layer(mod, names, x, h0, c0, lengths, reverse):
@@ -536,7 +527,7 @@ class _QuantizedCell(_Quantized):
         then checks it and raises torch's errors."""
         if (torch.is_grad_enabled() or hx is None or type(input) is not torch.Tensor or input.dim() != 2
                 or input.dtype is not torch.float32 or not input.is_cpu or not input.is_contiguous()
-                or input.shape[1] != self.input_size or _cpp() is None or self.backend not in (None, "cpp")):
+                or input.shape[1] != self.input_size or self._choose() != "cpp"):
             return None
         lstm = self._family == "lstm"
         if lstm:

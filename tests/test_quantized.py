@@ -17,7 +17,7 @@ from fastrnn import dispatch, quantized
 from conftest import pairwise
 
 CPP = quantized._cpp() is not None
-NUMBA = quantized._numba_ok()
+NUMBA = not dispatch.reasons("numba")
 needs_cpp = pytest.mark.skipif(not CPP, reason="the cpp extension is not built here (fastrnn.info says why)")
 BACKENDS = ["reference"] + (["cpp"] if CPP else []) + (["numba"] if NUMBA else [])
 KERNELS = (["cpp"] if CPP else []) + (["numba"] if NUMBA else [])  # the backends the reference is the oracle of
@@ -222,7 +222,10 @@ def test_call_forms_match_the_float_module(backend):
     h0 = (torch.randn(4, 4, 16) * 0.5, torch.randn(4, 4, 16) * 0.5)
     with torch.no_grad():
         for args in ((x,), (x, h0), (x[0],), (x[0], tuple(s[:, 0] for s in h0))):
-            want, got = mod(*args), q(*args)
+            want = mod(*args)
+            with dispatch.record_calls() as ran:
+                got = q(*args)
+            assert ran == [("lstm_quantized", backend)] * 4  # 2 layers x 2 directions
             for g, w in zip(_flat(got), _flat(want)):
                 assert g.shape == w.shape and (g - w).abs().max() < 0.05
         lengths = torch.tensor([7, 2, 5, 3])
@@ -340,7 +343,9 @@ def test_cell_call_forms(backend):
     x = torch.randn(12, 3)[::2].t().contiguous()  # [3, 6]
     hx = (torch.randn(3, 9), torch.randn(3, 9))
     with torch.no_grad():
-        want = q(x, hx)
+        with dispatch.record_calls() as ran:
+            want = q(x, hx)
+        assert ran == [("lstm_quantized", backend)]
         for got in (q(x.t().contiguous().t(), hx), q(x, tuple(hx)), q(x, [*hx])):
             assert all(torch.equal(a, b) for a, b in zip(got, want))
         h1, c1 = q(x[1], tuple(s[1] for s in hx))
@@ -366,7 +371,9 @@ def test_dropout_between_layers_in_training_mode(backend):
     with torch.no_grad():
         for inp in (x, packed):
             torch.manual_seed(1)
-            a = _unpack(q(inp))
+            with dispatch.record_calls() as ran:
+                a = _unpack(q(inp))
+            assert ran == [("lstm_quantized", backend)] * 3
             torch.manual_seed(1)
             b = _unpack(q(inp))
             torch.manual_seed(2)
@@ -382,14 +389,40 @@ def test_dropout_between_layers_in_training_mode(backend):
         torch.testing.assert_close(e1[1][:, 1], h_alone[:, 0], rtol=0, atol=1e-5)
 
 
+def test_requested_backend_obeyed_or_refused(monkeypatch):
+    """fastrnn.use_backend and FASTRNN_BACKEND choose the quantized modules' backend as they do every
+    module's; a backend that has no quantized kernels (triton, torch) is refused with the reason, and the
+    module's own backend= wins over both."""
+    q = fastrnn.quantize(nn.GRU(4, 6))
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        for name in BACKENDS:
+            with fastrnn.use_backend(name), dispatch.record_calls() as ran:
+                q(x)
+            assert ran == [("gru_quantized", name)]
+        for name in ("triton", "torch"):
+            with fastrnn.use_backend(name), pytest.raises(fastrnn.BackendNotSupportedError,
+                                                          match="run on cpp, numba, reference"):
+                q(x)
+        monkeypatch.setenv("FASTRNN_BACKEND", "reference")
+        with dispatch.record_calls() as ran:
+            q(x)
+        assert ran == [("gru_quantized", "reference")]
+        mine = fastrnn.quantize(nn.GRU(4, 6), backend=BACKENDS[-1])
+        with fastrnn.use_backend("triton"), dispatch.record_calls() as ran:
+            mine(x)
+        assert ran == [("gru_quantized", BACKENDS[-1])]
+
+
 def test_nan_propagates():
     torch.manual_seed(0)
     for backend in BACKENDS:
         q = fastrnn.quantize(nn.GRU(4, 8), backend=backend)
         x = torch.randn(5, 2, 4)
         x[2, 1, 0] = float("nan")
-        with torch.no_grad():
+        with torch.no_grad(), dispatch.record_calls() as ran:
             y, h = q(x)
+        assert ran == [("gru_quantized", backend)]
         assert torch.isnan(y[2:, 1]).all() and not torch.isnan(y[:, 0]).any() and not torch.isnan(y[:2]).any()
 
 
