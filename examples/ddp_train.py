@@ -81,6 +81,9 @@ def _worker(rank, world, port, args, max_steps, subset, out):
         state = run(rank, world, args, max_steps, subset)
         if out and rank == 0:
             torch.save(state, out)
+        # leave together: a rank that tears its gloo group down while the other still works in it (here
+        # rank 0 saving) aborted once in CI ("terminate called without an active exception", inside gloo)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -119,6 +122,7 @@ def main(argv=None):
         dist.init_process_group("gloo")
         try:
             run(dist.get_rank(), world, args)
+            dist.barrier()  # leave together (see _worker)
         finally:
             dist.destroy_process_group()
     else:
