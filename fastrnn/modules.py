@@ -83,6 +83,9 @@ def _torch_class_of(cls):
     return next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules"))
 
 
+_any_autocast = torch._C._is_any_autocast_enabled  # the cells' fast path leaves autocast to _forward
+
+
 def _exporting():
     """Is torch.jit.trace (and so torch.onnx's TorchScript exporter, which traces) recording this call?
     Then a module that torch.nn can run runs torch.nn's own forward: the trace gets aten::lstm/gru/rnn
@@ -107,7 +110,8 @@ class _BackendMixin:
 
     def _cell_options(self):
         """Does the module use one of the cell options (layer norm, zoneout, recurrent dropout)?"""
-        return bool(self.layer_norm or any(self._zoneout_probs()) or self.recurrent_dropout)
+        z = self.zoneout  # a float, or an LSTM's (p_h, p_c); an RNN has none (0.0)
+        return bool(self.layer_norm or self.recurrent_dropout or (any(z) if isinstance(z, tuple) else z))
 
     def _zoneout_probs(self):
         """The zoneout probabilities in op order: (p_h, p_c) for an LSTM, (p,) for a GRU, () for an RNN."""
@@ -784,39 +788,46 @@ class _CellMixin(_BackendMixin):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {s.dim()}D instead")
 
     def forward(self, input, hx=None):
-        if _exporting() and not self._variant_only():
-            return super().forward(input, hx)  # as in _SeqMixin.forward
-        if hx is not None and not torch.is_grad_enabled():
-            out = self._fused_inference(input, hx)
+        if not torch.is_grad_enabled():
+            out = self._fused_inference(input, hx)  # never while a trace records (ops.can_skip_ops)
             if out is not None:
                 return out
+        if _exporting() and not self._variant_only():
+            return super().forward(input, hx)  # as in _SeqMixin.forward
         return self._forward(input, hx)
 
     def _fused_inference(self, input, hx):
         """The streaming fast path: one call of the backend's optional ``<family>_cell_fwd`` (input
-        projection inside), with none of the Python checks of ``_forward``. Taken only without autograd,
-        outside torch.compile and dispatch modes (``ops.can_skip_ops``), with a state given, when the chosen backend offers it. That op checks
-        shapes, dtypes, devices and contiguity itself and changes no input; whatever it refuses goes to
-        ``_forward``, which raises torch's error for it (or serves it another way). Returns None when
-        the fast path does not apply. A cell call at batch 1 is short enough that the Python checks cost
-        as much as the kernel (benchmarks/NOTES.md).
+        projection inside), with none of the Python checks of ``_forward``. Taken only without autograd and
+        autocast, outside torch.compile, tracing and dispatch modes (``ops.can_skip_ops``), for a batched
+        input (or an unbatched one with its state given), when the chosen backend offers the op. That op
+        checks shapes, dtypes, devices and contiguity itself and changes no input; whatever it refuses goes
+        to ``_forward``, which raises torch's error for it (or serves it another way). Returns None when the
+        fast path does not apply. A cell call at batch 1 is short enough that every check here costs a
+        share of it (benchmarks/NOTES.md, "The cells' fast path, trimmed").
         """
-        if (not (isinstance(input, torch.Tensor) and self._hx_is_well_formed(hx) and ops.can_skip_ops())
-                or self._dropping_weights() or self._cell_options()):
+        if not isinstance(input, torch.Tensor) or not (self._hx_is_well_formed(hx) if hx is not None
+                                                       else input.dim() == 2):
             return None
-        if torch.is_autocast_enabled("cpu" if input.is_cpu else input.device.type):  # _forward's autocast rules
-            return None
+        if not ops.can_skip_ops() or _any_autocast() or self._dropping_weights() or self._cell_options():
+            return None  # autocast: _forward's rules
         choice = self._fast_op(input, "cell", "step",
                                policy.shape_class("step", self.training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
             return None
         name, fused, _ = choice
         if name == "torch":
+            if hx is None:
+                return None
             self._torch_checks(input, tuple(hx) if self._n_state == 2 else (hx,), self.weight_ih)
             return self._torch_forward(input, hx)
         if fused is None:
             return None
-        states = tuple(hx) if self._n_state == 2 else (hx,)
+        if hx is None:  # torch's zeros, of the input's batch, dtype and device
+            z = input.new_zeros(input.shape[0], self.hidden_size)
+            states = (z, z) if self._n_state == 2 else (z,)
+        else:
+            states = tuple(hx) if self._n_state == 2 else (hx,)
         unbatched = input.dim() == 1
         if unbatched:
             if any(s.dim() != 1 for s in states):
@@ -834,7 +845,8 @@ class _CellMixin(_BackendMixin):
             out = fused(input, *weights, *states, *self._plain_options())
         except (RuntimeError, TypeError):
             return None
-        dispatch.note_call(f"{self._family}_cell_fwd", name)
+        if dispatch._recorders:
+            dispatch.note_call(f"{self._family}_cell_fwd", name)
         if unbatched:
             out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
         return out

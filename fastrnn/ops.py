@@ -266,8 +266,14 @@ def can_skip_ops():
     dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation, nor under torch.func
     transforms (the op layer's autograd and batching), nor while torch.jit.trace records (a direct call
     would leave the recurrence out of the trace)."""
-    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not functorch_active() and torch._C._get_tracing_state() is None)
+    return (not _is_compiling() and _get_current_dispatch_mode() is None
+            and not _functorch_active() and _tracing_state() is None)
+
+
+# the checks above bound once (a streaming cell call pays them every step: benchmarks/NOTES.md)
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
 
 
 #: what each op runs, to call without the op layer when ``can_skip_ops()`` and no gradient is needed

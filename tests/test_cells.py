@@ -202,13 +202,13 @@ def test_cell_inference(backend, threads, name, variant, dtype):
     family = name.split("Cell")[0].lower()
     want = f"{family}_cell_fwd" if backend in FUSED_CELL else f"{family}_step_fwd"
     assert ran == [(want, backend)] * len(calls)
-    if backend in FUSED_CELL:  # with a state given, the fast path alone (the general path would give the
-        def general(*args):    # same record, at ~3x the cost of the call: issue 18 broke it so, silently)
-            raise AssertionError("the general path ran")
+    if backend in FUSED_CELL:  # every call form, the first of a stream (hx None) included, on the fast path
+        def general(*args):    # alone (the general path would give the same record, at ~3x the cost of the
+            raise AssertionError("the general path ran")  # call: issue 18 broke it so, silently)
         mod.__dict__["_forward"] = general
         try:
             with torch.no_grad():
-                for a in calls[:2]:
+                for a in calls:
                     mod(*a)
         finally:
             del mod.__dict__["_forward"]
