@@ -85,3 +85,31 @@ def test_bad_shapes_are_refused_not_read():
                          False)
     with pytest.raises(RuntimeError, match="x must be"):
         nb.rnn_chunk_fwd(x, torch.randn(4, 5), None, torch.randn(4, 4), None, h, False, "tanh")
+    # the cells read their tensors by address: a tensor off the CPU, of another dtype or rank, is refused
+    with pytest.raises(RuntimeError, match="rnn_cell_fwd: every tensor must be .* on the CPU"):
+        nb.rnn_cell_fwd(x, torch.randn(4, 5, device="meta"), None, torch.randn(4, 4), None, h, "tanh")
+    with pytest.raises(RuntimeError, match="rnn_cell_fwd: every tensor must be float32 or float64"):
+        nb.rnn_cell_fwd(x.half(), torch.randn(4, 5).half(), None, torch.randn(4, 4).half(), None, h.half(), "tanh")
+    with pytest.raises(RuntimeError, match="rnn_cell_fwd: x and the state must be 2-D"):
+        nb.rnn_cell_fwd(x, torch.randn(4, 5), None, torch.randn(4, 4), None, h[0], "tanh")
+    with pytest.raises(RuntimeError, match="gru_cell_fwd: shapes do not fit"):
+        nb.gru_cell_fwd(x, torch.randn(12, 5), torch.randn(11), torch.randn(12, 4), None, h)
+
+
+def test_cells_by_address_take_views_and_strided_tensors():
+    """The fused cells read tensors by data address: a row of a larger tensor (an offset into its storage),
+    a transposed weight (copied to a contiguous one first) and absent biases give torch's values."""
+    nb = dispatch.get("numba")
+    g = torch.Generator().manual_seed(3)
+    xs, hs = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 6, generator=g)
+    w_ih = torch.randn(5, 18, generator=g).t()  # [18, 5], not contiguous
+    w_hh, b_hh = torch.randn(18, 6, generator=g), torch.randn(18, generator=g)
+    assert not w_ih.is_contiguous() and xs[2].storage_offset() > 0
+    torch.testing.assert_close(nb.gru_cell_fwd(xs[2], w_ih, None, w_hh, b_hh, hs[1]),
+                               torch.gru_cell(xs[2], hs[1], w_ih, w_hh, None, b_hh), atol=1e-6, rtol=1e-5)
+    w4, r4 = torch.randn(24, 5, generator=g), torch.randn(24, 6, generator=g)
+    c = torch.randn(3, 6, generator=g)
+    h_out, c_out = nb.lstm_cell_fwd(xs[3], w4, None, r4, None, None, None, hs[0], c, False)
+    want = torch.lstm_cell(xs[3], (hs[0], c), w4, r4, None, None)
+    torch.testing.assert_close(h_out, want[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(c_out, want[1], atol=1e-6, rtol=1e-5)

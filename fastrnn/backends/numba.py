@@ -333,40 +333,31 @@ class NumbaBackend(StepsFromSequence, Backend):
     # ---- the contract's optional fused inference cells (input projection inside, one kernel call) --------
     def lstm_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
         G = 3 if coupled else 4
-        B, H, P, (xn, wi, bi, wh, bh, hn, cn) = _cell_inputs("lstm_cell_fwd", (x, w_ih, b_ih, w_hh, b_hh, h, c), G)
-        dt = xn.dtype
-        hr, ch = _arr(w_hr), _arr(w_ch)
-        if (P != H) if hr is None else (hr.shape != (P, H) or hr.dtype != dt):
+        B, I, H, P, like, addr, keep = _cell_addresses("lstm_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh, w_hr, w_ch),
+                                                      (h, c), G)
+        if (P != H) if w_hr is None else w_hr.shape != (P, H):
             raise RuntimeError(f"fastrnn numba lstm_cell_fwd: h is [B, {P}] and c [B, {H}], so w_hr must be "
                                f"[{P}, {H}] (or absent with P == H)")
-        if ch is not None and (ch.shape != (3, H) or ch.dtype != dt):
-            raise RuntimeError(f"fastrnn numba lstm_cell_fwd: w_ch must be [3, {H}], got {ch.shape}")
-        none2 = np.empty((0, 0), dt)
-        h_out, c_out = np.empty((B, P), dt), cn.copy()
-        scratch = np.empty(2 * B * G * H + (B * H if hr is not None else 0), dt)
-        _kernel(_lstm.lstm_cell)(xn, wi, bi, wh, bh, none2 if hr is None else hr, none2 if ch is None else ch, coupled,
-                                 hn, _parts(B, G * H * (xn.shape[1] + P)), scratch[:B * G * H].reshape(1, B, G * H),
-                                 scratch[B * G * H:2 * B * G * H].reshape(1, B, G * H), c_out,
-                                 scratch[2 * B * G * H:].reshape(B, H) if hr is not None else none2, h_out)
-        return torch.from_numpy(h_out), torch.from_numpy(c_out)
+        if w_ch is not None and w_ch.shape != (3, H):
+            raise RuntimeError(f"fastrnn numba lstm_cell_fwd: w_ch must be [3, {H}], got {tuple(w_ch.shape)}")
+        h_out, c_out = x.new_empty(B, P), x.new_empty(B, H)
+        _lstm.lstm_cell_at(*addr[:7], bool(coupled), *addr[7:], h_out.data_ptr(), c_out.data_ptr(), B, I, H, P,
+                           _parts(B, G * H * (I + P)), like)
+        return h_out, c_out
 
     def gru_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h):
-        B, H, _, (xn, wi, bi, wh, bh, hn) = _cell_inputs("gru_cell_fwd", (x, w_ih, b_ih, w_hh, b_hh, h), 3)
-        h_out = np.empty((B, H), xn.dtype)
-        scratch = np.empty(B * 7 * H, xn.dtype)
-        _kernel(_gru.gru_cell)(xn, wi, bi, wh, bh, hn, _parts(B, 3 * H * (xn.shape[1] + H)),
-                               scratch[:3 * B * H].reshape(1, B, 3 * H), scratch[3 * B * H:6 * B * H].reshape(1, B, 3 * H),
-                               scratch[6 * B * H:].reshape(1, B, H), h_out)
-        return torch.from_numpy(h_out)
+        B, I, H, _, like, addr, keep = _cell_addresses("gru_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
+        h_out = x.new_empty(B, H)
+        _gru.gru_cell_at(*addr, h_out.data_ptr(), B, I, H, _parts(B, 3 * H * (I + H)), like)
+        return h_out
 
     def rnn_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
         if nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"fastrnn numba rnn_cell_fwd: unknown nonlinearity {nonlinearity!r}")
-        B, H, _, (xn, wi, bi, wh, bh, hn) = _cell_inputs("rnn_cell_fwd", (x, w_ih, b_ih, w_hh, b_hh, h), 1)
-        h_out = np.empty((B, H), xn.dtype)
-        _kernel(_rnn.rnn_cell)(xn, wi, bi, wh, bh, hn, nonlinearity == "relu", _parts(B, H * (xn.shape[1] + H)),
-                               np.empty((1, B, H), xn.dtype), h_out)
-        return torch.from_numpy(h_out)
+        B, I, H, _, like, addr, keep = _cell_addresses("rnn_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh), (h,), 1)
+        h_out = x.new_empty(B, H)
+        _rnn.rnn_cell_at(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", _parts(B, H * (I + H)), like)
+        return h_out
 
     # ---- the contract's optional chunk entry: a short dense sequence as one fused cell call a step -----
     #: rows (T x B) a layer-direction may have for ``<f>_chunk_fwd``: each step is one cell call, ~20 us of
@@ -416,42 +407,48 @@ class NumbaBackend(StepsFromSequence, Backend):
         return d_xw, d_w_hh, d_b_hh, dh0
 
 
-_CELL_DTYPES = (np.float32, np.float64)
+#: an empty array of each dtype the fused cells take: it gives the kernels their element type
+_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
 
-def _arr(t):
-    """A C-contiguous numpy view of a tensor (a copy only when it is not contiguous); None stays None."""
-    if t is None:
-        return None
-    t = t.detach()
-    return (t if t.is_contiguous() else t.contiguous()).numpy()
-
-
-def _cell_inputs(name, tensors, G):
-    """Check a fused cell call's tensors (x, w_ih, b_ih, w_hh, b_hh, *state; the kernels read them
-    unchecked) and return (B, H, P, numpy views). RuntimeError for what the kernel cannot take: the module's
-    general path then raises torch's error. Cheap on purpose: a batch-1 cell call is a few microseconds of
-    kernel (benchmarks/NOTES.md)."""
-    try:
-        a = [_arr(t) for t in tensors]  # numpy() itself refuses non-CPU tensors (TypeError)
-    except (TypeError, RuntimeError) as e:
-        raise RuntimeError(f"fastrnn numba {name}: {e}") from None
-    x, w_ih, b_ih, w_hh, b_hh, *state = a
+def _cell_addresses(name, x, weights, states, G):
+    """Check a fused cell call's tensors (x; w_ih, b_ih, w_hh, b_hh and an LSTM's w_hr, w_ch, None when
+    absent; the state) and return (B, I, H, P, the dtype's empty array, their data addresses (0 for
+    None), the contiguous copies made of any that were not, to keep alive during the call). The kernels
+    read them by address, unchecked: RuntimeError for what they cannot take (the module's general path
+    then raises torch's error). Cheap on purpose: a batch-1 cell call is a few microseconds of kernel
+    (benchmarks/NOTES.md)."""
+    like = _LIKE.get(x.dtype)
     dt = x.dtype
-    if dt not in _CELL_DTYPES or any(v is not None and v.dtype != dt for v in a):
+    if like is None:
         raise RuntimeError(f"fastrnn numba {name}: every tensor must be float32 or float64, of one dtype")
-    if x.ndim != 2 or any(s.ndim != 2 for s in state):
+    if x.dim() != 2 or any(s.dim() != 2 for s in states):
         raise RuntimeError(f"fastrnn numba {name}: x and the state must be 2-D")
     B, I = x.shape
-    H = state[-1].shape[1]
-    P = state[0].shape[1]
+    H = states[-1].shape[1]
+    P = states[0].shape[1]
     GH = G * H
-    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or any(s.shape[0] != B for s in state)
+    w_ih, b_ih, w_hh, b_hh = weights[:4]
+    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or any(s.shape[0] != B for s in states)
             or (b_ih is not None and b_ih.shape != (GH,)) or (b_hh is not None and b_hh.shape != (GH,))):
-        raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {x.shape}, w_ih {w_ih.shape}, "
-                           f"w_hh {w_hh.shape}, state {[s.shape for s in state]}")
-    empty = np.empty(0, dt)
-    return B, H, P, [empty if v is None else v for v in a]
+        raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {tuple(x.shape)}, w_ih "
+                           f"{tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}, state {[tuple(s.shape) for s in states]}")
+    addr, keep = [], []
+    try:
+        for t in (x, *weights, *states):
+            if t is None:
+                addr.append(0)
+                continue
+            if t.dtype != dt or not t.is_cpu:
+                raise RuntimeError(f"every tensor must be float32 or float64, of one dtype, on the CPU: x is "
+                                   f"{dt}, another {t.dtype} on {t.device}")
+            if not t.is_contiguous():
+                t = t.contiguous()
+                keep.append(t)
+            addr.append(t.data_ptr())
+    except (RuntimeError, TypeError) as e:  # a sparse tensor, say
+        raise RuntimeError(f"fastrnn numba {name}: {e}") from None
+    return B, I, H, P, like, addr, keep
 
 
 BACKEND = NumbaBackend()

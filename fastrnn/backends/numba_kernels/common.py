@@ -6,7 +6,7 @@ import math
 import numba
 import numpy as np
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # reassociation/contraction for vectorized reductions, but no 'nnan'/'ninf': NaN and inf must
 # propagate exactly as in torch
@@ -223,3 +223,23 @@ def project_units(x, n, w_ih, b_ih, xw, j0, j1):
             row = xw[b, j0:j1]
             for u in range(m):
                 row[u] += bb[u]
+
+
+@intrinsic
+def _pointer(typingctx, addr, like):
+    """The integer ``addr`` as a pointer to elements of ``like``'s dtype."""
+    if not isinstance(addr, types.Integer) or not isinstance(like, types.Array):
+        return None
+    sig = types.CPointer(like.dtype)(addr, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return sig, codegen
+
+
+@numba.njit(**JIT)
+def at(addr, shape, like):
+    """The C-contiguous array of ``shape`` whose data starts at ``addr`` (a tensor's data_ptr()), of
+    ``like``'s dtype. The fused cells take their tensors this way: a tensor's numpy view costs ~2 us, as
+    much as a cell's whole kernel at batch 1 (benchmarks/NOTES.md, "numba's cells by address")."""
+    return numba.carray(_pointer(addr, like), shape)

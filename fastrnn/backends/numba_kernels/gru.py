@@ -6,9 +6,10 @@ W_hn h + b_hn [B, H] (its gradient needs it, and it cannot be merged with x_n).
 from __future__ import annotations
 
 import numba
+import numpy as np
 from numba import prange
 
-from .common import JIT, fill_h_prev, final_h, mm_nt, project_units, sigmoid_, split, tanh_
+from .common import JIT, at, fill_h_prev, final_h, mm_nt, project_units, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -122,11 +123,31 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
 def gru_cell(x, w_ih, b_ih, w_hh, b_hh, h, parts, xw, gates, hn, h_out):
     """One step of a cell in inference, input projection included (``gru_cell_fwd``); xw, gates:
     [1, B, 3H] scratch, hn: [1, B, H] scratch, h_out: [B, H]."""
-    B = x.shape[0]
     H = h.shape[1]
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        for k in range(3):
-            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
-            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, lo, hi)
+
+
+@numba.njit(**JIT)
+def _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, lo, hi):
+    """Units [lo, hi) of a cell step."""
+    B = x.shape[0]
+    H = h.shape[1]
+    for k in range(3):
+        project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+    _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+
+
+@numba.njit(**JIT)
+def gru_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, like):
+    """``gru_cell`` on tensors given by address (see rnn.rnn_cell_at)."""
+    x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
+    b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
+    h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
+    xw, gates, hn = np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, H), like.dtype)
+    if parts == 1:
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, 0, H)
+    else:
+        gru_cell(x, w_ih, b_ih, w_hh, b_hh, h, parts, xw, gates, hn, h_out)

@@ -7,9 +7,10 @@ pre-projection output h~_t = o * tanh(c_t) [B, H].
 from __future__ import annotations
 
 import numba
+import numpy as np
 from numba import prange
 
-from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, project_units, sigmoid_, split, tanh_
+from .common import JIT, at, fill_h_prev, final_h, first_step, mm_nt, prev_t, project_units, sigmoid_, split, tanh_
 
 
 @numba.njit(**JIT)
@@ -228,20 +229,48 @@ def lstm_cell(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, parts, xw, gate
     each thread projects and multiplies its own units' rows of W_ih and W_hh, then their pointwise part.
     xw, gates: [1, B, G*H] scratch; c: [B, H], holding c_{t-1} on entry and c_t on return (c_all is c
     itself, one slot); hfull: [B, H] scratch with a projection; h_out: [B, P]."""
-    B = x.shape[0]
     H = c.shape[1]
     P = h.shape[1]
-    G = 3 if coupled else 4
-    proj = w_hr.shape[0] > 0
-    hout = hfull if proj else h_out
-    c_all = c.reshape((1, B, H))
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        for k in range(G):
-            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
-            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
-    if proj:
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, xw, gates, c, hfull, h_out, lo, hi)
+    if w_hr.shape[0] > 0:
         for p in prange(parts):
             lo, hi = split(P, parts, p)
-            mm_nt(hfull, B, w_hr, h_out, lo, hi, False)
+            mm_nt(hfull, x.shape[0], w_hr, h_out, lo, hi, False)
+
+
+@numba.njit(**JIT)
+def _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, xw, gates, c, hfull, h_out, lo, hi):
+    """Units [lo, hi) of a cell step, up to h (before the projection, which needs every unit)."""
+    B = x.shape[0]
+    H = c.shape[1]
+    G = 3 if coupled else 4
+    hout = hfull if w_hr.shape[0] > 0 else h_out
+    c_all = c.reshape((1, B, H))
+    for k in range(G):
+        project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+    _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+
+
+@numba.njit(**JIT)
+def lstm_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h, a_c, a_h_out, a_c_out, B, I, H, P,
+                 parts, like):
+    """``lstm_cell`` on tensors given by address (see rnn.rnn_cell_at); 0 for an absent w_hr or w_ch.
+    c_out starts as a copy of c (the step updates it in place)."""
+    G = 3 if coupled else 4
+    x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (G * H, I), like), at(a_w_hh, (G * H, P), like)
+    b_ih, b_hh = at(a_b_ih, (G * H if a_b_ih else 0,), like), at(a_b_hh, (G * H if a_b_hh else 0,), like)
+    w_hr = at(a_w_hr, (P, H) if a_w_hr else (0, 0), like)
+    w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
+    h, c, h_out, c_out = at(a_h, (B, P), like), at(a_c, (B, H), like), at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
+    c_out[:, :] = c
+    xw, gates = np.empty((1, B, G * H), like.dtype), np.empty((1, B, G * H), like.dtype)
+    hfull = np.empty((B, H) if a_w_hr else (0, 0), like.dtype)
+    if parts == 1:
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, xw, gates, c_out, hfull, h_out, 0, H)
+        if a_w_hr:
+            mm_nt(hfull, B, w_hr, h_out, 0, P, False)
+    else:
+        lstm_cell(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, parts, xw, gates, c_out, hfull, h_out)
