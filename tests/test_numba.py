@@ -12,12 +12,22 @@ KERNELS = [lstm.lstm_fwd, lstm.lstm_bwd, gru.gru_fwd, gru.gru_bwd, rnn.rnn_fwd, 
 
 
 def test_kernels_are_compiled_nopython():
+    """Both forms of each kernel: the serial twin (a call on one thread) and, where torch has threads to
+    split over, the parallel kernel (every step split, forced here)."""
+    from fastrnn.backends import numba as nb
     assert not numba.config.DISABLE_JIT
-    for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
-        m = cls(4, 6, backend="numba")
-        m(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+    split = torch.get_num_threads() > 1
+    for min_macs in (1 << 30, 0) if split else (1 << 30,):
+        old = nb.BACKEND.set_parallel_min_macs(min_macs)
+        try:
+            for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
+                m = cls(4, 6, backend="numba")
+                m(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+        finally:
+            nb.BACKEND.set_parallel_min_macs(old)
     for k in KERNELS:
-        assert isinstance(k, numba.core.registry.CPUDispatcher)
-        sigs = k.nopython_signatures
-        assert sigs, f"{k.__name__} never compiled"
-        assert any(str(s.args[0]).startswith("array(float32") for s in sigs)
+        for form in (nb._kernel(k, 1), k) if split else (nb._kernel(k, 1),):
+            assert isinstance(form, numba.core.registry.CPUDispatcher)
+            sigs = form.nopython_signatures
+            assert sigs, f"{form.py_func.__qualname__} never compiled"
+            assert any(str(s.args[0]).startswith("array(float32") for s in sigs)

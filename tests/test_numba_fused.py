@@ -113,3 +113,31 @@ def test_cells_by_address_take_views_and_strided_tensors():
     want = torch.lstm_cell(xs[3], (hs[0], c), w4, r4, None, None)
     torch.testing.assert_close(h_out, want[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(c_out, want[1], atol=1e-6, rtol=1e-5)
+
+
+def test_one_thread_runs_the_serial_twin(monkeypatch):
+    """A call on one thread runs the kernel's serial twin (a prange over one part still opens a parallel
+    region, ~2 us a step); a call split over threads the parallel kernel. Both give torch's values."""
+    from fastrnn.backends import numba as nb
+    from fastrnn.backends.numba_kernels import rnn as nb_rnn
+    assert nb._kernel(nb_rnn.rnn_fwd, 2) is nb_rnn.rnn_fwd
+    twin = nb._kernel(nb_rnn.rnn_fwd, 1)
+    assert twin is not nb_rnn.rnn_fwd and twin.py_func.__qualname__ == "rnn_fwd_serial"
+    assert not twin.targetoptions.get("parallel") and nb_rnn.rnn_fwd.targetoptions["parallel"]
+    torch.manual_seed(0)
+    ours, ref = fastrnn.RNN(6, 40, backend="numba"), torch.nn.RNN(6, 40)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 3, 6)
+    ran = []
+    real = nb._kernel
+    monkeypatch.setattr(nb, "_kernel", lambda fn, parts: ran.append((fn.py_func.__name__, parts)) or real(fn, parts))
+    for min_macs, parts in ((1 << 30, 1), (0, 2)):
+        old = nb.BACKEND.set_parallel_min_macs(min_macs)
+        try:
+            with torch.no_grad():
+                got, want = ours(x), ref(x)
+        finally:
+            nb.BACKEND.set_parallel_min_macs(old)
+        assert ran[-1] == ("rnn_fwd", min(parts, torch.get_num_threads()))
+        for a, b in zip(flat_outputs(got), flat_outputs(want)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

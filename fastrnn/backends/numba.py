@@ -32,21 +32,21 @@ PARALLEL_MIN_MACS = 1 << 16
 _SERIAL = {}
 
 
-def _kernel(fn):
-    """The compiled kernel ``fn`` (``parallel=True``), or in a process forked after its parent ran numba's
-    GNU OpenMP layer (``_common.FORKED_UNDER_GNU_OMP``: DataLoader workers, Hogwild-style training) the
-    same kernel compiled without ``parallel`` (each ``prange`` a plain loop on one thread), which starts
-    no OpenMP region.
-    The twin is compiled on its first use in that process (not cached on disk, so that it never shares a
-    cache entry with the parallel kernel). TBB, numba's fork-safe layer, measured 10-35% slower here
-    (benchmarks/NOTES.md, "numba after fork"), so the parent keeps OpenMP."""
-    if not _common.FORKED_UNDER_GNU_OMP:
+def _kernel(fn, parts):
+    """The compiled kernel ``fn`` (``parallel=True``) for a call split in ``parts`` > 1, else its serial
+    twin: the same code compiled without ``parallel`` (each ``prange`` a plain loop). A ``prange`` over one
+    part still opens a parallel region, ~2 us a step: a whole step at batch 1 and H=64 (benchmarks/NOTES.md,
+    "numba's sequences on one thread"). In a process forked after its parent ran numba's GNU OpenMP layer
+    (``_common.FORKED_UNDER_GNU_OMP``: DataLoader workers, Hogwild-style training) ``_parts`` is always 1,
+    so only the twin runs there, which starts no OpenMP region. TBB, numba's fork-safe layer, measured
+    10-35% slower here (benchmarks/NOTES.md, "numba after fork"), so the parent keeps OpenMP."""
+    if parts > 1 and not _common.FORKED_UNDER_GNU_OMP:
         return fn
-    serial = _SERIAL.get(fn)
-    if serial is None:
-        from .numba_kernels.common import JIT
-        serial = _SERIAL[fn] = numba.njit(**{**JIT, "cache": False})(fn.py_func)
-    return serial
+    twin = _SERIAL.get(fn)
+    if twin is None:
+        from .numba_kernels.common import serial_twin
+        twin = _SERIAL[fn] = serial_twin(fn)
+    return twin
 
 
 def _np(t):
@@ -140,8 +140,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         scratch = torch.empty(2 * B * P + B * H, dtype=xw.dtype).numpy()
         h_a, h_b = scratch[:B * P].reshape(B, P), scratch[B * P:2 * B * P].reshape(B, P)
         c = scratch[2 * B * P:].reshape(B, H)
-        _kernel(_lstm.lstm_fwd)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw), coupled,
-                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(h_n),
+        parts = _parts(B, GH * P)
+        _kernel(_lstm.lstm_fwd, parts)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
+                                coupled,
+                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, parts, _np(y), _np(h_n),
                                 _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
         return y, h_n, c_n, ws
 
@@ -158,10 +160,11 @@ class NumbaBackend(StepsFromSequence, Backend):
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         dhf = np.empty((B, H), dtype=_np(xw).dtype)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
-        _kernel(_lstm.lstm_bwd)(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
+        parts = _parts(B, GH * P)
+        _kernel(_lstm.lstm_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
                                 _opt(w_hr, 2, xw),
                                 _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled,
-                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(gates),
+                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, parts, _np(y), _np(gates),
                                 _np(c_all), _np(hfull), _np(dgates), _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0),
                                 _np(dw_ch))
         d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh)
@@ -180,8 +183,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
-        _kernel(_gru.gru_fwd)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
-                              _parts(B, GH * H), _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
+        parts = _parts(B, GH * H)
+        _kernel(_gru.gru_fwd, parts)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
+                              parts, _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
         return y, h_n, ws
 
     def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
@@ -191,8 +195,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        _kernel(_gru.gru_bwd)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
-                              reverse, _parts(B, GH * H), _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh),
+        parts = _parts(B, GH * H)
+        _kernel(_gru.gru_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0),
+                              _sizes(lengths, T, B),
+                              reverse, parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh),
                               _np(h_prev), _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
@@ -213,11 +219,12 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, P, dtype=xw.dtype)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         d = _np(xw).dtype
-        _kernel(_lstm_opt.lstm_opt_fwd)(
+        parts = _parts(B, GH * P)
+        _kernel(_lstm_opt.lstm_opt_fwd, parts)(
                                _np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                _opt(ln_h, 1, xw), _opt(ln_c, 1, xw), _opt(ln_cb, 1, xw), _opt(rmask, 2, xw),
                                _opt(zmask_h, 3, xw), _opt(zmask_c, 3, xw), float(zoneout_h), float(zoneout_c), coupled,
-                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, _parts(B, GH * P), _np(y), _np(h_n),
+                               _np(h0), _np(c0), _sizes(lengths, T, B), reverse, parts, _np(y), _np(h_n),
                                _np(c_n),
                                _np(gates), _np(c_all), _np(hfull), _np(ctil), _np(xhat), _np(stats),
                                np.empty((B, P), d), np.empty((B, P), d), np.empty((B, P), d), np.empty((B, H), d))
@@ -254,7 +261,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         dw_ch = torch.zeros(parts, *((3, H) if w_ch is not None else (0, 0)), dtype=xw.dtype)
         zeros = lambda t: torch.zeros(parts, t.shape[0] if t is not None else 0, dtype=xw.dtype)  # noqa: E731
         d_ln_h, d_ln_c, d_ln_cb = zeros(ln_h), zeros(ln_c), zeros(ln_cb)
-        _kernel(_lstm_opt.lstm_opt_bwd)(
+        _kernel(_lstm_opt.lstm_opt_bwd, parts)(
                                _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
                                _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw),
                                _opt(ln_h, 1, xw), _opt(ln_c, 1, xw), _opt(ln_cb, 1, xw), _opt(rmask, 2, xw),
@@ -285,10 +292,11 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         d = _np(xw).dtype
-        _kernel(_gru_opt.gru_opt_fwd)(
+        parts = _parts(B, GH * H)
+        _kernel(_gru_opt.gru_opt_fwd, parts)(
                              _np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(ln_h, 1, xw), _opt(rmask, 2, xw),
                              _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B), reverse,
-                             _parts(B, GH * H), _np(y),
+                             parts, _np(y),
                              _np(h_n), _np(gates), _np(hn_all), _np(xhat), _np(stats), np.empty((B, H), d),
                              np.empty((B, H), d))
         return y, h_n, ws
@@ -316,7 +324,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         # per-thread accumulators (the kernel's row parts), summed below
         d_ln_h = torch.zeros(parts, GH if ln_h is not None else 0, dtype=xw.dtype)
         d_bias = torch.zeros(parts, GH, dtype=xw.dtype)
-        _kernel(_gru_opt.gru_opt_bwd)(
+        _kernel(_gru_opt.gru_opt_bwd, parts)(
                              _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _opt(ln_h, 1, xw),
                              _opt(rmask, 2, xw), _opt(zmask, 3, xw), float(zoneout), _np(h0), _sizes(lengths, T, B),
                              reverse, parts, _np(y), _np(gates), _np(hn_all), _np(xhat), _np(stats), _np(d_xw),
@@ -391,8 +399,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
-        _kernel(_rnn.rnn_fwd)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
-                              nonlinearity == "relu", _parts(B, H * H), _np(y), _np(h_n), h_a, h_b)
+        parts = _parts(B, H * H)
+        _kernel(_rnn.rnn_fwd, parts)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
+                              nonlinearity == "relu", parts, _np(y), _np(h_n), h_a, h_b)
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):
@@ -400,8 +409,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         d_xw, h_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        _kernel(_rnn.rnn_bwd)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B),
-                              reverse, nonlinearity == "relu", _parts(B, H * H), _np(y), _np(d_xw), _np(h_prev),
+        parts = _parts(B, H * H)
+        _kernel(_rnn.rnn_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0),
+                              _sizes(lengths, T, B),
+                              reverse, nonlinearity == "relu", parts, _np(y), _np(d_xw), _np(h_prev),
                               _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0

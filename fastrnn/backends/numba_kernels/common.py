@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import FunctionType
 
 import numba
 import numpy as np
@@ -243,3 +244,15 @@ def at(addr, shape, like):
     ``like``'s dtype. The fused cells take their tensors this way: a tensor's numpy view costs ~2 us, as
     much as a cell's whole kernel at batch 1 (benchmarks/NOTES.md, "numba's cells by address")."""
     return numba.carray(_pointer(addr, like), shape)
+
+
+def serial_twin(kernel):
+    """``kernel`` (a ``parallel=True`` dispatcher) compiled without ``parallel``: each ``prange`` a plain
+    loop, no parallel region. Its own name (``<name>_serial``) gives it its own entry in numba's disk
+    cache, so the two never load each other's code."""
+    f = kernel.py_func
+    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__ = f.__module__
+    twin.__doc__ = f.__doc__
+    return numba.njit(**JIT)(twin)

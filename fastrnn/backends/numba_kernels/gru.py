@@ -146,7 +146,8 @@ def gru_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts,
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
     b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
-    xw, gates, hn = np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, H), like.dtype)
+    xw, gates = np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype)
+    hn = np.empty((1, B, H), like.dtype)
     if parts == 1:
         _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, 0, H)
     else:

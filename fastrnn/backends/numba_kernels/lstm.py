@@ -264,7 +264,8 @@ def lstm_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a
     b_ih, b_hh = at(a_b_ih, (G * H if a_b_ih else 0,), like), at(a_b_hh, (G * H if a_b_hh else 0,), like)
     w_hr = at(a_w_hr, (P, H) if a_w_hr else (0, 0), like)
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
-    h, c, h_out, c_out = at(a_h, (B, P), like), at(a_c, (B, H), like), at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
+    h, c = at(a_h, (B, P), like), at(a_c, (B, H), like)
+    h_out, c_out = at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
     c_out[:, :] = c
     xw, gates = np.empty((1, B, G * H), like.dtype), np.empty((1, B, G * H), like.dtype)
     hfull = np.empty((B, H) if a_w_hr else (0, 0), like.dtype)
