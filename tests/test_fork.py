@@ -5,6 +5,7 @@ default here) cannot run in a forked child: there the numba backend runs serial 
 parent keeps its parallel ones."""
 import multiprocessing as mp
 import os
+import queue
 import pytest
 import torch
 
@@ -17,8 +18,8 @@ FORK_BACKENDS = [b for b in ("numba", "cpp") if b in CPU_BACKENDS]
 
 def _case(backend):
     torch.manual_seed(0)
-    m = fastrnn.LSTM(32, 32, backend=backend)  # a size at which numba splits each step over threads
-    return m, torch.randn(20, 16, 32)
+    m = fastrnn.LSTM(64, 64, backend=backend)  # a size at which numba splits each step over threads
+    return m, torch.randn(20, 16, 64)
 
 
 def _child(backend, threads, q):
@@ -57,12 +58,15 @@ def test_forked_child_runs_after_parent_used_backend(backend, threads=1):
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(backend, threads, q))
     p.start()
-    p.join(120)
-    if p.is_alive():
+    try:  # read before joining: a child exits only once its queue's pipe is drained (the results pass 64 KiB)
+        status, got, grad, serial = q.get(timeout=120)
+    except queue.Empty:
+        status = None
+    p.join(10)
+    if p.is_alive() or status is None:
         p.kill()
         pytest.fail(f"the forked child hangs on the {backend} backend")
     assert p.exitcode == 0, f"child exit code {p.exitcode}"
-    status, got, grad, serial = q.get(timeout=10)
     assert status == "ok", got
     if backend == "numba":  # under GNU OpenMP the child ran the serial twins, forward and backward
         assert serial == ((True, 2) if omp else (False, 0))

@@ -25,8 +25,9 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     numba = None
     _IMPORT_ERROR = e
 
-# a step's GEMM must have at least this many multiply-adds before it is split over threads
-PARALLEL_MIN_MACS = 1 << 16
+# a step's GEMM must have at least this many multiply-adds before it is split over threads: each step then
+# opens a parallel region (~2 us); below ~2^18 one thread was as fast or faster (benchmarks/NOTES.md)
+PARALLEL_MIN_MACS = 1 << 18
 
 
 _SERIAL = {}
