@@ -454,10 +454,15 @@ def _cell_addresses(name, x, weights, states, G):
             if t.dtype != dt or not t.is_cpu:
                 raise RuntimeError(f"every tensor must be float32 or float64, of one dtype, on the CPU: x is "
                                    f"{dt}, another {t.dtype} on {t.device}")
-            if not t.is_contiguous():
-                t = t.contiguous()
+            if t.is_neg() or not t.is_contiguous():  # the kernels read the stored values, as they lie
+                t = t.resolve_neg().contiguous()
                 keep.append(t)
-            addr.append(t.data_ptr())
+            a = t.data_ptr()
+            if not a and t.numel():  # a ZeroTensor (autograd's): values without storage
+                t = torch.zeros(t.shape, dtype=dt)
+                keep.append(t)
+                a = t.data_ptr()
+            addr.append(a)
     except (RuntimeError, TypeError) as e:  # a sparse tensor, say
         raise RuntimeError(f"fastrnn numba {name}: {e}") from None
     return B, I, H, P, like, addr, keep
