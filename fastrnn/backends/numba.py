@@ -350,14 +350,16 @@ class NumbaBackend(StepsFromSequence, Backend):
         if w_ch is not None and w_ch.shape != (3, H):
             raise RuntimeError(f"fastrnn numba lstm_cell_fwd: w_ch must be [3, {H}], got {tuple(w_ch.shape)}")
         h_out, c_out = x.new_empty(B, P), x.new_empty(B, H)
-        _lstm.lstm_cell_at(*addr[:7], bool(coupled), *addr[7:], h_out.data_ptr(), c_out.data_ptr(), B, I, H, P,
-                           _parts(B, G * H * (I + P)), like)
+        parts = _parts(B, G * H * (I + P))
+        _kernel(_lstm.lstm_cell, parts)(*addr[:7], bool(coupled), *addr[7:], h_out.data_ptr(), c_out.data_ptr(),
+                                        B, I, H, P, parts, like)
         return h_out, c_out
 
     def gru_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h):
         B, I, H, _, like, addr, keep = _cell_addresses("gru_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
         h_out = x.new_empty(B, H)
-        _gru.gru_cell_at(*addr, h_out.data_ptr(), B, I, H, _parts(B, 3 * H * (I + H)), like)
+        parts = _parts(B, 3 * H * (I + H))
+        _kernel(_gru.gru_cell, parts)(*addr, h_out.data_ptr(), B, I, H, parts, like)
         return h_out
 
     def rnn_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
@@ -365,7 +367,8 @@ class NumbaBackend(StepsFromSequence, Backend):
             raise RuntimeError(f"fastrnn numba rnn_cell_fwd: unknown nonlinearity {nonlinearity!r}")
         B, I, H, _, like, addr, keep = _cell_addresses("rnn_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh), (h,), 1)
         h_out = x.new_empty(B, H)
-        _rnn.rnn_cell_at(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", _parts(B, H * (I + H)), like)
+        parts = _parts(B, H * (I + H))
+        _kernel(_rnn.rnn_cell, parts)(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", parts, like)
         return h_out
 
     # ---- the contract's optional chunk entry: a short dense sequence as one fused cell call a step -----

@@ -120,35 +120,17 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_cell(x, w_ih, b_ih, w_hh, b_hh, h, parts, xw, gates, hn, h_out):
-    """One step of a cell in inference, input projection included (``gru_cell_fwd``); xw, gates:
-    [1, B, 3H] scratch, hn: [1, B, H] scratch, h_out: [B, H]."""
-    H = h.shape[1]
-    for p in prange(parts):
-        lo, hi = split(H, parts, p)
-        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, lo, hi)
-
-
-@numba.njit(**JIT)
-def _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, lo, hi):
-    """Units [lo, hi) of a cell step."""
-    B = x.shape[0]
-    H = h.shape[1]
-    for k in range(3):
-        project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
-        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-    _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
-
-
-@numba.njit(**JIT)
-def gru_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, like):
-    """``gru_cell`` on tensors given by address (see rnn.rnn_cell_at)."""
+def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, like):
+    """One step of a cell in inference, input projection included (``gru_cell_fwd``), on tensors given
+    by address (see rnn.rnn_cell)."""
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
     b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
     xw, gates = np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype)
     hn = np.empty((1, B, H), like.dtype)
-    if parts == 1:
-        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, xw, gates, hn, h_out, 0, H)
-    else:
-        gru_cell(x, w_ih, b_ih, w_hh, b_hh, h, parts, xw, gates, hn, h_out)
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        for k in range(3):
+            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)

@@ -224,41 +224,12 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_cell(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, parts, xw, gates, c, hfull, h_out):
-    """One step of a cell in inference, input projection included (the contract's ``lstm_cell_fwd``):
-    each thread projects and multiplies its own units' rows of W_ih and W_hh, then their pointwise part.
-    xw, gates: [1, B, G*H] scratch; c: [B, H], holding c_{t-1} on entry and c_t on return (c_all is c
-    itself, one slot); hfull: [B, H] scratch with a projection; h_out: [B, P]."""
-    H = c.shape[1]
-    P = h.shape[1]
-    for p in prange(parts):
-        lo, hi = split(H, parts, p)
-        _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, xw, gates, c, hfull, h_out, lo, hi)
-    if w_hr.shape[0] > 0:
-        for p in prange(parts):
-            lo, hi = split(P, parts, p)
-            mm_nt(hfull, x.shape[0], w_hr, h_out, lo, hi, False)
-
-
-@numba.njit(**JIT)
-def _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, xw, gates, c, hfull, h_out, lo, hi):
-    """Units [lo, hi) of a cell step, up to h (before the projection, which needs every unit)."""
-    B = x.shape[0]
-    H = c.shape[1]
-    G = 3 if coupled else 4
-    hout = hfull if w_hr.shape[0] > 0 else h_out
-    c_all = c.reshape((1, B, H))
-    for k in range(G):
-        project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
-        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-    _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
-
-
-@numba.njit(**JIT)
-def lstm_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h, a_c, a_h_out, a_c_out, B, I, H, P,
-                 parts, like):
-    """``lstm_cell`` on tensors given by address (see rnn.rnn_cell_at); 0 for an absent w_hr or w_ch.
-    c_out starts as a copy of c (the step updates it in place)."""
+def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h, a_c, a_h_out, a_c_out, B, I, H, P,
+              parts, like):
+    """One step of a cell in inference, input projection included (the contract's ``lstm_cell_fwd``), on
+    tensors given by address (see rnn.rnn_cell; 0 for an absent w_hr or w_ch): each thread copies c into
+    c_out, projects and multiplies its own units' rows of W_ih and W_hh, then their pointwise part, which
+    updates c_out in place (c_all is c_out itself, one slot); then the projection by W_hr."""
     G = 3 if coupled else 4
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (G * H, I), like), at(a_w_hh, (G * H, P), like)
     b_ih, b_hh = at(a_b_ih, (G * H if a_b_ih else 0,), like), at(a_b_hh, (G * H if a_b_hh else 0,), like)
@@ -266,12 +237,20 @@ def lstm_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h, c = at(a_h, (B, P), like), at(a_c, (B, H), like)
     h_out, c_out = at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
-    c_out[:, :] = c
     xw, gates = np.empty((1, B, G * H), like.dtype), np.empty((1, B, G * H), like.dtype)
     hfull = np.empty((B, H) if a_w_hr else (0, 0), like.dtype)
-    if parts == 1:
-        _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, xw, gates, c_out, hfull, h_out, 0, H)
-        if a_w_hr:
-            mm_nt(hfull, B, w_hr, h_out, 0, P, False)
-    else:
-        lstm_cell(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, coupled, h, parts, xw, gates, c_out, hfull, h_out)
+    hout = hfull if a_w_hr else h_out
+    c_all = c_out.reshape((1, B, H))
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        for b in range(B):
+            for u in range(lo, hi):
+                c_out[b, u] = c[b, u]
+        for k in range(G):
+            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c_out, c_all, hout)
+    if a_w_hr:
+        for p in prange(parts):
+            lo, hi = split(P, parts, p)
+            mm_nt(hfull, B, w_hr, h_out, lo, hi, False)

@@ -85,33 +85,15 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, 
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_cell(x, w_ih, b_ih, w_hh, b_hh, h, relu, parts, xw, h_out):
-    """One step of a cell in inference, input projection included (``rnn_cell_fwd``); xw: [1, B, H]
-    scratch, h_out: [B, H]."""
-    H = h.shape[1]
-    for p in prange(parts):
-        lo, hi = split(H, parts, p)
-        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, relu, xw, h_out, lo, hi)
-
-
-@numba.njit(**JIT)
-def _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, relu, xw, h_out, lo, hi):
-    """Units [lo, hi) of a cell step."""
-    B = x.shape[0]
-    project_units(x, B, w_ih, b_ih, xw[0], lo, hi)
-    mm_nt(h, B, w_hh, h_out, lo, hi, False)
-    _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
-
-
-@numba.njit(**JIT)
-def rnn_cell_at(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, parts, like):
-    """``rnn_cell`` on tensors given by address (``at``; 0: an absent bias): one thread runs the step
-    inline (a parallel region costs ~1.5 us, a B1 H64 step ~1), more run rnn_cell's parallel loop."""
+def rnn_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, parts, like):
+    """One step of a cell in inference, input projection included (``rnn_cell_fwd``), on tensors given
+    by address (``common.at``; 0: an absent bias); each of ``parts`` threads takes its own units."""
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (H, I), like), at(a_w_hh, (H, H), like)
     b_ih, b_hh = at(a_b_ih, (H if a_b_ih else 0,), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
     xw = np.empty((1, B, H), like.dtype)
-    if parts == 1:
-        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, relu, xw, h_out, 0, H)
-    else:
-        rnn_cell(x, w_ih, b_ih, w_hh, b_hh, h, relu, parts, xw, h_out)
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        project_units(x, B, w_ih, b_ih, xw[0], lo, hi)
+        mm_nt(h, B, w_hh, h_out, lo, hi, False)
+        _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
