@@ -43,6 +43,28 @@ FASTRNN_CLONES void gemm_cols(int64_t M, int64_t K, const double* A, int64_t lda
   gemm_cols_impl<double>(M, K, A, lda, W, ldw, offset, count, C, ldc);
 }
 
+template <typename T>
+FASTRNN_INLINE void add_gate_bias_impl(T* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, int64_t nu, const T* bias,
+                                       int64_t H) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < G; ++k) {
+      T* d = c + r * ldc + k * U;
+      const T* b = bias + k * H;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < nu; ++j) d[j] += b[j];
+    }
+}
+
+FASTRNN_CLONES void add_gate_bias(float* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, int64_t nu,
+                                  const float* bias, int64_t H) {
+  add_gate_bias_impl<float>(c, ldc, rows, G, U, nu, bias, H);
+}
+
+FASTRNN_CLONES void add_gate_bias(double* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, int64_t nu,
+                                  const double* bias, int64_t H) {
+  add_gate_bias_impl<double>(c, ldc, rows, G, U, nu, bias, H);
+}
+
 void check_float(const at::Tensor& t, const char* what, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "fastrnn cpp backend: ", what, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
@@ -73,6 +95,7 @@ at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::op
   TORCH_CHECK(x.size(-1) > 0, "fastrnn cpp backend: x must have at least one input feature, got ", x.sizes());
   check_tensor(w_ih, "w_ih", {GH, x.size(-1)}, x);
   check_opt(b_ih, "b_ih", {GH}, x);
+  if (steps && fused_input(x.size(0), x.size(1))) return at::Tensor();  // the driver projects in blocks
   return steps ? pool_empty({x.size(0), x.size(1), GH}, x.options()) : at::empty({1, x.size(0), GH}, x.options());
 }
 
@@ -80,9 +103,16 @@ StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const
                              const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G) {
   check_float(xw, "xw", xw);
   TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, ", G, "*H], got ", xw.sizes());
+  return check_single_state(xw, xw.size(0), xw.size(1), xw.size(2), w_hh, b_hh, h0, lengths, G);
+}
+
+StateDims check_single_state(const at::Tensor& like, int64_t T, int64_t B, int64_t GH, const at::Tensor& w_hh,
+                             const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                             const c10::optional<at::Tensor>& lengths, int64_t G) {
+  const at::Tensor& xw = like;
   check_float(h0, "h0", xw);
   TORCH_CHECK(h0.dim() == 2, "fastrnn cpp backend: h0 must be [B, H], got ", h0.sizes());
-  const StateDims d{xw.size(0), xw.size(1), h0.size(1), xw.size(2)};
+  const StateDims d{T, B, h0.size(1), GH};
   TORCH_CHECK(d.GH == G * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected ", G, " x ", d.H);
   check_shape(h0, "h0", {d.B, d.H});
   check_tensor(w_hh, "w_hh", {d.GH, d.H}, xw);

@@ -11,7 +11,8 @@ template <typename T>
 struct FwdPoint {
   int64_t bs, nu, H, U, ldp;
   const T* pre;   // [bs, ldp]: h @ W_hh^T of the worker's units, gate k at column k * U + j
-  const T* xw;    // xw[t] + u0: [b * 3H + k * H + j]
+  const T* xw;    // the step's projected input of the worker's units: [b * xs + k * xg + j] (XRows)
+  int64_t xs, xg;
   const T* bias;  // b_hh + u0 (zeros when absent)
   const T* hp;    // h_{t-1} + u0: [b * H + j]
   T* hdst;        // new h + u0: [b * H + j]
@@ -24,15 +25,16 @@ FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
   const int64_t H = p.H, U = p.U;
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
-    const T* x = p.xw + b * 3 * H;
+    const T* x = p.xw + b * p.xs;
+    const int64_t X = p.xg;
     const T* hp = p.hp + b * H;
     T* h = p.hdst + b * H;
 #pragma GCC ivdep
     for (int64_t j = 0; j < p.nu; ++j) {
       const T r = sigmoid_(x[j] + pr[j] + p.bias[j]);
-      const T z = sigmoid_(x[H + j] + pr[U + j] + p.bias[H + j]);
+      const T z = sigmoid_(x[X + j] + pr[U + j] + p.bias[H + j]);
       const T hn = pr[2 * U + j] + p.bias[2 * H + j];
-      const T n = tanh_(x[2 * H + j] + r * hn);
+      const T n = tanh_(x[2 * X + j] + r * hn);
       h[j] = (T(1) - z) * n + z * hp[j];
       if (SAVE) {
         T* s = p.gates + b * 3 * H;
@@ -134,7 +136,8 @@ FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int p
   }
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
-    const T* x = p.xw + b * 3 * H;
+    const T* x = p.xw + b * p.xs;
+    const int64_t X = p.xg;
     const T* hp = p.hp + b * H;
     T* h = p.hdst + b * H;
     T n_ = T(0), m = T(0), m2 = T(0);  // combine the workers' statistics (Chan et al.)
@@ -158,9 +161,9 @@ FASTRNN_INLINE void fwd_ln_impl(const FwdPoint<T>& p, const LnPoint<T>& q, int p
         xh[2 * H + j] = nn;
       }
       const T r = sigmoid_(x[j] + nr * q.gain[j] + p.bias[j]);
-      const T z = sigmoid_(x[H + j] + nz * q.gain[H + j] + p.bias[H + j]);
+      const T z = sigmoid_(x[X + j] + nz * q.gain[H + j] + p.bias[H + j]);
       const T hn = nn * q.gain[2 * H + j] + p.bias[2 * H + j];
-      const T n = tanh_(x[2 * H + j] + r * hn);
+      const T n = tanh_(x[2 * X + j] + r * hn);
       h[j] = (T(1) - z) * n + z * hp[j];
       if (SAVE) {
         T* s = p.gates + b * 3 * H;
@@ -267,11 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
-  at::Tensor h_n = at::empty({B, H}, xw.options());
+                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
+  at::Tensor h_n = at::empty({B, H}, h0.options());
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
   const int64_t ws_numel = save ? T_ * B * ws_row(d, o) : 0;
-  at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
+  at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, ws};
   Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : GH);
   if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), GH, T(0));
@@ -279,12 +282,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   T* ghn = save ? gates + T_ * B * GH : nullptr;
   FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
-               batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
+               batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask);
   a.zoneout_h = T(o.z);
   a.phases = o.ln_h ? 2 : 1;  // layer norm: partial statistics, then the pass (fwd_ln)
-  const T* xp = xw.data_ptr<T>();
   const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
   const T* gain = tptr<T>(o.ln_h);
   T* xhat = save && gain ? ghn + T_ * B * H : nullptr;
@@ -293,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   Scratch<T> parts(gain ? slots * B * 3 : 0);
   std::fill_n(parts.data(), gain ? slots * B * 3 : 0, T(0));
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
-                           const T* hp, T* hdst, int64_t) {
-    FwdPoint<T> p{bs, nu, H, U, ldp, pre, xp + t * B * GH + u0, bp + u0, hp + u0, hdst + u0,
+                           const T* hp, T* hdst, int64_t, const XRows<T>& xr) {
+    FwdPoint<T> p{bs, nu, H, U, ldp, pre, xr.x, xr.rs, xr.gs, bp + u0, hp + u0, hdst + u0,
                   save ? gates + t * B * GH + u0 : nullptr, save ? ghn + t * B * H + u0 : nullptr};
     if (gain)
       fwd_ln(p, LnPoint<T>{gain + u0, xhat ? xhat + t * B * GH + u0 : nullptr, rstd ? rstd + t * B : nullptr,
@@ -412,8 +414,10 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
 std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse) {
-  at::Tensor xw = proj_input(x, w_ih, b_ih, 3 * (h0.dim() == 2 ? h0.size(1) : 0), true);
-  const Dims d = check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 3);
+  const int64_t GH = 3 * (h0.dim() == 2 ? h0.size(1) : 0);
+  at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
+  const Dims d = xw.defined() ? check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 3)
+                              : check_single_state(x, x.size(0), x.size(1), GH, w_hh, b_hh, h0, c10::nullopt, 3);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, c10::nullopt, reverse, false,
                                     input_proj<scalar_t>(x, w_ih, b_ih, xw));

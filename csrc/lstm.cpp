@@ -13,7 +13,8 @@ template <typename T>
 struct FwdPoint {
   int64_t bs, nu, H, GH, U, ldp, ldd;
   const T* pre;   // [bs, ldp]: h @ W_hh^T of the worker's units, gate k at column k * U + j
-  const T* xw;    // xw[t] + u0: [b * GH + k * H + j]
+  const T* xw;    // the step's projected input of the worker's units: [b * xs + k * xg + j] (XRows)
+  int64_t xs, xg;
   const T* bias;  // b_hh + u0 (zeros when absent): [k * H + j]
   const T* wc;    // w_ch + u0 (peephole): [k * H + j]
   T* c;           // cell state + u0: [b * H + j], updated in place
@@ -28,17 +29,18 @@ FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
   const int64_t H = p.H, U = p.U;
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
-    const T* x = p.xw + b * p.GH;
+    const T* x = p.xw + b * p.xs;
+    const int64_t X = p.xg;
     T* c = p.c + b * H;
     T* h = p.hdst + b * p.ldd;
 #pragma GCC ivdep
     for (int64_t j = 0; j < p.nu; ++j) {
       const T cp = c[j];
       T gi = pr[j] + x[j] + p.bias[j];
-      T gg = pr[KG * U + j] + x[KG * H + j] + p.bias[KG * H + j];
-      T go = pr[KO * U + j] + x[KO * H + j] + p.bias[KO * H + j];
+      T gg = pr[KG * U + j] + x[KG * X + j] + p.bias[KG * H + j];
+      T go = pr[KO * U + j] + x[KO * X + j] + p.bias[KO * H + j];
       T gf = T(0);
-      if (!COUPLED) gf = pr[U + j] + x[H + j] + p.bias[H + j];
+      if (!COUPLED) gf = pr[U + j] + x[X + j] + p.bias[H + j];
       if (PEEP) {
         gi += p.wc[j] * cp;
         if (!COUPLED) gf += p.wc[H + j] * cp;
@@ -244,7 +246,8 @@ FASTRNN_INLINE void fwd_opts_impl(const FwdPoint<T>& p, const OptPoint<T>& q, in
   }
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
-    const T* x = p.xw + b * GH;
+    const T* x = p.xw + b * p.xs;
+    const int64_t X = p.xg;
     T* c = p.c + b * H;
     T* h = p.hdst + b * p.ldd;
     T* ct = q.ctil + b * H;
@@ -277,9 +280,9 @@ FASTRNN_INLINE void fwd_opts_impl(const FwdPoint<T>& p, const OptPoint<T>& q, in
         if (!coupled) nf *= q.ln_h[H + j];
       }
       T gi = ni + x[j] + p.bias[j];
-      T gg = ng + x[KG * H + j] + p.bias[KG * H + j];
-      T go = no + x[KO * H + j] + p.bias[KO * H + j];
-      T gf = coupled ? T(0) : nf + x[H + j] + p.bias[H + j];
+      T gg = ng + x[KG * X + j] + p.bias[KG * H + j];
+      T go = no + x[KO * X + j] + p.bias[KO * H + j];
+      T gf = coupled ? T(0) : nf + x[X + j] + p.bias[H + j];
       if (peep) {
         gi += p.wc[j] * cp;
         if (!coupled) gf += p.wc[H + j] * cp;
@@ -526,12 +529,14 @@ struct Dims {
   int64_t T, B, G, H, P, GH;
 };
 
-Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-                const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
-                const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool coupled) {
-  check_float(xw, "xw", xw);
-  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, G*H], got ", xw.sizes());
-  Dims d{xw.size(0), xw.size(1), coupled ? 3 : 4, 0, 0, xw.size(2)};
+// xw's dims (T, B, G*H) and `like` (the tensor the others' dtype must match): xw itself, or where a chunk's
+// projection is fused (no xw) its input x
+Dims check_args(const at::Tensor& like, int64_t T, int64_t B, int64_t GH, const at::Tensor& w_hh,
+                const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+                const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0,
+                const c10::optional<at::Tensor>& lengths, bool coupled) {
+  const at::Tensor& xw = like;
+  Dims d{T, B, coupled ? 3 : 4, 0, 0, GH};
   check_float(c0, "c0", xw);
   TORCH_CHECK(c0.dim() == 2, "fastrnn cpp backend: c0 must be [B, H], got ", c0.sizes());
   d.H = c0.size(1);
@@ -549,6 +554,14 @@ Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optiona
   check_opt(w_ch, "w_ch", {3, d.H}, xw);
   check_lengths(lengths, d.T, d.B);
   return d;
+}
+
+Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
+                const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool coupled) {
+  check_float(xw, "xw", xw);
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, G*H], got ", xw.sizes());
+  return check_args(xw, xw.size(0), xw.size(1), xw.size(2), w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
 }
 
 using OptT = c10::optional<at::Tensor>;
@@ -586,11 +599,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
   Scratch<T> y_scratch(in.cell ? T_ * B * P : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : varlen ? pool_zeros({T_, B, P}, xw.options()) : pool_empty({T_, B, P}, xw.options());
-  at::Tensor h_n = at::empty({B, P}, xw.options()), c_n = c0.clone();
+                 : varlen ? pool_zeros({T_, B, P}, h0.options()) : pool_empty({T_, B, P}, h0.options());
+  at::Tensor h_n = at::empty({B, P}, h0.options()), c_n = c0.clone();
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
   const int64_t ws_numel = save ? T_ * B * ws_row(d, proj, o) : 0;
-  at::Tensor ws = varlen ? pool_zeros({ws_numel}, xw.options()) : pool_empty({ws_numel}, xw.options());
+  at::Tensor ws = varlen ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
   Scratch<T> hfull_scratch(proj && !save ? B * H : 0);
   if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
   Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : GH);
@@ -601,12 +614,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   FwdArgs<T> a{T_, B, H, P, d.G, reverse, w_hh.data_ptr<T>(), data_or_null<T>(w_hr), h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(),
                proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data()) : nullptr, save,
-               batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
+               batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask_h);
   a.zoneout_h = T(o.zh);
   a.phases = o.ln() ? 3 : 1;  // layer norm: statistics of the product, then of c~ (fwd_opts)
-  const T* xp = xw.data_ptr<T>();
   const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
   const T* wc = data_or_null<T>(w_ch);
   T* c = c_n.data_ptr<T>();
@@ -628,8 +640,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   const int64_t zstride = o.zmask_c ? H : 0, zstep = o.zmask_c ? B * H : 0;
   const T* lnh = tptr<T>(o.ln_h), *lnc = tptr<T>(o.ln_c), *lncb = tptr<T>(o.ln_cb);
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp,
-                           int64_t U, const T*, T* hdst, int64_t ldd) {
-    FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xp + t * B * GH + u0, bp + u0, wc ? wc + u0 : nullptr, c + u0,
+                           int64_t U, const T*, T* hdst, int64_t ldd, const XRows<T>& xr) {
+    FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xr.x, xr.rs, xr.gs, bp + u0, wc ? wc + u0 : nullptr, c + u0,
                   hdst + u0, save ? gates + t * B * GH + u0 : nullptr, save ? call + t * B * H + u0 : nullptr};
     if (!o.cell()) return fwd_point(p, wc != nullptr, coupled);
     const int64_t st = save ? t : 0;  // scratch: one step's slot
@@ -790,8 +802,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
     const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled) {
-  at::Tensor xw = proj_input(x, w_ih, b_ih, (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0), true);
-  const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled);
+  const int64_t GH = (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0);
+  at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
+  const Dims d = xw.defined() ? check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled)
+                              : check_args(x, x.size(0), x.size(1), GH, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt,
+                                           coupled);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, reverse, coupled, false,
                                     input_proj<scalar_t>(x, w_ih, b_ih, xw));

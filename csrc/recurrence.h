@@ -544,21 +544,43 @@ inline std::vector<int64_t> batch_sizes(const c10::optional<at::Tensor>& lengths
   return sizes;
 }
 
+// Where the pointwise pass of a step reads its projected input for the worker's units: row b, gate k,
+// unit j at x[b * rs + k * gs + j] (xw[t] + u0 with rs = G*H, gs = H; or a worker's block, below).
+template <typename T>
+struct XRows {
+  const T* x;
+  int64_t rs, gs;
+};
+
 // Cells and short chunks in inference (nothing saved): the input projection runs inside the call. Each
 // worker computes xw for its own units, so its rows of W_ih and of W_hh stay in its own core's cache
 // from one call to the next (together they exceed one core's L2 at H = 256, which is what a separate
 // F.linear and step op cost: ~40 us more per call, NOTES.md). A single step does it just before its
 // recurrent product; a chunk of several steps does all its steps' rows first, as one product per
 // worker, which reads the worker's W_ih rows once instead of once a step (NOTES.md, seventh session).
+// From PACK_IN_ROWS rows (T > 1) the projection is fused (`fused_input`): each worker packs its rows of
+// W_ih like its W_hh panel and projects a block of steps at a time, just before them, into a buffer of
+// its own in the layout of its recurrent product ([rows, G*U], gate k at column k*U + j), which the
+// pointwise pass then reads from L2: no xw buffer [T, B, G*H], and no pass that scatters into one
+// (NOTES.md, fifteenth session).
 template <typename T>
 struct InputProj {
   const T* x = nullptr;     // [T, B, I]
   const T* w_ih = nullptr;  // [G*H, I]
   const T* b_ih = nullptr;  // [G*H] or null
   int64_t I = 0;
-  T* xw = nullptr;          // [T, B, G*H], written for the worker's units
+  T* xw = nullptr;          // [T, B, G*H], written for the worker's units (null when fused_input)
   bool cell = false;        // a cell call: the caller keeps only the new state, y is scratch
 };
+
+// Do T steps of B rows project their input in the driver's blocks (no xw buffer; see InputProj)?
+inline bool fused_input(int64_t T, int64_t B) { return T > 1 && T * B >= PACK_IN_ROWS; }
+
+// c[r * ldc + k * U + j] += bias[k * H + j] for r < rows, k < G, j < nu (a block of the fused projection)
+void add_gate_bias(float* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, int64_t nu, const float* bias,
+                   int64_t H);
+void add_gate_bias(double* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, int64_t nu, const double* bias,
+                   int64_t H);
 
 // ---- the forward time loop ---------------------------------------------------------------------
 // One layer-direction. Per step, worker w: gates of its units = h_{t-1} @ W_hh[its rows]^T (packed GEMM
@@ -665,13 +687,15 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
   std::memcpy(hb + B * P, a.h0, sizeof(T) * B * P);
   T* pan = panel.data(), *prb = pre.data(), *panr = panel_r.data(), *prr = pre_r.data();
-  // the input projection inside the call (InputProj) over at least PACK_IN_ROWS rows: packed, as the
-  // recurrent product (its panel and the product's rows, per worker)
-  const int64_t I = a.in.I;
-  const bool pack_in = a.in.x && T_ > 1 && T_ * B >= PACK_IN_ROWS && I > 0;
-  constexpr int64_t IN_ROWS = 128;  // rows a block of the packed projection (its output stays in L2)
-  Scratch<T> panel_in(pack_in ? nw * I * ncols : 0), xin_buf(pack_in ? nw * IN_ROWS * ncols : 0);
+  // the input projection inside the call (InputProj): fused from PACK_IN_ROWS rows (a block of S steps at
+  // a time into the worker's `xin` [S*B, G*U], plus b_ih), else all steps' rows first into xw (unpacked)
+  const int64_t I = a.in.I, GH = a.G * H;
+  const bool fused = a.in.x && fused_input(T_, B);  // as the entry decided (proj_input)
+  constexpr int64_t IN_ROWS = 128;  // rows a block (the block stays in L2 for its steps)
+  const int64_t S = std::max<int64_t>(1, IN_ROWS / B);
+  Scratch<T> panel_in(fused ? nw * I * ncols : 0), xin_buf(fused ? nw * S * B * ncols : 0);
   T* pin = panel_in.data(), *xin = xin_buf.data();
+  const T* xw = a.in.x ? a.in.xw : a.xw;
 
   run_team(nw, [&](int wb, int we, Barrier& bar) {
     for (int w = wb; w < we && packed; ++w) {
@@ -686,39 +710,23 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
                    panr + w * H * PU);
       }
     }
-    const bool all_first = a.in.x && T_ > 1;  // see InputProj
-    for (int w = wb; w < we && all_first; ++w) {
-      const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-      if (nu <= 0) continue;
-      if (!pack_in) {
-        project_input(a, 0, T_ * B, u0, nu);
-        continue;
-      }
-      // many rows: the worker's rows of W_ih packed like its W_hh panel, then per block of rows one
-      // packed GEMM into the worker's `xin` [IN_ROWS, G*U], scattered (plus the bias) into xw's gates
-      T* pi = pin + w * I * ncols;
-      T* xo = xin + w * IN_ROWS * ncols;
+    for (int w = wb; w < we && fused; ++w) {
+      const int64_t u0 = w * U;
       pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
         const int64_t u = u0 + n % U;
         return u < H ? (n / U) * H + u : int64_t(-1);
-      }, pi);
-      const int64_t GH = a.G * H;
-      for (int64_t r0 = 0; r0 < T_ * B; r0 += IN_ROWS) {
-        const int64_t rows = std::min(IN_ROWS, T_ * B - r0);
-        gemm_packed(rows, I, a.in.x + r0 * I, I, pi, ncb, xo, ncols);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < a.G; ++g) {
-            T* dst = a.in.xw + (r0 + r) * GH + g * H + u0;
-            const T* src = xo + r * ncols + g * U;
-            const T* bias = a.in.b_ih ? a.in.b_ih + g * H + u0 : nullptr;
-            for (int64_t j = 0; j < nu; ++j) dst[j] = bias ? src[j] + bias[j] : src[j];
-          }
-      }
+      }, pin + w * I * ncols);
+    }
+    for (int w = wb; w < we && a.in.x && T_ > 1 && !fused; ++w) {  // a few rows: all steps first (InputProj)
+      const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+      if (nu > 0) project_input(a, 0, T_ * B, u0, nu);
     }
     for (int64_t it = 0; it < T_; ++it) {
       const int64_t t = a.reverse ? T_ - 1 - it : it;
       const int64_t bs = a.sizes[t];
       const int64_t bs_next = it + 1 < T_ ? a.sizes[a.reverse ? t - 1 : t + 1] : 0;
+      // the fused projection's block of steps [blk, blk + nb) (in loop order): times [tlo, tlo + nb)
+      const int64_t blk = it / S * S, nb = std::min(S, T_ - blk), tlo = a.reverse ? T_ - blk - nb : blk;
       const T* hp = hb + (it & 1) * B * P;
       const T* hg = a.rmask ? hm + (it & 1) * B * P : hp;  // what the GEMM multiplies
       T* hn = hb + ((it + 1) & 1) * B * P;
@@ -730,15 +738,22 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
           const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
           if (nu <= 0 || bs == 0) continue;
           T* pw = prb + w * B * ncols;
+          T* xo = xin + w * S * B * ncols;
           if (ph == 0) {
-            if (bs_next > 0) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
-            if (a.in.x && !all_first) project_input(a, t, bs, u0, nu);
+            if (fused && it == blk) {
+              gemm_packed(nb * B, I, a.in.x + tlo * B * I, I, pin + w * I * ncols, ncb, xo, ncols);
+              if (a.in.b_ih) add_gate_bias(xo, ncols, nb * B, a.G, U, nu, a.in.b_ih + u0, H);
+            }
+            if (bs_next > 0 && !fused) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
+            if (a.in.x && T_ == 1) project_input(a, t, bs, u0, nu);
             if (packed)
               gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
             else
               gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
           }
-          point(ph, w, t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd);
+          const XRows<T> xr = fused ? XRows<T>{xo + (t - tlo) * B * ncols, ncols, U}
+                                    : XRows<T>{xw + t * B * GH + u0, GH, H};
+          point(ph, w, t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd, xr);
           if (!proj && ph == a.phases - 1) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
         }
       }
@@ -899,6 +914,10 @@ struct StateDims {
 };
 StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                              const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G);
+// the same with xw absent (a chunk whose projection is fused): its dims, and `like` for the dtype
+StateDims check_single_state(const at::Tensor& like, int64_t T, int64_t B, int64_t GH, const at::Tensor& w_hh,
+                             const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                             const c10::optional<at::Tensor>& lengths, int64_t G);
 // their backward's incoming gradients and forward output
 void check_single_state_grads(const StateDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                               const at::Tensor& y, const at::Tensor& xw);
@@ -911,13 +930,15 @@ template <typename T> const T* data_or_null(const c10::optional<at::Tensor>& t) 
 }
 
 // the input of an entry with the projection inside: x [B, I] (a cell; returns the buffer for xw,
-// [1, B, GH]) or, with `steps`, x [T, B, I] (a chunk; [T, B, GH])
+// [1, B, GH]) or, with `steps`, x [T, B, I] (a chunk; [T, B, GH], or an undefined tensor where the
+// driver fuses the projection: fused_input)
 at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
                       bool steps);
 template <typename T>
 InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                         at::Tensor& xw, bool cell = false) {
-  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1), xw.data_ptr<T>(), cell};
+  return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1),
+                      xw.defined() ? xw.data_ptr<T>() : nullptr, cell};
 }
 
 // The inference entries with the input projection inside (the contract's optional <f>_cell_fwd and

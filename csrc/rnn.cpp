@@ -11,7 +11,8 @@ template <typename T>
 struct FwdPoint {
   int64_t bs, nu, H, ldp;
   const T* pre;   // [bs, ldp]: h @ W_hh^T of the worker's units
-  const T* xw;    // xw[t] + u0: [b * H + j]
+  const T* xw;    // the step's projected input of the worker's units: [b * xs + j] (XRows)
+  int64_t xs;
   const T* bias;  // b_hh + u0 (zeros when absent)
   T* hdst;        // new h + u0: [b * H + j]
 };
@@ -20,7 +21,7 @@ template <typename T, bool RELU>
 FASTRNN_INLINE void fwd_impl(const FwdPoint<T>& p) {
   for (int64_t b = 0; b < p.bs; ++b) {
     const T* pr = p.pre + b * p.ldp;
-    const T* x = p.xw + b * p.H;
+    const T* x = p.xw + b * p.xs;
     T* h = p.hdst + b * p.H;
 #pragma GCC ivdep
     for (int64_t j = 0; j < p.nu; ++j) {
@@ -85,21 +86,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const int64_t T_ = d.T, B = d.B, H = d.H;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, xw.options()) : pool_empty({T_, B, H}, xw.options());
-  at::Tensor h_n = at::empty({B, H}, xw.options());
-  if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, xw.options())};
+                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
+  at::Tensor h_n = at::empty({B, H}, h0.options());
+  if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, h0.options())};
   Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : H);
   if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), H, T(0));
   FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
-               batch_sizes(lengths, T_, B), in, xw.data_ptr<T>()};
-  const T* xp = xw.data_ptr<T>();
+               batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
   const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
-                           const T*, T* hdst, int64_t) {
-    fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xp + t * B * H + u0, bp + u0, hdst + u0}, relu);
+                           const T*, T* hdst, int64_t, const XRows<T>& xr) {
+    fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xr.x, xr.rs, bp + u0, hdst + u0}, relu);
   });
-  return {y, h_n, at::empty({0}, xw.options())};
+  return {y, h_n, at::empty({0}, h0.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd(const at::Tensor& xw, const at::Tensor& w_hh,
@@ -181,8 +181,10 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tens
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse,
                                              c10::string_view nonlinearity) {
-  at::Tensor xw = proj_input(x, w_ih, b_ih, h0.dim() == 2 ? h0.size(1) : 0, true);
-  const Dims d = check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 1);
+  const int64_t GH = h0.dim() == 2 ? h0.size(1) : 0;
+  at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
+  const Dims d = xw.defined() ? check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 1)
+                              : check_single_state(x, x.size(0), x.size(1), GH, w_hh, b_hh, h0, c10::nullopt, 1);
   const bool relu = is_relu(nonlinearity);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, c10::nullopt, reverse, relu,

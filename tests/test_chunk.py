@@ -301,9 +301,11 @@ def test_raw_op_checks():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["LSTM-2L-bi", "LSTM-proj-bi", "LSTM-peephole-coupled", "GRU", "RNN-tanh-bi"])
 def test_threaded_chunks(name, dtype):
-    """The chunk op split over torch's threads (each worker projects its own units' rows of all steps
-    first, packed from 8 rows and in blocks of 128, then runs the loop): torch.nn's values, at a hidden size that leaves the last
-    worker a partial block. Forced on small shapes by dropping the split threshold."""
+    """The chunk op split over torch's threads (each worker projects its own units' rows: below 8 rows
+    all steps first, from 8 rows packed and fused, a block of 128 // B steps at a time just before them,
+    one step a block past 128 rows): torch.nn's values, at a hidden size that leaves the last worker a
+    partial block, with blocks that do not divide T (3 x 50: 2 + 1 steps; 20 x 16: 8 + 8 + 4), in both
+    directions. Forced on small shapes by dropping the split threshold."""
     from fastrnn.backends import cpp
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: the chunk op cannot split (torch.get_num_threads() == 1)")
@@ -311,7 +313,7 @@ def test_threaded_chunks(name, dtype):
     ours, ref = _pair(name, dtype, hidden=40)
     old = cpp.BACKEND.set_parallel_min_macs(0)
     try:
-        for T, B in ((1, 2), (7, 3), (40, 1), (3, 50)):  # past 8 rows the projection is packed
+        for T, B in ((1, 2), (2, 3), (7, 3), (40, 1), (3, 50), (20, 16), (3, 130)):
             x = torch.randn(T, B, 6, dtype=dtype)
             hx = _state(ours, B, dtype)
             with torch.no_grad():
