@@ -49,6 +49,8 @@ TORCH_LIBRARY(fastrnn_cpp, m) {
         "str nonlinearity) -> (Tensor, Tensor)");
   // an uninitialized CPU tensor from the large-buffer cache (csrc/pool.cpp)
   m.def("empty(int[] size, ScalarType dtype) -> Tensor");
+  // C = A' @ B' (+ bias): A' = a or a^T (ta), B' = b or b^T (tb); the large products of a call (gemm.cpp)
+  m.def("mm(Tensor a, bool ta, Tensor b, bool tb, Tensor? bias) -> Tensor");
 }
 
 namespace fastrnn {
@@ -89,6 +91,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "C/8 + C/T (recurrence.h, team_size)");
   m.def("set_parallel_min_macs", [](int64_t v) { fastrnn::parallel_min_macs().store(v); },
         "set C (0: always split when there are at least two unit blocks)");
+  m.def("own_mm", &fastrnn::own_mm, "whether fastrnn_cpp::mm runs a product of M x N x K on its packed kernel");
+  m.def("set_own_mm", [](int v) { return fastrnn::own_mm_mode().exchange(v); },
+        "-1: own_mm's rule, 0 / 1: never / always the packed kernel in fastrnn_cpp::mm; returns the old mode");
   m.def("cache_info", &fastrnn::cache_info,
         "the large-buffer cache: (bytes handed out, bytes idle, most idle bytes kept)");
   m.def("empty_cache", &fastrnn::empty_cache, "free the large-buffer cache's idle blocks");

@@ -119,7 +119,8 @@ FASTRNN_INLINE void store_acc(T* C, V<T> v, bool accumulate) {
   vstore(C, accumulate ? vload(C) + v : v);
 }
 
-template <typename T, int MR>
+// A[m, k] at A[m * lda + k], or at A[k * lda + m] with AT (A^T stored: gemm.cpp)
+template <typename T, int MR, bool AT = false>
 FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, bool accumulate) {
   constexpr int N = lanes<T>();
   V<T> acc[MR][2];
@@ -127,7 +128,7 @@ FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C,
   for (int64_t k = 0; k < K; ++k) {
     const V<T> b0 = vload(Bp + k * 2 * N), b1 = vload(Bp + k * 2 * N + N);
     for (int m = 0; m < MR; ++m) {
-      const T a = A[m * lda + k];
+      const T a = AT ? A[k * lda + m] : A[m * lda + k];
       acc[m][0] += a * b0;
       acc[m][1] += a * b1;
     }
@@ -341,6 +342,12 @@ FASTRNN_INLINE void pack_cols_impl(const T* src, int64_t ld, bool trans, int64_t
   for (int64_t n0 = 0; n0 < ncols; n0 += nr) {
     T* dst = panel + (n0 / nr) * K * nr;
     if (trans) {
+      bool run = col[n0] >= 0;  // the block's columns consecutive: a row copy per k
+      for (int i = 1; i < nr && run; ++i) run = col[n0 + i] == col[n0] + i;
+      if (run) {
+        for (int64_t k = 0; k < K; ++k) std::memcpy(dst + k * nr, src + k * ld + col[n0], sizeof(T) * nr);
+        continue;
+      }
       for (int64_t k = 0; k < K; ++k)
         for (int i = 0; i < nr; ++i) dst[k * nr + i] = col[n0 + i] < 0 ? T(0) : src[k * ld + col[n0 + i]];
       continue;
@@ -900,6 +907,15 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
     }
   });
 }
+
+// ---- the large products of a call (gemm.cpp) ---------------------------------------------------
+// A' @ B' (+ bias) into a buffer from the pool: A' = a or a^T (ta), B' = b or b^T (tb), all contiguous;
+// the packed kernel split by columns over torch's threads where own_mm says so, else torch's product
+bool own_mm(int64_t M, int64_t N, int64_t K);
+// -1: own_mm's rule; 0 / 1: never / always the packed kernel (the tests force it on small shapes)
+std::atomic<int>& own_mm_mode();
+at::Tensor big_mm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb,
+                  const c10::optional<at::Tensor>& bias = c10::nullopt);
 
 // ---- argument checks shared by the entries ------------------------------------------------------
 void check_float(const at::Tensor& t, const char* what, const at::Tensor& like);

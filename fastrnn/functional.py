@@ -53,6 +53,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     direct = ops.can_skip_ops()
     impl = dispatch.get(backend)
     alloc = getattr(impl, "empty", None) if direct else None
+    mm = getattr(impl, "mm", None) if direct else None
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
@@ -74,7 +75,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh, ln_ih = _unpack(weights[k])
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
-            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih)
+            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm)
             if packed:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
             fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
@@ -175,21 +176,25 @@ def _empty(alloc, shape, like):
     return like.new_empty(shape) if alloc is None else alloc(list(shape), like.dtype)
 
 
-def _project(x, w_ih, b_ih, alloc, ln_ih=None):
+def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None):
     """The input projection of all steps, ``x @ w_ih.T + b_ih``; with ``ln_ih`` (``layer_norm``)
     ``LN(x @ w_ih.T; ln_ih) + b_ih``, normalized over its G*H columns per row as ``nn.LayerNorm`` (eps
     1e-5, gain ``ln_ih``, no bias of its own: b_ih follows it). With ``alloc`` (a backend's optional
     ``empty``) it is written into a buffer the backend hands out, from memory it keeps mapped: a fresh
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
-    dx in such a buffer too."""
+    dx in such a buffer too. With ``mm`` (the backend's optional ``mm``) the products run through it."""
     if ln_ih is not None:  # all steps at once (not on the sequential path); b_ih as the normalization's bias
-        return F.layer_norm(_project(x, w_ih, None, alloc), (w_ih.shape[0],), ln_ih, b_ih, LN_EPS)
+        return F.layer_norm(_project(x, w_ih, None, alloc, None, mm), (w_ih.shape[0],), ln_ih, b_ih, LN_EPS)
     x2 = x.reshape(-1, x.shape[-1])
     if alloc is None or x2.shape[0] * w_ih.shape[0] * x.element_size() < _ALLOC_MIN_BYTES:
         return F.linear(x, w_ih, b_ih)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_ih)):
-        out = _Projection.apply(x2, w_ih, b_ih, alloc)
+        if mm is not None:  # the backend's product takes contiguous tensors
+            x2, w_ih, b_ih = x2.contiguous(), w_ih.contiguous(), None if b_ih is None else b_ih.contiguous()
+        out = _Projection.apply(x2, w_ih, b_ih, alloc, mm)
+    elif mm is not None:
+        out = mm(x2.contiguous(), False, w_ih.contiguous(), True, None if b_ih is None else b_ih.contiguous())
     else:
         out = _linear_into(alloc([x2.shape[0], w_ih.shape[0]], x.dtype), x2, w_ih, b_ih)
     return out.view(*x.shape[:-1], w_ih.shape[0])
@@ -205,33 +210,43 @@ def _linear_into(out, x2, w, b):
 
 
 class _Projection(torch.autograd.Function):
-    """``F.linear`` of a 2-D input with its output, and its backward's dx, in buffers from ``alloc``."""
+    """``F.linear`` of a 2-D input with its output, and its backward's dx, in buffers from ``alloc``; with
+    ``mm`` (a backend's optional ``mm``) the forward's product and the backward's two through it."""
 
     @staticmethod
-    def forward(x2, w, b, alloc):
+    def forward(x2, w, b, alloc, mm):
+        if mm is not None:
+            return mm(x2, False, w, True, b)
         return _linear_into(alloc([x2.shape[0], w.shape[0]], x2.dtype), x2, w, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x2, w, b, alloc = inputs
+        x2, w, b, alloc, mm = inputs
         ctx.save_for_backward(x2, w)
-        ctx.alloc, ctx.has_bias = alloc, b is not None
+        ctx.alloc, ctx.mm, ctx.has_bias = alloc, mm, b is not None
 
     @staticmethod
     def backward(ctx, g):
         x2, w = ctx.saved_tensors
         dx = dw = db = None
+        # out= and the backend's product are not differentiable: a double backward (create_graph) takes the
+        # plain products
+        plain = torch.is_grad_enabled()
+        mm = None if plain else ctx.mm
+        if mm is not None:
+            g = g.contiguous()
         if ctx.needs_input_grad[0]:
-            # out= is not differentiable: a double backward (create_graph) takes the plain product
-            if torch.is_grad_enabled():
+            if plain:
                 dx = g.mm(w)
+            elif mm is not None:
+                dx = mm(g, False, w, False, None)
             else:
                 dx = torch.mm(g, w, out=ctx.alloc([g.shape[0], w.shape[1]], g.dtype))
         if ctx.needs_input_grad[1]:
-            dw = g.t().mm(x2)
+            dw = g.t().mm(x2) if mm is None else mm(g, True, x2, False, None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def cell_step(family, x, state, w_ih, b_ih, hh, options, backend, ln_ih=None):

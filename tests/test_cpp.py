@@ -214,13 +214,24 @@ def test_training_projection_is_cached(cls, monkeypatch):
     torch.testing.assert_close(y1, y2, atol=0, rtol=0)
 
 
-def test_projection_gradients_and_double_backward():
-    """_Projection's backward (dx into a cached buffer) and its create_graph branch, in float64."""
+@pytest.mark.parametrize("products", ["torch", "mm-own", "mm-torch"])
+def test_projection_gradients_and_double_backward(products):
+    """_Projection's backward (dx into a cached buffer; or with the backend's ``mm``, its packed kernel
+    forced, or torch's product inside the op) and its create_graph branch, in float64."""
     from fastrnn.functional import _Projection
+    mm = None if products == "torch" else cpp.BACKEND.mm
+    old = cpp._C.set_own_mm({"mm-own": 1, "mm-torch": 0}.get(products, -1))
+    try:
+        _projection_gradients(_Projection, mm)
+    finally:
+        cpp._C.set_own_mm(old)
+
+
+def _projection_gradients(_Projection, mm):
     x = torch.randn(300, 1000, dtype=torch.float64, requires_grad=True)  # dx: 2.3 MiB, a cached block
     w = torch.randn(7, 1000, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    y = _Projection.apply(x, w, b, cpp.BACKEND.empty)
+    y = _Projection.apply(x, w, b, cpp.BACKEND.empty, mm)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-12, rtol=1e-12)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, w, b), g)
@@ -229,9 +240,82 @@ def test_projection_gradients_and_double_backward():
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
     small = (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),
              torch.randn(5, 3, dtype=torch.float64, requires_grad=True))
-    fn = lambda x_, w_: _Projection.apply(x_, w_, None, cpp.BACKEND.empty)  # noqa: E731
+    fn = lambda x_, w_: _Projection.apply(x_, w_, None, cpp.BACKEND.empty, mm)  # noqa: E731
     assert torch.autograd.gradcheck(fn, small)
     assert torch.autograd.gradgradcheck(fn, small)
+
+
+@pytest.mark.parametrize("own", [1, 0], ids=["packed-kernel", "torch-product"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_mm_op_equals_torch(dtype, own):
+    """fastrnn_cpp::mm (the large products of a call, csrc/gemm.cpp) against torch: every transpose
+    combination, with and without a bias, at shapes with partial register blocks (M % 8), partial column
+    blocks (N % 32), and more than one block of rows (128) and of k (256); its packed kernel forced on
+    (the shapes are below own_mm's size rule) and off."""
+    old = cpp._C.set_own_mm(own)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
+    try:
+        torch.manual_seed(0)
+        for M, N, K in ((1, 1, 1), (7, 33, 5), (16, 64, 513), (130, 70, 300), (9, 100, 2)):
+            for ta in (False, True):
+                for tb in (False, True):
+                    a = torch.randn((K, M) if ta else (M, K), dtype=dtype)
+                    b = torch.randn((N, K) if tb else (K, N), dtype=dtype)
+                    bias = torch.randn(N, dtype=dtype)
+                    want = (a.t() if ta else a) @ (b.t() if tb else b)
+                    torch.testing.assert_close(cpp.BACKEND.mm(a, ta, b, tb, None), want, **tol)
+                    torch.testing.assert_close(cpp.BACKEND.mm(a, ta, b, tb, bias), want + bias, **tol)
+        a = torch.full((3, 0), 1.0, dtype=dtype)  # K = 0: the bias alone
+        torch.testing.assert_close(cpp.BACKEND.mm(a, False, torch.ones(0, 4, dtype=dtype), False,
+                                                  torch.arange(4, dtype=dtype)), torch.arange(4, dtype=dtype).expand(3, 4))
+    finally:
+        cpp._C.set_own_mm(old)
+
+
+def test_mm_op_checks_its_arguments():
+    a, b = torch.randn(4, 3), torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match=r"mm of \[4, 3\] and \[5, 3\]"):
+        cpp.BACKEND.mm(a, False, b.t().contiguous(), False, None)
+    with pytest.raises(RuntimeError, match="b must be contiguous"):
+        cpp.BACKEND.mm(a, False, torch.randn(5, 3).t(), False, None)
+    with pytest.raises(RuntimeError, match="b has dtype Double but the input has Float"):
+        cpp.BACKEND.mm(a, False, b.double(), False, None)
+    with pytest.raises(RuntimeError, match=r"bias must have shape \[5\]"):
+        cpp.BACKEND.mm(a, False, b, False, torch.randn(4))
+
+
+def test_own_mm_rule():
+    """The packed kernel takes the large products on CPUs that are not Intel's (MKL's own kernels serve
+    those; NOTES.md, fifteenth session), never the small ones or fewer than 32 columns."""
+    import subprocess
+    vendor = subprocess.run(["grep", "-m1", "vendor_id", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+    big = cpp._C.own_mm(1600, 1024, 256)
+    assert big == ("GenuineIntel" not in vendor)
+    assert not cpp._C.own_mm(1600, 16, 256) and not cpp._C.own_mm(8, 8, 8)
+
+
+@pytest.mark.parametrize("own", [1, 0], ids=["packed-kernel", "torch-product"])
+@pytest.mark.parametrize("name", ["LSTM", "LSTM-proj", "GRU", "RNN"])
+def test_training_through_the_mm_op(name, own, ran):
+    """A training call's projection, its gradients and d W_hh (and d W_hr) through fastrnn_cpp::mm, its
+    packed kernel forced on and off: torch.nn's outputs and gradients."""
+    cls = name.split("-")[0]
+    kw = dict(proj_size=40) if name.endswith("proj") else {}
+    mod, ref = _big_pair(getattr(fastrnn, cls), getattr(torch.nn, cls), **kw)
+    old = cpp._C.set_own_mm(own)
+    try:
+        x = torch.randn(BIG["T"], BIG["B"], BIG["I"], requires_grad=True)
+        y, _ = mod(x)
+        y_ref, _ = ref(x)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, *mod.parameters()), g)
+        want = torch.autograd.grad(y_ref, (x, *ref.parameters()), g)
+    finally:
+        cpp._C.set_own_mm(old)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    assert backends_used(ran) == {"cpp"}
 
 
 def test_cached_packed_training_after_dense_calls():

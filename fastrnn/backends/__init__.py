@@ -89,6 +89,11 @@ direct path above (no torch.compile tracing, no dispatch mode) ``fastrnn.functio
 projection ``xw`` into it, and in training also the projection's input gradient. Without it ``xw``
 comes from ``F.linear``.
 
+Optional: ``mm(a, ta, b, tb, bias) -> Tensor``, ``A' @ B' (+ bias)`` of contiguous 2-D tensors with
+``A' = a.T if ta else a`` and ``B' = b.T if tb else b``, into a fresh tensor as ``empty`` gives. Where
+present, ``fastrnn.functional`` runs the input projection of a call (all its rows) and, in training,
+that projection's input and weight gradients through it, on the same direct path as ``empty``.
+
 ``workspace_numel(op, *fwd_args) -> int`` gives the size of ``ws`` for a forward call from the
 arguments' shapes only (it is used on fake tensors under torch.compile).
 

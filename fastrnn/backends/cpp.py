@@ -95,6 +95,13 @@ class CppBackend(Backend):
         return old
 
     @staticmethod
+    def mm(a, ta, b, tb, bias):
+        """The contract's optional ``mm``: the packed kernel of the cells split over torch's threads by
+        columns, where it beats torch's product (not on Intel CPUs, whose MKL path it does not beat; not
+        for small products: csrc/gemm.cpp, ``own_mm``), else torch's product, into a buffer as ``empty``'s."""
+        return OPS.mm(a, ta, b, tb, bias)
+
+    @staticmethod
     def empty(shape, dtype):
         """The contract's optional ``empty``: an uninitialized CPU tensor from the extension's cache of
         large blocks (csrc/pool.cpp), for the input projection and its gradient."""

@@ -1,0 +1,202 @@
+// The large products of a training call (the input projection, its gradients, d W_hh): C = A' @ B' over
+// all T x B rows, on the packed micro kernel of recurrence.h, split over torch's threads by columns.
+//
+// Why not torch.mm: on the Zen 4 EPYC of these sessions MKL's sgemm (its code path for other vendors'
+// CPUs) ran the projection and its input gradient at 0.72-0.89x the speed of this kernel, and the weight
+// gradients (A^T, packed here) about even (NOTES.md, fifteenth session). `own_mm` is the rule; the
+// op falls back to torch's product where it says no.
+#include "recurrence.h"
+
+#include <torch/library.h>
+
+namespace fastrnn {
+namespace {
+
+template <typename T, bool AT>
+FASTRNN_INLINE void rows_block(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
+                               bool acc) {
+  // A at (m0, k0); rows of C from m0
+  auto a_at = [&](int64_t m) FASTRNN_INLINE_LAMBDA { return AT ? A + m : A + m * lda; };
+  int64_t m = 0;
+  for (; m + 8 <= rows; m += 8) micro<T, 8, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
+  switch (rows - m) {
+    case 7: micro<T, 7, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 6: micro<T, 6, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 5: micro<T, 5, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 4: micro<T, 4, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 3: micro<T, 3, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 2: micro<T, 2, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 1: micro<T, 1, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    default: break;
+  }
+}
+
+constexpr int64_t MC = 128;  // rows of C a block
+
+// rows_block over A^T: its MC x KC block packed first into slivers of 8 rows, k-major ([m / 8][k][8]), so
+// the kernel reads each k's 8 values from one line (read in place, a k step is a row of `a` apart: 4 KiB
+// strides that all fall in one set of L1)
+template <typename T>
+FASTRNN_INLINE void rows_block_at(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
+                                  bool acc, T* abuf) {
+  const int64_t full = rows / 8 * 8;
+  for (int64_t k = 0; k < K; ++k) {  // a row of `a` at a time, read along its line
+    const T* src = A + k * lda;
+    for (int64_t s = 0; s < full; s += 8)
+      for (int64_t m = 0; m < 8; ++m) abuf[s * K + k * 8 + m] = src[s + m];
+    for (int64_t m = 0; full < rows && m < 8; ++m) abuf[full * K + k * 8 + m] = full + m < rows ? src[full + m] : T(0);
+  }
+  int64_t m = 0;
+  for (; m + 8 <= rows; m += 8) micro<T, 8, true>(K, abuf + m * K, 8, Bp, C + m * ldc, ldc, acc);
+  const T* a = abuf + m * K;
+  T* c = C + m * ldc;
+  switch (rows - m) {
+    case 7: micro<T, 7, true>(K, a, 8, Bp, c, ldc, acc); break;
+    case 6: micro<T, 6, true>(K, a, 8, Bp, c, ldc, acc); break;
+    case 5: micro<T, 5, true>(K, a, 8, Bp, c, ldc, acc); break;
+    case 4: micro<T, 4, true>(K, a, 8, Bp, c, ldc, acc); break;
+    case 3: micro<T, 3, true>(K, a, 8, Bp, c, ldc, acc); break;
+    case 2: micro<T, 2, true>(K, a, 8, Bp, c, ldc, acc); break;
+    case 1: micro<T, 1, true>(K, a, 8, Bp, c, ldc, acc); break;
+    default: break;
+  }
+}
+
+// One worker's columns: C[:, n0 : n0 + nc] from its panel [ncb][K][NR] (nc <= ncb * NR; a last partial
+// block goes through `tail` [MC][NR]). Blocks of MC rows x KC: the A block stays in L2 (packed into
+// `abuf` [MC * KC] for A^T), a panel slice KC x NR in L1 while the block's rows use it.
+template <typename T, bool AT>
+FASTRNN_INLINE void gemm_cols_block(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb,
+                                    int64_t nc, T* C, int64_t ldc, const T* bias, T* tail, T* abuf) {
+  constexpr int nr = NR<T>;
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t mc = std::min(MC, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kl = std::min(KC, K - k0);
+      const T* Ab = AT ? A + k0 * lda + m0 : A + m0 * lda + k0;
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        const bool partial = (cb + 1) * nr > nc;
+        T* Cb = partial ? tail : C + m0 * ldc + cb * nr;
+        const T* Bp = panel + cb * K * nr + k0 * nr;
+        if (!AT)
+          rows_block<T, false>(mc, kl, Ab, lda, Bp, Cb, partial ? nr : ldc, k0 > 0);
+        else if (cb == 0)  // packs the A block, which the other column blocks reuse
+          rows_block_at<T>(mc, kl, Ab, lda, Bp, Cb, partial ? nr : ldc, k0 > 0, abuf);
+        else
+          for (int64_t m = 0; m < mc; m += 8)
+            rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * (partial ? nr : ldc),
+                                partial ? nr : ldc, k0 > 0);
+      }
+    }
+    const int64_t full = std::min(nc, ncb * nr) / nr * nr;  // columns written in place
+    for (int64_t m = 0; m < mc; ++m) {
+      T* c = C + (m0 + m) * ldc;
+      for (int64_t j = full; j < nc; ++j) c[j] = tail[m * nr + j - full];
+      if (bias)
+#pragma GCC ivdep
+        for (int64_t j = 0; j < nc; ++j) c[j] += bias[j];
+    }
+  }
+}
+
+template <typename T>
+FASTRNN_INLINE void gemm_worker(bool at, int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb,
+                                int64_t nc, T* C, int64_t ldc, const T* bias, T* tail, T* abuf) {
+  if (at)
+    gemm_cols_block<T, true>(M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
+  else
+    gemm_cols_block<T, false>(M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
+}
+
+FASTRNN_CLONES void gemm_worker_f(bool at, int64_t M, int64_t K, const float* A, int64_t lda, const float* panel,
+                                  int64_t ncb, int64_t nc, float* C, int64_t ldc, const float* bias, float* tail,
+                                  float* abuf) {
+  gemm_worker<float>(at, M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
+}
+FASTRNN_CLONES void gemm_worker_f(bool at, int64_t M, int64_t K, const double* A, int64_t lda, const double* panel,
+                                  int64_t ncb, int64_t nc, double* C, int64_t ldc, const double* bias, double* tail,
+                                  double* abuf) {
+  gemm_worker<double>(at, M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
+}
+
+// C [M, N] = A' @ B' (+ bias [N]): A' = a ([M, K]) or a^T (a [K, M]); B' = b ([K, N]) or b^T (b [N, K]).
+template <typename T>
+void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T* bias, at::Tensor& c) {
+  constexpr int nr = NR<T>;
+  const int64_t M = c.size(0), N = c.size(1), K = ta ? a.size(0) : a.size(1);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    c.zero_();
+    if (bias) c.add_(at::from_blob(const_cast<T*>(bias), {N}, c.options()));
+    return;
+  }
+  const int64_t nblocks = (N + nr - 1) / nr;
+  const int nw = int(std::max<int64_t>(1, std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), nblocks)));
+  const int64_t per = (nblocks + nw - 1) / nw;  // column blocks a worker
+  Scratch<T> panels(nw * per * nr * K), tails(nw * MC * nr), abufs(ta ? nw * MC * KC : 0);
+  const T* ap = a.data_ptr<T>();
+  const T* bp = b.data_ptr<T>();
+  T* cp = c.data_ptr<T>();
+  const int64_t lda = a.size(1), ldb = b.size(1);
+  auto body = [&](int64_t wb, int64_t we) {
+    for (int64_t w = wb; w < we; ++w) {
+      const int64_t n0 = w * per * nr, nc = std::min(N, (w + 1) * per * nr) - n0;
+      if (nc <= 0) continue;
+      const int64_t ncb = (nc + nr - 1) / nr;
+      T* pan = panels.data() + w * per * nr * K;
+      // B'(k, n) = b[n * ldb + k] (tb: b is [N, K]) or b[k * ldb + n]: pack_cols' trans is the latter
+      pack_panel(bp, ldb, !tb, K, ncb * nr, [&](int64_t n) { return n < nc ? n0 + n : int64_t(-1); }, pan);
+      gemm_worker_f(ta, M, K, ap, lda, pan, ncb, nc, cp + n0, N, bias ? bias + n0 : nullptr,
+                    tails.data() + w * MC * nr, ta ? abufs.data() + w * MC * KC : nullptr);
+    }
+  };
+  if (nw == 1)
+    body(0, 1);
+  else
+    at::parallel_for(0, nw, 1, body);
+}
+
+}  // namespace
+
+// Is the packed kernel the one to run a product of M x N x K? Not on Intel CPUs, where MKL's own kernels
+// run these shapes (MKL's path on other vendors is the slow one); not for small products or few columns
+// (a block of 32 columns is the kernel's unit: fewer waste its lanes).
+std::atomic<int>& own_mm_mode() {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+
+bool own_mm(int64_t M, int64_t N, int64_t K) {
+  const int mode = own_mm_mode().load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+#if defined(__x86_64__)
+  static const bool intel = __builtin_cpu_is("intel");
+#else
+  static const bool intel = true;
+#endif
+  return !intel && N >= 32 && M >= 16 && K >= 16 && M * N * K >= (int64_t(1) << 21);
+}
+
+// out [M, N] = A' @ B' (+ bias): the op behind CppBackend.mm (torch's product where own_mm says no)
+at::Tensor big_mm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const c10::optional<at::Tensor>& bias) {
+  check_float(a, "a", a);
+  check_float(b, "b", a);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "fastrnn cpp backend: mm takes 2-D tensors, got ", a.sizes(), " and ",
+              b.sizes());
+  const int64_t M = ta ? a.size(1) : a.size(0), K = ta ? a.size(0) : a.size(1);
+  const int64_t Kb = tb ? b.size(1) : b.size(0), N = tb ? b.size(0) : b.size(1);
+  TORCH_CHECK(K == Kb, "fastrnn cpp backend: mm of [", M, ", ", K, "] and [", Kb, ", ", N, "]");
+  check_opt(bias, "bias", {N}, a);
+  at::Tensor c = pool_empty({M, N}, a.options());
+  if (!own_mm(M, N, K)) {
+    const at::Tensor A = ta ? a.t() : a, B = tb ? b.t() : b;
+    return opt_ptr(bias) ? at::addmm_out(c, *bias, A, B) : at::mm_out(c, A, B);
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastrnn_mm",
+                             [&] { mm_impl<scalar_t>(a, ta, b, tb, data_or_null<scalar_t>(bias), c); });
+  return c;
+}
+
+TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) { m.impl("mm", &big_mm); }
+
+}  // namespace fastrnn
