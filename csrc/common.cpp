@@ -99,6 +99,39 @@ at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::op
   return steps ? pool_empty({x.size(0), x.size(1), GH}, x.options()) : at::empty({1, x.size(0), GH}, x.options());
 }
 
+namespace {
+std::vector<int64_t> packed_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                                  int64_t GH, const at::Tensor& lengths) {
+  check_float(x, "x", x);
+  TORCH_CHECK(x.dim() == 2, "fastrnn cpp backend: x must be [N, I] (packed rows), got ", x.sizes());
+  TORCH_CHECK(x.size(1) > 0, "fastrnn cpp backend: x must have at least one input feature, got ", x.sizes());
+  check_tensor(w_ih, "w_ih", {GH, x.size(1)}, x);
+  check_opt(b_ih, "b_ih", {GH}, x);
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
+                  lengths.size(0) > 0 && lengths.is_contiguous(),
+              "fastrnn cpp backend: lengths must be a contiguous int64 CPU tensor of at least one row");
+  const int64_t B = lengths.size(0), T = lengths.data_ptr<int64_t>()[0];
+  check_lengths(lengths, T, B);
+  const std::vector<int64_t> sizes = batch_sizes(lengths, T, B);
+  std::vector<int64_t> row0(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) row0[t + 1] = row0[t] + sizes[t];
+  TORCH_CHECK(x.size(0) == row0[T], "fastrnn cpp backend: x has ", x.size(0), " rows but the lengths sum to ",
+              row0[T]);
+  return row0;
+}
+}  // namespace
+
+ChunkInput chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
+                       const c10::optional<at::Tensor>& lengths) {
+  if (!opt_ptr(lengths)) {
+    at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
+    return {xw, {}, x.size(0), x.size(1)};
+  }
+  std::vector<int64_t> row0 = packed_input(x, w_ih, b_ih, GH, *lengths);
+  const int64_t T = int64_t(row0.size()) - 1;
+  return {at::Tensor(), std::move(row0), T, lengths->size(0)};
+}
+
 StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                              const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G) {
   check_float(xw, "xw", xw);

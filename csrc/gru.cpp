@@ -270,6 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
+                 : in.row0 ? pool_empty({in.row0[T_], H}, h0.options())
                  : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
@@ -413,14 +414,15 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
 // A short sequence in inference, input projection inside (x [T, B, I]): returns (y, h_n).
 std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
-                                             const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse) {
+                                             const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse,
+                                             const OptT& lengths = c10::nullopt) {
   const int64_t GH = 3 * (h0.dim() == 2 ? h0.size(1) : 0);
-  at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
-  const Dims d = xw.defined() ? check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 3)
-                              : check_single_state(x, x.size(0), x.size(1), GH, w_hh, b_hh, h0, c10::nullopt, 3);
+  ChunkInput in = chunk_input(x, w_ih, b_ih, GH, lengths);  // packed rows with lengths
+  const Dims d = in.xw.defined() ? check_single_state(in.xw, w_hh, b_hh, h0, c10::nullopt, 3)
+                                 : check_single_state(x, in.T, in.B, GH, w_hh, b_hh, h0, lengths, 3);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_chunk_fwd", [&] {
-    auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, c10::nullopt, reverse, false,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+    auto r = seq_fwd_impl<scalar_t>(d, in.xw, w_hh, b_hh, h0, lengths, reverse, false,
+                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw, false, in.rows()));
     return std::make_tuple(std::get<0>(r), std::get<1>(r));
   });
 }
@@ -450,13 +452,20 @@ std::tuple<at::Tensor, at::Tensor> gru_chunk_fwd(const at::Tensor& x, const at::
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse);
 }
 
+std::tuple<at::Tensor, at::Tensor> gru_packed_fwd(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih,
+                                                  const at::Tensor& w_hh, const OptT& b_hh, const at::Tensor& h0,
+                                                  bool reverse, const at::Tensor& lengths) {
+  return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, lengths);
+}
+
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
+  m.impl("gru_packed_fwd", &gru_packed_fwd);
   m.impl("gru_seq_fwd", &seq_fwd);
   m.impl("gru_seq_bwd", &seq_bwd);
   m.impl("gru_step_fwd", &step_fwd);
   m.impl("gru_step_bwd", &step_bwd);
   m.impl("gru_cell_fwd", &cell_fwd);
-  m.impl("gru_chunk_fwd", &chunk_fwd);
+  m.impl("gru_chunk_fwd", &gru_chunk_fwd);
 }
 
 }  // namespace fastrnn

@@ -599,6 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
   Scratch<T> y_scratch(in.cell ? T_ * B * P : 0);
   at::Tensor y = in.cell ? at::Tensor()
+                 : in.row0 ? pool_empty({in.row0[T_], P}, h0.options())
                  : varlen ? pool_zeros({T_, B, P}, h0.options()) : pool_empty({T_, B, P}, h0.options());
   at::Tensor h_n = at::empty({B, P}, h0.options()), c_n = c0.clone();
   // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
@@ -801,15 +802,15 @@ std::tuple<at::Tensor, at::Tensor> cell_fwd(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
-    const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled) {
+    const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled,
+    const OptT& lengths = c10::nullopt) {
   const int64_t GH = (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0);
-  at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
-  const Dims d = xw.defined() ? check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled)
-                              : check_args(x, x.size(0), x.size(1), GH, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt,
-                                           coupled);
+  ChunkInput in = chunk_input(x, w_ih, b_ih, GH, lengths);  // packed rows with lengths
+  const Dims d = in.xw.defined() ? check_args(in.xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled)
+                                 : check_args(x, in.T, in.B, GH, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_chunk_fwd", [&] {
-    auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, reverse, coupled, false,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+    auto r = seq_fwd_impl<scalar_t>(d, in.xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, false,
+                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw, false, in.rows()));
     return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r));
   });
 }
@@ -844,13 +845,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_chunk_fwd(const at::Tensor& 
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                               const OptT& b_ih, const at::Tensor& w_hh,
+                                                               const OptT& b_hh, const OptT& w_hr, const OptT& w_ch,
+                                                               const at::Tensor& h0, const at::Tensor& c0,
+                                                               bool reverse, bool coupled, const at::Tensor& lengths) {
+  return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled, lengths);
+}
+
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
+  m.impl("lstm_packed_fwd", &lstm_packed_fwd);
   m.impl("lstm_seq_fwd", &seq_fwd);
   m.impl("lstm_seq_bwd", &seq_bwd);
   m.impl("lstm_step_fwd", &step_fwd);
   m.impl("lstm_step_bwd", &step_bwd);
   m.impl("lstm_cell_fwd", &cell_fwd);
-  m.impl("lstm_chunk_fwd", &chunk_fwd);
+  m.impl("lstm_chunk_fwd", &lstm_chunk_fwd);
 }
 
 }  // namespace fastrnn

@@ -47,6 +47,14 @@ TORCH_LIBRARY(fastrnn_cpp, m) {
         "-> (Tensor, Tensor)");
   m.def("rnn_chunk_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, bool reverse, "
         "str nonlinearity) -> (Tensor, Tensor)");
+  // the same for a packed sequence: x [N, I] and y [N, P] a PackedSequence's rows, lengths [B] (int64,
+  // non-increasing)
+  m.def("lstm_packed_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+        "Tensor? w_ch, Tensor h0, Tensor c0, bool reverse, bool coupled, Tensor lengths) -> (Tensor, Tensor, Tensor)");
+  m.def("gru_packed_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, bool reverse, "
+        "Tensor lengths) -> (Tensor, Tensor)");
+  m.def("rnn_packed_fwd(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, bool reverse, "
+        "str nonlinearity, Tensor lengths) -> (Tensor, Tensor)");
   // an uninitialized CPU tensor from the large-buffer cache (csrc/pool.cpp)
   m.def("empty(int[] size, ScalarType dtype) -> Tensor");
   // C = A' @ B' (+ bias): A' = a or a^T (ta), B' = b or b^T (tb); the large products of a call (gemm.cpp)
@@ -112,6 +120,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                             bool reverse, const std::string& nonlinearity) {
     return fastrnn::rnn_chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity);
+  }, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("lstm_packed_fwd", &fastrnn::lstm_packed_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gru_packed_fwd", &fastrnn::gru_packed_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rnn_packed_fwd", [](const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                             bool reverse, const std::string& nonlinearity, const at::Tensor& lengths) {
+    return fastrnn::rnn_packed_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths);
   }, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("set_cache_cap", &fastrnn::set_cache_cap, pybind11::arg("bytes"), pybind11::arg("trim") = true,
         "set the most idle bytes the large-buffer cache keeps (0 turns it off; trim: free the idle blocks "

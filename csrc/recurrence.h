@@ -578,6 +578,9 @@ struct InputProj {
   int64_t I = 0;
   T* xw = nullptr;          // [T, B, G*H], written for the worker's units (null when fused_input)
   bool cell = false;        // a cell call: the caller keeps only the new state, y is scratch
+  // packed rows (a PackedSequence's data): x [N, I] and y [N, P] hold step t's rows from row0[t] (T + 1
+  // offsets; the projection is then always fused); null: x [T, B, I], y [T, B, P]
+  const int64_t* row0 = nullptr;
 };
 
 // Do T steps of B rows project their input in the driver's blocks (no xw buffer; see InputProj)?
@@ -659,6 +662,8 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I);
   const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
+  // the first row of step t in x and y: packed rows (InputProj::row0) or [T, B, *]
+  auto row_of = [&](int64_t t) { return a.in.row0 ? a.in.row0[t] : t * B; };
   // with recurrent dropout the GEMM reads h * rmask from two more buffers (this step's and the next's)
   Scratch<T> hmbuf(a.rmask ? 2 * B * P : 0);
   T* hm = hmbuf.data();
@@ -667,7 +672,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   // zoneout, then y, the final state of rows that end here, and the masked copy for the next GEMM
   auto finish = [&](int64_t t, int64_t it, int64_t bs, int64_t bs_next, int64_t p0, int64_t np, const T* hp, T* hn,
                     const T* src, int64_t lds) {
-    T* yt = a.y + t * B * P;
+    T* yt = a.y + row_of(t) * P;
     T* hmn = hm + ((it + 1) & 1) * B * P;
     for (int64_t b = 0; b < bs; ++b) {
       T* h = hn + b * P + p0;
@@ -697,7 +702,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   // the input projection inside the call (InputProj): fused from PACK_IN_ROWS rows (a block of S steps at
   // a time into the worker's `xin` [S*B, G*U], plus b_ih), else all steps' rows first into xw (unpacked)
   const int64_t I = a.in.I, GH = a.G * H;
-  const bool fused = a.in.x && fused_input(T_, B);  // as the entry decided (proj_input)
+  const bool fused = a.in.x && (a.in.row0 || fused_input(T_, B));  // as the entry decided (proj_input)
   constexpr int64_t IN_ROWS = 128;  // rows a block (the block stays in L2 for its steps)
   const int64_t S = std::max<int64_t>(1, IN_ROWS / B);
   Scratch<T> panel_in(fused ? nw * I * ncols : 0), xin_buf(fused ? nw * S * B * ncols : 0);
@@ -748,17 +753,18 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
           T* xo = xin + w * S * B * ncols;
           if (ph == 0) {
             if (fused && it == blk) {
-              gemm_packed(nb * B, I, a.in.x + tlo * B * I, I, pin + w * I * ncols, ncb, xo, ncols);
-              if (a.in.b_ih) add_gate_bias(xo, ncols, nb * B, a.G, U, nu, a.in.b_ih + u0, H);
+              const int64_t r0 = row_of(tlo), rows = row_of(tlo + nb) - r0;
+              gemm_packed(rows, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
+              if (a.in.b_ih) add_gate_bias(xo, ncols, rows, a.G, U, nu, a.in.b_ih + u0, H);
             }
             if (bs_next > 0 && !fused) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
-            if (a.in.x && T_ == 1) project_input(a, t, bs, u0, nu);
+            if (a.in.x && !fused && T_ == 1) project_input(a, t, bs, u0, nu);  // a cell
             if (packed)
               gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
             else
               gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
           }
-          const XRows<T> xr = fused ? XRows<T>{xo + (t - tlo) * B * ncols, ncols, U}
+          const XRows<T> xr = fused ? XRows<T>{xo + (row_of(t) - row_of(tlo)) * ncols, ncols, U}
                                     : XRows<T>{xw + t * B * GH + u0, GH, H};
           point(ph, w, t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd, xr);
           if (!proj && ph == a.phases - 1) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
@@ -950,11 +956,23 @@ template <typename T> const T* data_or_null(const c10::optional<at::Tensor>& t) 
 // driver fuses the projection: fused_input)
 at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
                       bool steps);
+// The input of a chunk entry (x [T, B, I]) or, with lengths, of a packed one (x [N, I]: a PackedSequence's
+// rows, time-major; lengths [B], int64, non-increasing, lengths[0] steps), checked with w_ih and b_ih: xw's
+// buffer (undefined where the driver fuses the projection), the steps and rows, and for packed rows the
+// first row of each step (T + 1 offsets; empty otherwise).
+struct ChunkInput {
+  at::Tensor xw;
+  std::vector<int64_t> row0;
+  int64_t T, B;
+  const std::vector<int64_t>* rows() const { return row0.empty() ? nullptr : &row0; }
+};
+ChunkInput chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
+                       const c10::optional<at::Tensor>& lengths);
 template <typename T>
 InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                        at::Tensor& xw, bool cell = false) {
+                        at::Tensor& xw, bool cell = false, const std::vector<int64_t>* row0 = nullptr) {
   return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1),
-                      xw.defined() ? xw.data_ptr<T>() : nullptr, cell};
+                      xw.defined() ? xw.data_ptr<T>() : nullptr, cell, row0 ? row0->data() : nullptr};
 }
 
 // The inference entries with the input projection inside (the contract's optional <f>_cell_fwd and
@@ -971,6 +989,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_chunk_fwd(
     const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
     const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled);
+// The same for a packed sequence: x [N, I] the PackedSequence's rows, y [N, P] likewise, `lengths` [B]
+// (int64 CPU, non-increasing: packed_input); the state's rows that end early keep their last value.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(
+    const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+    const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0, bool reverse, bool coupled,
+    const at::Tensor& lengths);
+std::tuple<at::Tensor, at::Tensor> gru_packed_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                  const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                  bool reverse, const at::Tensor& lengths);
+std::tuple<at::Tensor, at::Tensor> rnn_packed_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                  const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                  bool reverse, c10::string_view nonlinearity,
+                                                  const at::Tensor& lengths);
 at::Tensor gru_cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                         const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h);
 std::tuple<at::Tensor, at::Tensor> gru_chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,

@@ -86,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const int64_t T_ = d.T, B = d.B, H = d.H;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
+                 : in.row0 ? pool_empty({in.row0[T_], H}, h0.options())
                  : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, h0.options())};
@@ -180,15 +181,16 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
 std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                              const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, bool reverse,
-                                             c10::string_view nonlinearity) {
+                                             c10::string_view nonlinearity,
+                                             const c10::optional<at::Tensor>& lengths = c10::nullopt) {
   const int64_t GH = h0.dim() == 2 ? h0.size(1) : 0;
-  at::Tensor xw = proj_input(x, w_ih, b_ih, GH, true);
-  const Dims d = xw.defined() ? check_single_state(xw, w_hh, b_hh, h0, c10::nullopt, 1)
-                              : check_single_state(x, x.size(0), x.size(1), GH, w_hh, b_hh, h0, c10::nullopt, 1);
+  ChunkInput in = chunk_input(x, w_ih, b_ih, GH, lengths);  // packed rows with lengths
+  const Dims d = in.xw.defined() ? check_single_state(in.xw, w_hh, b_hh, h0, c10::nullopt, 1)
+                                 : check_single_state(x, in.T, in.B, GH, w_hh, b_hh, h0, lengths, 1);
   const bool relu = is_relu(nonlinearity);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_chunk_fwd", [&] {
-    auto r = seq_fwd_impl<scalar_t>(d, xw, w_hh, b_hh, h0, c10::nullopt, reverse, relu,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, xw));
+    auto r = seq_fwd_impl<scalar_t>(d, in.xw, w_hh, b_hh, h0, lengths, reverse, relu,
+                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw, false, in.rows()));
     return std::make_tuple(std::get<0>(r), std::get<1>(r));
   });
 }
@@ -220,13 +222,22 @@ std::tuple<at::Tensor, at::Tensor> rnn_chunk_fwd(const at::Tensor& x, const at::
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity);
 }
 
+std::tuple<at::Tensor, at::Tensor> rnn_packed_fwd(const at::Tensor& x, const at::Tensor& w_ih,
+                                                  const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                  const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                  bool reverse, c10::string_view nonlinearity,
+                                                  const at::Tensor& lengths) {
+  return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths);
+}
+
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {
+  m.impl("rnn_packed_fwd", &rnn_packed_fwd);
   m.impl("rnn_seq_fwd", &seq_fwd);
   m.impl("rnn_seq_bwd", &seq_bwd);
   m.impl("rnn_step_fwd", &step_fwd);
   m.impl("rnn_step_bwd", &step_bwd);
   m.impl("rnn_cell_fwd", &cell_fwd);
-  m.impl("rnn_chunk_fwd", &chunk_fwd);
+  m.impl("rnn_chunk_fwd", &rnn_chunk_fwd);
 }
 
 }  // namespace fastrnn

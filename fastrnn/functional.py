@@ -67,6 +67,15 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
         if chunk is not None and not _needs_grad(x, *state0, *tensors):
             return chunk_layers(family, chunk, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend)
+    # a packed sequence in inference: one call a layer-direction on the packed rows themselves, if the
+    # backend has it
+    if direct and packed and all(plain(family, w, options) for w in weights):
+        op = getattr(impl, f"{family}_packed_fwd", None)
+        tensors = [t for w_ih, b_ih, hh, _ in map(_unpack, weights) for t in (w_ih, b_ih, *hh)]
+        if op is not None and not _needs_grad(x, *state0, *tensors):
+            return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
+                                num_directions=num_directions, dropout=dropout, training=training, backend=backend,
+                                lengths=lengths)
     layer_input = x
     for layer in range(num_layers):
         outs = []
@@ -121,11 +130,13 @@ def _fresh_output(y):
 
 
 def chunk_layers(family, op, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
-                 backend):
+                 backend, lengths=None):
     """``rnn_layers`` for a short dense sequence in inference, each layer-direction one call of a backend's
-    ``<family>_chunk_fwd`` (``op``; input projection inside). Same arguments and results as
-    ``rnn_layers``; nothing saved. The op checks its arguments and raises (RuntimeError, TypeError) for
-    what it refuses; the calls are recorded once all have run."""
+    ``<family>_chunk_fwd`` (``op``; input projection inside); with ``lengths`` (x the rows of a packed
+    sequence) of its ``<family>_packed_fwd``. Same arguments and results as ``rnn_layers``; nothing
+    saved. The op checks its arguments and raises (RuntimeError, TypeError) for what it refuses; the
+    calls are recorded once all have run."""
+    extra = () if lengths is None else (lengths,)
     layer_input = x.contiguous()
     finals = [[] for _ in state0]
     for layer in range(num_layers):
@@ -135,15 +146,15 @@ def chunk_layers(family, op, x, state0, weights, options, *, num_layers, num_dir
             w_ih, b_ih, hh = weights[k][:3]
             nw, no = _PLAIN[family]
             res = op(layer_input, w_ih.contiguous(), None if b_ih is None else b_ih.contiguous(), *hh[:nw],
-                     *(s[k].contiguous() for s in state0), d == 1, *options[:no])
+                     *(s[k].contiguous() for s in state0), d == 1, *options[:no], *extra)
             outs.append(res[0])
             for acc, st in zip(finals, res[1:]):
                 acc.append(st)
-        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 2)
+        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, -1)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     for _ in range(num_layers * num_directions):
-        dispatch.note_call(f"{family}_chunk_fwd", backend)
+        dispatch.note_call(f"{family}_{'chunk' if lengths is None else 'packed'}_fwd", backend)
     return layer_input, tuple(torch.stack(acc) for acc in finals)
 
 

@@ -83,6 +83,11 @@ input projection inside the call, as ``<f>_seq_fwd`` with ``save`` False compute
 layer-direction of at most ``chunk_max_rows`` rows (T x B; ``math.inf``: any length): at least the short
 chunks of a stream, where one call beats a separate projection and recurrence.
 
+Optional, for inference: ``<f>_packed_fwd(x, w_ih, b_ih, *weights, *state0, reverse, *options, lengths)
+-> (y, *state_n)``: the same for a packed sequence, x [N,I] and y [N,P] its rows in PackedSequence order
+and ``lengths`` the rows' lengths (int64 CPU [B], non-increasing); a row's final state is its state at
+its own last step. ``fastrnn.functional`` calls it on the same conditions for every packed input.
+
 Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
 from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the
 direct path above (no torch.compile tracing, no dispatch mode) ``fastrnn.functional`` writes the input

@@ -139,5 +139,5 @@ class CppBackend(Backend):
 
 
 _OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")}
-_DIRECT_NAMES = {f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk")}  # the optional ones
+_DIRECT_NAMES = {f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk", "packed")}  # the optional ones
 BACKEND = CppBackend()
