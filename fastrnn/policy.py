@@ -83,21 +83,28 @@ _CTN = ("cpp", "torch", "numba", "reference")
 _TCN = ("torch", "cpp", "numba", "reference")
 _STEP_T = ("torch", "cpp", "numba", "reference")
 _STEP_C = ("cpp", "torch", "numba", "reference")
+_STEP_N = ("numba", "cpp", "torch", "reference")
 # the LSTM above WIDE_H (tune at H=768, two runs): cpp first in inference (B8-31: 22.3 / 23.7 ms against
 # torch.nn's 27.7 / 24.4; B32+ 42.4 / 40.9 against 42.7 / 42.6), torch.nn's oneDNN in training from B8
 # (72.5 vs 80.5 ms at B16). In training at B1 and B2-7 numba led at H=768 (14.9 / 18.6 ms at B1 against
 # cpp's 16.4 / 20.9; the GRU too) but not at H=512 (benchmark run at 06bb7bb: LSTM cpp 19.0, numba 20.0;
-# GRU cpp 16.8, numba 18.0): cpp stays first until a band tells the two apart (benchmarks/NOTES.md)
+# GRU cpp 16.8, numba 18.0): cpp stays first until a band tells the two apart (benchmarks/NOTES.md).
+# Since the fifteenth session's fused projection and products, cpp also leads in training from B8 (two tune
+# runs: B16 61.0 / 60.9 ms against torch.nn's 65.8 / 64.9; B64 119.7 / 114.3 against 122.6 / 128.0).
 _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
     ("inference B1", _CNT), ("inference B2-7", _CNT), ("inference B8-31", _CTN), ("inference B32+", _CTN),
-    ("inference T1", _CNT), ("training B1", _CNT), ("training B2-7", _CTN), ("training B8-31", _TCN),
-    ("training B32+", _TCN))}
-_AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_C, "training": _STEP_T} for f in FAMILIES}
+    ("inference T1", _CNT), ("training B1", _CNT), ("training B2-7", _CTN), ("training B8-31", _CTN),
+    ("training B32+", _CTN))}
+# cells: numba's fused cell ahead of cpp's from B2 in inference (B16, two tune runs, ms: LSTM 8.5 / 7.3
+# against 10.2 / 8.0, GRU 5.6 / 5.4 against 6.1 / 6.1, RNN 2.6 / 3.1 against 2.6 / 4.6)
+_AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_T} for f in FAMILIES}
 _BUILTIN_CPU = {
-    # the LSTM up to WIDE_H: cpp at B1 and B2-7 in inference (B4: 2.9 / 3.8 ms against torch.nn's 4.4 / 5.8),
-    # torch.nn's oneDNN from B8 (B16: 10.1 / 11.8 against cpp's 10.0 / 12.4) and in training from B2
-    "amd": _table({"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _TCN, "inference B32+": _TCN,
-                   "training B1": _CTN, "training B2-7": _TCN, "training B8-31": _TCN, "training B32+": _TCN,
+    # the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
+    # up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 and B32+ (B4: 8.8 / 9.2 and 11.0 /
+    # 11.7; B64: 59.2 / 66.3 and 71.7 / 74.4); torch.nn's oneDNN where the two runs split: inference B32+
+    # (17.3 / 18.2, 20.1 / 19.0) and training B8-31 (31.6 / 32.5, 38.2 / 36.9)
+    "amd": _table({"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _CTN, "inference B32+": _TCN,
+                   "training B1": _CTN, "training B2-7": _CTN, "training B8-31": _TCN, "training B32+": _CTN,
                    **_AMD_LSTM_WIDE},
                   _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
