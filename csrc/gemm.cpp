@@ -197,6 +197,18 @@ at::Tensor big_mm(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, co
   return c;
 }
 
+at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& lengths, int64_t T,
+                       int64_t B) {
+  if (!opt_ptr(lengths)) return big_mm(a, true, b, false);
+  const std::vector<int64_t> sizes = batch_sizes(lengths, T, B);
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < sizes[t]; ++r) rows.push_back(t * B + r);
+  if (int64_t(rows.size()) == T * B) return big_mm(a, true, b, false);
+  const at::Tensor idx = at::tensor(rows, at::TensorOptions().dtype(at::kLong));
+  return big_mm(a.index_select(0, idx), true, b.index_select(0, idx), false);
+}
+
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) { m.impl("mm", &big_mm); }
 
 }  // namespace fastrnn

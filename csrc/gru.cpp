@@ -371,7 +371,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     });
   }
   const at::Tensor flat = d_hh.view({T_ * B, GH});
-  at::Tensor d_w_hh = big_mm(flat, true, hprev.view({T_ * B, H}), false);
+  at::Tensor d_w_hh = weight_grad(flat, hprev.view({T_ * B, H}), lengths, T_, B);
   // the bias is added after the normalization: its gradient is the normalized product's (accumulated by bwd_ln)
   at::Tensor d_b_hh = !opt_ptr(b_hh) ? at::empty({0}, xw.options()) : ln ? d_bias : flat.sum(0);
   auto none = [&] { return at::empty({0}, xw.options()); };  // the masks' (distinct tensors: outputs never alias)

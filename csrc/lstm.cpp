@@ -739,12 +739,12 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     });
   }
   const at::Tensor flat = d_xw.view({T_ * B, GH});
-  at::Tensor d_w_hh = big_mm(d_rec.view({T_ * B, GH}), true, hprev.view({T_ * B, P}), false);
+  at::Tensor d_w_hh = weight_grad(d_rec.view({T_ * B, GH}), hprev.view({T_ * B, P}), lengths, T_, B);
   at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (proj) {
     at::Tensor hfull = ws.narrow(0, T_ * B * (GH + H), T_ * B * H).view({T_ * B, H});
-    d_w_hr = big_mm(dh_proj.view({T_ * B, P}), true, hfull, false);
+    d_w_hr = weight_grad(dh_proj.view({T_ * B, P}), hfull, lengths, T_, B);
   }
   auto none = [&] { return at::empty({0}, xw.options()); };  // the masks' (distinct tensors: outputs never alias)
   return {d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, d_ln_h, d_ln_c, d_ln_cb, none(), none(), none(), dh0, dc0};

@@ -137,7 +137,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     });
   }
   const at::Tensor flat = d_xw.view({T_ * B, H});
-  at::Tensor d_w_hh = big_mm(flat, true, hprev.view({T_ * B, H}), false);
+  at::Tensor d_w_hh = weight_grad(flat, hprev.view({T_ * B, H}), lengths, T_, B);
   at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   return {d_xw, d_w_hh, d_b_hh, dh0};
 }
