@@ -111,6 +111,8 @@ std::vector<int64_t> packed_input(const at::Tensor& x, const at::Tensor& w_ih, c
                   lengths.size(0) > 0 && lengths.is_contiguous(),
               "fastrnn cpp backend: lengths must be a contiguous int64 CPU tensor of at least one row");
   const int64_t B = lengths.size(0), T = lengths.data_ptr<int64_t>()[0];
+  // every step has a row: a longest length past x's rows is refused before anything is sized by it
+  TORCH_CHECK(T >= 1 && T <= x.size(0), "fastrnn cpp backend: lengths[0] = ", T, " but x has ", x.size(0), " rows");
   check_lengths(lengths, T, B);
   const std::vector<int64_t> sizes = batch_sizes(lengths, T, B);
   std::vector<int64_t> row0(T + 1, 0);

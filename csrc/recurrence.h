@@ -596,7 +596,7 @@ void add_gate_bias(double* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, i
 // One layer-direction. Per step, worker w: gates of its units = h_{t-1} @ W_hh[its rows]^T (packed GEMM
 // into `pre`), then the cell's pointwise pass writes the new (full-size) h of its units; with a
 // projection a second phase computes its slice of h = h_full @ W_hr^T. The driver writes y and the final
-// state of rows that end at this step. `point(phase, w, t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd)`, for
+// state of rows that end at this step. `point(phase, w, t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd, xr)` (xr: where the step's projected input lies, XRows), for
 // phase < `phases` with a barrier between phases (a cell whose pass reduces over a row's units: layer norm
 // writes each worker's partial statistics in one phase and combines them in the next); w: the worker.
 template <typename T>

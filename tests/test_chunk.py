@@ -378,6 +378,8 @@ def test_packed_op_checks():
         O.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, torch.tensor([2, 3]))
     with pytest.raises(RuntimeError, match="lengths must be non-increasing"):
         O.gru_packed_fwd(torch.randn(7, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False, torch.tensor([3, 1, 3]))
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 4294967296 but x has 5 rows"):  # refused before sizing
+        O.gru_packed_fwd(x, w_ih, None, w_hh, None, h[:1], False, torch.tensor([2 ** 32]))
     with pytest.raises(RuntimeError, match="lengths must be a contiguous int64 CPU tensor"):
         O.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, lengths.int())
     with pytest.raises(RuntimeError, match=r"h0 must have shape \[2, 10\], got \[3, 10\]"):

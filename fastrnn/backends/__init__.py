@@ -85,8 +85,8 @@ chunks of a stream, where one call beats a separate projection and recurrence.
 
 Optional, for inference: ``<f>_packed_fwd(x, w_ih, b_ih, *weights, *state0, reverse, *options, lengths)
 -> (y, *state_n)``: the same for a packed sequence, x [N,I] and y [N,P] its rows in PackedSequence order
-and ``lengths`` the rows' lengths (int64 CPU [B], non-increasing); a row's final state is its state at
-its own last step. ``fastrnn.functional`` calls it on the same conditions for every packed input.
+and ``lengths`` the rows' lengths (int64 CPU [B], non-increasing); a row's final state is the state after
+its own last step in the direction of the call (``reverse``: after t = 0), as torch.nn returns it. ``fastrnn.functional`` calls it on the same conditions for every packed input.
 
 Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
 from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the
@@ -95,9 +95,11 @@ projection ``xw`` into it, and in training also the projection's input gradient.
 comes from ``F.linear``.
 
 Optional: ``mm(a, ta, b, tb, bias) -> Tensor``, ``A' @ B' (+ bias)`` of contiguous 2-D tensors with
-``A' = a.T if ta else a`` and ``B' = b.T if tb else b``, into a fresh tensor as ``empty`` gives. Where
-present, ``fastrnn.functional`` runs the input projection of a call (all its rows) and, in training,
-that projection's input and weight gradients through it, on the same direct path as ``empty``.
+``A' = a.T if ta else a``, ``B' = b.T if tb else b`` and ``bias`` [N] or None, into a fresh tensor as
+``empty`` gives. Where the backend has it and ``empty`` too, ``fastrnn.functional`` runs through it the
+input projections that go into ``empty``'s buffers (1 MiB and more, on the direct path) and, in a
+first-order backward, that projection's input and weight gradients (a ``create_graph`` backward takes
+torch's differentiable products).
 
 ``workspace_numel(op, *fwd_args) -> int`` gives the size of ``ws`` for a forward call from the
 arguments' shapes only (it is used on fake tensors under torch.compile).
