@@ -57,25 +57,17 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
-    # a short dense sequence in inference: one call a layer-direction with the input projection inside,
-    # if the backend has it
+    # in inference, one call a layer-direction with the input projection inside, if the backend has it: a
+    # dense sequence of up to chunk_max_rows rows (<f>_chunk_fwd), or a packed one on its rows (<f>_packed_fwd)
     T = x.shape[0] if steps is None else steps
-    if (direct and not packed and lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0)
-            and all(plain(family, w, options) for w in weights)):
-        chunk = getattr(impl, f"{family}_chunk_fwd", None)
-        tensors = [t for w_ih, b_ih, hh, _ in map(_unpack, weights) for t in (w_ih, b_ih, *hh)]
-        if chunk is not None and not _needs_grad(x, *state0, *tensors):
-            return chunk_layers(family, chunk, x, state0, weights, options, num_layers=num_layers,
-                                num_directions=num_directions, dropout=dropout, training=training, backend=backend)
-    # a packed sequence in inference: one call a layer-direction on the packed rows themselves, if the
-    # backend has it
-    if direct and packed and all(plain(family, w, options) for w in weights):
-        op = getattr(impl, f"{family}_packed_fwd", None)
+    dense_chunk = lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0)
+    if direct and (packed or dense_chunk) and all(plain(family, w, options) for w in weights):
+        op = getattr(impl, f"{family}_{'packed' if packed else 'chunk'}_fwd", None)
         tensors = [t for w_ih, b_ih, hh, _ in map(_unpack, weights) for t in (w_ih, b_ih, *hh)]
         if op is not None and not _needs_grad(x, *state0, *tensors):
             return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
-                                lengths=lengths)
+                                lengths=lengths if packed else None)
     layer_input = x
     for layer in range(num_layers):
         outs = []
