@@ -287,10 +287,8 @@ def test_mm_op_checks_its_arguments():
 def test_own_mm_rule():
     """The packed kernel takes the large products on CPUs that are not Intel's (MKL's own kernels serve
     those; NOTES.md, fifteenth session), never the small ones or fewer than 32 columns."""
-    import subprocess
-    vendor = subprocess.run(["grep", "-m1", "vendor_id", "/proc/cpuinfo"], capture_output=True, text=True).stdout
-    big = cpp._C.own_mm(1600, 1024, 256)
-    assert big == ("GenuineIntel" not in vendor)
+    from fastrnn.policy import cpu_vendor
+    assert cpp._C.own_mm(1600, 1024, 256) == (cpu_vendor() != "intel")
     assert not cpp._C.own_mm(1600, 16, 256) and not cpp._C.own_mm(8, 8, 8)
 
 
