@@ -277,8 +277,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const int64_t ws_numel = save ? T_ * B * ws_row(d, o) : 0;
   at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, ws};
-  Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : GH);
-  if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), GH, T(0));
   T* gates = save ? ws.data_ptr<T>() : nullptr;
   T* ghn = save ? gates + T_ * B * GH : nullptr;
   FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
@@ -288,7 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   a.zmask_h = tptr<T>(o.zmask);
   a.zoneout_h = T(o.z);
   a.phases = o.ln_h ? 2 : 1;  // layer norm: partial statistics, then the pass (fwd_ln)
-  const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
+  const PointBias<T> bias(a, data_or_null<T>(b_hh), 2);
+  const T* bp = bias.data();
   const T* gain = tptr<T>(o.ln_h);
   T* xhat = save && gain ? ghn + T_ * B * H : nullptr;
   T* rstd = save && gain ? xhat + T_ * B * GH : nullptr;

@@ -607,8 +607,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   at::Tensor ws = varlen ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
   Scratch<T> hfull_scratch(proj && !save ? B * H : 0);
   if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
-  Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : GH);
-  if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), GH, T(0));
   T* wsp = ws.data_ptr<T>();
   T* gates = save ? wsp : nullptr;
   T* call = save ? wsp + T_ * B * GH : nullptr;
@@ -620,7 +618,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   a.zmask_h = tptr<T>(o.zmask_h);
   a.zoneout_h = T(o.zh);
   a.phases = o.ln() ? 3 : 1;  // layer norm: statistics of the product, then of c~ (fwd_opts)
-  const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
+  const PointBias<T> bias(a, data_or_null<T>(b_hh), d.G);
+  const T* bp = bias.data();
   const T* wc = data_or_null<T>(w_ch);
   T* c = c_n.data_ptr<T>();
   // the cell options' slots of the workspace (or scratch when nothing is saved: c~ of one step), o between

@@ -581,6 +581,9 @@ struct InputProj {
   // packed rows (a PackedSequence's data): x [N, I] and y [N, P] hold step t's rows from row0[t] (T + 1
   // offsets; the projection is then always fused); null: x [T, B, I], y [T, B, P]
   const int64_t* row0 = nullptr;
+  // the driver adds b_ih to the gate blocks from this one on; the earlier ones are in the pointwise pass's
+  // bias (PointBias)
+  int64_t b_ih_from = 0;
 };
 
 // Do T steps of B rows project their input in the driver's blocks (no xw buffer; see InputProj)?
@@ -619,6 +622,36 @@ struct FwdArgs {
   const T* zmask_h = nullptr;  // [T, B, P], or null
   T zoneout_h = T(0);          // k where zmask_h is null
   int phases = 1;              // of the pointwise pass (see forward_driver)
+};
+
+// The bias the pointwise pass adds: b_hh (zeros without one), and when the driver projects the input in
+// fused blocks (InputProj), b_ih of the first `fold` gate blocks too, which the driver then leaves out of
+// its blocks: one pass less over each block (NOTES.md, sixteenth session). The LSTM and the RNN fold every
+// block (x W^T + b_ih + h W^T + b_hh); the GRU its r and z blocks, not n's b_in, which stays outside
+// r * (W_hn h + b_hn).
+template <typename T>
+class PointBias {
+ public:
+  PointBias(FwdArgs<T>& a, const T* b_hh, int64_t fold) : buf_(b_hh && !folds(a) ? 0 : a.G * a.H) {
+    if (b_hh && !folds(a)) {
+      p_ = b_hh;
+      return;
+    }
+    T* s = buf_.data();
+    const int64_t GH = a.G * a.H;
+    for (int64_t i = 0; i < GH; ++i) s[i] = b_hh ? b_hh[i] : T(0);
+    if (folds(a)) {
+      for (int64_t i = 0; i < fold * a.H; ++i) s[i] += a.in.b_ih[i];
+      a.in.b_ih_from = fold;
+    }
+    p_ = s;
+  }
+  const T* data() const { return p_; }
+
+ private:
+  static bool folds(const FwdArgs<T>& a) { return a.in.x && a.in.b_ih && (a.in.row0 || fused_input(a.T_, a.B)); }
+  Scratch<T> buf_;
+  const T* p_ = nullptr;
 };
 
 // zoneout's keep weight of element (t, b, p) of an [T, B, P] state
@@ -755,7 +788,9 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
             if (fused && it == blk) {
               const int64_t r0 = row_of(tlo), rows = row_of(tlo + nb) - r0;
               gemm_packed(rows, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
-              if (a.in.b_ih) add_gate_bias(xo, ncols, rows, a.G, U, nu, a.in.b_ih + u0, H);
+              const int64_t g0 = a.in.b_ih_from;  // the blocks before g0: in the pointwise pass's bias
+              if (a.in.b_ih && g0 < a.G)
+                add_gate_bias(xo + g0 * U, ncols, rows, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
             }
             if (bs_next > 0 && !fused) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
             if (a.in.x && !fused && T_ == 1) project_input(a, t, bs, u0, nu);  // a cell

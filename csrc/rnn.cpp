@@ -90,12 +90,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                  : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, h0.options())};
-  Scratch<T> zero_bias(opt_ptr(b_hh) ? 0 : H);
-  if (!opt_ptr(b_hh)) std::fill_n(zero_bias.data(), H, T(0));
   FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
                batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
-  const T* bp = opt_ptr(b_hh) ? b_hh->data_ptr<T>() : zero_bias.data();
+  const PointBias<T> bias(a, data_or_null<T>(b_hh), 1);
+  const T* bp = bias.data();
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
                            const T*, T* hdst, int64_t, const XRows<T>& xr) {
     fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xr.x, xr.rs, bp + u0, hdst + u0}, relu);

@@ -22,8 +22,10 @@ CASES = {
     "LSTM-2L-bi": dict(num_layers=2, bidirectional=True),
     "LSTM-proj-bi": dict(proj_size=5, bidirectional=True),
     "LSTM-peephole-coupled": dict(peephole=True, coupled_gates=True),
+    "LSTM-nobias": dict(bias=False),
     "GRU": dict(),
     "GRU-3L-batch_first": dict(num_layers=3, batch_first=True),
+    "GRU-nobias-bi": dict(bias=False, bidirectional=True),
     "RNN-tanh-bi": dict(bidirectional=True),
     "RNN-relu-2L-nobias": dict(nonlinearity="relu", num_layers=2, bias=False),
 }
