@@ -1,6 +1,8 @@
 """numba's fused inference entries (the contract's optional ``<family>_cell_fwd`` and ``<family>_chunk_fwd``):
 one kernel call a step with the input projection inside, taken by the modules' fast paths without autograd.
 Values against torch.nn (the variants against the reference backend), fp64 and fp32, the fast path alone."""
+import math
+
 import pytest
 import torch
 
@@ -28,17 +30,23 @@ def _pair(name, dtype):
     return ours, ref
 
 
-def test_chunk_max_rows():
-    assert dispatch.get("numba").chunk_max_rows == MAX_ROWS
+def test_chunk_rows():
+    nb = dispatch.get("numba")
+    assert nb.CELL_ROWS == MAX_ROWS and nb.chunk_max_rows == math.inf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (2, 2), (4, 1), (5, 1)])
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (2, 2), (4, 1), (5, 1), (3, 7)])
 @pytest.mark.parametrize("name", list(CASES))
-def test_short_sequences(name, T, B, dtype):
-    """Up to MAX_ROWS rows a layer-direction is a chunk call (the general path disabled), beyond it the
-    sequence kernel; both equal torch.nn's module, with and without a state."""
+def test_short_sequences(name, T, B, dtype, monkeypatch):
+    """Every dense sequence in inference is one chunk call a layer-direction: up to MAX_ROWS rows one fused
+    cell call a step, beyond them the sequence kernel on torch's input projection (no cell call); both
+    equal torch.nn's module, with and without a state."""
     ours, ref = _pair(name, dtype)
+    nb, fam = dispatch.get("numba"), name.split("-")[0].lower()
+    cells = []
+    cell = getattr(nb, f"{fam}_cell_fwd")
+    monkeypatch.setattr(nb, f"{fam}_cell_fwd", lambda *a: cells.append(1) or cell(*a))
     x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
     D = 2 if ours.bidirectional else 1
     P = getattr(ours, "proj_size", 0) or 40
@@ -49,11 +57,9 @@ def test_short_sequences(name, T, B, dtype):
             with dispatch.record_calls() as ran:
                 got = flat_outputs(ours(x, state))
             want = flat_outputs(ref(x, state))
-        fam = name.split("-")[0].lower()
-        if T * B <= MAX_ROWS:
-            assert ran == [(f"{fam}_chunk_fwd", "numba")] * (ours.num_layers * D)
-        else:
-            assert {b for _, b in ran} == {"numba"} and all(op.endswith("seq_fwd") for op, _ in ran)
+        assert ran == [(f"{fam}_chunk_fwd", "numba")] * (ours.num_layers * D)
+        assert len(cells) == (T * ours.num_layers * D if T * B <= MAX_ROWS else 0)
+        cells.clear()
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
 

@@ -7,6 +7,9 @@ the weight gradients as large GEMMs with torch. float32 and float64; threads: up
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 
@@ -342,13 +345,8 @@ class NumbaBackend(StepsFromSequence, Backend):
     # ---- the contract's optional fused inference cells (input projection inside, one kernel call) --------
     def lstm_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
         G = 3 if coupled else 4
-        B, I, H, P, like, addr, keep = _cell_addresses("lstm_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh, w_hr, w_ch),
-                                                      (h, c), G)
-        if (P != H) if w_hr is None else w_hr.shape != (P, H):
-            raise RuntimeError(f"fastrnn numba lstm_cell_fwd: h is [B, {P}] and c [B, {H}], so w_hr must be "
-                               f"[{P}, {H}] (or absent with P == H)")
-        if w_ch is not None and w_ch.shape != (3, H):
-            raise RuntimeError(f"fastrnn numba lstm_cell_fwd: w_ch must be [3, {H}], got {tuple(w_ch.shape)}")
+        B, I, H, P, like, addr, keep = _lstm_addresses("lstm_cell_fwd", x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c,
+                                                       coupled)
         h_out, c_out = x.new_empty(B, P), x.new_empty(B, H)
         parts = _parts(B, G * H * (I + P))
         _kernel(_lstm.lstm_cell, parts)(*addr[:7], bool(coupled), *addr[7:], h_out.data_ptr(), c_out.data_ptr(),
@@ -363,23 +361,31 @@ class NumbaBackend(StepsFromSequence, Backend):
         return h_out
 
     def rnn_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
-        if nonlinearity not in ("tanh", "relu"):
-            raise RuntimeError(f"fastrnn numba rnn_cell_fwd: unknown nonlinearity {nonlinearity!r}")
-        B, I, H, _, like, addr, keep = _cell_addresses("rnn_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh), (h,), 1)
+        B, I, H, _, like, addr, keep = _rnn_checks("rnn_cell_fwd", x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity)
         h_out = x.new_empty(B, H)
         parts = _parts(B, H * (I + H))
         _kernel(_rnn.rnn_cell, parts)(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", parts, like)
         return h_out
 
-    # ---- the contract's optional chunk entry: a short dense sequence as one fused cell call a step -----
-    #: rows (T x B) a layer-direction may have for ``<f>_chunk_fwd``: each step is one cell call, ~20 us of
-    #: host work (the sequence kernel's host work and the separate input projection cost more only below this)
-    chunk_max_rows = 4
+    # ---- the contract's optional chunk entry: a dense sequence in inference, one call a layer-direction ---
+    #: ``<f>_chunk_fwd`` takes any dense sequence: up to CELL_ROWS rows (T x B) as one fused cell call a step
+    #: (~20 us of host work a step; the sequence kernel's host work and the separate input projection cost
+    #: more only below this), beyond them the input projection by torch and the sequence kernel, called
+    #: straight from the modules' fast path without the general path's Python (~40-60 us of a call,
+    #: benchmarks/NOTES.md, sixteenth session)
+    chunk_max_rows = math.inf
+    CELL_ROWS = 4
 
-    def _chunk(self, cell, x, w_ih, b_ih, weights, state, reverse, options):
+    def _chunk(self, cell, check, seq, x, w_ih, b_ih, weights, state, reverse, options):
+        """``cell``: the fused cell entry, a call a step; ``seq(xw)``: the sequence kernel's results (y,
+        *final state) for the projected input, after ``check`` (the cell entry's checks, on the first step's
+        input) has passed the tensors."""
         if x.dim() != 3:
             raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
-        T = x.shape[0]
+        T, B = x.shape[:2]
+        if T * B > self.CELL_ROWS:
+            check(x[0], w_ih, b_ih, *weights, *state, *options)
+            return seq(torch.nn.functional.linear(x, w_ih, b_ih))
         ys = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
             out = cell(x[t], w_ih, b_ih, *weights, *state, *options)
@@ -388,13 +394,24 @@ class NumbaBackend(StepsFromSequence, Backend):
         return (ys[0].unsqueeze(0) if T == 1 else torch.stack(ys), *state)
 
     def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):
-        return self._chunk(self.lstm_cell_fwd, x, w_ih, b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
+        def seq(xw):
+            return self._lstm_plain_fwd(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, None, reverse, coupled, False)[:3]
+        return self._chunk(self.lstm_cell_fwd, functools.partial(_lstm_addresses, "lstm_chunk_fwd"), seq, x, w_ih,
+                           b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
 
     def gru_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse):
-        return self._chunk(self.gru_cell_fwd, x, w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, ())
+        def seq(xw):
+            return self._gru_plain_fwd(xw, w_hh, b_hh, h0, None, reverse, False)[:2]
+
+        def check(x0, w_ih, b_ih, w_hh, b_hh, h):
+            _cell_addresses("gru_chunk_fwd", x0, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
+        return self._chunk(self.gru_cell_fwd, check, seq, x, w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, ())
 
     def rnn_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity):
-        return self._chunk(self.rnn_cell_fwd, x, w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
+        def seq(xw):
+            return self.rnn_seq_fwd(xw, w_hh, b_hh, h0, None, reverse, nonlinearity, False)[:2]
+        return self._chunk(self.rnn_cell_fwd, functools.partial(_rnn_checks, "rnn_chunk_fwd"), seq, x, w_ih, b_ih,
+                           (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
 
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
@@ -469,6 +486,25 @@ def _cell_addresses(name, x, weights, states, G):
     except (RuntimeError, TypeError) as e:  # a sparse tensor, say
         raise RuntimeError(f"fastrnn numba {name}: {e}") from None
     return B, I, H, P, like, addr, keep
+
+
+def _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
+    """``_cell_addresses`` for the LSTM, with its projection and peephole weights checked."""
+    out = _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh, w_hr, w_ch), (h, c), 3 if coupled else 4)
+    H, P = out[2], out[3]
+    if (P != H) if w_hr is None else w_hr.shape != (P, H):
+        raise RuntimeError(f"fastrnn numba {name}: h is [B, {P}] and c [B, {H}], so w_hr must be "
+                           f"[{P}, {H}] (or absent with P == H)")
+    if w_ch is not None and w_ch.shape != (3, H):
+        raise RuntimeError(f"fastrnn numba {name}: w_ch must be [3, {H}], got {tuple(w_ch.shape)}")
+    return out
+
+
+def _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
+    """``_cell_addresses`` for the RNN, with its nonlinearity checked."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise RuntimeError(f"fastrnn numba {name}: unknown nonlinearity {nonlinearity!r}")
+    return _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh), (h,), 1)
 
 
 BACKEND = NumbaBackend()
