@@ -91,6 +91,17 @@ def test_bad_shapes_are_refused_not_read():
                          False)
     with pytest.raises(RuntimeError, match="x must be"):
         nb.rnn_chunk_fwd(x, torch.randn(4, 5), None, torch.randn(4, 4), None, h, False, "tanh")
+    # a chunk past CELL_ROWS rows (the sequence kernel, which reads unchecked too) gets the cells' checks
+    xs = torch.randn(3, 2, 5)
+    with pytest.raises(RuntimeError, match="gru_chunk_fwd: shapes do not fit"):
+        nb.gru_chunk_fwd(xs, torch.randn(12, 5), None, torch.randn(12, 4), None, torch.zeros(3, 4), False)
+    with pytest.raises(RuntimeError, match="lstm_chunk_fwd: h is .B, 3. and c .B, 4., so w_hr must be"):
+        nb.lstm_chunk_fwd(xs, torch.randn(16, 5), None, torch.randn(16, 3), None, None, None, torch.zeros(2, 3), h,
+                          False, False)
+    with pytest.raises(RuntimeError, match="rnn_chunk_fwd: unknown nonlinearity 'gelu'"):
+        nb.rnn_chunk_fwd(xs, torch.randn(4, 5), None, torch.randn(4, 4), None, h, False, "gelu")
+    with pytest.raises(RuntimeError, match="rnn_chunk_fwd: every tensor must be float32 or float64, of one dtype"):
+        nb.rnn_chunk_fwd(xs, torch.randn(4, 5), None, torch.randn(4, 4).double(), None, h, False, "tanh")
     # the cells read their tensors by address: a tensor off the CPU, of another dtype or rank, is refused
     with pytest.raises(RuntimeError, match="rnn_cell_fwd: every tensor must be .* on the CPU"):
         nb.rnn_cell_fwd(x, torch.randn(4, 5, device="meta"), None, torch.randn(4, 4), None, h, "tanh")
