@@ -354,7 +354,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         return h_out, c_out
 
     def gru_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h):
-        B, I, H, _, like, addr, keep = _cell_addresses("gru_cell_fwd", x, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
+        B, I, H, _, like, addr, keep = _gru_checks("gru_cell_fwd", x, w_ih, b_ih, w_hh, b_hh, h)
         h_out = x.new_empty(B, H)
         parts = _parts(B, 3 * H * (I + H))
         _kernel(_gru.gru_cell, parts)(*addr, h_out.data_ptr(), B, I, H, parts, like)
@@ -371,8 +371,8 @@ class NumbaBackend(StepsFromSequence, Backend):
     #: ``<f>_chunk_fwd`` takes any dense sequence: up to CELL_ROWS rows (T x B) as one fused cell call a step
     #: (~20 us of host work a step; the sequence kernel's host work and the separate input projection cost
     #: more only below this), beyond them the input projection by torch and the sequence kernel, called
-    #: straight from the modules' fast path without the general path's Python (~40-60 us of a call,
-    #: benchmarks/NOTES.md, sixteenth session)
+    #: straight from the modules' fast path without the general path's Python (20-50 us of a call at batch
+    #: 1, benchmarks/NOTES.md, sixteenth session)
     chunk_max_rows = math.inf
     CELL_ROWS = 4
 
@@ -402,10 +402,8 @@ class NumbaBackend(StepsFromSequence, Backend):
     def gru_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse):
         def seq(xw):
             return self._gru_plain_fwd(xw, w_hh, b_hh, h0, None, reverse, False)[:2]
-
-        def check(x0, w_ih, b_ih, w_hh, b_hh, h):
-            _cell_addresses("gru_chunk_fwd", x0, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
-        return self._chunk(self.gru_cell_fwd, check, seq, x, w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, ())
+        return self._chunk(self.gru_cell_fwd, functools.partial(_gru_checks, "gru_chunk_fwd"), seq, x, w_ih, b_ih,
+                           (w_hh, b_hh), (h0,), reverse, ())
 
     def rnn_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity):
         def seq(xw):
@@ -498,6 +496,11 @@ def _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
     if w_ch is not None and w_ch.shape != (3, H):
         raise RuntimeError(f"fastrnn numba {name}: w_ch must be [3, {H}], got {tuple(w_ch.shape)}")
     return out
+
+
+def _gru_checks(name, x, w_ih, b_ih, w_hh, b_hh, h):
+    """``_cell_addresses`` for the GRU."""
+    return _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
 
 
 def _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
