@@ -84,11 +84,11 @@ _TCN = ("torch", "cpp", "numba", "reference")
 _STEP_T = ("torch", "cpp", "numba", "reference")
 _STEP_C = ("cpp", "torch", "numba", "reference")
 _STEP_N = ("numba", "cpp", "torch", "reference")
-# the LSTM above WIDE_H (tune at H=768, two runs): cpp first in inference (B8-31: 22.3 / 23.7 ms against
-# torch.nn's 27.7 / 24.4; B32+ 42.4 / 40.9 against 42.7 / 42.6), torch.nn's oneDNN in training from B8
-# (72.5 vs 80.5 ms at B16). In training at B1 and B2-7 numba led at H=768 (14.9 / 18.6 ms at B1 against
-# cpp's 16.4 / 20.9; the GRU too) but not at H=512 (benchmark run at 06bb7bb: LSTM cpp 19.0, numba 20.0;
-# GRU cpp 16.8, numba 18.0): cpp stays first until a band tells the two apart (benchmarks/NOTES.md).
+# the LSTM above WIDE_H (tune at H=768, two runs): cpp first in inference B8-31 (22.3 / 23.7 ms against
+# torch.nn's 27.7 / 24.4; B32+ was a tie, 42.4 / 40.9 against 42.7 / 42.6: below), torch.nn's oneDNN in
+# training from B8 (72.5 vs 80.5 ms at B16). In training at B1 and B2-7 numba led at H=768 (14.9 / 18.6 ms
+# at B1 against cpp's 16.4 / 20.9; the GRU too) but not at H=512 (benchmark run at 06bb7bb: LSTM cpp 19.0,
+# numba 20.0; GRU cpp 16.8, numba 18.0): cpp stays first until a band tells the two apart (NOTES.md).
 # Since the fifteenth session's fused projection and products, cpp also leads in training from B8 (two tune
 # runs: B16 61.0 / 60.9 ms against torch.nn's 65.8 / 64.9; B64 119.7 / 114.3 against 122.6 / 128.0).
 # Inference B32+ is a tie that the machine's phase decides: at B64 H512 cpp read 0.92-0.97x torch.nn in

@@ -303,6 +303,34 @@ def test_raw_op_checks():
         O.gru_chunk_fwd(torch.randn(3, 2, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False)
 
 
+@pytest.mark.parametrize("biases", ["ih", "hh", "both"])
+@pytest.mark.parametrize("T,B", [(2, 2), (5, 3)], ids=["unfused", "fused"])
+def test_raw_op_one_bias(T, B, biases):
+    """The chunk op with only one of b_ih and b_hh (a module has both or neither): with the projection fused
+    into the loop (from 8 rows) b_ih goes into the pointwise pass's bias, except the GRU's n block
+    (csrc/recurrence.h, PointBias); each equals torch's own cells step by step (float64)."""
+    torch.manual_seed(0)
+    O, I, H = torch.ops.fastrnn_cpp, 6, 10
+    x, h0, c0 = torch.randn(T, B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64), \
+        torch.randn(B, H, dtype=torch.float64)
+    for G, op, cell in ((4, O.lstm_chunk_fwd, torch.lstm_cell), (3, O.gru_chunk_fwd, torch.gru_cell),
+                        (1, O.rnn_chunk_fwd, torch.rnn_tanh_cell)):
+        w_ih, w_hh = torch.randn(G * H, I, dtype=torch.float64), torch.randn(G * H, H, dtype=torch.float64)
+        b_ih = torch.randn(G * H, dtype=torch.float64) if biases in ("ih", "both") else None
+        b_hh = torch.randn(G * H, dtype=torch.float64) if biases in ("hh", "both") else None
+        state = (h0, c0) if G == 4 else h0
+        args = {4: (None, None, h0, c0, False, False), 3: (h0, False), 1: (h0, False, "tanh")}[G]
+        got = op(x, w_ih, b_ih, w_hh, b_hh, *args)
+        ys = []
+        for t in range(T):
+            state = cell(x[t], state, w_ih, w_hh, b_ih, b_hh)
+            ys.append(state[0] if G == 4 else state)
+        torch.testing.assert_close(got[0], torch.stack(ys), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(got[1], ys[-1], atol=1e-12, rtol=1e-12)
+        if G == 4:
+            torch.testing.assert_close(got[2], state[1], atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["LSTM-2L-bi", "LSTM-proj-bi", "LSTM-peephole-coupled", "GRU", "RNN-tanh-bi"])
 def test_threaded_chunks(name, dtype):
