@@ -12,33 +12,13 @@
 namespace fastrnn {
 namespace {
 
-template <typename T, bool AT>
-FASTRNN_INLINE void rows_block(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
-                               bool acc) {
-  // A at (m0, k0); rows of C from m0
-  auto a_at = [&](int64_t m) FASTRNN_INLINE_LAMBDA { return AT ? A + m : A + m * lda; };
-  int64_t m = 0;
-  for (; m + 8 <= rows; m += 8) micro<T, 8, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
-  switch (rows - m) {
-    case 7: micro<T, 7, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 6: micro<T, 6, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 5: micro<T, 5, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 4: micro<T, 4, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 3: micro<T, 3, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 2: micro<T, 2, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 1: micro<T, 1, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    default: break;
-  }
-}
-
 constexpr int64_t MC = 128;  // rows of C a block
 
-// rows_block over A^T: its MC x KC block packed first into slivers of 8 rows, k-major ([m / 8][k][8]), so
-// the kernel reads each k's 8 values from one line (read in place, a k step is a row of `a` apart: 4 KiB
+// A^T's MC x KC block packed into slivers of 8 rows, k-major ([m / 8][k][8], zeros past `rows`), so the
+// kernel reads each k's 8 values from one line (read in place, a k step is a row of `a` apart: 4 KiB
 // strides that all fall in one set of L1)
 template <typename T>
-FASTRNN_INLINE void rows_block_at(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
-                                  bool acc, T* abuf) {
+FASTRNN_INLINE void pack_a_slivers(int64_t rows, int64_t K, const T* A, int64_t lda, T* abuf) {
   const int64_t full = rows / 8 * 8;
   for (int64_t k = 0; k < K; ++k) {  // a row of `a` at a time, read along its line
     const T* src = A + k * lda;
@@ -46,22 +26,7 @@ FASTRNN_INLINE void rows_block_at(int64_t rows, int64_t K, const T* A, int64_t l
       for (int64_t m = 0; m < 8; ++m) abuf[s * K + k * 8 + m] = src[s + m];
     for (int64_t m = 0; full < rows && m < 8; ++m) abuf[full * K + k * 8 + m] = full + m < rows ? src[full + m] : T(0);
   }
-  int64_t m = 0;
-  for (; m + 8 <= rows; m += 8) micro<T, 8, true>(K, abuf + m * K, 8, Bp, C + m * ldc, ldc, acc);
-  const T* a = abuf + m * K;
-  T* c = C + m * ldc;
-  switch (rows - m) {
-    case 7: micro<T, 7, true>(K, a, 8, Bp, c, ldc, acc); break;
-    case 6: micro<T, 6, true>(K, a, 8, Bp, c, ldc, acc); break;
-    case 5: micro<T, 5, true>(K, a, 8, Bp, c, ldc, acc); break;
-    case 4: micro<T, 4, true>(K, a, 8, Bp, c, ldc, acc); break;
-    case 3: micro<T, 3, true>(K, a, 8, Bp, c, ldc, acc); break;
-    case 2: micro<T, 2, true>(K, a, 8, Bp, c, ldc, acc); break;
-    case 1: micro<T, 1, true>(K, a, 8, Bp, c, ldc, acc); break;
-    default: break;
-  }
 }
-
 // One worker's columns: C[:, n0 : n0 + nc] from its panel [ncb][K][NR] (nc <= ncb * NR; a last partial
 // block goes through `tail` [MC][NR]). Blocks of MC rows x KC: the A block stays in L2 (packed into
 // `abuf` [MC * KC] for A^T), a panel slice KC x NR in L1 while the block's rows use it.
@@ -78,14 +43,14 @@ FASTRNN_INLINE void gemm_cols_block(int64_t M, int64_t K, const T* A, int64_t ld
         const bool partial = (cb + 1) * nr > nc;
         T* Cb = partial ? tail : C + m0 * ldc + cb * nr;
         const T* Bp = panel + cb * K * nr + k0 * nr;
-        if (!AT)
-          rows_block<T, false>(mc, kl, Ab, lda, Bp, Cb, partial ? nr : ldc, k0 > 0);
-        else if (cb == 0)  // packs the A block, which the other column blocks reuse
-          rows_block_at<T>(mc, kl, Ab, lda, Bp, Cb, partial ? nr : ldc, k0 > 0, abuf);
-        else
-          for (int64_t m = 0; m < mc; m += 8)
-            rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * (partial ? nr : ldc),
-                                partial ? nr : ldc, k0 > 0);
+        const int64_t ldb = partial ? nr : ldc;
+        if (!AT) {
+          rows_block<T>(mc, kl, Ab, lda, Bp, Cb, ldb, k0 > 0);
+          continue;
+        }
+        if (cb == 0) pack_a_slivers(mc, kl, Ab, lda, abuf);  // the other column blocks reuse it
+        for (int64_t m = 0; m < mc; m += 8)
+          rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
       }
     }
     const int64_t full = std::min(nc, ncb * nr) / nr * nr;  // columns written in place

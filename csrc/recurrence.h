@@ -163,30 +163,40 @@ FASTRNN_INLINE void micro_row(int64_t K, const T* A, const T* Bp, T* C, bool acc
 // row block uses it; the row blocks of A (h, at most B x KC) come from L2.
 constexpr int64_t KC = 256;
 
+// C rows [0, rows) from A's rows and one KC x NR slice of a panel: register blocks of 8 rows, then one
+// block of the remainder (a single row of a row-major A through micro_row's interleaved accumulators).
+// A[m, k] at A[m * lda + k], or with AT at A[k * lda + m] (gemm.cpp's packed slivers of A^T).
+template <typename T, bool AT = false>
+FASTRNN_INLINE void rows_block(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
+                               bool acc) {
+  auto a_at = [&](int64_t m) FASTRNN_INLINE_LAMBDA { return AT ? A + m : A + m * lda; };
+  int64_t m = 0;
+  for (; m + 8 <= rows; m += 8) micro<T, 8, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
+  switch (rows - m) {
+    case 7: micro<T, 7, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 6: micro<T, 6, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 5: micro<T, 5, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 4: micro<T, 4, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 3: micro<T, 3, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 2: micro<T, 2, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
+    case 1:
+      if (AT)
+        micro<T, 1, true>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
+      else
+        micro_row<T>(K, a_at(m), Bp, C + m * ldc, acc);
+      break;
+    default: break;
+  }
+}
+
 template <typename T>
 FASTRNN_INLINE void gemm_packed_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
                                      int64_t ldc) {
   constexpr int nr = NR<T>;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kl = std::min(KC, K - k0);
-    const bool acc = k0 > 0;
-    for (int64_t cb = 0; cb < ncb; ++cb) {
-      const T* Bp = panel + cb * K * nr + k0 * nr;
-      const T* Ak = A + k0;
-      T* Cb = C + cb * nr;
-      int64_t m = 0;
-      for (; m + 8 <= M; m += 8) micro<T, 8>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc);
-      switch (M - m) {
-        case 7: micro<T, 7>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
-        case 6: micro<T, 6>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
-        case 5: micro<T, 5>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
-        case 4: micro<T, 4>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
-        case 3: micro<T, 3>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
-        case 2: micro<T, 2>(kl, Ak + m * lda, lda, Bp, Cb + m * ldc, ldc, acc); break;
-        case 1: micro_row<T>(kl, Ak + m * lda, Bp, Cb + m * ldc, acc); break;
-        default: break;
-      }
-    }
+    for (int64_t cb = 0; cb < ncb; ++cb)
+      rows_block<T>(M, kl, A + k0, lda, panel + cb * K * nr + k0 * nr, C + cb * nr, ldc, k0 > 0);
   }
 }
 
@@ -588,6 +598,11 @@ struct InputProj {
 
 // Do T steps of B rows project their input in the driver's blocks (no xw buffer; see InputProj)?
 inline bool fused_input(int64_t T, int64_t B) { return T > 1 && T * B >= PACK_IN_ROWS; }
+// Does this call's driver project the input in its blocks (packed rows always; dense from PACK_IN_ROWS)?
+template <typename T>
+bool fused_blocks(const InputProj<T>& in, int64_t T_, int64_t B) {
+  return in.x && (in.row0 || fused_input(T_, B));
+}
 
 // c[r * ldc + k * U + j] += bias[k * H + j] for r < rows, k < G, j < nu (a block of the fused projection)
 void add_gate_bias(float* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, int64_t nu, const float* bias,
@@ -649,7 +664,7 @@ class PointBias {
   const T* data() const { return p_; }
 
  private:
-  static bool folds(const FwdArgs<T>& a) { return a.in.x && a.in.b_ih && (a.in.row0 || fused_input(a.T_, a.B)); }
+  static bool folds(const FwdArgs<T>& a) { return a.in.b_ih && fused_blocks(a.in, a.T_, a.B); }
   Scratch<T> buf_;
   const T* p_ = nullptr;
 };
@@ -735,7 +750,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   // the input projection inside the call (InputProj): fused from PACK_IN_ROWS rows (a block of S steps at
   // a time into the worker's `xin` [S*B, G*U], plus b_ih), else all steps' rows first into xw (unpacked)
   const int64_t I = a.in.I, GH = a.G * H;
-  const bool fused = a.in.x && (a.in.row0 || fused_input(T_, B));  // as the entry decided (proj_input)
+  const bool fused = fused_blocks(a.in, T_, B);  // as the entry decided (chunk_input, proj_input)
   constexpr int64_t IN_ROWS = 128;  // rows a block (the block stays in L2 for its steps)
   const int64_t S = std::max<int64_t>(1, IN_ROWS / B);
   Scratch<T> panel_in(fused ? nw * I * ncols : 0), xin_buf(fused ? nw * S * B * ncols : 0);
