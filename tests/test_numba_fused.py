@@ -147,6 +147,10 @@ def test_one_thread_runs_the_serial_twin(monkeypatch):
     twin = nb._kernel(nb_rnn.rnn_fwd, 1)
     assert twin is not nb_rnn.rnn_fwd and twin.py_func.__qualname__ == "rnn_fwd_serial"
     assert not twin.targetoptions.get("parallel") and nb_rnn.rnn_fwd.targetoptions["parallel"]
+    # an entry that unpacks addresses and calls a parallel kernel: its twin calls that kernel's twin
+    entry = nb._kernel(nb_rnn.rnn_seq_at, 1)
+    assert entry.py_func.__globals__["rnn_fwd"] is twin and nb_rnn.rnn_seq_at.py_func.__globals__["rnn_fwd"] is \
+        nb_rnn.rnn_fwd
     torch.manual_seed(0)
     ours, ref = fastrnn.RNN(6, 40, backend="numba"), torch.nn.RNN(6, 40)
     ref.load_state_dict(ours.state_dict())
@@ -155,13 +159,14 @@ def test_one_thread_runs_the_serial_twin(monkeypatch):
     real = nb._kernel
     monkeypatch.setattr(nb, "_kernel", lambda fn, parts: ran.append((fn.py_func.__name__, parts)) or real(fn, parts))
     for min_macs, parts in ((1 << 30, 1), (0, 2)):
-        old = nb.BACKEND.set_parallel_min_macs(min_macs)
-        try:
-            with torch.no_grad():
-                got, want = ours(x), ref(x)
-        finally:
-            nb.BACKEND.set_parallel_min_macs(old)
         threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-        assert ran[-1] == ("rnn_fwd", 1 if parts == 1 else threads)
-        for a, b in zip(flat_outputs(got), flat_outputs(want)):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        for grad, entry in ((False, "rnn_seq_at"), (True, "rnn_fwd")):  # inference, training
+            old = nb.BACKEND.set_parallel_min_macs(min_macs)
+            try:
+                with torch.set_grad_enabled(grad):
+                    got, want = ours(x), ref(x)
+            finally:
+                nb.BACKEND.set_parallel_min_macs(old)
+            assert ran[-1] == (entry, 1 if parts == 1 else threads)
+            for a, b in zip(flat_outputs(got), flat_outputs(want)):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

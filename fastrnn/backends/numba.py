@@ -23,17 +23,17 @@ try:
     from .numba_kernels import lstm as _lstm
     from .numba_kernels import lstm_options as _lstm_opt
     from .numba_kernels import rnn as _rnn
+    from .numba_kernels.common import TWINS as _SERIAL, serial_twin
     _IMPORT_ERROR = None
 except ImportError as e:  # numba missing or broken: the backend is unavailable, fastrnn still imports
     numba = None
+    _SERIAL = {}
     _IMPORT_ERROR = e
 
 # a step's GEMM must have at least this many multiply-adds before it is split over threads: each step then
 # opens a parallel region (~2 us); below ~2^18 one thread was as fast or faster (benchmarks/NOTES.md)
 PARALLEL_MIN_MACS = 1 << 18
 
-
-_SERIAL = {}
 
 
 def _kernel(fn, parts):
@@ -46,11 +46,7 @@ def _kernel(fn, parts):
     10-35% slower here (benchmarks/NOTES.md, "numba after fork"), so the parent keeps OpenMP."""
     if parts > 1 and not _common.FORKED_UNDER_GNU_OMP:
         return fn
-    twin = _SERIAL.get(fn)
-    if twin is None:
-        from .numba_kernels.common import serial_twin
-        twin = _SERIAL[fn] = serial_twin(fn)
-    return twin
+    return serial_twin(fn)
 
 
 def _np(t):
@@ -377,15 +373,17 @@ class NumbaBackend(StepsFromSequence, Backend):
     CELL_ROWS = 4
 
     def _chunk(self, cell, check, seq, x, w_ih, b_ih, weights, state, reverse, options):
-        """``cell``: the fused cell entry, a call a step; ``seq(xw)``: the sequence kernel's results (y,
-        *final state) for the projected input, after ``check`` (the cell entry's checks, on the first step's
-        input) has passed the tensors."""
+        """``cell``: the fused cell entry, a call a step; ``seq(xw, H, P, like, addresses)``: the sequence
+        kernel's results (y, *final state) for the projected input, given the addresses of the tensors
+        after w_ih and b_ih, from ``check`` (the cell entry's checks, on the first step's input)."""
         if x.dim() != 3:
             raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
-            check(x[0], w_ih, b_ih, *weights, *state, *options)
-            return seq(torch.nn.functional.linear(x, w_ih, b_ih))
+            _, _, H, P, like, addr, keep = check(x[0], w_ih, b_ih, *weights, *state, *options)
+            out = seq(torch.nn.functional.linear(x, w_ih, b_ih).contiguous(), H, P, like, addr[3:])
+            del keep  # the contiguous copies the kernel read
+            return out
         ys = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
             out = cell(x[t], w_ih, b_ih, *weights, *state, *options)
@@ -394,20 +392,35 @@ class NumbaBackend(StepsFromSequence, Backend):
         return (ys[0].unsqueeze(0) if T == 1 else torch.stack(ys), *state)
 
     def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):
-        def seq(xw):
-            return self._lstm_plain_fwd(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, None, reverse, coupled, False)[:3]
+        def seq(xw, H, P, like, a):  # a: w_hh, b_hh, w_hr, w_ch, h0, c0
+            T, B, GH = xw.shape
+            y, h_n, c_n = xw.new_empty(T, B, P), xw.new_empty(B, P), xw.new_empty(B, H)
+            parts = _parts(B, GH * P)
+            _kernel(_lstm.lstm_seq_at, parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(),
+                                              h_n.data_ptr(), c_n.data_ptr(), T, B, H, P, bool(reverse), parts, like)
+            return y, h_n, c_n
         return self._chunk(self.lstm_cell_fwd, functools.partial(_lstm_addresses, "lstm_chunk_fwd"), seq, x, w_ih,
                            b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
 
     def gru_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse):
-        def seq(xw):
-            return self._gru_plain_fwd(xw, w_hh, b_hh, h0, None, reverse, False)[:2]
+        def seq(xw, H, P, like, a):  # a: w_hh, b_hh, h0
+            T, B, GH = xw.shape
+            y, h_n = xw.new_empty(T, B, H), xw.new_empty(B, H)
+            parts = _parts(B, GH * H)
+            _kernel(_gru.gru_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(), T, B, H, bool(reverse),
+                                            parts, like)
+            return y, h_n
         return self._chunk(self.gru_cell_fwd, functools.partial(_gru_checks, "gru_chunk_fwd"), seq, x, w_ih, b_ih,
                            (w_hh, b_hh), (h0,), reverse, ())
 
     def rnn_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity):
-        def seq(xw):
-            return self.rnn_seq_fwd(xw, w_hh, b_hh, h0, None, reverse, nonlinearity, False)[:2]
+        def seq(xw, H, P, like, a):  # a: w_hh, b_hh, h0
+            T, B, _ = xw.shape
+            y, h_n = xw.new_empty(T, B, H), xw.new_empty(B, H)
+            parts = _parts(B, H * H)
+            _kernel(_rnn.rnn_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(), T, B, H, bool(reverse),
+                                            nonlinearity == "relu", parts, like)
+            return y, h_n
         return self._chunk(self.rnn_cell_fwd, functools.partial(_rnn_checks, "rnn_chunk_fwd"), seq, x, w_ih, b_ih,
                            (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
 

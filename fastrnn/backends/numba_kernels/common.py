@@ -246,13 +246,27 @@ def at(addr, shape, like):
     return numba.carray(_pointer(addr, like), shape)
 
 
+#: kernel -> its serial twin (``serial_twin``)
+TWINS = {}
+
+
 def serial_twin(kernel):
-    """``kernel`` (a ``parallel=True`` dispatcher) compiled without ``parallel``: each ``prange`` a plain
-    loop, no parallel region. Its own name (``<name>_serial``) gives it its own entry in numba's disk
-    cache, so the two never load each other's code."""
+    """``kernel`` (a dispatcher) compiled without ``parallel``: each ``prange`` a plain loop, no parallel
+    region; the kernels it calls that are ``parallel`` are replaced by their own twins (an entry that only
+    unpacks its arguments then runs no parallel region either). Its own name (``<name>_serial``) gives it
+    its own entry in numba's disk cache, so the two never load each other's code. Made once a kernel."""
+    twin = TWINS.get(kernel)
+    if twin is not None:
+        return twin
     f = kernel.py_func
-    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    glb = f.__globals__
+    calls = {name: serial_twin(glb[name]) for name in f.__code__.co_names
+             if isinstance(glb.get(name), numba.core.registry.CPUDispatcher)
+             and glb[name].targetoptions.get("parallel")}
+    twin = FunctionType(f.__code__, dict(glb, **calls) if calls else glb, f.__name__ + "_serial", f.__defaults__,
+                        f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
     twin.__module__ = f.__module__
     twin.__doc__ = f.__doc__
-    return numba.njit(**JIT)(twin)
+    twin = TWINS[kernel] = numba.njit(**JIT)(twin)
+    return twin

@@ -70,6 +70,17 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_
 
 
 @numba.njit(**JIT)
+def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, T, B, H, reverse, parts, like):
+    """``gru_fwd`` for a dense sequence in inference, on tensors given by address (see lstm.lstm_seq_at)."""
+    xw, w_hh = at(a_xw, (T, B, 3 * H), like), at(a_w_hh, (3 * H, H), like)
+    b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)
+    h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (T, B, H), like), at(a_h_n, (B, H), like)
+    dt = like.dtype
+    gru_fwd(xw, w_hh, b_hh, h0, np.full(T, B, np.int64), reverse, parts, y, h_n, np.empty((1, B, 3 * H), dt),
+            np.empty((1, B, H), dt), np.empty((B, H), dt), np.empty((B, H), dt))
+
+
+@numba.njit(**JIT)
 def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
     """Gate gradients of units [lo, hi); dh_rec[:, lo:hi] becomes the direct part dh * z of d h_{t-1}
     (each thread reads and writes only its own units; the product part is added after the region)."""

@@ -121,6 +121,26 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
 
 
 @numba.njit(**JIT)
+def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, a_h_n, a_c_n, T, B, H, P, reverse,
+                parts, like):
+    """``lstm_fwd`` for a dense sequence in inference (the chunk entry), on tensors given by address (see
+    rnn.rnn_cell; 0 for an absent bias, w_hr or w_ch): its workspace and state buffers are made here, so
+    the host passes integers, not ~20 numpy views (~40 us a call, benchmarks/NOTES.md, seventeenth
+    session)."""
+    G = 3 if coupled else 4
+    xw, w_hh = at(a_xw, (T, B, G * H), like), at(a_w_hh, (G * H, P), like)
+    b_hh = at(a_b_hh, (G * H if a_b_hh else 0,), like)
+    w_hr = at(a_w_hr, (P, H) if a_w_hr else (0, 0), like)
+    w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
+    h0, c0 = at(a_h0, (B, P), like), at(a_c0, (B, H), like)
+    y, h_n, c_n = at(a_y, (T, B, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
+    dt = like.dtype
+    lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, np.full(T, B, np.int64), reverse, parts, y, h_n, c_n,
+             np.empty((1, B, G * H), dt), np.empty((1, B, H), dt), np.empty((1, B, H) if a_w_hr else (0, 0, 0), dt),
+             np.empty((B, P), dt), np.empty((B, P), dt), np.empty((B, H), dt))
+
+
+@numba.njit(**JIT)
 def _pointwise_bwd(t, T, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
                    coupled, dc, dgates, dw_ch):
     """Gate gradients of units [lo, hi) for rows [0, n) at step t; dc becomes d c_{t-1}."""

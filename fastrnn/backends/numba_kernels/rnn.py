@@ -54,6 +54,15 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, reverse, relu, parts, y, h_n, h_a, h_b):
 
 
 @numba.njit(**JIT)
+def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, T, B, H, reverse, relu, parts, like):
+    """``rnn_fwd`` for a dense sequence in inference, on tensors given by address (see lstm.lstm_seq_at)."""
+    xw, w_hh, b_hh = at(a_xw, (T, B, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
+    h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (T, B, H), like), at(a_h_n, (B, H), like)
+    rnn_fwd(xw, w_hh, b_hh, h0, np.full(T, B, np.int64), reverse, relu, parts, y, h_n, np.empty((B, H), like.dtype),
+            np.empty((B, H), like.dtype))
+
+
+@numba.njit(**JIT)
 def _pointwise_bwd(t, n, lo, hi, relu, dh_rec, grad_y, y, d_xw):
     zero, one = y.dtype.type(0), y.dtype.type(1)
     m = hi - lo
