@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not FUSED, reason="no fused CPU backend is avail
 
 @pytest.fixture
 def threaded(backend):
-    """Split every step over the threads, however small (by default it takes 262144 multiply-adds)."""
+    """Split every step over the threads, however small (by default it takes hundreds of thousands of
+    multiply-adds)."""
     if torch.get_num_threads() < 2:
         pytest.skip("one thread: the parallel path cannot split")
     impl = dispatch.get(backend)

@@ -31,8 +31,10 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     _IMPORT_ERROR = e
 
 # a step's GEMM must have at least this many multiply-adds before it is split over threads: each step then
-# opens a parallel region (~2 us); below ~2^18 one thread was as fast or faster (benchmarks/NOTES.md)
-PARALLEL_MIN_MACS = 1 << 18
+# opens a parallel region (~2-3 us). Or a row's must have 3/8 of it (a weight matrix of 3/4 MiB in float32):
+# one thread then reads the whole of it each step, and the other thread's half of that read pays for the
+# region at batch 1 already (benchmarks/NOTES.md, "numba's split threshold", seventeenth session)
+PARALLEL_MIN_MACS = 1 << 19
 
 
 
@@ -64,7 +66,8 @@ def _parts(rows, macs_per_row):
     """How many threads split a step's hidden units: all of torch's threads when the step's GEMM has
     enough work to pay for a parallel region per step (~2 us here), else one."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads > 1 and not _common.FORKED_UNDER_GNU_OMP and rows * macs_per_row >= PARALLEL_MIN_MACS:
+    big = rows * macs_per_row >= PARALLEL_MIN_MACS or 8 * macs_per_row >= 3 * PARALLEL_MIN_MACS
+    if threads > 1 and not _common.FORKED_UNDER_GNU_OMP and big:
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
         return threads
@@ -92,7 +95,8 @@ class NumbaBackend(StepsFromSequence, Backend):
 
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
-        """Multiply-adds a step needs before it is split over threads; returns the old value."""
+        """Multiply-adds a step needs before it is split over threads (a row's: 3/8 of it); returns the old
+        value."""
         global PARALLEL_MIN_MACS
         old, PARALLEL_MIN_MACS = PARALLEL_MIN_MACS, value
         return old

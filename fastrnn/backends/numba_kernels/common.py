@@ -65,8 +65,19 @@ def _ol_sigmoid(x):
 def mm_nt(a, n, w, out, j0, j1, acc):
     """out[:n, j0:j1] (+)= a[:n, :] @ w[j0:j1, :].T  (``acc``: accumulate into out).
 
-    Register-blocked 4 rows of ``w`` x 4 rows of ``a``; the inner loop over K vectorizes.
+    Register-blocked 4 rows of ``w`` x 4 rows of ``a``; the inner loop over K vectorizes. One row (batch 1)
+    is its own copy of the code, compiled for n = 1: with n only known at run time the batch-1 product took
+    ~1.6x as long (an LSTM step at H64, benchmarks/NOTES.md, seventeenth session).
     """
+    if n == 1:
+        _mm_nt(a, 1, w, out, j0, j1, acc)
+    else:
+        _mm_nt(a, n, w, out, j0, j1, acc)
+
+
+@numba.njit(**JIT)
+def _mm_nt(a, n, w, out, j0, j1, acc):
+    """``mm_nt``'s code."""
     K = w.shape[1]
     zero = a.dtype.type(0)
     j = j0
