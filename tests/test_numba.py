@@ -35,3 +35,43 @@ def test_kernels_are_compiled_nopython():
             assert sigs, f"{form.py_func.__qualname__} never compiled"
             # the float32 form: the first argument's type, or the dtype's array for the entries by address
             assert any(str(s.args[0 if k not in KERNELS[6:] else -1]).startswith("array(float32") for s in sigs)
+
+
+@pytest.mark.parametrize("region", ["one worker at a time", "more parts than threads"])
+def test_team_finishes_when_its_workers_do_not_run_together(monkeypatch, region):
+    """The sequence forwards split a call over a team that waits between steps (team.py). When the region
+    runs its workers one after another (the serial twin with parts > 1: what a call nested in another
+    parallel region gets) or has more parts than threads, a waiting worker takes over the parts nobody
+    claimed: the call finishes, with torch's values, forward and backward, packed and reversed too."""
+    from fastrnn.backends import numba as nb
+
+    def flat_outputs(out):  # output (its data when packed) and final state
+        y, st = out
+        y = y.data if isinstance(y, torch.nn.utils.rnn.PackedSequence) else y
+        return [y, *(st if isinstance(st, tuple) else (st,))]
+    from fastrnn.backends.numba_kernels.common import serial_twin
+    monkeypatch.setattr(nb, "_parts", lambda rows, macs, steps=None: 3)
+    if region == "one worker at a time":
+        monkeypatch.setattr(nb, "_kernel", lambda fn, parts: serial_twin(fn))
+    torch.manual_seed(0)
+    cases = [(fastrnn.LSTM, torch.nn.LSTM, dict(proj_size=24, bidirectional=True)),
+             (fastrnn.LSTM, torch.nn.LSTM, {}), (fastrnn.GRU, torch.nn.GRU, dict(num_layers=2)),
+             (fastrnn.RNN, torch.nn.RNN, dict(bidirectional=True))]
+    for ours_cls, ref_cls, kw in cases:
+        ours = ours_cls(5, 40, backend="numba", **kw)
+        ref = ref_cls(5, 40, **kw)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(9, 3, 5)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [9, 6, 2], enforce_sorted=False)
+        for inp in (x, packed):
+            with torch.no_grad():
+                for a, b in zip(flat_outputs(ours(inp)), flat_outputs(ref(inp))):
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            got, want = ours(inp), ref(inp)
+            (sum(o.sum() for o in flat_outputs(got))).backward()
+            (sum(o.sum() for o in flat_outputs(want))).backward()
+            for a, b in zip(flat_outputs(got), flat_outputs(want)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+                p.grad = q.grad = None

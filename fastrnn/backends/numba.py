@@ -63,8 +63,13 @@ def _opt(t, ndim, like):
 
 
 def _parts(rows, macs_per_row):
-    """How many threads split a step's hidden units: all of torch's threads when the step's GEMM has
-    enough work to pay for a parallel region per step (~2 us here), else one."""
+    """How many threads split a call: all of torch's threads when a step's GEMM has enough work to pay for
+    the split, else one. The split costs a parallel region a step in the kernels that open one a step (the
+    backward kernels, the cells, the options' kernels: ~2-3 us), and one region a call plus a cache-line
+    transfer a step in the teams of the sequence forwards (team.py). Either way the second thread also
+    competes with torch's own threads, which spin for a while after each torch op (the input projection):
+    below the threshold one thread was as fast or faster in either form (benchmarks/NOTES.md, "numba's
+    split threshold", seventeenth session)."""
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     big = rows * macs_per_row >= PARALLEL_MIN_MACS or 8 * macs_per_row >= 3 * PARALLEL_MIN_MACS
     if threads > 1 and not _common.FORKED_UNDER_GNU_OMP and big:

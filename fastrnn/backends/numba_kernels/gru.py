@@ -10,6 +10,7 @@ import numpy as np
 from numba import prange
 
 from .common import JIT, at, fill_h_prev, final_h, mm_nt, project_units, sigmoid_, split, tanh_
+from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
@@ -48,24 +49,30 @@ def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
 
 @numba.njit(parallel=True, **JIT)
 def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_a, h_b):
+    """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers
+    (team.py): part p is a block of units, their gate rows of W_hh, pointwise pass and columns of y."""
     T = xw.shape[0]
     H = h0.shape[1]
     h_a[:, :] = h0
     h_b[:, :] = h0
-    src, dst = h_a, h_b
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        n = sizes[t]
-        st = t if gates.shape[0] == T else 0  # workspace slot: every step kept, or one reused
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            for k in range(3):
-                mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
-            _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
-        for b in range(n):
-            for k in range(H):
-                y[t, b, k] = dst[b, k]
-        src, dst = dst, src
+    sync = team_sync(parts)
+    for w in prange(parts):
+        if team_claim(sync, w):
+            for s in range(T):
+                t = T - 1 - s if reverse else s
+                n = sizes[t]
+                st = t if gates.shape[0] == T else 0  # workspace slot: every step kept, or one reused
+                src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
+                p = team_next(sync, parts, w, s)
+                while p >= 0:
+                    lo, hi = split(H, parts, p)
+                    for k in range(3):
+                        mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
+                    _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
+                    for b in range(n):
+                        y[t, b, lo:hi] = dst[b, lo:hi]
+                    team_done(sync, p, s)
+                    p = team_next(sync, parts, w, s)
     final_h(y, sizes, reverse, h_n)
 
 

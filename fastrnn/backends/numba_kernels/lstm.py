@@ -11,6 +11,7 @@ import numpy as np
 from numba import prange
 
 from .common import JIT, at, fill_h_prev, final_h, first_step, mm_nt, prev_t, project_units, sigmoid_, split, tanh_
+from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
@@ -79,43 +80,58 @@ def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
-             y, h_n, c_n, gates, c_all, hfull, h_a, h_b, c):
-    """Whole-sequence forward of one layer-direction; see fastrnn.backends for the contract.
+def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts, y, h_n, c_n, gates, c_all, hfull,
+             h_a, h_b, c):
+    """Whole-sequence forward of one layer-direction; see fastrnn.backends for the contract. Its steps are
+    split over a team of ``parts`` workers (team.py): part p is a block of hidden units (their gate rows of
+    W_hh, pointwise pass and cell state) and, with a projection, a second phase a step for a block of
+    output columns (their rows of W_hr); each part writes its own columns of y.
 
     gates, c_all, hfull: the workspace, [T, ...] to keep every step for the backward, or [1, ...] to
     reuse one slot (inference).
 
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
-    c: [B, H] cell state (each unit is read and written by one thread only).
+    c: [B, H] cell state (each unit is read and written by one part only).
     """
     T = xw.shape[0]
     H = c0.shape[1]
     P = h0.shape[1]
     G = 3 if coupled else 4
     proj = w_hr.shape[0] > 0
+    phases = 2 if proj else 1
     h_a[:, :] = h0
     h_b[:, :] = h0
     c[:, :] = c0
-    src, dst = h_a, h_b
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        n = sizes[t]
-        st = t if gates.shape[0] == T else 0
-        hout = hfull[st] if proj else dst
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            for k in range(G):
-                mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
-            _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
-        if proj:
-            for p in prange(parts):
-                lo, hi = split(P, parts, p)
-                mm_nt(hfull[st], n, w_hr, dst, lo, hi, False)
-        for b in range(n):
-            for k in range(P):
-                y[t, b, k] = dst[b, k]
-        src, dst = dst, src
+    sync = team_sync(parts)
+    for w in prange(parts):
+        if team_claim(sync, w):
+            for s in range(T):
+                t = T - 1 - s if reverse else s
+                n = sizes[t]
+                st = t if gates.shape[0] == T else 0
+                src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
+                hout = hfull[st] if proj else dst
+                ph = s * phases
+                p = team_next(sync, parts, w, ph)
+                while p >= 0:
+                    lo, hi = split(H, parts, p)
+                    for k in range(G):
+                        mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
+                    _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+                    if not proj:
+                        for b in range(n):
+                            y[t, b, lo:hi] = dst[b, lo:hi]
+                    team_done(sync, p, ph)
+                    p = team_next(sync, parts, w, ph)
+                if proj:
+                    p = team_next(sync, parts, w, ph + 1)
+                    while p >= 0:
+                        lo, hi = split(P, parts, p)
+                        mm_nt(hfull[st], n, w_hr, dst, lo, hi, False)
+                        for b in range(n):
+                            y[t, b, lo:hi] = dst[b, lo:hi]
+                        team_done(sync, p, ph + 1)
+                        p = team_next(sync, parts, w, ph + 1)
     final_h(y, sizes, reverse, h_n)
     c_n[:, :] = c  # rows stop updating c after their last step
 

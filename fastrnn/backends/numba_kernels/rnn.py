@@ -6,6 +6,7 @@ import numpy as np
 from numba import prange
 
 from .common import JIT, at, fill_h_prev, final_h, mm_nt, project_units, split, tanh_
+from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
@@ -34,22 +35,28 @@ def _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst):
 
 @numba.njit(parallel=True, **JIT)
 def rnn_fwd(xw, w_hh, b_hh, h0, sizes, reverse, relu, parts, y, h_n, h_a, h_b):
+    """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers (see
+    team.py): part p is a block of units, its product, pointwise pass and its columns of y."""
     T = xw.shape[0]
     H = h0.shape[1]
     h_a[:, :] = h0
     h_b[:, :] = h0
-    src, dst = h_a, h_b
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        n = sizes[t]
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            mm_nt(src, n, w_hh, dst, lo, hi, False)
-            _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst)
-        for b in range(n):
-            for k in range(H):
-                y[t, b, k] = dst[b, k]
-        src, dst = dst, src
+    sync = team_sync(parts)
+    for w in prange(parts):
+        if team_claim(sync, w):
+            for s in range(T):
+                t = T - 1 - s if reverse else s
+                n = sizes[t]
+                src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
+                p = team_next(sync, parts, w, s)
+                while p >= 0:
+                    lo, hi = split(H, parts, p)
+                    mm_nt(src, n, w_hh, dst, lo, hi, False)
+                    _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst)
+                    for b in range(n):
+                        y[t, b, lo:hi] = dst[b, lo:hi]
+                    team_done(sync, p, s)
+                    p = team_next(sync, parts, w, s)
     final_h(y, sizes, reverse, h_n)
 
 
