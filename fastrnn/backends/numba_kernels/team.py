@@ -37,8 +37,10 @@ from .common import JIT
 
 #: int64 slots between two counters: 128 bytes, so that no two share a line or an adjacent-line prefetch
 LINE = 16
-#: spins of the first phase's wait before a waiting worker takes over a part that nobody has claimed
-STEAL_SPINS = 1 << 16
+#: spins of the first phase's wait before a waiting worker takes over a part that nobody has claimed:
+#: ~1-4 ms here (a spin is ~0.2-1 ns), well past the ~10-100 us an idle thread of the region takes to wake
+#: (a worker that starts later than that finds its part taken, and the call runs on fewer threads)
+STEAL_SPINS = 1 << 22
 
 
 def _slot(context, builder, aryty, ary, idx):
