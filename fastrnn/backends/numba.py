@@ -70,9 +70,10 @@ def _parts(rows, macs_per_row):
     competes with torch's own threads, which spin for a while after each torch op (the input projection):
     below the threshold one thread was as fast or faster in either form (benchmarks/NOTES.md, "numba's
     split threshold", seventeenth session)."""
+    if rows * macs_per_row < PARALLEL_MIN_MACS and 8 * macs_per_row < 3 * PARALLEL_MIN_MACS:
+        return 1
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    big = rows * macs_per_row >= PARALLEL_MIN_MACS or 8 * macs_per_row >= 3 * PARALLEL_MIN_MACS
-    if threads > 1 and not _common.FORKED_UNDER_GNU_OMP and big:
+    if threads > 1 and not _common.FORKED_UNDER_GNU_OMP:
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
         return threads
@@ -469,19 +470,19 @@ def _cell_addresses(name, x, weights, states, G):
     None), the contiguous copies made of any that were not, to keep alive during the call). The kernels
     read them by address, unchecked: RuntimeError for what they cannot take (the module's general path
     then raises torch's error). Cheap on purpose: a batch-1 cell call is a few microseconds of kernel
-    (benchmarks/NOTES.md)."""
-    like = _LIKE.get(x.dtype)
+    (benchmarks/NOTES.md), so a tensor that needs nothing costs five attribute reads and no more."""
     dt = x.dtype
+    like = _LIKE.get(dt)
     if like is None:
         raise RuntimeError(f"fastrnn numba {name}: every tensor must be float32 or float64, of one dtype")
-    if x.dim() != 2 or any(s.dim() != 2 for s in states):
+    if x.dim() != 2 or states[0].dim() != 2 or states[-1].dim() != 2:
         raise RuntimeError(f"fastrnn numba {name}: x and the state must be 2-D")
     B, I = x.shape
     H = states[-1].shape[1]
     P = states[0].shape[1]
     GH = G * H
     w_ih, b_ih, w_hh, b_hh = weights[:4]
-    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or any(s.shape[0] != B for s in states)
+    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or states[0].shape[0] != B or states[-1].shape[0] != B
             or (b_ih is not None and b_ih.shape != (GH,)) or (b_hh is not None and b_hh.shape != (GH,))):
         raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {tuple(x.shape)}, w_ih "
                            f"{tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}, state {[tuple(s.shape) for s in states]}")
@@ -490,22 +491,28 @@ def _cell_addresses(name, x, weights, states, G):
         for t in (x, *weights, *states):
             if t is None:
                 addr.append(0)
-                continue
-            if t.dtype != dt or not t.is_cpu:
-                raise RuntimeError(f"every tensor must be float32 or float64, of one dtype, on the CPU: x is "
-                                   f"{dt}, another {t.dtype} on {t.device}")
-            if t.is_neg() or not t.is_contiguous():  # the kernels read the stored values, as they lie
-                t = t.resolve_neg().contiguous()
-                keep.append(t)
-            a = t.data_ptr()
-            if not a and t.numel():  # a ZeroTensor (autograd's): values without storage
-                t = torch.zeros(t.shape, dtype=dt)
-                keep.append(t)
-                a = t.data_ptr()
-            addr.append(a)
+            elif t.dtype == dt and t.is_cpu and t.is_contiguous() and not t.is_neg() and (a := t.data_ptr()):
+                addr.append(a)
+            else:
+                addr.append(_address_of_copy(t, dt, keep))
     except (RuntimeError, TypeError) as e:  # a sparse tensor, say
         raise RuntimeError(f"fastrnn numba {name}: {e}") from None
     return B, I, H, P, like, addr, keep
+
+
+def _address_of_copy(t, dt, keep):
+    """``_cell_addresses`` for a tensor the kernels cannot read as it is: another dtype or device (refused),
+    non-contiguous or with the negative bit (a contiguous copy of its values), a ZeroTensor (autograd's:
+    values without storage; zeros). The copy goes to ``keep``."""
+    if t.dtype != dt or not t.is_cpu:
+        raise RuntimeError(f"every tensor must be float32 or float64, of one dtype, on the CPU: x is "
+                           f"{dt}, another {t.dtype} on {t.device}")
+    if t.is_neg() or not t.is_contiguous():  # the kernels read the stored values, as they lie
+        t = t.resolve_neg().contiguous()
+    if not t.data_ptr() and t.numel():
+        t = torch.zeros(t.shape, dtype=dt)
+    keep.append(t)
+    return t.data_ptr()
 
 
 def _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
