@@ -18,7 +18,7 @@ FORK_BACKENDS = [b for b in ("numba", "cpp") if b in CPU_BACKENDS]
 
 def _case(backend):
     torch.manual_seed(0)
-    m = fastrnn.LSTM(64, 64, backend=backend)  # a size at which numba splits each step over threads
+    m = fastrnn.LSTM(64, 128, backend=backend)  # a size at which numba splits its calls over threads
     return m, torch.randn(20, 16, 64)
 
 

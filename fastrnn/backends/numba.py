@@ -55,6 +55,12 @@ def _np(t):
     return None if t is None else t.detach().numpy()
 
 
+def _rows(t):
+    """numpy view of a [T, B, N] tensor as the forward kernels take it: [T x B, N], a step's rows after the
+    step before's (a copy if it is not contiguous: the kernels only read such inputs)."""
+    return t.detach().numpy().reshape(-1, t.shape[-1])
+
+
 def _opt(t, ndim, like):
     """numpy view of an optional tensor; an empty array of the right rank when absent."""
     if t is None:
@@ -82,6 +88,11 @@ def _parts(rows, macs_per_row):
 
 def _sizes(lengths, T, B):
     return np.asarray(batch_sizes_from_lengths(lengths, T, B), dtype=np.int64)
+
+
+def _offsets(T, B):
+    """The first row of each step in the padded layout's T x B rows (the forward kernels' ``offs``)."""
+    return np.arange(0, T * B, B, dtype=np.int64) if B else np.zeros(T, np.int64)
 
 
 def _alloc(varlen):
@@ -151,9 +162,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         h_a, h_b = scratch[:B * P].reshape(B, P), scratch[B * P:2 * B * P].reshape(B, P)
         c = scratch[2 * B * P:].reshape(B, H)
         parts = _parts(B, GH * P)
-        _kernel(_lstm.lstm_fwd, parts)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
+        _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                 coupled,
-                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, parts, _np(y), _np(h_n),
+                                _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts, _rows(y),
+                                _np(h_n),
                                 _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
         return y, h_n, c_n, ws
 
@@ -194,8 +206,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
         parts = _parts(B, GH * H)
-        _kernel(_gru.gru_fwd, parts)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
-                              parts, _np(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
+        _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
+                              _offsets(T, B), reverse,
+                              parts, _rows(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
         return y, h_n, ws
 
     def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
@@ -373,27 +386,30 @@ class NumbaBackend(StepsFromSequence, Backend):
         _kernel(_rnn.rnn_cell, parts)(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", parts, like)
         return h_out
 
-    # ---- the contract's optional chunk entry: a dense sequence in inference, one call a layer-direction ---
+    # ---- the contract's optional chunk and packed entries: a sequence in inference, one call a layer-direction
     #: ``<f>_chunk_fwd`` takes any dense sequence: up to CELL_ROWS rows (T x B) as one fused cell call a step
     #: (~20 us of host work a step; the sequence kernel's host work and the separate input projection cost
     #: more only below this), beyond them the input projection by torch and the sequence kernel, called
     #: straight from the modules' fast path without the general path's Python (20-50 us of a call at batch
-    #: 1, benchmarks/NOTES.md, sixteenth session)
+    #: 1, benchmarks/NOTES.md, sixteenth session). ``<f>_packed_fwd`` runs the sequence kernel on a packed
+    #: sequence's rows as they lie (no padded copies of the input projection and the output).
     chunk_max_rows = math.inf
     CELL_ROWS = 4
 
     def _chunk(self, cell, check, seq, x, w_ih, b_ih, weights, state, reverse, options):
-        """``cell``: the fused cell entry, a call a step; ``seq(xw, H, P, like, addresses)``: the sequence
-        kernel's results (y, *final state) for the projected input, given the addresses of the tensors
-        after w_ih and b_ih, from ``check`` (the cell entry's checks, on the first step's input)."""
+        """``cell``: the fused cell entry, a call a step; ``seq(xw, H, P, like, addresses, sizes, T, B,
+        reverse, *options)``: the sequence kernel's results (y, *final state) for the projected input, given
+        the addresses of the tensors after w_ih and b_ih, from ``check`` (the cell entry's checks, on the
+        first step's input)."""
         if x.dim() != 3:
             raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
             _, _, H, P, like, addr, keep = check(x[0], w_ih, b_ih, *weights, *state, *options)
-            out = seq(torch.nn.functional.linear(x, w_ih, b_ih).contiguous(), H, P, like, addr[3:])
+            xw = torch.nn.functional.linear(x, w_ih, b_ih).contiguous().view(T * B, -1)  # [rows, G*H]
+            y, *finals = seq(xw, H, P, like, addr[3:], None, T, B, reverse, *options)
             del keep  # the contiguous copies the kernel read
-            return out
+            return (y.view(T, B, P), *finals)
         ys = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
             out = cell(x[t], w_ih, b_ih, *weights, *state, *options)
@@ -401,38 +417,88 @@ class NumbaBackend(StepsFromSequence, Backend):
             ys[t] = state[0]
         return (ys[0].unsqueeze(0) if T == 1 else torch.stack(ys), *state)
 
+    def _packed(self, name, check, seq, x, w_ih, b_ih, weights, state, reverse, options, lengths):
+        """``<f>_packed_fwd``: x [N, I] the rows of a packed sequence, ``lengths`` its rows' lengths (int64 on
+        the CPU, non-increasing), the state [B, ...] in the same order; ``seq`` as in ``_chunk``."""
+        if x.dim() != 2:
+            raise RuntimeError(f"fastrnn numba {name}: x must be [N, I] (packed rows), got {tuple(x.shape)}")
+        if lengths.dim() != 1 or lengths.dtype != torch.int64 or not lengths.is_cpu or not len(lengths):
+            raise RuntimeError(f"fastrnn numba {name}: lengths must be a non-empty 1-D int64 CPU tensor")
+        B, T = len(lengths), int(lengths[0])
+        bad = ((lengths < 1) | (lengths > T)).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            raise RuntimeError(f"fastrnn numba {name}: lengths[{i}] = {int(lengths[i])} is not in 1..{T}")
+        if B > 1 and bool((lengths[1:] > lengths[:-1]).any()):
+            raise RuntimeError(f"fastrnn numba {name}: lengths must be non-increasing, got {lengths.tolist()}")
+        N = int(lengths.sum())
+        if x.shape[0] != N:
+            raise RuntimeError(f"fastrnn numba {name}: x has {x.shape[0]} rows but the lengths sum to {N}")
+        _, _, H, P, like, addr, keep = check(x[:B], w_ih, b_ih, *weights, *state, *options)
+        sizes = (lengths > torch.arange(T).unsqueeze(1)).sum(1)  # rows at step t: a packed sequence's batch sizes
+        xw = torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+        out = seq(xw, H, P, like, addr[3:], sizes, T, B, reverse, *options)
+        del keep
+        return out
+
+    @staticmethod
+    def _lstm_rows(xw, H, P, like, a, sizes, T, B, reverse, coupled):
+        """The LSTM's sequence kernel on the rows of ``xw`` (a: the addresses of w_hh, b_hh, w_hr, w_ch, h0,
+        c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P], h_n, c_n). The kernel
+        writes by address: xw must be the [rows, G*H] matrix of the call's rows."""
+        assert xw.dim() == 2 and xw.is_contiguous()
+        y, h_n, c_n = xw.new_empty(xw.shape[0], P), xw.new_empty(B, P), xw.new_empty(B, H)
+        parts = _parts(B, xw.shape[1] * P)
+        _kernel(_lstm.lstm_seq_at, parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(),
+                                          c_n.data_ptr(), 0 if sizes is None else sizes.data_ptr(), T, B, H, P,
+                                          bool(reverse), parts, like)
+        return y, h_n, c_n
+
+    @staticmethod
+    def _gru_rows(xw, H, P, like, a, sizes, T, B, reverse):
+        """``_lstm_rows`` for the GRU (a: w_hh, b_hh, h0)."""
+        assert xw.dim() == 2 and xw.is_contiguous()
+        y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
+        parts = _parts(B, xw.shape[1] * H)
+        _kernel(_gru.gru_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
+                                        0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse), parts, like)
+        return y, h_n
+
+    @staticmethod
+    def _rnn_rows(xw, H, P, like, a, sizes, T, B, reverse, nonlinearity):
+        """``_lstm_rows`` for the RNN (a: w_hh, b_hh, h0)."""
+        assert xw.dim() == 2 and xw.is_contiguous()
+        y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
+        parts = _parts(B, H * H)
+        _kernel(_rnn.rnn_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
+                                        0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
+                                        nonlinearity == "relu", parts, like)
+        return y, h_n
+
     def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):
-        def seq(xw, H, P, like, a):  # a: w_hh, b_hh, w_hr, w_ch, h0, c0
-            T, B, GH = xw.shape
-            y, h_n, c_n = xw.new_empty(T, B, P), xw.new_empty(B, P), xw.new_empty(B, H)
-            parts = _parts(B, GH * P)
-            _kernel(_lstm.lstm_seq_at, parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(),
-                                              h_n.data_ptr(), c_n.data_ptr(), T, B, H, P, bool(reverse), parts, like)
-            return y, h_n, c_n
-        return self._chunk(self.lstm_cell_fwd, functools.partial(_lstm_addresses, "lstm_chunk_fwd"), seq, x, w_ih,
-                           b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
+        return self._chunk(self.lstm_cell_fwd, functools.partial(_lstm_addresses, "lstm_chunk_fwd"), self._lstm_rows,
+                           x, w_ih, b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
 
     def gru_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse):
-        def seq(xw, H, P, like, a):  # a: w_hh, b_hh, h0
-            T, B, GH = xw.shape
-            y, h_n = xw.new_empty(T, B, H), xw.new_empty(B, H)
-            parts = _parts(B, GH * H)
-            _kernel(_gru.gru_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(), T, B, H, bool(reverse),
-                                            parts, like)
-            return y, h_n
-        return self._chunk(self.gru_cell_fwd, functools.partial(_gru_checks, "gru_chunk_fwd"), seq, x, w_ih, b_ih,
-                           (w_hh, b_hh), (h0,), reverse, ())
+        return self._chunk(self.gru_cell_fwd, functools.partial(_gru_checks, "gru_chunk_fwd"), self._gru_rows, x, w_ih,
+                           b_ih, (w_hh, b_hh), (h0,), reverse, ())
 
     def rnn_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity):
-        def seq(xw, H, P, like, a):  # a: w_hh, b_hh, h0
-            T, B, _ = xw.shape
-            y, h_n = xw.new_empty(T, B, H), xw.new_empty(B, H)
-            parts = _parts(B, H * H)
-            _kernel(_rnn.rnn_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(), T, B, H, bool(reverse),
-                                            nonlinearity == "relu", parts, like)
-            return y, h_n
-        return self._chunk(self.rnn_cell_fwd, functools.partial(_rnn_checks, "rnn_chunk_fwd"), seq, x, w_ih, b_ih,
-                           (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
+        return self._chunk(self.rnn_cell_fwd, functools.partial(_rnn_checks, "rnn_chunk_fwd"), self._rnn_rows, x, w_ih,
+                           b_ih, (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
+
+    def lstm_packed_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled, lengths):
+        return self._packed("lstm_packed_fwd", functools.partial(_lstm_addresses, "lstm_packed_fwd"),
+                            self._lstm_rows, x, w_ih, b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,),
+                            lengths)
+
+    def gru_packed_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, lengths):
+        return self._packed("gru_packed_fwd", functools.partial(_gru_checks, "gru_packed_fwd"), self._gru_rows, x,
+                            w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, (), lengths)
+
+    def rnn_packed_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths):
+        return self._packed("rnn_packed_fwd", functools.partial(_rnn_checks, "rnn_packed_fwd"), self._rnn_rows, x,
+                            w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, (nonlinearity,), lengths)
 
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
@@ -442,8 +508,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
         parts = _parts(B, H * H)
-        _kernel(_rnn.rnn_fwd, parts)(_np(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B), reverse,
-                              nonlinearity == "relu", parts, _np(y), _np(h_n), h_a, h_b)
+        _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
+                              _offsets(T, B), reverse,
+                              nonlinearity == "relu", parts, _rows(y), _np(h_n), h_a, h_b)
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):

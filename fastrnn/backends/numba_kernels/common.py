@@ -213,6 +213,30 @@ def final_h(y, sizes, reverse, h_n):
 
 
 @numba.njit(**JIT)
+def row_offsets(sizes):
+    """The first row of each step in a sequence's rows laid out step after step (the padded layout's T x B
+    rows, sizes all B, or a PackedSequence's rows, sizes its batch sizes)."""
+    offs = np.empty(sizes.shape[0], np.int64)
+    r = 0
+    for t in range(sizes.shape[0]):
+        offs[t] = r
+        r += sizes[t]
+    return offs
+
+
+@numba.njit(**JIT)
+def final_rows(y, sizes, offs, reverse, h_n):
+    """``final_h`` for an output laid out as rows (``row_offsets``): h_n[b] = row b of its last step."""
+    T = sizes.shape[0]
+    for b in range(h_n.shape[0]):
+        last = 0 if reverse else T - 1
+        if not reverse:
+            while sizes[last] <= b:
+                last -= 1
+        h_n[b, :] = y[offs[last] + b, :]
+
+
+@numba.njit(**JIT)
 def fill_h_prev(t, n, reverse, sizes, h0, y, h_prev):
     """h_prev[t, b] = the recurrent input of step t for rows [0, n): h0 at a row's first step, else y[t-1]."""
     T = y.shape[0]

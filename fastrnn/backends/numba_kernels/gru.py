@@ -9,19 +9,20 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import JIT, at, fill_h_prev, final_h, mm_nt, project_units, sigmoid_, split, tanh_
+from .common import JIT, at, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, sigmoid_, split, tanh_
 from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
-    """Units [lo, hi) of rows [0, n) (loops over views from 0: see lstm._pointwise_fwd)."""
+def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
+    """Units [lo, hi) of rows [0, n), the step's input projection rows r0 .. r0 + n of xw (loops over views
+    from 0: see lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
         g_t = gates[st, b]
-        x_t = xw[t, b]
+        x_t = xw[r0 + b]
         gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
         xr, xz, xn = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi]
         hn = hn_all[st, b, lo:hi]
@@ -48,10 +49,11 @@ def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_a, h_b):
+def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_all, h_a, h_b):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers
-    (team.py): part p is a block of units, their gate rows of W_hh, pointwise pass and columns of y."""
-    T = xw.shape[0]
+    (team.py): part p is a block of units, their gate rows of W_hh, pointwise pass and columns of y. xw
+    [rows, 3H] and y [rows, H] as rows (see lstm.lstm_fwd)."""
+    T = sizes.shape[0]
     H = h0.shape[1]
     h_a[:, :] = h0
     h_b[:, :] = h0
@@ -68,22 +70,24 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, reverse, parts, y, h_n, gates, hn_all, h_
                     lo, hi = split(H, parts, p)
                     for k in range(3):
                         mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
-                    _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
+                    _pointwise_fwd(offs[t], st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
                     for b in range(n):
-                        y[t, b, lo:hi] = dst[b, lo:hi]
+                        y[offs[t] + b, lo:hi] = dst[b, lo:hi]
                     team_done(sync, p, s)
                     p = team_next(sync, parts, w, s)
-    final_h(y, sizes, reverse, h_n)
+    final_rows(y, sizes, offs, reverse, h_n)
 
 
 @numba.njit(**JIT)
-def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, T, B, H, reverse, parts, like):
-    """``gru_fwd`` for a dense sequence in inference, on tensors given by address (see lstm.lstm_seq_at)."""
-    xw, w_hh = at(a_xw, (T, B, 3 * H), like), at(a_w_hh, (3 * H, H), like)
+def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, like):
+    """``gru_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
+    sizes = at(a_sizes, (T,), np.empty(0, np.int64)).copy() if a_sizes else np.full(T, B, np.int64)
+    rows = sizes.sum()
+    xw, w_hh = at(a_xw, (rows, 3 * H), like), at(a_w_hh, (3 * H, H), like)
     b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)
-    h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (T, B, H), like), at(a_h_n, (B, H), like)
+    h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
-    gru_fwd(xw, w_hh, b_hh, h0, np.full(T, B, np.int64), reverse, parts, y, h_n, np.empty((1, B, 3 * H), dt),
+    gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, np.empty((1, B, 3 * H), dt),
             np.empty((1, B, H), dt), np.empty((B, H), dt), np.empty((B, H), dt))
 
 
@@ -144,11 +148,11 @@ def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, li
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
     b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
-    xw, gates = np.empty((1, B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype)
+    xw, gates = np.empty((B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype)
     hn = np.empty((1, B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
         for k in range(3):
-            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
             mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
         _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)

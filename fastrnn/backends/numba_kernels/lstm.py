@@ -10,15 +10,17 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import JIT, at, fill_h_prev, final_h, first_step, mm_nt, prev_t, project_units, sigmoid_, split, tanh_
+from .common import (JIT, at, fill_h_prev, final_rows, first_step, mm_nt, prev_t, project_units, row_offsets, sigmoid_,
+                     split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
+def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
     """Gates of units [lo, hi) for rows [0, n): raw recurrent products in gates[st] -> activations;
-    updates c in place, writes c_t to c_all[st] and the (pre-projection) output to hout. (st is the
-    workspace slot of step t: t itself when the forward saves for a backward, else 0.)
+    updates c in place, writes c_t to c_all[st] and the (pre-projection) output to hout. The step's
+    input projection is rows r0 .. r0 + n of xw [rows, G*H]; st is the workspace slot of the step: the
+    step itself when the forward saves for a backward, else 0.
 
     Every loop runs over views from 0 to their length: indices that numba cannot prove non-negative
     get a wrap-around check that keeps LLVM from vectorizing the loop.
@@ -30,7 +32,7 @@ def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
         g_t = gates[st, b]
-        x_t = xw[t, b]
+        x_t = xw[r0 + b]
         for k in range(G):
             gk = g_t[k * H + lo:k * H + hi]
             xk = x_t[k * H + lo:k * H + hi]
@@ -80,12 +82,16 @@ def _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts, y, h_n, c_n, gates, c_all, hfull,
-             h_a, h_b, c):
+def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, parts, y, h_n, c_n, gates, c_all,
+             hfull, h_a, h_b, c):
     """Whole-sequence forward of one layer-direction; see fastrnn.backends for the contract. Its steps are
     split over a team of ``parts`` workers (team.py): part p is a block of hidden units (their gate rows of
     W_hh, pointwise pass and cell state) and, with a projection, a second phase a step for a block of
     output columns (their rows of W_hr); each part writes its own columns of y.
+
+    xw [rows, G*H] and y [rows, P]: the input projection and the output as rows, step t's sizes[t] rows
+    from row offs[t]: the padded layout's T x B rows (offs[t] = t x B), or a PackedSequence's rows
+    (``row_offsets``).
 
     gates, c_all, hfull: the workspace, [T, ...] to keep every step for the backward, or [1, ...] to
     reuse one slot (inference).
@@ -93,7 +99,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
     c: [B, H] cell state (each unit is read and written by one part only).
     """
-    T = xw.shape[0]
+    T = sizes.shape[0]
     H = c0.shape[1]
     P = h0.shape[1]
     G = 3 if coupled else 4
@@ -117,10 +123,10 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
                     lo, hi = split(H, parts, p)
                     for k in range(G):
                         mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
-                    _pointwise_fwd(t, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+                    _pointwise_fwd(offs[t], st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
                     if not proj:
                         for b in range(n):
-                            y[t, b, lo:hi] = dst[b, lo:hi]
+                            y[offs[t] + b, lo:hi] = dst[b, lo:hi]
                     team_done(sync, p, ph)
                     p = team_next(sync, parts, w, ph)
                 if proj:
@@ -129,29 +135,32 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, reverse, parts,
                         lo, hi = split(P, parts, p)
                         mm_nt(hfull[st], n, w_hr, dst, lo, hi, False)
                         for b in range(n):
-                            y[t, b, lo:hi] = dst[b, lo:hi]
+                            y[offs[t] + b, lo:hi] = dst[b, lo:hi]
                         team_done(sync, p, ph + 1)
                         p = team_next(sync, parts, w, ph + 1)
-    final_h(y, sizes, reverse, h_n)
+    final_rows(y, sizes, offs, reverse, h_n)
     c_n[:, :] = c  # rows stop updating c after their last step
 
 
 @numba.njit(**JIT)
-def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, a_h_n, a_c_n, T, B, H, P, reverse,
-                parts, like):
-    """``lstm_fwd`` for a dense sequence in inference (the chunk entry), on tensors given by address (see
-    rnn.rnn_cell; 0 for an absent bias, w_hr or w_ch): its workspace and state buffers are made here, so
-    the host passes integers, not ~20 numpy views (~40 us a call, benchmarks/NOTES.md, seventeenth
+def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, a_h_n, a_c_n, a_sizes, T, B, H, P,
+                reverse, parts, like):
+    """``lstm_fwd`` in inference (the chunk and packed entries), on tensors given by address (see
+    rnn.rnn_cell; 0 for an absent bias, w_hr or w_ch): a dense sequence's T x B rows, or with ``a_sizes``
+    (int64 [T], non-increasing) a packed sequence's rows. Its workspace and state buffers are made here,
+    so the host passes integers, not ~20 numpy views (~40 us a call, benchmarks/NOTES.md, seventeenth
     session)."""
     G = 3 if coupled else 4
-    xw, w_hh = at(a_xw, (T, B, G * H), like), at(a_w_hh, (G * H, P), like)
+    sizes = at(a_sizes, (T,), np.empty(0, np.int64)).copy() if a_sizes else np.full(T, B, np.int64)
+    rows = sizes.sum()
+    xw, w_hh = at(a_xw, (rows, G * H), like), at(a_w_hh, (G * H, P), like)
     b_hh = at(a_b_hh, (G * H if a_b_hh else 0,), like)
     w_hr = at(a_w_hr, (P, H) if a_w_hr else (0, 0), like)
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h0, c0 = at(a_h0, (B, P), like), at(a_c0, (B, H), like)
-    y, h_n, c_n = at(a_y, (T, B, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
+    y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
     dt = like.dtype
-    lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, np.full(T, B, np.int64), reverse, parts, y, h_n, c_n,
+    lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
              np.empty((1, B, G * H), dt), np.empty((1, B, H), dt), np.empty((1, B, H) if a_w_hr else (0, 0, 0), dt),
              np.empty((B, P), dt), np.empty((B, P), dt), np.empty((B, H), dt))
 
@@ -273,7 +282,7 @@ def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h,
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h, c = at(a_h, (B, P), like), at(a_c, (B, H), like)
     h_out, c_out = at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
-    xw, gates = np.empty((1, B, G * H), like.dtype), np.empty((1, B, G * H), like.dtype)
+    xw, gates = np.empty((B, G * H), like.dtype), np.empty((1, B, G * H), like.dtype)
     hfull = np.empty((B, H) if a_w_hr else (0, 0), like.dtype)
     hout = hfull if a_w_hr else h_out
     c_all = c_out.reshape((1, B, H))
@@ -283,7 +292,7 @@ def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h,
             for u in range(lo, hi):
                 c_out[b, u] = c[b, u]
         for k in range(G):
-            project_units(x, B, w_ih, b_ih, xw[0], k * H + lo, k * H + hi)
+            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
             mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
         _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c_out, c_all, hout)
     if a_w_hr:

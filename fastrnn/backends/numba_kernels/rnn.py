@@ -5,18 +5,19 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import JIT, at, fill_h_prev, final_h, mm_nt, project_units, split, tanh_
+from .common import JIT, at, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, split, tanh_
 from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst):
-    """Units [lo, hi) of rows [0, n) (loops over views from 0: see lstm._pointwise_fwd)."""
+def _pointwise_fwd(r0, n, lo, hi, xw, b_hh, relu, dst):
+    """Units [lo, hi) of rows [0, n), the step's input projection rows r0 .. r0 + n of xw (loops over views
+    from 0: see lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
     zero = xw.dtype.type(0)
     m = hi - lo
     for b in range(n):
-        d, x = dst[b, lo:hi], xw[t, b, lo:hi]
+        d, x = dst[b, lo:hi], xw[r0 + b, lo:hi]
         if has_b:
             bb = b_hh[lo:hi]
             for u in range(m):
@@ -34,10 +35,11 @@ def _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst):
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_fwd(xw, w_hh, b_hh, h0, sizes, reverse, relu, parts, y, h_n, h_a, h_b):
+def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, h_b):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers (see
-    team.py): part p is a block of units, its product, pointwise pass and its columns of y."""
-    T = xw.shape[0]
+    team.py): part p is a block of units, its product, pointwise pass and its columns of y. xw [rows, H] and
+    y [rows, H] as rows (see lstm.lstm_fwd)."""
+    T = sizes.shape[0]
     H = h0.shape[1]
     h_a[:, :] = h0
     h_b[:, :] = h0
@@ -52,20 +54,22 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, reverse, relu, parts, y, h_n, h_a, h_b):
                 while p >= 0:
                     lo, hi = split(H, parts, p)
                     mm_nt(src, n, w_hh, dst, lo, hi, False)
-                    _pointwise_fwd(t, n, lo, hi, xw, b_hh, relu, dst)
+                    _pointwise_fwd(offs[t], n, lo, hi, xw, b_hh, relu, dst)
                     for b in range(n):
-                        y[t, b, lo:hi] = dst[b, lo:hi]
+                        y[offs[t] + b, lo:hi] = dst[b, lo:hi]
                     team_done(sync, p, s)
                     p = team_next(sync, parts, w, s)
-    final_h(y, sizes, reverse, h_n)
+    final_rows(y, sizes, offs, reverse, h_n)
 
 
 @numba.njit(**JIT)
-def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, T, B, H, reverse, relu, parts, like):
-    """``rnn_fwd`` for a dense sequence in inference, on tensors given by address (see lstm.lstm_seq_at)."""
-    xw, w_hh, b_hh = at(a_xw, (T, B, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
-    h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (T, B, H), like), at(a_h_n, (B, H), like)
-    rnn_fwd(xw, w_hh, b_hh, h0, np.full(T, B, np.int64), reverse, relu, parts, y, h_n, np.empty((B, H), like.dtype),
+def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, like):
+    """``rnn_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
+    sizes = at(a_sizes, (T,), np.empty(0, np.int64)).copy() if a_sizes else np.full(T, B, np.int64)
+    rows = sizes.sum()
+    xw, w_hh, b_hh = at(a_xw, (rows, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
+    h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
+    rnn_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, relu, parts, y, h_n, np.empty((B, H), like.dtype),
             np.empty((B, H), like.dtype))
 
 
@@ -107,9 +111,9 @@ def rnn_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, par
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (H, I), like), at(a_w_hh, (H, H), like)
     b_ih, b_hh = at(a_b_ih, (H if a_b_ih else 0,), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
-    xw = np.empty((1, B, H), like.dtype)
+    xw = np.empty((B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        project_units(x, B, w_ih, b_ih, xw[0], lo, hi)
+        project_units(x, B, w_ih, b_ih, xw, lo, hi)
         mm_nt(h, B, w_hh, h_out, lo, hi, False)
         _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
