@@ -33,6 +33,25 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
     for b in range(n):
         g_t = gates[st, b]
         x_t = xw[r0 + b]
+        if has_b and not peep and not coupled:  # the plain cell: one pass over the units (~2x faster at H64)
+            gi, gf, gg, go = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi], g_t[3 * H + lo:3 * H + hi]
+            xi, xf, xg, xo = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi], x_t[3 * H + lo:3 * H + hi]
+            bi, bf, bg, bo = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi], b_hh[3 * H + lo:3 * H + hi]
+            cb, ca, hb = c[b, lo:hi], c_all[st, b, lo:hi], hout[b, lo:hi]
+            for u in range(m):
+                i = sigmoid_(gi[u] + (xi[u] + bi[u]))
+                f = sigmoid_(gf[u] + (xf[u] + bf[u]))
+                g = tanh_(gg[u] + (xg[u] + bg[u]))
+                o = sigmoid_(go[u] + (xo[u] + bo[u]))
+                cc = f * cb[u] + i * g
+                gi[u] = i
+                gf[u] = f
+                gg[u] = g
+                go[u] = o
+                cb[u] = cc
+                ca[u] = cc
+                hb[u] = o * tanh_(cc)
+            continue
         for k in range(G):
             gk = g_t[k * H + lo:k * H + hi]
             xk = x_t[k * H + lo:k * H + hi]
