@@ -27,8 +27,11 @@ The kernel's loop over a step's phases (a phase: what one barrier closes) is::
 """
 from __future__ import annotations
 
+import platform
+
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -37,10 +40,15 @@ from .common import JIT
 
 #: int64 slots between two counters: 128 bytes, so that no two share a line or an adjacent-line prefetch
 LINE = 16
-#: spins of the first phase's wait before a waiting worker takes over a part that nobody has claimed:
-#: ~1-4 ms here (a spin is ~0.2-1 ns), well past the ~10-100 us an idle thread of the region takes to wake
-#: (a worker that starts later than that finds its part taken, and the call runs on fewer threads)
-STEAL_SPINS = 1 << 22
+#: spins of a wait before each further spin also yields the CPU (a spin pauses, ~25 ns here: ~50 us), as
+#: the C++ backend's barrier: a worker whose partner lost its CPU (to torch's spinning threads, or to the
+#: host of a virtual machine) gives its own back instead of burning it
+YIELD_SPINS = 2000
+#: spins of the first phase's wait before a waiting worker takes over a part that nobody has claimed: ~1 ms
+#: here with the yields, well past the ~10-100 us an idle thread of the region takes to wake (a worker that
+#: starts later than that finds its part taken, and the call runs on fewer threads)
+STEAL_SPINS = 1 << 12
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def _slot(context, builder, aryty, ary, idx):
@@ -90,6 +98,29 @@ def _compare_exchange(typingctx, arr, idx, expected, new):
     return types.boolean(arr, idx, expected, new), codegen
 
 
+@intrinsic
+def _relax(typingctx):
+    """One spin of a wait: x86's pause (the spinning core yields its pipeline to a sibling and does not
+    flood the line it reads), nothing on other machines."""
+    def codegen(context, builder, sig, args):
+        if X86:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    """sched_yield(): the thread gives its CPU to another that is ready to run (libc, found by name)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
 @numba.njit(**JIT)
 def team_sync(parts):
     """The team's counters: part p's owner (0 while unclaimed, else its worker + 1) and the phases it has
@@ -120,7 +151,10 @@ def team_next(sync, parts, w, ph):
     for q in range(parts):
         spins = 0
         while _load_acquire(sync, (2 * q + 1) * LINE) <= ph:
+            _relax()
             spins += 1
+            if spins > YIELD_SPINS:
+                _yield_cpu()
             if ph == 0 and spins > STEAL_SPINS and _load_acquire(sync, 2 * LINE * q) == 0:
                 if _compare_exchange(sync, 2 * LINE * q, 0, w + 1):
                     return q
