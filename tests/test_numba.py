@@ -22,7 +22,7 @@ def test_kernels_are_compiled_nopython():
         old = nb.BACKEND.set_parallel_min_macs(min_macs)
         try:
             for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
-                m = cls(4, 6, backend="numba")
+                m = cls(4, 40, backend="numba")  # 40 units: a team of up to three parts of 16
                 m(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
                 with torch.no_grad():  # inference: the chunk entry's <f>_seq_at (6 rows)
                     m(torch.randn(3, 2, 4))

@@ -4,6 +4,7 @@ one kernel call a step with the input projection inside, taken by the modules' f
 Values against torch.nn (the variants against the reference backend), fp64 and fp32, the fast path alone."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,28 @@ def test_packed_op_checks():
         nb.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, lengths.int())
     with pytest.raises(RuntimeError, match="gru_packed_fwd: shapes do not fit"):  # the state's batch
         nb.gru_packed_fwd(x, w_ih, None, w_hh, None, torch.zeros(3, 10), False, lengths)
+
+
+def test_sequence_entries_project_in_the_inputs_dtype_under_autocast():
+    """The chunk and packed entries read their input projection by address as x's dtype: under CPU autocast
+    (the ops are public; the modules turn autocast off themselves) it is still made in x's dtype, and a
+    projection of another dtype or shape is refused before any kernel reads it."""
+    nb = dispatch.get("numba")
+    g = torch.Generator().manual_seed(0)
+    w_ih, w_hh, h = torch.randn(12, 5, generator=g), torch.randn(12, 4, generator=g), torch.zeros(3, 4)
+    x, lengths = torch.randn(6, 3, 5, generator=g), torch.tensor([6, 4, 1])
+    rows = torch.randn(11, 5, generator=g)
+    want = nb.gru_chunk_fwd(x, w_ih, None, w_hh, None, h, False)
+    want_packed = nb.gru_packed_fwd(rows, w_ih, None, w_hh, None, h, False, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nb.gru_chunk_fwd(x, w_ih, None, w_hh, None, h, False)
+        got_packed = nb.gru_packed_fwd(rows, w_ih, None, w_hh, None, h, False, lengths)
+    for a, b in zip((*got, *got_packed), (*want, *want_packed)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    like = np.empty(0, np.float32)
+    for bad in (torch.randn(18, 12).bfloat16(), torch.randn(18, 9), torch.randn(12, 18).t()):
+        with pytest.raises(RuntimeError, match="the input projection must be a contiguous"):
+            nb._gru_rows(bad, 4, 4, like, [0, 0, 0], None, 6, 3, False)
 
 
 def test_the_chunk_path_alone(monkeypatch):

@@ -30,17 +30,19 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     _SERIAL = {}
     _IMPORT_ERROR = e
 
-# a step's GEMM must have at least this many multiply-adds before it is split over threads: each step then
-# opens a parallel region (~2-3 us). Or a row's must have 3/8 of it (a weight matrix of 3/4 MiB in float32):
-# one thread then reads the whole of it each step, and the other thread's half of that read pays for the
-# region at batch 1 already (benchmarks/NOTES.md, "numba's split threshold", seventeenth session)
+# a step's GEMM must have at least this many multiply-adds before it is split over threads (a parallel
+# region a step, ~2-3 us, or a team's wait a step, see _parts). Or a row's must have 3/8 of it (a weight
+# matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other thread's
+# half of that read pays for the split at batch 1 already (benchmarks/NOTES.md, "numba's split threshold",
+# seventeenth session)
 PARALLEL_MIN_MACS = 1 << 19
 
 
 
 def _kernel(fn, parts):
-    """The compiled kernel ``fn`` (``parallel=True``) for a call split in ``parts`` > 1, else its serial
-    twin: the same code compiled without ``parallel`` (each ``prange`` a plain loop). A ``prange`` over one
+    """The compiled kernel ``fn`` (``parallel=True``, or an entry that calls such kernels) for a call split
+    in ``parts`` > 1, else its serial twin: the same code compiled without ``parallel`` (each ``prange`` a
+    plain loop, the kernels it calls their twins). A ``prange`` over one
     part still opens a parallel region, ~2 us a step: a whole step at batch 1 and H=64 (benchmarks/NOTES.md,
     "numba's sequences on one thread"). In a process forked after its parent ran numba's GNU OpenMP layer
     (``_common.FORKED_UNDER_GNU_OMP``: DataLoader workers, Hogwild-style training) ``_parts`` is always 1,
@@ -55,9 +57,12 @@ def _np(t):
     return None if t is None else t.detach().numpy()
 
 
-def _rows(t):
+def _rows(t, out=False):
     """numpy view of a [T, B, N] tensor as the forward kernels take it: [T x B, N], a step's rows after the
-    step before's (a copy if it is not contiguous: the kernels only read such inputs)."""
+    step before's. An input that is not contiguous is copied (the kernels only read it); an output must be
+    a view (``out``: torch's view raises otherwise)."""
+    if out:
+        return t.detach().view(-1, t.shape[-1]).numpy()
     return t.detach().numpy().reshape(-1, t.shape[-1])
 
 
@@ -68,17 +73,20 @@ def _opt(t, ndim, like):
     return t.detach().numpy()
 
 
-def _parts(rows, macs_per_row):
+def _parts(rows, macs_per_row, units=None):
     """How many threads split a call: all of torch's threads when a step's GEMM has enough work to pay for
     the split, else one. The split costs a parallel region a step in the kernels that open one a step (the
     backward kernels, the cells, the options' kernels: ~2-3 us), and one region a call plus a cache-line
     transfer a step in the teams of the sequence forwards (team.py). Either way the second thread also
     competes with torch's own threads, which spin for a while after each torch op (the input projection):
     below the threshold one thread was as fast or faster in either form (benchmarks/NOTES.md, "numba's
-    split threshold", seventeenth session)."""
+    split threshold", seventeenth session). ``units``: a team's parts are blocks of at least 16 units
+    (``split``) and each waits for all the others every step, so a team has no more parts than blocks."""
     if rows * macs_per_row < PARALLEL_MIN_MACS and 8 * macs_per_row < 3 * PARALLEL_MIN_MACS:
         return 1
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if units is not None:
+        threads = min(threads, -(-units // 16))
     if threads > 1 and not _common.FORKED_UNDER_GNU_OMP:
         if numba.get_num_threads() != threads:
             numba.set_num_threads(threads)
@@ -161,11 +169,11 @@ class NumbaBackend(StepsFromSequence, Backend):
         scratch = torch.empty(2 * B * P + B * H, dtype=xw.dtype).numpy()
         h_a, h_b = scratch[:B * P].reshape(B, P), scratch[B * P:2 * B * P].reshape(B, P)
         c = scratch[2 * B * P:].reshape(B, H)
-        parts = _parts(B, GH * P)
+        parts = _parts(B, GH * P, max(H, P))
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                 coupled,
-                                _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts, _rows(y),
-                                _np(h_n),
+                                _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts,
+                                _rows(y, out=True), _np(h_n),
                                 _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
         return y, h_n, c_n, ws
 
@@ -205,10 +213,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
-        parts = _parts(B, GH * H)
+        parts = _parts(B, GH * H, H)
         _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
-                              parts, _rows(y), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
+                              parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
         return y, h_n, ws
 
     def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
@@ -406,7 +414,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
             _, _, H, P, like, addr, keep = check(x[0], w_ih, b_ih, *weights, *state, *options)
-            xw = torch.nn.functional.linear(x, w_ih, b_ih).contiguous().view(T * B, -1)  # [rows, G*H]
+            xw = _project(x, w_ih, b_ih).view(T * B, -1)  # [rows, G*H]
             y, *finals = seq(xw, H, P, like, addr[3:], None, T, B, reverse, *options)
             del keep  # the contiguous copies the kernel read
             return (y.view(T, B, P), *finals)
@@ -435,9 +443,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         if x.shape[0] != N:
             raise RuntimeError(f"fastrnn numba {name}: x has {x.shape[0]} rows but the lengths sum to {N}")
         _, _, H, P, like, addr, keep = check(x[:B], w_ih, b_ih, *weights, *state, *options)
-        sizes = (lengths > torch.arange(T).unsqueeze(1)).sum(1)  # rows at step t: a packed sequence's batch sizes
-        xw = torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
-        out = seq(xw, H, P, like, addr[3:], sizes, T, B, reverse, *options)
+        sizes = (lengths > torch.arange(T, device="cpu").unsqueeze(1)).sum(1)  # a packed sequence's batch sizes
+        out = seq(_project(x, w_ih, b_ih), H, P, like, addr[3:], sizes, T, B, reverse, *options)
         del keep
         return out
 
@@ -446,9 +453,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         """The LSTM's sequence kernel on the rows of ``xw`` (a: the addresses of w_hh, b_hh, w_hr, w_ch, h0,
         c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P], h_n, c_n). The kernel
         writes by address: xw must be the [rows, G*H] matrix of the call's rows."""
-        assert xw.dim() == 2 and xw.is_contiguous()
+        _check_rows(xw, 3 * H if coupled else 4 * H, like)
         y, h_n, c_n = xw.new_empty(xw.shape[0], P), xw.new_empty(B, P), xw.new_empty(B, H)
-        parts = _parts(B, xw.shape[1] * P)
+        parts = _parts(B, xw.shape[1] * P, max(H, P))
         _kernel(_lstm.lstm_seq_at, parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(),
                                           c_n.data_ptr(), 0 if sizes is None else sizes.data_ptr(), T, B, H, P,
                                           bool(reverse), parts, like)
@@ -457,9 +464,9 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def _gru_rows(xw, H, P, like, a, sizes, T, B, reverse):
         """``_lstm_rows`` for the GRU (a: w_hh, b_hh, h0)."""
-        assert xw.dim() == 2 and xw.is_contiguous()
+        _check_rows(xw, 3 * H, like)
         y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
-        parts = _parts(B, xw.shape[1] * H)
+        parts = _parts(B, xw.shape[1] * H, H)
         _kernel(_gru.gru_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                         0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse), parts, like)
         return y, h_n
@@ -467,9 +474,9 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def _rnn_rows(xw, H, P, like, a, sizes, T, B, reverse, nonlinearity):
         """``_lstm_rows`` for the RNN (a: w_hh, b_hh, h0)."""
-        assert xw.dim() == 2 and xw.is_contiguous()
+        _check_rows(xw, H, like)
         y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
-        parts = _parts(B, H * H)
+        parts = _parts(B, H * H, H)
         _kernel(_rnn.rnn_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                         0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
                                         nonlinearity == "relu", parts, like)
@@ -507,10 +514,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
-        parts = _parts(B, H * H)
+        parts = _parts(B, H * H, H)
         _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
-                              nonlinearity == "relu", parts, _rows(y), _np(h_n), h_a, h_b)
+                              nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b)
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):
@@ -529,6 +536,7 @@ class NumbaBackend(StepsFromSequence, Backend):
 
 #: an empty array of each dtype the fused cells take: it gives the kernels their element type
 _LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def _cell_addresses(name, x, weights, states, G):
@@ -567,6 +575,20 @@ def _cell_addresses(name, x, weights, states, G):
     return B, I, H, P, like, addr, keep
 
 
+def _project(x, w_ih, b_ih):
+    """The input projection of a chunk or packed call's rows, in x's dtype whatever autocast is on (the
+    kernels read it by address as that dtype)."""
+    with torch.autocast("cpu", enabled=False):
+        return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+
+
+def _check_rows(xw, GH, like):
+    """Before a sequence kernel reads ``xw`` by address: a contiguous [rows, G*H] matrix of the kernel's dtype."""
+    if xw.dim() != 2 or xw.shape[1] != GH or not xw.is_contiguous() or xw.dtype != _DTYPE[like.dtype.type]:
+        raise RuntimeError(f"fastrnn numba: the input projection must be a contiguous [rows, {GH}] matrix of "
+                           f"{_DTYPE[like.dtype.type]}, got {tuple(xw.shape)} {xw.dtype}")
+
+
 def _address_of_copy(t, dt, keep):
     """``_cell_addresses`` for a tensor the kernels cannot read as it is: another dtype or device (refused),
     non-contiguous or with the negative bit (a contiguous copy of its values), a ZeroTensor (autograd's:
@@ -577,7 +599,7 @@ def _address_of_copy(t, dt, keep):
     if t.is_neg() or not t.is_contiguous():  # the kernels read the stored values, as they lie
         t = t.resolve_neg().contiguous()
     if not t.data_ptr() and t.numel():
-        t = torch.zeros(t.shape, dtype=dt)
+        t = torch.zeros(t.shape, dtype=dt, device="cpu")
     keep.append(t)
     return t.data_ptr()
 

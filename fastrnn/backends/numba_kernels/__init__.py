@@ -1,7 +1,8 @@
 """Numba kernels of the numba backend: one file per cell family, shared pieces in ``common``.
 
-Every kernel runs the whole time loop of one layer-direction. Per step it runs one parallel region
-over slices of hidden units: each thread computes the recurrent GEMM rows of its units for all gates
-(``common.mm_nt``) and then the fused pointwise pass for those units, so a step reads W_hh once and
-touches every gate value once. Only ``numba`` and ``numpy`` are needed (no BLAS from SciPy).
+Every kernel runs the whole time loop of one layer-direction, split over threads by slices of hidden
+units: each thread computes the recurrent GEMM rows of its units for all gates (``common.mm_nt``) and then
+the fused pointwise pass for those units, so a step reads W_hh once and touches every gate value once. The
+sequence forwards run a call in one parallel region (a team, ``team``); the backward kernels and the
+cells open one a step. Only ``numba`` and ``numpy`` are needed (no BLAS from SciPy).
 """

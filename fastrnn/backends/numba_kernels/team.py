@@ -7,11 +7,11 @@ the call instead (``for w in prange(parts)``): worker w computes part w of every
 finished the step (a counter on its own cache line), and waits for the other parts' counters before the
 next step: one cache-line transfer a step (~0.3 us), as the C++ backend's barrier.
 
-A worker only ever waits for a part that a running worker owns, so the team cannot deadlock when the
-region runs its iterations one after another (a call nested in another parallel region, numba's serial
-twin of the kernel, fewer threads than parts): each worker claims its own part when it starts; a part
-still unclaimed after ``STEAL_SPINS`` spins of the first step's wait is taken over by the waiting worker,
-which then computes it in every step, and its own worker, when it starts, finds it taken and returns.
+The team cannot deadlock when the region runs its iterations one after another (a call nested in another
+parallel region, numba's serial twin of the kernel, fewer threads than parts): each worker claims its own
+part when it starts, and a part still unclaimed after ``STEAL_SPINS`` spins of the first step's wait is
+taken over by the waiting worker, which then computes it in every step; its own worker, when it starts,
+finds it taken and returns. Past that first wait a worker only waits for parts that running workers own.
 
 The kernel's loop over a step's phases (a phase: what one barrier closes) is::
 
@@ -146,8 +146,8 @@ def team_next(sync, parts, w, ph):
     own parts not yet done, then it waits for the others (taking over, in the first phase, a part that no
     worker has claimed after STEAL_SPINS spins)."""
     for q in range(parts):
-        if sync[2 * LINE * q] == w + 1 and sync[(2 * q + 1) * LINE] <= ph:  # its own: no other writer
-            return q
+        if _load_acquire(sync, 2 * LINE * q) == w + 1 and sync[(2 * q + 1) * LINE] <= ph:  # (its own counter:
+            return q                                                                       # no other writer)
     for q in range(parts):
         spins = 0
         while _load_acquire(sync, (2 * q + 1) * LINE) <= ph:
