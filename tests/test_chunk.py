@@ -360,57 +360,10 @@ def test_threaded_chunks(name, dtype):
         cpp.BACKEND.set_parallel_min_macs(old)
 
 
-@pytest.mark.parametrize("threads", ["one", "team"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_packed_input_in_one_call_a_layer(name, dtype, threads):
-    """A PackedSequence in inference: each layer-direction one call of the backend's ``<f>_packed_fwd``
-    on the packed rows (input projection fused: blocks of 128 // B steps, rows of a block contiguous),
-    torch.nn's values for the output and every row's final state, sorted and unsorted input, with and
-    without an initial state; rows of length 1 and a batch whose longest row is alone in its last steps."""
-    from torch.nn.utils.rnn import pack_padded_sequence
-    from fastrnn.backends import cpp
-    if threads == "team" and torch.get_num_threads() < 2:
-        pytest.skip("one thread: the op cannot split (torch.get_num_threads() == 1)")
-    ours, ref = _pair(name, dtype, hidden=40)
-    old = cpp.BACKEND.set_parallel_min_macs(0 if threads == "team" else 1 << 40)
-    fam = name.split("-")[0].lower()
-    D = 2 if ours.bidirectional else 1
-    torch.manual_seed(1)
-    try:
-        for T, lengths, sort in ((9, [9, 4, 4, 1], True), (20, [3, 20, 1, 7, 20, 11, 2, 5, 13], False), (1, [1, 1], True),
-                                 (30, [30] + [2] * 15, True)):
-            B = len(lengths)
-            x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
-            p = pack_padded_sequence(x, torch.tensor(lengths), batch_first=ours.batch_first, enforce_sorted=sort)
-            for hx in (None, _state(ours, B, dtype)):
-                with torch.no_grad():
-                    with dispatch.record_calls() as ran:
-                        got = flat_outputs(ours(p, hx))
-                    want = flat_outputs(ref(p, hx))
-                assert ran == [(f"{fam}_packed_fwd", "cpp")] * (ours.num_layers * D)
-                torch.testing.assert_close(got[0].data, want[0].data, **TOL[dtype])
-                for g, w in zip(got[1:], want[1:]):
-                    torch.testing.assert_close(g, w, **TOL[dtype])
-    finally:
-        cpp.BACKEND.set_parallel_min_macs(old)
-
-
-def test_packed_op_checks():
+def test_packed_op_state_check():
+    """cpp's own message for a state of the wrong batch (the checks both fused backends share are in
+    test_fused.py)."""
     O = torch.ops.fastrnn_cpp
-    w_ih, w_hh, h = torch.randn(30, 6), torch.randn(30, 10), torch.zeros(2, 10)
-    x, lengths = torch.randn(5, 6), torch.tensor([3, 2])
-    with pytest.raises(RuntimeError, match=r"x must be \[N, I\] \(packed rows\)"):
-        O.gru_packed_fwd(torch.randn(3, 2, 6), w_ih, None, w_hh, None, h, False, lengths)
-    with pytest.raises(RuntimeError, match="x has 4 rows but the lengths sum to 5"):
-        O.gru_packed_fwd(x[:4], w_ih, None, w_hh, None, h, False, lengths)
-    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 3 is not in 1..2"):  # the first row is the longest
-        O.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, torch.tensor([2, 3]))
-    with pytest.raises(RuntimeError, match="lengths must be non-increasing"):
-        O.gru_packed_fwd(torch.randn(7, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False, torch.tensor([3, 1, 3]))
-    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 4294967296 but x has 5 rows"):  # refused before sizing
-        O.gru_packed_fwd(x, w_ih, None, w_hh, None, h[:1], False, torch.tensor([2 ** 32]))
-    with pytest.raises(RuntimeError, match="lengths must be a contiguous int64 CPU tensor"):
-        O.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, lengths.int())
+    w_ih, w_hh = torch.randn(30, 6), torch.randn(30, 10)
     with pytest.raises(RuntimeError, match=r"h0 must have shape \[2, 10\], got \[3, 10\]"):
-        O.gru_packed_fwd(x, w_ih, None, w_hh, None, torch.zeros(3, 10), False, lengths)
+        O.gru_packed_fwd(torch.randn(5, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False, torch.tensor([3, 2]))

@@ -91,3 +91,83 @@ def test_row_blocks(backend, B, name, dtype, ran):
     kw = _kwargs(name, 1, False, False, True, 0, hidden=40)
     compare_module(name, kw, backend, dtype, "batched", True, steps=5, batch=B)
     assert backends_used(ran) == {backend}
+
+
+# A PackedSequence in inference: the contract's optional <f>_packed_fwd, one call a layer-direction on the
+# packed rows as they lie. Each backend keeps the tolerance its own test had (cpp's fused projection sums in
+# torch's order; numba's float32 tanh is a rational approximation, 3.3e-7).
+PACKED_CASES = {
+    "LSTM": dict(), "LSTM-2L-bi": dict(num_layers=2, bidirectional=True),
+    "LSTM-proj-bi": dict(proj_size=5, bidirectional=True),
+    "LSTM-peephole-coupled": dict(peephole=True, coupled_gates=True),
+    "LSTM-nobias": dict(bias=False), "GRU": dict(), "GRU-3L-batch_first": dict(num_layers=3, batch_first=True),
+    "GRU-nobias-bi": dict(bias=False, bidirectional=True), "RNN-tanh-bi": dict(bidirectional=True),
+    "RNN-relu-2L-nobias": dict(nonlinearity="relu", num_layers=2, bias=False),
+}
+PACKED_TOL = {"cpp": {torch.float32: 1e-6, torch.float64: 1e-12}, "numba": {torch.float32: 1e-5, torch.float64: 1e-10}}
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("threads", ["one", "team"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+def test_packed_input_in_one_call_a_layer(backend, name, dtype, threads):
+    """Each layer-direction is one ``<f>_packed_fwd`` call of the named backend; torch.nn's values (the
+    variants: the reference backend's) for the output and every row's final state, sorted and unsorted,
+    with and without a state; rows of length 1, a longest row alone in its last steps; on one thread and
+    split over a team."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    if threads == "team" and torch.get_num_threads() < 2:
+        pytest.skip("one thread: the op cannot split (torch.get_num_threads() == 1)")
+    cls, kw = name.split("-")[0], PACKED_CASES[name]
+    torch.manual_seed(0)
+    ours = getattr(fastrnn, cls)(6, 40, dtype=dtype, backend=backend, **kw)
+    variant = kw.get("peephole") or kw.get("coupled_gates")
+    ref = (getattr(fastrnn, cls)(6, 40, dtype=dtype, backend="reference", **kw) if variant
+           else getattr(torch.nn, cls)(6, 40, dtype=dtype, **kw))
+    ref.load_state_dict(ours.state_dict())
+    fam, D, P = cls.lower(), 2 if ours.bidirectional else 1, getattr(ours, "proj_size", 0) or 40
+    tol = PACKED_TOL[backend][dtype]
+    impl = dispatch.get(backend)
+    old = impl.set_parallel_min_macs(0 if threads == "team" else 1 << 40)
+    torch.manual_seed(1)
+    try:
+        for T, lengths, sort in ((9, [9, 4, 4, 1], True), (20, [3, 20, 1, 7, 20, 11, 2, 5, 13], False),
+                                 (1, [1, 1], True), (30, [30] + [2] * 15, True)):
+            B = len(lengths)
+            x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
+            p = pack_padded_sequence(x, torch.tensor(lengths), batch_first=ours.batch_first, enforce_sorted=sort)
+            h0 = torch.randn(ours.num_layers * D, B, P, dtype=dtype)
+            hx = (h0, torch.randn(ours.num_layers * D, B, 40, dtype=dtype)) if fam == "lstm" else h0
+            for state in (None, hx):
+                with torch.no_grad():
+                    with dispatch.record_calls() as ran:
+                        got = ours(p, state)
+                    want = ref(p, state)
+                assert ran == [(f"{fam}_packed_fwd", backend)] * (ours.num_layers * D)
+                torch.testing.assert_close(got[0].data, want[0].data, atol=tol, rtol=tol)
+                for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in (got[1], want[1]))):
+                    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    finally:
+        impl.set_parallel_min_macs(old)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_packed_op_checks(backend):
+    """The same refusals, with the same messages, from both backends' ``<f>_packed_fwd`` (each backend's
+    own message for a state of the wrong batch is in its own tests)."""
+    op = dispatch.get(backend).gru_packed_fwd
+    w_ih, w_hh, h = torch.randn(30, 6), torch.randn(30, 10), torch.zeros(2, 10)
+    x, lengths = torch.randn(5, 6), torch.tensor([3, 2])
+    with pytest.raises(RuntimeError, match=r"x must be \[N, I\] \(packed rows\)"):
+        op(torch.randn(3, 2, 6), w_ih, None, w_hh, None, h, False, lengths)
+    with pytest.raises(RuntimeError, match="x has 4 rows but the lengths sum to 5"):
+        op(x[:4], w_ih, None, w_hh, None, h, False, lengths)
+    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 3 is not in 1..2"):  # the first row is the longest
+        op(x, w_ih, None, w_hh, None, h, False, torch.tensor([2, 3]))
+    with pytest.raises(RuntimeError, match="lengths must be non-increasing"):
+        op(torch.randn(7, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False, torch.tensor([3, 1, 3]))
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 4294967296 but x has 5 rows"):  # refused before sizing
+        op(x, w_ih, None, w_hh, None, h[:1], False, torch.tensor([2 ** 32]))
+    with pytest.raises(RuntimeError, match="lengths must be a contiguous int64 CPU tensor"):
+        op(x, w_ih, None, w_hh, None, h, False, lengths.int())

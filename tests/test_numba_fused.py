@@ -1,5 +1,5 @@
 """numba's fused inference entries (the contract's optional ``<family>_cell_fwd``, ``<family>_chunk_fwd`` and
-``<family>_packed_fwd``):
+``<family>_packed_fwd``, whose values and shared checks are in test_fused.py):
 one kernel call a step with the input projection inside, taken by the modules' fast paths without autograd.
 Values against torch.nn (the variants against the reference backend), fp64 and fp32, the fast path alone."""
 import math
@@ -66,60 +66,13 @@ def test_short_sequences(name, T, B, dtype, monkeypatch):
             torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
 
 
-@pytest.mark.parametrize("threads", ["one", "team"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_packed_input_in_one_call_a_layer(name, dtype, threads):
-    """A PackedSequence in inference: each layer-direction one call of ``<f>_packed_fwd``, the sequence
-    kernel on the packed rows as they lie. torch.nn's values for the output and every row's final state,
-    sorted and unsorted, with and without a state; rows of length 1, a longest row alone in its last steps."""
-    from torch.nn.utils.rnn import pack_padded_sequence
-    from fastrnn.backends import numba as nb
-    if threads == "team" and torch.get_num_threads() < 2:
-        pytest.skip("one thread: the op cannot split (torch.get_num_threads() == 1)")
-    ours, ref = _pair(name, dtype)
-    fam = name.split("-")[0].lower()
-    D = 2 if ours.bidirectional else 1
-    P = getattr(ours, "proj_size", 0) or 40
-    old = nb.BACKEND.set_parallel_min_macs(0 if threads == "team" else 1 << 40)
-    torch.manual_seed(1)
-    try:
-        for T, lengths, sort in ((9, [9, 4, 4, 1], True), (20, [3, 20, 1, 7, 20, 11, 2, 5, 13], False),
-                                 (1, [1, 1], True), (30, [30] + [2] * 15, True)):
-            B = len(lengths)
-            x = torch.randn(B, T, 6, dtype=dtype) if ours.batch_first else torch.randn(T, B, 6, dtype=dtype)
-            p = pack_padded_sequence(x, torch.tensor(lengths), batch_first=ours.batch_first, enforce_sorted=sort)
-            h0 = torch.randn(ours.num_layers * D, B, P, dtype=dtype)
-            hx = (h0, torch.randn(ours.num_layers * D, B, 40, dtype=dtype)) if fam == "lstm" else h0
-            for state in (None, hx):
-                with torch.no_grad():
-                    with dispatch.record_calls() as ran:
-                        got = flat_outputs(ours(p, state))
-                    want = flat_outputs(ref(p, state))
-                assert ran == [(f"{fam}_packed_fwd", "numba")] * (ours.num_layers * D)
-                torch.testing.assert_close(got[0].data, want[0].data, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
-                for a, b in zip(got[1:], want[1:]):
-                    torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
-    finally:
-        nb.BACKEND.set_parallel_min_macs(old)
-
-
-def test_packed_op_checks():
+def test_packed_op_state_check():
+    """numba's message for a state of the wrong batch (the checks both fused backends share are in
+    test_fused.py)."""
     nb = dispatch.get("numba")
-    w_ih, w_hh, h = torch.randn(30, 6), torch.randn(30, 10), torch.zeros(2, 10)
-    x, lengths = torch.randn(5, 6), torch.tensor([3, 2])
-    with pytest.raises(RuntimeError, match=r"x must be \[N, I\] \(packed rows\)"):
-        nb.gru_packed_fwd(torch.randn(3, 2, 6), w_ih, None, w_hh, None, h, False, lengths)
-    with pytest.raises(RuntimeError, match="x has 4 rows but the lengths sum to 5"):
-        nb.gru_packed_fwd(x[:4], w_ih, None, w_hh, None, h, False, lengths)
-    with pytest.raises(RuntimeError, match=r"lengths\[1\] = 3 is not in 1..2"):  # the first row is the longest
-        nb.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, torch.tensor([2, 3]))
-    with pytest.raises(RuntimeError, match="lengths must be non-increasing"):
-        nb.gru_packed_fwd(torch.randn(7, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False, torch.tensor([3, 1, 3]))
-    with pytest.raises(RuntimeError, match="lengths must be a non-empty 1-D int64 CPU tensor"):
-        nb.gru_packed_fwd(x, w_ih, None, w_hh, None, h, False, lengths.int())
-    with pytest.raises(RuntimeError, match="gru_packed_fwd: shapes do not fit"):  # the state's batch
-        nb.gru_packed_fwd(x, w_ih, None, w_hh, None, torch.zeros(3, 10), False, lengths)
+    w_ih, w_hh = torch.randn(30, 6), torch.randn(30, 10)
+    with pytest.raises(RuntimeError, match="gru_packed_fwd: shapes do not fit"):
+        nb.gru_packed_fwd(torch.randn(5, 6), w_ih, None, w_hh, None, torch.zeros(3, 10), False, torch.tensor([3, 2]))
 
 
 def test_sequence_entries_project_in_the_inputs_dtype_under_autocast():

@@ -430,20 +430,25 @@ class NumbaBackend(StepsFromSequence, Backend):
         the CPU, non-increasing), the state [B, ...] in the same order; ``seq`` as in ``_chunk``."""
         if x.dim() != 2:
             raise RuntimeError(f"fastrnn numba {name}: x must be [N, I] (packed rows), got {tuple(x.shape)}")
-        if lengths.dim() != 1 or lengths.dtype != torch.int64 or not lengths.is_cpu or not len(lengths):
-            raise RuntimeError(f"fastrnn numba {name}: lengths must be a non-empty 1-D int64 CPU tensor")
-        B, T = len(lengths), int(lengths[0])
+        # cpp's checks and messages (csrc/common.cpp, packed_input), in its order: the longest length is
+        # bounded by x's rows before anything is sized by it
+        if (lengths.dim() != 1 or lengths.dtype != torch.int64 or not lengths.is_cpu or not len(lengths)
+                or not lengths.is_contiguous()):
+            raise RuntimeError(f"fastrnn numba {name}: lengths must be a contiguous int64 CPU tensor of at least one "
+                               f"row")
+        B, T, N = len(lengths), int(lengths[0]), x.shape[0]
+        if not 1 <= T <= N:
+            raise RuntimeError(f"fastrnn numba {name}: lengths[0] = {T} but x has {N} rows")
         bad = ((lengths < 1) | (lengths > T)).nonzero()
         if len(bad):
             i = int(bad[0, 0])
             raise RuntimeError(f"fastrnn numba {name}: lengths[{i}] = {int(lengths[i])} is not in 1..{T}")
         if B > 1 and bool((lengths[1:] > lengths[:-1]).any()):
-            raise RuntimeError(f"fastrnn numba {name}: lengths must be non-increasing, got {lengths.tolist()}")
-        N = int(lengths.sum())
-        if x.shape[0] != N:
-            raise RuntimeError(f"fastrnn numba {name}: x has {x.shape[0]} rows but the lengths sum to {N}")
+            raise RuntimeError(f"fastrnn numba {name}: lengths must be non-increasing")
+        sizes = torch.from_numpy(_sizes(lengths, T, B))  # a packed sequence's batch sizes
+        if N != int(sizes.sum()):
+            raise RuntimeError(f"fastrnn numba {name}: x has {N} rows but the lengths sum to {int(sizes.sum())}")
         _, _, H, P, like, addr, keep = check(x[:B], w_ih, b_ih, *weights, *state, *options)
-        sizes = (lengths > torch.arange(T, device="cpu").unsqueeze(1)).sum(1)  # a packed sequence's batch sizes
         out = seq(_project(x, w_ih, b_ih), H, P, like, addr[3:], sizes, T, B, reverse, *options)
         del keep
         return out
@@ -577,9 +582,12 @@ def _cell_addresses(name, x, weights, states, G):
 
 def _project(x, w_ih, b_ih):
     """The input projection of a chunk or packed call's rows, in x's dtype whatever autocast is on (the
-    kernels read it by address as that dtype)."""
-    with torch.autocast("cpu", enabled=False):
-        return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+    kernels read it by address as that dtype). The modules call without autocast: the context is entered only
+    when some autocast is on (it costs a few microseconds of a batch-1 call)."""
+    if torch._C._is_any_autocast_enabled():
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+    return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
 
 
 def _check_rows(xw, GH, like):
