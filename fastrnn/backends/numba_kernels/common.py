@@ -213,6 +213,13 @@ def final_h(y, sizes, reverse, h_n):
 
 
 @numba.njit(**JIT)
+def call_sizes(a_sizes, T, B):
+    """The rows of each step of an entry by address: the packed sequence's batch sizes at ``a_sizes``
+    (int64 [T]), or B at every step of a dense one (``a_sizes`` 0)."""
+    return at(a_sizes, (T,), np.empty(0, np.int64)) if a_sizes else np.full(T, B, np.int64)
+
+
+@numba.njit(**JIT)
 def row_offsets(sizes):
     """The first row of each step in a sequence's rows laid out step after step (the padded layout's T x B
     rows, sizes all B, or a PackedSequence's rows, sizes its batch sizes)."""
@@ -289,8 +296,9 @@ def serial_twin(kernel):
     """``kernel`` (a dispatcher) compiled without ``parallel``: each ``prange`` a plain loop, no parallel
     region; the kernels it calls by a global name that are ``parallel`` are replaced by their own twins (an
     entry that only unpacks its arguments then runs no parallel region either). Only those it calls
-    itself: a helper between the two keeps calling the parallel kernel (none does). Its own name (``<name>_serial``) gives it
-    its own entry in numba's disk cache, so the two never load each other's code. Made once a kernel."""
+    itself: a helper between the two keeps calling the parallel kernel (none does). Its own name
+    (``<name>_serial``) gives it its own entry in numba's disk cache, so the two never load each other's
+    code. Made once a kernel."""
     twin = TWINS.get(kernel)
     if twin is not None:
         return twin

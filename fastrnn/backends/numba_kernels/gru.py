@@ -9,7 +9,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import JIT, at, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, sigmoid_, split, tanh_
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, sigmoid_,
+                     split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -81,7 +82,7 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
 @numba.njit(**JIT)
 def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, like):
     """``gru_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
-    sizes = at(a_sizes, (T,), np.empty(0, np.int64)).copy() if a_sizes else np.full(T, B, np.int64)
+    sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
     xw, w_hh = at(a_xw, (rows, 3 * H), like), at(a_w_hh, (3 * H, H), like)
     b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)

@@ -10,8 +10,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import (JIT, at, fill_h_prev, final_rows, first_step, mm_nt, prev_t, project_units, row_offsets, sigmoid_,
-                     split, tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, mm_nt, prev_t, project_units,
+                     row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -170,7 +170,7 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     so the host passes integers, not ~20 numpy views (~40 us a call, benchmarks/NOTES.md, seventeenth
     session)."""
     G = 3 if coupled else 4
-    sizes = at(a_sizes, (T,), np.empty(0, np.int64)).copy() if a_sizes else np.full(T, B, np.int64)
+    sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
     xw, w_hh = at(a_xw, (rows, G * H), like), at(a_w_hh, (G * H, P), like)
     b_hh = at(a_b_hh, (G * H if a_b_hh else 0,), like)

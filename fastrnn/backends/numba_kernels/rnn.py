@@ -5,7 +5,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import JIT, at, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, split, tanh_
+from .common import JIT, at, call_sizes, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, split, tanh_
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -65,7 +65,7 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
 @numba.njit(**JIT)
 def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, like):
     """``rnn_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
-    sizes = at(a_sizes, (T,), np.empty(0, np.int64)).copy() if a_sizes else np.full(T, B, np.int64)
+    sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
     xw, w_hh, b_hh = at(a_xw, (rows, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
