@@ -75,3 +75,34 @@ def test_team_finishes_when_its_workers_do_not_run_together(monkeypatch, region)
             for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
                 p.grad = q.grad = None
+
+
+def test_team_buffers_start_on_a_cache_line():
+    """A team's parts write blocks of 16 units of each row of the state and workspace buffers: those the
+    kernels make (``common.lines``; numba's np.empty aligns to 32 bytes) and those the host makes
+    (``_lines``) start on a 64-byte line, so rows of a multiple of 16 units share no line between parts.
+    The values are the array's own: the shape, dtype and C order asked for, writable."""
+    import numpy as np
+    from fastrnn.backends import numba as nb
+    from fastrnn.backends.numba_kernels.common import lines
+    for dt, tdt in ((np.float32, torch.float32), (np.float64, torch.float64)):
+        for shape in ((1,), (3, 5), (1, 2, 48), (0, 4), (2, 0, 3)):
+            for a in [lines(shape, dt) for _ in range(6)] + [nb._lines(*shape, like=torch.empty(0, dtype=tdt))]:
+                assert a.shape == shape and a.dtype == dt and a.flags.c_contiguous and a.flags.writeable
+                assert a.size == 0 or a.ctypes.data % 64 == 0, (shape, dt, a.ctypes.data % 64)
+                a[...] = 7
+                assert (a == 7).all()
+
+
+def test_team_threshold_splits_small_steps():
+    """The sequence forwards' teams split a call from TEAM_MIN_MACS multiply-adds a step (an LSTM step at
+    H64 and batch 1 has 16384: split); the kernels that open a region a step keep PARALLEL_MIN_MACS; one
+    step below the team's threshold runs on one thread."""
+    from fastrnn.backends import numba as nb
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or nb._common.FORKED_UNDER_GNU_OMP:
+        pytest.skip("one thread here: nothing to split over")
+    assert nb._parts(1, 4 * 64 * 64, 64) == 2
+    assert nb._parts(1, 4 * 32 * 32, 32) == 1  # 4096 multiply-adds: one thread was faster
+    assert nb._parts(1, 4 * 64 * 64) == 1  # a region a step: the old threshold
+    assert nb._parts(16, 1 << 16) == threads

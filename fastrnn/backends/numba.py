@@ -30,12 +30,16 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     _SERIAL = {}
     _IMPORT_ERROR = e
 
-# a step's GEMM must have at least this many multiply-adds before it is split over threads (a parallel
-# region a step, ~2-3 us, or a team's wait a step, see _parts). Or a row's must have 3/8 of it (a weight
-# matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other thread's
-# half of that read pays for the split at batch 1 already (benchmarks/NOTES.md, "numba's split threshold",
-# seventeenth session)
+# a step's GEMM must have at least this many multiply-adds before a kernel that opens a parallel region a
+# step (~2-3 us: the backward kernels, the cells) splits it over threads. Or a row's must have 3/8 of it (a
+# weight matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other
+# thread's half of that read pays for the split at batch 1 already (benchmarks/NOTES.md, "numba's split
+# threshold", seventeenth session)
 PARALLEL_MIN_MACS = 1 << 19
+# the same for the teams of the sequence forwards (team.py: one region a call, a wait a step): split from
+# 2^13 multiply-adds a step (one thread was faster at 4096 and below, two from 12288 up: LSTM, GRU and RNN,
+# H 32-256, B 1-16; benchmarks/NOTES.md, "False sharing in numba's teams", eighteenth session)
+TEAM_MIN_MACS = 1 << 13
 
 
 
@@ -76,13 +80,14 @@ def _opt(t, ndim, like):
 def _parts(rows, macs_per_row, units=None):
     """How many threads split a call: all of torch's threads when a step's GEMM has enough work to pay for
     the split, else one. The split costs a parallel region a step in the kernels that open one a step (the
-    backward kernels, the cells, the options' kernels: ~2-3 us), and one region a call plus a cache-line
-    transfer a step in the teams of the sequence forwards (team.py). Either way the second thread also
-    competes with torch's own threads, which spin for a while after each torch op (the input projection):
-    below the threshold one thread was as fast or faster in either form (benchmarks/NOTES.md, "numba's
-    split threshold", seventeenth session). ``units``: a team's parts are blocks of at least 16 units
-    (``split``) and each waits for all the others every step, so a team has no more parts than blocks."""
-    if rows * macs_per_row < PARALLEL_MIN_MACS and 8 * macs_per_row < 3 * PARALLEL_MIN_MACS:
+    backward kernels, the cells, the options' kernels: ~2-3 us; PARALLEL_MIN_MACS), and one region a call
+    plus a wait a step in the teams of the sequence forwards (team.py; TEAM_MIN_MACS). ``units``, given for
+    a team only: its parts are blocks of at least 16 units (``split``) and each waits for all the others
+    every step, so a team has no more parts than blocks."""
+    if units is not None:
+        if rows * macs_per_row < TEAM_MIN_MACS:
+            return 1
+    elif rows * macs_per_row < PARALLEL_MIN_MACS and 8 * macs_per_row < 3 * PARALLEL_MIN_MACS:
         return 1
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if units is not None:
@@ -92,6 +97,13 @@ def _parts(rows, macs_per_row, units=None):
             numba.set_num_threads(threads)
         return threads
     return 1
+
+
+def _lines(*shape, like):
+    """An uninitialized numpy buffer of ``like``'s dtype from torch's allocator, which starts it on a 64-byte
+    cache line (numpy's own aligns to 16): a team's parts write blocks of 16 units of its rows, and a line
+    shared by two parts would go back and forth between the workers every step (common.lines)."""
+    return torch.empty(shape, dtype=like.dtype).numpy()
 
 
 def _sizes(lengths, T, B):
@@ -120,10 +132,10 @@ class NumbaBackend(StepsFromSequence, Backend):
 
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
-        """Multiply-adds a step needs before it is split over threads (a row's: 3/8 of it); returns the old
-        value."""
-        global PARALLEL_MIN_MACS
-        old, PARALLEL_MIN_MACS = PARALLEL_MIN_MACS, value
+        """Multiply-adds a step needs before it is split over threads (a row's: 3/8 of it) in the kernels that
+        open a region a step, and 1/64 of it in the teams (the defaults' ratio); returns the old value."""
+        global PARALLEL_MIN_MACS, TEAM_MIN_MACS
+        old, PARALLEL_MIN_MACS, TEAM_MIN_MACS = PARALLEL_MIN_MACS, value, value >> 6
         return old
 
     def unavailable_reasons(self):
@@ -166,9 +178,7 @@ class NumbaBackend(StepsFromSequence, Backend):
             gates, c_all, hfull = self._lstm_ws(torch.empty(B * (GH + 2 * H), dtype=xw.dtype), 1, B, GH, H, proj)
         y = new(T, B, P, dtype=xw.dtype)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-        scratch = torch.empty(2 * B * P + B * H, dtype=xw.dtype).numpy()
-        h_a, h_b = scratch[:B * P].reshape(B, P), scratch[B * P:2 * B * P].reshape(B, P)
-        c = scratch[2 * B * P:].reshape(B, H)
+        h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
         parts = _parts(B, GH * P, max(H, P))
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                 coupled,
@@ -188,7 +198,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         h_prev = new(T, B, P, dtype=xw.dtype)
         dh_proj = new(T, B, P, dtype=xw.dtype) if proj else xw.new_empty(0, 0, 0)
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
-        dhf = np.empty((B, H), dtype=_np(xw).dtype)
+        dhf = _lines(B, H, like=xw)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
         parts = _parts(B, GH * P)
         _kernel(_lstm.lstm_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
@@ -212,7 +222,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         ws = buf if save else xw.new_empty(0)
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
-        h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
+        h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         parts = _parts(B, GH * H, H)
         _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
@@ -518,7 +528,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
-        h_a, h_b = np.empty((B, H), _np(xw).dtype), np.empty((B, H), _np(xw).dtype)
+        h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         parts = _parts(B, H * H, H)
         _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,

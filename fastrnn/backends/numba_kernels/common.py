@@ -288,6 +288,21 @@ def at(addr, shape, like):
     return numba.carray(_pointer(addr, like), shape)
 
 
+@numba.njit(**JIT)
+def lines(shape, dt):
+    """An uninitialized C-contiguous array of ``shape`` and dtype ``dt`` whose data starts on a 64-byte cache
+    line (numba's np.empty aligns to 32 bytes). The teams' parts write blocks of 16 units of every row of the
+    state and workspace buffers: with rows that start on a line, no line holds two parts' units, so no line
+    goes back and forth between the workers at each step."""
+    n = 1
+    for d in shape:
+        n *= d
+    size = np.empty(0, dt).itemsize
+    buf = np.empty(n + 64 // size, dt)
+    off = (-(buf.ctypes.data // size)) % (64 // size)
+    return buf[off:off + n].reshape(shape)
+
+
 #: kernel -> its serial twin (``serial_twin``)
 TWINS = {}
 

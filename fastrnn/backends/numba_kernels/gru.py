@@ -6,10 +6,9 @@ W_hn h + b_hn [B, H] (its gradient needs it, and it cannot be merged with x_n).
 from __future__ import annotations
 
 import numba
-import numpy as np
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, sigmoid_,
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_offsets, sigmoid_,
                      split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -88,8 +87,8 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
-    gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, np.empty((1, B, 3 * H), dt),
-            np.empty((1, B, H), dt), np.empty((B, H), dt), np.empty((B, H), dt))
+    gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((1, B, 3 * H), dt),
+            lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt))
 
 
 @numba.njit(**JIT)
@@ -149,8 +148,8 @@ def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, li
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
     b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
-    xw, gates = np.empty((B, 3 * H), like.dtype), np.empty((1, B, 3 * H), like.dtype)
-    hn = np.empty((1, B, H), like.dtype)
+    xw, gates = lines((B, 3 * H), like.dtype), lines((1, B, 3 * H), like.dtype)
+    hn = lines((1, B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
         for k in range(3):

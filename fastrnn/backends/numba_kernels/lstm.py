@@ -7,10 +7,9 @@ pre-projection output h~_t = o * tanh(c_t) [B, H].
 from __future__ import annotations
 
 import numba
-import numpy as np
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, mm_nt, prev_t, project_units,
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t, project_units,
                      row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -180,8 +179,8 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
     dt = like.dtype
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
-             np.empty((1, B, G * H), dt), np.empty((1, B, H), dt), np.empty((1, B, H) if a_w_hr else (0, 0, 0), dt),
-             np.empty((B, P), dt), np.empty((B, P), dt), np.empty((B, H), dt))
+             lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
+             lines((B, P), dt), lines((B, P), dt), lines((B, H), dt))
 
 
 @numba.njit(**JIT)
@@ -301,8 +300,8 @@ def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h,
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h, c = at(a_h, (B, P), like), at(a_c, (B, H), like)
     h_out, c_out = at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
-    xw, gates = np.empty((B, G * H), like.dtype), np.empty((1, B, G * H), like.dtype)
-    hfull = np.empty((B, H) if a_w_hr else (0, 0), like.dtype)
+    xw, gates = lines((B, G * H), like.dtype), lines((1, B, G * H), like.dtype)
+    hfull = lines((B, H) if a_w_hr else (0, 0), like.dtype)
     hout = hfull if a_w_hr else h_out
     c_all = c_out.reshape((1, B, H))
     for p in prange(parts):

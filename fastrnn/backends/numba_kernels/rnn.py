@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import numba
-import numpy as np
 from numba import prange
 
-from .common import JIT, at, call_sizes, fill_h_prev, final_rows, mm_nt, project_units, row_offsets, split, tanh_
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_offsets, split,
+                     tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -69,8 +69,8 @@ def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     rows = sizes.sum()
     xw, w_hh, b_hh = at(a_xw, (rows, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
-    rnn_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, relu, parts, y, h_n, np.empty((B, H), like.dtype),
-            np.empty((B, H), like.dtype))
+    rnn_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, relu, parts, y, h_n, lines((B, H), like.dtype),
+            lines((B, H), like.dtype))
 
 
 @numba.njit(**JIT)
@@ -111,7 +111,7 @@ def rnn_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, par
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (H, I), like), at(a_w_hh, (H, H), like)
     b_ih, b_hh = at(a_b_ih, (H if a_b_ih else 0,), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
-    xw = np.empty((B, H), like.dtype)
+    xw = lines((B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
         project_units(x, B, w_ih, b_ih, xw, lo, hi)
