@@ -50,7 +50,7 @@ def test_team_finishes_when_its_workers_do_not_run_together(monkeypatch, region)
         y = y.data if isinstance(y, torch.nn.utils.rnn.PackedSequence) else y
         return [y, *(st if isinstance(st, tuple) else (st,))]
     from fastrnn.backends.numba_kernels.common import serial_twin
-    monkeypatch.setattr(nb, "_parts", lambda rows, macs, steps=None: 3)
+    monkeypatch.setattr(nb, "_parts", lambda *args: 3)
     if region == "one worker at a time":
         monkeypatch.setattr(nb, "_kernel", lambda fn, parts: serial_twin(fn))
     torch.manual_seed(0)
@@ -96,13 +96,14 @@ def test_team_buffers_start_on_a_cache_line():
 
 def test_team_threshold_splits_small_steps():
     """The sequence forwards' teams split a call from TEAM_MIN_MACS multiply-adds a step (an LSTM step at
-    H64 and batch 1 has 16384: split); the kernels that open a region a step keep PARALLEL_MIN_MACS; one
-    step below the team's threshold runs on one thread."""
+    H64 and batch 1 has 16384) and TEAM_MIN_CALL_MACS a call; the kernels that open a region a step keep
+    PARALLEL_MIN_MACS."""
     from fastrnn.backends import numba as nb
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if threads < 2 or nb._common.FORKED_UNDER_GNU_OMP:
         pytest.skip("one thread here: nothing to split over")
-    assert nb._parts(1, 4 * 64 * 64, 64) == 2
-    assert nb._parts(1, 4 * 32 * 32, 32) == 1  # 4096 multiply-adds: one thread was faster
+    assert nb._parts(1, 4 * 64 * 64, 64, 100) == min(threads, 4)  # LSTM H64, batch 1, T=100 (4 blocks of 16)
+    assert nb._parts(1, 4 * 64 * 64, 64, 10) == 1  # T=10: the region's start is not paid back
+    assert nb._parts(1, 4 * 32 * 32, 32, 1000) == 1  # 4096 multiply-adds a step: one thread was faster
     assert nb._parts(1, 4 * 64 * 64) == 1  # a region a step: the old threshold
     assert nb._parts(16, 1 << 16) == threads

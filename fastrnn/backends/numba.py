@@ -40,6 +40,9 @@ PARALLEL_MIN_MACS = 1 << 19
 # 2^13 multiply-adds a step (one thread was faster at 4096 and below, two from 12288 up: LSTM, GRU and RNN,
 # H 32-256, B 1-16; benchmarks/NOTES.md, "False sharing in numba's teams", eighteenth session)
 TEAM_MIN_MACS = 1 << 13
+# and from 2^19 over the whole call: a team's region starts its worker (~8 us here), which the steps must
+# pay back (LSTM H64 batch 1: one thread faster up to T=20, two from T=40)
+TEAM_MIN_CALL_MACS = 1 << 19
 
 
 
@@ -77,15 +80,16 @@ def _opt(t, ndim, like):
     return t.detach().numpy()
 
 
-def _parts(rows, macs_per_row, units=None):
+def _parts(rows, macs_per_row, units=None, call_rows=0):
     """How many threads split a call: all of torch's threads when a step's GEMM has enough work to pay for
     the split, else one. The split costs a parallel region a step in the kernels that open one a step (the
     backward kernels, the cells, the options' kernels: ~2-3 us; PARALLEL_MIN_MACS), and one region a call
-    plus a wait a step in the teams of the sequence forwards (team.py; TEAM_MIN_MACS). ``units``, given for
-    a team only: its parts are blocks of at least 16 units (``split``) and each waits for all the others
-    every step, so a team has no more parts than blocks."""
+    plus a wait a step in the teams of the sequence forwards (team.py; TEAM_MIN_MACS a step and
+    TEAM_MIN_CALL_MACS over the ``call_rows`` of the call: the region's start has to be paid back).
+    ``units``, given for a team only: its parts are blocks of at least 16 units (``split``) and each waits
+    for all the others every step, so a team has no more parts than blocks."""
     if units is not None:
-        if rows * macs_per_row < TEAM_MIN_MACS:
+        if rows * macs_per_row < TEAM_MIN_MACS or call_rows * macs_per_row < TEAM_MIN_CALL_MACS:
             return 1
     elif rows * macs_per_row < PARALLEL_MIN_MACS and 8 * macs_per_row < 3 * PARALLEL_MIN_MACS:
         return 1
@@ -133,9 +137,10 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
         """Multiply-adds a step needs before it is split over threads (a row's: 3/8 of it) in the kernels that
-        open a region a step, and 1/64 of it in the teams (the defaults' ratio); returns the old value."""
-        global PARALLEL_MIN_MACS, TEAM_MIN_MACS
-        old, PARALLEL_MIN_MACS, TEAM_MIN_MACS = PARALLEL_MIN_MACS, value, value >> 6
+        open a region a step; the teams' thresholds follow in the defaults' ratios (a step 1/64 of it, a call
+        as much); returns the old value."""
+        global PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS
+        old, PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = PARALLEL_MIN_MACS, value, value >> 6, value
         return old
 
     def unavailable_reasons(self):
@@ -179,7 +184,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, P, dtype=xw.dtype)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
-        parts = _parts(B, GH * P, max(H, P))
+        parts = _parts(B, GH * P, max(H, P), T * B)
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                 coupled,
                                 _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts,
@@ -223,7 +228,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
-        parts = _parts(B, GH * H, H)
+        parts = _parts(B, GH * H, H, T * B)
         _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
                               parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
@@ -470,7 +475,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         writes by address: xw must be the [rows, G*H] matrix of the call's rows."""
         _check_rows(xw, 3 * H if coupled else 4 * H, like)
         y, h_n, c_n = xw.new_empty(xw.shape[0], P), xw.new_empty(B, P), xw.new_empty(B, H)
-        parts = _parts(B, xw.shape[1] * P, max(H, P))
+        parts = _parts(B, xw.shape[1] * P, max(H, P), xw.shape[0])
         _kernel(_lstm.lstm_seq_at, parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(),
                                           c_n.data_ptr(), 0 if sizes is None else sizes.data_ptr(), T, B, H, P,
                                           bool(reverse), parts, like)
@@ -481,7 +486,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         """``_lstm_rows`` for the GRU (a: w_hh, b_hh, h0)."""
         _check_rows(xw, 3 * H, like)
         y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
-        parts = _parts(B, xw.shape[1] * H, H)
+        parts = _parts(B, xw.shape[1] * H, H, xw.shape[0])
         _kernel(_gru.gru_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                         0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse), parts, like)
         return y, h_n
@@ -491,7 +496,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         """``_lstm_rows`` for the RNN (a: w_hh, b_hh, h0)."""
         _check_rows(xw, H, like)
         y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
-        parts = _parts(B, H * H, H)
+        parts = _parts(B, H * H, H, xw.shape[0])
         _kernel(_rnn.rnn_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                         0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
                                         nonlinearity == "relu", parts, like)
@@ -529,7 +534,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
-        parts = _parts(B, H * H, H)
+        parts = _parts(B, H * H, H, T * B)
         _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
                               nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b)
