@@ -104,11 +104,15 @@ _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_T} for f in FAMILIES}
 _BUILTIN_CPU = {
     # the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
-    # up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 and B32+ (B4: 8.8 / 9.2 and 11.0 /
-    # 11.7; B64: 59.2 / 66.3 and 71.7 / 74.4); torch.nn's oneDNN where the two runs split: inference B32+
-    # (17.3 / 18.2, 20.1 / 19.0) and training B8-31 (31.6 / 32.5, 38.2 / 36.9)
+    # up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 (B4: 8.8 / 9.2 and 11.0 / 11.7);
+    # torch.nn's oneDNN where the two runs split: inference B32+ (17.3 / 18.2, 20.1 / 19.0) and training
+    # B8-31 (31.6 / 32.5, 38.2 / 36.9). Training B32+ is torch.nn's since the nineteenth session: the tune's
+    # one shape (B64 H256 T50) read cpp ahead (59.2 / 66.3, 71.7 / 74.4, 55.5 / 62.3 ms), but across the
+    # band cpp x torch.nn read 0.63-0.87 at H64-128 and T25-50 (B32-128, in every run), 0.88-0.99 at H384 and
+    # 0.93-1.13 at H256 by the minute; cpp ahead only at H128-256 from T~75 (1.2x). torch.nn can be no
+    # slower than itself (benchmarks/NOTES.md, "LSTM training at B32+ across the band")
     "amd": _table({"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _CTN, "inference B32+": _TCN,
-                   "training B1": _CTN, "training B2-7": _CTN, "training B8-31": _TCN, "training B32+": _CTN,
+                   "training B1": _CTN, "training B2-7": _CTN, "training B8-31": _TCN, "training B32+": _TCN,
                    **_AMD_LSTM_WIDE},
                   _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,

@@ -59,6 +59,16 @@ def test_builtin_tables_rank_every_class(vendor):
         assert sorted(ranked) == ["cpp", "numba", "reference", "torch"], key
 
 
+def test_amd_table_leaves_lstm_training_at_large_batch_to_torch():
+    """The LSTM in training from batch 32 up to H=384: cpp read 0.63-0.87x torch.nn at H64-128 and T25-50
+    on the Zen 4 EPYC (benchmarks/NOTES.md, "LSTM training at B32+ across the band"), so the built-in
+    table runs torch.nn's oneDNN there; cpp keeps batch 1-7 and the GRU and RNN everywhere."""
+    rankings = policy.builtin("amd")["rankings"]["cpu"]
+    assert rankings["lstm seq training B32+"][0] == "torch"
+    assert rankings["lstm seq training B2-7"][0] == "cpp"
+    assert rankings["gru seq training B32+"][0] == "cpp" and rankings["rnn seq training B32+"][0] == "cpp"
+
+
 def test_select_follows_the_ranking_and_skips_torch_when_traced(use_table):
     spec = dispatch.Spec("lstm", "cpu", torch.float32)
     use_table(TORCH_FIRST)
