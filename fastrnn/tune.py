@@ -1,10 +1,12 @@
 """python -m fastrnn.tune: measure the policy table of the automatic backend choice on this machine.
 
-For every class of ``fastrnn.policy`` it times one representative call (hidden size 256, float32) on
-each candidate backend (fastrnn's CPU backends and ``torch``, torch.nn's own implementation reached
-through the fastrnn module, as the automatic choice would run it) in interleaved rounds, ranks them by
-median, and writes the table to this CPU model's cache (``fastrnn.policy.cache_path()``), where the
-automatic choice finds it from then on. ``python -m fastrnn.info`` shows the table in force.
+For every class of ``fastrnn.policy`` it times a representative call (float32; hidden size 256 for the
+cells and 768 for the sequences above ``policy.WIDE_H``; the sequences up to it at both ends of their band,
+64 and 256) on each candidate backend (fastrnn's CPU backends and ``torch``, torch.nn's own
+implementation reached through the fastrnn module, as the automatic choice would run it) in interleaved
+rounds, ranks them by median (the geometric mean of the medians where a class has two calls), and writes
+the table to this CPU model's cache (``fastrnn.policy.cache_path()``), where the automatic choice finds it
+from then on. ``python -m fastrnn.info`` shows the table in force.
 
     python -m fastrnn.tune [--budget SECONDS_PER_CLASS] [--out PATH] [--print]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import sys
 import time
@@ -24,6 +27,10 @@ from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 H = 256  # the hidden size of the cells and of the sequences up to policy.WIDE_H
 H_WIDE = 768  # of the sequences above it
+#: the sequences up to WIDE_H are timed at H and at this one too: the band's ends rank differently (the
+#: LSTM in training at B64: cpp ahead of torch.nn at H256, 0.63-0.87x at H64; benchmarks/NOTES.md, "LSTM
+#: training at B32+ across the band")
+H_SMALL = 64
 SEQ = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 CELL = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
 # the representative call of each class: (T, B) for sequences (the wide band: shorter), (B, steps) for cells
@@ -124,16 +131,20 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         names = candidates(scope)
         if scope == "seq":
             T, B = SEQ_SHAPES[cls]
-            width = H_WIDE if cls.endswith(f"H>{policy.WIDE_H}") else H
-            x = torch.randn(STREAM_CALLS if T == 1 else T, B, width)
-            state = SEQ[family](width, width).state_dict()
-            fns = {n: _seq_call(family, cls, n, state, x, T, B) for n in names}
+            widths = (H_WIDE,) if cls.endswith(f"H>{policy.WIDE_H}") else (H_SMALL, H)
+            meds = []
+            for width in widths:
+                x = torch.randn(STREAM_CALLS if T == 1 else T, B, width)
+                state = SEQ[family](width, width).state_dict()
+                fns = {n: _seq_call(family, cls, n, state, x, T, B) for n in names}
+                meds.append(interleaved_medians(fns, budget_s / len(widths)))
+            med = {n: math.exp(sum(math.log(m[n]) for m in meds) / len(meds)) for n in names}
         else:
             B, steps = STEP_SHAPES[cls]
             x = torch.randn(steps, B, H)
             state = CELL[family](H, H).state_dict()
             fns = {n: _step_call(family, cls, n, state, x, B, steps) for n in names}
-        med = interleaved_medians(fns, budget_s)
+            med = interleaved_medians(fns, budget_s)
         order = sorted(med, key=med.get)
         rest = [n for n in policy.builtin()["rankings"]["cpu"][key] if n not in order]
         rankings[key] = order + rest
@@ -141,7 +152,8 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         log(f"{key:31s} " + "  ".join(f"{n} {med[n] * 1e3:.3f}" for n in order) + " ms")
     return {"format": policy.FORMAT, "cpu": policy.cpu_model(), "torch": torch.__version__, "fastrnn": __version__,
             "threads": torch.get_num_threads(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "hidden_size": H, "hidden_size_wide": H_WIDE, "budget_s": budget_s, "rankings": {"cpu": rankings}, "times_ms": times}
+            "hidden_size": H, "hidden_size_small": H_SMALL, "hidden_size_wide": H_WIDE, "budget_s": budget_s,
+            "rankings": {"cpu": rankings}, "times_ms": times}
 
 
 def main(argv=None) -> int:
@@ -150,8 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="where to write the table (default: this CPU model's cache file)")
     ap.add_argument("--print", action="store_true", help="print the table as JSON too")
     args = ap.parse_args(argv)
-    print(f"fastrnn.tune on {policy.cpu_model()}, {torch.get_num_threads()} threads, hidden size {H} ({H_WIDE} above "
-          f"{policy.WIDE_H}), float32; "
+    print(f"fastrnn.tune on {policy.cpu_model()}, {torch.get_num_threads()} threads, hidden size {H} (sequences: "
+          f"{H_SMALL} and {H} up to {policy.WIDE_H}, {H_WIDE} above), float32; "
           f"candidates: sequences {', '.join(candidates('seq'))}; cells {', '.join(candidates('step'))}")
     table = measure(args.budget)
     out = args.out or policy.cache_path()

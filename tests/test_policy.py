@@ -231,6 +231,7 @@ def test_tune_writes_a_table_the_choice_uses(monkeypatch, tmp_path):
     """A small tune (hidden size 8, short calls) writes every class; FASTRNN_POLICY reads it back and
     python -m fastrnn.info says where the table came from."""
     monkeypatch.setattr(tune, "H", 8)
+    monkeypatch.setattr(tune, "H_SMALL", 4)
     monkeypatch.setattr(tune, "H_WIDE", policy.WIDE_H + 1)
     monkeypatch.setattr(tune, "SEQ_SHAPES", {k: (1 if "T1" in k else 3, 2 if "B2" in k else 1)
                                              for k in tune.SEQ_SHAPES})
@@ -252,6 +253,32 @@ def test_tune_writes_a_table_the_choice_uses(monkeypatch, tmp_path):
         assert str(out) in report and "lstm seq inference B1" in report
     finally:
         policy.forget()
+
+
+def test_tune_ranks_a_narrow_class_by_both_ends_of_its_band(monkeypatch):
+    """Up to WIDE_H a sequence class is timed at H_SMALL and at H, and ranked by the geometric mean: a backend
+    ahead at one end only (here cpp: 1.0 against 1.5 ms at H, 2.0 against 1.0 at H_SMALL) is not first."""
+    widths = []  # the hidden size of each timed sequence call, in order
+    ms = {tune.H_SMALL: {"cpp": 2.0, "torch": 1.0}, tune.H: {"cpp": 1.0, "torch": 1.5},
+          tune.H_WIDE: {"cpp": 1.0, "torch": 1.5}}
+
+    def seq_call(family, cls, backend, state, x, T, B):
+        if not widths or widths[-1] != x.shape[-1] or backend == tune.candidates("seq")[0]:
+            widths.append(x.shape[-1])
+        return lambda: None
+
+    def medians(fns, budget_s, min_rounds=5):
+        return {n: ms.get(widths[-1], {}).get(n, 3.0) for n in fns}
+    monkeypatch.setattr(tune, "_seq_call", seq_call)
+    monkeypatch.setattr(tune, "_step_call", lambda *a: (lambda: None))
+    monkeypatch.setattr(tune, "interleaved_medians", medians)
+    table = tune.measure(0, log=lambda *a: None)
+    ranked = table["rankings"]["cpu"]
+    assert ranked["lstm seq training B32+"][:2] == ["torch", "cpp"]
+    assert table["times_ms"]["lstm seq training B32+"]["torch"] == pytest.approx(1e3 * 1.5 ** 0.5)
+    assert table["times_ms"]["lstm seq training B32+"]["cpp"] == pytest.approx(1e3 * 2.0 ** 0.5)
+    assert ranked[f"lstm seq training B32+ H>{policy.WIDE_H}"][:2] == ["cpp", "torch"]  # timed at H_WIDE only
+    assert set(widths) == {tune.H_SMALL, tune.H, tune.H_WIDE}
 
 
 def test_bad_tables(monkeypatch, tmp_path):
