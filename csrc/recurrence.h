@@ -534,7 +534,10 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // How a call is split, the same in its forward and backward: worker w owns hidden units
 // [w*U, min(H, (w+1)*U)) and output columns [w*PU, min(P, (w+1)*PU)) (PU = U without a projection,
-// so a worker's units and columns coincide), and whether the weights are packed.
+// so a worker's units and columns coincide), and whether the weights are packed. U and PU are rounded to
+// a vector's lanes (`block`, the drivers' NR = 2 x block) and each worker's panels padded to whole column
+// blocks of NR: units rounded to NR split H=200 over two workers as 128 / 72 (the LSTM's step 1.28x the
+// even share; NOTES.md, nineteenth session), lanes split it 112 / 88.
 struct Layout {
   int nw;
   int64_t U, PU;
@@ -543,7 +546,8 @@ struct Layout {
 
 inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block,
                      int64_t input_size = 0) {
-  const int nw = team_size(B * G * H * (P + input_size), std::max<int64_t>(T, 1), H, block);
+  // no more workers than column blocks of 2 x block (a part of one block pads to a whole one)
+  const int nw = team_size(B * G * H * (P + input_size), std::max<int64_t>(T, 1), H, 2 * block);
   const int64_t U = round_up((H + nw - 1) / nw, block);
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }
@@ -707,8 +711,9 @@ template <typename T, typename Point>
 void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>, a.in.I);
-  const int64_t ncols = a.G * U, ncb = ncols / NR<T>;
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, lanes<T>(), a.in.I);
+  // a worker's G*U gate columns (gate k at k*U + j), its panels and products padded to whole column blocks
+  const int64_t GU = a.G * U, ncols = round_up(GU, NR<T>), ncb = ncols / NR<T>, PUc = round_up(PU, NR<T>);
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
   // the first row of step t in x and y: packed rows (InputProj::row0) or [T, B, *]
   auto row_of = [&](int64_t t) { return a.in.row0 ? a.in.row0[t] : t * B; };
@@ -741,7 +746,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
     }
   };
   Scratch<T> panel(packed ? nw * P * ncols : 0), pre(nw * B * ncols);
-  Scratch<T> panel_r(packed && proj ? nw * H * PU : 0), pre_r(proj ? nw * B * PU : 0);
+  Scratch<T> panel_r(packed && proj ? nw * H * PUc : 0), pre_r(proj ? nw * B * PUc : 0);
   Scratch<T> hbuf(2 * B * P);
   T* hb = hbuf.data();
   std::memcpy(hb, a.h0, sizeof(T) * B * P);  // both buffers start at h0: a row that joins late reads h0
@@ -762,19 +767,19 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       const int64_t u0 = w * U;
       pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
         const int64_t u = u0 + n % U;
-        return u < H ? (n / U) * H + u : int64_t(-1);
+        return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
       }, pan + w * P * ncols);
       if (proj) {
         const int64_t p0 = w * PU;
-        pack_panel(a.w_hr, H, false, H, PU, [&](int64_t n) { return p0 + n < P ? p0 + n : int64_t(-1); },
-                   panr + w * H * PU);
+        pack_panel(a.w_hr, H, false, H, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
+                   panr + w * H * PUc);
       }
     }
     for (int w = wb; w < we && fused; ++w) {
       const int64_t u0 = w * U;
       pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
         const int64_t u = u0 + n % U;
-        return u < H ? (n / U) * H + u : int64_t(-1);
+        return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
       }, pin + w * I * ncols);
     }
     for (int w = wb; w < we && a.in.x && T_ > 1 && !fused; ++w) {  // a few rows: all steps first (InputProj)
@@ -825,12 +830,12 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       for (int w = wb; w < we; ++w) {
         const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
         if (np <= 0 || bs == 0) continue;
-        T* pw = prr + w * B * PU;
+        T* pw = prr + w * B * PUc;
         if (packed)
-          gemm_packed(bs, H, hdst, H, panr + w * H * PU, PU / NR<T>, pw, PU);
+          gemm_packed(bs, H, hdst, H, panr + w * H * PUc, PUc / NR<T>, pw, PUc);
         else
-          gemm_rows(bs, H, hdst, H, a.w_hr, ColMap{1, 0, p0, np, 0}, pw, PU);
-        finish(t, it, bs, bs_next, p0, np, hp, hn, pw, PU);
+          gemm_rows(bs, H, hdst, H, a.w_hr, ColMap{1, 0, p0, np, 0}, pw, PUc);
+        finish(t, it, bs, bs_next, p0, np, hp, hn, pw, PUc);
       }
       bar.arrive(we - wb);
     }
@@ -870,13 +875,14 @@ template <typename T, typename Point>
 void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, NR<T>);
+  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, lanes<T>());
+  const int64_t Uc = round_up(U, NR<T>), PUc = round_up(PU, NR<T>);  // panels of whole column blocks
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
   // zoneout: dh_t splits into (1-k) dh_t for the cell's h~ and k dh_t carried to h_{t-1}, which the
   // recurrent product then adds to
   const bool accumulate = a.accumulate || zon;
-  Scratch<T> panel_a(packed && proj ? nw * P * U : 0), pre_a(proj ? nw * B * U : 0);
-  Scratch<T> panel_b(packed ? nw * GH * PU : 0), pre_b(nw * B * PU);
+  Scratch<T> panel_a(packed && proj ? nw * P * Uc : 0), pre_a(proj ? nw * B * Uc : 0);
+  Scratch<T> panel_b(packed ? nw * GH * PUc : 0), pre_b(nw * B * PUc);
   T* pana = panel_a.data(), *pra = pre_a.data(), *panb = panel_b.data(), *prb = pre_b.data();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
 
@@ -900,11 +906,11 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
     for (int w = wb; w < we; ++w) {
       const int64_t u0 = w * U, p0 = w * PU;
       if (proj && packed)
-        pack_panel(a.w_hr, H, true, P, U, [&](int64_t n) { return u0 + n < H ? u0 + n : int64_t(-1); },
-                   pana + w * P * U);
+        pack_panel(a.w_hr, H, true, P, Uc, [&](int64_t n) { return n < U && u0 + n < H ? u0 + n : int64_t(-1); },
+                   pana + w * P * Uc);
       if (packed)
-        pack_panel(a.w_hh, P, true, GH, PU, [&](int64_t n) { return p0 + n < P ? p0 + n : int64_t(-1); },
-                   panb + w * GH * PU);
+        pack_panel(a.w_hh, P, true, GH, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
+                   panb + w * GH * PUc);
       if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + tf(T_ - 1) * B * P);
     }
     if (proj) bar.arrive(we - wb);
@@ -917,12 +923,12 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
           const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
           if (nu <= 0 || bs == 0) continue;
           if (proj) {
-            T* pw = pra + w * B * U;
+            T* pw = pra + w * B * Uc;
             if (ph == 0 && packed)
-              gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * U, U / NR<T>, pw, U);
+              gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * Uc, Uc / NR<T>, pw, Uc);
             else if (ph == 0)
-              gemm_cols(bs, P, a.dh_proj + t * B * P, P, a.w_hr, H, u0, nu, pw, U);
-            point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)pw, U);
+              gemm_cols(bs, P, a.dh_proj + t * B * P, P, a.w_hr, H, u0, nu, pw, Uc);
+            point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)pw, Uc);
           } else {
             if (ph == 0) make_dh(it, u0, nu, a.dh_cur);
             point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)(a.dh_cur + u0), P);
@@ -933,12 +939,12 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
       for (int w = wb; w < we; ++w) {
         const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
         if (np <= 0) continue;
-        T* pw = prb + w * B * PU;
-        if (bs > 0 && packed) gemm_packed(bs, GH, a.d_rec + t * B * GH, GH, panb + w * GH * PU, PU / NR<T>, pw, PU);
-        if (bs > 0 && !packed) gemm_cols(bs, GH, a.d_rec + t * B * GH, GH, a.w_hh, P, p0, np, pw, PU);
+        T* pw = prb + w * B * PUc;
+        if (bs > 0 && packed) gemm_packed(bs, GH, a.d_rec + t * B * GH, GH, panb + w * GH * PUc, PUc / NR<T>, pw, PUc);
+        if (bs > 0 && !packed) gemm_cols(bs, GH, a.d_rec + t * B * GH, GH, a.w_hh, P, p0, np, pw, PUc);
         for (int64_t b = 0; b < bs; ++b) {
           T* d = a.dh_rec + b * P + p0;
-          const T* g = pw + b * PU;
+          const T* g = pw + b * PUc;
           const T* src = b < nprev ? a.y + (tprev * B + b) * P : a.h0 + b * P;
           if (a.rmask) {  // h_{t-1} entered the product times its mask
             const T* m = a.rmask + b * P + p0;

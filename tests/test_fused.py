@@ -27,12 +27,15 @@ def threaded(backend):
     impl.set_parallel_min_macs(old)
 
 
-# hidden sizes above one unit block (cpp: 32 floats / 16 doubles) so that two threads get units, unequally
+# hidden sizes above one column block (cpp: 32 floats / 16 doubles) so that two threads get units, unequally;
+# cpp rounds a worker's units to 16 floats / 8 doubles and pads its panels to whole blocks: H=72 splits as
+# 48 / 24 units (the GRU's 3 x 48 columns pad to 160, the projection's 35 outputs a worker to 48, then 64)
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name,proj,kind,H", [
     ("LSTM", 0, "batched", 37), ("LSTM", 3, "packed", 37), ("LSTM", 0, "packed", 20), ("LSTM", 40, "batched", 50),
     ("GRU", 0, "batched", 37), ("GRU", 0, "packed", 33), ("RNN_tanh", 0, "packed", 37),
-    ("RNN_relu", 0, "batched", 40)])
+    ("RNN_relu", 0, "batched", 40), ("LSTM", 0, "batched", 72), ("LSTM", 70, "packed", 72),
+    ("GRU", 0, "batched", 72), ("RNN_tanh", 0, "batched", 72)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_threaded_parity(backend, threaded, name, proj, kind, H, dtype, ran):
     kw = _kwargs(name, 2, True, False, True, proj, hidden=H)
