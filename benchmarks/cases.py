@@ -89,6 +89,9 @@ def all_cases(quick: bool) -> list[Case]:
         if not quick:
             cases.append(Case("GRU", mode, 100, 16, 256, layers=2, bidirectional=True))
             cases.append(Case("GRU", mode, 100, 16, 256, packed=True))
+            # a hidden size that two workers do not split in whole column blocks of 32 (cpp's layout)
+            cases.append(Case("LSTM", mode, 100, 16, 200))
+            cases.append(Case("GRU", mode, 100, 16, 200))
     return cases
 
 
