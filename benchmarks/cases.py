@@ -92,6 +92,9 @@ def all_cases(quick: bool) -> list[Case]:
             # a hidden size that two workers do not split in whole column blocks of 32 (cpp's layout)
             cases.append(Case("LSTM", mode, 100, 16, 200))
             cases.append(Case("GRU", mode, 100, 16, 200))
+    # the policy's LSTM training at B32+ away from the grid's H: a short sequence, a small hidden size
+    if not quick:
+        cases.append(Case("LSTM", "training", 50, 64, 64))
     return cases
 
 
