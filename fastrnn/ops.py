@@ -217,10 +217,20 @@ def _forward_through(op):
     return forward
 
 
+def _forward_eager(impl, setup_context):
+    """An autograd.Function's forward in the form that takes ``ctx`` (with a separate ``setup_context``,
+    ``Function.apply`` binds the arguments through ``inspect.signature``: ~15 us a call)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+    return forward
+
+
 def _define_all():
     # Library.define/impl rather than torch.library.custom_op: custom_op wraps each implementation in
     # torch._dynamo.disable, whose first call imports torch._dynamo (~1.5 s of cold start).
-    ops, functions = {}, {}
+    ops, functions, eager = {}, {}, {}
     for family in FAMILIES:
         for kind, schema in _schemas(family).items():
             opname = f"{family}_{kind}"
@@ -240,10 +250,14 @@ def _define_all():
                     "forward": staticmethod(_forward_through(ops[name])),
                     "setup_context": staticmethod(setup_context), "backward": staticmethod(backward),
                     "generate_vmap_rule": True})
-    return ops, functions
+                # and straight to the implementation, for the eager calls that may skip the op layer
+                eager[name] = type(f"_{name}_eager", (torch.autograd.Function,), {
+                    "forward": staticmethod(_forward_eager(_call_backend(name), setup_context)),
+                    "backward": staticmethod(backward)})
+    return ops, functions, eager
 
 
-OPS, _FUNCTIONS = _define_all()
+OPS, _FUNCTIONS, _EAGER = _define_all()
 
 
 def functorch_active():
@@ -254,9 +268,15 @@ def functorch_active():
 def with_autograd(name):
     """The forward op ``name`` with its autograd formula. Under torch.func transforms the same formula
     as an autograd.Function of our own: the one torch.library.register_autograd generates has no
-    setup_context staticmethod, which functorch requires (pytorch/pytorch#168393, open in torch 2.13)."""
+    setup_context staticmethod, which functorch requires (pytorch/pytorch#168393, open in torch 2.13).
+    Where nothing intercepts ops (``can_skip_ops``) the same formula in an autograd.Function that calls
+    the op's implementation directly: the op layer's autograd wrapper (its argument binding,
+    ``torch._library.utils.fill_defaults``, rebuilds the schema's argument list for each argument) cost
+    ~40 us of every training call (benchmarks/NOTES.md, twentieth session)."""
     if functorch_active():
         return _FUNCTIONS[name].apply
+    if can_skip_ops():
+        return _EAGER[name].apply
     return getattr(torch.ops.fastrnn, name)
 
 

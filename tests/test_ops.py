@@ -200,3 +200,45 @@ def test_cell_grads_when_one_state_is_unused(backend, ran):
         for a, b in zip(*res):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     assert backends_used(ran) == {backend}
+
+
+def _graph_names(t):
+    """The class names of every autograd node behind ``t``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell"])
+def test_eager_training_skips_the_op_layer_with_the_ops_numbers(backend, cls, monkeypatch, ran):
+    """In eager training the forward runs the op's implementation in an autograd.Function of fastrnn's own
+    (``ops.with_autograd``: the op layer's wrapper cost ~40 us a call), with the op's formula: the same
+    outputs and gradients, bit for bit, as through ``torch.ops.fastrnn`` (taken where a tracer records)."""
+    torch.manual_seed(0)
+    m = getattr(fastrnn, cls)(5, 8, backend=backend)
+    cell = cls.endswith("Cell")
+    x = torch.randn(3, 5) if cell else torch.randn(4, 3, 5)
+
+    def run():
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = m(xg)
+        y = out[0]  # a sequence's output, an LSTMCell's h
+        (y * torch.arange(y.numel()).view(y.shape).sin()).sum().backward()
+        return y, [xg.grad] + [p.grad for p in m.parameters()], _graph_names(y)
+
+    y, grads, names = run()
+    assert any(n.endswith("_eagerBackward") for n in names), names
+    monkeypatch.setattr(fastrnn.ops, "can_skip_ops", lambda: False)  # the op layer, as under a tracer
+    y2, grads2, names2 = run()
+    assert not any(n.endswith("_eagerBackward") for n in names2), names2
+    assert torch.equal(y, y2)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
