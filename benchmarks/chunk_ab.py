@@ -29,14 +29,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastrnn {fastrnn.__version__}; "
           "ms per 100 steps, x = torch's / this")
-    fast_path, max_rows = modules._SeqMixin._chunk_inference, cpp.CppBackend.chunk_max_rows
+    fast_path, max_rows = modules._SeqMixin._fast_path, cpp.CppBackend.chunk_max_rows
 
     def off():
-        modules._SeqMixin._chunk_inference = lambda self, input, hx: None
+        modules._SeqMixin._fast_path = lambda self, input, hx: None
         cpp.CppBackend.chunk_max_rows = 0
 
     def on():
-        modules._SeqMixin._chunk_inference = fast_path
+        modules._SeqMixin._fast_path = fast_path
         cpp.CppBackend.chunk_max_rows = max_rows
 
     for cell in ("LSTM", "GRU", "RNN"):

@@ -391,56 +391,62 @@ class _SeqMixin(_BackendMixin):
     def forward(self, input, hx=None):
         if _exporting() and not self._variant_only():
             return super().forward(input, hx)  # torch.nn's own ops, which exporters know
-        if not torch.is_grad_enabled() and isinstance(input, torch.Tensor):
-            out = self._chunk_inference(input, hx)
+        if isinstance(input, torch.Tensor):
+            out = self._fast_path(input, hx)
             if out is not None:
                 return out
         return self._forward(input, hx)
 
-    def _chunk_inference(self, input, hx):
-        """The streaming fast path: a short dense input in inference (the chunks of a stream, T x B up to
-        the backend's ``chunk_max_rows``) runs each layer-direction as one call of the backend's optional
-        ``<family>_chunk_fwd`` (input projection inside), with none of ``_forward``'s Python checks, which
-        cost more than the kernel there (benchmarks/NOTES.md, "Short sequences"). Taken only without
-        autograd, autocast, torch.compile and dispatch modes (``ops.can_skip_ops``).
-        The op checks shapes and dtypes itself and changes no input; whatever it refuses goes to
-        ``_forward``, which raises torch's error for it (or serves it another way). When the automatic
-        choice for the call is ``torch``, a well-formed call runs torch.nn's forward from here. Returns
-        None when the path does not apply."""
-        if (input.dim() not in (2, 3) or not ops.can_skip_ops() or torch.is_autocast_enabled(input.device.type)
+    def _fast_path(self, input, hx):
+        """The calls that need none of ``_forward``'s Python, which costs more than the kernel of a short
+        call (benchmarks/NOTES.md, "Short sequences" and twentieth session): a dense input and a well-formed
+        ``hx``, outside autocast, torch.compile, tracing and dispatch modes (``ops.can_skip_ops``), with no
+        dropped weights or cell options.
+
+        When the automatic choice for the call's shape class is ``torch`` (with or without autograd),
+        torch.nn's forward runs it from here, its checks and autograd included. Otherwise, with autograd,
+        ``_forward`` runs it on the backend chosen here; without, a short sequence (T x B up to the
+        backend's ``chunk_max_rows``: the chunks of a stream)
+        runs each layer-direction as one call of the backend's optional ``<family>_chunk_fwd`` (input
+        projection inside); the op checks shapes and dtypes itself and changes no input. Whatever does not
+        apply or is refused returns None and goes to ``_forward``, which raises torch's error for it (or
+        serves it another way)."""
+        if (input.dim() not in (2, 3) or not ops.can_skip_ops() or _any_autocast()
                 or self._dropping_weights() or self._cell_options()):
             return None
         batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
-        T, B = x.shape[0], x.shape[1]
-        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", self.training, B, T, self.hidden_size))
-        if choice is None:
-            return None
-        name, op, impl = choice
-        torch_nn = name == "torch"
-        if not torch_nn and (op is None or T == 0 or T * B > impl.chunk_max_rows):
-            return None
         D = 2 if self.bidirectional else 1
         L = self.num_layers
-        if hx is None:
-            states = self._zeros_state(x, B)
-        else:
+        states = ()  # hx None: zeros, made below only for a fastrnn op (torch.nn makes its own)
+        if hx is not None:
             if self._n_state == 2 and not isinstance(hx, (tuple, list)):
                 return None  # (a stacked tensor: torch raises a TypeError for it, _forward too)
             states = tuple(hx) if self._n_state == 2 else (hx,)
             if len(states) != self._n_state or not all(isinstance(s, torch.Tensor) for s in states):
                 return None
-            if not batched:
-                if any(s.dim() != 2 for s in states):
-                    return None
-                states = tuple(s.unsqueeze(1) for s in states)
-            if any(s.dim() != 3 or s.shape[0] != L * D for s in states):
+            if any(s.dim() != (3 if batched else 2) or s.shape[0] != L * D for s in states):
                 return None
-        if torch_nn:  # a well-formed call (the others get _forward's checks and messages first)
+        grad = torch.is_grad_enabled()
+        training = self.training or (grad and self._training_class(input, self.weight_ih_l0, states))
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[0], x.shape[1]
+        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size))
+        if choice is None:
+            return None
+        name, op, impl = choice
+        if name == "torch":  # a well-formed call (the others get _forward's checks and messages first)
             self._torch_checks(input, states, self.weight_ih_l0)
             return self._torch_forward(input, hx)
+        if grad:  # autograd: the general path, on the backend chosen here (its choice costs ~15 us a call)
+            return self._forward(input, hx, name)
+        if op is None or T == 0 or T * B > impl.chunk_max_rows:
+            return None
+        if hx is None:
+            states = self._zeros_state(x, B)
+        elif not batched:
+            states = tuple(s.unsqueeze(1) for s in states)
         try:
             y, states = chunk_layers(self._family, op, x, states, self._weights(), self._options(), num_layers=L,
                                      num_directions=D, dropout=float(self.dropout), training=self.training,
@@ -461,8 +467,9 @@ class _SeqMixin(_BackendMixin):
         state.pop("_chunk_choice", None)
         return state
 
-    def _forward(self, input, hx=None):
-        """The general path: torch's argument checks, any backend, autograd."""
+    def _forward(self, input, hx=None, backend=None):
+        """The general path: torch's argument checks, any backend, autograd. ``backend``: the one
+        ``_fast_path`` chose for this call (a dense call outside autocast and tracers), else None."""
         name = self._torch_name()
         given = input, hx  # for the torch backend, which takes them as they came
         packed = isinstance(input, PackedSequence)
@@ -518,10 +525,11 @@ class _SeqMixin(_BackendMixin):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         features = self._features() | ({"varlen"} if packed else set())
-        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
-                                  self.backend, "seq", policy.shape_class("seq", self._training_class(input, w0, states),
-                                                                          B, T, self.hidden_size),
-                                  amp is not None or not ops.can_skip_ops())
+        if backend is None:
+            backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
+                                      self.backend, "seq", policy.shape_class(
+                                          "seq", self._training_class(input, w0, states), B, T, self.hidden_size),
+                                      amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)
 
@@ -788,39 +796,42 @@ class _CellMixin(_BackendMixin):
                 raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {s.dim()}D instead")
 
     def forward(self, input, hx=None):
-        if not torch.is_grad_enabled():
-            out = self._fused_inference(input, hx)  # never while a trace records (ops.can_skip_ops)
-            if out is not None:
-                return out
+        out = self._fast_path(input, hx)  # never while a trace records (ops.can_skip_ops)
+        if out is not None:
+            return out
         if _exporting() and not self._variant_only():
             return super().forward(input, hx)  # as in _SeqMixin.forward
         return self._forward(input, hx)
 
-    def _fused_inference(self, input, hx):
-        """The streaming fast path: one call of the backend's optional ``<family>_cell_fwd`` (input
-        projection inside), with none of the Python checks of ``_forward``. Taken only without autograd and
-        autocast, outside torch.compile, tracing and dispatch modes (``ops.can_skip_ops``), for a batched
-        input (or an unbatched one with its state given), when the chosen backend offers the op. That op
-        checks shapes, dtypes, devices and contiguity itself and changes no input; whatever it refuses goes
-        to ``_forward``, which raises torch's error for it (or serves it another way). Returns None when the
-        fast path does not apply. A cell call at batch 1 is short enough that every check here costs a
-        share of it (benchmarks/NOTES.md, "The cells' fast path, trimmed").
-        """
+    def _fast_path(self, input, hx):
+        """The calls that need none of ``_forward``'s Python checks: a batched input (or an unbatched one
+        with its state given) and a well-formed ``hx``, outside autocast, torch.compile, tracing and
+        dispatch modes (``ops.can_skip_ops``), with no dropped weights or cell options. A cell call at batch
+        1 is short enough that every check costs a share of it (benchmarks/NOTES.md, "The cells' fast path,
+        trimmed", and twentieth session). When the automatic choice for the call's class is ``torch`` (with
+        or without autograd), torch.nn's forward runs it from here, its checks and autograd included.
+        Otherwise, with autograd, ``_forward`` runs it on the backend chosen here; without, one call of that
+        backend's optional ``<family>_cell_fwd`` (input projection inside), which checks shapes, dtypes,
+        devices and contiguity itself and changes no input. Whatever does not apply or is refused returns None and goes to ``_forward``, which raises
+        torch's error for it (or serves it another way)."""
         if not isinstance(input, torch.Tensor) or not (self._hx_is_well_formed(hx) if hx is not None
                                                        else input.dim() == 2):
             return None
         if not ops.can_skip_ops() or _any_autocast() or self._dropping_weights() or self._cell_options():
             return None  # autocast: _forward's rules
+        grad = torch.is_grad_enabled()
+        given = () if hx is None else tuple(hx) if self._n_state == 2 else (hx,)
+        training = self.training or (grad and self._training_class(input, self.weight_ih, given))
         choice = self._fast_op(input, "cell", "step",
-                               policy.shape_class("step", self.training, input.shape[0] if input.dim() == 2 else 1))
+                               policy.shape_class("step", training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
             return None
         name, fused, _ = choice
         if name == "torch":
-            if hx is None:
-                return None
-            self._torch_checks(input, tuple(hx) if self._n_state == 2 else (hx,), self.weight_ih)
+            self._torch_checks(input, given, self.weight_ih)
             return self._torch_forward(input, hx)
+        if grad:  # autograd: the general path, on the backend chosen here (its choice costs ~15 us a call)
+            return self._forward(input, hx, name)
         if fused is None:
             return None
         if hx is None:  # torch's zeros, of the input's batch, dtype and device
@@ -869,8 +880,9 @@ class _CellMixin(_BackendMixin):
         """The state tensors given as ``hx``, as torch reads them (it raises for a wrong form)."""
         return (hx,)
 
-    def _forward(self, input, hx):
-        """The general path: torch's argument checks, any backend, autograd."""
+    def _forward(self, input, hx, backend=None):
+        """The general path: torch's argument checks, any backend, autograd. ``backend``: as in
+        ``_SeqMixin._forward``."""
         name = self._torch_name()
         given = input, hx  # for the torch backend, which takes them as they came
         if input.dim() not in (1, 2):
@@ -912,10 +924,11 @@ class _CellMixin(_BackendMixin):
                                    f"expected {self.hidden_size}")
         _check_state_like(name, states, input, "hx")
 
-        backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
-                                  self.backend, "step", policy.shape_class("step", self._training_class(input, w_ih,
-                                                                                                       states), B),
-                                  amp is not None or not ops.can_skip_ops())
+        if backend is None:
+            backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
+                                      self.backend, "step", policy.shape_class(
+                                          "step", self._training_class(input, w_ih, states), B),
+                                      amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:

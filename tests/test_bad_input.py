@@ -148,7 +148,7 @@ CELL_CASES = {
 @pytest.mark.parametrize("name", list(CELL))
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_cell_bad_input(backend, name, case, grad):
-    """no_grad: a cell call with a state takes the inference fast path first (modules._fused_inference)."""
+    """no_grad: a cell call with a state takes the inference fast path first (modules._CellMixin._fast_path)."""
     f, t = _pair(*CELL[name], backend)
     make, match = CELL_CASES[case]
     with torch.set_grad_enabled(grad):
