@@ -4,8 +4,8 @@
 PackedSequence, none of fastrnn's additions: what the table measures) whose shape class the module
 passes; every other call follows the static priority lists in ``fastrnn.dispatch``. On CUDA, every dtype. A class
 is a short string (``shape_class``): the scope (whole sequences or one cell step), inference or
-training (a gradient will follow), and the batch size in four bands (1, 2-7, 8-31, 32+); a sequence call of one step in
-inference (the chunks of a stream) is a class of its own. A ranking lists backend names fastest first,
+training (a gradient will follow), and the batch size in four bands (1, 2-7, 8-31, 32+); a sequence call of one step
+(in inference the chunks of a stream, in training a decoder's steps) is a class of its own. A ranking lists backend names fastest first,
 ``torch`` (torch.nn's own implementation) among them; the automatic choice takes the first that can serve
 the call and is allowed (``torch`` is skipped while torch.compile or another tracer records the call),
 then the static priority.
@@ -29,7 +29,7 @@ import os
 import re
 from pathlib import Path
 
-FORMAT = 2  # 2: the batch bands B2-7 and B8-31 (format 1 had B2-31)
+FORMAT = 3  # 3: the class 'training T1'; 2: the batch bands B2-7 and B8-31 (format 1 had B2-31)
 FAMILIES = ("lstm", "gru", "rnn")
 #: sequences: inference or training x batch band (or a one-step chunk), each for hidden sizes up to
 #: WIDE_H and above it (where the weights leave the L2s and the backends' order changes: LSTM B8 H1024,
@@ -38,7 +38,7 @@ WIDE_H = 384
 #: batch bands: the LSTM order changes inside 2-31 (cpp ahead at B4, torch.nn's oneDNN from B8 at H=256,
 #: benchmarks/NOTES.md, "A hidden-size band in the policy table")
 BANDS = ("B1", "B2-7", "B8-31", "B32+")
-_SEQ_BASE = (*(f"inference {b}" for b in BANDS), "inference T1", *(f"training {b}" for b in BANDS))
+_SEQ_BASE = (*(f"inference {b}" for b in BANDS), "inference T1", *(f"training {b}" for b in BANDS), "training T1")
 SEQ_CLASSES = _SEQ_BASE + tuple(f"{c} H>{WIDE_H}" for c in _SEQ_BASE)
 STEP_CLASSES = ("inference B1", "inference B2+", "training")
 
@@ -50,8 +50,8 @@ def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0) -> str:
     if scope == "step":
         return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
     wide = f" H>{WIDE_H}" if H > WIDE_H else ""
-    if not grad and T == 1:
-        return "inference T1" + wide
+    if T == 1:
+        return ("training T1" if grad else "inference T1") + wide
     band = "B1" if B == 1 else "B2-7" if B < 8 else "B8-31" if B < 32 else "B32+"
     return ("training " if grad else "inference ") + band + wide
 
@@ -68,11 +68,12 @@ def keys() -> list[str]:
 # took every dense inference sequence); Intel from `make bench` on a Xeon (2026-12-01) for the classes it
 # times (sequences at batch 1, 16 and 64, one-step chunks, batch-1 cells) and the AMD ranking for the
 # others. A CPU of another vendor gets the Intel table.
-def _table(seq_lstm, seq_other, t1, step):
+def _table(seq_lstm, seq_other, t1, step, t1_train):
     out = {}
     for f in FAMILIES:
         for c in SEQ_CLASSES:
-            out[f"{f} seq {c}"] = t1[f] if c.startswith("inference T1") else (seq_lstm[c] if f == "lstm" else seq_other)
+            out[f"{f} seq {c}"] = (t1[f] if c.startswith("inference T1") else t1_train[f] if c.startswith("training T1")
+                                   else seq_lstm[c] if f == "lstm" else seq_other)
         for c in STEP_CLASSES:
             out[f"{f} step {c}"] = step[f][c]
     return out
@@ -102,6 +103,14 @@ _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
 # cells: numba's fused cell ahead of cpp's from B2 in inference (B16, two tune runs, ms: LSTM 8.5 / 7.3
 # against 10.2 / 8.0, GRU 5.6 / 5.4 against 6.1 / 6.1, RNN 2.6 / 3.1 against 2.6 / 4.6)
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_T} for f in FAMILIES}
+# one-step sequences in training (a decoder's steps, the state carried, one backward at the end; the tune's
+# call: 50 steps at B16, H64 and H256, ms, geometric mean, two runs): torch.nn ahead for the GRU (22.9 /
+# 27.4 against cpp's 26.0 / 31.9) and the RNN (12.9 / 16.5 against 18.6 / 22.7), and at H768 (GRU 293 /
+# 288 against 336 / 331, RNN 81 / 102 against 103 / 119); cpp for the LSTM (31.2 / 31.0 against torch.nn's
+# 51.5 / 31.8: its oneDNN LSTM at H256 read 136 then 54 ms; H768: 468 against 1792 / 1662). Before this
+# class those calls took the batch bands' cpp at 0.38-0.76x torch.nn (benchmarks/NOTES.md, twentieth
+# session). The Intel table takes the AMD ranking (not measured there).
+_AMD_T1_TRAIN = {"lstm": _CTN, "gru": _TCN, "rnn": _TCN}
 _BUILTIN_CPU = {
     # the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
     # up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 (B4: 8.8 / 9.2 and 11.0 / 11.7);
@@ -114,11 +123,11 @@ _BUILTIN_CPU = {
     "amd": _table({"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _CTN, "inference B32+": _TCN,
                    "training B1": _CTN, "training B2-7": _CTN, "training B8-31": _TCN, "training B32+": _TCN,
                    **_AMD_LSTM_WIDE},
-                  _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP),
+                  _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP, _AMD_T1_TRAIN),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
                     {"lstm": _CNT, "gru": _CTN, "rnn": _TCN},
                     {"lstm": {**_AMD_STEP["lstm"], "inference B1": _STEP_T}, "gru": _AMD_STEP["gru"],
-                     "rnn": {**_AMD_STEP["rnn"], "inference B1": _STEP_T}}),
+                     "rnn": {**_AMD_STEP["rnn"], "inference B1": _STEP_T}}, _AMD_T1_TRAIN),
 }
 
 

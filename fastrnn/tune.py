@@ -36,10 +36,10 @@ CELL = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
 # the representative call of each class: (T, B) for sequences (the wide band: shorter), (B, steps) for cells
 SEQ_SHAPES = {"inference B1": (100, 1), "inference B2-7": (100, 4), "inference B8-31": (100, 16),
               "inference B32+": (50, 64), "inference T1": (1, 1), "training B1": (100, 1), "training B2-7": (100, 4),
-              "training B8-31": (100, 16), "training B32+": (50, 64)}
+              "training B8-31": (100, 16), "training B32+": (50, 64), "training T1": (1, 16)}
 SEQ_SHAPES.update({f"{c} H>{policy.WIDE_H}": (max(1, T // 4), B) for c, (T, B) in list(SEQ_SHAPES.items())})
 STEP_SHAPES = {"inference B1": (1, 50), "inference B2+": (16, 50), "training": (16, 20)}
-STREAM_CALLS = 50  # calls of one step each in the 'inference T1' class, state carried
+STREAM_CALLS = 50  # calls of one step each in the T1 classes, state carried (in training: a decoder's steps)
 
 
 def candidates(scope: str) -> list[str]:
@@ -62,8 +62,15 @@ def _seq_call(family, cls, backend, state, x, T, B):
             for p in m.parameters():
                 p.grad = None
             xg.grad = None
-            out, st = m(xg)
-            out.sum().backward()
+            if T == 1:  # a decoder: one step a call, the state carried, one backward for all of them
+                st, loss = None, 0
+                for t in range(STREAM_CALLS):
+                    out, st = m(xg[t:t + 1], st)
+                    loss = loss + out.sum()
+                loss.backward()
+            else:
+                out, st = m(xg)
+                out.sum().backward()
     elif T == 1:
         def fn():
             with torch.no_grad():

@@ -37,16 +37,16 @@ def use_table(monkeypatch, tmp_path):
 def test_shape_classes():
     sc = policy.shape_class
     assert [sc("seq", False, 1, 100), sc("seq", False, 2, 100), sc("seq", False, 7, 100), sc("seq", False, 8, 100),
-            sc("seq", False, 31, 2), sc("seq", False, 32, 2), sc("seq", False, 64, 1), sc("seq", True, 1, 1),
-            sc("seq", True, 4, 10), sc("seq", True, 40, 100)] == \
+            sc("seq", False, 31, 2), sc("seq", False, 32, 2), sc("seq", False, 64, 1), sc("seq", True, 1, 2),
+            sc("seq", True, 4, 10), sc("seq", True, 40, 100), sc("seq", True, 16, 1)] == \
         ["inference B1", "inference B2-7", "inference B2-7", "inference B8-31", "inference B8-31", "inference B32+",
-         "inference T1", "training B1", "training B2-7", "training B32+"]
+         "inference T1", "training B1", "training B2-7", "training B32+", "training T1"]
     assert [sc("step", False, 1), sc("step", False, 2), sc("step", True, 1)] == \
         ["inference B1", "inference B2+", "training"]
     assert [sc("seq", False, 8, 50, 384), sc("seq", False, 8, 50, 385), sc("seq", True, 1, 1, 1024),
             sc("seq", False, 1, 1, 1024), sc("step", False, 1, 1, 1024)] == \
-        ["inference B8-31", "inference B8-31 H>384", "training B1 H>384", "inference T1 H>384", "inference B1"]
-    assert len(policy.keys()) == 3 * (2 * 9 + 3)
+        ["inference B8-31", "inference B8-31 H>384", "training T1 H>384", "inference T1 H>384", "inference B1"]
+    assert len(policy.keys()) == 3 * (2 * 10 + 3)
 
 
 @pytest.mark.parametrize("vendor", ["amd", "intel", "other"])
@@ -349,3 +349,44 @@ def test_torch_served_fast_paths_keep_fastrnns_state_checks(use_table):
             cell(torch.randn(2, 5), torch.zeros(2, 8, dtype=torch.float64))
         with pytest.raises(RuntimeError, match="hx has dtype torch.float64 but the input has dtype torch.float32"):
             seq(torch.randn(1, 2, 5), torch.zeros(1, 2, 8, dtype=torch.float64))
+
+
+def test_one_step_training_calls_have_their_own_class(tmp_path, monkeypatch):
+    """A decoder's steps in training (a sequence module called one step at a time, the state carried, one
+    backward) are the class 'training T1': torch.nn there, a kernel for the same module's longer calls; the
+    gradients are torch.nn's either way."""
+    table = {k: (TORCH_FIRST if k.endswith("training T1") else KERNEL_FIRST) for k in policy.keys()}
+    path = tmp_path / "t1.json"
+    path.write_text(json.dumps({"format": policy.FORMAT, "rankings": {"cpu": table}}))
+    monkeypatch.setenv("FASTRNN_POLICY", str(path))
+    policy.forget()
+    try:
+        torch.manual_seed(0)
+        ref = torch.nn.GRU(5, 8)
+        m = fastrnn.GRU(5, 8)
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(4, 3, 5)
+        for T, want in ((1, "torch"), (2, dispatch.available_backends("cpu")[0])):
+            grads = []
+            for mod in (ref, m):
+                mod.zero_grad()
+                h, loss = None, 0
+                with dispatch.record_calls() as ran:
+                    for t in range(0, 4, T):
+                        y, h = mod(x[t:t + T], h)
+                        loss = loss + (y * y).sum()
+                loss.backward()
+                grads.append([p.grad for p in mod.parameters()])
+            assert backends_used(ran) == {want}, T
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b)
+    finally:
+        policy.forget()
+
+
+def test_builtin_tables_send_one_step_gru_and_rnn_training_to_torch():
+    for vendor in ("amd", "intel"):
+        ranks = policy.builtin(vendor)["rankings"]["cpu"]
+        for wide in ("", f" H>{policy.WIDE_H}"):
+            assert ranks[f"gru seq training T1{wide}"][0] == ranks[f"rnn seq training T1{wide}"][0] == "torch"
+            assert ranks[f"lstm seq training T1{wide}"][0] == "cpp"
