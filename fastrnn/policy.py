@@ -103,8 +103,8 @@ _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
 # cells: numba's fused cell ahead of cpp's from B2 in inference (B16, two tune runs, ms: LSTM 8.5 / 7.3
 # against 10.2 / 8.0, GRU 5.6 / 5.4 against 6.1 / 6.1, RNN 2.6 / 3.1 against 2.6 / 4.6)
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_T} for f in FAMILIES}
-# one-step sequences in training (a decoder's steps, the state carried, one backward at the end; the tune's
-# call: 50 steps at B16, H64 and H256, ms, geometric mean, two runs): torch.nn ahead for the GRU (22.9 /
+# one-step sequences in training (a decoder's steps, the state carried, one backward at the end; measured
+# with the tune's call at 50 steps (it now takes 16), B16, H64 and H256, ms, geometric mean, two runs): torch.nn ahead for the GRU (22.9 /
 # 27.4 against cpp's 26.0 / 31.9) and the RNN (12.9 / 16.5 against 18.6 / 22.7), and at H768 (GRU 293 /
 # 288 against 336 / 331, RNN 81 / 102 against 103 / 119); cpp for the LSTM (31.2 / 31.0 against torch.nn's
 # 51.5 / 31.8: its oneDNN LSTM at H256 read 136 then 54 ms; H768: 468 against 1792 / 1662). Before this

@@ -39,7 +39,8 @@ SEQ_SHAPES = {"inference B1": (100, 1), "inference B2-7": (100, 4), "inference B
               "training B8-31": (100, 16), "training B32+": (50, 64), "training T1": (1, 16)}
 SEQ_SHAPES.update({f"{c} H>{policy.WIDE_H}": (max(1, T // 4), B) for c, (T, B) in list(SEQ_SHAPES.items())})
 STEP_SHAPES = {"inference B1": (1, 50), "inference B2+": (16, 50), "training": (16, 20)}
-STREAM_CALLS = 50  # calls of one step each in the T1 classes, state carried (in training: a decoder's steps)
+STREAM_CALLS = 50  # calls of one step each in the 'inference T1' class, state carried
+DECODER_STEPS = 16  # and in the 'training T1' class (a decoder's steps), then one backward
 
 
 def candidates(scope: str) -> list[str]:
@@ -64,7 +65,7 @@ def _seq_call(family, cls, backend, state, x, T, B):
             xg.grad = None
             if T == 1:  # a decoder: one step a call, the state carried, one backward for all of them
                 st, loss = None, 0
-                for t in range(STREAM_CALLS):
+                for t in range(DECODER_STEPS):
                     out, st = m(xg[t:t + 1], st)
                     loss = loss + out.sum()
                 loss.backward()
@@ -141,7 +142,7 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
             widths = (H_WIDE,) if cls.endswith(f"H>{policy.WIDE_H}") else (H_SMALL, H)
             meds = []
             for width in widths:
-                x = torch.randn(STREAM_CALLS if T == 1 else T, B, width)
+                x = torch.randn(max(STREAM_CALLS, DECODER_STEPS) if T == 1 else T, B, width)
                 state = SEQ[family](width, width).state_dict()
                 fns = {n: _seq_call(family, cls, n, state, x, T, B) for n in names}
                 meds.append(interleaved_medians(fns, budget_s / len(widths)))

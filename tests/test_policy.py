@@ -237,6 +237,7 @@ def test_tune_writes_a_table_the_choice_uses(monkeypatch, tmp_path):
                                              for k in tune.SEQ_SHAPES})
     monkeypatch.setattr(tune, "STEP_SHAPES", {k: (1, 2) for k in tune.STEP_SHAPES})
     monkeypatch.setattr(tune, "STREAM_CALLS", 2)
+    monkeypatch.setattr(tune, "DECODER_STEPS", 2)
     out = tmp_path / "policy.json"
     assert tune.main(["--budget", "0", "--out", str(out)]) == 0
     table = policy.read(out)
