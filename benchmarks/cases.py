@@ -4,13 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+TRAINING_MODES = ("training", "decoding")
 RAGGED_FRACTIONS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)  # packed case: lengths as fractions of T
 
 
 @dataclass(frozen=True)
 class Case:
     cell: str  # LSTM | GRU | RNN (RNN = tanh)
-    mode: str  # inference | training | streaming (a cell, T calls) | chunked (a sequence module, T calls of one step)
+    # inference | training | streaming (a cell, T calls) | chunked (a sequence module, T calls of one step) |
+    # decoding (training a sequence module called T times on one step each, the state carried: a decoder)
+    mode: str
     T: int
     B: int
     H: int
@@ -58,7 +61,12 @@ class Case:
             i_size = self.I if layer == 0 else D * P
             per_row = 2 * G * self.H * (i_size + P) + (2 * P * self.H if self.proj else 0)
             total += D * per_row * rows
-        return total * (3 if self.mode == "training" else 1)
+        return total * (3 if self.trains else 1)
+
+    @property
+    def trains(self) -> bool:
+        """Does a timed call run a backward (training, decoding)?"""
+        return self.mode in TRAINING_MODES
 
 
 BASE_SHAPES = [(1, 64), (1, 256), (1, 512), (16, 256), (64, 512)]  # (B, H), T = 100
@@ -79,6 +87,11 @@ def all_cases(quick: bool) -> list[Case]:
     # chunked: batch 1, a 2-layer sequence module called T times on one step each, state carried
     for cell in cells:
         cases.append(Case(cell, "chunked", 100, 1, 256, layers=2))
+    # decoding: a decoder in training, a sequence module called T times on one step each (the state carried),
+    # one backward: the policy's 'training T1' class
+    if not quick:
+        for cell in cells:
+            cases.append(Case(cell, "decoding", 50, 16, 256))
     # the structured cases
     for mode in ("inference", "training"):
         if quick and mode == "training":

@@ -60,7 +60,7 @@ def case_reasons(case: Case, provider: str) -> list[str]:
     """Why ``provider`` has no row in ``case`` (empty: it has one)."""
     if provider not in PEERS:
         return []
-    if case.mode == "training":
+    if case.trains:
         return ["inference only"]
     if provider in ("onnxruntime", "onnxruntime-int8"):
         if case.packed:
@@ -167,7 +167,7 @@ class Workload:
             if state is None:
                 state = m.state_dict()
             m.load_state_dict(state)
-            m.train(case.mode == "training")
+            m.train(case.trains)
             self.modules[p] = m
         for p in [q for q in providers if q in PEERS]:
             self.modules[p] = _peer(case, p, self.modules["torch"], self.x)
@@ -194,6 +194,10 @@ class Workload:
         for p in m.parameters():
             p.grad = None
         leaf, x = self._input(True)
+        if self.case.mode == "decoding":
+            outs = self._chunks(m, x)
+            sum(t.sum() for t in outs).backward()
+            return outs + [leaf.grad] + [p.grad for p in m.parameters()]
         out, st = m(x)
         self._loss(out, st).backward()
         return self._flat(out, st) + [leaf.grad] + [p.grad for p in m.parameters()]
@@ -216,6 +220,13 @@ class Workload:
             def fn():
                 with torch.no_grad():
                     m(x)
+        elif mode == "decoding":
+            params = list(m.parameters())
+
+            def fn():
+                for p in params:
+                    p.grad = None
+                sum(t.sum() for t in self._chunks(m, self._input(True)[1])).backward()
         else:
             params = list(m.parameters())
 
@@ -232,12 +243,14 @@ class Workload:
             state = cell(self.x[t], state)
         return state[0] if isinstance(state, tuple) else state
 
-    def _chunks(self, module):
-        """A sequence module fed one step at a time (chunks of T=1), its state carried: streaming with the
-        layer stack of a sequence model. Returns the outputs of every step and the final state."""
+    def _chunks(self, module, x=None):
+        """A sequence module fed one step at a time (chunks of T=1) of ``x`` (the case's input by default), its
+        state carried: streaming with the layer stack of a sequence model, or a decoder in training. Returns
+        the outputs of every step and the final state."""
+        x = self.x if x is None else x
         state, outs = None, []
         for t in range(self.case.T):
-            out, state = module(self.x[t:t + 1], state)
+            out, state = module(x[t:t + 1], state)
             outs.append(out)
         return [torch.cat(outs)] + (list(state) if isinstance(state, tuple) else [state])
 

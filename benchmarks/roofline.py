@@ -122,7 +122,7 @@ def case_bytes(case: Case) -> dict:
     D = 2 if case.bidirectional else 1
     rows = sum(case.lengths())
     per_step = G * H * P + (P * H if case.proj else 0)
-    per_call_projection = case.mode in ("streaming", "chunked")  # the input projection runs every step
+    per_call_projection = case.mode in ("streaming", "chunked", "decoding")  # the input projection runs every step
     once = 0
     weights_step = 0
     for layer in range(case.layers):
@@ -132,7 +132,7 @@ def case_bytes(case: Case) -> dict:
         x, xw, y = rows * i_size, rows * G * H, rows * P
         once += D * ((0 if per_call_projection else w_ih) + 2 * xw + y) + x
     steps = case.T * case.layers * D
-    if case.mode == "training":
+    if case.trains:
         ws = D * case.layers * rows * (G + 2) * H  # gates and states saved, written then read back
         once = 3 * once + 2 * ws
         steps *= 2

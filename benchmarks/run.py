@@ -1,7 +1,7 @@
 """fastrnn's benchmark suite: every backend against torch.nn, side by side, in one process.
 
     python -m benchmarks.run [--quick | --full] [--device cpu|cuda] [--providers torch,reference,...]
-                             [--cells LSTM,GRU,RNN] [--modes inference,training,streaming,chunked] [--budget S]
+                             [--cells LSTM,GRU,RNN] [--modes inference,training,streaming,chunked,decoding] [--budget S]
 
 Prints a table (median ms, p20-p80, GFLOP/s, % of the machine's peak and % of the case's roofline, both
 measured in the same run, speedup vs torch, max abs error against torch.nn float32, peak memory), writes
@@ -84,7 +84,7 @@ def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=
     except Exception as e:  # a provider that crashes is reported, not timed
         return f"{type(e).__name__}: {e}", None, ""
     ran = "+".join(sorted({b for _, b in calls}))
-    n_out = len(ref_results) if work.case.mode != "training" else len(ref_results) - 1 - len(
+    n_out = len(ref_results) if not work.case.trains else len(ref_results) - 1 - len(
         list(work.modules[provider].parameters()))
     if len(got) != len(ref_results):
         return f"returned {len(got)} tensors, torch {len(ref_results)}", None, ran
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--providers", help="comma-separated subset of: torch and the available backends")
     ap.add_argument("--cells", help="comma-separated subset of LSTM,GRU,RNN")
-    ap.add_argument("--modes", help="comma-separated subset of inference,training,streaming,chunked")
+    ap.add_argument("--modes", help="comma-separated subset of inference,training,streaming,chunked,decoding")
     ap.add_argument("--budget", type=float, default=None, help="measured seconds per case (default 1.0 quick, 4 full)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plots", action="store_true")

@@ -8,7 +8,7 @@ from conftest import CPU_BACKENDS
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("mode", ["inference", "training", "streaming", "chunked"])
+@pytest.mark.parametrize("mode", ["inference", "training", "streaming", "chunked", "decoding"])
 def test_check_passes_real_providers_and_catches_wrong_ones(backend, mode):
     work = Workload(Case("GRU", mode, 10, 2, 16), ["torch", backend])
     ref = work.run("torch")
