@@ -271,12 +271,18 @@ class _BackendMixin:
             cached = choices[key] = (name, impl, op)
         return cached[0], cached[2], cached[1]
 
-    def _torch_checks(self, input, states, weight):
+    def _torch_checks(self, input, states, weight_name):
         """Before the fast paths hand a call to torch.nn: fastrnn's checks where torch's message is obscure
-        (the state's dtype and device, the parameters' device), so the call fails as it would elsewhere."""
-        name = self._torch_name()
-        _check_device(name, input, weight)
-        _check_state_like(name, states, input)
+        (the state's dtype and device, the parameters' device), so the call fails as it would elsewhere.
+        The names are made only for a call that fails (a cell call at batch 1 is ~30 us)."""
+        weight = self._parameters.get(weight_name)
+        if weight is None:  # a parametrization, or a plain tensor attribute
+            weight = getattr(self, weight_name)
+        dt, dev = input.dtype, input.device
+        if weight.device != dev or any(s.dtype != dt or s.device != dev for s in states):
+            name = self._torch_name()
+            _check_device(name, input, weight)
+            _check_state_like(name, states, input)
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -428,21 +434,22 @@ class _SeqMixin(_BackendMixin):
                 return None
         grad = torch.is_grad_enabled()
         training = self.training or (grad and self._training_class(input, self.weight_ih_l0, states))
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
-        T, B = x.shape[0], x.shape[1]
+        T, B = (input.shape[1], input.shape[0]) if batched and self.batch_first else \
+            (input.shape[0], input.shape[1] if batched else 1)
         choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size))
         if choice is None:
             return None
         name, op, impl = choice
         if name == "torch":  # a well-formed call (the others get _forward's checks and messages first)
-            self._torch_checks(input, states, self.weight_ih_l0)
+            self._torch_checks(input, states, "weight_ih_l0")
             return self._torch_forward(input, hx)
         if grad:  # autograd: the general path, on the backend chosen here (its choice costs ~15 us a call)
             return self._forward(input, hx, name)
         if op is None or T == 0 or T * B > impl.chunk_max_rows:
             return None
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)
         if hx is None:
             states = self._zeros_state(x, B)
         elif not batched:
@@ -828,7 +835,7 @@ class _CellMixin(_BackendMixin):
             return None
         name, fused, _ = choice
         if name == "torch":
-            self._torch_checks(input, given, self.weight_ih)
+            self._torch_checks(input, given, "weight_ih")
             return self._torch_forward(input, hx)
         if grad:  # autograd: the general path, on the backend chosen here (its choice costs ~15 us a call)
             return self._forward(input, hx, name)
