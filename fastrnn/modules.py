@@ -412,11 +412,10 @@ class _SeqMixin(_BackendMixin):
         When the automatic choice for the call's shape class is ``torch`` (with or without autograd),
         torch.nn's forward runs it from here, its checks and autograd included. Otherwise, with autograd,
         ``_forward`` runs it on the backend chosen here; without, a short sequence (T x B up to the
-        backend's ``chunk_max_rows``: the chunks of a stream)
-        runs each layer-direction as one call of the backend's optional ``<family>_chunk_fwd`` (input
-        projection inside); the op checks shapes and dtypes itself and changes no input. Whatever does not
-        apply or is refused returns None and goes to ``_forward``, which raises torch's error for it (or
-        serves it another way)."""
+        backend's ``chunk_max_rows``: the chunks of a stream) runs each layer-direction as one call of the
+        backend's optional ``<family>_chunk_fwd`` (input projection inside); the op checks shapes and
+        dtypes itself and changes no input. Whatever does not apply or is refused returns None and goes to
+        ``_forward``, which raises torch's error for it (or serves it another way)."""
         if (input.dim() not in (2, 3) or not ops.can_skip_ops() or _any_autocast()
                 or self._dropping_weights() or self._cell_options()):
             return None
@@ -819,8 +818,8 @@ class _CellMixin(_BackendMixin):
         or without autograd), torch.nn's forward runs it from here, its checks and autograd included.
         Otherwise, with autograd, ``_forward`` runs it on the backend chosen here; without, one call of that
         backend's optional ``<family>_cell_fwd`` (input projection inside), which checks shapes, dtypes,
-        devices and contiguity itself and changes no input. Whatever does not apply or is refused returns None and goes to ``_forward``, which raises
-        torch's error for it (or serves it another way)."""
+        devices and contiguity itself and changes no input. Whatever does not apply or is refused returns
+        None and goes to ``_forward``, which raises torch's error for it (or serves it another way)."""
         if not isinstance(input, torch.Tensor) or not (self._hx_is_well_formed(hx) if hx is not None
                                                        else input.dim() == 2):
             return None
