@@ -530,8 +530,8 @@ class _SeqMixin(_BackendMixin):
             x = input
         else:
             x = input.transpose(0, 1) if self.batch_first else input
-        features = self._features() | ({"varlen"} if packed else set())
         if backend is None:
+            features = self._features() | ({"varlen"} if packed else set())
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                       self.backend, "seq", policy.shape_class(
                                           "seq", self._training_class(input, w0, states), B, T, self.hidden_size),
