@@ -245,7 +245,7 @@ class _BackendMixin:
         return w_hh * (keep.to(w_hh.dtype) * scale)
 
     def _fast_op(self, input, kind, scope, shape):
-        """For the fast paths (inference, nothing tracing): (backend name, its optional
+        """For the fast paths (nothing tracing; with or without autograd): (backend name, its optional
         ``<family>_<kind>_fwd`` or None, the backend) for a call on ``input`` of policy class ``shape``,
         the choices cached in the module, one per key (dtype, device, class, the module's and the context's
         backend request, the policy table in force; remade when the backend object changes). None when the
@@ -275,9 +275,7 @@ class _BackendMixin:
         """Before the fast paths hand a call to torch.nn: fastrnn's checks where torch's message is obscure
         (the state's dtype and device, the parameters' device), so the call fails as it would elsewhere.
         The names are made only for a call that fails (a cell call at batch 1 is ~30 us)."""
-        weight = self._parameters.get(weight_name)
-        if weight is None:  # a parametrization, or a plain tensor attribute
-            weight = getattr(self, weight_name)
+        weight = self._stored(weight_name)[0]
         dt, dev = input.dtype, input.device
         if weight.device != dev or any(s.dtype != dt or s.device != dev for s in states):
             name = self._torch_name()
@@ -293,13 +291,29 @@ class _BackendMixin:
             s += f", backend={self.backend!r}"
         return s
 
-    def _training_class(self, input, weight, states):
-        """Is the call in a training class of the policy table? When a backward will follow, and whenever
-        the module is in training mode: a forward under no_grad that a backward later recomputes with grad
-        (reentrant checkpointing) must take the same backend, whose dropout masks and rounding the
-        backward relies on."""
+    def _training_class(self, input, weight_requires_grad, states):
+        """Is the call in a training class of the policy table? When a backward will follow (the input, the
+        first input weight or a state needs a gradient), and whenever the module is in training mode: a
+        forward under no_grad that a backward later recomputes with grad (reentrant checkpointing) must take
+        the same backend, whose dropout masks and rounding the backward relies on."""
         return self.training or (torch.is_grad_enabled() and (
-            input.requires_grad or weight.requires_grad or any(s.requires_grad for s in states)))
+            input.requires_grad or weight_requires_grad or any(s.requires_grad for s in states)))
+
+    def _stored(self, name):
+        """The tensors behind the weight ``name``, without computing a parametrization of it (the general
+        path computes a parametrized weight once a call, README; the fast paths look before it): its
+        parameter, or a parametrization's originals and own parameters, else the attribute."""
+        p = self._parameters.get(name)
+        if p is not None:
+            return (p,)
+        parametrizations = self._modules.get("parametrizations")
+        if parametrizations is not None and name in parametrizations:
+            return tuple(parametrizations[name].parameters())
+        return (getattr(self, name),)
+
+    def _requires_grad(self, name):
+        """Does the weight ``name`` need a gradient (``_stored``)?"""
+        return any(t.requires_grad for t in self._stored(name))
 
     def _torch_forward(self, input, hx):
         """What the ``torch`` backend runs: torch.nn's own forward on this module's state (its parameters,
@@ -432,7 +446,7 @@ class _SeqMixin(_BackendMixin):
             if any(s.dim() != (3 if batched else 2) or s.shape[0] != L * D for s in states):
                 return None
         grad = torch.is_grad_enabled()
-        training = self.training or (grad and self._training_class(input, self.weight_ih_l0, states))
+        training = self._training_class(input, grad and self._requires_grad("weight_ih_l0"), states)
         T, B = (input.shape[1], input.shape[0]) if batched and self.batch_first else \
             (input.shape[0], input.shape[1] if batched else 1)
         choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size))
@@ -534,7 +548,8 @@ class _SeqMixin(_BackendMixin):
             features = self._features() | ({"varlen"} if packed else set())
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                       self.backend, "seq", policy.shape_class(
-                                          "seq", self._training_class(input, w0, states), B, T, self.hidden_size),
+                                          "seq", self._training_class(input, w0.requires_grad, states), B, T,
+                                          self.hidden_size),
                                       amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)
@@ -827,7 +842,9 @@ class _CellMixin(_BackendMixin):
             return None  # autocast: _forward's rules
         grad = torch.is_grad_enabled()
         given = () if hx is None else tuple(hx) if self._n_state == 2 else (hx,)
-        training = self.training or (grad and self._training_class(input, self.weight_ih, given))
+        if any(s.dim() != input.dim() for s in given):
+            return None  # _forward's message names it (torch.nn's names a size)
+        training = self._training_class(input, grad and self._requires_grad("weight_ih"), given)
         choice = self._fast_op(input, "cell", "step",
                                policy.shape_class("step", training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
@@ -933,7 +950,7 @@ class _CellMixin(_BackendMixin):
         if backend is None:
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                       self.backend, "step", policy.shape_class(
-                                          "step", self._training_class(input, w_ih, states), B),
+                                          "step", self._training_class(input, w_ih.requires_grad, states), B),
                                       amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)

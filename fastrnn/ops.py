@@ -1,8 +1,10 @@
 """torch.library custom ops: how the functional layer reaches a backend.
 
-When no autograd can follow and nothing intercepts ops (no torch.compile tracing, no dispatch mode),
-the functional layer calls an op's implementation (``DIRECT``) without the op layer; it is the same
-function the op runs (``can_skip_ops``). The cells' optional fused inference op is reached the same way.
+When nothing intercepts ops (no torch.compile tracing, no dispatch mode, no torch.func transform, no
+torch.jit.trace: ``can_skip_ops``), the functional layer skips the op layer: without autograd it calls an
+op's implementation (``DIRECT``), with autograd the op's own formula in an autograd.Function of fastrnn's
+that calls the same implementation (``with_autograd``, ``_EAGER``; eager training graphs show these
+Functions, not ``fastrnn::`` ops). The cells' optional fused inference op is reached the same way.
 
 Twelve ops, ``fastrnn::<family>_<scope>_<pass>`` for family in lstm, gru, rnn, scope in seq, step and
 pass in fwd, bwd. Their schemas are generated from ``FAMILIES`` (the argument lists of the backend
@@ -281,8 +283,8 @@ def with_autograd(name):
 
 
 def can_skip_ops():
-    """May a call that needs no autograd skip the op layer (its Python autograd wrapper costs ~25 us a
-    call) and run the op's implementation directly? Not while torch.compile traces, and not under a
+    """May a call skip the op layer (its Python autograd wrapper costs ~25-40 us a call) and run the op's
+    implementation directly (``DIRECT``; with autograd through ``with_autograd``'s Function)? Not while torch.compile traces, and not under a
     dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation, nor under torch.func
     transforms (the op layer's autograd and batching), nor while torch.jit.trace records (a direct call
     would leave the recurrence out of the trace)."""

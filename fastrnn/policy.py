@@ -179,7 +179,8 @@ def read(path) -> dict:
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fastrnn policy table of format {FORMAT}")
+        raise ValueError(f"{path}: not a fastrnn policy table of format {FORMAT} (one written by another fastrnn "
+                         f"version: python -m fastrnn.tune measures a new one)")
     from .dispatch import BACKEND_NAMES
     rankings = data.get("rankings", {}).get("cpu")
     if not isinstance(rankings, dict) or not all(

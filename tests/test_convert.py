@@ -169,11 +169,13 @@ def test_parametrized_weight_computed_once_per_forward():
         m = getattr(fastrnn, name)(3, 4)
         for n in names:
             torch.nn.utils.parametrize.register_parametrization(m, n, Counted())
-        for grad_mode in (True, False):
-            calls.clear()
-            with torch.set_grad_enabled(grad_mode):
-                m(x)
-            assert len(calls) == 2, (name, grad_mode)
+        for train in (True, False):  # eval with grad: the fast path asks whether a gradient follows first
+            m.train(train)
+            for grad_mode in (True, False):
+                calls.clear()
+                with torch.set_grad_enabled(grad_mode):
+                    m(x)
+                assert len(calls) == 2, (name, train, grad_mode)
 
 
 def _weight_drop(module, names, p):

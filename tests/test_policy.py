@@ -342,14 +342,19 @@ def test_training_mode_takes_the_training_class(use_table, tmp_path, monkeypatch
     assert backends_used(ran) == {dispatch.available_backends("cpu")[0]} and y.dtype == torch.bfloat16
 
 
-def test_torch_served_fast_paths_keep_fastrnns_state_checks(use_table):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_torch_served_fast_paths_keep_fastrnns_state_checks(use_table, grad):
+    """Where the fast paths hand a call to torch.nn (with autograd too: the cells in training, a decoder's
+    steps), the calls torch.nn words obscurely still get fastrnn's messages."""
     use_table(TORCH_FIRST)
     cell, seq = fastrnn.GRUCell(5, 8), fastrnn.GRU(5, 8)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         with pytest.raises(RuntimeError, match="hx has dtype torch.float64 but the input has dtype torch.float32"):
             cell(torch.randn(2, 5), torch.zeros(2, 8, dtype=torch.float64))
         with pytest.raises(RuntimeError, match="hx has dtype torch.float64 but the input has dtype torch.float32"):
             seq(torch.randn(1, 2, 5), torch.zeros(1, 2, 8, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="GRUCell: hidden state must be 1D for 1D input, got 2D"):
+            cell(torch.randn(5), torch.zeros(3, 8))
 
 
 def test_one_step_training_calls_have_their_own_class(tmp_path, monkeypatch):
