@@ -396,3 +396,34 @@ def test_builtin_tables_send_one_step_gru_and_rnn_training_to_torch():
         for wide in ("", f" H>{policy.WIDE_H}"):
             assert ranks[f"gru seq training T1{wide}"][0] == ranks[f"rnn seq training T1{wide}"][0] == "torch"
             assert ranks[f"lstm seq training T1{wide}"][0] == "cpp"
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_torch_hand_over_with_autograd_is_torch_nn(use_table, name):
+    """Training calls the table sends to torch.nn run its forward from the fast path, before fastrnn's own
+    checks: the same outputs and gradients as torch.nn's module, and for bad input the same error type
+    (fastrnn's message where torch.nn's is obscure: test_torch_served_fast_paths_keep_fastrnns_state_checks)."""
+    use_table(TORCH_FIRST)
+    torch.manual_seed(0)
+    cell = name.endswith("Cell")
+    ref = getattr(torch.nn, name)(5, 8)
+    m = getattr(fastrnn, name)(5, 8)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5) if cell else torch.randn(4, 3, 5)
+    results = []
+    for mod in (ref, m):
+        xg = x.clone().requires_grad_()
+        with dispatch.record_calls() as ran:
+            out = mod(xg)
+        y = (out[0] if isinstance(out, tuple) else out) if cell else out[0]
+        (y * y).sum().backward()
+        results.append([y.detach(), xg.grad] + [p.grad for p in mod.parameters()])
+    assert backends_used(ran) == {"torch"}
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    bad = [torch.randn(3, 4)] if cell else [torch.randn(4, 3, 4), torch.randn(4, 3, 5, 1)]
+    for xb in bad:
+        with pytest.raises(Exception) as theirs:
+            ref(xb.requires_grad_())
+        with pytest.raises(type(theirs.value)):
+            m(xb)
