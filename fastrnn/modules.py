@@ -318,7 +318,8 @@ class _BackendMixin:
     def _torch_forward(self, input, hx):
         """What the ``torch`` backend runs: torch.nn's own forward on this module's state (its parameters,
         hooks and flags), with torch.nn's checks, numbers and autograd."""
-        dispatch.note_call(f"{self._family}_module", "torch")
+        if dispatch._recorders:
+            dispatch.note_call(f"{self._family}_module", "torch")
         return _torch_class_of(type(self)).forward(self, input, hx)
 
     def _torch_class(self):
@@ -446,7 +447,7 @@ class _SeqMixin(_BackendMixin):
             if any(s.dim() != (3 if batched else 2) or s.shape[0] != L * D for s in states):
                 return None
         grad = torch.is_grad_enabled()
-        training = self._training_class(input, grad and self._requires_grad("weight_ih_l0"), states)
+        training = self.training or self._training_class(input, grad and self._requires_grad("weight_ih_l0"), states)
         T, B = (input.shape[1], input.shape[0]) if batched and self.batch_first else \
             (input.shape[0], input.shape[1] if batched else 1)
         choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size))
@@ -844,7 +845,7 @@ class _CellMixin(_BackendMixin):
         given = () if hx is None else tuple(hx) if self._n_state == 2 else (hx,)
         if any(s.dim() != input.dim() for s in given):
             return None  # _forward's message names it (torch.nn's names a size)
-        training = self._training_class(input, grad and self._requires_grad("weight_ih"), given)
+        training = self.training or self._training_class(input, grad and self._requires_grad("weight_ih"), given)
         choice = self._fast_op(input, "cell", "step",
                                policy.shape_class("step", training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
