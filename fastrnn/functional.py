@@ -61,12 +61,12 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     # dense sequence of up to chunk_max_rows rows (<f>_chunk_fwd), or a packed one on its rows (<f>_packed_fwd)
     T = x.shape[0] if steps is None else steps
     dense_chunk = lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0)
-    # (a weight that needs a gradient rules it out at once: the training calls skip the checks below)
-    if (direct and (packed or dense_chunk) and not (torch.is_grad_enabled() and weights[0][0].requires_grad)
-            and all(plain(family, w, options) for w in weights)):
-        op = getattr(impl, f"{family}_{'packed' if packed else 'chunk'}_fwd", None)
+    if direct and (packed or dense_chunk):
         tensors = [t for w_ih, b_ih, hh, _ in map(_unpack, weights) for t in (w_ih, b_ih, *hh)]
-        if op is not None and not _needs_grad(x, *state0, *tensors):
+        op = getattr(impl, f"{family}_{'packed' if packed else 'chunk'}_fwd", None)
+        # the gradient question first: a training call stops there, at its first weight
+        if (op is not None and not _needs_grad(x, *state0, *tensors)
+                and all(plain(family, w, options) for w in weights)):
             return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
                                 lengths=lengths if packed else None)

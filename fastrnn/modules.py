@@ -291,13 +291,15 @@ class _BackendMixin:
             s += f", backend={self.backend!r}"
         return s
 
-    def _training_class(self, input, weight_requires_grad, states):
-        """Is the call in a training class of the policy table? When a backward will follow (the input, the
-        first input weight or a state needs a gradient), and whenever the module is in training mode: a
-        forward under no_grad that a backward later recomputes with grad (reentrant checkpointing) must take
-        the same backend, whose dropout masks and rounding the backward relies on."""
+    def _training_class(self, input, states, weight_name):
+        """Is the call in a training class of the policy table? When a backward will follow (the input, a
+        state or the first input weight ``weight_name`` needs a gradient; the weight read from the tensors
+        behind it, ``_stored``), and whenever the module is in training mode: a forward under no_grad that a
+        backward later recomputes with grad (reentrant checkpointing) must take the same backend, whose
+        dropout masks and rounding the backward relies on."""
         return self.training or (torch.is_grad_enabled() and (
-            input.requires_grad or weight_requires_grad or any(s.requires_grad for s in states)))
+            input.requires_grad or any(s.requires_grad for s in states)
+            or any(t.requires_grad for t in self._stored(weight_name))))
 
     def _stored(self, name):
         """The tensors behind the weight ``name``, without computing a parametrization of it (the general
@@ -310,10 +312,6 @@ class _BackendMixin:
         if parametrizations is not None and name in parametrizations:
             return tuple(parametrizations[name].parameters())
         return (getattr(self, name),)
-
-    def _requires_grad(self, name):
-        """Does the weight ``name`` need a gradient (``_stored``)?"""
-        return any(t.requires_grad for t in self._stored(name))
 
     def _torch_forward(self, input, hx):
         """What the ``torch`` backend runs: torch.nn's own forward on this module's state (its parameters,
@@ -447,7 +445,7 @@ class _SeqMixin(_BackendMixin):
             if any(s.dim() != (3 if batched else 2) or s.shape[0] != L * D for s in states):
                 return None
         grad = torch.is_grad_enabled()
-        training = self.training or self._training_class(input, grad and self._requires_grad("weight_ih_l0"), states)
+        training = self._training_class(input, states, "weight_ih_l0")
         T, B = (input.shape[1], input.shape[0]) if batched and self.batch_first else \
             (input.shape[0], input.shape[1] if batched else 1)
         choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size))
@@ -549,7 +547,7 @@ class _SeqMixin(_BackendMixin):
             features = self._features() | ({"varlen"} if packed else set())
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                       self.backend, "seq", policy.shape_class(
-                                          "seq", self._training_class(input, w0.requires_grad, states), B, T,
+                                          "seq", self._training_class(input, states, "weight_ih_l0"), B, T,
                                           self.hidden_size),
                                       amp is not None or not ops.can_skip_ops())
         if backend == "torch":
@@ -845,7 +843,7 @@ class _CellMixin(_BackendMixin):
         given = () if hx is None else tuple(hx) if self._n_state == 2 else (hx,)
         if any(s.dim() != input.dim() for s in given):
             return None  # _forward's message names it (torch.nn's names a size)
-        training = self.training or self._training_class(input, grad and self._requires_grad("weight_ih"), given)
+        training = self._training_class(input, given, "weight_ih")
         choice = self._fast_op(input, "cell", "step",
                                policy.shape_class("step", training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
@@ -951,7 +949,7 @@ class _CellMixin(_BackendMixin):
         if backend is None:
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(self._features())),
                                       self.backend, "step", policy.shape_class(
-                                          "step", self._training_class(input, w_ih.requires_grad, states), B),
+                                          "step", self._training_class(input, states, "weight_ih"), B),
                                       amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)
