@@ -284,10 +284,10 @@ def with_autograd(name):
 
 def can_skip_ops():
     """May a call skip the op layer (its Python autograd wrapper costs ~25-40 us a call) and run the op's
-    implementation directly (``DIRECT``; with autograd through ``with_autograd``'s Function)? Not while torch.compile traces, and not under a
-    dispatch mode (FakeTensorMode, tracing), which need the op's fake implementation, nor under torch.func
-    transforms (the op layer's autograd and batching), nor while torch.jit.trace records (a direct call
-    would leave the recurrence out of the trace)."""
+    implementation directly (``DIRECT``; with autograd through ``with_autograd``'s Function)? Not while
+    torch.compile traces, and not under a dispatch mode (FakeTensorMode, tracing), which need the op's fake
+    implementation, nor under torch.func transforms (the op layer's autograd and batching), nor while
+    torch.jit.trace records (a direct call would leave the recurrence out of the trace)."""
     return (not _is_compiling() and _get_current_dispatch_mode() is None
             and not _functorch_active() and _tracing_state() is None)
 

@@ -5,10 +5,10 @@ PackedSequence, none of fastrnn's additions: what the table measures) whose shap
 passes; every other call follows the static priority lists in ``fastrnn.dispatch``. On CUDA, every dtype. A class
 is a short string (``shape_class``): the scope (whole sequences or one cell step), inference or
 training (a gradient will follow), and the batch size in four bands (1, 2-7, 8-31, 32+); a sequence call of one step
-(in inference the chunks of a stream, in training a decoder's steps) is a class of its own. A ranking lists backend names fastest first,
-``torch`` (torch.nn's own implementation) among them; the automatic choice takes the first that can serve
-the call and is allowed (``torch`` is skipped while torch.compile or another tracer records the call),
-then the static priority.
+(in inference the chunks of a stream, in training a decoder's steps) is a class of its own. A ranking lists backend
+names fastest first, ``torch`` (torch.nn's own implementation) among them; the automatic choice takes the first that
+can serve the call and is allowed (``torch`` is skipped while torch.compile or another tracer records the call), then
+the static priority.
 
 Where the table comes from, first match wins:
 
@@ -104,12 +104,12 @@ _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
 # against 10.2 / 8.0, GRU 5.6 / 5.4 against 6.1 / 6.1, RNN 2.6 / 3.1 against 2.6 / 4.6)
 _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_T} for f in FAMILIES}
 # one-step sequences in training (a decoder's steps, the state carried, one backward at the end; measured
-# with the tune's call at 50 steps (it now takes 16), B16, H64 and H256, ms, geometric mean, two runs): torch.nn ahead for the GRU (22.9 /
-# 27.4 against cpp's 26.0 / 31.9) and the RNN (12.9 / 16.5 against 18.6 / 22.7), and at H768 (GRU 293 /
-# 288 against 336 / 331, RNN 81 / 102 against 103 / 119); cpp for the LSTM (31.2 / 31.0 against torch.nn's
-# 51.5 / 31.8: its oneDNN LSTM at H256 read 136 then 54 ms; H768: 468 against 1792 / 1662). Before this
-# class those calls took the batch bands' cpp at 0.38-0.76x torch.nn (benchmarks/NOTES.md, twentieth
-# session). The Intel table takes the AMD ranking (not measured there).
+# with the tune's call at 50 steps (it now takes 16), B16, H64 and H256, ms, geometric mean, two runs): torch.nn
+# ahead for the GRU (22.9 / 27.4 against cpp's 26.0 / 31.9) and the RNN (12.9 / 16.5 against 18.6 / 22.7), and at
+# H768 (GRU 293 / 288 against 336 / 331, RNN 81 / 102 against 103 / 119); cpp for the LSTM (31.2 / 31.0 against
+# torch.nn's 51.5 / 31.8: its oneDNN LSTM at H256 read 136 then 54 ms; H768: 468 against 1792 / 1662). Before this
+# class those calls took the batch bands' cpp at 0.38-0.76x torch.nn (benchmarks/NOTES.md, twentieth session). The
+# Intel table takes the AMD ranking (not measured there).
 _AMD_T1_TRAIN = {"lstm": _CTN, "gru": _TCN, "rnn": _TCN}
 _BUILTIN_CPU = {
     # the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
