@@ -31,10 +31,12 @@ $(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) fastrnn/_build.py
 
 # second pass: the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1), ~100x slower
 # than compiled code, so CI runs its own tests, the parity grid's pairwise cover, the seq == T x step and
-# variant tests, and the double-backward, in-place and weight-dropout tests on two workers;
+# variant tests, the double-backward, in-place and weight-dropout tests, and the eager training op path, on
+# two workers;
 # `make test-triton-all` runs every test file's triton cases (~20 min here).
 TRITON_TESTS ?= tests/test_triton.py tests/test_parity.py tests/test_cells.py tests/test_variants.py \
-	tests/test_double_backward.py tests/test_inplace.py tests/test_weight_dropout.py tests/test_cell_options.py
+	tests/test_double_backward.py tests/test_inplace.py tests/test_weight_dropout.py tests/test_cell_options.py \
+	tests/test_ops.py::test_eager_training_skips_the_op_layer_with_the_ops_numbers
 
 test: ext
 	$(PY) -m pytest tests

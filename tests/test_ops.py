@@ -219,25 +219,31 @@ def _graph_names(t):
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell"])
 def test_eager_training_skips_the_op_layer_with_the_ops_numbers(backend, cls, monkeypatch, ran):
     """In eager training the forward runs the op's implementation in an autograd.Function of fastrnn's own
-    (``ops.with_autograd``: the op layer's wrapper cost ~40 us a call), with the op's formula: the same
-    outputs and gradients, bit for bit, as through ``torch.ops.fastrnn`` (taken where a tracer records)."""
+    (``ops.with_autograd``: the op layer's wrapper cost ~40 us a call), with the op's formula: outputs and
+    gradients equal to torch.nn's (float64), and bit for bit those of ``torch.ops.fastrnn`` (taken where a
+    tracer records)."""
     torch.manual_seed(0)
-    m = getattr(fastrnn, cls)(5, 8, backend=backend)
+    ref = getattr(torch.nn, cls)(5, 8, dtype=torch.float64)
+    m = getattr(fastrnn, cls)(5, 8, backend=backend, dtype=torch.float64)
+    m.load_state_dict(ref.state_dict())
     cell = cls.endswith("Cell")
-    x = torch.randn(3, 5) if cell else torch.randn(4, 3, 5)
+    x = torch.randn(3, 5, dtype=torch.float64) if cell else torch.randn(4, 3, 5, dtype=torch.float64)
 
-    def run():
-        m.zero_grad()
+    def run(mod):
+        mod.zero_grad()
         xg = x.clone().requires_grad_()
-        out = m(xg)
-        y = out[0]  # a sequence's output, an LSTMCell's h
+        y = mod(xg)[0]  # a sequence's output, an LSTMCell's h
         (y * torch.arange(y.numel()).view(y.shape).sin()).sum().backward()
-        return y, [xg.grad] + [p.grad for p in m.parameters()], _graph_names(y)
+        return y, [xg.grad] + [p.grad for p in mod.parameters()], _graph_names(y)
 
-    y, grads, names = run()
+    y, grads, names = run(m)
     assert any(n.endswith("_eagerBackward") for n in names), names
+    y_ref, grads_ref, _ = run(ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     monkeypatch.setattr(fastrnn.ops, "can_skip_ops", lambda: False)  # the op layer, as under a tracer
-    y2, grads2, names2 = run()
+    y2, grads2, names2 = run(m)
     assert not any(n.endswith("_eagerBackward") for n in names2), names2
     assert torch.equal(y, y2)
     for a, b in zip(grads, grads2):
