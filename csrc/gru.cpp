@@ -1,5 +1,6 @@
 // GRU on the cpp backend, torch's form: r and z from x and h, n = tanh(x_n + r * (W_hn h + b_hn)),
 // h' = (1 - z) * n + z * h. Pointwise passes, entries and their registration.
+#include "cell_train.h"
 #include "recurrence.h"
 
 #include <torch/library.h>
@@ -410,6 +411,70 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
   });
 }
 
+// A cell's step in training, projection inside, one autograd node (cell_train.h): the forward keeps
+// r, z, n and W_hn h + b_hn (the workspace of a saving step); the backward's pointwise pass gives the
+// gates' gradients on the input side (dxw) and the recurrent side (dhw: n's times r) and h's direct part.
+template <typename T>
+void train_bwd_point(int64_t B, int64_t H, const T* dh1, const T* ws, const T* h, T* dxw, T* dhw, T* dhd) {
+  const int64_t GH = 3 * H;
+  const T* ghn = ws + B * GH;
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* g = ws + b * GH;
+      T* dx = dxw + b * GH;
+      T* dr = dhw + b * GH;
+      for (int64_t j = 0; j < H; ++j) {
+        const T r = g[j], z = g[H + j], n = g[2 * H + j], d = dh1[b * H + j];
+        const T dn = d * (T(1) - z) * (T(1) - n * n);
+        const T dz = d * (h[b * H + j] - n) * z * (T(1) - z);
+        const T drr = dn * ghn[b * H + j] * r * (T(1) - r);
+        dx[j] = dr[j] = drr;
+        dx[H + j] = dr[H + j] = dz;
+        dx[2 * H + j] = dn;
+        dr[2 * H + j] = dn * r;
+        dhd[b * H + j] = d * z;
+      }
+    }
+  });
+}
+
+struct CellTrain : torch::autograd::Function<CellTrain> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
+                            const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h) {
+    at::Tensor xw = proj_input(x, w_ih, maybe(b_ih), 3 * (h.dim() == 2 ? h.size(1) : 0), false);
+    const Dims d = check_single_state(xw, w_hh, maybe(b_hh), h, c10::nullopt, 3);
+    auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell_train", [&] {
+      return seq_fwd_impl<scalar_t>(d, xw, w_hh, maybe(b_hh), h, c10::nullopt, false, true,
+                                    input_proj<scalar_t>(x, w_ih, maybe(b_ih), xw, true));
+    });
+    ctx->save_for_backward({x, w_ih, b_ih, w_hh, b_hh, h, std::get<2>(r)});
+    return std::get<1>(r);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {
+      return recompute_grads([](const variable_list& in) -> variable_list {
+        auto gi = linear(in[kX], in[kWih], in[kBih]).chunk(3, 1);
+        auto gh = linear(in[kH], in[kWhh], in[kBhh]).chunk(3, 1);
+        at::Tensor r = at::sigmoid(gi[0] + gh[0]), z = at::sigmoid(gi[1] + gh[1]);
+        at::Tensor n = at::tanh(gi[2] + r * gh[2]);
+        return {(1 - z) * n + z * in[kH]};
+      }, variable_list(s.begin(), s.begin() + 6), grads);
+    }
+    const at::Tensor& h = s[kH];
+    const int64_t B = h.size(0), H = h.size(1);
+    const at::Tensor dh1 = grads[0].contiguous();
+    at::Tensor dxw = at::empty({B, 3 * H}, h.options()), dhw = at::empty({B, 3 * H}, h.options());
+    at::Tensor dhd = at::empty({B, H}, h.options());
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gru_cell_train_bwd", [&] {
+      train_bwd_point<scalar_t>(B, H, dh1.data_ptr<scalar_t>(), s[6].data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                                dxw.data_ptr<scalar_t>(), dhw.data_ptr<scalar_t>(), dhd.data_ptr<scalar_t>());
+    });
+    return step_grads(ctx, dxw, dhw, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], h, dhd);
+  }
+};
+
 // A short sequence in inference, input projection inside (x [T, B, I]): returns (y, h_n).
 std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
@@ -455,6 +520,11 @@ std::tuple<at::Tensor, at::Tensor> gru_packed_fwd(const at::Tensor& x, const at:
                                                   const at::Tensor& w_hh, const OptT& b_hh, const at::Tensor& h0,
                                                   bool reverse, const at::Tensor& lengths) {
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, lengths);
+}
+
+at::Tensor gru_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih, const at::Tensor& w_hh,
+                          const OptT& b_hh, const at::Tensor& h) {
+  return CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {

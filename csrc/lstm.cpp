@@ -2,6 +2,7 @@
 // and their registration. Gate blocks i, f, g, o (i, g, o with coupled gates, f = 1 - i); optional
 // projection (w_hr) and peephole weights (w_ch rows for i, f, o). The math is stated in
 // fastrnn/backends/__init__.py.
+#include "cell_train.h"
 #include "recurrence.h"
 
 #include <torch/library.h>
@@ -797,6 +798,70 @@ std::tuple<at::Tensor, at::Tensor> cell_fwd(const at::Tensor& x, const at::Tenso
   });
 }
 
+// A cell's step in training, projection inside, one autograd node (cell_train.h), for the plain cell (no
+// projection, peepholes or coupled gates): the forward keeps the gates i, f, g, o and c' (the workspace of
+// a saving step); the backward's pointwise pass gives the gates' gradients (one tensor: x's and h's
+// products are added before the gates) and c's.
+template <typename T>
+void train_bwd_point(int64_t B, int64_t H, const T* dh1, const T* dc1, const T* ws, const T* c, T* dg, T* dc) {
+  const int64_t GH = 4 * H;
+  const T* c1 = ws + B * GH;
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* g = ws + b * GH;
+      T* d = dg + b * GH;
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t k = b * H + j;
+        const T i = g[j], f = g[H + j], gg = g[2 * H + j], o = g[3 * H + j];
+        const T tc = std::tanh(c1[k]);
+        const T dct = dc1[k] + dh1[k] * o * (T(1) - tc * tc);
+        d[j] = dct * gg * i * (T(1) - i);
+        d[H + j] = dct * c[k] * f * (T(1) - f);
+        d[2 * H + j] = dct * i * (T(1) - gg * gg);
+        d[3 * H + j] = dh1[k] * tc * o * (T(1) - o);
+        dc[k] = dct * f;
+      }
+    }
+  });
+}
+
+struct CellTrain : torch::autograd::Function<CellTrain> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih,
+                               const at::Tensor& b_ih, const at::Tensor& w_hh, const at::Tensor& b_hh,
+                               const at::Tensor& h, const at::Tensor& c) {
+    at::Tensor xw = proj_input(x, w_ih, maybe(b_ih), 4 * (c.dim() == 2 ? c.size(1) : 0), false);
+    const Dims d = check_args(xw, w_hh, maybe(b_hh), c10::nullopt, c10::nullopt, h, c, c10::nullopt, false);
+    auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_train", [&] {
+      return seq_fwd_impl<scalar_t>(d, xw, w_hh, maybe(b_hh), c10::nullopt, c10::nullopt, h, c, c10::nullopt, false,
+                                    false, true, input_proj<scalar_t>(x, w_ih, maybe(b_ih), xw, true));
+    });
+    ctx->save_for_backward({x, w_ih, b_ih, w_hh, b_hh, h, c, std::get<3>(r)});
+    return {std::get<1>(r), std::get<2>(r)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {
+      return recompute_grads([](const variable_list& in) -> variable_list {
+        auto gates = (linear(in[kX], in[kWih], in[kBih]) + linear(in[kH], in[kWhh], in[kBhh])).chunk(4, 1);
+        at::Tensor c1 = at::sigmoid(gates[1]) * in[kH + 1] + at::sigmoid(gates[0]) * at::tanh(gates[2]);
+        return {at::sigmoid(gates[3]) * at::tanh(c1), c1};
+      }, variable_list(s.begin(), s.begin() + 7), grads);
+    }
+    const at::Tensor& c = s[kH + 1];
+    const int64_t B = c.size(0), H = c.size(1);
+    const at::Tensor dh1 = grads[0].contiguous(), dc1 = grads[1].contiguous();
+    at::Tensor dg = at::empty({B, 4 * H}, c.options()), dc = at::empty({B, H}, c.options());
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lstm_cell_train_bwd", [&] {
+      train_bwd_point<scalar_t>(B, H, dh1.data_ptr<scalar_t>(), dc1.data_ptr<scalar_t>(), s[7].data_ptr<scalar_t>(),
+                                c.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>());
+    });
+    variable_list g = step_grads(ctx, dg, dg, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], s[kH], at::Tensor());
+    g.push_back(ctx->needs_input_grad(kH + 1) ? dc : at::Tensor());
+    return g;
+  }
+};
+
 // A short sequence in inference, input projection inside (x [T, B, I]): returns (y, h_n, c_n).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
@@ -850,6 +915,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(const at::Tensor&
                                                                const at::Tensor& h0, const at::Tensor& c0,
                                                                bool reverse, bool coupled, const at::Tensor& lengths) {
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled, lengths);
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih,
+                                                   const at::Tensor& w_hh, const OptT& b_hh, const at::Tensor& h,
+                                                   const at::Tensor& c) {
+  variable_list r = CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h, c);
+  return {r[0], r[1]};
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cell_train.h"
 #include "recurrence.h"
 
 TORCH_LIBRARY(fastrnn_cpp, m) {
@@ -127,6 +128,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                              bool reverse, const std::string& nonlinearity, const at::Tensor& lengths) {
     return fastrnn::rnn_packed_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths);
+  }, pybind11::call_guard<pybind11::gil_scoped_release>());
+  // a cell's step in training as one autograd node (cell_train.h), for the eager training fast paths
+  m.def("lstm_cell_train", &fastrnn::lstm_cell_train, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gru_cell_train", &fastrnn::gru_cell_train, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rnn_cell_train", [](const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                             const std::string& nonlinearity) {
+    return fastrnn::rnn_cell_train(x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity);
   }, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("set_cache_cap", &fastrnn::set_cache_cap, pybind11::arg("bytes"), pybind11::arg("trim") = true,
         "set the most idle bytes the large-buffer cache keeps (0 turns it off; trim: free the idle blocks "

@@ -1,5 +1,6 @@
 // Plain RNN on the cpp backend: h' = act(xw + W_hh h + b_hh), act tanh or relu. Pointwise passes,
 // entries and their registration. The forward keeps no workspace: the backward derives act' from y.
+#include "cell_train.h"
 #include "recurrence.h"
 
 #include <torch/library.h>
@@ -176,6 +177,46 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
   });
 }
 
+// A cell's step in training, projection inside, one autograd node (cell_train.h). act' comes from the
+// output as torch's does it: 1 - h'^2, or relu's 0 where h' <= 0 (a NaN passes the gradient, as torch's
+// threshold_backward); it is kept apart from h', which the caller may change in place.
+struct CellTrain : torch::autograd::Function<CellTrain> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
+                            const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h, bool relu) {
+    at::Tensor h1 = cell_fwd(x, w_ih, maybe(b_ih), w_hh, maybe(b_hh), h, relu ? "relu" : "tanh");
+    at::Tensor d = at::empty_like(h1);
+    AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "rnn_cell_train", [&] {
+      const scalar_t* y = h1.data_ptr<scalar_t>();
+      scalar_t* dp = d.data_ptr<scalar_t>();
+      const int64_t n = h1.numel();
+      if (relu)
+        for (int64_t k = 0; k < n; ++k) dp[k] = y[k] <= scalar_t(0) ? scalar_t(0) : scalar_t(1);
+      else
+        for (int64_t k = 0; k < n; ++k) dp[k] = scalar_t(1) - y[k] * y[k];
+    });
+    ctx->save_for_backward({x, w_ih, b_ih, w_hh, b_hh, h, d});
+    ctx->saved_data["relu"] = relu;
+    return h1;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    variable_list g;
+    if (at::GradMode::is_enabled()) {
+      g = recompute_grads([&](const variable_list& in) -> variable_list {
+            at::Tensor pre = linear(in[kX], in[kWih], in[kBih]) + linear(in[kH], in[kWhh], in[kBhh]);
+            return {relu ? at::relu(pre) : at::tanh(pre)};
+          }, variable_list(s.begin(), s.begin() + 6), grads);
+    } else {
+      const at::Tensor dg = grads[0].mul(s[6]);
+      g = step_grads(ctx, dg, dg, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], s[kH], at::Tensor());
+    }
+    g.resize(7);  // relu: no gradient
+    return g;
+  }
+};
+
 // A short sequence in inference, input projection inside (x [T, B, I]): returns (y, h_n).
 std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tensor& w_ih,
                                              const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
@@ -227,6 +268,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_packed_fwd(const at::Tensor& x, const at:
                                                   bool reverse, c10::string_view nonlinearity,
                                                   const at::Tensor& lengths) {
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths);
+}
+
+at::Tensor rnn_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                          c10::string_view nonlinearity) {
+  const bool relu = is_relu(nonlinearity);
+  return CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h, relu);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {

@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SOURCES = ("ops.cpp", "common.cpp", "gemm.cpp", "pool.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp", "quant.cpp")
+SOURCES = ("ops.cpp", "common.cpp", "gemm.cpp", "pool.cpp", "cell_train.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp",
+           "quant.cpp")
 
 
 def debug() -> bool:

@@ -71,6 +71,9 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
                                 lengths=lengths if packed else None)
     layer_input = x
+    # a one-step call in training (a decoder's step): each layer-direction one node of the backend's
+    # <family>_cell_train where it serves it (train_step); its output is never saved (no copy below)
+    one_step = direct and T == 1 and not packed and lengths is None
     for layer in range(num_layers):
         outs = []
         for direction in range(num_directions):
@@ -78,6 +81,14 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh, ln_ih = _unpack(weights[k])
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
+            train = train_step(family, backend, weights[k], options) if one_step and save else None
+            if train is not None:
+                res = train(layer_input[0], st)
+                outs.append(res[0].unsqueeze(0))
+                for acc, s in zip(finals, res):
+                    acc.append(s)
+                continue
+            one_step = False  # the general path ran: its output is saved
             xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm)
             if packed:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
@@ -91,7 +102,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    if fresh_output and save and num_directions == 1 and not packed:
+    if fresh_output and save and num_directions == 1 and not packed and not one_step:
         # the caller gets a copy of the op's y, which its backward reads: an in-place op on the output
         # (a residual ``out += x``, ``relu_``, in-place dropout) then leaves the saved y intact, as
         # torch.nn allows it (one copy of [T,B,P]: benchmarks/NOTES.md, "In-place ops on the output")
@@ -110,6 +121,40 @@ def plain(family, weights, options):
     _, _, hh, ln_ih = _unpack(weights)
     nw, no = _PLAIN[family]
     return ln_ih is None and all(t is None for t in hh[nw:]) and not any(options[no:])
+
+
+# the options each family's ``<family>_cell_train`` takes (RNN: its nonlinearity)
+_TRAIN_OPTIONS = {"lstm": 0, "gru": 0, "rnn": 1}
+
+
+def train_step(family, backend, weights, options):
+    """The backend's one-step training node for a layer-direction (``weights`` as ``rnn_layers`` takes
+    them), as a function ``(x [B,I], state) -> new state tuple``, or None where the backend has none or it
+    does not serve these weights and options. The contract's optional ``<family>_cell_train`` takes the
+    plain cell's step with its input projection, records one autograd node, and is called only where
+    nothing intercepts ops (``ops.can_skip_ops``) and a gradient is needed (a decoder's step in training:
+    torch.nn records four to a dozen nodes, the general path a projection and a step op with a Python
+    Function between them; benchmarks/NOTES.md, twenty-first session). LSTM: no projection, peepholes or
+    coupled gates."""
+    op = getattr(dispatch.get(backend), f"{family}_cell_train", None)
+    if op is None or not plain(family, weights, options):
+        return None
+    w_ih, b_ih, hh, _ = _unpack(weights)
+    if family == "lstm" and (hh[2] is not None or hh[3] is not None or options[0]):
+        return None
+    args = (w_ih.contiguous(), _contiguous(b_ih), hh[0].contiguous(), _contiguous(hh[1]))
+    opts = tuple(options[:_TRAIN_OPTIONS[family]])
+    name = f"{family}_cell_train"
+
+    def step(x, state):
+        dispatch.note_call(name, backend)
+        res = op(x.contiguous(), *args, *state, *opts)
+        return tuple(res) if isinstance(res, (tuple, list)) else (res,)
+    return step
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
 
 
 def _unpack(weights):
@@ -262,7 +307,8 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend, ln_ih=None):
     ``<family>_cell_fwd``, the input projection runs inside the backend's call and the call skips the
     op's autograd layer: a streaming cell call is short, and both costs are large against it (NOTES.md).
     Without autograd the step op's layer is skipped too; under torch.compile or a dispatch mode the op
-    path is kept (``ops.can_skip_ops``).
+    path is kept (``ops.can_skip_ops``). In eager training, the backend's optional ``<family>_cell_train``
+    where it serves the cell (``train_step``).
     """
     cdt = _compute_dtype(backend, x.dtype)
     if cdt is not None:  # as in rnn_layers
@@ -272,6 +318,10 @@ def cell_step(family, x, state, w_ih, b_ih, hh, options, backend, ln_ih=None):
         return tuple(s.to(x.dtype) for s in out)
     state = [s.contiguous() for s in state]
     save = _needs_grad(x, w_ih, b_ih, ln_ih, *hh, *state)
+    if save and ops.can_skip_ops():
+        train = train_step(family, backend, (w_ih, b_ih, hh, ln_ih), options)
+        if train is not None:
+            return train(x, state)
     direct = not save and ops.can_skip_ops()
     if direct and plain(family, (w_ih, b_ih, hh, ln_ih), options):
         fused = getattr(dispatch.get(backend), f"{family}_cell_fwd", None)

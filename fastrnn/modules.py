@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
-from .functional import autocast_dtype, cell_step, chunk_layers, rnn_layers
+from .functional import _TRAIN_OPTIONS, autocast_dtype, cell_step, chunk_layers, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
 # projection too, so its xw matches its state; the input and a given state are cast to it first, as
@@ -455,9 +455,14 @@ class _SeqMixin(_BackendMixin):
         if name == "torch":  # a well-formed call (the others get _forward's checks and messages first)
             self._torch_checks(input, states, "weight_ih_l0")
             return self._torch_forward(input, hx)
-        if grad:  # autograd: the general path, on the backend chosen here (its choice costs ~15 us a call)
-            return self._forward(input, hx, name)
-        if op is None or T == 0 or T * B > impl.chunk_max_rows:
+        if grad:
+            # autograd: a one-step call (a decoder's step) through rnn_layers, which runs each
+            # layer-direction as the backend's one-step node; else the general path on the backend chosen
+            # here (its choice costs ~15 us a call)
+            if (T != 1 or self.proj_size or self._variant_only()
+                    or getattr(impl, f"{self._family}_cell_train", None) is None):
+                return self._forward(input, hx, name)
+        elif op is None or T == 0 or T * B > impl.chunk_max_rows:
             return None
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
@@ -466,10 +471,11 @@ class _SeqMixin(_BackendMixin):
             states = self._zeros_state(x, B)
         elif not batched:
             states = tuple(s.unsqueeze(1) for s in states)
+        layers = (functools.partial(rnn_layers, self._family, lengths=None) if grad
+                  else functools.partial(chunk_layers, self._family, op))
         try:
-            y, states = chunk_layers(self._family, op, x, states, self._weights(), self._options(), num_layers=L,
-                                     num_directions=D, dropout=float(self.dropout), training=self.training,
-                                     backend=name)
+            y, states = layers(x, states, self._weights(), self._options(), num_layers=L, num_directions=D,
+                               dropout=float(self.dropout), training=self.training, backend=name)
         except (RuntimeError, TypeError):
             return None
         if batched:
@@ -848,12 +854,14 @@ class _CellMixin(_BackendMixin):
                                policy.shape_class("step", training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
             return None
-        name, fused, _ = choice
+        name, fused, impl = choice
         if name == "torch":
             self._torch_checks(input, given, "weight_ih")
             return self._torch_forward(input, hx)
-        if grad:  # autograd: the general path, on the backend chosen here (its choice costs ~15 us a call)
-            return self._forward(input, hx, name)
+        if grad:  # autograd: the backend's one-step node, else the general path on the backend chosen here
+            fused = getattr(impl, f"{self._family}_cell_train", None) if self._one_node() else None
+            if fused is None:
+                return self._forward(input, hx, name)
         if fused is None:
             return None
         if hx is None:  # torch's zeros, of the input's batch, dtype and device
@@ -875,11 +883,12 @@ class _CellMixin(_BackendMixin):
             weights = [None if n is None else getattr(self, n) for n in names]
         try:
             # the plain cell's options only (the fused op takes no zoneout: the cell options are off here)
-            out = fused(input, *weights, *states, *self._plain_options())
+            out = (fused(input, *weights[:4], *states, *self._plain_options()[:_TRAIN_OPTIONS[self._family]])
+                   if grad else fused(input, *weights, *states, *self._plain_options()))
         except (RuntimeError, TypeError):
             return None
         if dispatch._recorders:
-            dispatch.note_call(f"{self._family}_cell_fwd", name)
+            dispatch.note_call(f"{self._family}_cell_{'train' if grad else 'fwd'}", name)
         if unbatched:
             out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
         return out
@@ -894,6 +903,11 @@ class _CellMixin(_BackendMixin):
     def _fused_weight_names(self):
         """Parameter names of the fused cell op's weight arguments, in order (None: absent)."""
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+
+    def _one_node(self):
+        """Does the backends' one-step training node (``<family>_cell_train``) serve this cell? The plain
+        cell's: not an LSTM with peepholes or coupled gates."""
+        return True
 
     def _hx_is_well_formed(self, hx):
         return isinstance(hx, torch.Tensor)
@@ -983,6 +997,9 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
 
     def _fused_weight_names(self):
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh", None, "weight_ch" if self.peephole else None)
+
+    def _one_node(self):
+        return not (self.peephole or self.coupled_gates)
 
     def _hx_is_well_formed(self, hx):
         return (isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], torch.Tensor)

@@ -101,16 +101,17 @@ _AMD_LSTM_WIDE = {f"{c} H>{WIDE_H}": r for c, r in (
     ("inference T1", _CNT), ("training B1", _CNT), ("training B2-7", _CTN), ("training B8-31", _CTN),
     ("training B32+", _CTN))}
 # cells: numba's fused cell ahead of cpp's from B2 in inference (B16, two tune runs, ms: LSTM 8.5 / 7.3
-# against 10.2 / 8.0, GRU 5.6 / 5.4 against 6.1 / 6.1, RNN 2.6 / 3.1 against 2.6 / 4.6)
-_AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_T} for f in FAMILIES}
-# one-step sequences in training (a decoder's steps, the state carried, one backward at the end; measured
-# with the tune's call at 50 steps (it now takes 16), B16, H64 and H256, ms, geometric mean, two runs): torch.nn
-# ahead for the GRU (22.9 / 27.4 against cpp's 26.0 / 31.9) and the RNN (12.9 / 16.5 against 18.6 / 22.7), and at
-# H768 (GRU 293 / 288 against 336 / 331, RNN 81 / 102 against 103 / 119); cpp for the LSTM (31.2 / 31.0 against
-# torch.nn's 51.5 / 31.8: its oneDNN LSTM at H256 read 136 then 54 ms; H768: 468 against 1792 / 1662). Before this
-# class those calls took the batch bands' cpp at 0.38-0.76x torch.nn (benchmarks/NOTES.md, twentieth session). The
-# Intel table takes the AMD ranking (not measured there).
-_AMD_T1_TRAIN = {"lstm": _CTN, "gru": _TCN, "rnn": _TCN}
+# against 10.2 / 8.0, GRU 5.6 / 5.4 against 6.1 / 6.1, RNN 2.6 / 3.1 against 2.6 / 4.6). In training cpp
+# since its one-step node (cell_train.h; two tune runs, ms, cpp / torch.nn: LSTM 13.3 / 18.3 and 18.5 /
+# 18.8, GRU 12.0 / 14.3 and 14.5 / 15.0, RNN 4.1 / 4.8 and 6.5 / 6.8; benchmarks/NOTES.md, twenty-first session)
+_AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": _STEP_C} for f in FAMILIES}
+# one-step sequences in training (a decoder's steps, the state carried, one backward at the end; the tune's
+# call, 16 steps, B16, H64 and H256, ms, geometric mean): cpp since its one-step node runs each
+# layer-direction (cell_train.h; two tune runs, cpp / torch.nn: LSTM 9.4 / 17.0 and 8.9 / 14.2, GRU 5.7 / 8.0
+# and 8.5 / 9.4, RNN 6.1 / 6.4 and 5.0 / 5.3; H768: LSTM 130 / 215 and 135 / 228, GRU 84 / 97 and 116 / 112,
+# RNN 23 / 25 and 32 / 34; benchmarks/NOTES.md, twenty-first session). Before it torch.nn led the GRU and RNN
+# (twentieth session). The Intel table takes the AMD ranking (not measured there).
+_AMD_T1_TRAIN = dict.fromkeys(FAMILIES, _CTN)
 _BUILTIN_CPU = {
     # the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
     # up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 (B4: 8.8 / 9.2 and 11.0 / 11.7);

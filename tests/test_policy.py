@@ -390,12 +390,14 @@ def test_one_step_training_calls_have_their_own_class(tmp_path, monkeypatch):
         policy.forget()
 
 
-def test_builtin_tables_send_one_step_gru_and_rnn_training_to_torch():
+def test_builtin_tables_send_one_step_training_to_cpps_node():
+    """Decoders trained step by step (cells, one-step sequences): cpp's one-step node first, torch.nn next."""
     for vendor in ("amd", "intel"):
         ranks = policy.builtin(vendor)["rankings"]["cpu"]
-        for wide in ("", f" H>{policy.WIDE_H}"):
-            assert ranks[f"gru seq training T1{wide}"][0] == ranks[f"rnn seq training T1{wide}"][0] == "torch"
-            assert ranks[f"lstm seq training T1{wide}"][0] == "cpp"
+        for f in policy.FAMILIES:
+            assert ranks[f"{f} step training"][:2] == ("cpp", "torch")
+            for wide in ("", f" H>{policy.WIDE_H}"):
+                assert ranks[f"{f} seq training T1{wide}"][:2] == ("cpp", "torch")
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])

@@ -76,6 +76,14 @@ the call, x [B,I], w_ih [G*H,I], b_ih [G*H]?. No autograd and no workspace: the 
 torch.compile tracing or dispatch mode is active (``fastrnn.ops.can_skip_ops``), and use the step ops
 otherwise.
 
+Optional, for training: ``<f>_cell_train(x, w_ih, b_ih, w_hh, b_hh, *state, *options) -> state_new``
+(``<f>_cell_fwd``'s form; options: rnn its nonlinearity, none for gru and lstm): the same step of the
+plain cell (LSTM without w_hr, w_ch or coupled gates) returning tensors that carry their own autograd
+node, whose backward gives every input's gradient and is itself differentiable (create_graph). The
+cell modules and ``fastrnn.functional`` call it directly for a step (a cell call, each layer-direction
+of a one-step sequence) that needs a gradient where nothing intercepts ops (``can_skip_ops``), and the
+step ops otherwise.
+
 Optional, for inference: ``<f>_chunk_fwd(x, w_ih, b_ih, *weights, *state0, reverse, *options) -> (y, *state_n)``
 with the backend attribute ``chunk_max_rows``: a whole dense sequence (x [T,B,I], no lengths) with the
 input projection inside the call, as ``<f>_seq_fwd`` with ``save`` False computes it from ``xw``.

@@ -139,5 +139,7 @@ class CppBackend(Backend):
 
 
 _OP_NAMES = {f"{f}_{s}_{p}" for f in ("lstm", "gru", "rnn") for s in ("seq", "step") for p in ("fwd", "bwd")}
-_DIRECT_NAMES = {f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk", "packed")}  # the optional ones
+# the optional ones: the inference entries and the one-step training node
+_DIRECT_NAMES = ({f"{f}_{k}_fwd" for f in ("lstm", "gru", "rnn") for k in ("cell", "chunk", "packed")}
+                 | {f"{f}_cell_train" for f in ("lstm", "gru", "rnn")})
 BACKEND = CppBackend()
