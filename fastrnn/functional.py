@@ -70,10 +70,13 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
                                 lengths=lengths if packed else None)
+    if direct and T == 1 and not packed and lengths is None and _needs_grad(
+            x, *state0, *(t for w in weights for t in (w[0], w[1], *w[2]))):
+        res = one_step_layers(family, x, state0, weights, options, num_layers=num_layers,
+                              num_directions=num_directions, dropout=dropout, training=training, backend=backend)
+        if res is not None:
+            return res
     layer_input = x
-    # a one-step call in training (a decoder's step): each layer-direction one node of the backend's
-    # <family>_cell_train where it serves it (train_step); its output is never saved (no copy below)
-    one_step = direct and T == 1 and not packed and lengths is None
     for layer in range(num_layers):
         outs = []
         for direction in range(num_directions):
@@ -81,14 +84,6 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh, ln_ih = _unpack(weights[k])
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
-            train = train_step(family, backend, weights[k], options) if one_step and save else None
-            if train is not None:
-                res = train(layer_input[0], st)
-                outs.append(res[0].unsqueeze(0))
-                for acc, s in zip(finals, res):
-                    acc.append(s)
-                continue
-            one_step = False  # the general path ran: its output is saved
             xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm)
             if packed:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
@@ -102,7 +97,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    if fresh_output and save and num_directions == 1 and not packed and not one_step:
+    if fresh_output and save and num_directions == 1 and not packed:
         # the caller gets a copy of the op's y, which its backward reads: an in-place op on the output
         # (a residual ``out += x``, ``relu_``, in-place dropout) then leaves the saved y intact, as
         # torch.nn allows it (one copy of [T,B,P]: benchmarks/NOTES.md, "In-place ops on the output")
@@ -121,6 +116,31 @@ def plain(family, weights, options):
     _, _, hh, ln_ih = _unpack(weights)
     nw, no = _PLAIN[family]
     return ln_ih is None and all(t is None for t in hh[nw:]) and not any(options[no:])
+
+
+def one_step_layers(family, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
+                    backend):
+    """``rnn_layers`` for a one-step dense call that needs a gradient (a decoder's step in training, x
+    [1,B,I]) where the backend's one-step node serves every layer-direction (``train_step``): each one
+    node. Same results as ``rnn_layers``; None where a layer-direction is not served (the caller then
+    takes the general path). No node saves its output: the caller's output needs no copy."""
+    steps = [train_step(family, backend, w, options) for w in weights]
+    if None in steps:
+        return None
+    layer_input = x[0]
+    finals = [[] for _ in state0]
+    for layer in range(num_layers):
+        outs = []
+        for d in range(num_directions):
+            k = layer * num_directions + d
+            res = steps[k](layer_input, [s[k] for s in state0])
+            outs.append(res[0])
+            for acc, st in zip(finals, res):
+                acc.append(st)
+        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input.unsqueeze(0), tuple(torch.stack(acc) for acc in finals)
 
 
 # the options each family's ``<family>_cell_train`` takes (RNN: its nonlinearity)
@@ -148,7 +168,7 @@ def train_step(family, backend, weights, options):
 
     def step(x, state):
         dispatch.note_call(name, backend)
-        res = op(x.contiguous(), *args, *state, *opts)
+        res = op(x.contiguous(), *args, *(s.contiguous() for s in state), *opts)
         return tuple(res) if isinstance(res, (tuple, list)) else (res,)
     return step
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
-from .functional import _TRAIN_OPTIONS, autocast_dtype, cell_step, chunk_layers, rnn_layers
+from .functional import _TRAIN_OPTIONS, autocast_dtype, cell_step, chunk_layers, one_step_layers, rnn_layers
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
 # projection too, so its xw matches its state; the input and a given state are cast to it first, as
@@ -423,11 +423,12 @@ class _SeqMixin(_BackendMixin):
         dropped weights or cell options.
 
         When the automatic choice for the call's shape class is ``torch`` (with or without autograd),
-        torch.nn's forward runs it from here, its checks and autograd included. Otherwise, with autograd,
-        ``_forward`` runs it on the backend chosen here; without, a short sequence (T x B up to the
-        backend's ``chunk_max_rows``: the chunks of a stream) runs each layer-direction as one call of the
-        backend's optional ``<family>_chunk_fwd`` (input projection inside); the op checks shapes and
-        dtypes itself and changes no input. Whatever does not apply or is refused returns None and goes to
+        torch.nn's forward runs it from here, its checks and autograd included. Otherwise, with autograd, a
+        one-step call (a decoder's step) runs each layer-direction as the backend's one-step training node
+        (``one_step_layers``) and any other call ``_forward`` on the backend chosen here; without, a short
+        sequence (T x B up to the backend's ``chunk_max_rows``: the chunks of a stream) runs each
+        layer-direction as one call of the backend's optional ``<family>_chunk_fwd`` (input projection
+        inside); the ops check shapes and dtypes themselves and change no input. Whatever does not apply or is refused returns None and goes to
         ``_forward``, which raises torch's error for it (or serves it another way)."""
         if (input.dim() not in (2, 3) or not ops.can_skip_ops() or _any_autocast()
                 or self._dropping_weights() or self._cell_options()):
@@ -456,11 +457,9 @@ class _SeqMixin(_BackendMixin):
             self._torch_checks(input, states, "weight_ih_l0")
             return self._torch_forward(input, hx)
         if grad:
-            # autograd: a one-step call (a decoder's step) through rnn_layers, which runs each
-            # layer-direction as the backend's one-step node; else the general path on the backend chosen
-            # here (its choice costs ~15 us a call)
-            if (T != 1 or self.proj_size or self._variant_only()
-                    or getattr(impl, f"{self._family}_cell_train", None) is None):
+            # autograd: a one-step call (a decoder's step), each layer-direction the backend's one-step node
+            # (one_step_layers); else the general path on the backend chosen here (its choice costs ~15 us)
+            if T != 1 or op is None or self.proj_size or self._variant_only():
                 return self._forward(input, hx, name)
         elif op is None or T == 0 or T * B > impl.chunk_max_rows:
             return None
@@ -471,13 +470,16 @@ class _SeqMixin(_BackendMixin):
             states = self._zeros_state(x, B)
         elif not batched:
             states = tuple(s.unsqueeze(1) for s in states)
-        layers = (functools.partial(rnn_layers, self._family, lengths=None) if grad
+        layers = (functools.partial(one_step_layers, self._family) if grad
                   else functools.partial(chunk_layers, self._family, op))
         try:
-            y, states = layers(x, states, self._weights(), self._options(), num_layers=L, num_directions=D,
-                               dropout=float(self.dropout), training=self.training, backend=name)
+            res = layers(x, states, self._weights(), self._options(), num_layers=L, num_directions=D,
+                         dropout=float(self.dropout), training=self.training, backend=name)
         except (RuntimeError, TypeError):
             return None
+        if res is None:  # a layer-direction the node does not serve
+            return self._forward(input, hx, name)
+        y, states = res
         if batched:
             out = y.transpose(0, 1) if self.batch_first else y
         else:
@@ -836,9 +838,10 @@ class _CellMixin(_BackendMixin):
         1 is short enough that every check costs a share of it (benchmarks/NOTES.md, "The cells' fast path,
         trimmed", and twentieth session). When the automatic choice for the call's class is ``torch`` (with
         or without autograd), torch.nn's forward runs it from here, its checks and autograd included.
-        Otherwise, with autograd, ``_forward`` runs it on the backend chosen here; without, one call of that
-        backend's optional ``<family>_cell_fwd`` (input projection inside), which checks shapes, dtypes,
-        devices and contiguity itself and changes no input. Whatever does not apply or is refused returns
+        Otherwise one call of that backend's optional ``<family>_cell_train`` with autograd (the plain
+        cell's step as one autograd node; where it has none, ``_forward`` on that backend) or
+        ``<family>_cell_fwd`` without (input projection inside), which check shapes, dtypes, devices and
+        contiguity themselves and change no input. Whatever does not apply or is refused returns
         None and goes to ``_forward``, which raises torch's error for it (or serves it another way)."""
         if not isinstance(input, torch.Tensor) or not (self._hx_is_well_formed(hx) if hx is not None
                                                        else input.dim() == 2):

@@ -1,17 +1,18 @@
-"""The cpp backend's one-step training node (``<family>_cell_train``, csrc/cell_train.h): a cell's step in
-training, or each layer-direction of a one-step sequence call, as one autograd node. Against torch.nn in
-float64, with the calls recorded; its own gradients checked numerically, twice; the variants and the
-refused calls on the general path."""
+"""The backends' one-step training node (``<family>_cell_train``: cpp's in C++, csrc/cell_train.h; numba's
+a Python Function, backends/numba.py): a cell's step in training, or each layer-direction of a one-step
+sequence call, as one autograd node. Against torch.nn in float64, with the calls recorded; its own
+gradients checked numerically, twice; the variants and the refused calls on the general path."""
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import fastrnn
 from fastrnn import dispatch
-from fastrnn.backends import cpp
 from conftest import assert_close
 
 F64 = torch.float64
+#: the backends with the node (the others run the step ops: tests/test_cells.py)
+NODE = ["cpp", "numba"]
 CELLS = [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "tanh"}),
          ("RNNCell", {"nonlinearity": "relu"})]
 
@@ -20,9 +21,10 @@ def _family(cls):
     return cls.replace("Cell", "").lower()
 
 
+@pytest.mark.parametrize("backend", NODE)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("family,opts", [("lstm", ()), ("gru", ()), ("rnn", ("tanh",)), ("rnn", ("relu",))])
-def test_node_gradients_checked_numerically_twice(family, opts, bias):
+def test_node_gradients_checked_numerically_twice(family, opts, bias, backend):
     """gradcheck and gradgradcheck (a double backward recomputes the step with recorded ops)."""
     torch.manual_seed(0)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
@@ -30,14 +32,14 @@ def test_node_gradients_checked_numerically_twice(family, opts, bias):
     r = lambda *s: torch.randn(*s, dtype=F64, requires_grad=True)  # noqa: E731
     ins = [r(B, I), r(G * H, I), r(G * H) if bias else None, r(G * H, H), r(G * H) if bias else None,
            r(B, H)] + ([r(B, H)] if family == "lstm" else [])
-    op = getattr(cpp.CppBackend(), f"{family}_cell_train")
+    op = getattr(dispatch.get(backend), f"{family}_cell_train")
     f = lambda *a: op(*a, *opts)  # noqa: E731
     assert torch.autograd.gradcheck(f, ins)
     assert torch.autograd.gradgradcheck(f, ins)
 
 
-def _copy(ref, cls, **kw):
-    m = getattr(fastrnn, cls)(**kw, backend="cpp", dtype=F64)
+def _copy(ref, cls, backend="cpp", **kw):
+    m = getattr(fastrnn, cls)(**kw, backend=backend, dtype=F64)
     m.load_state_dict(ref.state_dict())
     return m
 
@@ -46,14 +48,15 @@ def _params_grads(m):
     return [p.grad for p in m.parameters()]
 
 
+@pytest.mark.parametrize("backend", NODE)
 @pytest.mark.parametrize("cls,kw", CELLS, ids=[c + kw.get("nonlinearity", "") for c, kw in CELLS])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_cell_decoder_steps_equal_torch_nn(cls, kw, bias):
+def test_cell_decoder_steps_equal_torch_nn(cls, kw, bias, backend):
     """Four steps of a decoder (the state carried, the input a function of the last output, one backward):
     outputs and every gradient equal to torch.nn's, each step one ``<family>_cell_train`` node."""
     torch.manual_seed(0)
     ref = getattr(torch.nn, cls)(5, 6, bias=bias, dtype=F64, **kw)
-    m = _copy(ref, cls, input_size=5, hidden_size=6, bias=bias, **kw)
+    m = _copy(ref, cls, backend, input_size=5, hidden_size=6, bias=bias, **kw)
     proj = torch.randn(6, 5, dtype=F64)
     x0 = torch.randn(3, 5, dtype=F64)
 
@@ -76,7 +79,7 @@ def test_cell_decoder_steps_equal_torch_nn(cls, kw, bias):
     outs_r, grads_r = run(ref)
     for a, b in zip(outs + grads, outs_r + grads_r):
         assert_close(a, b, 1e-10, "decoder")
-    assert set(calls) == {(f"{_family(cls)}_cell_train", "cpp")}
+    assert set(calls) == {(f"{_family(cls)}_cell_train", backend)}
     assert len(calls) == 4
 
 
@@ -85,15 +88,16 @@ SEQ = [("LSTM", dict(num_layers=2)), ("GRU", dict(bidirectional=True)), ("RNN", 
        ("RNN", dict(num_layers=2, bidirectional=True, bias=False))]
 
 
+@pytest.mark.parametrize("backend", NODE)
 @pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("cls,kw", SEQ, ids=[f"{c}-{'-'.join(k)}" for c, k in SEQ])
-def test_one_step_sequence_calls_equal_torch_nn(cls, kw, unbatched):
+def test_one_step_sequence_calls_equal_torch_nn(cls, kw, unbatched, backend):
     """A sequence module called one step at a time in training (layers, directions, batch_first,
     unbatched input): outputs, final states and gradients equal to torch.nn's, each layer-direction one
     node, the output a tensor of its own (an in-place change to it is the caller's, as with torch.nn)."""
     torch.manual_seed(0)
     ref = getattr(torch.nn, cls)(4, 5, dtype=F64, **kw)
-    m = _copy(ref, cls, input_size=4, hidden_size=5, **kw)
+    m = _copy(ref, cls, backend, input_size=4, hidden_size=5, **kw)
     D = 2 if kw.get("bidirectional") else 1
     L = kw.get("num_layers", 1)
     shape = (1, 4) if unbatched else ((2, 1, 4) if kw.get("batch_first") else (1, 2, 4))
@@ -117,7 +121,7 @@ def test_one_step_sequence_calls_equal_torch_nn(cls, kw, unbatched):
     for a, b in zip(outs + grads, outs_r + grads_r):
         assert a.shape == b.shape
         assert_close(a, b, 1e-10, "one-step sequence")
-    assert set(calls) == {(f"{cls.lower()}_cell_train", "cpp")}
+    assert set(calls) == {(f"{cls.lower()}_cell_train", backend)}
     assert len(calls) == 3 * L * D
 
 
@@ -135,13 +139,14 @@ def test_variants_and_projections_take_the_general_path(ran):
     assert set(calls) == {("lstm_seq_fwd", "cpp"), ("lstm_seq_bwd", "cpp")}
 
 
-def test_refused_calls_raise_torch_nns_errors():
+@pytest.mark.parametrize("backend", NODE)
+def test_refused_calls_raise_torch_nns_errors(backend):
     """A wrong input size in training: torch.nn's error type and message, the parameters untouched."""
     for cls, x, hx in (("GRUCell", torch.randn(3, 4), torch.randn(3, 6)), ("LSTM", torch.randn(1, 3, 4), None),
                        ("RNNCell", torch.randn(3, 5), torch.randn(2, 6))):
         torch.manual_seed(0)
         ref = getattr(torch.nn, cls)(5, 6)
-        m = getattr(fastrnn, cls)(5, 6, backend="cpp")
+        m = getattr(fastrnn, cls)(5, 6, backend=backend)
         m.load_state_dict(ref.state_dict())
         before = [p.detach().clone() for p in m.parameters()]
         with pytest.raises(Exception) as want:
@@ -152,13 +157,14 @@ def test_refused_calls_raise_torch_nns_errors():
         assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
-def test_nan_propagates_as_in_torch():
+@pytest.mark.parametrize("backend", NODE)
+def test_nan_propagates_as_in_torch(backend):
     """NaN in the input: the same NaN pattern in the outputs and gradients as torch.nn (relu's gradient
     passes where the output is NaN, as torch's threshold_backward)."""
     for cls, kw in CELLS:
         torch.manual_seed(0)
         ref = getattr(torch.nn, cls)(4, 5, dtype=F64, **kw)
-        m = _copy(ref, cls, input_size=4, hidden_size=5, **kw)
+        m = _copy(ref, cls, backend, input_size=4, hidden_size=5, **kw)
         x0 = torch.randn(3, 4, dtype=F64)
         x0[1, 2] = float("nan")
         res = []
@@ -173,11 +179,12 @@ def test_nan_propagates_as_in_torch():
             assert_close(torch.nan_to_num(a), torch.nan_to_num(b), 1e-10, cls)
 
 
-def test_checkpointing_and_hooks():
+@pytest.mark.parametrize("backend", NODE)
+def test_checkpointing_and_hooks(backend):
     """Non-reentrant checkpointing (saved-tensor hooks on the node's saved inputs) and a gradient hook on
     the output: the gradients of the plain run."""
     torch.manual_seed(0)
-    m = fastrnn.GRUCell(4, 5, backend="cpp", dtype=F64)
+    m = fastrnn.GRUCell(4, 5, backend=backend, dtype=F64)
     x = torch.randn(3, 4, dtype=F64)
     grads = []
     for mode in ("plain", "checkpoint"):

@@ -409,6 +409,16 @@ class NumbaBackend(StepsFromSequence, Backend):
         _kernel(_rnn.rnn_cell, parts)(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", parts, like)
         return h_out
 
+    # ---- the contract's optional one-step training node (fastrnn.functional.train_step) ------------------
+    def lstm_cell_train(self, x, w_ih, b_ih, w_hh, b_hh, h, c):
+        return _CellTrain.apply("lstm", None, x, w_ih, b_ih, w_hh, b_hh, h, c)
+
+    def gru_cell_train(self, x, w_ih, b_ih, w_hh, b_hh, h):
+        return _CellTrain.apply("gru", None, x, w_ih, b_ih, w_hh, b_hh, h)
+
+    def rnn_cell_train(self, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
+        return _CellTrain.apply("rnn", nonlinearity, x, w_ih, b_ih, w_hh, b_hh, h)
+
     # ---- the contract's optional chunk and packed entries: a sequence in inference, one call a layer-direction
     #: ``<f>_chunk_fwd`` takes any dense sequence: up to CELL_ROWS rows (T x B) as one fused cell call a step
     #: (~20 us of host work a step; the sequence kernel's host work and the separate input projection cost
@@ -552,6 +562,101 @@ class NumbaBackend(StepsFromSequence, Backend):
                               _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
+
+
+class _CellTrain(torch.autograd.Function):
+    """A cell's step in training with the input projection inside, one autograd node (the contract's
+    optional ``<family>_cell_train``): the forward is the fused cell's kernel keeping its gates
+    (``<family>_cell_train`` in numba_kernels), the backward a pointwise kernel for the gates' gradients
+    and torch's products; a backward under create_graph recomputes the step with recorded ops (the
+    reference backend's cell) and differentiates it again. cpp's node is C++ (csrc/cell_train.h); this one
+    pays a Python Function's apply and backward (benchmarks/NOTES.md, twenty-first session)."""
+
+    @staticmethod
+    def forward(ctx, family, nonlinearity, x, w_ih, b_ih, w_hh, b_hh, *state):
+        name = f"{family}_cell_train"
+        if family == "lstm":
+            B, I, H, _, like, addr, keep = _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, None, None, *state, False)
+            out = (x.new_empty(B, H), x.new_empty(B, H))
+            ws = x.new_empty(B * 5 * H)
+            parts = _parts(B, 4 * H * (I + H))
+            _kernel(_lstm.lstm_cell_train, parts)(*addr[:5], *addr[7:], out[0].data_ptr(), out[1].data_ptr(),
+                                                   ws.data_ptr(), B, I, H, parts, like)
+        elif family == "gru":
+            B, I, H, _, like, addr, keep = _gru_checks(name, x, w_ih, b_ih, w_hh, b_hh, *state)
+            out, ws = x.new_empty(B, H), x.new_empty(B * 4 * H)
+            parts = _parts(B, 3 * H * (I + H))
+            _kernel(_gru.gru_cell_train, parts)(*addr, out.data_ptr(), ws.data_ptr(), B, I, H, parts, like)
+        else:
+            B, I, H, _, like, addr, keep = _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, *state, nonlinearity)
+            out, ws = x.new_empty(B, H), x.new_empty(B, H)
+            parts = _parts(B, H * (I + H))
+            _kernel(_rnn.rnn_cell_train, parts)(*addr, out.data_ptr(), ws.data_ptr(), B, I, H,
+                                                nonlinearity == "relu", parts, like)
+        ctx.family, ctx.nonlinearity = family, nonlinearity
+        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, *state, ws)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, w_ih, b_ih, w_hh, b_hh, *state, ws = ctx.saved_tensors
+        family, need = ctx.family, ctx.needs_input_grad[2:]  # x, w_ih, b_ih, w_hh, b_hh, *state
+        if torch.is_grad_enabled():
+            return (None, None, *_recomputed_grads(family, ctx.nonlinearity, (x, w_ih, b_ih, w_hh, b_hh, *state),
+                                                   grads))
+        state = [s.contiguous() for s in state]
+        B, H = state[0].shape
+        like = _LIKE[x.dtype]
+        dh1 = grads[0].contiguous()
+        dh_direct = dc = None
+        if family == "rnn":
+            dxw = dhw = dh1 * ws.view(B, H)
+        elif family == "gru":
+            dxw, dhw, dh_direct = x.new_empty(B, 3 * H), x.new_empty(B, 3 * H), x.new_empty(B, H)
+            _gru.gru_cell_train_bwd(dh1.data_ptr(), ws.data_ptr(), state[0].data_ptr(), dxw.data_ptr(),
+                                    dhw.data_ptr(), dh_direct.data_ptr(), B, H, like)
+        else:
+            dxw, dc = x.new_empty(B, 4 * H), x.new_empty(B, H)
+            dhw = dxw
+            dc1 = grads[1].contiguous()  # held while the kernel reads it by address
+            _lstm.lstm_cell_train_bwd(dh1.data_ptr(), dc1.data_ptr(), ws.data_ptr(), state[1].data_ptr(),
+                                      dxw.data_ptr(), dc.data_ptr(), B, H, like)
+        dx = dxw.mm(w_ih) if need[0] else None
+        dw_ih = dxw.t().mm(x) if need[1] else None
+        db_ih = dxw.sum(0) if b_ih is not None and need[2] else None
+        dw_hh = dhw.t().mm(state[0]) if need[3] else None
+        db_hh = None
+        if b_hh is not None and need[4]:  # a tensor of its own where it equals db_ih (each parameter its .grad)
+            db_hh = db_ih.clone() if dhw is dxw and db_ih is not None else dhw.sum(0)
+        dh = None
+        if need[5]:
+            dh = dhw.mm(w_hh) if dh_direct is None else torch.addmm(dh_direct, dhw, w_hh)
+        extra = (dc if need[6] else None,) if family == "lstm" else ()
+        return None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh, *extra
+
+
+def _recomputed_grads(family, nonlinearity, inputs, grads):
+    """A differentiable backward of ``_CellTrain``: the step recomputed from ``inputs`` with recorded ops
+    (the reference backend's cell on the projected input) and its vector-Jacobian product with ``grads``,
+    the graph kept. One gradient per input (None where it needs none)."""
+    from . import reference
+
+    x, w_ih, b_ih, w_hh, b_hh, *state = inputs
+    with torch.enable_grad():
+        xw = torch.nn.functional.linear(x, w_ih, b_ih)
+        if family == "lstm":
+            outs = reference.lstm_cell(xw, w_hh, b_hh, *([None] * 8), *state, False, 0.0, 0.0)
+        elif family == "gru":
+            outs = reference.gru_cell(xw, w_hh, b_hh, None, None, None, *state, 0.0)
+        else:
+            outs = reference.rnn_cell(xw, w_hh, b_hh, *state, nonlinearity)
+    wrt = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
+    res = [None] * len(inputs)
+    if wrt:
+        got = torch.autograd.grad(outs, [inputs[k] for k in wrt], grads, create_graph=True, allow_unused=True)
+        for k, g in zip(wrt, got):
+            res[k] = g
+    return res
 
 
 #: an empty array of each dtype the fused cells take: it gives the kernels their element type

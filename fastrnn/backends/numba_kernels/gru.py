@@ -156,3 +156,46 @@ def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, li
             project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
             mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
         _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+
+
+@numba.njit(parallel=True, **JIT)
+def gru_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, a_ws, B, I, H, parts, like):
+    """``gru_cell``'s step for the one-step training node (numba.py, ``_CellTrain``), its gates kept at
+    a_ws: r, z, n [B, 3H], then W_hn h + b_hn [B, H]."""
+    x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
+    b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
+    h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
+    xw = lines((B, 3 * H), like.dtype)
+    gates = at(a_ws, (1, B, 3 * H), like)
+    hn = at(a_ws + B * 3 * H * like.itemsize, (1, B, H), like)
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        for k in range(3):
+            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
+            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+
+
+@numba.njit(**JIT)
+def gru_cell_train_bwd(a_dh1, a_ws, a_h, a_dxw, a_dhw, a_dhd, B, H, like):
+    """The node's backward pointwise pass: from h's gradient dh1 [B, H] and the workspace, the gates'
+    gradients on the input side dxw and the recurrent side dhw [B, 3H] (n's times r on the recurrent
+    side) and h's direct part dhd [B, H]."""
+    dh1, h, dhd = at(a_dh1, (B, H), like), at(a_h, (B, H), like), at(a_dhd, (B, H), like)
+    g, hn = at(a_ws, (B, 3 * H), like), at(a_ws + B * 3 * H * like.itemsize, (B, H), like)
+    dxw, dhw = at(a_dxw, (B, 3 * H), like), at(a_dhw, (B, 3 * H), like)
+    one = like.dtype.type(1)
+    for b in range(B):
+        gb, xb, rb = g[b], dxw[b], dhw[b]
+        for j in range(H):
+            r, z, n, d = gb[j], gb[H + j], gb[2 * H + j], dh1[b, j]
+            dn = d * (one - z) * (one - n * n)
+            dz = d * (h[b, j] - n) * z * (one - z)
+            dr = dn * hn[b, j] * r * (one - r)
+            xb[j] = dr
+            rb[j] = dr
+            xb[H + j] = dz
+            rb[H + j] = dz
+            xb[2 * H + j] = dn
+            rb[2 * H + j] = dn * r
+            dhd[b, j] = d * z

@@ -317,3 +317,48 @@ def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h,
         for p in prange(parts):
             lo, hi = split(P, parts, p)
             mm_nt(hfull, B, w_hr, h_out, lo, hi, False)
+
+
+@numba.njit(parallel=True, **JIT)
+def lstm_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_c, a_h_out, a_c_out, a_ws, B, I, H, parts, like):
+    """``lstm_cell``'s step of the plain cell (no projection, peepholes or coupled gates) for the one-step
+    training node (numba.py, ``_CellTrain``), its gates i, f, g, o [B, 4H] and c' [B, H] kept at a_ws."""
+    x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (4 * H, I), like), at(a_w_hh, (4 * H, H), like)
+    b_ih, b_hh = at(a_b_ih, (4 * H if a_b_ih else 0,), like), at(a_b_hh, (4 * H if a_b_hh else 0,), like)
+    h, c = at(a_h, (B, H), like), at(a_c, (B, H), like)
+    h_out, c_out = at(a_h_out, (B, H), like), at(a_c_out, (B, H), like)
+    xw = lines((B, 4 * H), like.dtype)
+    gates = at(a_ws, (1, B, 4 * H), like)
+    c_all = at(a_ws + B * 4 * H * like.itemsize, (1, B, H), like)
+    w_ch = at(0, (0, 0), like)
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        for b in range(B):
+            for u in range(lo, hi):
+                c_out[b, u] = c[b, u]
+        for k in range(4):
+            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
+            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, False, c_out, c_all, h_out)
+
+
+@numba.njit(**JIT)
+def lstm_cell_train_bwd(a_dh1, a_dc1, a_ws, a_c, a_dg, a_dc, B, H, like):
+    """The node's backward pointwise pass: from the gradients of h' and c' and the workspace, the gates'
+    pre-activation gradients dg [B, 4H] (x's and h's products are added before the gates: one tensor) and
+    c's gradient dc [B, H]."""
+    dh1, dc1, c, dc = at(a_dh1, (B, H), like), at(a_dc1, (B, H), like), at(a_c, (B, H), like), at(a_dc, (B, H), like)
+    g, c1 = at(a_ws, (B, 4 * H), like), at(a_ws + B * 4 * H * like.itemsize, (B, H), like)
+    dg = at(a_dg, (B, 4 * H), like)
+    one = like.dtype.type(1)
+    for b in range(B):
+        gb, db = g[b], dg[b]
+        for j in range(H):
+            i, f, gg, o = gb[j], gb[H + j], gb[2 * H + j], gb[3 * H + j]
+            tc = tanh_(c1[b, j])
+            dct = dc1[b, j] + dh1[b, j] * o * (one - tc * tc)
+            db[j] = dct * gg * i * (one - i)
+            db[H + j] = dct * c[b, j] * f * (one - f)
+            db[2 * H + j] = dct * i * (one - gg * gg)
+            db[3 * H + j] = dh1[b, j] * tc * o * (one - o)
+            dc[b, j] = dct * f

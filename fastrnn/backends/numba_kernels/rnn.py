@@ -117,3 +117,28 @@ def rnn_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, par
         project_units(x, B, w_ih, b_ih, xw, lo, hi)
         mm_nt(h, B, w_hh, h_out, lo, hi, False)
         _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
+
+
+@numba.njit(parallel=True, **JIT)
+def rnn_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, a_ws, B, I, H, relu, parts, like):
+    """``rnn_cell``'s step for the one-step training node (numba.py, ``_CellTrain``), which also writes act'
+    of each unit to a_ws [B, H]: 1 - h'^2, or relu's 0 where h' <= 0 (NaN passes, as torch's
+    threshold_backward): the backward's factor, apart from h' (which the caller may change in place)."""
+    x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (H, I), like), at(a_w_hh, (H, H), like)
+    b_ih, b_hh = at(a_b_ih, (H if a_b_ih else 0,), like), at(a_b_hh, (H if a_b_hh else 0,), like)
+    h, h_out, ws = at(a_h, (B, H), like), at(a_out, (B, H), like), at(a_ws, (B, H), like)
+    xw = lines((B, H), like.dtype)
+    one, zero = like.dtype.type(1), like.dtype.type(0)
+    for p in prange(parts):
+        lo, hi = split(H, parts, p)
+        project_units(x, B, w_ih, b_ih, xw, lo, hi)
+        mm_nt(h, B, w_hh, h_out, lo, hi, False)
+        _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
+        for b in range(B):
+            y, d = h_out[b, lo:hi], ws[b, lo:hi]
+            if relu:
+                for u in range(hi - lo):
+                    d[u] = zero if y[u] <= zero else one
+            else:
+                for u in range(hi - lo):
+                    d[u] = one - y[u] * y[u]
