@@ -23,8 +23,19 @@ variable_list step_grads(AutogradContext* ctx, const at::Tensor& dxw, const at::
   return g;
 }
 
+bool plain_grads(const variable_list& grads) {
+  for (const at::Tensor& g : grads)
+    if (g.defined() && (!g.has_storage() || g.is_neg() || g._is_zerotensor())) return false;
+  return true;
+}
+
 variable_list recompute_grads(const std::function<variable_list(const variable_list&)>& fwd,
-                              const variable_list& inputs, const variable_list& grads) {
+                              const variable_list& saved, const variable_list& grads) {
+  const bool create = at::GradMode::is_enabled();  // create_graph: the product is recorded in turn
+  at::AutoGradMode grad_mode(true);                // the recomputation is recorded either way
+  variable_list inputs;
+  for (const at::Tensor& t : saved)
+    inputs.push_back(t.defined() && t.requires_grad() ? t.view_as(t) : t);
   variable_list outs = fwd(inputs), used_outs, used_grads, wrt;
   for (size_t k = 0; k < outs.size(); ++k) {
     if (grads[k].defined()) {
@@ -41,8 +52,8 @@ variable_list recompute_grads(const std::function<variable_list(const variable_l
   }
   variable_list res(inputs.size());
   if (wrt.empty() || used_outs.empty()) return res;
-  variable_list g = torch::autograd::grad(used_outs, wrt, used_grads, /*retain_graph=*/true, /*create_graph=*/true,
-                                          /*allow_unused=*/true);
+  variable_list g = torch::autograd::grad(used_outs, wrt, used_grads, /*retain_graph=*/create,
+                                          /*create_graph=*/create, /*allow_unused=*/true);
   for (size_t k = 0; k < pos.size(); ++k) res[pos[k]] = g[k];
   return res;
 }

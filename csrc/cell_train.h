@@ -4,7 +4,7 @@
 // fastrnn's general path two (the projection and the step op) with a Python autograd.Function between
 // them; here the forward is the cell's fused inference pass with its gates kept, and the backward one
 // pointwise pass and the step's products (benchmarks/NOTES.md, twenty-first session). The Function
-// structs live in each cell's file; the parts they share are here (common.cpp).
+// structs live in each cell's file; the parts they share are here (cell_train.cpp).
 #pragma once
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -30,10 +30,16 @@ variable_list step_grads(AutogradContext* ctx, const at::Tensor& dxw, const at::
                          const at::Tensor& b_hh, const at::Tensor& h, const at::Tensor& dh_direct);
 
 // A backward that must itself be differentiable (create_graph: a gradient penalty, a Hessian-vector
-// product): the step recomputed by `fwd` (at:: ops, recorded) from the saved inputs, and its
-// vector-Jacobian product with `grads` taken by autograd with the graph kept. Returns one gradient per input.
+// product), or whose incoming gradients the kernels cannot read by address (batched under vmap, as
+// is_grads_batched makes them; autograd's zero tensors; negated views): the step recomputed by `fwd`
+// (at:: ops, recorded) on aliases of the saved inputs, and its vector-Jacobian product with `grads` taken
+// by autograd with respect to those aliases, the graph kept. The aliases keep the paths between the
+// inputs themselves (h from an earlier step of the same weights, x from h) out of this product: the
+// outer backward follows those. Returns one gradient per input.
 variable_list recompute_grads(const std::function<variable_list(const variable_list&)>& fwd,
                               const variable_list& inputs, const variable_list& grads);
+// Can the kernels read these incoming gradients by address (plain tensors with storage)?
+bool plain_grads(const variable_list& grads);
 
 // An absent bias enters the node as an empty tensor (an autograd node's inputs must be defined tensors)
 inline at::Tensor or_empty(const c10::optional<at::Tensor>& t, const at::Tensor& like) {

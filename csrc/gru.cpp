@@ -453,7 +453,7 @@ struct CellTrain : torch::autograd::Function<CellTrain> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list s = ctx->get_saved_variables();
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || !plain_grads(grads)) {
       return recompute_grads([](const variable_list& in) -> variable_list {
         auto gi = linear(in[kX], in[kWih], in[kBih]).chunk(3, 1);
         auto gh = linear(in[kH], in[kWhh], in[kBhh]).chunk(3, 1);

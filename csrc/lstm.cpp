@@ -841,7 +841,7 @@ struct CellTrain : torch::autograd::Function<CellTrain> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list s = ctx->get_saved_variables();
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || !plain_grads(grads)) {
       return recompute_grads([](const variable_list& in) -> variable_list {
         auto gates = (linear(in[kX], in[kWih], in[kBih]) + linear(in[kH], in[kWhh], in[kBhh])).chunk(4, 1);
         at::Tensor c1 = at::sigmoid(gates[1]) * in[kH + 1] + at::sigmoid(gates[0]) * at::tanh(gates[2]);

@@ -203,13 +203,13 @@ struct CellTrain : torch::autograd::Function<CellTrain> {
     variable_list s = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
     variable_list g;
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || !plain_grads(grads)) {
       g = recompute_grads([&](const variable_list& in) -> variable_list {
             at::Tensor pre = linear(in[kX], in[kWih], in[kBih]) + linear(in[kH], in[kWhh], in[kBhh]);
             return {relu ? at::relu(pre) : at::tanh(pre)};
           }, variable_list(s.begin(), s.begin() + 6), grads);
     } else {
-      const at::Tensor dg = grads[0].mul(s[6]);
+      const at::Tensor dg = grads[0].contiguous().mul(s[6]);  // contiguous: big_mm takes it
       g = step_grads(ctx, dg, dg, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], s[kH], at::Tensor());
     }
     g.resize(7);  // relu: no gradient

@@ -70,8 +70,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
                                 lengths=lengths if packed else None)
-    if direct and T == 1 and not packed and lengths is None and _needs_grad(
-            x, *state0, *(t for w in weights for t in (w[0], w[1], *w[2]))):
+    if direct and T == 1 and not packed and lengths is None:
         res = one_step_layers(family, x, state0, weights, options, num_layers=num_layers,
                               num_directions=num_directions, dropout=dropout, training=training, backend=backend)
         if res is not None:
@@ -122,8 +121,11 @@ def one_step_layers(family, x, state0, weights, options, *, num_layers, num_dire
                     backend):
     """``rnn_layers`` for a one-step dense call that needs a gradient (a decoder's step in training, x
     [1,B,I]) where the backend's one-step node serves every layer-direction (``train_step``): each one
-    node. Same results as ``rnn_layers``; None where a layer-direction is not served (the caller then
-    takes the general path). No node saves its output: the caller's output needs no copy."""
+    node. Same results as ``rnn_layers``; None where a layer-direction is not served or nothing needs a
+    gradient (the caller then takes the general path). No node saves its output: the caller's output
+    needs no copy."""
+    if not _needs_grad(x, *state0, *(t for w in weights for t in (w[0], w[1], *w[2]))):
+        return None
     steps = [train_step(family, backend, w, options) for w in weights]
     if None in steps:
         return None
@@ -167,8 +169,8 @@ def train_step(family, backend, weights, options):
     name = f"{family}_cell_train"
 
     def step(x, state):
-        dispatch.note_call(name, backend)
         res = op(x.contiguous(), *args, *(s.contiguous() for s in state), *opts)
+        dispatch.note_call(name, backend)
         return tuple(res) if isinstance(res, (tuple, list)) else (res,)
     return step
 

@@ -428,8 +428,9 @@ class _SeqMixin(_BackendMixin):
         (``one_step_layers``) and any other call ``_forward`` on the backend chosen here; without, a short
         sequence (T x B up to the backend's ``chunk_max_rows``: the chunks of a stream) runs each
         layer-direction as one call of the backend's optional ``<family>_chunk_fwd`` (input projection
-        inside); the ops check shapes and dtypes themselves and change no input. Whatever does not apply or is refused returns None and goes to
-        ``_forward``, which raises torch's error for it (or serves it another way)."""
+        inside); the ops check shapes and dtypes themselves and change no input. Whatever does not apply
+        or is refused returns None and goes to ``_forward``, which raises torch's error for it (or serves
+        it another way)."""
         if (input.dim() not in (2, 3) or not ops.can_skip_ops() or _any_autocast()
                 or self._dropping_weights() or self._cell_options()):
             return None
@@ -861,11 +862,12 @@ class _CellMixin(_BackendMixin):
         if name == "torch":
             self._torch_checks(input, given, "weight_ih")
             return self._torch_forward(input, hx)
+        train = None
         if grad:  # autograd: the backend's one-step node, else the general path on the backend chosen here
-            fused = getattr(impl, f"{self._family}_cell_train", None) if self._one_node() else None
-            if fused is None:
+            train = getattr(impl, f"{self._family}_cell_train", None) if self._one_node() else None
+            if train is None:
                 return self._forward(input, hx, name)
-        if fused is None:
+        elif fused is None:
             return None
         if hx is None:  # torch's zeros, of the input's batch, dtype and device
             z = input.new_zeros(input.shape[0], self.hidden_size)
@@ -884,14 +886,18 @@ class _CellMixin(_BackendMixin):
             weights = [None if n is None else params[n] for n in names]
         except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
             weights = [None if n is None else getattr(self, n) for n in names]
+        # with grad enabled, the node where a gradient is needed (anything requires one), else the inference op
+        need = grad and (input.requires_grad or any(t is not None and t.requires_grad for t in (*states, *weights)))
+        if grad and not need and fused is None:
+            return None
         try:
             # the plain cell's options only (the fused op takes no zoneout: the cell options are off here)
-            out = (fused(input, *weights[:4], *states, *self._plain_options()[:_TRAIN_OPTIONS[self._family]])
-                   if grad else fused(input, *weights, *states, *self._plain_options()))
+            out = (train(input, *weights[:4], *states, *self._plain_options()[:_TRAIN_OPTIONS[self._family]])
+                   if need else fused(input, *weights, *states, *self._plain_options()))
         except (RuntimeError, TypeError):
             return None
         if dispatch._recorders:
-            dispatch.note_call(f"{self._family}_cell_{'train' if grad else 'fwd'}", name)
+            dispatch.note_call(f"{self._family}_cell_{'train' if need else 'fwd'}", name)
         if unbatched:
             out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
         return out

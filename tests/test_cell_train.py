@@ -198,3 +198,82 @@ def test_checkpointing_and_hooks(backend):
         grads.append([p.grad.clone() for p in m.parameters()] + seen)
     for a, b in zip(*grads):
         assert_close(a, b, 1e-12, "checkpoint")
+
+
+@pytest.mark.parametrize("backend", NODE)
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU", "RNN"])
+def test_double_backward_through_decoder_steps(cls, backend):
+    """create_graph through three steps whose inputs depend on each other (h from the step before, the same
+    weights; x a function of h): the first-order gradients (with their graph) and a gradient penalty's
+    gradient equal torch.nn's. The recomputation differentiates aliases of the saved inputs, so the paths
+    between them are counted once, by the outer backward."""
+    torch.manual_seed(0)
+    cell = cls.endswith("Cell")
+    ref = getattr(torch.nn, cls)(4, 4, dtype=F64)
+    m = _copy(ref, cls, backend, input_size=4, hidden_size=4)
+    x0 = torch.randn(1 if not cell else 3, 4, dtype=F64) if cell else torch.randn(1, 3, 4, dtype=F64)
+    res = []
+    for mod in (m, ref):
+        x, state = x0.clone().requires_grad_(), None
+        for _ in range(3):
+            out = mod(x, state)
+            state = out if cell else out[1]
+            h = (state[0] if isinstance(state, tuple) else state)
+            x = torch.tanh(h) if cell else torch.tanh(h[-1:])
+        loss = h.pow(2).sum()
+        params = list(mod.parameters())
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        second = torch.autograd.grad(penalty, params)
+        res.append([*grads, *second])
+    for a, b in zip(*res):
+        assert_close(a, b, 1e-9, f"{cls} create_graph")
+
+
+@pytest.mark.parametrize("backend", NODE)
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell", "RNN"])
+def test_unusual_incoming_gradients(cls, backend):
+    """Incoming gradients the kernels cannot take as they are: not contiguous (an einsum's), batched
+    (``is_grads_batched``: torch.autograd.functional.jacobian's vectorized rows), autograd's zero tensor,
+    a negated view: the gradients torch.nn gives."""
+    torch.manual_seed(0)
+    cell = cls.endswith("Cell")
+    ref = getattr(torch.nn, cls)(4, 5, dtype=F64)
+    m = _copy(ref, cls, backend, input_size=4, hidden_size=5)
+    x0 = torch.randn(3, 4, dtype=F64) if cell else torch.randn(1, 3, 4, dtype=F64)
+
+    def h_of(mod):
+        out = mod(x0)
+        return (out[0] if cls == "LSTMCell" else out) if cell else out[0][0]
+
+    res = []
+    for mod in (m, ref):
+        got = []
+        h = h_of(mod)
+        got += torch.autograd.grad(torch.einsum("bh,kb->hk", h, torch.ones(7, 3, dtype=F64)).sum(),
+                                   mod.weight_hh if cell else mod.weight_hh_l0, retain_graph=True)
+        got += torch.autograd.grad(h, mod.weight_ih if cell else mod.weight_ih_l0,
+                                   torch.eye(15, dtype=F64).view(15, 3, 5), retain_graph=True, is_grads_batched=True)
+        got += torch.autograd.grad(h, mod.weight_ih if cell else mod.weight_ih_l0,
+                                   torch._efficientzerotensor((3, 5), dtype=F64), retain_graph=True)
+        got += torch.autograd.grad(h, mod.weight_ih if cell else mod.weight_ih_l0,
+                                   torch._neg_view(torch.ones(3, 5, dtype=F64)))
+        res.append([torch.as_tensor(g) if not g._is_zerotensor() else torch.zeros(g.shape, dtype=F64) for g in got])
+    for a, b in zip(*res):
+        assert_close(a, b, 1e-10, f"{cls} gradients")
+
+
+@pytest.mark.parametrize("backend", NODE)
+def test_no_node_where_nothing_needs_a_gradient(backend):
+    """Grad mode on but nothing requiring a gradient (a frozen model evaluated without no_grad): the
+    inference op, nothing saved; with one weight requiring it, the node."""
+    m = fastrnn.GRUCell(4, 5, backend=backend)
+    m.requires_grad_(False)
+    x = torch.randn(3, 4)
+    with dispatch.record_calls() as calls:
+        m(x)
+    assert calls == [("gru_cell_fwd", backend)]
+    m.weight_hh.requires_grad_(True)
+    with dispatch.record_calls() as calls:
+        h = m(x)
+    assert calls == [("gru_cell_train", backend)] and h.requires_grad

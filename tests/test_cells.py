@@ -60,7 +60,8 @@ def test_cell_parity(backend, name, bias, hx, batched, dtype, ran):
     family = name.split("Cell")[0].lower()
     # a backend's one-step training node where it has one (its own tests: test_cell_train.py), else the step ops
     one_node = hasattr(dispatch.get(backend), f"{family}_cell_train")
-    assert {op for op, _ in ran} == ({f"{family}_cell_train"} if one_node else {f"{family}_step_fwd", f"{family}_step_bwd"})
+    want = {f"{family}_cell_train"} if one_node else {f"{family}_step_fwd", f"{family}_step_bwd"}
+    assert {op for op, _ in ran} == want
 
 
 def _op_args(family, T, B, H, P, dtype, reverse, lengths, proj, g):

@@ -128,9 +128,10 @@ class CppBackend(Backend):
 
     def __getattr__(self, name):
         # the contract's methods are the extension's ops of the same names and arguments; the optional
-        # inference entries, which only the fast paths call (nothing traces or differentiates them there:
-        # ops.can_skip_ops), are the extension's direct bindings of the same functions, without the
-        # dispatcher's boxed call (~3 us of a cell call, benchmarks/NOTES.md)
+        # inference entries, which only the fast paths call (nothing traces them there: ops.can_skip_ops),
+        # are the extension's direct bindings of the same functions, without the dispatcher's boxed call
+        # (~3 us of a cell call, benchmarks/NOTES.md); so is the one-step training node, whose autograd is
+        # its own (csrc/cell_train.h)
         if OPS is not None and name in _OP_NAMES:
             return getattr(OPS, name)
         if _C is not None and name in _DIRECT_NAMES:

@@ -601,10 +601,10 @@ class _CellTrain(torch.autograd.Function):
     def backward(ctx, *grads):
         x, w_ih, b_ih, w_hh, b_hh, *state, ws = ctx.saved_tensors
         family, need = ctx.family, ctx.needs_input_grad[2:]  # x, w_ih, b_ih, w_hh, b_hh, *state
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not all(map(_by_address, grads)):
             return (None, None, *_recomputed_grads(family, ctx.nonlinearity, (x, w_ih, b_ih, w_hh, b_hh, *state),
                                                    grads))
-        state = [s.contiguous() for s in state]
+        state = [s.resolve_neg().contiguous() for s in state]
         B, H = state[0].shape
         like = _LIKE[x.dtype]
         dh1 = grads[0].contiguous()
@@ -635,14 +635,25 @@ class _CellTrain(torch.autograd.Function):
         return None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh, *extra
 
 
+def _by_address(g):
+    """Can the backward's kernel read this incoming gradient by address? Not a vmap-batched one
+    (is_grads_batched), autograd's zero tensor or a negated view."""
+    return torch._C._has_storage(g) and not (g._is_zerotensor() or g.is_neg())
+
+
 def _recomputed_grads(family, nonlinearity, inputs, grads):
-    """A differentiable backward of ``_CellTrain``: the step recomputed from ``inputs`` with recorded ops
-    (the reference backend's cell on the projected input) and its vector-Jacobian product with ``grads``,
-    the graph kept. One gradient per input (None where it needs none)."""
+    """``_CellTrain``'s backward where it must itself be differentiable (create_graph) or its kernel cannot
+    read the gradients (``_by_address``): the step recomputed with recorded ops (the reference backend's
+    cell on the projected input) on aliases of ``inputs``, and its vector-Jacobian product with ``grads``
+    with respect to those aliases (the paths between the inputs, h from an earlier step of the same weights,
+    are the outer backward's), the graph kept under create_graph. One gradient per input (None where it
+    needs none). As cpp's ``recompute_grads`` (csrc/cell_train.h)."""
     from . import reference
 
-    x, w_ih, b_ih, w_hh, b_hh, *state = inputs
+    create = torch.is_grad_enabled()
     with torch.enable_grad():
+        inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
+        x, w_ih, b_ih, w_hh, b_hh, *state = inputs
         xw = torch.nn.functional.linear(x, w_ih, b_ih)
         if family == "lstm":
             outs = reference.lstm_cell(xw, w_hh, b_hh, *([None] * 8), *state, False, 0.0, 0.0)
@@ -653,7 +664,7 @@ def _recomputed_grads(family, nonlinearity, inputs, grads):
     wrt = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
     res = [None] * len(inputs)
     if wrt:
-        got = torch.autograd.grad(outs, [inputs[k] for k in wrt], grads, create_graph=True, allow_unused=True)
+        got = torch.autograd.grad(outs, [inputs[k] for k in wrt], grads, create_graph=create, allow_unused=True)
         for k, g in zip(wrt, got):
             res[k] = g
     return res
