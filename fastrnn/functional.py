@@ -57,9 +57,15 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
+    T = x.shape[0] if steps is None else steps
+    # a one-step call that needs a gradient (a decoder's step): each layer-direction one node, where served
+    if direct and T == 1 and not packed and lengths is None:
+        res = one_step_layers(family, x, state0, weights, options, num_layers=num_layers,
+                              num_directions=num_directions, dropout=dropout, training=training, backend=backend)
+        if res is not None:
+            return res
     # in inference, one call a layer-direction with the input projection inside, if the backend has it: a
     # dense sequence of up to chunk_max_rows rows (<f>_chunk_fwd), or a packed one on its rows (<f>_packed_fwd)
-    T = x.shape[0] if steps is None else steps
     dense_chunk = lengths is None and T * B <= getattr(impl, "chunk_max_rows", 0)
     if direct and (packed or dense_chunk):
         tensors = [t for w_ih, b_ih, hh, _ in map(_unpack, weights) for t in (w_ih, b_ih, *hh)]
@@ -70,11 +76,6 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
                                 lengths=lengths if packed else None)
-    if direct and T == 1 and not packed and lengths is None:
-        res = one_step_layers(family, x, state0, weights, options, num_layers=num_layers,
-                              num_directions=num_directions, dropout=dropout, training=training, backend=backend)
-        if res is not None:
-            return res
     layer_input = x
     for layer in range(num_layers):
         outs = []

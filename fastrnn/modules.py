@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
-from .functional import _TRAIN_OPTIONS, autocast_dtype, cell_step, chunk_layers, one_step_layers, rnn_layers
+from .functional import autocast_dtype, cell_step, chunk_layers, one_step_layers, rnn_layers, train_step
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
 # projection too, so its xw matches its state; the input and a given state are cast to it first, as
@@ -460,7 +460,7 @@ class _SeqMixin(_BackendMixin):
         if grad:
             # autograd: a one-step call (a decoder's step), each layer-direction the backend's one-step node
             # (one_step_layers); else the general path on the backend chosen here (its choice costs ~15 us)
-            if T != 1 or op is None or self.proj_size or self._variant_only():
+            if T != 1 or op is None:
                 return self._forward(input, hx, name)
         elif op is None or T == 0 or T * B > impl.chunk_max_rows:
             return None
@@ -839,10 +839,11 @@ class _CellMixin(_BackendMixin):
         1 is short enough that every check costs a share of it (benchmarks/NOTES.md, "The cells' fast path,
         trimmed", and twentieth session). When the automatic choice for the call's class is ``torch`` (with
         or without autograd), torch.nn's forward runs it from here, its checks and autograd included.
-        Otherwise one call of that backend's optional ``<family>_cell_train`` with autograd (the plain
-        cell's step as one autograd node; where it has none, ``_forward`` on that backend) or
-        ``<family>_cell_fwd`` without (input projection inside), which check shapes, dtypes, devices and
-        contiguity themselves and change no input. Whatever does not apply or is refused returns
+        Otherwise, where a gradient is needed, one call of that backend's one-step training node
+        (``functional.train_step``: the plain cell's step as one autograd node; where it does not serve the
+        cell, ``_forward`` on that backend), else one call of its optional ``<family>_cell_fwd``; both take
+        the input projection inside, check shapes, dtypes, devices and contiguity themselves and change no
+        input. Whatever does not apply or is refused returns
         None and goes to ``_forward``, which raises torch's error for it (or serves it another way)."""
         if not isinstance(input, torch.Tensor) or not (self._hx_is_well_formed(hx) if hx is not None
                                                        else input.dim() == 2):
@@ -858,17 +859,12 @@ class _CellMixin(_BackendMixin):
                                policy.shape_class("step", training, input.shape[0] if input.dim() == 2 else 1))
         if choice is None:
             return None
-        name, fused, impl = choice
+        name, fused, _ = choice
         if name == "torch":
             self._torch_checks(input, given, "weight_ih")
             return self._torch_forward(input, hx)
-        train = None
-        if grad:  # autograd: the backend's one-step node, else the general path on the backend chosen here
-            train = getattr(impl, f"{self._family}_cell_train", None) if self._one_node() else None
-            if train is None:
-                return self._forward(input, hx, name)
-        elif fused is None:
-            return None
+        if fused is None:  # no fused cell for this backend or dtype (cast in the functional layer)
+            return self._forward(input, hx, name) if grad else None
         if hx is None:  # torch's zeros, of the input's batch, dtype and device
             z = input.new_zeros(input.shape[0], self.hidden_size)
             states = (z, z) if self._n_state == 2 else (z,)
@@ -886,18 +882,25 @@ class _CellMixin(_BackendMixin):
             weights = [None if n is None else params[n] for n in names]
         except KeyError:  # a parametrization, or a plain tensor attribute: the general lookup
             weights = [None if n is None else getattr(self, n) for n in names]
-        # with grad enabled, the node where a gradient is needed (anything requires one), else the inference op
-        need = grad and (input.requires_grad or any(t is not None and t.requires_grad for t in (*states, *weights)))
-        if grad and not need and fused is None:
-            return None
-        try:
-            # the plain cell's options only (the fused op takes no zoneout: the cell options are off here)
-            out = (train(input, *weights[:4], *states, *self._plain_options()[:_TRAIN_OPTIONS[self._family]])
-                   if need else fused(input, *weights, *states, *self._plain_options()))
-        except (RuntimeError, TypeError):
-            return None
-        if dispatch._recorders:
-            dispatch.note_call(f"{self._family}_cell_{'train' if need else 'fwd'}", name)
+        # the plain cell's options only (the fused ops take no zoneout: the cell options are off here)
+        options = self._plain_options()
+        if grad and (input.requires_grad or any(t is not None and t.requires_grad for t in (*states, *weights))):
+            # a gradient follows: the backend's one-step node where it serves the cell, else the general path
+            step = train_step(self._family, name, (weights[0], weights[1], tuple(weights[2:]), None), options)
+            if step is None:
+                return self._forward(input, hx, name)
+            try:
+                out = step(input, states)
+            except (RuntimeError, TypeError):
+                return None
+            out = out if self._n_state == 2 else out[0]
+        else:
+            try:
+                out = fused(input, *weights, *states, *options)
+            except (RuntimeError, TypeError):
+                return None
+            if dispatch._recorders:
+                dispatch.note_call(f"{self._family}_cell_fwd", name)
         if unbatched:
             out = tuple(s.squeeze(0) for s in out) if self._n_state == 2 else out.squeeze(0)
         return out
@@ -912,11 +915,6 @@ class _CellMixin(_BackendMixin):
     def _fused_weight_names(self):
         """Parameter names of the fused cell op's weight arguments, in order (None: absent)."""
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
-
-    def _one_node(self):
-        """Does the backends' one-step training node (``<family>_cell_train``) serve this cell? The plain
-        cell's: not an LSTM with peepholes or coupled gates."""
-        return True
 
     def _hx_is_well_formed(self, hx):
         return isinstance(hx, torch.Tensor)
@@ -1006,9 +1004,6 @@ class LSTMCell(_VariantMixin, _CellMixin, nn.LSTMCell):
 
     def _fused_weight_names(self):
         return ("weight_ih", "bias_ih", "weight_hh", "bias_hh", None, "weight_ch" if self.peephole else None)
-
-    def _one_node(self):
-        return not (self.peephole or self.coupled_gates)
 
     def _hx_is_well_formed(self, hx):
         return (isinstance(hx, (tuple, list)) and len(hx) == 2 and isinstance(hx[0], torch.Tensor)

@@ -125,18 +125,35 @@ def test_one_step_sequence_calls_equal_torch_nn(cls, kw, unbatched, backend):
     assert len(calls) == 3 * L * D
 
 
-def test_variants_and_projections_take_the_general_path(ran):
-    """What the node does not serve runs the step and sequence ops as before: peepholes, coupled gates,
-    proj_size."""
+@pytest.mark.parametrize("backend", NODE)
+def test_variants_and_projections_take_the_general_path(backend):
+    """What the node does not serve runs the step and sequence ops as before, with their numbers:
+    peepholes and coupled gates against the reference backend (float64), proj_size against torch.nn."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, requires_grad=True)
+    x0 = torch.randn(3, 5, dtype=F64)
+
+    def run(mod, x):
+        x = x.clone().requires_grad_()
+        out = mod(x)
+        out[0].sum().backward()
+        return [out[0], x.grad] + _params_grads(mod)
+
     for kw in (dict(peephole=True), dict(coupled_gates=True)):
+        m = fastrnn.LSTMCell(5, 6, backend=backend, dtype=F64, **kw)
+        oracle = fastrnn.LSTMCell(5, 6, backend="reference", dtype=F64, **kw)
+        oracle.load_state_dict(m.state_dict())
         with dispatch.record_calls() as calls:
-            fastrnn.LSTMCell(5, 6, backend="cpp", **kw)(x)[0].sum().backward()
-        assert set(calls) == {("lstm_step_fwd", "cpp"), ("lstm_step_bwd", "cpp")}, kw
+            got = run(m, x0)
+        assert set(calls) == {("lstm_step_fwd", backend), ("lstm_step_bwd", backend)}, kw
+        for a, b in zip(got, run(oracle, x0)):
+            assert_close(a, b, 1e-10, f"{kw}")
+    ref = torch.nn.LSTM(5, 6, proj_size=3, dtype=F64)
+    m = _copy(ref, "LSTM", backend, input_size=5, hidden_size=6, proj_size=3)
     with dispatch.record_calls() as calls:
-        fastrnn.LSTM(5, 6, proj_size=3, backend="cpp")(x.unsqueeze(0))[0].sum().backward()
-    assert set(calls) == {("lstm_seq_fwd", "cpp"), ("lstm_seq_bwd", "cpp")}
+        got = run(m, x0.unsqueeze(0))
+    assert set(calls) == {("lstm_seq_fwd", backend), ("lstm_seq_bwd", backend)}
+    for a, b in zip(got, run(ref, x0.unsqueeze(0))):
+        assert_close(a, b, 1e-10, "proj_size")
 
 
 @pytest.mark.parametrize("backend", NODE)
@@ -184,20 +201,22 @@ def test_checkpointing_and_hooks(backend):
     """Non-reentrant checkpointing (saved-tensor hooks on the node's saved inputs) and a gradient hook on
     the output: the gradients of the plain run."""
     torch.manual_seed(0)
-    m = fastrnn.GRUCell(4, 5, backend=backend, dtype=F64)
+    ref = torch.nn.GRUCell(4, 5, dtype=F64)
+    m = _copy(ref, "GRUCell", backend, input_size=4, hidden_size=5)
     x = torch.randn(3, 4, dtype=F64)
     grads = []
-    for mode in ("plain", "checkpoint"):
-        m.zero_grad()
+    for mod, mode in ((m, "plain"), (m, "checkpoint"), (ref, "plain")):
+        mod.zero_grad()
         seen = []
         h = None
         for _ in range(3):
-            h = m(x, h) if mode == "plain" else checkpoint(m, x, h, use_reentrant=False)
+            h = mod(x, h) if mode == "plain" else checkpoint(mod, x, h, use_reentrant=False)
         h.register_hook(lambda g: seen.append(g.clone()))
         h.pow(2).sum().backward()
-        grads.append([p.grad.clone() for p in m.parameters()] + seen)
-    for a, b in zip(*grads):
-        assert_close(a, b, 1e-12, "checkpoint")
+        grads.append([p.grad.clone() for p in mod.parameters()] + seen)
+    for a, b, c in zip(*grads):
+        assert_close(a, c, 1e-10, "plain against torch.nn")
+        assert_close(b, c, 1e-10, "checkpoint against torch.nn")
 
 
 @pytest.mark.parametrize("backend", NODE)
@@ -267,13 +286,18 @@ def test_unusual_incoming_gradients(cls, backend):
 def test_no_node_where_nothing_needs_a_gradient(backend):
     """Grad mode on but nothing requiring a gradient (a frozen model evaluated without no_grad): the
     inference op, nothing saved; with one weight requiring it, the node."""
-    m = fastrnn.GRUCell(4, 5, backend=backend)
+    ref = torch.nn.GRUCell(4, 5, dtype=F64)
+    m = _copy(ref, "GRUCell", backend, input_size=4, hidden_size=5)
     m.requires_grad_(False)
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 4, dtype=F64)
     with dispatch.record_calls() as calls:
-        m(x)
-    assert calls == [("gru_cell_fwd", backend)]
+        h = m(x)
+    assert calls == [("gru_cell_fwd", backend)] and not h.requires_grad
+    assert_close(h, ref(x), 1e-12, "frozen")
     m.weight_hh.requires_grad_(True)
     with dispatch.record_calls() as calls:
         h = m(x)
     assert calls == [("gru_cell_train", backend)] and h.requires_grad
+    h.sum().backward()
+    ref(x).sum().backward()
+    assert_close(m.weight_hh.grad, ref.weight_hh.grad, 1e-12, "weight_hh")

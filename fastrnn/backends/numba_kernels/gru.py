@@ -141,6 +141,16 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
             mm_nt(d_hh[t], n, w_hh_t, dh_rec, lo, hi, True)
 
 
+@numba.njit(**JIT)
+def _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, gates, hn, B, H, lo, hi):
+    """Units [lo, hi) of a fused cell's step (``gru_cell``, ``gru_cell_train``): their rows of the input
+    projection and of the recurrent product, then their pointwise pass (gates into gates[0], hn[0])."""
+    for k in range(3):
+        project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
+        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+    _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+
+
 @numba.njit(parallel=True, **JIT)
 def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, like):
     """One step of a cell in inference, input projection included (``gru_cell_fwd``), on tensors given
@@ -152,10 +162,7 @@ def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, li
     hn = lines((1, B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        for k in range(3):
-            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
-            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, gates, hn, B, H, lo, hi)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -170,10 +177,7 @@ def gru_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, a_ws, B, I, 
     hn = at(a_ws + B * 3 * H * like.itemsize, (1, B, H), like)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        for k in range(3):
-            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
-            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, gates, hn, B, H, lo, hi)
 
 
 @numba.njit(**JIT)

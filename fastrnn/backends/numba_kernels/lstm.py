@@ -286,6 +286,21 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
             mm_nt(dgates[t], n, w_hh_t, dh_rec, lo, hi, False)
 
 
+@numba.njit(**JIT)
+def _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_ch, coupled, h, c, c_out, c_all, hout, xw, gates, B, H, lo, hi):
+    """Units [lo, hi) of a fused cell's step (``lstm_cell``, ``lstm_cell_train``): c into c_out, their rows
+    of the input projection and of the recurrent product, then their pointwise pass (c_out updated in
+    place, c_t also to c_all[0], the output to hout)."""
+    G = 3 if coupled else 4
+    for b in range(B):
+        for u in range(lo, hi):
+            c_out[b, u] = c[b, u]
+    for k in range(G):
+        project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
+        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+    _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c_out, c_all, hout)
+
+
 @numba.njit(parallel=True, **JIT)
 def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h, a_c, a_h_out, a_c_out, B, I, H, P,
               parts, like):
@@ -306,13 +321,7 @@ def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h,
     c_all = c_out.reshape((1, B, H))
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        for b in range(B):
-            for u in range(lo, hi):
-                c_out[b, u] = c[b, u]
-        for k in range(G):
-            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
-            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c_out, c_all, hout)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_ch, coupled, h, c, c_out, c_all, hout, xw, gates, B, H, lo, hi)
     if a_w_hr:
         for p in prange(parts):
             lo, hi = split(P, parts, p)
@@ -333,13 +342,7 @@ def lstm_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_c, a_h_out, a_c_
     w_ch = at(0, (0, 0), like)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        for b in range(B):
-            for u in range(lo, hi):
-                c_out[b, u] = c[b, u]
-        for k in range(4):
-            project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
-            mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
-        _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, False, c_out, c_all, h_out)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_ch, False, h, c, c_out, c_all, h_out, xw, gates, B, H, lo, hi)
 
 
 @numba.njit(**JIT)

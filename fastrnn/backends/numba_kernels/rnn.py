@@ -104,6 +104,15 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, 
             mm_nt(d_xw[t], n, w_hh_t, dh_rec, lo, hi, False)
 
 
+@numba.njit(**JIT)
+def _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, B, relu, lo, hi):
+    """Units [lo, hi) of a fused cell's step (``rnn_cell``, ``rnn_cell_train``): their input projection,
+    recurrent product and activation."""
+    project_units(x, B, w_ih, b_ih, xw, lo, hi)
+    mm_nt(h, B, w_hh, h_out, lo, hi, False)
+    _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
+
+
 @numba.njit(parallel=True, **JIT)
 def rnn_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, parts, like):
     """One step of a cell in inference, input projection included (``rnn_cell_fwd``), on tensors given
@@ -114,9 +123,7 @@ def rnn_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, relu, par
     xw = lines((B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        project_units(x, B, w_ih, b_ih, xw, lo, hi)
-        mm_nt(h, B, w_hh, h_out, lo, hi, False)
-        _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, B, relu, lo, hi)
 
 
 @numba.njit(parallel=True, **JIT)
@@ -131,9 +138,7 @@ def rnn_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, a_ws, B, I, 
     one, zero = like.dtype.type(1), like.dtype.type(0)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
-        project_units(x, B, w_ih, b_ih, xw, lo, hi)
-        mm_nt(h, B, w_hh, h_out, lo, hi, False)
-        _pointwise_fwd(0, B, lo, hi, xw, b_hh, relu, h_out)
+        _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, B, relu, lo, hi)
         for b in range(B):
             y, d = h_out[b, lo:hi], ws[b, lo:hi]
             if relu:
