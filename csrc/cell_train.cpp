@@ -29,6 +29,61 @@ bool plain_grads(const variable_list& grads) {
   return true;
 }
 
+bool seq_form(const at::Tensor& x, const variable_list& state) {
+  const bool seq = x.dim() == 3;
+  bool ok = !seq || x.size(0) == 1;
+  for (const at::Tensor& s : state) ok = ok && s.dim() == x.dim() && (!seq || s.size(0) == 1);
+  if (!ok) {
+    std::vector<at::IntArrayRef> shapes;
+    for (const at::Tensor& s : state) shapes.push_back(s.sizes());
+    TORCH_CHECK(false, "fastrnn cpp backend: a one-step node takes x and the state as [B, I] and [B, H], or [1, B, I] "
+                "and [1, B, H]: got ", x.sizes(), " and ", shapes);
+  }
+  return seq;
+}
+
+namespace {
+// t [B, H] as [1, B, H] on its storage, not a view: an output of a custom Function that is a view may not
+// be changed in place, and torch.nn's outputs may
+at::Tensor as_step(const at::Tensor& t) {
+  at::Tensor o = at::empty({0}, t.options());
+  o.set_(t.storage(), t.storage_offset(), {1, t.size(0), t.size(1)}, {t.size(0) * t.stride(0), t.stride(0), t.stride(1)});
+  return o;
+}
+}  // namespace
+
+variable_list step_outputs(const variable_list& state, bool seq) {
+  if (!seq) return state;
+  variable_list out{state[0].unsqueeze(0).clone(at::MemoryFormat::Contiguous)};
+  for (const at::Tensor& s : state) out.push_back(as_step(s));
+  return out;
+}
+
+variable_list state_grads(const variable_list& grads, bool seq) {
+  if (!seq) return grads;
+  variable_list g{rows(grads[0] + grads[1])};
+  for (size_t k = 2; k < grads.size(); ++k) g.push_back(rows(grads[k]));
+  return g;
+}
+
+void seq_grads(variable_list& g, bool seq, size_t n_state) {
+  if (!seq) return;
+  for (size_t k : {size_t(kX), size_t(kH), size_t(kH + 1)})
+    if (k < size_t(kH) + n_state && g[k].defined()) g[k] = g[k].unsqueeze(0);
+}
+
+StepFn in_form(StepFn fwd, bool seq, size_t n_state) {
+  if (!seq) return fwd;
+  return [fwd, n_state](const variable_list& in) {
+    variable_list in2(in);
+    in2[kX] = rows(in[kX]);
+    for (size_t k = 0; k < n_state; ++k) in2[kH + k] = rows(in[kH + k]);
+    variable_list outs = fwd(in2), res{outs[0].unsqueeze(0)};
+    for (const at::Tensor& o : outs) res.push_back(o.unsqueeze(0));
+    return res;
+  };
+}
+
 variable_list recompute_grads(const std::function<variable_list(const variable_list&)>& fwd,
                               const variable_list& saved, const variable_list& grads) {
   const bool create = at::GradMode::is_enabled();  // create_graph: the product is recorded in turn

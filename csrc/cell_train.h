@@ -41,6 +41,24 @@ variable_list recompute_grads(const std::function<variable_list(const variable_l
 // Can the kernels read these incoming gradients by address (plain tensors with storage)?
 bool plain_grads(const variable_list& grads);
 
+// The sequence form: a one-step sequence's layer-direction enters the node as the sequence holds it, x
+// [1, B, I] and each state [1, B, H], so that no select, unsqueeze or stack is recorded around the node
+// (each a node of its own, and 5-10 us of backward a step at B16 H256: benchmarks/NOTES.md, twenty-second
+// session). Such a node returns (y, *new state), each [1, B, H], y a tensor of its own (torch.nn's output
+// and h_n share no memory); the cell form (x [B, I], states [B, H]) returns the new state. The kernels
+// read 2-D views (`rows`). `seq_form` checks the shapes agree and says which form a call is.
+bool seq_form(const at::Tensor& x, const variable_list& state);
+inline at::Tensor rows(const at::Tensor& t) { return t.dim() == 3 ? t.view({-1, t.size(2)}) : t; }
+// the node's outputs from the new state (each [B, H]): itself, or (y, *state) in [1, B, H], not views
+variable_list step_outputs(const variable_list& state, bool seq);
+// the new state's incoming gradients as [B, H] (the sequence form: y's added to h's)
+variable_list state_grads(const variable_list& grads, bool seq);
+// the node's gradients (x at kX, n_state states from kH) in the sequence form's shapes
+void seq_grads(variable_list& g, bool seq, size_t n_state);
+// the recomputed step `fwd` (on 2-D inputs) taking and returning the sequence form's shapes
+using StepFn = std::function<variable_list(const variable_list&)>;
+StepFn in_form(StepFn fwd, bool seq, size_t n_state);
+
 // An absent bias enters the node as an empty tensor (an autograd node's inputs must be defined tensors)
 inline at::Tensor or_empty(const c10::optional<at::Tensor>& t, const at::Tensor& like) {
   return t.has_value() && t->defined() ? *t : at::empty({0}, like.options());
@@ -57,14 +75,14 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
 
 // The entries (each cell's file), bound in fastrnn._C with the other direct entries: the arguments of
 // the family's <family>_cell_fwd; LSTM without a projection, peepholes or coupled gates.
-at::Tensor rnn_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
-                          c10::string_view nonlinearity);
-at::Tensor gru_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h);
-std::tuple<at::Tensor, at::Tensor> lstm_cell_train(const at::Tensor& x, const at::Tensor& w_ih,
-                                                   const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
-                                                   const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
-                                                   const at::Tensor& c);
+// Each returns the node's outputs (step_outputs): the cell form's new state, or the sequence form's (y, *state).
+variable_list rnn_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                             c10::string_view nonlinearity);
+variable_list gru_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h);
+variable_list lstm_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                              const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                              const at::Tensor& c);
 
 }  // namespace fastrnn

@@ -439,39 +439,46 @@ void train_bwd_point(int64_t B, int64_t H, const T* dh1, const T* ws, const T* h
 }
 
 struct CellTrain : torch::autograd::Function<CellTrain> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
-                            const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h) {
-    at::Tensor xw = proj_input(x, w_ih, maybe(b_ih), 3 * (h.dim() == 2 ? h.size(1) : 0), false);
-    const Dims d = check_single_state(xw, w_hh, maybe(b_hh), h, c10::nullopt, 3);
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih,
+                               const at::Tensor& b_ih, const at::Tensor& w_hh, const at::Tensor& b_hh,
+                               const at::Tensor& h) {
+    const bool seq = seq_form(x, {h});
+    const at::Tensor x2 = rows(x), h2 = rows(h);
+    at::Tensor xw = proj_input(x2, w_ih, maybe(b_ih), 3 * h2.size(1), false);
+    const Dims d = check_single_state(xw, w_hh, maybe(b_hh), h2, c10::nullopt, 3);
     auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_cell_train", [&] {
-      return seq_fwd_impl<scalar_t>(d, xw, w_hh, maybe(b_hh), h, c10::nullopt, false, true,
-                                    input_proj<scalar_t>(x, w_ih, maybe(b_ih), xw, true));
+      return seq_fwd_impl<scalar_t>(d, xw, w_hh, maybe(b_hh), h2, c10::nullopt, false, true,
+                                    input_proj<scalar_t>(x2, w_ih, maybe(b_ih), xw, true));
     });
     ctx->save_for_backward({x, w_ih, b_ih, w_hh, b_hh, h, std::get<2>(r)});
-    return std::get<1>(r);
+    ctx->saved_data["seq"] = seq;
+    return step_outputs({std::get<1>(r)}, seq);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list s = ctx->get_saved_variables();
+    const bool seq = ctx->saved_data["seq"].toBool();
     if (at::GradMode::is_enabled() || !plain_grads(grads)) {
-      return recompute_grads([](const variable_list& in) -> variable_list {
+      return recompute_grads(in_form([](const variable_list& in) -> variable_list {
         auto gi = linear(in[kX], in[kWih], in[kBih]).chunk(3, 1);
         auto gh = linear(in[kH], in[kWhh], in[kBhh]).chunk(3, 1);
         at::Tensor r = at::sigmoid(gi[0] + gh[0]), z = at::sigmoid(gi[1] + gh[1]);
         at::Tensor n = at::tanh(gi[2] + r * gh[2]);
         return {(1 - z) * n + z * in[kH]};
-      }, variable_list(s.begin(), s.begin() + 6), grads);
+      }, seq, 1), variable_list(s.begin(), s.begin() + 6), grads);
     }
-    const at::Tensor& h = s[kH];
+    const at::Tensor h = rows(s[kH]);
     const int64_t B = h.size(0), H = h.size(1);
-    const at::Tensor dh1 = grads[0].contiguous();
+    const at::Tensor dh1 = state_grads(grads, seq)[0].contiguous();
     at::Tensor dxw = at::empty({B, 3 * H}, h.options()), dhw = at::empty({B, 3 * H}, h.options());
     at::Tensor dhd = at::empty({B, H}, h.options());
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gru_cell_train_bwd", [&] {
       train_bwd_point<scalar_t>(B, H, dh1.data_ptr<scalar_t>(), s[6].data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
                                 dxw.data_ptr<scalar_t>(), dhw.data_ptr<scalar_t>(), dhd.data_ptr<scalar_t>());
     });
-    return step_grads(ctx, dxw, dhw, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], h, dhd);
+    variable_list g = step_grads(ctx, dxw, dhw, rows(s[kX]), s[kWih], s[kBih], s[kWhh], s[kBhh], h, dhd);
+    seq_grads(g, seq, 1);
+    return g;
   }
 };
 
@@ -522,8 +529,8 @@ std::tuple<at::Tensor, at::Tensor> gru_packed_fwd(const at::Tensor& x, const at:
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, lengths);
 }
 
-at::Tensor gru_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih, const at::Tensor& w_hh,
-                          const OptT& b_hh, const at::Tensor& h) {
+variable_list gru_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih, const at::Tensor& w_hh,
+                             const OptT& b_hh, const at::Tensor& h) {
   return CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h);
 }
 

@@ -829,35 +829,42 @@ struct CellTrain : torch::autograd::Function<CellTrain> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih,
                                const at::Tensor& b_ih, const at::Tensor& w_hh, const at::Tensor& b_hh,
                                const at::Tensor& h, const at::Tensor& c) {
-    at::Tensor xw = proj_input(x, w_ih, maybe(b_ih), 4 * (c.dim() == 2 ? c.size(1) : 0), false);
-    const Dims d = check_args(xw, w_hh, maybe(b_hh), c10::nullopt, c10::nullopt, h, c, c10::nullopt, false);
+    const bool seq = seq_form(x, {h, c});
+    const at::Tensor x2 = rows(x), h2 = rows(h), c2 = rows(c);
+    at::Tensor xw = proj_input(x2, w_ih, maybe(b_ih), 4 * c2.size(1), false);
+    const Dims d = check_args(xw, w_hh, maybe(b_hh), c10::nullopt, c10::nullopt, h2, c2, c10::nullopt, false);
     auto r = AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_cell_train", [&] {
-      return seq_fwd_impl<scalar_t>(d, xw, w_hh, maybe(b_hh), c10::nullopt, c10::nullopt, h, c, c10::nullopt, false,
-                                    false, true, input_proj<scalar_t>(x, w_ih, maybe(b_ih), xw, true));
+      return seq_fwd_impl<scalar_t>(d, xw, w_hh, maybe(b_hh), c10::nullopt, c10::nullopt, h2, c2, c10::nullopt, false,
+                                    false, true, input_proj<scalar_t>(x2, w_ih, maybe(b_ih), xw, true));
     });
     ctx->save_for_backward({x, w_ih, b_ih, w_hh, b_hh, h, c, std::get<3>(r)});
-    return {std::get<1>(r), std::get<2>(r)};
+    ctx->saved_data["seq"] = seq;
+    return step_outputs({std::get<1>(r), std::get<2>(r)}, seq);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list s = ctx->get_saved_variables();
+    const bool seq = ctx->saved_data["seq"].toBool();
     if (at::GradMode::is_enabled() || !plain_grads(grads)) {
-      return recompute_grads([](const variable_list& in) -> variable_list {
+      return recompute_grads(in_form([](const variable_list& in) -> variable_list {
         auto gates = (linear(in[kX], in[kWih], in[kBih]) + linear(in[kH], in[kWhh], in[kBhh])).chunk(4, 1);
         at::Tensor c1 = at::sigmoid(gates[1]) * in[kH + 1] + at::sigmoid(gates[0]) * at::tanh(gates[2]);
         return {at::sigmoid(gates[3]) * at::tanh(c1), c1};
-      }, variable_list(s.begin(), s.begin() + 7), grads);
+      }, seq, 2), variable_list(s.begin(), s.begin() + 7), grads);
     }
-    const at::Tensor& c = s[kH + 1];
+    const at::Tensor c = rows(s[kH + 1]);
     const int64_t B = c.size(0), H = c.size(1);
-    const at::Tensor dh1 = grads[0].contiguous(), dc1 = grads[1].contiguous();
+    const variable_list sg = state_grads(grads, seq);
+    const at::Tensor dh1 = sg[0].contiguous(), dc1 = sg[1].contiguous();
     at::Tensor dg = at::empty({B, 4 * H}, c.options()), dc = at::empty({B, H}, c.options());
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "lstm_cell_train_bwd", [&] {
       train_bwd_point<scalar_t>(B, H, dh1.data_ptr<scalar_t>(), dc1.data_ptr<scalar_t>(), s[7].data_ptr<scalar_t>(),
                                 c.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>());
     });
-    variable_list g = step_grads(ctx, dg, dg, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], s[kH], at::Tensor());
+    variable_list g = step_grads(ctx, dg, dg, rows(s[kX]), s[kWih], s[kBih], s[kWhh], s[kBhh], rows(s[kH]),
+                                 at::Tensor());
     g.push_back(ctx->needs_input_grad(kH + 1) ? dc : at::Tensor());
+    seq_grads(g, seq, 2);
     return g;
   }
 };
@@ -917,11 +924,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_fwd(const at::Tensor&
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled, lengths);
 }
 
-std::tuple<at::Tensor, at::Tensor> lstm_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih,
-                                                   const at::Tensor& w_hh, const OptT& b_hh, const at::Tensor& h,
-                                                   const at::Tensor& c) {
-  variable_list r = CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h, c);
-  return {r[0], r[1]};
+variable_list lstm_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const OptT& b_ih, const at::Tensor& w_hh,
+                              const OptT& b_hh, const at::Tensor& h, const at::Tensor& c) {
+  return CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h, c);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn_cpp, CPU, m) {

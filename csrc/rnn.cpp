@@ -181,9 +181,11 @@ at::Tensor cell_fwd(const at::Tensor& x, const at::Tensor& w_ih, const c10::opti
 // output as torch's does it: 1 - h'^2, or relu's 0 where h' <= 0 (a NaN passes the gradient, as torch's
 // threshold_backward); it is kept apart from h', which the caller may change in place.
 struct CellTrain : torch::autograd::Function<CellTrain> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
-                            const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h, bool relu) {
-    at::Tensor h1 = cell_fwd(x, w_ih, maybe(b_ih), w_hh, maybe(b_hh), h, relu ? "relu" : "tanh");
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih,
+                               const at::Tensor& b_ih, const at::Tensor& w_hh, const at::Tensor& b_hh,
+                               const at::Tensor& h, bool relu) {
+    const bool seq = seq_form(x, {h});
+    at::Tensor h1 = cell_fwd(rows(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), rows(h), relu ? "relu" : "tanh");
     at::Tensor d = at::empty_like(h1);
     AT_DISPATCH_FLOATING_TYPES(h1.scalar_type(), "rnn_cell_train", [&] {
       const scalar_t* y = h1.data_ptr<scalar_t>();
@@ -196,21 +198,23 @@ struct CellTrain : torch::autograd::Function<CellTrain> {
     });
     ctx->save_for_backward({x, w_ih, b_ih, w_hh, b_hh, h, d});
     ctx->saved_data["relu"] = relu;
-    return h1;
+    ctx->saved_data["seq"] = seq;
+    return step_outputs({h1}, seq);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list s = ctx->get_saved_variables();
-    const bool relu = ctx->saved_data["relu"].toBool();
+    const bool relu = ctx->saved_data["relu"].toBool(), seq = ctx->saved_data["seq"].toBool();
     variable_list g;
     if (at::GradMode::is_enabled() || !plain_grads(grads)) {
-      g = recompute_grads([&](const variable_list& in) -> variable_list {
+      g = recompute_grads(in_form([&](const variable_list& in) -> variable_list {
             at::Tensor pre = linear(in[kX], in[kWih], in[kBih]) + linear(in[kH], in[kWhh], in[kBhh]);
             return {relu ? at::relu(pre) : at::tanh(pre)};
-          }, variable_list(s.begin(), s.begin() + 6), grads);
+          }, seq, 1), variable_list(s.begin(), s.begin() + 6), grads);
     } else {
-      const at::Tensor dg = grads[0].contiguous().mul(s[6]);  // contiguous: big_mm takes it
-      g = step_grads(ctx, dg, dg, s[kX], s[kWih], s[kBih], s[kWhh], s[kBhh], s[kH], at::Tensor());
+      const at::Tensor dg = state_grads(grads, seq)[0].contiguous().mul(s[6]);  // contiguous: big_mm takes it
+      g = step_grads(ctx, dg, dg, rows(s[kX]), s[kWih], s[kBih], s[kWhh], s[kBhh], rows(s[kH]), at::Tensor());
+      seq_grads(g, seq, 1);
     }
     g.resize(7);  // relu: no gradient
     return g;
@@ -270,9 +274,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_packed_fwd(const at::Tensor& x, const at:
   return chunk_fwd(x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths);
 }
 
-at::Tensor rnn_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
-                          c10::string_view nonlinearity) {
+variable_list rnn_cell_train(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h,
+                             c10::string_view nonlinearity) {
   const bool relu = is_relu(nonlinearity);
   return CellTrain::apply(x, w_ih, or_empty(b_ih, x), w_hh, or_empty(b_hh, x), h, relu);
 }

@@ -122,28 +122,33 @@ def one_step_layers(family, x, state0, weights, options, *, num_layers, num_dire
                     backend):
     """``rnn_layers`` for a one-step dense call that needs a gradient (a decoder's step in training, x
     [1,B,I]) where the backend's one-step node serves every layer-direction (``train_step``): each one
-    node. Same results as ``rnn_layers``; None where a layer-direction is not served or nothing needs a
-    gradient (the caller then takes the general path). No node saves its output: the caller's output
-    needs no copy."""
+    node, in its sequence form (the layer's input and state [1,B,*] as they are, so that no select,
+    unsqueeze or stack is recorded around it; one layer-direction returns the node's outputs themselves).
+    Same results as ``rnn_layers``; None where a layer-direction is not served or nothing needs a gradient
+    (the caller then takes the general path). No node saves its output: the caller's output needs no
+    copy."""
     if not _needs_grad(x, *state0, *(t for w in weights for t in (w[0], w[1], *w[2]))):
         return None
     steps = [train_step(family, backend, w, options) for w in weights]
     if None in steps:
         return None
-    layer_input = x[0]
+    if len(steps) == 1:
+        y, *finals = steps[0](x, state0)
+        return y, tuple(finals)
+    layer_input = x
     finals = [[] for _ in state0]
     for layer in range(num_layers):
         outs = []
         for d in range(num_directions):
             k = layer * num_directions + d
-            res = steps[k](layer_input, [s[k] for s in state0])
-            outs.append(res[0])
+            y, *res = steps[k](layer_input, [s[k:k + 1] for s in state0])
+            outs.append(y)
             for acc, st in zip(finals, res):
                 acc.append(st)
-        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 1)
+        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    return layer_input.unsqueeze(0), tuple(torch.stack(acc) for acc in finals)
+    return layer_input, tuple(torch.cat(acc) for acc in finals)
 
 
 # the options each family's ``<family>_cell_train`` takes (RNN: its nonlinearity)
@@ -152,7 +157,8 @@ _TRAIN_OPTIONS = {"lstm": 0, "gru": 0, "rnn": 1}
 
 def train_step(family, backend, weights, options):
     """The backend's one-step training node for a layer-direction (``weights`` as ``rnn_layers`` takes
-    them), as a function ``(x [B,I], state) -> new state tuple``, or None where the backend has none or it
+    them), as a function ``(x [B,I], state [B,H] each) -> new state tuple`` (the node's cell form) or
+    ``(x [1,B,I], state [1,B,H] each) -> (y, *new state)`` (its sequence form), or None where the backend has none or it
     does not serve these weights and options. The contract's optional ``<family>_cell_train`` takes the
     plain cell's step with its input projection, records one autograd node, and is called only where
     nothing intercepts ops (``ops.can_skip_ops``) and a gradient is needed (a decoder's step in training:

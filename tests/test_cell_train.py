@@ -22,20 +22,43 @@ def _family(cls):
 
 
 @pytest.mark.parametrize("backend", NODE)
+@pytest.mark.parametrize("form", ["cell", "seq"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("family,opts", [("lstm", ()), ("gru", ()), ("rnn", ("tanh",)), ("rnn", ("relu",))])
-def test_node_gradients_checked_numerically_twice(family, opts, bias, backend):
-    """gradcheck and gradgradcheck (a double backward recomputes the step with recorded ops)."""
+def test_node_gradients_checked_numerically_twice(family, opts, bias, form, backend):
+    """gradcheck and gradgradcheck (a double backward recomputes the step with recorded ops), in the
+    node's cell form (x [B, I], state [B, H]: the new state) and its sequence form (x [1, B, I], state
+    [1, B, H]: y and the new state, y its own tensor equal to h')."""
     torch.manual_seed(0)
     G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
     B, I, H = 3, 4, 5
+    lead = (1,) if form == "seq" else ()
     r = lambda *s: torch.randn(*s, dtype=F64, requires_grad=True)  # noqa: E731
-    ins = [r(B, I), r(G * H, I), r(G * H) if bias else None, r(G * H, H), r(G * H) if bias else None,
-           r(B, H)] + ([r(B, H)] if family == "lstm" else [])
+    ins = [r(*lead, B, I), r(G * H, I), r(G * H) if bias else None, r(G * H, H), r(G * H) if bias else None,
+           r(*lead, B, H)] + ([r(*lead, B, H)] if family == "lstm" else [])
     op = getattr(dispatch.get(backend), f"{family}_cell_train")
     f = lambda *a: op(*a, *opts)  # noqa: E731
+    out = f(*ins)
+    out = list(out) if isinstance(out, (tuple, list)) else [out]
+    assert len(out) == (1 if form == "seq" else 0) + (2 if family == "lstm" else 1)
+    assert all(o.shape == (*lead, B, H) for o in out)
+    if form == "seq":
+        assert torch.equal(out[0], out[1]) and out[0].data_ptr() != out[1].data_ptr()
     assert torch.autograd.gradcheck(f, ins)
     assert torch.autograd.gradgradcheck(f, ins)
+
+
+@pytest.mark.parametrize("backend", NODE)
+def test_node_refuses_mismatched_forms(backend):
+    """The sequence form takes x [1, B, I] with every state [1, B, H]; anything else is refused with a
+    RuntimeError naming the shapes (the modules then take the general path and its torch.nn errors)."""
+    op = dispatch.get(backend).lstm_cell_train
+    w = (torch.randn(8, 3), None, torch.randn(8, 2), None)
+    for x, h, c in [(torch.randn(1, 4, 3), torch.randn(4, 2), torch.randn(4, 2)),
+                    (torch.randn(2, 4, 3), torch.randn(2, 4, 2), torch.randn(2, 4, 2)),
+                    (torch.randn(4, 3), torch.randn(1, 4, 2), torch.randn(1, 4, 2))]:
+        with pytest.raises(RuntimeError, match=r"\[1, B, I\]"):
+            op(x, *w, h, c)
 
 
 def _copy(ref, cls, backend="cpp", **kw):
@@ -83,7 +106,8 @@ def test_cell_decoder_steps_equal_torch_nn(cls, kw, bias, backend):
     assert len(calls) == 4
 
 
-SEQ = [("LSTM", dict(num_layers=2)), ("GRU", dict(bidirectional=True)), ("RNN", dict(nonlinearity="relu")),
+SEQ = [("LSTM", {}), ("GRU", {}), ("RNN", dict(nonlinearity="relu")),
+       ("LSTM", dict(num_layers=2)), ("GRU", dict(bidirectional=True)),
        ("LSTM", dict(bidirectional=True, batch_first=True)), ("GRU", dict(num_layers=2, batch_first=True)),
        ("RNN", dict(num_layers=2, bidirectional=True, bias=False))]
 

@@ -82,7 +82,9 @@ plain cell (LSTM without w_hr, w_ch or coupled gates) returning tensors that car
 node, whose backward gives every input's gradient and is itself differentiable (create_graph). The
 cell modules and ``fastrnn.functional`` call it directly for a step (a cell call, each layer-direction
 of a one-step sequence) that needs a gradient where nothing intercepts ops (``can_skip_ops``), and the
-step ops otherwise.
+step ops otherwise. Its sequence form takes x [1,B,I] and each state [1,B,H] (a one-step sequence's
+layer-direction as the sequence holds it: no select, unsqueeze or stack recorded around the node) and
+returns (y, *state_new), each [1,B,H], y a tensor of its own equal to h_new.
 
 Optional, for inference: ``<f>_chunk_fwd(x, w_ih, b_ih, *weights, *state0, reverse, *options) -> (y, *state_n)``
 with the backend attribute ``chunk_max_rows``: a whole dense sequence (x [T,B,I], no lengths) with the

@@ -575,35 +575,44 @@ class _CellTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, family, nonlinearity, x, w_ih, b_ih, w_hh, b_hh, *state):
         name = f"{family}_cell_train"
+        seq = _seq_form(name, x, state)
+        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, *state)  # ws added below
+        if seq:  # the kernels read the 2-D views; the outputs are allocated [1, B, H] (not views: see below)
+            x, state = x[0], [s[0] for s in state]
+        shape = (1, *state[0].shape) if seq else state[0].shape
         if family == "lstm":
             B, I, H, _, like, addr, keep = _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, None, None, *state, False)
-            out = (x.new_empty(B, H), x.new_empty(B, H))
+            out = (x.new_empty(shape), x.new_empty(shape))
             ws = x.new_empty(B * 5 * H)
             parts = _parts(B, 4 * H * (I + H))
             _kernel(_lstm.lstm_cell_train, parts)(*addr[:5], *addr[7:], out[0].data_ptr(), out[1].data_ptr(),
                                                    ws.data_ptr(), B, I, H, parts, like)
         elif family == "gru":
             B, I, H, _, like, addr, keep = _gru_checks(name, x, w_ih, b_ih, w_hh, b_hh, *state)
-            out, ws = x.new_empty(B, H), x.new_empty(B * 4 * H)
+            out, ws = (x.new_empty(shape),), x.new_empty(B * 4 * H)
             parts = _parts(B, 3 * H * (I + H))
-            _kernel(_gru.gru_cell_train, parts)(*addr, out.data_ptr(), ws.data_ptr(), B, I, H, parts, like)
+            _kernel(_gru.gru_cell_train, parts)(*addr, out[0].data_ptr(), ws.data_ptr(), B, I, H, parts, like)
         else:
             B, I, H, _, like, addr, keep = _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, *state, nonlinearity)
-            out, ws = x.new_empty(B, H), x.new_empty(B, H)
+            out, ws = (x.new_empty(shape),), x.new_empty(B, H)
             parts = _parts(B, H * (I + H))
-            _kernel(_rnn.rnn_cell_train, parts)(*addr, out.data_ptr(), ws.data_ptr(), B, I, H,
+            _kernel(_rnn.rnn_cell_train, parts)(*addr, out[0].data_ptr(), ws.data_ptr(), B, I, H,
                                                 nonlinearity == "relu", parts, like)
-        ctx.family, ctx.nonlinearity = family, nonlinearity
-        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, *state, ws)
-        return out
+        ctx.family, ctx.nonlinearity, ctx.seq, ctx.ws = family, nonlinearity, seq, ws
+        # a custom Function's output that is a view may not be changed in place (torch.nn's may): fresh
+        # tensors, y a copy of h' in the sequence form
+        return (out[0].clone(), *out) if seq else out if family == "lstm" else out[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        x, w_ih, b_ih, w_hh, b_hh, *state, ws = ctx.saved_tensors
-        family, need = ctx.family, ctx.needs_input_grad[2:]  # x, w_ih, b_ih, w_hh, b_hh, *state
+        x, w_ih, b_ih, w_hh, b_hh, *state = ctx.saved_tensors
+        family, need, seq, ws = ctx.family, ctx.needs_input_grad[2:], ctx.seq, ctx.ws  # need: x, w_ih, ..., *state
         if torch.is_grad_enabled() or not all(map(_by_address, grads)):
             return (None, None, *_recomputed_grads(family, ctx.nonlinearity, (x, w_ih, b_ih, w_hh, b_hh, *state),
-                                                   grads))
+                                                   grads, seq))
+        if seq:  # y's gradient joins h's; the 2-D views for the kernels
+            grads = ((grads[0] + grads[1])[0], *(g[0] for g in grads[2:]))
+            x, state = x[0], [s[0] for s in state]
         state = [s.resolve_neg().contiguous() for s in state]
         B, H = state[0].shape
         like = _LIKE[x.dtype]
@@ -631,8 +640,22 @@ class _CellTrain(torch.autograd.Function):
         dh = None
         if need[5]:
             dh = dhw.mm(w_hh) if dh_direct is None else torch.addmm(dh_direct, dhw, w_hh)
-        extra = (dc if need[6] else None,) if family == "lstm" else ()
-        return None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh, *extra
+        dc = dc if family == "lstm" and need[6] else None
+        if seq:
+            dx, dh, dc = (None if g is None else g.unsqueeze(0) for g in (dx, dh, dc))
+        return None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh, *((dc,) if family == "lstm" else ())
+
+
+def _seq_form(name, x, state):
+    """Is a ``<family>_cell_train`` call in the sequence form (x [1, B, I] and each state [1, B, H]: a
+    one-step sequence's layer-direction as the sequence holds it, so that no select, unsqueeze or stack is
+    recorded around the node; it returns (y, *new state), each [1, B, H]) or the cell form (2-D)? As cpp's
+    ``seq_form`` (csrc/cell_train.h)."""
+    seq = x.dim() == 3
+    if (seq and x.shape[0] != 1) or any(s.dim() != x.dim() or (seq and s.shape[0] != 1) for s in state):
+        raise RuntimeError(f"fastrnn numba {name}: x and the state must be [B, I] and [B, H], or [1, B, I] and "
+                           f"[1, B, H]: got {tuple(x.shape)} and {[tuple(s.shape) for s in state]}")
+    return seq
 
 
 def _by_address(g):
@@ -641,19 +664,22 @@ def _by_address(g):
     return torch._C._has_storage(g) and not (g._is_zerotensor() or g.is_neg())
 
 
-def _recomputed_grads(family, nonlinearity, inputs, grads):
+def _recomputed_grads(family, nonlinearity, inputs, grads, seq):
     """``_CellTrain``'s backward where it must itself be differentiable (create_graph) or its kernel cannot
     read the gradients (``_by_address``): the step recomputed with recorded ops (the reference backend's
     cell on the projected input) on aliases of ``inputs``, and its vector-Jacobian product with ``grads``
     with respect to those aliases (the paths between the inputs, h from an earlier step of the same weights,
     are the outer backward's), the graph kept under create_graph. One gradient per input (None where it
-    needs none). As cpp's ``recompute_grads`` (csrc/cell_train.h)."""
+    needs none). ``seq``: the sequence form (x and the state [1, B, *], the outputs (y, *new state)). As cpp's
+    ``recompute_grads`` (csrc/cell_train.h)."""
     from . import reference
 
     create = torch.is_grad_enabled()
     with torch.enable_grad():
         inputs = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
         x, w_ih, b_ih, w_hh, b_hh, *state = inputs
+        if seq:
+            x, state = x[0], [s[0] for s in state]
         xw = torch.nn.functional.linear(x, w_ih, b_ih)
         if family == "lstm":
             outs = reference.lstm_cell(xw, w_hh, b_hh, *([None] * 8), *state, False, 0.0, 0.0)
@@ -661,6 +687,8 @@ def _recomputed_grads(family, nonlinearity, inputs, grads):
             outs = reference.gru_cell(xw, w_hh, b_hh, None, None, None, *state, 0.0)
         else:
             outs = reference.rnn_cell(xw, w_hh, b_hh, *state, nonlinearity)
+        if seq:
+            outs = [o.unsqueeze(0) for o in (outs[0], *outs)]
     wrt = [k for k, t in enumerate(inputs) if t is not None and t.requires_grad]
     res = [None] * len(inputs)
     if wrt:
