@@ -36,7 +36,8 @@ $(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h) fastrnn/_build.py
 # `make test-triton-all` runs every test file's triton cases (~20 min here).
 TRITON_TESTS ?= tests/test_triton.py tests/test_parity.py tests/test_cells.py tests/test_variants.py \
 	tests/test_double_backward.py tests/test_inplace.py tests/test_weight_dropout.py tests/test_cell_options.py \
-	tests/test_ops.py::test_eager_training_skips_the_op_layer_with_the_ops_numbers
+	tests/test_ops.py::test_eager_training_skips_the_op_layer_with_the_ops_numbers \
+	tests/test_cell_train.py::test_one_step_sequence_calls_equal_torch_nn
 
 test: ext
 	$(PY) -m pytest tests

@@ -1,6 +1,6 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
-    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout [--budget S] [--backend cpp]
+    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -11,7 +11,11 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
 - ``bwd_op``: a first-order backward calling the backward op's implementation directly (``ops.DIRECT``), off =
   through the op and its Python autograd layer, which double backward added;
 - ``weight_dropout``: on = ``weight_dropout=0.3`` (a mask over each W_hh per call), off = the plain module
-  (NOTES, "Weight dropout"; issue 18's target: on / off <= 1.2).
+  (NOTES, "Weight dropout"; issue 18's target: on / off <= 1.2);
+- ``seq_form``: the decoding cases (T50: B16 H256, B1 H64; a module called on one step at a time, one
+  backward), each one-step call's node in its sequence form as it is, off = in its cell form between a
+  select of the layer's input and of each state, an unsqueeze of the output and a stack of the final states
+  (``_cell_form_layers``, the one-step path before the sequence form: NOTES, twenty-second session).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from unittest import mock
 import torch
 
 import fastrnn
-from fastrnn import functional, ops
+from fastrnn import functional, modules, ops
 
 from .cases import Case
 from .harness import medians_ms
@@ -36,6 +40,31 @@ def _switched(run, patch):
     return fn
 
 
+def _cell_form_layers(family, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
+                      backend):
+    """``functional.one_step_layers`` with each node in its cell form: the layer's input and each state
+    selected ([B, *]), the output unsqueezed and the final states stacked, each a recorded node."""
+    if not functional._needs_grad(x, *state0, *(t for w in weights for t in (w[0], w[1], *w[2]))):
+        return None
+    steps = [functional.train_step(family, backend, w, options) for w in weights]
+    if None in steps:
+        return None
+    layer_input = x[0]
+    finals = [[] for _ in state0]
+    for layer in range(num_layers):
+        outs = []
+        for d in range(num_directions):
+            k = layer * num_directions + d
+            res = steps[k](layer_input, [s[k] for s in state0])
+            outs.append(res[0])
+            for acc, st in zip(finals, res):
+                acc.append(st)
+        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = torch.nn.functional.dropout(layer_input, dropout, training=True)
+    return layer_input.unsqueeze(0), tuple(torch.stack(acc) for acc in finals)
+
+
 def providers(variant, w, cell, backend):
     """(on, off) callables for one workload."""
     run = w.call(backend)
@@ -44,6 +73,8 @@ def providers(variant, w, cell, backend):
     if variant == "bwd_op":
         name = f"{cell.lower()}_seq_bwd"
         return run, _switched(run, mock.patch.dict(ops.DIRECT, {name: getattr(torch.ops.fastrnn, name).default}))
+    if variant == "seq_form":  # the modules' fast path calls one_step_layers by this name
+        return run, _switched(run, mock.patch.object(modules, "one_step_layers", _cell_form_layers))
     plain = w.modules[backend]
     dropped = getattr(fastrnn, cell)(plain.input_size, plain.hidden_size, backend=backend, weight_dropout=0.3)
     dropped.load_state_dict(plain.state_dict())
@@ -53,18 +84,20 @@ def providers(variant, w, cell, backend):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout"], required=True)
+    ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form"], required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastrnn {fastrnn.__version__}; "
-          f"{args.variant} on / off on {args.backend}; ms per training call (median), x = torch's / this")
+          f"{args.variant} on / off on {args.backend}; ms per call (median), x = torch's / this")
+    mode, T, shapes = (("decoding", 50, ((16, 256), (1, 64))) if args.variant == "seq_form"
+                       else ("training", 100, ((1, 256), (16, 256), (64, 512))))
     for cell in ("LSTM", "GRU", "RNN"):
-        for B, H in ((1, 256), (16, 256), (64, 512)):
-            w = Workload(Case(cell, "training", 100, B, H), ["torch", args.backend])
+        for B, H in shapes:
+            w = Workload(Case(cell, mode, T, B, H), ["torch", args.backend])
             on, off = providers(args.variant, w, cell, args.backend)
             med = medians_ms({"torch": w.call("torch"), "on": on, "off": off}, budget_s=args.budget)
-            print(f"{cell} T100 B{B} H{H}: torch {med['torch']:.2f}, on {med['on']:.2f} ({med['torch'] / med['on']:.2f}x), "
+            print(f"{cell} {mode} T{T} B{B} H{H}: torch {med['torch']:.2f}, on {med['on']:.2f} ({med['torch'] / med['on']:.2f}x), "
                   f"off {med['off']:.2f} ({med['torch'] / med['off']:.2f}x); on / off {med['on'] / med['off']:.3f}",
                   flush=True)
 

@@ -68,8 +68,9 @@ variable_list state_grads(const variable_list& grads, bool seq) {
 
 void seq_grads(variable_list& g, bool seq, size_t n_state) {
   if (!seq) return;
-  for (size_t k : {size_t(kX), size_t(kH), size_t(kH + 1)})
-    if (k < size_t(kH) + n_state && g[k].defined()) g[k] = g[k].unsqueeze(0);
+  auto lead = [&](size_t k) { if (g[k].defined()) g[k] = g[k].unsqueeze(0); };
+  lead(kX);
+  for (size_t k = 0; k < n_state; ++k) lead(kH + k);
 }
 
 StepFn in_form(StepFn fwd, bool seq, size_t n_state) {
