@@ -1,6 +1,6 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
-    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form [--budget S] [--backend cpp]
+    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -15,7 +15,10 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
 - ``seq_form``: the decoding cases (T50: B16 H256, B1 H64; a module called on one step at a time, one
   backward), each one-step call's node in its sequence form as it is, off = in its cell form between a
   select of the layer's input and of each state, an unsqueeze of the output and a stack of the final states
-  (``_cell_form_layers``, the one-step path before the sequence form: NOTES, twenty-second session).
+  (``_cell_form_layers``, the one-step path before the sequence form: NOTES, twenty-second session);
+- ``packed_rows``: the packed cases (T100 B16 H256 with the benchmark's ragged lengths, one layer and two
+  bidirectional), the sequence ops on the PackedSequence's rows as they are, off = on [T,B,*] copies of xw
+  and y (the backend's ``packed_rows`` switched off: NOTES, twenty-third session).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from unittest import mock
 import torch
 
 import fastrnn
-from fastrnn import functional, modules, ops
+from fastrnn import dispatch, functional, modules, ops
 
 from .cases import Case
 from .harness import medians_ms
@@ -75,6 +78,8 @@ def providers(variant, w, cell, backend):
         return run, _switched(run, mock.patch.dict(ops.DIRECT, {name: getattr(torch.ops.fastrnn, name).default}))
     if variant == "seq_form":  # the modules' fast path calls one_step_layers by this name
         return run, _switched(run, mock.patch.object(modules, "one_step_layers", _cell_form_layers))
+    if variant == "packed_rows":
+        return run, _switched(run, mock.patch.object(type(dispatch.get(backend)), "packed_rows", False))
     plain = w.modules[backend]
     dropped = getattr(fastrnn, cell)(plain.input_size, plain.hidden_size, backend=backend, weight_dropout=0.3)
     dropped.load_state_dict(plain.state_dict())
@@ -84,20 +89,23 @@ def providers(variant, w, cell, backend):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form"], required=True)
+    ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows"], required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fastrnn {fastrnn.__version__}; "
           f"{args.variant} on / off on {args.backend}; ms per call (median), x = torch's / this")
-    mode, T, shapes = (("decoding", 50, ((16, 256), (1, 64))) if args.variant == "seq_form"
-                       else ("training", 100, ((1, 256), (16, 256), (64, 512))))
+    mode, T, shapes = {"seq_form": ("decoding", 50, ((16, 256, {}), (1, 64, {}))),
+                       "packed_rows": ("training", 100, ((16, 256, dict(packed=True)),
+                                                         (16, 256, dict(packed=True, layers=2, bidirectional=True))))
+                       }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
-        for B, H in shapes:
-            w = Workload(Case(cell, mode, T, B, H), ["torch", args.backend])
+        for B, H, kw in shapes:
+            case = Case(cell, mode, T, B, H, **kw)
+            w = Workload(case, ["torch", args.backend])
             on, off = providers(args.variant, w, cell, args.backend)
             med = medians_ms({"torch": w.call("torch"), "on": on, "off": off}, budget_s=args.budget)
-            print(f"{cell} {mode} T{T} B{B} H{H}: torch {med['torch']:.2f}, on {med['on']:.2f} ({med['torch'] / med['on']:.2f}x), "
+            print(f"{cell} {mode} {case.shape}: torch {med['torch']:.2f}, on {med['on']:.2f} ({med['torch'] / med['on']:.2f}x), "
                   f"off {med['off']:.2f} ({med['torch'] / med['off']:.2f}x); on / off {med['on'] / med['off']:.3f}",
                   flush=True)
 

@@ -100,6 +100,24 @@ at::Tensor proj_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::op
 }
 
 namespace {
+// The T + 1 step offsets of a packed sequence's rows `x` ([N, *], `what` in the messages) from its lengths
+std::vector<int64_t> packed_rows(const at::Tensor& x, const at::Tensor& lengths, const char* what) {
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
+                  lengths.size(0) > 0 && lengths.is_contiguous(),
+              "fastrnn cpp backend: lengths must be a contiguous int64 CPU tensor of at least one row");
+  const int64_t B = lengths.size(0), T = lengths.data_ptr<int64_t>()[0];
+  // every step has a row: a longest length past x's rows is refused before anything is sized by it
+  TORCH_CHECK(T >= 1 && T <= x.size(0), "fastrnn cpp backend: lengths[0] = ", T, " but ", what, " has ", x.size(0),
+              " rows");
+  check_lengths(lengths, T, B);
+  const std::vector<int64_t> sizes = batch_sizes(lengths, T, B);
+  std::vector<int64_t> row0(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) row0[t + 1] = row0[t] + sizes[t];
+  TORCH_CHECK(x.size(0) == row0[T], "fastrnn cpp backend: ", what, " has ", x.size(0),
+              " rows but the lengths sum to ", row0[T]);
+  return row0;
+}
+
 std::vector<int64_t> packed_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                                   int64_t GH, const at::Tensor& lengths) {
   check_float(x, "x", x);
@@ -107,21 +125,21 @@ std::vector<int64_t> packed_input(const at::Tensor& x, const at::Tensor& w_ih, c
   TORCH_CHECK(x.size(1) > 0, "fastrnn cpp backend: x must have at least one input feature, got ", x.sizes());
   check_tensor(w_ih, "w_ih", {GH, x.size(1)}, x);
   check_opt(b_ih, "b_ih", {GH}, x);
-  TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
-                  lengths.size(0) > 0 && lengths.is_contiguous(),
-              "fastrnn cpp backend: lengths must be a contiguous int64 CPU tensor of at least one row");
-  const int64_t B = lengths.size(0), T = lengths.data_ptr<int64_t>()[0];
-  // every step has a row: a longest length past x's rows is refused before anything is sized by it
-  TORCH_CHECK(T >= 1 && T <= x.size(0), "fastrnn cpp backend: lengths[0] = ", T, " but x has ", x.size(0), " rows");
-  check_lengths(lengths, T, B);
-  const std::vector<int64_t> sizes = batch_sizes(lengths, T, B);
-  std::vector<int64_t> row0(T + 1, 0);
-  for (int64_t t = 0; t < T; ++t) row0[t + 1] = row0[t] + sizes[t];
-  TORCH_CHECK(x.size(0) == row0[T], "fastrnn cpp backend: x has ", x.size(0), " rows but the lengths sum to ",
-              row0[T]);
-  return row0;
+  return packed_rows(x, lengths, "x");
 }
 }  // namespace
+
+SeqShape seq_shape(const at::Tensor& xw, const c10::optional<at::Tensor>& lengths, int64_t G) {
+  check_float(xw, "xw", xw);
+  if (xw.dim() == 2 && opt_ptr(lengths)) {
+    std::vector<int64_t> row0 = packed_rows(xw, *lengths, "xw");
+    const int64_t T = int64_t(row0.size()) - 1;
+    return {T, lengths->size(0), xw.size(1), std::move(row0)};
+  }
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, ", G, "*H] (or with lengths a packed ",
+              "sequence's rows [N, ", G, "*H]), got ", xw.sizes());
+  return {xw.size(0), xw.size(1), xw.size(2), {}};
+}
 
 ChunkInput chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
                        const c10::optional<at::Tensor>& lengths) {
@@ -136,9 +154,10 @@ ChunkInput chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
 
 StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                              const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G) {
-  check_float(xw, "xw", xw);
-  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, ", G, "*H], got ", xw.sizes());
-  return check_single_state(xw, xw.size(0), xw.size(1), xw.size(2), w_hh, b_hh, h0, lengths, G);
+  SeqShape s = seq_shape(xw, lengths, G);
+  StateDims d = check_single_state(xw, s.T, s.B, s.GH, w_hh, b_hh, h0, lengths, G);
+  d.row0 = std::move(s.row0);
+  return d;
 }
 
 StateDims check_single_state(const at::Tensor& like, int64_t T, int64_t B, int64_t GH, const at::Tensor& w_hh,
@@ -147,7 +166,7 @@ StateDims check_single_state(const at::Tensor& like, int64_t T, int64_t B, int64
   const at::Tensor& xw = like;
   check_float(h0, "h0", xw);
   TORCH_CHECK(h0.dim() == 2, "fastrnn cpp backend: h0 must be [B, H], got ", h0.sizes());
-  const StateDims d{T, B, h0.size(1), GH};
+  const StateDims d{{T, B, {}}, h0.size(1), GH};
   TORCH_CHECK(d.GH == G * d.H, "fastrnn cpp backend: xw has ", d.GH, " gate columns, expected ", G, " x ", d.H);
   check_shape(h0, "h0", {d.B, d.H});
   check_tensor(w_hh, "w_hh", {d.GH, d.H}, xw);
@@ -158,9 +177,9 @@ StateDims check_single_state(const at::Tensor& like, int64_t T, int64_t B, int64
 
 void check_single_state_grads(const StateDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                               const at::Tensor& y, const at::Tensor& xw) {
-  check_tensor(grad_y, "grad_y", {d.T, d.B, d.H}, xw);
+  check_tensor(grad_y, "grad_y", d.per_step(d.H), xw);
   check_tensor(grad_h_n, "grad_h_n", {d.B, d.H}, xw);
-  check_tensor(y, "y", {d.T, d.B, d.H}, xw);
+  check_tensor(y, "y", d.per_step(d.H), xw);
 }
 
 void check_lengths(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {

@@ -249,6 +249,8 @@ Opts check_opts(const StateDims& d, const at::Tensor& xw, const OptT& ln_h, cons
   check_opt(ln_h, "ln_h", {d.GH}, xw);
   check_opt(rmask, "rmask", {d.B, d.H}, xw);
   check_opt(zmask, "zmask", {d.T, d.B, d.H}, xw);
+  TORCH_CHECK(!d.packed() || !opt_ptr(zmask), "fastrnn cpp backend: a zoneout mask [T, B, H] needs xw as [T, B, 3*H], ",
+              "not a packed sequence's rows");
   return Opts{opt_ptr(ln_h), opt_ptr(rmask), opt_ptr(zmask), z};
 }
 
@@ -269,20 +271,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             bool save, const InputProj<T>& in = {},
                                                             const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
+  // packed rows (an inference entry's x, or a training call's xw) or [T, B, *]; N: the per-step buffers' rows
+  const StepRows R{in.row0 ? in.row0 : d.rows().row0, B};
+  const int64_t N = R.row0 ? R.row0[T_] : T_ * B;
+  // zeros for ragged batches in [T, B, *]: entries past a row's end are never written, and must be deterministic
+  const bool pad = opt_ptr(lengths) && !R.row0;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : in.row0 ? pool_empty({in.row0[T_], H}, h0.options())
-                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
+                 : R.row0 ? pool_empty({N, H}, h0.options())
+                 : pad ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
-  // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
-  const int64_t ws_numel = save ? T_ * B * ws_row(d, o) : 0;
-  at::Tensor ws = opt_ptr(lengths) ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
+  const int64_t ws_numel = save ? N * ws_row(d, o) : 0;
+  at::Tensor ws = pad ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, ws};
   T* gates = save ? ws.data_ptr<T>() : nullptr;
-  T* ghn = save ? gates + T_ * B * GH : nullptr;
+  T* ghn = save ? gates + N * GH : nullptr;
   FwdArgs<T> a{T_, B, H, H, 3, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
                batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
+  a.in.row0 = R.row0;
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask);
   a.zoneout_h = T(o.z);
@@ -290,17 +297,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const PointBias<T> bias(a, data_or_null<T>(b_hh), 2);
   const T* bp = bias.data();
   const T* gain = tptr<T>(o.ln_h);
-  T* xhat = save && gain ? ghn + T_ * B * H : nullptr;
-  T* rstd = save && gain ? xhat + T_ * B * GH : nullptr;
+  T* xhat = save && gain ? ghn + N * H : nullptr;
+  T* rstd = save && gain ? xhat + N * GH : nullptr;
   const int slots = at::get_num_threads();
   Scratch<T> parts(gain ? slots * B * 3 : 0);
   std::fill_n(parts.data(), gain ? slots * B * 3 : 0, T(0));
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
                            const T* hp, T* hdst, int64_t, const XRows<T>& xr) {
     FwdPoint<T> p{bs, nu, H, U, ldp, pre, xr.x, xr.rs, xr.gs, bp + u0, hp + u0, hdst + u0,
-                  save ? gates + t * B * GH + u0 : nullptr, save ? ghn + t * B * H + u0 : nullptr};
+                  save ? gates + R(t) * GH + u0 : nullptr, save ? ghn + R(t) * H + u0 : nullptr};
     if (gain)
-      fwd_ln(p, LnPoint<T>{gain + u0, xhat ? xhat + t * B * GH + u0 : nullptr, rstd ? rstd + t * B : nullptr,
+      fwd_ln(p, LnPoint<T>{gain + u0, xhat ? xhat + R(t) * GH + u0 : nullptr, rstd ? rstd + R(t) : nullptr,
                            parts.data(), slots, w, B, u0}, ph);
     else
       fwd_point(p);
@@ -327,17 +334,21 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                    const c10::optional<at::Tensor>& lengths, const at::Tensor& y, const at::Tensor& ws,
                    bool reverse, const Opts& o) {
-  const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
-  const bool varlen = opt_ptr(lengths);
-  auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
-  at::Tensor d_xw = new_({T_, B, GH}), d_hh = new_({T_, B, GH}), hprev = new_({T_, B, H});
+  const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH, N = d.n();
+  const StepRows R = d.rows();
+  // [T, B, *] of a ragged batch: zeros past each row's end (packed rows have none)
+  const bool pad = opt_ptr(lengths) && !d.packed();
+  auto new_ = [&](int64_t cols) {
+    return pad ? pool_zeros(d.per_step(cols), xw.options()) : pool_empty(d.per_step(cols), xw.options());
+  };
+  at::Tensor d_xw = new_(GH), d_hh = new_(GH), hprev = new_(H);
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
   const bool ln = o.ln_h != nullptr;
   at::Tensor d_ln = ln ? at::zeros({GH}, xw.options()) : at::empty({0}, xw.options());
   at::Tensor d_bias = ln ? at::zeros({GH}, xw.options()) : at::empty({0}, xw.options());
   if (B > 0 && T_ > 0) {
     const T* gates = ws.data_ptr<T>();
-    const T* ghn = gates + T_ * B * GH;
+    const T* ghn = gates + N * GH;
     const T* yp = y.data_ptr<T>();
     BwdArgs<T> a{T_, B, H, H, 3, reverse, true, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                  yp, d_hh.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
@@ -346,11 +357,12 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.zmask_h = tptr<T>(o.zmask);
     a.zoneout_h = T(o.z);
     a.phases = ln ? 2 : 1;
+    a.row0 = R.row0;
     const int slots = at::get_num_threads();
     at::Tensor parts = at::zeros({ln ? slots * B * 2 : 0}, xw.options());
     const T* gain = tptr<T>(o.ln_h);
-    const T* xhat = ln ? ghn + T_ * B * H : nullptr;
-    const T* rstd = ln ? xhat + T_ * B * GH : nullptr;
+    const T* xhat = ln ? ghn + N * H : nullptr;
+    const T* rstd = ln ? xhat + N * GH : nullptr;
     T* dg = ln ? d_ln.data_ptr<T>() : nullptr;
     const bool zon = o.zmask || o.z != 0;
     T* db = ln ? d_bias.data_ptr<T>() : nullptr;
@@ -360,18 +372,18 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     T* dhr = dh0.data_ptr<T>();
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
                               const T* dh, int64_t ldh) {
-      BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + t * B * GH + u0, ghn + t * B * H + u0,
-                    tprev >= 0 ? yp + tprev * B * H + u0 : nullptr, h0p + u0, dx + t * B * GH + u0,
-                    dr + t * B * GH + u0, dhr + u0, zon};
+      BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + R(t) * GH + u0, ghn + R(t) * H + u0,
+                    tprev >= 0 ? yp + R(tprev) * H + u0 : nullptr, h0p + u0, dx + R(t) * GH + u0,
+                    dr + R(t) * GH + u0, dhr + u0, zon};
       if (ph == 0) bwd_point(p);
       if (gain)
-        bwd_ln(p, LnPoint<T>{gain + u0, const_cast<T*>(xhat) + t * B * GH + u0, nullptr, parts.data_ptr<T>(), slots,
+        bwd_ln(p, LnPoint<T>{gain + u0, const_cast<T*>(xhat) + R(t) * GH + u0, nullptr, parts.data_ptr<T>(), slots,
                              w, B, u0},
-               rstd + t * B, dg + u0, db + u0, ph);
+               rstd + R(t), dg + u0, db + u0, ph);
     });
   }
-  const at::Tensor flat = d_hh.view({T_ * B, GH});
-  at::Tensor d_w_hh = weight_grad(flat, hprev.view({T_ * B, H}), lengths, T_, B);
+  const at::Tensor flat = d_hh.view({N, GH});
+  at::Tensor d_w_hh = weight_grad(flat, hprev.view({N, H}), d.packed() ? c10::nullopt : lengths, T_, B);
   // the bias is added after the normalization: its gradient is the normalized product's (accumulated by bwd_ln)
   at::Tensor d_b_hh = !opt_ptr(b_hh) ? at::empty({0}, xw.options()) : ln ? d_bias : flat.sum(0);
   auto none = [&] { return at::empty({0}, xw.options()); };  // the masks' (distinct tensors: outputs never alias)
@@ -384,7 +396,7 @@ Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Te
   const Dims d = check_single_state(xw, w_hh, b_hh, h0, lengths, 3);
   const Opts o = check_opts(d, xw, ln_h, rmask, zmask, zoneout);
   check_single_state_grads(d, grad_y, grad_h_n, y, xw);
-  check_tensor(ws, "ws", {d.T * d.B * ws_row(d, o)}, xw);
+  check_tensor(ws, "ws", {d.n() * ws_row(d, o)}, xw);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_seq_bwd", [&] {
     return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, o);
   });

@@ -526,8 +526,8 @@ struct Opts {
   bool cell() const { return ln() || zone_c(); }  // the options the pointwise pass applies
 };
 
-struct Dims {
-  int64_t T, B, G, H, P, GH;
+struct Dims : SeqRows {
+  int64_t G, H, P, GH;
 };
 
 // xw's dims (T, B, G*H) and `like` (the tensor the others' dtype must match): xw itself, or where a chunk's
@@ -537,7 +537,7 @@ Dims check_args(const at::Tensor& like, int64_t T, int64_t B, int64_t GH, const 
                 const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0, const at::Tensor& c0,
                 const c10::optional<at::Tensor>& lengths, bool coupled) {
   const at::Tensor& xw = like;
-  Dims d{T, B, coupled ? 3 : 4, 0, 0, GH};
+  Dims d{{T, B, {}}, coupled ? 3 : 4, 0, 0, GH};
   check_float(c0, "c0", xw);
   TORCH_CHECK(c0.dim() == 2, "fastrnn cpp backend: c0 must be [B, H], got ", c0.sizes());
   d.H = c0.size(1);
@@ -560,9 +560,10 @@ Dims check_args(const at::Tensor& like, int64_t T, int64_t B, int64_t GH, const 
 Dims check_args(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                 const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
                 const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool coupled) {
-  check_float(xw, "xw", xw);
-  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be [T, B, G*H], got ", xw.sizes());
-  return check_args(xw, xw.size(0), xw.size(1), xw.size(2), w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  SeqShape s = seq_shape(xw, lengths, coupled ? 3 : 4);
+  Dims d = check_args(xw, s.T, s.B, s.GH, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  d.row0 = std::move(s.row0);
+  return d;
 }
 
 using OptT = c10::optional<at::Tensor>;
@@ -577,6 +578,8 @@ Opts check_opts(const Dims& d, const at::Tensor& xw, const OptT& ln_h, const Opt
   check_opt(rmask, "rmask", {d.B, d.P}, xw);
   check_opt(zmask_h, "zmask_h", {d.T, d.B, d.P}, xw);
   check_opt(zmask_c, "zmask_c", {d.T, d.B, d.H}, xw);
+  TORCH_CHECK(!d.packed() || (!opt_ptr(zmask_h) && !opt_ptr(zmask_c)), "fastrnn cpp backend: the zoneout masks ",
+              "[T, B, *] need xw as [T, B, G*H], not a packed sequence's rows");
   return Opts{opt_ptr(ln_h), opt_ptr(ln_c), opt_ptr(ln_cb), opt_ptr(rmask), opt_ptr(zmask_h), opt_ptr(zmask_c), zh, zc};
 }
 
@@ -597,24 +600,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
     const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, bool reverse, bool coupled, bool save,
     const InputProj<T>& in = {}, const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
-  const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
+  const bool proj = opt_ptr(w_hr);
+  // packed rows (an inference entry's x, or a training call's xw) or [T, B, *]; N: the per-step buffers' rows
+  const StepRows R{in.row0 ? in.row0 : d.rows().row0, B};
+  const int64_t N = R.row0 ? R.row0[T_] : T_ * B;
+  // zeros for ragged batches in [T, B, *]: entries past a row's end are never written, and must be deterministic
+  const bool pad = opt_ptr(lengths) && !R.row0;
   Scratch<T> y_scratch(in.cell ? T_ * B * P : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : in.row0 ? pool_empty({in.row0[T_], P}, h0.options())
-                 : varlen ? pool_zeros({T_, B, P}, h0.options()) : pool_empty({T_, B, P}, h0.options());
+                 : R.row0 ? pool_empty({N, P}, h0.options())
+                 : pad ? pool_zeros({T_, B, P}, h0.options()) : pool_empty({T_, B, P}, h0.options());
   at::Tensor h_n = at::empty({B, P}, h0.options()), c_n = c0.clone();
-  // zeros for ragged batches: entries past a row's end are never written, and must be deterministic
-  const int64_t ws_numel = save ? T_ * B * ws_row(d, proj, o) : 0;
-  at::Tensor ws = varlen ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
+  const int64_t ws_numel = save ? N * ws_row(d, proj, o) : 0;
+  at::Tensor ws = pad ? pool_zeros({ws_numel}, h0.options()) : pool_empty({ws_numel}, h0.options());
   Scratch<T> hfull_scratch(proj && !save ? B * H : 0);
   if (B == 0 || T_ == 0) return {y, h_n, c_n, ws};
   T* wsp = ws.data_ptr<T>();
   T* gates = save ? wsp : nullptr;
-  T* call = save ? wsp + T_ * B * GH : nullptr;
+  T* call = save ? wsp + N * GH : nullptr;
   FwdArgs<T> a{T_, B, H, P, d.G, reverse, w_hh.data_ptr<T>(), data_or_null<T>(w_hr), h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(),
-               proj ? (save ? wsp + T_ * B * (GH + H) : hfull_scratch.data()) : nullptr, save,
+               proj ? (save ? wsp + N * (GH + H) : hfull_scratch.data()) : nullptr, save,
                batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
+  a.in.row0 = R.row0;
   a.rmask = tptr<T>(o.rmask);
   a.zmask_h = tptr<T>(o.zmask_h);
   a.zoneout_h = T(o.zh);
@@ -625,13 +633,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   T* c = c_n.data_ptr<T>();
   // the cell options' slots of the workspace (or scratch when nothing is saved: c~ of one step), o between
   // the phases, the workers' partial statistics
-  const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
+  const int64_t off_ctil = N * (GH + H + (proj ? H : 0));
   const int slots = at::get_num_threads();
   Scratch<T> scratch(o.cell() ? 2 * B * H : 0), parts(o.ln() ? 2 * slots * B * 3 : 0);
   std::fill_n(parts.data(), o.ln() ? 2 * slots * B * 3 : 0, T(0));
   T* ctil = !o.cell() ? nullptr : save ? wsp + off_ctil : scratch.data();
-  T* xhat = save && o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
-  T* stats = save && o.ln() ? xhat + T_ * B * GH : nullptr;
+  T* xhat = save && o.ln() ? wsp + off_ctil + N * H : nullptr;
+  T* stats = save && o.ln() ? xhat + N * GH : nullptr;
   T* obuf = o.cell() ? scratch.data() + B * H : nullptr;
   T* part = o.ln() ? parts.data() : nullptr;
   // zoneout of c: the step's mask, or in eval one row of its probability (stride 0)
@@ -643,12 +651,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp,
                            int64_t U, const T*, T* hdst, int64_t ldd, const XRows<T>& xr) {
     FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xr.x, xr.rs, xr.gs, bp + u0, wc ? wc + u0 : nullptr, c + u0,
-                  hdst + u0, save ? gates + t * B * GH + u0 : nullptr, save ? call + t * B * H + u0 : nullptr};
+                  hdst + u0, save ? gates + R(t) * GH + u0 : nullptr, save ? call + R(t) * H + u0 : nullptr};
     if (!o.cell()) return fwd_point(p, wc != nullptr, coupled);
-    const int64_t st = save ? t : 0;  // scratch: one step's slot
+    const int64_t st = save ? R(t) : 0;  // scratch: one step's slot
     OptPoint<T> q{lnh ? lnh + u0 : nullptr, lnc ? lnc + u0 : nullptr, lncb ? lncb + u0 : nullptr,
-                  zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + st * B * H + u0,
-                  xhat ? xhat + t * B * GH + u0 : nullptr, stats ? stats + t * B * 3 : nullptr, obuf + u0, part,
+                  zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + st * H + u0,
+                  xhat ? xhat + R(t) * GH + u0 : nullptr, stats ? stats + R(t) * 3 : nullptr, obuf + u0, part,
                   part ? part + slots * B * 3 : nullptr, slots, w, B, u0};
     fwd_opts(p, q, ph, wc != nullptr, coupled);
   });
@@ -677,11 +685,16 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_ch, const at::Tensor& h0,
                    const at::Tensor& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
                    const at::Tensor& ws, bool reverse, bool coupled, const Opts& o) {
-  const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
-  const bool proj = opt_ptr(w_hr), varlen = opt_ptr(lengths);
-  auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
-  at::Tensor d_xw = new_({T_, B, GH}), hprev = new_({T_, B, P});
-  at::Tensor dh_proj = proj ? new_({T_, B, P}) : at::Tensor();
+  const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH, N = d.n();
+  const bool proj = opt_ptr(w_hr);
+  const StepRows R = d.rows();
+  // [T, B, *] of a ragged batch: zeros past each row's end (packed rows have none)
+  const bool pad = opt_ptr(lengths) && !d.packed();
+  auto new_ = [&](int64_t cols) {
+    return pad ? pool_zeros(d.per_step(cols), xw.options()) : pool_empty(d.per_step(cols), xw.options());
+  };
+  at::Tensor d_xw = new_(GH), hprev = new_(P);
+  at::Tensor dh_proj = proj ? new_(P) : at::Tensor();
   at::Tensor dh0 = grad_h_n.clone(), dc0 = grad_c_n.clone();
   at::Tensor dh_cur = at::empty({B, P}, xw.options());
   at::Tensor d_w_ch = opt_ptr(w_ch) ? at::zeros({3, H}, xw.options()) : at::empty({0}, xw.options());
@@ -690,11 +703,11 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   };
   at::Tensor d_ln_h = zeros_or_empty(o.ln_h, GH), d_ln_c = zeros_or_empty(o.ln_c, H), d_ln_cb = zeros_or_empty(o.ln_cb, H);
   // with layer norm of the recurrent product its gradient (for d W_hh and dh) differs from the gates'
-  at::Tensor d_rec = o.ln_h ? new_({T_, B, GH}) : d_xw;
+  at::Tensor d_rec = o.ln_h ? new_(GH) : d_xw;
   if (B > 0 && T_ > 0) {
     const T* wsp = ws.data_ptr<T>();
     const T* gates = wsp;
-    const T* call = wsp + T_ * B * GH;
+    const T* call = wsp + N * GH;
     const T* yp = y.defined() && y.numel() ? y.data_ptr<T>() : nullptr;
     BwdArgs<T> a{T_, B, H, P, d.G, reverse, false, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), data_or_null<T>(w_hr),
                  h0.data_ptr<T>(), yp, d_rec.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(),
@@ -703,10 +716,11 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.zmask_h = tptr<T>(o.zmask_h);
     a.zoneout_h = T(o.zh);
     a.phases = o.ln() ? 3 : 1;  // layer norm: c~'s, then the product's (bwd_opts)
-    const int64_t off_ctil = T_ * B * (GH + H + (proj ? H : 0));
+    a.row0 = R.row0;
+    const int64_t off_ctil = N * (GH + H + (proj ? H : 0));
     const T* ctil = o.cell() ? wsp + off_ctil : nullptr;
-    const T* xhat = o.ln() ? wsp + off_ctil + T_ * B * H : nullptr;
-    const T* stats = o.ln() ? xhat + T_ * B * GH : nullptr;
+    const T* xhat = o.ln() ? wsp + off_ctil + N * H : nullptr;
+    const T* stats = o.ln() ? xhat + N * GH : nullptr;
     at::Tensor zrow = !o.zmask_c && o.zc != 0 ? at::full({H}, o.zc, xw.options()) : at::Tensor();
     const T* zc = o.zmask_c ? tptr<T>(o.zmask_c) : zrow.defined() ? zrow.data_ptr<T>() : nullptr;
     const int64_t zstride = o.zmask_c ? H : 0, zstep = o.zmask_c ? B * H : 0;
@@ -726,25 +740,26 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     T* dx = d_xw.data_ptr<T>();
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
                               const T* dh, int64_t ldh) {
-      BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + t * B * GH + u0, call + t * B * H + u0,
-                    tprev >= 0 ? call + tprev * B * H + u0 : nullptr, c0p + u0, wc ? wc + u0 : nullptr, dc + u0,
-                    dx + t * B * GH + u0, dwc ? dwc + u0 : nullptr};
+      BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + R(t) * GH + u0, call + R(t) * H + u0,
+                    tprev >= 0 ? call + R(tprev) * H + u0 : nullptr, c0p + u0, wc ? wc + u0 : nullptr, dc + u0,
+                    dx + R(t) * GH + u0, dwc ? dwc + u0 : nullptr};
       if (!o.cell()) return bwd_point(p, wc != nullptr, coupled);
       OptGrad<T> q{lnh ? lnh + u0 : nullptr, lnc ? lnc + u0 : nullptr, lncb ? lncb + u0 : nullptr,
-                   zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + t * B * H + u0,
-                   xhat ? xhat + t * B * GH + u0 : nullptr, stats ? stats + t * B * 3 : nullptr, dr + t * B * GH + u0,
+                   zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + R(t) * H + u0,
+                   xhat ? xhat + R(t) * GH + u0 : nullptr, stats ? stats + R(t) * 3 : nullptr, dr + R(t) * GH + u0,
                    dlnh ? dlnh + u0 : nullptr, dlnc ? dlnc + u0 : nullptr, dlncb ? dlncb + u0 : nullptr,
                    o.ln() ? bufp + u0 : nullptr, part, part ? part + slots * B * 2 : nullptr, slots, w, B};
       bwd_opts(p, q, ph, wc != nullptr, coupled);
     });
   }
-  const at::Tensor flat = d_xw.view({T_ * B, GH});
-  at::Tensor d_w_hh = weight_grad(d_rec.view({T_ * B, GH}), hprev.view({T_ * B, P}), lengths, T_, B);
+  const at::Tensor flat = d_xw.view({N, GH});
+  const c10::optional<at::Tensor> ragged = d.packed() ? c10::nullopt : lengths;  // packed rows: no padding rows
+  at::Tensor d_w_hh = weight_grad(d_rec.view({N, GH}), hprev.view({N, P}), ragged, T_, B);
   at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (proj) {
-    at::Tensor hfull = ws.narrow(0, T_ * B * (GH + H), T_ * B * H).view({T_ * B, H});
-    d_w_hr = weight_grad(dh_proj.view({T_ * B, P}), hfull, lengths, T_, B);
+    at::Tensor hfull = ws.narrow(0, N * (GH + H), N * H).view({N, H});
+    d_w_hr = weight_grad(dh_proj.view({N, P}), hfull, ragged, T_, B);
   }
   auto none = [&] { return at::empty({0}, xw.options()); };  // the masks' (distinct tensors: outputs never alias)
   return {d_xw, d_w_hh, d_b_hh, d_w_hr, d_w_ch, d_ln_h, d_ln_c, d_ln_cb, none(), none(), none(), dh0, dc0};
@@ -757,11 +772,11 @@ Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Te
               bool reverse, bool coupled, double zoneout_h, double zoneout_c) {
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
   const Opts o = check_opts(d, xw, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c);
-  check_tensor(grad_y, "grad_y", {d.T, d.B, d.P}, xw);
+  check_tensor(grad_y, "grad_y", d.per_step(d.P), xw);
   check_tensor(grad_h_n, "grad_h_n", {d.B, d.P}, xw);
   check_tensor(grad_c_n, "grad_c_n", {d.B, d.H}, xw);
-  check_tensor(y, "y", {d.T, d.B, d.P}, xw);
-  check_tensor(ws, "ws", {d.T * d.B * ws_row(d, opt_ptr(w_hr), o)}, xw);
+  check_tensor(y, "y", d.per_step(d.P), xw);
+  check_tensor(ws, "ws", {d.n() * ws_row(d, opt_ptr(w_hr), o)}, xw);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_seq_bwd", [&] {
     return seq_bwd_impl<scalar_t>(d, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
                                   reverse, coupled, o);

@@ -552,6 +552,14 @@ inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }
 
+// Where step t's rows start in a sequence's per-step buffers: [T, B, *] (t * B), or a packed sequence's
+// rows [N, *] in PackedSequence order (step t's batch_sizes[t] rows from row0[t]; row0: T + 1 offsets).
+struct StepRows {
+  const int64_t* row0;
+  int64_t B;
+  int64_t operator()(int64_t t) const { return row0 ? row0[t] : t * B; }
+};
+
 // Per-step active row counts from non-increasing per-row lengths (undefined tensor: all rows).
 inline std::vector<int64_t> batch_sizes(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
   std::vector<int64_t> sizes(T, B);
@@ -593,7 +601,8 @@ struct InputProj {
   T* xw = nullptr;          // [T, B, G*H], written for the worker's units (null when fused_input)
   bool cell = false;        // a cell call: the caller keeps only the new state, y is scratch
   // packed rows (a PackedSequence's data): x [N, I] and y [N, P] hold step t's rows from row0[t] (T + 1
-  // offsets; the projection is then always fused); null: x [T, B, I], y [T, B, P]
+  // offsets; with x, the projection is then always fused; without, a training call's xw [N, G*H] and the
+  // saved workspace hold them too); null: x [T, B, I], y [T, B, P]
   const int64_t* row0 = nullptr;
   // the driver adds b_ih to the gate blocks from this one on; the earlier ones are in the pointwise pass's
   // bias (PointBias)
@@ -683,13 +692,13 @@ FASTRNN_INLINE T keep_of(const T* mask, T p, int64_t t, int64_t B, int64_t P, in
 // runs: at small batch nothing else brings them in time (at B=1, H=256 the pass stalled on them,
 // perf: a third of its samples). Large slices are left to the hardware: the GEMM dominates there.
 template <typename T>
-FASTRNN_INLINE void prefetch_xw(const FwdArgs<T>& a, int64_t t, int64_t bs, int64_t u0, int64_t nu) {
+FASTRNN_INLINE void prefetch_xw(const FwdArgs<T>& a, int64_t row, int64_t bs, int64_t u0, int64_t nu) {
   constexpr int64_t per_line = 64 / sizeof(T), max_bytes = 32 * 1024;
   if (!a.xw || bs * a.G * nu * int64_t(sizeof(T)) > max_bytes) return;
   const int64_t GH = a.G * a.H;
   for (int64_t b = 0; b < bs; ++b)
     for (int64_t g = 0; g < a.G; ++g) {
-      const T* p = a.xw + (t * a.B + b) * GH + g * a.H + u0;
+      const T* p = a.xw + (row + b) * GH + g * a.H + u0;
       for (int64_t j = 0; j < nu; j += per_line) __builtin_prefetch(p + j, 0, 2);
       __builtin_prefetch(p + nu - 1, 0, 2);
     }
@@ -715,8 +724,8 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   // a worker's G*U gate columns (gate k at k*U + j), its panels and products padded to whole column blocks
   const int64_t GU = a.G * U, ncols = round_up(GU, NR<T>), ncb = ncols / NR<T>, PUc = round_up(PU, NR<T>);
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
-  // the first row of step t in x and y: packed rows (InputProj::row0) or [T, B, *]
-  auto row_of = [&](int64_t t) { return a.in.row0 ? a.in.row0[t] : t * B; };
+  // the first row of step t in x, xw, y and the workspace: packed rows (InputProj::row0) or [T, B, *]
+  const StepRows row_of{a.in.row0, B};
   // with recurrent dropout the GEMM reads h * rmask from two more buffers (this step's and the next's)
   Scratch<T> hmbuf(a.rmask ? 2 * B * P : 0);
   T* hm = hmbuf.data();
@@ -795,7 +804,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       const T* hp = hb + (it & 1) * B * P;
       const T* hg = a.rmask ? hm + (it & 1) * B * P : hp;  // what the GEMM multiplies
       T* hn = hb + ((it + 1) & 1) * B * P;
-      T* hdst = proj ? a.hfull + (a.hfull_per_step ? t * B * H : 0) : hn;
+      T* hdst = proj ? a.hfull + (a.hfull_per_step ? row_of(t) * H : 0) : hn;
       const int64_t ldd = proj ? H : P;
       for (int ph = 0; ph < a.phases; ++ph) {
         if (ph > 0) bar.arrive(we - wb);
@@ -812,7 +821,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
               if (a.in.b_ih && g0 < a.G)
                 add_gate_bias(xo + g0 * U, ncols, rows, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
             }
-            if (bs_next > 0 && !fused) prefetch_xw(a, a.reverse ? t - 1 : t + 1, bs_next, u0, nu);
+            if (bs_next > 0 && !fused) prefetch_xw(a, row_of(a.reverse ? t - 1 : t + 1), bs_next, u0, nu);
             if (a.in.x && !fused && T_ == 1) project_input(a, t, bs, u0, nu);  // a cell
             if (packed)
               gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
@@ -820,7 +829,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
               gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
           }
           const XRows<T> xr = fused ? XRows<T>{xo + (row_of(t) - row_of(tlo)) * ncols, ncols, U}
-                                    : XRows<T>{xw + t * B * GH + u0, GH, H};
+                                    : XRows<T>{xw + row_of(t) * GH + u0, GH, H};
           point(ph, w, t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd, xr);
           if (!proj && ph == a.phases - 1) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
         }
@@ -869,6 +878,9 @@ struct BwdArgs {
   const T* zmask_h = nullptr;
   T zoneout_h = T(0);
   int phases = 1;
+  // a packed sequence's rows (StepRows): grad_y, y, d_rec, hprev and dh_proj hold step t's rows from
+  // row0[t]; null: [T, B, *]
+  const int64_t* row0 = nullptr;
 };
 
 template <typename T, typename Point>
@@ -885,13 +897,14 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   Scratch<T> panel_b(packed ? nw * GH * PUc : 0), pre_b(nw * B * PUc);
   T* pana = panel_a.data(), *pra = pre_a.data(), *panb = panel_b.data(), *prb = pre_b.data();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
+  const StepRows row_of{a.row0, B};
 
   // dh of the step at `it` for rows b < bs, columns [p0, p0 + np): grad_y + the recurrent part
   auto make_dh = [&](int64_t it, int64_t p0, int64_t np, T* dst) {
     const int64_t t = tf(it), bs = a.sizes[t];
     for (int64_t b = 0; b < bs; ++b)
       for (int64_t p = p0; p < p0 + np; ++p) {
-        const T full = a.grad_y[(t * B + b) * P + p] + a.dh_rec[b * P + p];
+        const T full = a.grad_y[(row_of(t) + b) * P + p] + a.dh_rec[b * P + p];
         if (zon) {
           const T k = keep_of(a.zmask_h, a.zoneout_h, t, B, P, b, p);
           dst[b * P + p] = (T(1) - k) * full;
@@ -911,7 +924,7 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
       if (packed)
         pack_panel(a.w_hh, P, true, GH, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
                    panb + w * GH * PUc);
-      if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + tf(T_ - 1) * B * P);
+      if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + row_of(tf(T_ - 1)) * P);
     }
     if (proj) bar.arrive(we - wb);
     for (int64_t it = T_ - 1; it >= 0; --it) {
@@ -925,9 +938,9 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
           if (proj) {
             T* pw = pra + w * B * Uc;
             if (ph == 0 && packed)
-              gemm_packed(bs, P, a.dh_proj + t * B * P, P, pana + w * P * Uc, Uc / NR<T>, pw, Uc);
+              gemm_packed(bs, P, a.dh_proj + row_of(t) * P, P, pana + w * P * Uc, Uc / NR<T>, pw, Uc);
             else if (ph == 0)
-              gemm_cols(bs, P, a.dh_proj + t * B * P, P, a.w_hr, H, u0, nu, pw, Uc);
+              gemm_cols(bs, P, a.dh_proj + row_of(t) * P, P, a.w_hr, H, u0, nu, pw, Uc);
             point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)pw, Uc);
           } else {
             if (ph == 0) make_dh(it, u0, nu, a.dh_cur);
@@ -940,16 +953,17 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
         const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
         if (np <= 0) continue;
         T* pw = prb + w * B * PUc;
-        if (bs > 0 && packed) gemm_packed(bs, GH, a.d_rec + t * B * GH, GH, panb + w * GH * PUc, PUc / NR<T>, pw, PUc);
-        if (bs > 0 && !packed) gemm_cols(bs, GH, a.d_rec + t * B * GH, GH, a.w_hh, P, p0, np, pw, PUc);
+        const T* dr = a.d_rec + row_of(t) * GH;
+        if (bs > 0 && packed) gemm_packed(bs, GH, dr, GH, panb + w * GH * PUc, PUc / NR<T>, pw, PUc);
+        if (bs > 0 && !packed) gemm_cols(bs, GH, dr, GH, a.w_hh, P, p0, np, pw, PUc);
         for (int64_t b = 0; b < bs; ++b) {
           T* d = a.dh_rec + b * P + p0;
           const T* g = pw + b * PUc;
-          const T* src = b < nprev ? a.y + (tprev * B + b) * P : a.h0 + b * P;
+          const T* src = b < nprev ? a.y + (row_of(tprev) + b) * P : a.h0 + b * P;
           if (a.rmask) {  // h_{t-1} entered the product times its mask
             const T* m = a.rmask + b * P + p0;
             for (int64_t p = 0; p < np; ++p) d[p] = (accumulate ? d[p] : T(0)) + g[p] * m[p];
-            T* hv = a.hprev + (t * B + b) * P + p0;
+            T* hv = a.hprev + (row_of(t) + b) * P + p0;
             for (int64_t p = 0; p < np; ++p) hv[p] = src[p0 + p] * m[p];
             continue;
           }
@@ -958,9 +972,9 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
           } else {
             std::memcpy(d, g, sizeof(T) * np);
           }
-          std::memcpy(a.hprev + (t * B + b) * P + p0, src + p0, sizeof(T) * np);
+          std::memcpy(a.hprev + (row_of(t) + b) * P + p0, src + p0, sizeof(T) * np);
         }
-        if (proj && it > 0) make_dh(it - 1, p0, np, a.dh_proj + tprev * B * P);
+        if (proj && it > 0) make_dh(it - 1, p0, np, a.dh_proj + row_of(tprev) * P);
       }
       // With a projection the next phase A reads every worker's dh_proj columns. Without one a worker's
       // columns are its own units (PU = U), so its next phase A reads only dh_rec columns that its own
@@ -990,9 +1004,30 @@ void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape);
 void check_tensor(const at::Tensor& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
 void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
 
-// GRU (G = 3) and RNN (G = 1): one state h [B, H], xw [T, B, G*H], w_hh [G*H, H]
-struct StateDims {
-  int64_t T, B, H, GH;
+// A sequence op's xw: [T, B, GH], or with lengths a packed sequence's rows [N, GH] (a training call's packed
+// rows: the Python backend's `packed_rows`): T, B, GH, and for packed rows the T + 1 offsets of the steps
+struct SeqShape {
+  int64_t T, B, GH;
+  std::vector<int64_t> row0;
+};
+SeqShape seq_shape(const at::Tensor& xw, const c10::optional<at::Tensor>& lengths, int64_t G);
+
+// The rows of a sequence op's per-step buffers (xw, y, the workspace, their gradients): [T, B, *], or packed
+// rows [N, *] where row0 (the steps' T + 1 offsets) is not empty
+struct SeqRows {
+  int64_t T, B;
+  std::vector<int64_t> row0;
+  bool packed() const { return !row0.empty(); }
+  StepRows rows() const { return {packed() ? row0.data() : nullptr, B}; }
+  int64_t n() const { return packed() ? row0.back() : T * B; }  // rows in all
+  std::vector<int64_t> per_step(int64_t cols) const {             // a per-step buffer's shape
+    return packed() ? std::vector<int64_t>{n(), cols} : std::vector<int64_t>{T, B, cols};
+  }
+};
+
+// GRU (G = 3) and RNN (G = 1): one state h [B, H], xw [T, B, G*H] (or packed rows), w_hh [G*H, H]
+struct StateDims : SeqRows {
+  int64_t H, GH;
 };
 StateDims check_single_state(const at::Tensor& xw, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
                              const at::Tensor& h0, const c10::optional<at::Tensor>& lengths, int64_t G);

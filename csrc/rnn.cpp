@@ -85,15 +85,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const c10::optional<at::Tensor>& lengths, bool reverse,
                                                             bool relu, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H;
+  // packed rows (an inference entry's x, or a training call's xw) or [T, B, *] (zeros past a row's end)
+  const int64_t* row0 = in.row0 ? in.row0 : d.rows().row0;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : in.row0 ? pool_empty({in.row0[T_], H}, h0.options())
+                 : row0 ? pool_empty({row0[T_], H}, h0.options())
                  : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, h0.options())};
   FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                in.cell ? y_scratch.data() : y.data_ptr<T>(), h_n.data_ptr<T>(), nullptr, false,
                batch_sizes(lengths, T_, B), in, xw.defined() ? xw.data_ptr<T>() : nullptr};
+  a.in.row0 = row0;
   const PointBias<T> bias(a, data_or_null<T>(b_hh), 1);
   const T* bp = bias.data();
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
@@ -120,24 +123,27 @@ template <typename T>
 Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& xw,
                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                    const c10::optional<at::Tensor>& lengths, const at::Tensor& y, bool reverse, bool relu) {
-  const int64_t T_ = d.T, B = d.B, H = d.H;
-  const bool varlen = opt_ptr(lengths);
-  auto new_ = [&](at::IntArrayRef s) { return varlen ? pool_zeros(s, xw.options()) : pool_empty(s, xw.options()); };
-  at::Tensor d_xw = new_({T_, B, H}), hprev = new_({T_, B, H});
+  const int64_t T_ = d.T, B = d.B, H = d.H, N = d.n();
+  const StepRows R = d.rows();
+  // [T, B, *] of a ragged batch: zeros past each row's end (packed rows have none)
+  const bool pad = opt_ptr(lengths) && !d.packed();
+  auto new_ = [&] { return pad ? pool_zeros(d.per_step(H), xw.options()) : pool_empty(d.per_step(H), xw.options()); };
+  at::Tensor d_xw = new_(), hprev = new_();
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
   if (B > 0 && T_ > 0) {
     const T* yp = y.data_ptr<T>();
     BwdArgs<T> a{T_, B, H, H, 1, reverse, false, grad_y.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
                  yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
                  batch_sizes(lengths, T_, B)};
+    a.row0 = R.row0;
     T* dx = d_xw.data_ptr<T>();
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
                               int64_t ldh) {
-      bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + t * B * H + u0, dx + t * B * H + u0}, relu);
+      bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + R(t) * H + u0, dx + R(t) * H + u0}, relu);
     });
   }
-  const at::Tensor flat = d_xw.view({T_ * B, H});
-  at::Tensor d_w_hh = weight_grad(flat, hprev.view({T_ * B, H}), lengths, T_, B);
+  const at::Tensor flat = d_xw.view({N, H});
+  at::Tensor d_w_hh = weight_grad(flat, hprev.view({N, H}), d.packed() ? c10::nullopt : lengths, T_, B);
   at::Tensor d_b_hh = opt_ptr(b_hh) ? flat.sum(0) : at::empty({0}, xw.options());
   return {d_xw, d_w_hh, d_b_hh, dh0};
 }

@@ -76,6 +76,9 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             return chunk_layers(family, op, x, state0, weights, options, num_layers=num_layers,
                                 num_directions=num_directions, dropout=dropout, training=training, backend=backend,
                                 lengths=lengths if packed else None)
+    # a packed sequence (in training: inference went above) runs on its rows where the backend's sequence
+    # ops take them (``packed_rows``), else through copies of xw and y in [T,B,*]
+    rows = packed and direct and getattr(impl, "packed_rows", False) and not _zoneout_masks(family, weights)
     layer_input = x
     for layer in range(num_layers):
         outs = []
@@ -85,19 +88,19 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
             xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm)
-            if packed:
+            if packed and not rows:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
             fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
             res = fwd(xw.contiguous(), *hh, *st, lengths, direction == 1, *options, save, backend)
             outs.append(res[0])
             for acc, s in zip(finals, res[1:-1]):
                 acc.append(s)
-        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, 2)
-        if packed:
+        layer_input = outs[0] if num_directions == 1 else torch.cat(outs, -1)
+        if packed and not rows:
             layer_input = layer_input.reshape(steps * B, -1).index_select(0, index)
         if dropout > 0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    if fresh_output and save and num_directions == 1 and not packed:
+    if fresh_output and save and num_directions == 1 and (rows or not packed):
         # the caller gets a copy of the op's y, which its backward reads: an in-place op on the output
         # (a residual ``out += x``, ``relu_``, in-place dropout) then leaves the saved y intact, as
         # torch.nn allows it (one copy of [T,B,P]: benchmarks/NOTES.md, "In-place ops on the output")
@@ -180,6 +183,12 @@ def train_step(family, backend, weights, options):
         dispatch.note_call(name, backend)
         return tuple(res) if isinstance(res, (tuple, list)) else (res,)
     return step
+
+
+def _zoneout_masks(family, weights):
+    """Does any layer-direction carry a zoneout mask (per step: [T,B,*], which packed rows do not take)?"""
+    pos = [k for k, n in enumerate(ops.FAMILIES[family][0]) if n.startswith("zmask")]
+    return any(_unpack(w)[2][k] is not None for w in weights for k in pos)
 
 
 def _contiguous(t):

@@ -57,6 +57,14 @@ def test_raw_ops_check_their_arguments():
     with pytest.raises(RuntimeError, match=r"zmask_c must have shape \[3, 2, 4\], got \[2, 4\]"):
         op.lstm_seq_fwd(torch.randn(3, 2, 16), torch.randn(16, 4), None, None, None, None, None, None, None, None,
                         torch.ones(2, 4), h, h, None, False, False, 0.0, 0.0, False)
+    # a packed sequence's rows (xw [N, G*H]) take lengths that sum to N, and no zoneout mask
+    with pytest.raises(RuntimeError, match=r"xw must be \[T, B, 3\*H\] \(or with lengths a packed"):
+        op.gru_seq_fwd(xw[0], w, None, *no, h, None, False, 0.0, False)
+    with pytest.raises(RuntimeError, match="xw has 2 rows but the lengths sum to 4"):
+        op.gru_seq_fwd(xw[0], w, None, *no, h, torch.tensor([2, 2]), False, 0.0, False)
+    with pytest.raises(RuntimeError, match="a zoneout mask .* not a packed sequence's rows"):
+        op.gru_seq_fwd(xw[:2].reshape(4, 12), w, None, None, None, torch.ones(2, 2, 4), h, torch.tensor([2, 2]),
+                       False, 0.0, False)
     # the inference cells (input projection inside): x [B, I], w_ih [G*H, I]
     x, w_ih = torch.randn(2, 5), torch.randn(12, 5)
     with pytest.raises(RuntimeError, match=r"w_ih must have shape \[12, 5\], got \[12, 6\]"):
@@ -476,3 +484,43 @@ def test_cache_off_and_bad_setting():
         env["FASTRNN_CPU_CACHE_MB"] = bad
         out = subprocess.run([sys.executable, "-c", why], env=env, capture_output=True, text=True, check=True).stdout
         assert f"FASTRNN_CPU_CACHE_MB must be a whole number of MiB >= 0, got '{bad}'" in out
+
+
+@pytest.mark.parametrize("name,kw", [("LSTM", {}), ("LSTM", dict(proj_size=3)), ("GRU", {}),
+                                     ("RNN", dict(nonlinearity="relu"))], ids=["LSTM", "LSTM-proj", "GRU", "RNN"])
+def test_packed_training_on_its_rows(name, kw, monkeypatch, ran):
+    """A PackedSequence in training: the sequence ops take its rows as they lie (xw and grad_y [N, *], no
+    [T, B, *] copies); outputs and every gradient equal torch.nn's (two layers, bidirectional, unsorted
+    lengths, a row of one step). Zoneout's masks are [T, B, *]: that call takes the copies."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    family, seen, impl = name.lower(), [], dispatch.get("cpp")
+    for p in ("fwd", "bwd"):
+        op = getattr(impl, f"{family}_seq_{p}")
+        monkeypatch.setattr(impl, f"{family}_seq_{p}",
+                            lambda *a, op=op, p=p: seen.append((p, tuple(a[0].shape))) or op(*a))
+    torch.manual_seed(5)
+    ref = getattr(torch.nn, name)(5, 6, num_layers=2, bidirectional=True, dtype=torch.float64, **kw)
+    mod = getattr(fastrnn, name)(5, 6, num_layers=2, bidirectional=True, dtype=torch.float64, backend="cpp", **kw)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(7, 5, 5, dtype=torch.float64)
+    lengths = torch.tensor([4, 7, 1, 7, 5])
+    res = []
+    for m in (mod, ref):
+        xi = x.clone().requires_grad_(True)
+        out, st = m(pack_padded_sequence(xi, lengths, enforce_sorted=False))
+        st = st if isinstance(st, tuple) else (st,)
+        w = torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)
+        loss = (out.data * w).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(st))
+        res.append([out.data, *st, *torch.autograd.grad(loss, [xi, *m.parameters()])])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
+    N, P = int(lengths.sum()), kw.get("proj_size", 6)
+    # four layer-directions, each forward on xw [N, G*H] and backward from grad_y [N, P]
+    assert sorted(seen) == [("bwd", (N, P))] * 4 + [("fwd", (N, G * 6))] * 4
+    assert backends_used(ran) == {"cpp"}
+    if name != "RNN":
+        seen.clear()
+        zon = getattr(fastrnn, name)(5, 6, backend="cpp", zoneout=0.3, dtype=torch.float64)
+        zon(pack_padded_sequence(x.clone().requires_grad_(True), lengths, enforce_sorted=False))[0].data.sum().backward()
+        assert seen == [("fwd", (7, 5, G * 6)), ("bwd", (7, 5, 6))]

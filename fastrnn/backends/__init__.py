@@ -98,6 +98,12 @@ Optional, for inference: ``<f>_packed_fwd(x, w_ih, b_ih, *weights, *state0, reve
 and ``lengths`` the rows' lengths (int64 CPU [B], non-increasing); a row's final state is the state after
 its own last step in the direction of the call (``reverse``: after t = 0), as torch.nn returns it. ``fastrnn.functional`` calls it on the same conditions for every packed input.
 
+Optional, for training: the backend attribute ``packed_rows`` (True): ``<f>_seq_fwd`` and ``<f>_seq_bwd``
+also take a packed sequence's rows as they lie, xw [N,G*H] with ``lengths`` (N their sum), y, grad_y
+[N,P] and d_xw [N,G*H] likewise: step t's ``batch_sizes[t]`` rows start at the sum of the earlier steps'
+(PackedSequence order). No zoneout masks (theirs is [T,B,*]). ``fastrnn.functional`` passes a
+PackedSequence's rows so where nothing intercepts ops (``can_skip_ops``), and [T,B,*] copies otherwise.
+
 Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
 from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the
 direct path above (no torch.compile tracing, no dispatch mode) ``fastrnn.functional`` writes the input

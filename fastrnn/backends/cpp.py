@@ -62,6 +62,10 @@ class CppBackend(Backend):
     # projection packed per worker (from 8 rows) it beats a separate GEMM and sequence op at every shape
     # measured, B1 to B64, T up to 400 (benchmarks/NOTES.md, twelfth session)
     chunk_max_rows = math.inf
+    # the sequence ops take a packed sequence's rows (xw [N,G*H]): a training call on a PackedSequence makes
+    # no [T,B,*] copies of xw and y, and its backward no zero-filled padding (benchmarks/NOTES.md,
+    # twenty-third session)
+    packed_rows = True
     # the cell options: zoneout and recurrent dropout on any number of workers; layer norm (its statistics
     # span a row's units) on one
     features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})

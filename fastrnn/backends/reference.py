@@ -106,6 +106,12 @@ def _step_weights(family, weights, t, n):
 
 
 def _seq(family, xw, weights, state, lengths, reverse, options):
+    if xw.dim() == 2:  # a packed sequence's rows [N, G*H] (a backend's ``packed_rows``): through [T, B, G*H]
+        T, B = int(lengths[0]), lengths.shape[0]
+        rows = (torch.arange(T)[:, None] < lengths[None, :]).flatten().nonzero().squeeze(1)  # t*B + b, packed order
+        padded = xw.new_zeros(T * B, xw.shape[1]).index_copy(0, rows, xw).view(T, B, -1)
+        y, state = _seq(family, padded, weights, state, lengths, reverse, options)
+        return y.reshape(T * B, -1).index_select(0, rows), state
     cell = CELLS[family][0]
     T, B = xw.shape[0], xw.shape[1]
     sizes = batch_sizes_from_lengths(lengths, T, B)
