@@ -84,6 +84,36 @@ FASTRNN_CLONES void gemm_worker_f(bool at, int64_t M, int64_t K, const double* A
   gemm_worker<double>(at, M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
 }
 
+// One worker's row blocks of C [M, N] = A^T @ B' (A [K, M]; N whole column blocks, no bias) from a panel of
+// all columns [ncb][K][NR]: K outermost, so that the panel's KC rows (ncb x 32 KiB) stay in L2 while every
+// row block of the worker uses them, C accumulating (a panel of all K, 1.6 MiB at K = 1600 and N = 256,
+// would stream from L3 once a row block)
+template <typename T>
+FASTRNN_INLINE void gemm_rows_at(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
+                                 int64_t ldc, T* abuf) {
+  constexpr int nr = NR<T>;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kl = std::min(KC, K - k0);
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+      const int64_t mc = std::min(MC, M - m0);
+      pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
+      for (int64_t cb = 0; cb < ncb; ++cb)
+        for (int64_t m = 0; m < mc; m += 8)
+          rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, panel + cb * K * nr + k0 * nr,
+                              C + (m0 + m) * ldc + cb * nr, ldc, k0 > 0);
+    }
+  }
+}
+
+FASTRNN_CLONES void gemm_rows_at_f(int64_t M, int64_t K, const float* A, int64_t lda, const float* panel, int64_t ncb,
+                                   float* C, int64_t ldc, float* abuf) {
+  gemm_rows_at<float>(M, K, A, lda, panel, ncb, C, ldc, abuf);
+}
+FASTRNN_CLONES void gemm_rows_at_f(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel,
+                                   int64_t ncb, double* C, int64_t ldc, double* abuf) {
+  gemm_rows_at<double>(M, K, A, lda, panel, ncb, C, ldc, abuf);
+}
+
 // C [M, N] = A' @ B' (+ bias [N]): A' = a ([M, K]) or a^T (a [K, M]); B' = b ([K, N]) or b^T (b [N, K]).
 template <typename T>
 void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T* bias, at::Tensor& c) {
@@ -96,13 +126,39 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
     return;
   }
   const int64_t nblocks = (N + nr - 1) / nr;
-  const int nw = int(std::max<int64_t>(1, std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), nblocks)));
-  const int64_t per = (nblocks + nw - 1) / nw;  // column blocks a worker
-  Scratch<T> panels(nw * per * nr * K), tails(nw * MC * nr), abufs(ta ? nw * MC * KC : 0);
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const T* ap = a.data_ptr<T>();
   const T* bp = b.data_ptr<T>();
   T* cp = c.data_ptr<T>();
   const int64_t lda = a.size(1), ldb = b.size(1);
+  const int64_t mblocks = (M + MC - 1) / MC;
+  if (ta && !bias && N % nr == 0 && K > KC && threads > 1 && mblocks >= threads) {
+    // A^T @ B' of many k (a weight gradient: K the sequence's rows). Split by columns, each worker's panel
+    // (K x its columns: 800 KiB at K = 1600 and 128 columns) streams through L2 once a row block of 128,
+    // with the A^T block next to it; the product ran at ~175 GFLOP/s against ~205 for the A @ B' products
+    // of the same size. Split by row blocks of C instead (gemm_rows_at: K outermost, a KC slice of the
+    // panel stays in L2), each worker packing only its own A^T blocks, over one panel of all columns that
+    // the workers pack together first (NOTES.md, twenty-third session).
+    const int nw = int(std::min<int64_t>(threads, mblocks));
+    Scratch<T> panel(nblocks * nr * K), abufs(nw * MC * KC);
+    T* pan = panel.data();
+    at::parallel_for(0, nblocks, 1, [&](int64_t cb0, int64_t cb1) {
+      pack_panel(bp, ldb, !tb, K, (cb1 - cb0) * nr, [&](int64_t n) { return cb0 * nr + n < N ? cb0 * nr + n : int64_t(-1); },
+                 pan + cb0 * K * nr);
+    });
+    const int64_t per = (mblocks + nw - 1) / nw;  // row blocks a worker
+    at::parallel_for(0, nw, 1, [&](int64_t wb, int64_t we) {
+      for (int64_t w = wb; w < we; ++w) {
+        const int64_t m0 = w * per * MC, mc = std::min(M, (w + 1) * per * MC) - m0;
+        if (mc <= 0) continue;
+        gemm_rows_at_f(mc, K, ap + m0, lda, pan, nblocks, cp + m0 * N, N, abufs.data() + w * MC * KC);
+      }
+    });
+    return;
+  }
+  const int nw = int(std::max<int64_t>(1, std::min<int64_t>(threads, nblocks)));
+  const int64_t per = (nblocks + nw - 1) / nw;  // column blocks a worker
+  Scratch<T> panels(nw * per * nr * K), tails(nw * MC * nr), abufs(ta ? nw * MC * KC : 0);
   auto body = [&](int64_t wb, int64_t we) {
     for (int64_t w = wb; w < we; ++w) {
       const int64_t n0 = w * per * nr, nc = std::min(N, (w + 1) * per * nr) - n0;

@@ -258,13 +258,15 @@ def _projection_gradients(_Projection, mm):
 def test_mm_op_equals_torch(dtype, own):
     """fastrnn_cpp::mm (the large products of a call, csrc/gemm.cpp) against torch: every transpose
     combination, with and without a bias, at shapes with partial register blocks (M % 8), partial column
-    blocks (N % 32), and more than one block of rows (128) and of k (256); its packed kernel forced on
-    (the shapes are below own_mm's size rule) and off."""
+    blocks (N % 32), and more than one block of rows (128) and of k (256); A^T with whole column blocks
+    and more row blocks than threads, split by rows; its packed kernel forced on (the shapes are below
+    own_mm's size rule) and off."""
     old = cpp._C.set_own_mm(own)
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
     try:
         torch.manual_seed(0)
-        for M, N, K in ((1, 1, 1), (7, 33, 5), (16, 64, 513), (130, 70, 300), (9, 100, 2)):
+        for M, N, K in ((1, 1, 1), (7, 33, 5), (16, 64, 513), (130, 70, 300), (9, 100, 2), (300, 64, 600),
+                        (257, 96, 513)):
             for ta in (False, True):
                 for tb in (False, True):
                     a = torch.randn((K, M) if ta else (M, K), dtype=dtype)
