@@ -232,7 +232,8 @@ def chunk_layers(family, op, x, state0, weights, options, *, num_layers, num_dir
             layer_input = F.dropout(layer_input, dropout, training=True)
     for _ in range(num_layers * num_directions):
         dispatch.note_call(f"{family}_{'chunk' if lengths is None else 'packed'}_fwd", backend)
-    return layer_input, tuple(torch.stack(acc) for acc in finals)
+    # one layer-direction: its state as [1, B, *] (a view of the op's own tensor, ~2 us less than a stack)
+    return layer_input, tuple(acc[0].unsqueeze(0) if len(acc) == 1 else torch.stack(acc) for acc in finals)
 
 
 def _compute_dtype(backend, dtype):
