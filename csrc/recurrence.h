@@ -534,10 +534,12 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // How a call is split, the same in its forward and backward: worker w owns hidden units
 // [w*U, min(H, (w+1)*U)) and output columns [w*PU, min(P, (w+1)*PU)) (PU = U without a projection,
-// so a worker's units and columns coincide), and whether the weights are packed. U and PU are rounded to
-// a vector's lanes (`block`, the drivers' NR = 2 x block) and each worker's panels padded to whole column
-// blocks of NR: units rounded to NR split H=200 over two workers as 128 / 72 (the LSTM's step 1.28x the
-// even share; NOTES.md, nineteenth session), lanes split it 112 / 88.
+// so a worker's units and columns coincide), and whether the weights are packed. U is rounded to half a
+// vector's lanes and PU to its lanes (`block`, the drivers' NR = 2 x block), and each worker's panels are
+// padded to whole column blocks of NR: units rounded to NR split H=200 over two workers as 128 / 72 (the
+// LSTM's step 1.28x the even share; NOTES.md, nineteenth session), lanes as 112 / 88 (an LSTM worker's
+// 4 x 112 gate columns 14 blocks of 32), half lanes as 104 / 96 (13 blocks; the GRU's 3 x 104, 10 blocks
+// against 11: NOTES.md, twenty-third session).
 struct Layout {
   int nw;
   int64_t U, PU;
@@ -548,7 +550,7 @@ inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool
                      int64_t input_size = 0) {
   // no more workers than column blocks of 2 x block (a part of one block pads to a whole one)
   const int nw = team_size(B * G * H * (P + input_size), std::max<int64_t>(T, 1), H, 2 * block);
-  const int64_t U = round_up((H + nw - 1) / nw, block);
+  const int64_t U = round_up((H + nw - 1) / nw, std::max<int64_t>(1, block / 2));
   return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
 }
 
