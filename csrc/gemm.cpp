@@ -1,5 +1,6 @@
 // The large products of a training call (the input projection, its gradients, d W_hh): C = A' @ B' over
-// all T x B rows, on the packed micro kernel of recurrence.h, split over torch's threads by columns.
+// all T x B rows, on the packed micro kernel of recurrence.h, split over torch's threads by columns, or
+// by rows where that loses (the weight gradients' A^T products, and columns that do not split evenly).
 //
 // Why not torch.mm: on the Zen 4 EPYC of these sessions MKL's sgemm (its code path for other vendors'
 // CPUs) ran the projection and its input gradient at 0.72-0.89x the speed of this kernel, and the weight
@@ -84,34 +85,54 @@ FASTRNN_CLONES void gemm_worker_f(bool at, int64_t M, int64_t K, const double* A
   gemm_worker<double>(at, M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
 }
 
-// One worker's row blocks of C [M, N] = A^T @ B' (A [K, M]; N whole column blocks, no bias) from a panel of
-// all columns [ncb][K][NR]: K outermost, so that the panel's KC rows (ncb x 32 KiB) stay in L2 while every
-// row block of the worker uses them, C accumulating (a panel of all K, 1.6 MiB at K = 1600 and N = 256,
-// would stream from L3 once a row block)
-template <typename T>
-FASTRNN_INLINE void gemm_rows_at(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
-                                 int64_t ldc, T* abuf) {
+// One worker's rows of C [M, N] = A' @ B' (+ bias) from a panel of all N columns [ncb][K][NR], K outermost:
+// the panel's KC rows (ncb x 32 KiB) stay in L2 while every row block of the worker uses them, C
+// accumulating (a panel of all K, 1.6 MiB at K = 1600 and N = 256, would stream from L3 once a row block).
+// A' = A^T (A [K, M], packed a block at a time into `abuf`) or A ([M, K], read in place); a partial last
+// column block accumulates in `tail` [M][NR], written out at the end with the bias.
+template <typename T, bool AT>
+FASTRNN_INLINE void gemm_rows_k(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t N, T* C,
+                                int64_t ldc, const T* bias, T* tail, T* abuf) {
   constexpr int nr = NR<T>;
+  const int64_t ncb = (N + nr - 1) / nr, full = N / nr;  // column blocks, those written in place
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kl = std::min(KC, K - k0);
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t mc = std::min(MC, M - m0);
-      pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
-      for (int64_t cb = 0; cb < ncb; ++cb)
+      if (AT) pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
+      for (int64_t cb = 0; cb < ncb; ++cb) {
+        const bool partial = cb >= full;
+        T* Cb = partial ? tail + m0 * nr : C + m0 * ldc + cb * nr;
+        const int64_t ldb = partial ? nr : ldc;
+        const T* Bp = panel + cb * K * nr + k0 * nr;
+        if (!AT) {
+          rows_block<T>(mc, kl, A + m0 * lda + k0, lda, Bp, Cb, ldb, k0 > 0);
+          continue;
+        }
         for (int64_t m = 0; m < mc; m += 8)
-          rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, panel + cb * K * nr + k0 * nr,
-                              C + (m0 + m) * ldc + cb * nr, ldc, k0 > 0);
+          rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
+      }
     }
+  }
+  if (full == ncb && !bias) return;
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    for (int64_t j = full * nr; j < N; ++j) c[j] = tail[m * nr + j - full * nr];
+    if (bias)
+#pragma GCC ivdep
+      for (int64_t j = 0; j < N; ++j) c[j] += bias[j];
   }
 }
 
-FASTRNN_CLONES void gemm_rows_at_f(int64_t M, int64_t K, const float* A, int64_t lda, const float* panel, int64_t ncb,
-                                   float* C, int64_t ldc, float* abuf) {
-  gemm_rows_at<float>(M, K, A, lda, panel, ncb, C, ldc, abuf);
+FASTRNN_CLONES void gemm_rows_k_f(bool at, int64_t M, int64_t K, const float* A, int64_t lda, const float* panel,
+                                  int64_t N, float* C, int64_t ldc, const float* bias, float* tail, float* abuf) {
+  at ? gemm_rows_k<float, true>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
+     : gemm_rows_k<float, false>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
 }
-FASTRNN_CLONES void gemm_rows_at_f(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel,
-                                   int64_t ncb, double* C, int64_t ldc, double* abuf) {
-  gemm_rows_at<double>(M, K, A, lda, panel, ncb, C, ldc, abuf);
+FASTRNN_CLONES void gemm_rows_k_f(bool at, int64_t M, int64_t K, const double* A, int64_t lda, const double* panel,
+                                  int64_t N, double* C, int64_t ldc, const double* bias, double* tail, double* abuf) {
+  at ? gemm_rows_k<double, true>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
+     : gemm_rows_k<double, false>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
 }
 
 // C [M, N] = A' @ B' (+ bias [N]): A' = a ([M, K]) or a^T (a [K, M]); B' = b ([K, N]) or b^T (b [N, K]).
@@ -131,27 +152,31 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
   const T* bp = b.data_ptr<T>();
   T* cp = c.data_ptr<T>();
   const int64_t lda = a.size(1), ldb = b.size(1);
-  const int64_t mblocks = (M + MC - 1) / MC;
-  if (ta && !bias && N % nr == 0 && K > KC && threads > 1 && mblocks >= threads) {
-    // A^T @ B' of many k (a weight gradient: K the sequence's rows). Split by columns, each worker's panel
-    // (K x its columns: 800 KiB at K = 1600 and 128 columns) streams through L2 once a row block of 128,
-    // with the A^T block next to it; the product ran at ~175 GFLOP/s against ~205 for the A @ B' products
-    // of the same size. Split by row blocks of C instead (gemm_rows_at: K outermost, a KC slice of the
-    // panel stays in L2), each worker packing only its own A^T blocks, over one panel of all columns that
-    // the workers pack together first (NOTES.md, twenty-third session).
-    const int nw = int(std::min<int64_t>(threads, mblocks));
-    Scratch<T> panel(nblocks * nr * K), abufs(nw * MC * KC);
+  // Split by rows of C (gemm_rows_k) where the column split loses: an A^T product of many k (a weight
+  // gradient, K the sequence's rows: split by columns, each worker's panel, K x its columns, 800 KiB at
+  // K = 1600 and 128 columns, streams through L2 once a row block of 128 beside the A^T block it packs,
+  // ~175 GFLOP/s against ~205 for the A @ B' products of the same size), or columns that do not split
+  // evenly (N = 200: 7 blocks of 32, 4 / 3). Not for wide products, whose panel slice of KC rows would
+  // not stay in L2 (NOTES.md, twenty-third session).
+  const int64_t rows8 = (M + 7) / 8;  // the workers' rows in register blocks of 8
+  const bool narrow = N * KC * int64_t(sizeof(T)) <= (int64_t(512) << 10);
+  if (threads > 1 && rows8 >= 2 * threads && narrow &&
+      ((ta && K > KC) || nblocks % threads != 0)) {
+    const int nw = threads;
+    const int64_t Mw = (rows8 + nw - 1) / nw * 8;  // rows a worker
+    const bool partial = nblocks * nr > N;
+    Scratch<T> panel(nblocks * nr * K), tails(partial ? nw * Mw * nr : 0), abufs(ta ? nw * MC * KC : 0);
     T* pan = panel.data();
     at::parallel_for(0, nblocks, 1, [&](int64_t cb0, int64_t cb1) {
       pack_panel(bp, ldb, !tb, K, (cb1 - cb0) * nr, [&](int64_t n) { return cb0 * nr + n < N ? cb0 * nr + n : int64_t(-1); },
                  pan + cb0 * K * nr);
     });
-    const int64_t per = (mblocks + nw - 1) / nw;  // row blocks a worker
     at::parallel_for(0, nw, 1, [&](int64_t wb, int64_t we) {
       for (int64_t w = wb; w < we; ++w) {
-        const int64_t m0 = w * per * MC, mc = std::min(M, (w + 1) * per * MC) - m0;
+        const int64_t m0 = w * Mw, mc = std::min(M, m0 + Mw) - m0;
         if (mc <= 0) continue;
-        gemm_rows_at_f(mc, K, ap + m0, lda, pan, nblocks, cp + m0 * N, N, abufs.data() + w * MC * KC);
+        gemm_rows_k_f(ta, mc, K, ta ? ap + m0 : ap + m0 * lda, lda, pan, N, cp + m0 * N, N, bias,
+                      partial ? tails.data() + w * Mw * nr : nullptr, ta ? abufs.data() + w * MC * KC : nullptr);
       }
     });
     return;

@@ -258,8 +258,9 @@ def _projection_gradients(_Projection, mm):
 def test_mm_op_equals_torch(dtype, own):
     """fastrnn_cpp::mm (the large products of a call, csrc/gemm.cpp) against torch: every transpose
     combination, with and without a bias, at shapes with partial register blocks (M % 8), partial column
-    blocks (N % 32), and more than one block of rows (128) and of k (256); A^T with whole column blocks
-    and more row blocks than threads, split by rows; its packed kernel forced on (the shapes are below
+    blocks (N % 32), and more than one block of rows (128) and of k (256); split by rows (A^T of more
+    than one k block, or an odd number of column blocks, from 16 rows a thread: N=70 and 96 with their
+    partial last block and the bias) and by columns; its packed kernel forced on (the shapes are below
     own_mm's size rule) and off."""
     old = cpp._C.set_own_mm(own)
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
