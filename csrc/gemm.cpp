@@ -28,111 +28,84 @@ FASTRNN_INLINE void pack_a_slivers(int64_t rows, int64_t K, const T* A, int64_t 
     for (int64_t m = 0; full < rows && m < 8; ++m) abuf[full * K + k * 8 + m] = full + m < rows ? src[full + m] : T(0);
   }
 }
-// One worker's columns: C[:, n0 : n0 + nc] from its panel [ncb][K][NR] (nc <= ncb * NR; a last partial
-// block goes through `tail` [MC][NR]). Blocks of MC rows x KC: the A block stays in L2 (packed into
-// `abuf` [MC * KC] for A^T), a panel slice KC x NR in L1 while the block's rows use it.
+// One block of a worker's product: rows [m0, m0 + mc) and k [k0, k0 + kl) of A' against every column
+// block of its panel [ncb][K][NR], into C (the first `full` blocks) or `tail` [mc][NR] (a partial last
+// block). A' = A^T (A [K, M], the block packed into `abuf` [MC * KC] once for all column blocks) or A
+// ([M, K], read in place). The panel slice KC x NR stays in L1 while the block's rows use it.
 template <typename T, bool AT>
-FASTRNN_INLINE void gemm_cols_block(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb,
-                                    int64_t nc, T* C, int64_t ldc, const T* bias, T* tail, T* abuf) {
+FASTRNN_INLINE void gemm_block(int64_t m0, int64_t mc, int64_t k0, int64_t kl, const T* A, int64_t lda,
+                               const T* panel, int64_t K, int64_t ncb, int64_t full, T* C, int64_t ldc, T* tail,
+                               T* abuf) {
   constexpr int nr = NR<T>;
-  for (int64_t m0 = 0; m0 < M; m0 += MC) {
-    const int64_t mc = std::min(MC, M - m0);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kl = std::min(KC, K - k0);
-      const T* Ab = AT ? A + k0 * lda + m0 : A + m0 * lda + k0;
-      for (int64_t cb = 0; cb < ncb; ++cb) {
-        const bool partial = (cb + 1) * nr > nc;
-        T* Cb = partial ? tail : C + m0 * ldc + cb * nr;
-        const T* Bp = panel + cb * K * nr + k0 * nr;
-        const int64_t ldb = partial ? nr : ldc;
-        if (!AT) {
-          rows_block<T>(mc, kl, Ab, lda, Bp, Cb, ldb, k0 > 0);
-          continue;
-        }
-        if (cb == 0) pack_a_slivers(mc, kl, Ab, lda, abuf);  // the other column blocks reuse it
-        for (int64_t m = 0; m < mc; m += 8)
-          rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
-      }
+  if (AT) pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
+  for (int64_t cb = 0; cb < ncb; ++cb) {
+    const bool partial = cb >= full;
+    T* Cb = partial ? tail : C + m0 * ldc + cb * nr;
+    const int64_t ldb = partial ? nr : ldc;
+    const T* Bp = panel + cb * K * nr + k0 * nr;
+    if (!AT) {
+      rows_block<T>(mc, kl, A + m0 * lda + k0, lda, Bp, Cb, ldb, k0 > 0);
+      continue;
     }
-    const int64_t full = std::min(nc, ncb * nr) / nr * nr;  // columns written in place
-    for (int64_t m = 0; m < mc; ++m) {
-      T* c = C + (m0 + m) * ldc;
-      for (int64_t j = full; j < nc; ++j) c[j] = tail[m * nr + j - full];
-      if (bias)
-#pragma GCC ivdep
-        for (int64_t j = 0; j < nc; ++j) c[j] += bias[j];
-    }
+    for (int64_t m = 0; m < mc; m += 8)
+      rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
   }
 }
 
+// Rows [0, rows) of C [*, N] done: the partial last column block from `tail` [rows][NR], then the bias
 template <typename T>
-FASTRNN_INLINE void gemm_worker(bool at, int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb,
-                                int64_t nc, T* C, int64_t ldc, const T* bias, T* tail, T* abuf) {
-  if (at)
-    gemm_cols_block<T, true>(M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
-  else
-    gemm_cols_block<T, false>(M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
-}
-
-FASTRNN_CLONES void gemm_worker_f(bool at, int64_t M, int64_t K, const float* A, int64_t lda, const float* panel,
-                                  int64_t ncb, int64_t nc, float* C, int64_t ldc, const float* bias, float* tail,
-                                  float* abuf) {
-  gemm_worker<float>(at, M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
-}
-FASTRNN_CLONES void gemm_worker_f(bool at, int64_t M, int64_t K, const double* A, int64_t lda, const double* panel,
-                                  int64_t ncb, int64_t nc, double* C, int64_t ldc, const double* bias, double* tail,
-                                  double* abuf) {
-  gemm_worker<double>(at, M, K, A, lda, panel, ncb, nc, C, ldc, bias, tail, abuf);
-}
-
-// One worker's rows of C [M, N] = A' @ B' (+ bias) from a panel of all N columns [ncb][K][NR], K outermost:
-// the panel's KC rows (ncb x 32 KiB) stay in L2 while every row block of the worker uses them, C
-// accumulating (a panel of all K, 1.6 MiB at K = 1600 and N = 256, would stream from L3 once a row block).
-// A' = A^T (A [K, M], packed a block at a time into `abuf`) or A ([M, K], read in place); a partial last
-// column block accumulates in `tail` [M][NR], written out at the end with the bias.
-template <typename T, bool AT>
-FASTRNN_INLINE void gemm_rows_k(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t N, T* C,
-                                int64_t ldc, const T* bias, T* tail, T* abuf) {
+FASTRNN_INLINE void finish_rows(int64_t rows, T* C, int64_t ldc, int64_t N, int64_t full_cols, const T* tail,
+                                const T* bias) {
   constexpr int nr = NR<T>;
-  const int64_t ncb = (N + nr - 1) / nr, full = N / nr;  // column blocks, those written in place
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    const int64_t kl = std::min(KC, K - k0);
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-      const int64_t mc = std::min(MC, M - m0);
-      if (AT) pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
-      for (int64_t cb = 0; cb < ncb; ++cb) {
-        const bool partial = cb >= full;
-        T* Cb = partial ? tail + m0 * nr : C + m0 * ldc + cb * nr;
-        const int64_t ldb = partial ? nr : ldc;
-        const T* Bp = panel + cb * K * nr + k0 * nr;
-        if (!AT) {
-          rows_block<T>(mc, kl, A + m0 * lda + k0, lda, Bp, Cb, ldb, k0 > 0);
-          continue;
-        }
-        for (int64_t m = 0; m < mc; m += 8)
-          rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
-      }
-    }
-  }
-  if (full == ncb && !bias) return;
-  for (int64_t m = 0; m < M; ++m) {
+  if (full_cols == N && !bias) return;
+  for (int64_t m = 0; m < rows; ++m) {
     T* c = C + m * ldc;
-    for (int64_t j = full * nr; j < N; ++j) c[j] = tail[m * nr + j - full * nr];
+    for (int64_t j = full_cols; j < N; ++j) c[j] = tail[m * nr + j - full_cols];
     if (bias)
 #pragma GCC ivdep
       for (int64_t j = 0; j < N; ++j) c[j] += bias[j];
   }
 }
 
-FASTRNN_CLONES void gemm_rows_k_f(bool at, int64_t M, int64_t K, const float* A, int64_t lda, const float* panel,
-                                  int64_t N, float* C, int64_t ldc, const float* bias, float* tail, float* abuf) {
-  at ? gemm_rows_k<float, true>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
-     : gemm_rows_k<float, false>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
+// One worker's part of C [M, N] = A' @ B' (+ bias) from its panel of N columns, in blocks of MC rows x KC.
+// Rows outermost (`kouter` false; a worker's columns, the column split): the A block stays in L2 while
+// the worker's whole panel streams by, and the rows are done one block at a time (`tail` [MC][NR]). K
+// outermost (the row split): the panel's KC rows (ncb x 32 KiB) stay in L2 while every row block uses
+// them, C accumulating (`tail` [M][NR]); a panel of all K, 1.6 MiB at K = 1600 and N = 256, would stream
+// from L3 once a row block. Rows outermost keeps C out of the loop over k: at M = 6400 and K = 2048
+// (B64 H512) it ran at 219-225 GFLOP/s against 203-204 with K outermost (NOTES.md, twenty-third session).
+template <typename T, bool AT>
+FASTRNN_INLINE void gemm_part(bool kouter, int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t N,
+                              T* C, int64_t ldc, const T* bias, T* tail, T* abuf) {
+  constexpr int nr = NR<T>;
+  const int64_t ncb = (N + nr - 1) / nr, full = N / nr;  // column blocks, those written in place
+  if (kouter) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC)
+      for (int64_t m0 = 0; m0 < M; m0 += MC)
+        gemm_block<T, AT>(m0, std::min(MC, M - m0), k0, std::min(KC, K - k0), A, lda, panel, K, ncb, full, C, ldc,
+                          tail + m0 * nr, abuf);
+    finish_rows(M, C, ldc, N, full * nr, tail, bias);
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t mc = std::min(MC, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += KC)
+      gemm_block<T, AT>(m0, mc, k0, std::min(KC, K - k0), A, lda, panel, K, ncb, full, C, ldc, tail, abuf);
+    finish_rows(mc, C + m0 * ldc, ldc, N, full * nr, tail, bias);
+  }
 }
-FASTRNN_CLONES void gemm_rows_k_f(bool at, int64_t M, int64_t K, const double* A, int64_t lda, const double* panel,
-                                  int64_t N, double* C, int64_t ldc, const double* bias, double* tail, double* abuf) {
-  at ? gemm_rows_k<double, true>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
-     : gemm_rows_k<double, false>(M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
+
+FASTRNN_CLONES void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, const float* A, int64_t lda,
+                                const float* panel, int64_t N, float* C, int64_t ldc, const float* bias, float* tail,
+                                float* abuf) {
+  at ? gemm_part<float, true>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
+     : gemm_part<float, false>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
+}
+FASTRNN_CLONES void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, const double* A, int64_t lda,
+                                const double* panel, int64_t N, double* C, int64_t ldc, const double* bias,
+                                double* tail, double* abuf) {
+  at ? gemm_part<double, true>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
+     : gemm_part<double, false>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
 }
 
 // C [M, N] = A' @ B' (+ bias [N]): A' = a ([M, K]) or a^T (a [K, M]); B' = b ([K, N]) or b^T (b [N, K]).
@@ -152,7 +125,7 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
   const T* bp = b.data_ptr<T>();
   T* cp = c.data_ptr<T>();
   const int64_t lda = a.size(1), ldb = b.size(1);
-  // Split by rows of C (gemm_rows_k) where the column split loses: an A^T product of many k (a weight
+  // Split by rows of C (gemm_part, K outermost) where the column split loses: an A^T product of many k (a weight
   // gradient, K the sequence's rows: split by columns, each worker's panel, K x its columns, 800 KiB at
   // K = 1600 and 128 columns, streams through L2 once a row block of 128 beside the A^T block it packs,
   // ~175 GFLOP/s against ~205 for the A @ B' products of the same size), or columns that do not split
@@ -164,8 +137,7 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
       ((ta && K > KC) || nblocks % threads != 0)) {
     const int nw = threads;
     const int64_t Mw = (rows8 + nw - 1) / nw * 8;  // rows a worker
-    const bool partial = nblocks * nr > N;
-    Scratch<T> panel(nblocks * nr * K), tails(partial ? nw * Mw * nr : 0), abufs(ta ? nw * MC * KC : 0);
+    Scratch<T> panel(nblocks * nr * K), tails(nw * Mw * nr), abufs(ta ? nw * MC * KC : 0);
     T* pan = panel.data();
     at::parallel_for(0, nblocks, 1, [&](int64_t cb0, int64_t cb1) {
       pack_panel(bp, ldb, !tb, K, (cb1 - cb0) * nr, [&](int64_t n) { return cb0 * nr + n < N ? cb0 * nr + n : int64_t(-1); },
@@ -175,8 +147,8 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
       for (int64_t w = wb; w < we; ++w) {
         const int64_t m0 = w * Mw, mc = std::min(M, m0 + Mw) - m0;
         if (mc <= 0) continue;
-        gemm_rows_k_f(ta, mc, K, ta ? ap + m0 : ap + m0 * lda, lda, pan, N, cp + m0 * N, N, bias,
-                      partial ? tails.data() + w * Mw * nr : nullptr, ta ? abufs.data() + w * MC * KC : nullptr);
+        gemm_part_f(ta, true, mc, K, ta ? ap + m0 : ap + m0 * lda, lda, pan, N, cp + m0 * N, N, bias,
+                    tails.data() + w * Mw * nr, ta ? abufs.data() + w * MC * KC : nullptr);
       }
     });
     return;
@@ -192,8 +164,8 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
       T* pan = panels.data() + w * per * nr * K;
       // B'(k, n) = b[n * ldb + k] (tb: b is [N, K]) or b[k * ldb + n]: pack_cols' trans is the latter
       pack_panel(bp, ldb, !tb, K, ncb * nr, [&](int64_t n) { return n < nc ? n0 + n : int64_t(-1); }, pan);
-      gemm_worker_f(ta, M, K, ap, lda, pan, ncb, nc, cp + n0, N, bias ? bias + n0 : nullptr,
-                    tails.data() + w * MC * nr, ta ? abufs.data() + w * MC * KC : nullptr);
+      gemm_part_f(ta, false, M, K, ap, lda, pan, nc, cp + n0, N, bias ? bias + n0 : nullptr, tails.data() + w * MC * nr,
+                  ta ? abufs.data() + w * MC * KC : nullptr);
     }
   };
   if (nw == 1)
