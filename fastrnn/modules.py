@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
+from .backends._common import packed_positions
 from .functional import autocast_dtype, cell_step, chunk_layers, one_step_layers, rnn_layers, train_step
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
@@ -71,10 +72,8 @@ def _check_device(name, input, weight):
 def _packed_layout(batch_sizes, device):
     """Per-row lengths (int64 CPU, non-increasing) and the flat indices of packed rows in [T*B]."""
     B = int(batch_sizes[0])
-    active = torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)  # [T, B]
-    lengths = active.sum(0)
-    index = active.flatten().nonzero().squeeze(1).to(device)
-    return lengths, index
+    lengths = (torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)).sum(0)  # [T, B] active rows, summed
+    return lengths, packed_positions(lengths).to(device)
 
 
 @functools.lru_cache(maxsize=None)

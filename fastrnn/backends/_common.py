@@ -25,6 +25,13 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def packed_positions(lengths):
+    """The flat positions in [T*B] (t*B + b) of a packed sequence's rows, in PackedSequence order, from its
+    rows' non-increasing lengths (int64 CPU [B]; T = lengths[0])."""
+    T = int(lengths[0]) if len(lengths) else 0
+    return (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).flatten().nonzero().squeeze(1)
+
+
 def batch_sizes_from_lengths(lengths, T: int, B: int) -> list[int]:
     """Per-step active row counts from non-increasing per-row lengths (None: all rows, all steps)."""
     if lengths is None:
