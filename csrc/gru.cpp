@@ -272,13 +272,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             const Opts& o = NO_OPTS) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH;
   // packed rows (an inference entry's x, or a training call's xw) or [T, B, *]; N: the per-step buffers' rows
-  const StepRows R{in.row0 ? in.row0 : d.rows().row0, B};
-  const int64_t N = R.row0 ? R.row0[T_] : T_ * B;
-  // zeros for ragged batches in [T, B, *]: entries past a row's end are never written, and must be deterministic
-  const bool pad = opt_ptr(lengths) && !R.row0;
+  const StepRows R = d.rows();
+  const int64_t N = d.n();
+  const bool pad = d.pads(lengths);
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : R.row0 ? pool_empty({N, H}, h0.options())
+                 : d.packed() ? pool_empty({N, H}, h0.options())
                  : pad ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
   const int64_t ws_numel = save ? N * ws_row(d, o) : 0;
@@ -336,8 +335,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    bool reverse, const Opts& o) {
   const int64_t T_ = d.T, B = d.B, H = d.H, GH = d.GH, N = d.n();
   const StepRows R = d.rows();
-  // [T, B, *] of a ragged batch: zeros past each row's end (packed rows have none)
-  const bool pad = opt_ptr(lengths) && !d.packed();
+  const bool pad = d.pads(lengths);
   auto new_ = [&](int64_t cols) {
     return pad ? pool_zeros(d.per_step(cols), xw.options()) : pool_empty(d.per_step(cols), xw.options());
   };
@@ -501,11 +499,12 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tens
                                              const OptT& lengths = c10::nullopt) {
   const int64_t GH = 3 * (h0.dim() == 2 ? h0.size(1) : 0);
   ChunkInput in = chunk_input(x, w_ih, b_ih, GH, lengths);  // packed rows with lengths
-  const Dims d = in.xw.defined() ? check_single_state(in.xw, w_hh, b_hh, h0, c10::nullopt, 3)
-                                 : check_single_state(x, in.T, in.B, GH, w_hh, b_hh, h0, lengths, 3);
+  Dims d = in.xw.defined() ? check_single_state(in.xw, w_hh, b_hh, h0, c10::nullopt, 3)
+                           : check_single_state(x, in.T, in.B, GH, w_hh, b_hh, h0, lengths, 3);
+  d.row0 = std::move(in.row0);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gru_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, in.xw, w_hh, b_hh, h0, lengths, reverse, false,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw, false, in.rows()));
+                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw));
     return std::make_tuple(std::get<0>(r), std::get<1>(r));
   });
 }

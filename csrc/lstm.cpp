@@ -602,13 +602,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH;
   const bool proj = opt_ptr(w_hr);
   // packed rows (an inference entry's x, or a training call's xw) or [T, B, *]; N: the per-step buffers' rows
-  const StepRows R{in.row0 ? in.row0 : d.rows().row0, B};
-  const int64_t N = R.row0 ? R.row0[T_] : T_ * B;
-  // zeros for ragged batches in [T, B, *]: entries past a row's end are never written, and must be deterministic
-  const bool pad = opt_ptr(lengths) && !R.row0;
+  const StepRows R = d.rows();
+  const int64_t N = d.n();
+  const bool pad = d.pads(lengths);
   Scratch<T> y_scratch(in.cell ? T_ * B * P : 0);
   at::Tensor y = in.cell ? at::Tensor()
-                 : R.row0 ? pool_empty({N, P}, h0.options())
+                 : d.packed() ? pool_empty({N, P}, h0.options())
                  : pad ? pool_zeros({T_, B, P}, h0.options()) : pool_empty({T_, B, P}, h0.options());
   at::Tensor h_n = at::empty({B, P}, h0.options()), c_n = c0.clone();
   const int64_t ws_numel = save ? N * ws_row(d, proj, o) : 0;
@@ -688,8 +687,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
   const int64_t T_ = d.T, B = d.B, H = d.H, P = d.P, GH = d.GH, N = d.n();
   const bool proj = opt_ptr(w_hr);
   const StepRows R = d.rows();
-  // [T, B, *] of a ragged batch: zeros past each row's end (packed rows have none)
-  const bool pad = opt_ptr(lengths) && !d.packed();
+  const bool pad = d.pads(lengths);
   auto new_ = [&](int64_t cols) {
     return pad ? pool_zeros(d.per_step(cols), xw.options()) : pool_empty(d.per_step(cols), xw.options());
   };
@@ -892,11 +890,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd(
     const OptT& lengths = c10::nullopt) {
   const int64_t GH = (coupled ? 3 : 4) * (c0.dim() == 2 ? c0.size(1) : 0);
   ChunkInput in = chunk_input(x, w_ih, b_ih, GH, lengths);  // packed rows with lengths
-  const Dims d = in.xw.defined() ? check_args(in.xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled)
-                                 : check_args(x, in.T, in.B, GH, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  Dims d = in.xw.defined() ? check_args(in.xw, w_hh, b_hh, w_hr, w_ch, h0, c0, c10::nullopt, coupled)
+                           : check_args(x, in.T, in.B, GH, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
+  d.row0 = std::move(in.row0);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, in.xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, false,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw, false, in.rows()));
+                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw));
     return std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r));
   });
 }

@@ -1022,6 +1022,9 @@ struct SeqRows {
   bool packed() const { return !row0.empty(); }
   StepRows rows() const { return {packed() ? row0.data() : nullptr, B}; }
   int64_t n() const { return packed() ? row0.back() : T * B; }  // rows in all
+  // a ragged batch in [T, B, *]: its buffers are zero-filled, entries past a row's end being never written
+  // and required deterministic (packed rows have no such entries)
+  bool pads(const c10::optional<at::Tensor>& lengths) const { return lengths.has_value() && lengths->defined() && !packed(); }
   std::vector<int64_t> per_step(int64_t cols) const {             // a per-step buffer's shape
     return packed() ? std::vector<int64_t>{n(), cols} : std::vector<int64_t>{T, B, cols};
   }
@@ -1061,15 +1064,15 @@ struct ChunkInput {
   at::Tensor xw;
   std::vector<int64_t> row0;
   int64_t T, B;
-  const std::vector<int64_t>* rows() const { return row0.empty() ? nullptr : &row0; }
 };
 ChunkInput chunk_input(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih, int64_t GH,
                        const c10::optional<at::Tensor>& lengths);
+// (its packed rows, InputProj::row0, come from the call's Dims: the entry moves ChunkInput's into them)
 template <typename T>
 InputProj<T> input_proj(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
-                        at::Tensor& xw, bool cell = false, const std::vector<int64_t>* row0 = nullptr) {
+                        at::Tensor& xw, bool cell = false) {
   return InputProj<T>{x.data_ptr<T>(), w_ih.data_ptr<T>(), data_or_null<T>(b_ih), x.size(-1),
-                      xw.defined() ? xw.data_ptr<T>() : nullptr, cell, row0 ? row0->data() : nullptr};
+                      xw.defined() ? xw.data_ptr<T>() : nullptr, cell, nullptr};
 }
 
 // The inference entries with the input projection inside (the contract's optional <f>_cell_fwd and

@@ -86,11 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
                                                             bool relu, const InputProj<T>& in = {}) {
   const int64_t T_ = d.T, B = d.B, H = d.H;
   // packed rows (an inference entry's x, or a training call's xw) or [T, B, *] (zeros past a row's end)
-  const int64_t* row0 = in.row0 ? in.row0 : d.rows().row0;
+  const int64_t* row0 = d.rows().row0;
   Scratch<T> y_scratch(in.cell ? T_ * B * H : 0);
   at::Tensor y = in.cell ? at::Tensor()
                  : row0 ? pool_empty({row0[T_], H}, h0.options())
-                 : opt_ptr(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
+                 : d.pads(lengths) ? pool_zeros({T_, B, H}, h0.options()) : pool_empty({T_, B, H}, h0.options());
   at::Tensor h_n = at::empty({B, H}, h0.options());
   if (B == 0 || T_ == 0) return {y, h_n, at::empty({0}, h0.options())};
   FwdArgs<T> a{T_, B, H, H, 1, reverse, w_hh.data_ptr<T>(), nullptr, h0.data_ptr<T>(),
@@ -125,8 +125,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                    const c10::optional<at::Tensor>& lengths, const at::Tensor& y, bool reverse, bool relu) {
   const int64_t T_ = d.T, B = d.B, H = d.H, N = d.n();
   const StepRows R = d.rows();
-  // [T, B, *] of a ragged batch: zeros past each row's end (packed rows have none)
-  const bool pad = opt_ptr(lengths) && !d.packed();
+  const bool pad = d.pads(lengths);
   auto new_ = [&] { return pad ? pool_zeros(d.per_step(H), xw.options()) : pool_empty(d.per_step(H), xw.options()); };
   at::Tensor d_xw = new_(), hprev = new_();
   at::Tensor dh0 = grad_h_n.clone(), dh_cur = at::empty({B, H}, xw.options());
@@ -235,12 +234,13 @@ std::tuple<at::Tensor, at::Tensor> chunk_fwd(const at::Tensor& x, const at::Tens
                                              const c10::optional<at::Tensor>& lengths = c10::nullopt) {
   const int64_t GH = h0.dim() == 2 ? h0.size(1) : 0;
   ChunkInput in = chunk_input(x, w_ih, b_ih, GH, lengths);  // packed rows with lengths
-  const Dims d = in.xw.defined() ? check_single_state(in.xw, w_hh, b_hh, h0, c10::nullopt, 1)
-                                 : check_single_state(x, in.T, in.B, GH, w_hh, b_hh, h0, lengths, 1);
+  Dims d = in.xw.defined() ? check_single_state(in.xw, w_hh, b_hh, h0, c10::nullopt, 1)
+                           : check_single_state(x, in.T, in.B, GH, w_hh, b_hh, h0, lengths, 1);
+  d.row0 = std::move(in.row0);
   const bool relu = is_relu(nonlinearity);
   return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rnn_chunk_fwd", [&] {
     auto r = seq_fwd_impl<scalar_t>(d, in.xw, w_hh, b_hh, h0, lengths, reverse, relu,
-                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw, false, in.rows()));
+                                    input_proj<scalar_t>(x, w_ih, b_ih, in.xw));
     return std::make_tuple(std::get<0>(r), std::get<1>(r));
   });
 }
