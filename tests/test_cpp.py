@@ -126,6 +126,31 @@ def test_direct_inference_entries_equal_the_ops(family, dtype, threads):
             cpp.BACKEND.set_parallel_min_macs(old)
 
 
+@pytest.mark.parametrize("threads", ["one", "team"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_unpacked_products_over_every_tail_of_k(dtype, threads):
+    """A cell's products run unpacked (the dot form: a block of a vector's lanes of W's rows, two vectors of
+    k a pass, then one, then single k): sizes around one and two vectors (16 / 32 floats, 8 / 16 doubles),
+    a batch of one and of three, and hidden sizes that leave a partial block of rows, against torch's
+    cell in float64."""
+    old = cpp.BACKEND.set_parallel_min_macs(0) if threads == "team" else None
+    try:
+        torch.manual_seed(0)
+        for I in (5, 8, 15, 16, 17, 24, 31, 32, 33, 40, 47, 48, 50, 100):
+            for B, H in ((1, 19), (3, 33), (1, 48)):
+                x, h = torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+                w_ih, w_hh = torch.randn(H, I, dtype=torch.float64), torch.randn(H, H, dtype=torch.float64)
+                b_ih, b_hh = torch.randn(H, dtype=torch.float64), torch.randn(H, dtype=torch.float64)
+                want = torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+                got = torch.ops.fastrnn_cpp.rnn_cell_fwd(*(t.to(dtype) for t in (x, w_ih, b_ih, w_hh, b_hh, h)),
+                                                         "tanh")
+                tol = 1e-12 if dtype == torch.float64 else 2e-5
+                torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol, msg=f"I={I} B={B} H={H}")
+    finally:
+        if old is not None:
+            cpp.BACKEND.set_parallel_min_macs(old)
+
+
 def test_inference_entries_refuse_an_empty_input():
     """The raw inference entries refuse an input size of 0 (the modules refuse input_size=0 as torch.nn
     does; an empty x has no data pointer, which the kernels would take for 'no input projection')."""
