@@ -100,6 +100,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "C/8 + C/T (recurrence.h, team_size)");
   m.def("set_parallel_min_macs", [](int64_t v) { fastrnn::parallel_min_macs().store(v); },
         "set C (0: always split when there are at least two unit blocks)");
+  m.def("set_team_join_at", [](int64_t k) { return fastrnn::team_join_at().exchange(k); },
+        "for the tests: k > 0 holds a team's threads other than the first worker's until that one has "
+        "reached check point k (a step) or the end of the call (0: off); returns the old value");
+  m.def("team_counts", []() { return std::make_pair(fastrnn::team_counts()[0].load(), fastrnn::team_counts()[1].load()); },
+        "for the tests: (calls whose late threads joined mid-call, calls that ended before they joined)");
   m.def("own_mm", &fastrnn::own_mm, "whether fastrnn_cpp::mm runs a product of M x N x K on its packed kernel");
   m.def("set_own_mm", [](int v) { return fastrnn::own_mm_mode().exchange(v); },
         "-1: own_mm's rule, 0 / 1: never / always the packed kernel in fastrnn_cpp::mm; returns the old mode");

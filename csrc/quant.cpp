@@ -814,9 +814,12 @@ std::vector<at::Tensor> seq_fwd(int64_t family, int64_t kind_, const at::Tensor&
   float* yp = y.data_ptr<float>();
   const bool simd = use_simd(kind);
 
-  run_team(nw, [&](int w0, int w1, Barrier& bar) {
+  run_team(nw, [&](Member& m) {
+    Barrier& bar = m.bar;
     alignas(64) float tile[8 * 4 * L];
     for (int64_t s = 0; s < T; ++s) {
+      if (!m.begin(s)) continue;
+      const int w0 = m.wb, w1 = m.we;
       const int64_t t = reverse ? T - 1 - s : s, bs = sizes[t];
       const float* hp = hbuf.data() + (s & 1) * B * P;
       float* hn = hbuf.data() + ((s + 1) & 1) * B * P;

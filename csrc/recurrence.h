@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -505,16 +506,104 @@ struct Barrier {
   }
 };
 
-// Runs body(first_worker, last_worker, barrier) on nw workers; body runs its workers' share of each
-// phase and then calls barrier.arrive(last - first).
+// A team that does not wait for a late thread. A worker thread that has sat idle can take tens of us to
+// start (on these VMs 40-80 us after a few ms idle: NOTES.md, twenty-fourth session), and the first
+// barrier would hold the others that long, a third of a batch-1 call at H64. So the first thread in
+// (the leader) runs every worker's share, arriving at the barriers for all of them (they pass at once),
+// until every thread is in; then, at the start of its next check point, it hands each thread its own
+// share (the workers at::parallel_for gave it) and the later threads skip the check points before that.
+// The body calls `begin(k)` at check points k = 0, 1, ... in the same order on every thread (the
+// drivers: the prologue, then each step) and runs the workers [wb, we) there when it returns true.
+// How many calls had a late thread join mid-call (a hand-off after the first check point), and how many
+// ended before one joined: for the tests, which make threads late and check that both paths ran.
+inline std::atomic<int64_t>* team_counts() {
+  static std::atomic<int64_t> counts[2] = {{0}, {0}};
+  return counts;
+}
+
+struct Team {
+  explicit Team(int n) : bar(n), nw(n) {}
+  Barrier bar;
+  const int nw;
+  alignas(64) std::atomic<int> in{0};           // workers whose thread has started
+  alignas(64) std::atomic<int64_t> split{-1};   // the check point from which each thread runs its own share
+  std::atomic<int64_t> reached{-1};             // the leader's last check point (team_join_at)
+};
+
+class Member {
+ public:
+  Member(Team& t, int b, int e)
+      : bar(t.bar), t_(t), b_(b), e_(e), leader_(t.in.fetch_add(e - b, std::memory_order_acq_rel) == 0) {}
+  bool begin(int64_t k) {
+    if (own_) return true;
+    if (leader_) {
+      t_.reached.store(k, std::memory_order_release);
+      // at the first check point, a few us for the others (a warm team's threads start within ~1 us)
+      for (int spins = 0; k == 0 && spins < 100 && !all_in(); ++spins) FASTRNN_PAUSE();
+      if (all_in()) {
+        t_.split.store(k, std::memory_order_release);
+        if (k > 0) team_counts()[0].fetch_add(1, std::memory_order_relaxed);
+        mine();
+      } else {
+        wb = 0, we = t_.nw;
+      }
+      return true;
+    }
+    int64_t s;
+    for (int spins = 0; (s = t_.split.load(std::memory_order_acquire)) < 0; ++spins) {
+      FASTRNN_PAUSE();
+      if (spins > 2000) std::this_thread::yield();
+    }
+    if (k < s) return false;
+    mine();
+    return true;
+  }
+  // the leader, done: a thread still waiting for its share gets none (it comes in after the last step)
+  void finish() {
+    if (!leader_ || own_) return;
+    t_.reached.store(std::numeric_limits<int64_t>::max(), std::memory_order_release);
+    t_.split.store(std::numeric_limits<int64_t>::max(), std::memory_order_release);
+    team_counts()[1].fetch_add(1, std::memory_order_relaxed);
+  }
+  int wb = 0, we = 0;
+  Barrier& bar;
+
+ private:
+  bool all_in() const { return t_.in.load(std::memory_order_acquire) == t_.nw; }
+  void mine() {
+    own_ = true;
+    wb = b_, we = e_;
+  }
+  Team& t_;
+  const int b_, e_;
+  const bool leader_;
+  bool own_ = false;
+};
+
+// For the tests: k > 0 holds the threads other than worker 0's until worker 0's thread, the leader then,
+// has reached check point k (or finished the call), so that a call meets a late thread where a test wants
+// it; 0: off.
+inline std::atomic<int64_t>& team_join_at() {
+  static std::atomic<int64_t> value{0};
+  return value;
+}
+
+// Runs body(member) on nw workers (one thread: all of them, at once).
 template <typename Body>
 void run_team(int nw, Body body) {
-  Barrier barrier(nw);
+  Team team(nw);
   if (nw == 1) {
-    body(0, 1, barrier);
+    Member m(team, 0, 1);
+    body(m);
     return;
   }
-  at::parallel_for(0, nw, 1, [&](int64_t b, int64_t e) { body(int(b), int(e), barrier); });
+  const int64_t join_at = team_join_at().load(std::memory_order_relaxed);
+  at::parallel_for(0, nw, 1, [&](int64_t b, int64_t e) {
+    while (join_at > 0 && b > 0 && team.reached.load(std::memory_order_acquire) < join_at) FASTRNN_PAUSE();
+    Member m(team, int(b), int(e));
+    body(m);
+    m.finish();
+  });
 }
 
 // Packing costs about one pass over the weights; it pays from a few steps on.
@@ -784,31 +873,37 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   T* pin = panel_in.data(), *xin = xin_buf.data();
   const T* xw = a.in.x ? a.in.xw : a.xw;
 
-  run_team(nw, [&](int wb, int we, Barrier& bar) {
-    for (int w = wb; w < we && packed; ++w) {
-      const int64_t u0 = w * U;
-      pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
-        const int64_t u = u0 + n % U;
-        return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
-      }, pan + w * P * ncols);
-      if (proj) {
-        const int64_t p0 = w * PU;
-        pack_panel(a.w_hr, H, false, H, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
-                   panr + w * H * PUc);
+  run_team(nw, [&](Member& m) {
+    Barrier& bar = m.bar;
+    if (m.begin(0)) {
+      const int wb = m.wb, we = m.we;
+      for (int w = wb; w < we && packed; ++w) {
+        const int64_t u0 = w * U;
+        pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
+          const int64_t u = u0 + n % U;
+          return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
+        }, pan + w * P * ncols);
+        if (proj) {
+          const int64_t p0 = w * PU;
+          pack_panel(a.w_hr, H, false, H, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
+                     panr + w * H * PUc);
+        }
+      }
+      for (int w = wb; w < we && fused; ++w) {
+        const int64_t u0 = w * U;
+        pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
+          const int64_t u = u0 + n % U;
+          return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
+        }, pin + w * I * ncols);
+      }
+      for (int w = wb; w < we && a.in.x && T_ > 1 && !fused; ++w) {  // a few rows: all steps first (InputProj)
+        const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
+        if (nu > 0) project_input(a, 0, T_ * B, u0, nu);
       }
     }
-    for (int w = wb; w < we && fused; ++w) {
-      const int64_t u0 = w * U;
-      pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
-        const int64_t u = u0 + n % U;
-        return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
-      }, pin + w * I * ncols);
-    }
-    for (int w = wb; w < we && a.in.x && T_ > 1 && !fused; ++w) {  // a few rows: all steps first (InputProj)
-      const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-      if (nu > 0) project_input(a, 0, T_ * B, u0, nu);
-    }
     for (int64_t it = 0; it < T_; ++it) {
+      if (!m.begin(it + 1)) continue;
+      const int wb = m.wb, we = m.we;
       const int64_t t = a.reverse ? T_ - 1 - it : it;
       const int64_t bs = a.sizes[t];
       const int64_t bs_next = it + 1 < T_ ? a.sizes[a.reverse ? t - 1 : t + 1] : 0;
@@ -928,19 +1023,25 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
       }
   };
 
-  run_team(nw, [&](int wb, int we, Barrier& bar) {
-    for (int w = wb; w < we; ++w) {
-      const int64_t u0 = w * U, p0 = w * PU;
-      if (proj && packed)
-        pack_panel(a.w_hr, H, true, P, Uc, [&](int64_t n) { return n < U && u0 + n < H ? u0 + n : int64_t(-1); },
-                   pana + w * P * Uc);
-      if (packed)
-        pack_panel(a.w_hh, P, true, GH, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
-                   panb + w * GH * PUc);
-      if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + row_of(tf(T_ - 1)) * P);
+  run_team(nw, [&](Member& m) {
+    Barrier& bar = m.bar;
+    if (m.begin(0)) {
+      const int wb = m.wb, we = m.we;
+      for (int w = wb; w < we; ++w) {
+        const int64_t u0 = w * U, p0 = w * PU;
+        if (proj && packed)
+          pack_panel(a.w_hr, H, true, P, Uc, [&](int64_t n) { return n < U && u0 + n < H ? u0 + n : int64_t(-1); },
+                     pana + w * P * Uc);
+        if (packed)
+          pack_panel(a.w_hh, P, true, GH, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
+                     panb + w * GH * PUc);
+        if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + row_of(tf(T_ - 1)) * P);
+      }
+      if (proj) bar.arrive(we - wb);
     }
-    if (proj) bar.arrive(we - wb);
     for (int64_t it = T_ - 1; it >= 0; --it) {
+      if (!m.begin(T_ - it)) continue;
+      const int wb = m.wb, we = m.we;
       const int64_t t = tf(it), bs = a.sizes[t];
       const int64_t tprev = it > 0 ? tf(it - 1) : -1, nprev = it > 0 ? a.sizes[tprev] : 0;
       for (int ph = 0; ph < a.phases; ++ph) {

@@ -563,3 +563,62 @@ def _packed_rows_case(name, kw, family, seen, H):
         zon = getattr(fastrnn, name)(5, H, backend="cpp", zoneout=0.3, dtype=torch.float64)
         zon(pack_padded_sequence(x.clone().requires_grad_(True), lengths, enforce_sorted=False))[0].data.sum().backward()
         assert seen == [("fwd", (7, 5, G * H)), ("bwd", (7, 5, H))]
+
+
+def _team_case_outputs(make, x, lengths, train):
+    """Outputs (and with ``train`` the input's and parameters' gradients) of ``make()``'s module on ``x``
+    (packed with ``lengths`` when given)."""
+    torch.manual_seed(3)
+    m = make()
+    xg = x.detach().requires_grad_(train)
+    inp = xg if lengths is None else torch.nn.utils.rnn.pack_padded_sequence(xg, lengths, enforce_sorted=False)
+    with torch.set_grad_enabled(train):
+        out, st = m(inp)
+    st = st if isinstance(st, tuple) else (st,)
+    out = out.data if lengths is not None else out
+    if not train:
+        return [out, *st]
+    (out.pow(2).sum() + sum(s.sum() for s in st)).backward()
+    return [out, *st, xg.grad, *(p.grad for p in m.parameters())]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
+def test_a_late_thread_joins_the_team_and_the_numbers_do_not_change(ran):
+    """A team does not wait for a thread that starts late (csrc/recurrence.h, Team): the first thread in
+    runs every worker's share until the others are in, then hands them their shares at a step boundary.
+    With the other threads held back until a given step (so that they join in the middle of a call, or after
+    its last step)
+    the forward and backward of each cell, with a projection, layer norm (a pass in phases), two
+    bidirectional layers, a packed sequence and int8 weights give the numbers of a team that starts
+    together, bit for bit, and both paths ran."""
+    T, B, H = 60, 4, 64  # two blocks of units: a team of two
+    x = torch.randn(T, B, H)
+    lengths = torch.tensor([60, 41, 33, 7])
+    cases = [
+        (lambda: fastrnn.LSTM(H, H, backend="cpp"), x, None, True),
+        (lambda: fastrnn.LSTM(H, H, proj_size=16, num_layers=2, bidirectional=True, backend="cpp"), x, None, True),
+        (lambda: fastrnn.LSTM(H, H, layer_norm=True, backend="cpp"), x, None, True),
+        (lambda: fastrnn.GRU(H, H, num_layers=2, bidirectional=True, backend="cpp"), x, lengths, True),
+        (lambda: fastrnn.RNN(H, H, backend="cpp"), x, None, True),
+        (lambda: fastrnn.GRU(H, H, backend="cpp"), x, lengths, False),
+        (lambda: fastrnn.quantize(fastrnn.LSTM(H, H, backend="cpp"), torch.qint8), x, None, False),
+    ]
+    old_macs = cpp.BACKEND.set_parallel_min_macs(0)
+    try:
+        want = [_team_case_outputs(*c) for c in cases]
+        before = cpp._C.team_counts()
+        for join_at in (1, 2, 25, 10 ** 6):  # before the first step, at steps 1 and 24, after the last
+            old = cpp._C.set_team_join_at(join_at)
+            try:
+                got = [_team_case_outputs(*c) for c in cases]
+            finally:
+                cpp._C.set_team_join_at(old)
+            for k, (g, w) in enumerate(zip(got, want)):
+                assert len(g) == len(w)
+                for a, b in zip(g, w):
+                    assert torch.equal(a, b), (k, join_at)
+        joined, ended = (a - b for a, b in zip(cpp._C.team_counts(), before))
+    finally:
+        cpp.BACKEND.set_parallel_min_macs(old_macs)
+    assert joined > 0 and ended > 0, (joined, ended)
+    assert backends_used(ran) == {"cpp"}
