@@ -506,6 +506,13 @@ struct Barrier {
   }
 };
 
+// How many calls had a late thread join mid-call (a hand-off after the first check point), and how many
+// ended before one joined: for the tests, which make threads late and check that both paths ran.
+inline std::atomic<int64_t>* team_counts() {
+  static std::atomic<int64_t> counts[2] = {{0}, {0}};
+  return counts;
+}
+
 // A team that does not wait for a late thread. A worker thread that has sat idle can take tens of us to
 // start (on these VMs 40-80 us after a few ms idle: NOTES.md, twenty-fourth session), and the first
 // barrier would hold the others that long, a third of a batch-1 call at H64. So the first thread in
@@ -514,13 +521,6 @@ struct Barrier {
 // share (the workers at::parallel_for gave it) and the later threads skip the check points before that.
 // The body calls `begin(k)` at check points k = 0, 1, ... in the same order on every thread (the
 // drivers: the prologue, then each step) and runs the workers [wb, we) there when it returns true.
-// How many calls had a late thread join mid-call (a hand-off after the first check point), and how many
-// ended before one joined: for the tests, which make threads late and check that both paths ran.
-inline std::atomic<int64_t>* team_counts() {
-  static std::atomic<int64_t> counts[2] = {{0}, {0}};
-  return counts;
-}
-
 struct Team {
   explicit Team(int n) : bar(n), nw(n) {}
   Barrier bar;
