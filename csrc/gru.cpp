@@ -302,9 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   Scratch<T> parts(gain ? slots * B * 3 : 0);
   std::fill_n(parts.data(), gain ? slots * B * 3 : 0, T(0));
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t U,
-                           const T* hp, T* hdst, int64_t, const XRows<T>& xr) {
+                           const T* hp, T* hdst, int64_t, const XRows<T>& xr, int64_t b0) {
+    const int64_t r = R(t) + b0;  // the worker's first row of step t (layer norm: never split by rows, b0 = 0)
     FwdPoint<T> p{bs, nu, H, U, ldp, pre, xr.x, xr.rs, xr.gs, bp + u0, hp + u0, hdst + u0,
-                  save ? gates + R(t) * GH + u0 : nullptr, save ? ghn + R(t) * H + u0 : nullptr};
+                  save ? gates + r * GH + u0 : nullptr, save ? ghn + r * H + u0 : nullptr};
     if (gain)
       fwd_ln(p, LnPoint<T>{gain + u0, xhat ? xhat + R(t) * GH + u0 : nullptr, rstd ? rstd + R(t) : nullptr,
                            parts.data(), slots, w, B, u0}, ph);
@@ -369,10 +370,11 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     T* dr = d_hh.data_ptr<T>();
     T* dhr = dh0.data_ptr<T>();
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
-                              const T* dh, int64_t ldh) {
-      BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + R(t) * GH + u0, ghn + R(t) * H + u0,
-                    tprev >= 0 ? yp + R(tprev) * H + u0 : nullptr, h0p + u0, dx + R(t) * GH + u0,
-                    dr + R(t) * GH + u0, dhr + u0, zon};
+                              const T* dh, int64_t ldh, int64_t b0) {
+      const int64_t r = R(t) + b0;
+      BwdPoint<T> p{bs, nu, H, ldh, nprev, dh, gates + r * GH + u0, ghn + r * H + u0,
+                    tprev >= 0 ? yp + (R(tprev) + b0) * H + u0 : nullptr, h0p + b0 * H + u0, dx + r * GH + u0,
+                    dr + r * GH + u0, dhr + b0 * H + u0, zon};
       if (ph == 0) bwd_point(p);
       if (gain)
         bwd_ln(p, LnPoint<T>{gain + u0, const_cast<T*>(xhat) + R(t) * GH + u0, nullptr, parts.data_ptr<T>(), slots,

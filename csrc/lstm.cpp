@@ -647,10 +647,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(
   const T* zc = o.zmask_c ? tptr<T>(o.zmask_c) : o.zc != 0 ? zrow.data() : nullptr;
   const int64_t zstride = o.zmask_c ? H : 0, zstep = o.zmask_c ? B * H : 0;
   const T* lnh = tptr<T>(o.ln_h), *lnc = tptr<T>(o.ln_c), *lncb = tptr<T>(o.ln_cb);
+  a.rows_ok = !o.cell();  // (the options' pass offsets nothing by b0)
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp,
-                           int64_t U, const T*, T* hdst, int64_t ldd, const XRows<T>& xr) {
-    FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xr.x, xr.rs, xr.gs, bp + u0, wc ? wc + u0 : nullptr, c + u0,
-                  hdst + u0, save ? gates + R(t) * GH + u0 : nullptr, save ? call + R(t) * H + u0 : nullptr};
+                           int64_t U, const T*, T* hdst, int64_t ldd, const XRows<T>& xr, int64_t b0) {
+    const int64_t r = R(t) + b0;  // the worker's first row of step t
+    FwdPoint<T> p{bs, nu, H, GH, U, ldp, ldd, pre, xr.x, xr.rs, xr.gs, bp + u0, wc ? wc + u0 : nullptr, c + b0 * H + u0,
+                  hdst + u0, save ? gates + r * GH + u0 : nullptr, save ? call + r * H + u0 : nullptr};
     if (!o.cell()) return fwd_point(p, wc != nullptr, coupled);
     const int64_t st = save ? R(t) : 0;  // scratch: one step's slot
     OptPoint<T> q{lnh ? lnh + u0 : nullptr, lnc ? lnc + u0 : nullptr, lncb ? lncb + u0 : nullptr,
@@ -736,11 +738,13 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     const T* c0p = c0.data_ptr<T>();
     T* dc = dc0.data_ptr<T>();
     T* dx = d_xw.data_ptr<T>();
+    a.rows_ok = !o.cell() && !dwc;  // the peephole weights' gradients: each worker's units accumulate their own
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t nprev, int64_t tprev, int64_t u0, int64_t nu,
-                              const T* dh, int64_t ldh) {
-      BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + R(t) * GH + u0, call + R(t) * H + u0,
-                    tprev >= 0 ? call + R(tprev) * H + u0 : nullptr, c0p + u0, wc ? wc + u0 : nullptr, dc + u0,
-                    dx + R(t) * GH + u0, dwc ? dwc + u0 : nullptr};
+                              const T* dh, int64_t ldh, int64_t b0) {
+      const int64_t r = R(t) + b0;
+      BwdPoint<T> p{bs, nu, H, GH, ldh, nprev, dh, gates + r * GH + u0, call + r * H + u0,
+                    tprev >= 0 ? call + (R(tprev) + b0) * H + u0 : nullptr, c0p + b0 * H + u0, wc ? wc + u0 : nullptr,
+                    dc + b0 * H + u0, dx + r * GH + u0, dwc ? dwc + u0 : nullptr};
       if (!o.cell()) return bwd_point(p, wc != nullptr, coupled);
       OptGrad<T> q{lnh ? lnh + u0 : nullptr, lnc ? lnc + u0 : nullptr, lncb ? lncb + u0 : nullptr,
                    zc ? zc + t * zstep + u0 : nullptr, zstride, ctil + R(t) * H + u0,

@@ -105,6 +105,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "reached check point k (a step) or the end of the call (0: off); returns the old value");
   m.def("team_counts", []() { return std::make_pair(fastrnn::team_counts()[0].load(), fastrnn::team_counts()[1].load()); },
         "for the tests: (calls whose late threads joined mid-call, calls that ended before they joined)");
+  m.def("set_row_split", [](int v) { return fastrnn::row_split_mode().exchange(v); },
+        "-1: the rule, 0 / 1: never / wherever a call allows it, a sequence's steps split by batch rows "
+        "instead of units (recurrence.h, Layout); returns the old mode");
+  m.def("row_split_count", []() { return fastrnn::row_split_count().load(); },
+        "for the tests: how many driver calls were split by rows");
   m.def("own_mm", &fastrnn::own_mm, "whether fastrnn_cpp::mm runs a product of M x N x K on its packed kernel");
   m.def("set_own_mm", [](int v) { return fastrnn::own_mm_mode().exchange(v); },
         "-1: own_mm's rule, 0 / 1: never / always the packed kernel in fastrnn_cpp::mm; returns the old mode");

@@ -4,7 +4,9 @@
 // Threads. A team of `nw` workers runs the whole time loop (one at::parallel_for for the sequence).
 // Worker w owns a slice of hidden units (all gate rows of those units) and keeps its slice of W_hh,
 // packed once per call, in its own cache for the whole sequence; workers meet at a spin barrier once
-// per step (twice with a projection, and in the backward). Nothing is allocated inside the loop.
+// per step (twice with a projection, and in the backward). Where the weights are small and the batch has
+// rows for every worker, worker w owns a slice of batch rows instead, with all units and its own copy of
+// the panels, and the steps need no barrier (Layout). Nothing is allocated inside the loop.
 //
 // ISA. The hot functions (GEMM, pointwise passes) carry FASTRNN_CLONES: GCC builds each of them for
 // AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline x86-64 and picks one when the library loads.
@@ -18,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <unistd.h>
 #include <thread>
 #include <vector>
 
@@ -632,7 +635,7 @@ inline int team_size(int64_t macs_per_step, int64_t steps, int64_t units, int64_
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// How a call is split, the same in its forward and backward: worker w owns hidden units
+// How a call is split: by units (the default) or by rows. By units, worker w owns hidden units
 // [w*U, min(H, (w+1)*U)) and output columns [w*PU, min(P, (w+1)*PU)) (PU = U without a projection,
 // so a worker's units and columns coincide), and whether the weights are packed. U is rounded to half a
 // vector's lanes and PU to its lanes (`block`, the drivers' NR = 2 x block), and each worker's panels are
@@ -640,18 +643,63 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // LSTM's step 1.28x the even share; NOTES.md, nineteenth session), lanes as 112 / 88 (an LSTM worker's
 // 4 x 112 gate columns 14 blocks of 32), half lanes as 104 / 96 (13 blocks; the GRU's 3 x 104, 10 blocks
 // against 11: NOTES.md, twenty-third session).
+// By rows (RB > 0), worker w owns the batch rows [w*RB, min(B, (w+1)*RB)) with every unit and column
+// (U = H, PU = P), each with its own copy of the panels: a worker's rows need only its own rows of the
+// previous step, so the steps have no barrier, where the split by units has one or two a step and
+// pointwise passes of a few units. It pays where every worker keeps all the recurrent weights in its own
+// L2 and has a register block of rows: measured on a 1 MiB L2, T50 B16-64, the rows against the units
+// 1.05-1.8x up to 768 KiB of weights (GRU H256, LSTM H192: 1.01-1.21), level at 1 MiB (LSTM H256: 0.98-1.01;
+// NOTES.md, twenty-fifth session); so up to 3/4 of a core's L2 and from 8 rows a worker. Taken only
+// where the drivers allow it (`rows_ok`: every row runs every step, no cell option that reduces over a
+// row's units, the weights packed, no unfused input projection).
 struct Layout {
   int nw;
   int64_t U, PU;
   bool packed;
+  int64_t RB;
 };
 
+// -1: the rule below; 0 / 1: never / wherever a call allows it (the tests force it on small shapes)
+inline std::atomic<int>& row_split_mode() {
+  static std::atomic<int> value{-1};
+  return value;
+}
+// calls split by rows (the tests check that the path ran)
+inline std::atomic<int64_t>& row_split_count() {
+  static std::atomic<int64_t> value{0};
+  return value;
+}
+
+// a core's L2 in bytes (sysconf; 1 MiB where the system does not say)
+inline int64_t l2_bytes() {
+  static const int64_t v = [] {
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? int64_t(b) : int64_t(1) << 20;
+  }();
+  return v;
+}
+
 inline Layout layout(int64_t T, int64_t B, int64_t G, int64_t H, int64_t P, bool proj, int64_t block,
-                     int64_t input_size = 0) {
+                     int64_t input_size = 0, bool rows_ok = false, int64_t elt = 4) {
   // no more workers than column blocks of 2 x block (a part of one block pads to a whole one)
-  const int nw = team_size(B * G * H * (P + input_size), std::max<int64_t>(T, 1), H, 2 * block);
+  const int64_t macs = B * G * H * (P + input_size), steps = std::max<int64_t>(T, 1);
+  const int nw = team_size(macs, steps, H, 2 * block);
+  const bool packed = T >= PACK_MIN_STEPS;
+  const int mode = row_split_mode().load(std::memory_order_relaxed);
+  if (rows_ok && packed && mode != 0) {
+    // by rows: no more workers than whole register blocks of 8 rows, and the weights each worker reads a
+    // step within 3/4 of its L2 (W_ih, in a fused projection, once a block of steps: not counted; forced:
+    // any rows, any weights)
+    const int rw = mode == 1 ? team_size(macs, steps, B, 1) : team_size(macs, steps, B / 8 * 8, 8);
+    const int64_t bytes = (G * H * P + (proj ? P * H : 0)) * elt;
+    if (rw > 1 && (mode == 1 || bytes * 4 <= l2_bytes() * 3)) {
+      const int64_t RB = (B + rw - 1) / rw;
+      row_split_count().fetch_add(1, std::memory_order_relaxed);
+      return {int((B + RB - 1) / RB), H, P, true, RB};
+    }
+  }
   const int64_t U = round_up((H + nw - 1) / nw, std::max<int64_t>(1, block / 2));
-  return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, T >= PACK_MIN_STEPS};
+  return {nw, U, proj ? round_up((P + nw - 1) / nw, block) : U, packed, 0};
 }
 
 // Where step t's rows start in a sequence's per-step buffers: [T, B, *] (t * B), or a packed sequence's
@@ -729,9 +777,12 @@ void add_gate_bias(double* c, int64_t ldc, int64_t rows, int64_t G, int64_t U, i
 // One layer-direction. Per step, worker w: gates of its units = h_{t-1} @ W_hh[its rows]^T (packed GEMM
 // into `pre`), then the cell's pointwise pass writes the new (full-size) h of its units; with a
 // projection a second phase computes its slice of h = h_full @ W_hr^T. The driver writes y and the final
-// state of rows that end at this step. `point(phase, w, t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd, xr)` (xr: where the step's projected input lies, XRows), for
-// phase < `phases` with a barrier between phases (a cell whose pass reduces over a row's units: layer norm
-// writes each worker's partial statistics in one phase and combines them in the next); w: the worker.
+// state of rows that end at this step. `point(phase, w, t, bs, u0, nu, pre, ldp, U, hp, hdst, ldd, xr, b0)`
+// for the worker's rows [b0, b0 + bs) of step t (b0 = 0 but when the call is split by rows: Layout): pre,
+// hp, hdst and xr (where the step's projected input lies, XRows) start at row b0, the cell's own per-row
+// buffers are offset by b0 by the cell. For phase < `phases` with a barrier between phases (a cell whose
+// pass reduces over a row's units: layer norm writes each worker's partial statistics in one phase and
+// combines them in the next); w: the worker.
 template <typename T>
 struct FwdArgs {
   int64_t T_, B, H, P, G;
@@ -752,6 +803,7 @@ struct FwdArgs {
   const T* zmask_h = nullptr;  // [T, B, P], or null
   T zoneout_h = T(0);          // k where zmask_h is null
   int phases = 1;              // of the pointwise pass (see forward_driver)
+  bool rows_ok = true;         // the cell's pass allows a split by rows (Layout): false with its own options
 };
 
 // The bias the pointwise pass adds: b_hh (zeros without one), and when the driver projects the input in
@@ -822,7 +874,15 @@ template <typename T, typename Point>
 void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, lanes<T>(), a.in.I);
+  // by rows: every row runs every step, nothing reduces over a row's units, no unfused projection
+  const bool dense = !a.in.row0 && std::all_of(a.sizes.begin(), a.sizes.end(), [&](int64_t n) { return n == B; });
+  const bool rows_ok = a.rows_ok && dense && a.phases == 1 && !a.rmask && !a.zmask_h && a.zoneout_h == T(0) &&
+                       (!a.in.x || fused_blocks(a.in, T_, B));
+  const auto [nw, U, PU, packed, RB] = layout(T_, B, a.G, H, P, proj, lanes<T>(), a.in.I, rows_ok, sizeof(T));
+  // worker w's units from u0 and rows from b0 (by units: all rows; by rows: all units)
+  auto unit0 = [&, U = U, RB = RB](int w) { return RB ? int64_t(0) : w * U; };
+  auto row0 = [&, RB = RB](int w) { return RB ? w * RB : int64_t(0); };
+  auto rows = [&, RB = RB](int w, int64_t bs) { return RB ? std::clamp<int64_t>(bs - w * RB, 0, RB) : bs; };
   // a worker's G*U gate columns (gate k at k*U + j), its panels and products padded to whole column blocks
   const int64_t GU = a.G * U, ncols = round_up(GU, NR<T>), ncb = ncols / NR<T>, PUc = round_up(PU, NR<T>);
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
@@ -832,15 +892,16 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   Scratch<T> hmbuf(a.rmask ? 2 * B * P : 0);
   T* hm = hmbuf.data();
   for (int64_t i = 0; a.rmask && i < B * P; ++i) hm[i] = hm[B * P + i] = a.h0[i] * a.rmask[i];
-  // the end of step t for rows b < bs and columns [p0, p0 + np) of the new h `hn` (h~ from the cell):
-  // zoneout, then y, the final state of rows that end here, and the masked copy for the next GEMM
-  auto finish = [&](int64_t t, int64_t it, int64_t bs, int64_t bs_next, int64_t p0, int64_t np, const T* hp, T* hn,
-                    const T* src, int64_t lds) {
+  // the end of step t for rows [b0, b0 + bs) and columns [p0, p0 + np) of the new h `hn` (h~ from the
+  // cell, `src` at row b0): zoneout, then y, the final state of rows that end here, and the masked copy for
+  // the next GEMM
+  auto finish = [&](int64_t t, int64_t it, int64_t b0, int64_t bs, int64_t bs_next, int64_t p0, int64_t np,
+                    const T* hp, T* hn, const T* src, int64_t lds) {
     T* yt = a.y + row_of(t) * P;
     T* hmn = hm + ((it + 1) & 1) * B * P;
-    for (int64_t b = 0; b < bs; ++b) {
+    for (int64_t b = b0; b < b0 + bs; ++b) {
       T* h = hn + b * P + p0;
-      const T* s = src + b * lds;
+      const T* s = src + (b - b0) * lds;
       if (zon) {
         const T* q = hp + b * P + p0;
         for (int64_t j = 0; j < np; ++j) {
@@ -868,8 +929,9 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t I = a.in.I, GH = a.G * H;
   const bool fused = fused_blocks(a.in, T_, B);  // as the entry decided (chunk_input, proj_input)
   constexpr int64_t IN_ROWS = 128;  // rows a block (the block stays in L2 for its steps)
-  const int64_t S = std::max<int64_t>(1, IN_ROWS / B);
-  Scratch<T> panel_in(fused ? nw * I * ncols : 0), xin_buf(fused ? nw * S * B * ncols : 0);
+  const int64_t WB = RB ? RB : B;   // a worker's rows
+  const int64_t S = std::max<int64_t>(1, IN_ROWS / WB);
+  Scratch<T> panel_in(fused ? nw * I * ncols : 0), xin_buf(fused ? nw * S * WB * ncols : 0);
   T* pin = panel_in.data(), *xin = xin_buf.data();
   const T* xw = a.in.x ? a.in.xw : a.xw;
 
@@ -878,19 +940,19 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
     if (m.begin(0)) {
       const int wb = m.wb, we = m.we;
       for (int w = wb; w < we && packed; ++w) {
-        const int64_t u0 = w * U;
+        const int64_t u0 = unit0(w);
         pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
           const int64_t u = u0 + n % U;
           return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
         }, pan + w * P * ncols);
         if (proj) {
-          const int64_t p0 = w * PU;
+          const int64_t p0 = RB ? 0 : w * PU;
           pack_panel(a.w_hr, H, false, H, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
                      panr + w * H * PUc);
         }
       }
       for (int w = wb; w < we && fused; ++w) {
-        const int64_t u0 = w * U;
+        const int64_t u0 = unit0(w);
         pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
           const int64_t u = u0 + n % U;
           return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
@@ -917,44 +979,53 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       for (int ph = 0; ph < a.phases; ++ph) {
         if (ph > 0) bar.arrive(we - wb);
         for (int w = wb; w < we; ++w) {
-          const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-          if (nu <= 0 || bs == 0) continue;
-          T* pw = prb + w * B * ncols;
-          T* xo = xin + w * S * B * ncols;
+          const int64_t u0 = unit0(w), nu = std::min(H, u0 + U) - u0, b0 = row0(w), bw = rows(w, bs);
+          if (nu <= 0 || bw == 0) continue;
+          T* pw = prb + w * WB * ncols;
+          T* xo = xin + w * S * WB * ncols;
           if (ph == 0) {
-            if (fused && it == blk) {
-              const int64_t r0 = row_of(tlo), rows = row_of(tlo + nb) - r0;
-              gemm_packed(rows, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
+            if (fused && it == blk && !RB) {
+              const int64_t r0 = row_of(tlo), n = row_of(tlo + nb) - r0;
+              gemm_packed(n, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
               const int64_t g0 = a.in.b_ih_from;  // the blocks before g0: in the pointwise pass's bias
               if (a.in.b_ih && g0 < a.G)
-                add_gate_bias(xo + g0 * U, ncols, rows, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
+                add_gate_bias(xo + g0 * U, ncols, n, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
+            } else if (fused && it == blk) {  // by rows: the worker's rows of each step, bw a step
+              for (int64_t s = 0; s < nb; ++s)
+                gemm_packed(bw, I, a.in.x + (row_of(tlo + s) + b0) * I, I, pin + w * I * ncols, ncb,
+                            xo + s * bw * ncols, ncols);
+              const int64_t g0 = a.in.b_ih_from;
+              if (a.in.b_ih && g0 < a.G)
+                add_gate_bias(xo + g0 * U, ncols, nb * bw, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
             }
-            if (bs_next > 0 && !fused) prefetch_xw(a, row_of(a.reverse ? t - 1 : t + 1), bs_next, u0, nu);
-            if (a.in.x && !fused && T_ == 1) project_input(a, t, bs, u0, nu);  // a cell
+            const int64_t bw_next = rows(w, bs_next);
+            if (bw_next > 0 && !fused) prefetch_xw(a, row_of(a.reverse ? t - 1 : t + 1) + b0, bw_next, u0, nu);
+            if (a.in.x && !fused && T_ == 1) project_input(a, t, bs, u0, nu);  // a cell (never by rows)
             if (packed)
-              gemm_packed(bs, P, hg, P, pan + w * P * ncols, ncb, pw, ncols);
+              gemm_packed(bw, P, hg + b0 * P, P, pan + w * P * ncols, ncb, pw, ncols);
             else
-              gemm_rows(bs, P, hg, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
+              gemm_rows(bw, P, hg + b0 * P, P, a.w_hh, ColMap{a.G, H, u0, nu, U}, pw, ncols);
           }
-          const XRows<T> xr = fused ? XRows<T>{xo + (row_of(t) - row_of(tlo)) * ncols, ncols, U}
-                                    : XRows<T>{xw + row_of(t) * GH + u0, GH, H};
-          point(ph, w, t, bs, u0, nu, pw, ncols, U, hp, hdst, ldd, xr);
-          if (!proj && ph == a.phases - 1) finish(t, it, bs, bs_next, u0, nu, hp, hn, hn + u0, P);
+          const XRows<T> xr = fused ? XRows<T>{xo + (RB ? (t - tlo) * bw : row_of(t) - row_of(tlo)) * ncols, ncols, U}
+                                    : XRows<T>{xw + (row_of(t) + b0) * GH + u0, GH, H};
+          point(ph, w, t, bw, u0, nu, pw, ncols, U, hp + b0 * P, hdst + b0 * ldd, ldd, xr, b0);
+          if (!proj && ph == a.phases - 1) finish(t, it, b0, bw, bs_next, u0, nu, hp, hn, hn + b0 * P + u0, P);
         }
       }
-      bar.arrive(we - wb);
+      // by rows a worker's next step (or projection) reads only its own rows: no barrier
+      if (!RB) bar.arrive(we - wb);
       if (!proj) continue;
       for (int w = wb; w < we; ++w) {
-        const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
-        if (np <= 0 || bs == 0) continue;
-        T* pw = prr + w * B * PUc;
+        const int64_t p0 = RB ? 0 : w * PU, np = std::min(P, p0 + PU) - p0, b0 = row0(w), bw = rows(w, bs);
+        if (np <= 0 || bw == 0) continue;
+        T* pw = prr + w * WB * PUc;
         if (packed)
-          gemm_packed(bs, H, hdst, H, panr + w * H * PUc, PUc / NR<T>, pw, PUc);
+          gemm_packed(bw, H, hdst + b0 * H, H, panr + w * H * PUc, PUc / NR<T>, pw, PUc);
         else
-          gemm_rows(bs, H, hdst, H, a.w_hr, ColMap{1, 0, p0, np, 0}, pw, PUc);
-        finish(t, it, bs, bs_next, p0, np, hp, hn, pw, PUc);
+          gemm_rows(bw, H, hdst + b0 * H, H, a.w_hr, ColMap{1, 0, p0, np, 0}, pw, PUc);
+        finish(t, it, b0, bw, bs_next, p0, np, hp, hn, pw, PUc);
       }
-      bar.arrive(we - wb);
+      if (!RB) bar.arrive(we - wb);
     }
   });
 }
@@ -965,8 +1036,10 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
 // backward writes the gate gradients; a barrier. Phase B (worker's slice of the P outputs): dh_rec = d_rec @ W_hh
 // for the previous step (added to what the pointwise pass left there when `accumulate`), h_prev of the
 // step for the weight gradients, and (projection) the next step's dh.
-// `point(phase, w, t, bs, nprev, tprev, u0, nu, dh, ldh)`: rows b < nprev had a previous step (at tprev), the
-// others start from the initial state; phases as in the forward.
+// `point(phase, w, t, bs, nprev, tprev, u0, nu, dh, ldh, b0)` for the worker's rows [b0, b0 + bs) (dh starts at
+// row b0; as in the forward): rows b0 + b, b < nprev, had a previous step (at tprev), the others start from
+// the initial state; phases as in the forward. Split by rows (Layout), a worker runs both phases for its own
+// rows and all units and columns, with no barrier.
 template <typename T>
 struct BwdArgs {
   int64_t T_, B, H, P, G;
@@ -986,6 +1059,7 @@ struct BwdArgs {
   const T* zmask_h = nullptr;
   T zoneout_h = T(0);
   int phases = 1;
+  bool rows_ok = true;  // as FwdArgs
   // a packed sequence's rows (StepRows): grad_y, y, d_rec, hprev and dh_proj hold step t's rows from
   // row0[t]; null: [T, B, *]
   const int64_t* row0 = nullptr;
@@ -995,22 +1069,29 @@ template <typename T, typename Point>
 void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
   const bool proj = a.w_hr != nullptr;
-  const auto [nw, U, PU, packed] = layout(T_, B, a.G, H, P, proj, lanes<T>());
-  const int64_t Uc = round_up(U, NR<T>), PUc = round_up(PU, NR<T>);  // panels of whole column blocks
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
+  const bool rows_ok = a.rows_ok && !a.row0 && a.phases == 1 && !a.rmask && !zon &&
+                       std::all_of(a.sizes.begin(), a.sizes.end(), [&](int64_t n) { return n == B; });
+  const auto [nw, U, PU, packed, RB] = layout(T_, B, a.G, H, P, proj, lanes<T>(), 0, rows_ok, sizeof(T));
+  // worker w's units and columns from u0 and p0, its rows from b0 (as the forward_driver's)
+  const int64_t WB = RB ? RB : B;
+  auto row0 = [&, RB = RB](int w) { return RB ? w * RB : int64_t(0); };
+  auto rows = [&, RB = RB](int w, int64_t bs) { return RB ? std::clamp<int64_t>(bs - w * RB, 0, RB) : bs; };
+  const int64_t Uc = round_up(U, NR<T>), PUc = round_up(PU, NR<T>);  // panels of whole column blocks
   // zoneout: dh_t splits into (1-k) dh_t for the cell's h~ and k dh_t carried to h_{t-1}, which the
   // recurrent product then adds to
   const bool accumulate = a.accumulate || zon;
-  Scratch<T> panel_a(packed && proj ? nw * P * Uc : 0), pre_a(proj ? nw * B * Uc : 0);
-  Scratch<T> panel_b(packed ? nw * GH * PUc : 0), pre_b(nw * B * PUc);
+  Scratch<T> panel_a(packed && proj ? nw * P * Uc : 0), pre_a(proj ? nw * WB * Uc : 0);
+  Scratch<T> panel_b(packed ? nw * GH * PUc : 0), pre_b(nw * WB * PUc);
   T* pana = panel_a.data(), *pra = pre_a.data(), *panb = panel_b.data(), *prb = pre_b.data();
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
   const StepRows row_of{a.row0, B};
 
-  // dh of the step at `it` for rows b < bs, columns [p0, p0 + np): grad_y + the recurrent part
-  auto make_dh = [&](int64_t it, int64_t p0, int64_t np, T* dst) {
-    const int64_t t = tf(it), bs = a.sizes[t];
-    for (int64_t b = 0; b < bs; ++b)
+  // dh of the step at `it` for the worker's rows [b0, b0 + rows(w, bs)), columns [p0, p0 + np): grad_y + the
+  // recurrent part
+  auto make_dh = [&](int64_t it, int w, int64_t p0, int64_t np, T* dst) {
+    const int64_t t = tf(it), b0 = row0(w), bw = rows(w, a.sizes[t]);
+    for (int64_t b = b0; b < b0 + bw; ++b)
       for (int64_t p = p0; p < p0 + np; ++p) {
         const T full = a.grad_y[(row_of(t) + b) * P + p] + a.dh_rec[b * P + p];
         if (zon) {
@@ -1028,16 +1109,16 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
     if (m.begin(0)) {
       const int wb = m.wb, we = m.we;
       for (int w = wb; w < we; ++w) {
-        const int64_t u0 = w * U, p0 = w * PU;
+        const int64_t u0 = RB ? 0 : w * U, p0 = RB ? 0 : w * PU;
         if (proj && packed)
           pack_panel(a.w_hr, H, true, P, Uc, [&](int64_t n) { return n < U && u0 + n < H ? u0 + n : int64_t(-1); },
                      pana + w * P * Uc);
         if (packed)
           pack_panel(a.w_hh, P, true, GH, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
                      panb + w * GH * PUc);
-        if (proj) make_dh(T_ - 1, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + row_of(tf(T_ - 1)) * P);
+        if (proj) make_dh(T_ - 1, w, p0, std::max<int64_t>(0, std::min(P, p0 + PU) - p0), a.dh_proj + row_of(tf(T_ - 1)) * P);
       }
-      if (proj) bar.arrive(we - wb);
+      if (proj && !RB) bar.arrive(we - wb);
     }
     for (int64_t it = T_ - 1; it >= 0; --it) {
       if (!m.begin(T_ - it)) continue;
@@ -1047,32 +1128,34 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
       for (int ph = 0; ph < a.phases; ++ph) {
         if (ph > 0) bar.arrive(we - wb);
         for (int w = wb; w < we; ++w) {
-          const int64_t u0 = w * U, nu = std::min(H, u0 + U) - u0;
-          if (nu <= 0 || bs == 0) continue;
+          const int64_t u0 = RB ? 0 : w * U, nu = std::min(H, u0 + U) - u0, b0 = row0(w), bw = rows(w, bs);
+          const int64_t nprev_w = rows(w, nprev);
+          if (nu <= 0 || bw == 0) continue;
           if (proj) {
-            T* pw = pra + w * B * Uc;
+            T* pw = pra + w * WB * Uc;
             if (ph == 0 && packed)
-              gemm_packed(bs, P, a.dh_proj + row_of(t) * P, P, pana + w * P * Uc, Uc / NR<T>, pw, Uc);
+              gemm_packed(bw, P, a.dh_proj + (row_of(t) + b0) * P, P, pana + w * P * Uc, Uc / NR<T>, pw, Uc);
             else if (ph == 0)
-              gemm_cols(bs, P, a.dh_proj + row_of(t) * P, P, a.w_hr, H, u0, nu, pw, Uc);
-            point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)pw, Uc);
+              gemm_cols(bw, P, a.dh_proj + (row_of(t) + b0) * P, P, a.w_hr, H, u0, nu, pw, Uc);
+            point(ph, w, t, bw, nprev_w, tprev, u0, nu, (const T*)pw, Uc, b0);
           } else {
-            if (ph == 0) make_dh(it, u0, nu, a.dh_cur);
-            point(ph, w, t, bs, nprev, tprev, u0, nu, (const T*)(a.dh_cur + u0), P);
+            if (ph == 0) make_dh(it, w, u0, nu, a.dh_cur);
+            point(ph, w, t, bw, nprev_w, tprev, u0, nu, (const T*)(a.dh_cur + b0 * P + u0), P, b0);
           }
         }
       }
-      bar.arrive(we - wb);
+      // by rows a worker's products read only the gradients of its own rows: no barrier
+      if (!RB) bar.arrive(we - wb);
       for (int w = wb; w < we; ++w) {
-        const int64_t p0 = w * PU, np = std::min(P, p0 + PU) - p0;
+        const int64_t p0 = RB ? 0 : w * PU, np = std::min(P, p0 + PU) - p0, b0 = row0(w), bw = rows(w, bs);
         if (np <= 0) continue;
-        T* pw = prb + w * B * PUc;
-        const T* dr = a.d_rec + row_of(t) * GH;
-        if (bs > 0 && packed) gemm_packed(bs, GH, dr, GH, panb + w * GH * PUc, PUc / NR<T>, pw, PUc);
-        if (bs > 0 && !packed) gemm_cols(bs, GH, dr, GH, a.w_hh, P, p0, np, pw, PUc);
-        for (int64_t b = 0; b < bs; ++b) {
+        T* pw = prb + w * WB * PUc;
+        const T* dr = a.d_rec + (row_of(t) + b0) * GH;
+        if (bw > 0 && packed) gemm_packed(bw, GH, dr, GH, panb + w * GH * PUc, PUc / NR<T>, pw, PUc);
+        if (bw > 0 && !packed) gemm_cols(bw, GH, dr, GH, a.w_hh, P, p0, np, pw, PUc);
+        for (int64_t b = b0; b < b0 + bw; ++b) {
           T* d = a.dh_rec + b * P + p0;
-          const T* g = pw + b * PUc;
+          const T* g = pw + (b - b0) * PUc;
           const T* src = b < nprev ? a.y + (row_of(tprev) + b) * P : a.h0 + b * P;
           if (a.rmask) {  // h_{t-1} entered the product times its mask
             const T* m = a.rmask + b * P + p0;
@@ -1088,12 +1171,12 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
           }
           std::memcpy(a.hprev + (row_of(t) + b) * P + p0, src + p0, sizeof(T) * np);
         }
-        if (proj && it > 0) make_dh(it - 1, p0, np, a.dh_proj + row_of(tprev) * P);
+        if (proj && it > 0) make_dh(it - 1, w, p0, np, a.dh_proj + row_of(tprev) * P);
       }
       // With a projection the next phase A reads every worker's dh_proj columns. Without one a worker's
       // columns are its own units (PU = U), so its next phase A reads only dh_rec columns that its own
       // phase B wrote, and writes step t-1's d_rec while the others may still read step t's: no barrier.
-      if (proj) bar.arrive(we - wb);
+      if (proj && !RB) bar.arrive(we - wb);
     }
   });
 }

@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> seq_fwd_impl(const Dims& d, const
   const PointBias<T> bias(a, data_or_null<T>(b_hh), 1);
   const T* bp = bias.data();
   forward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t u0, int64_t nu, const T* pre, int64_t ldp, int64_t,
-                           const T*, T* hdst, int64_t, const XRows<T>& xr) {
+                           const T*, T* hdst, int64_t, const XRows<T>& xr, int64_t) {
     fwd_point(FwdPoint<T>{bs, nu, H, ldp, pre, xr.x, xr.rs, bp + u0, hdst + u0}, relu);
   });
   return {y, h_n, at::empty({0}, h0.options())};
@@ -137,8 +137,8 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.row0 = R.row0;
     T* dx = d_xw.data_ptr<T>();
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
-                              int64_t ldh) {
-      bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + R(t) * H + u0, dx + R(t) * H + u0}, relu);
+                              int64_t ldh, int64_t b0) {
+      bwd_point(BwdPoint<T>{bs, nu, H, ldh, dh, yp + (R(t) + b0) * H + u0, dx + (R(t) + b0) * H + u0}, relu);
     });
   }
   const at::Tensor flat = d_xw.view({N, H});

@@ -583,14 +583,16 @@ def _team_case_outputs(make, x, lengths, train):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
-def test_a_late_thread_joins_the_team_and_the_numbers_do_not_change(ran):
+@pytest.mark.parametrize("split", ["units", "rows"])
+def test_a_late_thread_joins_the_team_and_the_numbers_do_not_change(split, ran):
     """A team does not wait for a thread that starts late (csrc/recurrence.h, Team): the first thread in
     runs every worker's share until the others are in, then hands them their shares at a step boundary.
     With the other threads held back until a given step (so that they join in the middle of a call, or after
     its last step)
     the forward and backward of each cell, with a projection, layer norm (a pass in phases), two
     bidirectional layers, a packed sequence and int8 weights give the numbers of a team that starts
-    together, bit for bit, and both paths ran."""
+    together, bit for bit, and both paths ran; with the dense calls split by units, and by rows (forced
+    here on 4 rows; the packed and layer-norm calls stay split by units)."""
     T, B, H = 60, 4, 64  # two blocks of units: a team of two
     x = torch.randn(T, B, H)
     lengths = torch.tensor([60, 41, 33, 7])
@@ -604,8 +606,11 @@ def test_a_late_thread_joins_the_team_and_the_numbers_do_not_change(ran):
         (lambda: fastrnn.quantize(fastrnn.LSTM(H, H, backend="cpp"), torch.qint8), x, None, False),
     ]
     old_macs = cpp.BACKEND.set_parallel_min_macs(0)
+    old_split = cpp._C.set_row_split(1 if split == "rows" else 0)
     try:
+        by_rows = cpp._C.row_split_count()
         want = [_team_case_outputs(*c) for c in cases]
+        by_rows = cpp._C.row_split_count() - by_rows
         before = cpp._C.team_counts()
         for join_at in (1, 2, 25, 10 ** 6):  # before the first step, at steps 1 and 24, after the last
             old = cpp._C.set_team_join_at(join_at)
@@ -620,5 +625,91 @@ def test_a_late_thread_joins_the_team_and_the_numbers_do_not_change(ran):
         joined, ended = (a - b for a, b in zip(cpp._C.team_counts(), before))
     finally:
         cpp.BACKEND.set_parallel_min_macs(old_macs)
+        cpp._C.set_row_split(old_split)
     assert joined > 0 and ended > 0, (joined, ended)
+    # by rows: the forward and backward of the LSTM, each layer-direction of the 2-layer bidirectional one,
+    # the RNN's
+    assert by_rows == (2 + 8 + 2 if split == "rows" else 0)
     assert backends_used(ran) == {"cpp"}
+
+
+# cells and options a call split by rows serves (Layout): the LSTM with a projection, peephole weights (the
+# backward stays split by units: each worker accumulates its units' peephole gradients), two bidirectional
+# layers; the GRU; the RNN with either nonlinearity
+ROW_CASES = [("LSTM", {}, 2), ("LSTM", {"proj_size": 24}, 2), ("LSTM", {"peephole": True}, 1),
+             ("LSTM", {"num_layers": 2, "bidirectional": True}, 8), ("GRU", {}, 2), ("RNN", {}, 2),
+             ("RNN", {"nonlinearity": "relu"}, 2)]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
+@pytest.mark.parametrize("name,kw,calls", ROW_CASES)
+@pytest.mark.parametrize("T,B", [(5, 3), (40, 17)])
+def test_a_call_split_by_rows_matches_torch(name, kw, calls, T, B, ran):
+    """Split by batch rows (forced here; each worker all units of its rows, no barrier a step), a sequence's
+    forward and backward, with a given state, match torch.nn (the reference backend for the peephole LSTM)
+    in float64, and the split ran; uneven shares of rows (3 over two workers: 2 / 1; 17: 9 / 8)."""
+    cls = getattr(fastrnn, name)
+    torch.manual_seed(0)
+    ours = cls(6, 40, backend="cpp", dtype=torch.float64, **kw)
+    ref = (cls(6, 40, backend="reference", dtype=torch.float64, **kw) if kw.get("peephole")
+           else getattr(torch.nn, name)(6, 40, dtype=torch.float64, **kw))
+    ref.load_state_dict(ours.state_dict())
+    D, P = 2 if ours.bidirectional else 1, kw.get("proj_size") or 40
+    x = torch.randn(T, B, 6, dtype=torch.float64)
+    h0 = torch.randn(ours.num_layers * D, B, P, dtype=torch.float64)
+    hx = (h0, torch.randn(ours.num_layers * D, B, 40, dtype=torch.float64)) if name == "LSTM" else h0
+    old_macs, old_split = cpp.BACKEND.set_parallel_min_macs(0), cpp._C.set_row_split(1)
+    try:
+        before = cpp._C.row_split_count()
+        got = _outputs_and_grads(ours, x, hx)
+        by_rows = cpp._C.row_split_count() - before
+    finally:
+        cpp.BACKEND.set_parallel_min_macs(old_macs)
+        cpp._C.set_row_split(old_split)
+    want = _outputs_and_grads(ref, x, hx)
+    assert by_rows == calls
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert backends_used(ran) == ({"cpp", "reference"} if kw.get("peephole") else {"cpp"})
+
+
+def _outputs_and_grads(m, x, hx):
+    xg = x.clone().requires_grad_(True)
+    state = tuple(s.clone().requires_grad_(True) for s in hx) if isinstance(hx, tuple) else hx.clone().requires_grad_(True)
+    out, st = m(xg, state)
+    st = st if isinstance(st, tuple) else (st,)
+    (out.pow(2).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(st))).backward()
+    grads = [s.grad for s in (state if isinstance(state, tuple) else (state,))]
+    return [out, *st, xg.grad, *grads, *(p.grad for p in m.parameters())]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
+def test_the_split_by_rows_takes_small_weights_and_whole_blocks_of_rows():
+    """The rule (csrc/recurrence.h, layout): a dense call whose recurrent weights fit a worker's L2 splits
+    by rows from 8 rows a worker (H64: 64 KiB for the LSTM, within 3/4 of any L2 this runs on); fewer rows,
+    a ragged batch, zoneout, recurrent dropout and layer norm split by units."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    torch.manual_seed(0)
+    x = torch.randn(10, 64, 64)
+
+    def runs_by_rows(m, inp):
+        before = cpp._C.row_split_count()
+        with torch.no_grad():
+            m(inp)
+        return cpp._C.row_split_count() - before
+
+    old = cpp._C.set_row_split(-1)
+    try:
+        plain = fastrnn.LSTM(64, 64, backend="cpp")
+        assert runs_by_rows(plain, x) == 1
+        assert runs_by_rows(plain, x[:, :15]) == 0  # 15 rows: no register block of 8 for a second worker
+        assert runs_by_rows(plain, x[:, :16]) == 1
+        assert runs_by_rows(plain, pack_padded_sequence(x, torch.tensor([10] * 32 + [6] * 32))) == 0
+        for kw in ({"zoneout": 0.2}, {"recurrent_dropout": 0.2}, {"layer_norm": True}):
+            m = fastrnn.LSTM(64, 64, backend="cpp", **kw).train()
+            before = cpp._C.row_split_count()
+            m(x)[0].sum().backward()
+            assert cpp._C.row_split_count() == before, kw
+    finally:
+        cpp._C.set_row_split(old)
