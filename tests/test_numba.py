@@ -10,6 +10,7 @@ from fastrnn.backends.numba_kernels import gru, lstm, rnn  # noqa: E402
 
 KERNELS = [lstm.lstm_fwd, lstm.lstm_bwd, gru.gru_fwd, gru.gru_bwd, rnn.rnn_fwd, rnn.rnn_bwd,
            lstm.lstm_seq_at, gru.gru_seq_at, rnn.rnn_seq_at]
+# (the entries' <f>_fwd_rows, split by rows, are compiled inside them: njit, nopython)
 
 
 def test_kernels_are_compiled_nopython():
@@ -24,10 +25,14 @@ def test_kernels_are_compiled_nopython():
             for cls in (fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN):
                 m = cls(4, 40, backend="numba")  # 40 units: a team of up to three parts of 16
                 m(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
-                with torch.no_grad():  # inference: the chunk entry's <f>_seq_at (6 rows)
+                with torch.no_grad():  # inference: the chunk entry's <f>_seq_at (6 rows), split by units,
+                    m(torch.randn(3, 2, 4))  # then (forced) by rows: <f>_fwd_rows
+                    nb.ROW_SPLIT = 1
                     m(torch.randn(3, 2, 4))
+                    nb.ROW_SPLIT = -1
         finally:
             nb.BACKEND.set_parallel_min_macs(old)
+            nb.ROW_SPLIT = -1
     for k in KERNELS:
         for form in (nb._kernel(k, 1), k) if split else (nb._kernel(k, 1),):
             assert isinstance(form, numba.core.registry.CPUDispatcher)

@@ -203,3 +203,58 @@ def test_one_thread_runs_the_serial_twin(monkeypatch):
             assert ran[-1] == (entry, 1 if parts == 1 else threads)
             for a, b in zip(flat_outputs(got), flat_outputs(want)):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
+@pytest.mark.parametrize("B", [3, 17])
+@pytest.mark.parametrize("name", ["LSTM", "LSTM-2L-bi", "LSTM-proj", "LSTM-peephole-coupled", "GRU-bi",
+                                  "GRU-3L-batch_first", "RNN-relu-nobias"])
+def test_a_dense_sequence_split_by_rows(name, B, monkeypatch):
+    """In inference a dense sequence split by batch rows (forced here: numba_kernels/*_fwd_rows, each
+    thread every unit of its block of rows, no wait a step; 3 rows over two threads: 2 / 1) equals
+    torch.nn's module (the reference backend's for the variants), with and without a state, in float64;
+    every layer-direction ran split so."""
+    from fastrnn.backends import numba as nb
+    ours, ref = _pair(name, torch.float64)
+    monkeypatch.setattr(nb, "ROW_SPLIT", 1)
+    x = torch.randn(B, 11, 6, dtype=torch.float64) if ours.batch_first else torch.randn(11, B, 6, dtype=torch.float64)
+    D = 2 if ours.bidirectional else 1
+    P = getattr(ours, "proj_size", 0) or 40
+    h0 = torch.randn(ours.num_layers * D, B, P, dtype=torch.float64)
+    hx = (h0, torch.randn(ours.num_layers * D, B, 40, dtype=torch.float64)) if name.startswith("LSTM") else h0
+    old = nb.BACKEND.set_parallel_min_macs(0)
+    try:
+        before = nb.ROW_CALLS
+        with torch.no_grad():
+            got = [flat_outputs(ours(x, state)) for state in (None, hx)]
+        by_rows = nb.ROW_CALLS - before
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)
+    with torch.no_grad():
+        want = [flat_outputs(ref(x, state)) for state in (None, hx)]
+    assert by_rows == 2 * ours.num_layers * D
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
+def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
+    """The rule (numba.py, ``_row_parts``): a dense inference sequence whose team would split, from 8 rows a
+    thread, with its recurrent weights within 3/4 of a core's L2 (H64: 64 KiB for the LSTM); not 15 rows,
+    not a packed sequence."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    from fastrnn.backends import numba as nb
+    torch.manual_seed(0)
+    m, x = fastrnn.LSTM(64, 64, backend="numba"), torch.randn(10, 64, 64)
+
+    def by_rows(inp):
+        before = nb.ROW_CALLS
+        with torch.no_grad():
+            m(inp)
+        return nb.ROW_CALLS - before
+
+    assert nb.ROW_SPLIT == -1
+    assert by_rows(x) == 1 and by_rows(x[:, :16]) == 1
+    assert by_rows(x[:, :15]) == 0
+    assert by_rows(pack_padded_sequence(x, torch.tensor([10] * 32 + [6] * 32))) == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -101,6 +102,51 @@ def _parts(rows, macs_per_row, units=None, call_rows=0):
             numba.set_num_threads(threads)
         return threads
     return 1
+
+
+def _l2_bytes() -> int:
+    """A core's L2 in bytes (Linux sysfs; 1 MiB where it does not say)."""
+    global _L2
+    if _L2 is None:
+        _L2 = 1 << 20
+        try:
+            base = "/sys/devices/system/cpu/cpu0/cache"
+            for d in sorted(os.listdir(base)):
+                with open(f"{base}/{d}/level") as f:
+                    if f.read().strip() != "2":
+                        continue
+                with open(f"{base}/{d}/size") as f:
+                    text = f.read().strip().upper()
+                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                _L2 = int(text.rstrip("KM")) * mult
+                break
+        except (OSError, ValueError):
+            pass
+    return _L2
+
+
+_L2 = None
+#: -1: the rule (``_row_parts``), 0 / 1: never / wherever a call allows it (tests, A/B); ROW_CALLS counts
+#: the calls split by rows (the tests check that the path ran)
+ROW_SPLIT = -1
+ROW_CALLS = 0
+
+
+def _row_parts(B, sizes, parts, weights, like):
+    """Blocks of rows for a dense inference sequence (numba_kernels/*_fwd_rows: each thread all units of its
+    rows, no wait a step), or 0 for the split by units: where a team would run (``parts`` > 1), with 8 rows
+    a thread or more and the recurrent weights (``weights`` elements) within 3/4 of a core's L2, as the cpp
+    backend's rule (csrc/recurrence.h, layout; benchmarks/NOTES.md, twenty-fifth session)."""
+    if sizes is not None or parts < 2 or ROW_SPLIT == 0:
+        return 0
+    rows = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B if ROW_SPLIT == 1 else B // 8)
+    if rows < 2 or (ROW_SPLIT == -1 and 4 * weights * like.itemsize > 3 * _l2_bytes()):
+        return 0
+    if numba.get_num_threads() < rows:
+        numba.set_num_threads(rows)
+    global ROW_CALLS
+    ROW_CALLS += 1
+    return rows
 
 
 def _lines(*shape, like):
@@ -486,9 +532,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         _check_rows(xw, 3 * H if coupled else 4 * H, like)
         y, h_n, c_n = xw.new_empty(xw.shape[0], P), xw.new_empty(B, P), xw.new_empty(B, H)
         parts = _parts(B, xw.shape[1] * P, max(H, P), xw.shape[0])
-        _kernel(_lstm.lstm_seq_at, parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(),
-                                          c_n.data_ptr(), 0 if sizes is None else sizes.data_ptr(), T, B, H, P,
-                                          bool(reverse), parts, like)
+        rows = _row_parts(B, sizes, parts, xw.shape[1] * P + (P * H if a[2] else 0), like)
+        _kernel(_lstm.lstm_seq_at, rows or parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(),
+                                                  h_n.data_ptr(), c_n.data_ptr(), 0 if sizes is None else sizes.data_ptr(),
+                                                  T, B, H, P, bool(reverse), rows or parts, rows > 0, like)
         return y, h_n, c_n
 
     @staticmethod
@@ -497,8 +544,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         _check_rows(xw, 3 * H, like)
         y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
         parts = _parts(B, xw.shape[1] * H, H, xw.shape[0])
-        _kernel(_gru.gru_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
-                                        0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse), parts, like)
+        rows = _row_parts(B, sizes, parts, xw.shape[1] * H, like)
+        _kernel(_gru.gru_seq_at, rows or parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
+                                                0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
+                                                rows or parts, rows > 0, like)
         return y, h_n
 
     @staticmethod
@@ -507,9 +556,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         _check_rows(xw, H, like)
         y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
         parts = _parts(B, H * H, H, xw.shape[0])
-        _kernel(_rnn.rnn_seq_at, parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
-                                        0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
-                                        nonlinearity == "relu", parts, like)
+        rows = _row_parts(B, sizes, parts, H * H, like)
+        _kernel(_rnn.rnn_seq_at, rows or parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
+                                                0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
+                                                nonlinearity == "relu", rows or parts, rows > 0, like)
         return y, h_n
 
     def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):

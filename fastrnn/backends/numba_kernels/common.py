@@ -188,6 +188,14 @@ def split(total, parts, p):
 
 
 @numba.njit(**JIT)
+def row_block(total, parts, p):
+    """[lo, hi) of part p when a batch of ``total`` rows is split in ``parts`` (the split by rows)."""
+    chunk = (total + parts - 1) // parts
+    lo = min(total, p * chunk)
+    return lo, min(total, lo + chunk)
+
+
+@numba.njit(**JIT)
 def first_step(reverse, t, T, b, sizes):
     """Is step t the first one row b takes (its state comes from h0/c0)?"""
     if not reverse:

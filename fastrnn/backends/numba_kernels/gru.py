@@ -8,8 +8,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_offsets, sigmoid_,
-                     split, tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_block, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -78,8 +77,30 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
     final_rows(y, sizes, offs, reverse, h_n)
 
 
+@numba.njit(parallel=True, **JIT)
+def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n):
+    """``gru_fwd`` in inference on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
+    B, H = h0.shape[0], h0.shape[1]
+    dt = h0.dtype
+    for p in prange(parts):
+        r0, r1 = row_block(B, parts, p)
+        n = r1 - r0
+        gates, hn_all = lines((1, n, 3 * H), dt), lines((1, n, H), dt)
+        h_a, h_b = lines((n, H), dt), lines((n, H), dt)
+        h_a[:, :] = h0[r0:r1]
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
+            for k in range(3):
+                mm_nt(src, n, w_hh, gates[0], k * H, k * H + H, False)
+            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, gates, hn_all, b_hh, src, dst)
+            for b in range(n):
+                y[t * B + r0 + b, :] = dst[b, :]
+        h_n[r0:r1] = h_b if T % 2 == 1 else h_a
+
+
 @numba.njit(**JIT)
-def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, like):
+def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, by_rows, like):
     """``gru_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
@@ -87,6 +108,9 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
+    if by_rows:
+        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n)
+        return
     gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((1, B, 3 * H), dt),
             lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt))
 

@@ -10,7 +10,7 @@ import numba
 from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t, project_units,
-                     row_offsets, sigmoid_, split, tanh_)
+                     row_block, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -160,9 +160,41 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
     c_n[:, :] = c  # rows stop updating c after their last step
 
 
+@numba.njit(parallel=True, **JIT)
+def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n):
+    """``lstm_fwd`` in inference on a dense batch split by rows: part p runs every step of its block of
+    rows with all units, on buffers of its own, and never waits for another (the split by units waits for
+    every part each step). xw [T x B, G*H] and y [T x B, P] as rows."""
+    B, H, P = c0.shape[0], c0.shape[1], h0.shape[1]
+    G = 3 if coupled else 4
+    proj = w_hr.shape[0] > 0
+    dt = h0.dtype
+    for p in prange(parts):
+        r0, r1 = row_block(B, parts, p)
+        n = r1 - r0
+        gates, c_all = lines((1, n, G * H), dt), lines((1, n, H), dt)
+        hfull = lines((1, n, H) if proj else (0, 0, 0), dt)
+        h_a, h_b, c = lines((n, P), dt), lines((n, P), dt), lines((n, H), dt)
+        h_a[:, :] = h0[r0:r1]
+        c[:, :] = c0[r0:r1]
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
+            hout = hfull[0] if proj else dst
+            for k in range(G):
+                mm_nt(src, n, w_hh, gates[0], k * H, k * H + H, False)
+            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+            if proj:
+                mm_nt(hfull[0], n, w_hr, dst, 0, P, False)
+            for b in range(n):
+                y[t * B + r0 + b, :] = dst[b, :]
+        h_n[r0:r1] = h_b if T % 2 == 1 else h_a
+        c_n[r0:r1] = c
+
+
 @numba.njit(**JIT)
 def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, a_h_n, a_c_n, a_sizes, T, B, H, P,
-                reverse, parts, like):
+                reverse, parts, by_rows, like):
     """``lstm_fwd`` in inference (the chunk and packed entries), on tensors given by address (see
     rnn.rnn_cell; 0 for an absent bias, w_hr or w_ch): a dense sequence's T x B rows, or with ``a_sizes``
     (int64 [T], non-increasing) a packed sequence's rows. Its workspace and state buffers are made here,
@@ -178,6 +210,9 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     h0, c0 = at(a_h0, (B, P), like), at(a_c0, (B, H), like)
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
     dt = like.dtype
+    if by_rows:  # a dense batch, ``parts`` blocks of rows (lstm_fwd_rows)
+        lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n)
+        return
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
              lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
              lines((B, P), dt), lines((B, P), dt), lines((B, H), dt))

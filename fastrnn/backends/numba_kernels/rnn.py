@@ -4,8 +4,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_offsets, split,
-                     tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_block, row_offsets, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -62,13 +61,36 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
     final_rows(y, sizes, offs, reverse, h_n)
 
 
+@numba.njit(parallel=True, **JIT)
+def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n):
+    """``rnn_fwd`` in inference on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
+    B, H = h0.shape[0], h0.shape[1]
+    dt = h0.dtype
+    for p in prange(parts):
+        r0, r1 = row_block(B, parts, p)
+        n = r1 - r0
+        h_a, h_b = lines((n, H), dt), lines((n, H), dt)
+        h_a[:, :] = h0[r0:r1]
+        for s in range(T):
+            t = T - 1 - s if reverse else s
+            src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
+            mm_nt(src, n, w_hh, dst, 0, H, False)
+            _pointwise_fwd(t * B + r0, n, 0, H, xw, b_hh, relu, dst)
+            for b in range(n):
+                y[t * B + r0 + b, :] = dst[b, :]
+        h_n[r0:r1] = h_b if T % 2 == 1 else h_a
+
+
 @numba.njit(**JIT)
-def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, like):
+def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, by_rows, like):
     """``rnn_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
     xw, w_hh, b_hh = at(a_xw, (rows, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
+    if by_rows:
+        rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n)
+        return
     rnn_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, relu, parts, y, h_n, lines((B, H), like.dtype),
             lines((B, H), like.dtype))
 
