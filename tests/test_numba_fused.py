@@ -239,6 +239,42 @@ def test_a_dense_sequence_split_by_rows(name, B, monkeypatch):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
+@pytest.mark.parametrize("name", ["LSTM", "LSTM-2L-bi", "LSTM-proj", "LSTM-peephole-coupled", "GRU-bi",
+                                  "RNN-relu-nobias"])
+def test_a_training_forward_split_by_rows(name, monkeypatch):
+    """The saving forward of a training call split by rows (forced; the backward keeps the units): outputs
+    and every gradient equal torch.nn's (the reference backend's for the variants) in float64, with a given
+    state; 17 rows (9 / 8)."""
+    from fastrnn.backends import numba as nb
+    ours, ref = _pair(name, torch.float64)
+    monkeypatch.setattr(nb, "ROW_SPLIT", 1)
+    D = 2 if ours.bidirectional else 1
+    P = getattr(ours, "proj_size", 0) or 40
+    x = torch.randn(13, 17, 6, dtype=torch.float64)
+    h0 = torch.randn(ours.num_layers * D, 17, P, dtype=torch.float64)
+    hx = (h0, torch.randn(ours.num_layers * D, 17, 40, dtype=torch.float64)) if name.startswith("LSTM") else h0
+
+    def run(m):
+        xg = x.clone().requires_grad_(True)
+        out, st = m(xg, hx)
+        st = st if isinstance(st, tuple) else (st,)
+        (out.pow(2).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(st))).backward()
+        return [out, *st, xg.grad, *(p.grad for p in m.parameters())]
+
+    old = nb.BACKEND.set_parallel_min_macs(0)
+    try:
+        before = nb.ROW_CALLS
+        got = run(ours)
+        by_rows = nb.ROW_CALLS - before
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)
+    want = run(ref)
+    assert by_rows == ours.num_layers * D
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
 def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
     """The rule (numba.py, ``_row_parts``): a dense inference sequence whose team would split, from 8 rows a
     thread, with its recurrent weights within 3/4 of a core's L2 (H64: 64 KiB for the LSTM); not 15 rows,

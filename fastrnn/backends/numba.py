@@ -132,12 +132,13 @@ ROW_SPLIT = -1
 ROW_CALLS = 0
 
 
-def _row_parts(B, sizes, parts, weights, like):
-    """Blocks of rows for a dense inference sequence (numba_kernels/*_fwd_rows: each thread all units of its
-    rows, no wait a step), or 0 for the split by units: where a team would run (``parts`` > 1), with 8 rows
-    a thread or more and the recurrent weights (``weights`` elements) within 3/4 of a core's L2, as the cpp
-    backend's rule (csrc/recurrence.h, layout; benchmarks/NOTES.md, twenty-fifth session)."""
-    if sizes is not None or parts < 2 or ROW_SPLIT == 0:
+def _row_parts(B, ragged, parts, weights, like):
+    """Blocks of rows for a sequence forward (numba_kernels/*_fwd_rows: each thread all units of its rows, no
+    wait a step; in inference, and in training before a backward that keeps the units), or 0 for the split
+    by units: for a dense batch (``ragged`` None: no lengths or batch sizes) where a team would run (``parts``
+    > 1), with 8 rows a thread or more and the recurrent weights (``weights`` elements) within 3/4 of a core's
+    L2, as the cpp backend's rule (csrc/recurrence.h, layout; benchmarks/NOTES.md, twenty-fifth session)."""
+    if ragged is not None or parts < 2 or ROW_SPLIT == 0:
         return 0
     rows = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B if ROW_SPLIT == 1 else B // 8)
     if rows < 2 or (ROW_SPLIT == -1 and 4 * weights * like.itemsize > 3 * _l2_bytes()):
@@ -229,8 +230,15 @@ class NumbaBackend(StepsFromSequence, Backend):
             gates, c_all, hfull = self._lstm_ws(torch.empty(B * (GH + 2 * H), dtype=xw.dtype), 1, B, GH, H, proj)
         y = new(T, B, P, dtype=xw.dtype)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-        h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
         parts = _parts(B, GH * P, max(H, P), T * B)
+        rows = _row_parts(B, lengths, parts, GH * P + (P * H if proj else 0), _np(xw))
+        if rows:
+            _kernel(_lstm.lstm_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw),
+                                               _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0), T, reverse, rows,
+                                               _rows(y, out=True), _np(h_n), _np(c_n), _np(gates), _np(c_all),
+                                               _np(hfull))
+            return y, h_n, c_n, ws
+        h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                 coupled,
                                 _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts,
@@ -273,8 +281,13 @@ class NumbaBackend(StepsFromSequence, Backend):
         ws = buf if save else xw.new_empty(0)
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
-        h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         parts = _parts(B, GH * H, H, T * B)
+        rows = _row_parts(B, lengths, parts, GH * H, _np(xw))
+        if rows:
+            _kernel(_gru.gru_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse, rows,
+                                             _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all))
+            return y, h_n, ws
+        h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
                               parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
@@ -593,8 +606,13 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         y = new(T, B, H, dtype=xw.dtype)
         h_n = torch.empty_like(h0)
-        h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         parts = _parts(B, H * H, H, T * B)
+        rows = _row_parts(B, lengths, parts, H * H, _np(xw))
+        if rows:
+            _kernel(_rnn.rnn_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse,
+                                             nonlinearity == "relu", rows, _rows(y, out=True), _np(h_n))
+            return y, h_n, xw.new_empty(0)
+        h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
                               nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b)

@@ -78,22 +78,25 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n):
-    """``gru_fwd`` in inference on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
+def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all):
+    """``gru_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
     dt = h0.dtype
+    S = gates.shape[0]
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
         n = r1 - r0
-        gates, hn_all = lines((1, n, 3 * H), dt), lines((1, n, H), dt)
         h_a, h_b = lines((n, H), dt), lines((n, H), dt)
         h_a[:, :] = h0[r0:r1]
         for s in range(T):
             t = T - 1 - s if reverse else s
+            st = t if S == T else 0
+            g = gates[st, r0:r1].reshape((1, n, 3 * H))
+            hn = hn_all[st, r0:r1].reshape((1, n, H))
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
             for k in range(3):
-                mm_nt(src, n, w_hh, gates[0], k * H, k * H + H, False)
-            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, gates, hn_all, b_hh, src, dst)
+                mm_nt(src, n, w_hh, g[0], k * H, k * H + H, False)
+            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, g, hn, b_hh, src, dst)
             for b in range(n):
                 y[t * B + r0 + b, :] = dst[b, :]
         h_n[r0:r1] = h_b if T % 2 == 1 else h_a
@@ -109,7 +112,7 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
     if by_rows:
-        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n)
+        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, lines((1, B, 3 * H), dt), lines((1, B, H), dt))
         return
     gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((1, B, 3 * H), dt),
             lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt))

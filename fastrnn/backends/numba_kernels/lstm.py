@@ -161,31 +161,34 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n):
-    """``lstm_fwd`` in inference on a dense batch split by rows: part p runs every step of its block of
-    rows with all units, on buffers of its own, and never waits for another (the split by units waits for
-    every part each step). xw [T x B, G*H] and y [T x B, P] as rows."""
+def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n, gates, c_all, hfull):
+    """``lstm_fwd`` on a dense batch split by rows: part p runs every step of its block of rows with all
+    units, its state on buffers of its own, and never waits for another (the split by units waits for every
+    part each step). xw [T x B, G*H] and y [T x B, P] as rows; the workspace as lstm_fwd's ([T, ...] saved
+    for the backward, or [1, ...]), each part writing its own rows of it."""
     B, H, P = c0.shape[0], c0.shape[1], h0.shape[1]
     G = 3 if coupled else 4
     proj = w_hr.shape[0] > 0
     dt = h0.dtype
+    S = gates.shape[0]
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
         n = r1 - r0
-        gates, c_all = lines((1, n, G * H), dt), lines((1, n, H), dt)
-        hfull = lines((1, n, H) if proj else (0, 0, 0), dt)
         h_a, h_b, c = lines((n, P), dt), lines((n, P), dt), lines((n, H), dt)
         h_a[:, :] = h0[r0:r1]
         c[:, :] = c0[r0:r1]
         for s in range(T):
             t = T - 1 - s if reverse else s
+            st = t if S == T else 0
+            g = gates[st, r0:r1].reshape((1, n, G * H))  # the part's rows of the slot (C-contiguous)
+            ca = c_all[st, r0:r1].reshape((1, n, H))
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-            hout = hfull[0] if proj else dst
+            hout = hfull[st, r0:r1] if proj else dst
             for k in range(G):
-                mm_nt(src, n, w_hh, gates[0], k * H, k * H + H, False)
-            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+                mm_nt(src, n, w_hh, g[0], k * H, k * H + H, False)
+            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, g, b_hh, w_ch, coupled, c, ca, hout)
             if proj:
-                mm_nt(hfull[0], n, w_hr, dst, 0, P, False)
+                mm_nt(hout, n, w_hr, dst, 0, P, False)
             for b in range(n):
                 y[t * B + r0 + b, :] = dst[b, :]
         h_n[r0:r1] = h_b if T % 2 == 1 else h_a
@@ -211,7 +214,8 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
     dt = like.dtype
     if by_rows:  # a dense batch, ``parts`` blocks of rows (lstm_fwd_rows)
-        lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n)
+        lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n,
+                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt))
         return
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
              lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
