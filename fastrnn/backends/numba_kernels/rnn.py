@@ -63,7 +63,7 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
 
 @numba.njit(parallel=True, **JIT)
 def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n):
-    """``rnn_fwd`` in inference on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
+    """``rnn_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
     dt = h0.dtype
     for p in prange(parts):
