@@ -23,7 +23,6 @@
 // step needs no second barrier for the activations' scales.
 #include <torch/extension.h>
 
-#include <unistd.h>
 
 #include <limits>
 
@@ -704,13 +703,9 @@ void point_tile(Family family, bool simd, int mr, int nl, const float* pre, cons
 
 // ---- one layer-direction ----------------------------------------------------------------------------
 // The rows of the input projection a task takes: its quantized rows stay in L2 while every column group
-// passes over them (a quarter of this core's L2, read from the system once).
+// passes over them (a quarter of this core's L2: recurrence.h, l2_bytes).
 int64_t proj_rows(int64_t row_bytes) {
-  static const int64_t l2 = [] {
-    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return v > 0 ? int64_t(v) : int64_t(256) << 10;
-  }();
-  return std::max<int64_t>(24, (l2 / 4 / std::max<int64_t>(row_bytes, 1)) / 24 * 24);
+  return std::max<int64_t>(24, (l2_bytes() / 4 / std::max<int64_t>(row_bytes, 1)) / 24 * 24);
 }
 
 std::vector<at::Tensor> seq_fwd(int64_t family, int64_t kind_, const at::Tensor& x, const at::Tensor& wih_panel,

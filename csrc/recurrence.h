@@ -657,7 +657,17 @@ struct Layout {
   int64_t U, PU;
   bool packed;
   int64_t RB;
+  // worker w's first unit, first output column and first row, and its rows of a step of `bs` rows
+  int64_t u0(int w) const { return RB ? 0 : w * U; }
+  int64_t p0(int w) const { return RB ? 0 : w * PU; }
+  int64_t b0(int w) const { return RB ? w * RB : 0; }
+  int64_t rows(int w, int64_t bs) const { return RB ? std::clamp<int64_t>(bs - w * RB, 0, RB) : bs; }
 };
+
+// Does every row run every step (batch sizes all B: a dense batch, the split by rows allowed)?
+inline bool every_row(const std::vector<int64_t>& sizes, int64_t B) {
+  return std::all_of(sizes.begin(), sizes.end(), [B](int64_t n) { return n == B; });
+}
 
 // -1: the rule below; 0 / 1: never / wherever a call allows it (the tests force it on small shapes)
 inline std::atomic<int>& row_split_mode() {
@@ -670,11 +680,11 @@ inline std::atomic<int64_t>& row_split_count() {
   return value;
 }
 
-// a core's L2 in bytes (sysconf; 1 MiB where the system does not say)
+// a core's L2 in bytes (sysconf, read once; 256 KiB where the system does not say)
 inline int64_t l2_bytes() {
   static const int64_t v = [] {
     const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    return b > 0 ? int64_t(b) : int64_t(1) << 20;
+    return b > 0 ? int64_t(b) : int64_t(256) << 10;
   }();
   return v;
 }
@@ -875,14 +885,10 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P;
   const bool proj = a.w_hr != nullptr;
   // by rows: every row runs every step, nothing reduces over a row's units, no unfused projection
-  const bool dense = !a.in.row0 && std::all_of(a.sizes.begin(), a.sizes.end(), [&](int64_t n) { return n == B; });
-  const bool rows_ok = a.rows_ok && dense && a.phases == 1 && !a.rmask && !a.zmask_h && a.zoneout_h == T(0) &&
-                       (!a.in.x || fused_blocks(a.in, T_, B));
-  const auto [nw, U, PU, packed, RB] = layout(T_, B, a.G, H, P, proj, lanes<T>(), a.in.I, rows_ok, sizeof(T));
-  // worker w's units from u0 and rows from b0 (by units: all rows; by rows: all units)
-  auto unit0 = [&, U = U, RB = RB](int w) { return RB ? int64_t(0) : w * U; };
-  auto row0 = [&, RB = RB](int w) { return RB ? w * RB : int64_t(0); };
-  auto rows = [&, RB = RB](int w, int64_t bs) { return RB ? std::clamp<int64_t>(bs - w * RB, 0, RB) : bs; };
+  const bool rows_ok = a.rows_ok && !a.in.row0 && every_row(a.sizes, B) && a.phases == 1 && !a.rmask &&
+                       !a.zmask_h && a.zoneout_h == T(0) && (!a.in.x || fused_blocks(a.in, T_, B));
+  const Layout L = layout(T_, B, a.G, H, P, proj, lanes<T>(), a.in.I, rows_ok, sizeof(T));
+  const auto [nw, U, PU, packed, RB] = L;
   // a worker's G*U gate columns (gate k at k*U + j), its panels and products padded to whole column blocks
   const int64_t GU = a.G * U, ncols = round_up(GU, NR<T>), ncb = ncols / NR<T>, PUc = round_up(PU, NR<T>);
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
@@ -940,19 +946,19 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
     if (m.begin(0)) {
       const int wb = m.wb, we = m.we;
       for (int w = wb; w < we && packed; ++w) {
-        const int64_t u0 = unit0(w);
+        const int64_t u0 = L.u0(w);
         pack_panel(a.w_hh, P, false, P, ncols, [&](int64_t n) {
           const int64_t u = u0 + n % U;
           return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
         }, pan + w * P * ncols);
         if (proj) {
-          const int64_t p0 = RB ? 0 : w * PU;
+          const int64_t p0 = L.p0(w);
           pack_panel(a.w_hr, H, false, H, PUc, [&](int64_t n) { return n < PU && p0 + n < P ? p0 + n : int64_t(-1); },
                      panr + w * H * PUc);
         }
       }
       for (int w = wb; w < we && fused; ++w) {
-        const int64_t u0 = unit0(w);
+        const int64_t u0 = L.u0(w);
         pack_panel(a.in.w_ih, I, false, I, ncols, [&](int64_t n) {
           const int64_t u = u0 + n % U;
           return n < GU && u < H ? (n / U) * H + u : int64_t(-1);
@@ -979,26 +985,23 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       for (int ph = 0; ph < a.phases; ++ph) {
         if (ph > 0) bar.arrive(we - wb);
         for (int w = wb; w < we; ++w) {
-          const int64_t u0 = unit0(w), nu = std::min(H, u0 + U) - u0, b0 = row0(w), bw = rows(w, bs);
+          const int64_t u0 = L.u0(w), nu = std::min(H, u0 + U) - u0, b0 = L.b0(w), bw = L.rows(w, bs);
           if (nu <= 0 || bw == 0) continue;
           T* pw = prb + w * WB * ncols;
           T* xo = xin + w * S * WB * ncols;
           if (ph == 0) {
-            if (fused && it == blk && !RB) {
-              const int64_t r0 = row_of(tlo), n = row_of(tlo + nb) - r0;
-              gemm_packed(n, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
+            if (fused && it == blk) {
+              // the block's rows: contiguous in x by units; by rows, the worker's bw rows of each step
+              const int64_t r0 = row_of(tlo), n = RB ? nb * bw : row_of(tlo + nb) - r0;
+              if (!RB) gemm_packed(n, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
+              for (int64_t s = 0; RB && s < nb; ++s)
+                gemm_packed(bw, I, a.in.x + (row_of(tlo + s) + b0) * I, I, pin + w * I * ncols, ncb,
+                            xo + s * bw * ncols, ncols);
               const int64_t g0 = a.in.b_ih_from;  // the blocks before g0: in the pointwise pass's bias
               if (a.in.b_ih && g0 < a.G)
                 add_gate_bias(xo + g0 * U, ncols, n, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
-            } else if (fused && it == blk) {  // by rows: the worker's rows of each step, bw a step
-              for (int64_t s = 0; s < nb; ++s)
-                gemm_packed(bw, I, a.in.x + (row_of(tlo + s) + b0) * I, I, pin + w * I * ncols, ncb,
-                            xo + s * bw * ncols, ncols);
-              const int64_t g0 = a.in.b_ih_from;
-              if (a.in.b_ih && g0 < a.G)
-                add_gate_bias(xo + g0 * U, ncols, nb * bw, a.G - g0, U, nu, a.in.b_ih + g0 * H + u0, H);
             }
-            const int64_t bw_next = rows(w, bs_next);
+            const int64_t bw_next = L.rows(w, bs_next);
             if (bw_next > 0 && !fused) prefetch_xw(a, row_of(a.reverse ? t - 1 : t + 1) + b0, bw_next, u0, nu);
             if (a.in.x && !fused && T_ == 1) project_input(a, t, bs, u0, nu);  // a cell (never by rows)
             if (packed)
@@ -1016,7 +1019,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
       if (!RB) bar.arrive(we - wb);
       if (!proj) continue;
       for (int w = wb; w < we; ++w) {
-        const int64_t p0 = RB ? 0 : w * PU, np = std::min(P, p0 + PU) - p0, b0 = row0(w), bw = rows(w, bs);
+        const int64_t p0 = L.p0(w), np = std::min(P, p0 + PU) - p0, b0 = L.b0(w), bw = L.rows(w, bs);
         if (np <= 0 || bw == 0) continue;
         T* pw = prr + w * WB * PUc;
         if (packed)
@@ -1070,13 +1073,10 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   const int64_t T_ = a.T_, B = a.B, H = a.H, P = a.P, GH = a.G * a.H;
   const bool proj = a.w_hr != nullptr;
   const bool zon = a.zmask_h || a.zoneout_h != T(0);
-  const bool rows_ok = a.rows_ok && !a.row0 && a.phases == 1 && !a.rmask && !zon &&
-                       std::all_of(a.sizes.begin(), a.sizes.end(), [&](int64_t n) { return n == B; });
-  const auto [nw, U, PU, packed, RB] = layout(T_, B, a.G, H, P, proj, lanes<T>(), 0, rows_ok, sizeof(T));
-  // worker w's units and columns from u0 and p0, its rows from b0 (as the forward_driver's)
-  const int64_t WB = RB ? RB : B;
-  auto row0 = [&, RB = RB](int w) { return RB ? w * RB : int64_t(0); };
-  auto rows = [&, RB = RB](int w, int64_t bs) { return RB ? std::clamp<int64_t>(bs - w * RB, 0, RB) : bs; };
+  const bool rows_ok = a.rows_ok && !a.row0 && every_row(a.sizes, B) && a.phases == 1 && !a.rmask && !zon;
+  const Layout L = layout(T_, B, a.G, H, P, proj, lanes<T>(), 0, rows_ok, sizeof(T));
+  const auto [nw, U, PU, packed, RB] = L;
+  const int64_t WB = RB ? RB : B;  // a worker's rows
   const int64_t Uc = round_up(U, NR<T>), PUc = round_up(PU, NR<T>);  // panels of whole column blocks
   // zoneout: dh_t splits into (1-k) dh_t for the cell's h~ and k dh_t carried to h_{t-1}, which the
   // recurrent product then adds to
@@ -1090,7 +1090,7 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   // dh of the step at `it` for the worker's rows [b0, b0 + rows(w, bs)), columns [p0, p0 + np): grad_y + the
   // recurrent part
   auto make_dh = [&](int64_t it, int w, int64_t p0, int64_t np, T* dst) {
-    const int64_t t = tf(it), b0 = row0(w), bw = rows(w, a.sizes[t]);
+    const int64_t t = tf(it), b0 = L.b0(w), bw = L.rows(w, a.sizes[t]);
     for (int64_t b = b0; b < b0 + bw; ++b)
       for (int64_t p = p0; p < p0 + np; ++p) {
         const T full = a.grad_y[(row_of(t) + b) * P + p] + a.dh_rec[b * P + p];
@@ -1109,7 +1109,7 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
     if (m.begin(0)) {
       const int wb = m.wb, we = m.we;
       for (int w = wb; w < we; ++w) {
-        const int64_t u0 = RB ? 0 : w * U, p0 = RB ? 0 : w * PU;
+        const int64_t u0 = L.u0(w), p0 = L.p0(w);
         if (proj && packed)
           pack_panel(a.w_hr, H, true, P, Uc, [&](int64_t n) { return n < U && u0 + n < H ? u0 + n : int64_t(-1); },
                      pana + w * P * Uc);
@@ -1128,8 +1128,8 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
       for (int ph = 0; ph < a.phases; ++ph) {
         if (ph > 0) bar.arrive(we - wb);
         for (int w = wb; w < we; ++w) {
-          const int64_t u0 = RB ? 0 : w * U, nu = std::min(H, u0 + U) - u0, b0 = row0(w), bw = rows(w, bs);
-          const int64_t nprev_w = rows(w, nprev);
+          const int64_t u0 = L.u0(w), nu = std::min(H, u0 + U) - u0, b0 = L.b0(w), bw = L.rows(w, bs);
+          const int64_t nprev_w = L.rows(w, nprev);
           if (nu <= 0 || bw == 0) continue;
           if (proj) {
             T* pw = pra + w * WB * Uc;
@@ -1147,7 +1147,7 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
       // by rows a worker's products read only the gradients of its own rows: no barrier
       if (!RB) bar.arrive(we - wb);
       for (int w = wb; w < we; ++w) {
-        const int64_t p0 = RB ? 0 : w * PU, np = std::min(P, p0 + PU) - p0, b0 = row0(w), bw = rows(w, bs);
+        const int64_t p0 = L.p0(w), np = std::min(P, p0 + PU) - p0, b0 = L.b0(w), bw = L.rows(w, bs);
         if (np <= 0) continue;
         T* pw = prb + w * WB * PUc;
         const T* dr = a.d_rec + (row_of(t) + b0) * GH;

@@ -1,6 +1,7 @@
 """Small helpers shared by the backends' host code."""
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -154,3 +155,25 @@ def recurrent_weight_grads(d_gh, h_prev, b_hh):
     flat = d_gh.reshape(-1, d_gh.shape[-1])
     d_b = flat.sum(0) if b_hh is not None else flat.new_empty(0)
     return flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])), d_b
+
+
+def cache_sizes() -> dict:
+    """{'L2': bytes of one core's L2, 'L2_total': all cores' L2s, 'L3': bytes of L3 (all its instances),
+    'cores': physical cores (one per L2 instance; SMT siblings share one)} from /sys/devices/system/cpu
+    (sizes 0 where the OS does not say)."""
+    seen = {2: {}, 3: {}}
+    for d in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            level = int(open(f"{d}/level").read())
+            kind = open(f"{d}/type").read().strip()
+            if level not in seen or kind not in ("Unified", "Data"):
+                continue
+            size = open(f"{d}/size").read().strip()
+            shared = open(f"{d}/shared_cpu_list").read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+        seen[level][shared] = int(size.rstrip("KMG")) * mult
+    l2 = list(seen[2].values())
+    return {"L2": min(l2) if l2 else 0, "L2_total": sum(l2), "L3": sum(seen[3].values()),
+            "cores": len(l2) or os.cpu_count() or 1}

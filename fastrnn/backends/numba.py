@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import torch
@@ -104,28 +103,12 @@ def _parts(rows, macs_per_row, units=None, call_rows=0):
     return 1
 
 
+@functools.lru_cache(maxsize=None)
 def _l2_bytes() -> int:
-    """A core's L2 in bytes (Linux sysfs; 1 MiB where it does not say)."""
-    global _L2
-    if _L2 is None:
-        _L2 = 1 << 20
-        try:
-            base = "/sys/devices/system/cpu/cpu0/cache"
-            for d in sorted(os.listdir(base)):
-                with open(f"{base}/{d}/level") as f:
-                    if f.read().strip() != "2":
-                        continue
-                with open(f"{base}/{d}/size") as f:
-                    text = f.read().strip().upper()
-                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-                _L2 = int(text.rstrip("KM")) * mult
-                break
-        except (OSError, ValueError):
-            pass
-    return _L2
+    """A core's L2 in bytes (sysfs, read once; 256 KiB where it does not say, as the cpp backend's)."""
+    return _common.cache_sizes()["L2"] or 256 << 10
 
 
-_L2 = None
 #: -1: the rule (``_row_parts``), 0 / 1: never / wherever a call allows it (tests, A/B); ROW_CALLS counts
 #: the calls split by rows (the tests check that the path ran)
 ROW_SPLIT = -1

@@ -196,6 +196,16 @@ def row_block(total, parts, p):
 
 
 @numba.njit(**JIT)
+def row_block_state(h0, parts, p):
+    """Part p of a batch split by rows: its rows [r0, r1) and its two state buffers (the ``*_fwd_rows``
+    kernels' double buffer), the first holding h0's rows."""
+    r0, r1 = row_block(h0.shape[0], parts, p)
+    h_a, h_b = lines((r1 - r0, h0.shape[1]), h0.dtype), lines((r1 - r0, h0.shape[1]), h0.dtype)
+    h_a[:, :] = h0[r0:r1]
+    return r0, r1, h_a, h_b
+
+
+@numba.njit(**JIT)
 def first_step(reverse, t, T, b, sizes):
     """Is step t the first one row b takes (its state comes from h0/c0)?"""
     if not reverse:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_block, row_offsets, sigmoid_, split, tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_block_state,
+                     row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -81,13 +82,10 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
 def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all):
     """``gru_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
-    dt = h0.dtype
     S = gates.shape[0]
     for p in prange(parts):
-        r0, r1 = row_block(B, parts, p)
+        r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
-        h_a, h_b = lines((n, H), dt), lines((n, H), dt)
-        h_a[:, :] = h0[r0:r1]
         for s in range(T):
             t = T - 1 - s if reverse else s
             st = t if S == T else 0

@@ -10,7 +10,7 @@ import numba
 from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t, project_units,
-                     row_block, row_offsets, sigmoid_, split, tanh_)
+                     row_block_state, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -172,10 +172,9 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
     dt = h0.dtype
     S = gates.shape[0]
     for p in prange(parts):
-        r0, r1 = row_block(B, parts, p)
+        r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
-        h_a, h_b, c = lines((n, P), dt), lines((n, P), dt), lines((n, H), dt)
-        h_a[:, :] = h0[r0:r1]
+        c = lines((n, H), dt)
         c[:, :] = c0[r0:r1]
         for s in range(T):
             t = T - 1 - s if reverse else s
