@@ -11,6 +11,9 @@ from fastrnn.backends.numba_kernels import gru, lstm, rnn  # noqa: E402
 KERNELS = [lstm.lstm_fwd, lstm.lstm_bwd, gru.gru_fwd, gru.gru_bwd, rnn.rnn_fwd, rnn.rnn_bwd,
            lstm.lstm_seq_at, gru.gru_seq_at, rnn.rnn_seq_at]
 # (the entries' <f>_fwd_rows, split by rows, are compiled inside them: njit, nopython)
+# split by rows in training: only ever the parallel form (a call on one thread is not split)
+ROW_KERNELS = [lstm.lstm_fwd_rows, lstm.lstm_bwd_rows, gru.gru_fwd_rows, gru.gru_bwd_rows, rnn.rnn_fwd_rows,
+               rnn.rnn_bwd_rows]
 
 
 def test_kernels_are_compiled_nopython():
@@ -29,7 +32,9 @@ def test_kernels_are_compiled_nopython():
                     m(torch.randn(3, 2, 4))  # then (forced) by rows: <f>_fwd_rows
                     nb.ROW_SPLIT = 1
                     m(torch.randn(3, 2, 4))
-                    nb.ROW_SPLIT = -1
+                nb.ROW_SPLIT = 1  # training by rows: <f>_fwd_rows and <f>_bwd_rows, called by the host
+                m(torch.randn(3, 2, 4, requires_grad=True))[0].sum().backward()
+                nb.ROW_SPLIT = -1
         finally:
             nb.BACKEND.set_parallel_min_macs(old)
             nb.ROW_SPLIT = -1
@@ -40,6 +45,9 @@ def test_kernels_are_compiled_nopython():
             assert sigs, f"{form.py_func.__qualname__} never compiled"
             # the float32 form: the first argument's type, or the dtype's array for the entries by address
             assert any(str(s.args[0 if k not in KERNELS[6:] else -1]).startswith("array(float32") for s in sigs)
+    for k in ROW_KERNELS if split else ():
+        assert any(str(s.args[0]).startswith("array(float32") for s in k.nopython_signatures), \
+            f"{k.py_func.__qualname__} never compiled"
 
 
 @pytest.mark.parametrize("region", ["one worker at a time", "more parts than threads"])

@@ -116,9 +116,8 @@ ROW_CALLS = 0
 
 
 def _row_parts(B, ragged, parts, weights, like):
-    """Blocks of rows for a sequence forward (numba_kernels/*_fwd_rows: each thread all units of its rows, no
-    wait a step; in inference, and in training before a backward that keeps the units), or 0 for the split
-    by units: for a dense batch (``ragged`` None: no lengths or batch sizes) where a team would run (``parts``
+    """Blocks of rows for a sequence's forward or backward (numba_kernels/*_fwd_rows, *_bwd_rows: each thread
+    all units of its rows, no wait a step), or 0 for the split by units: for a dense batch (``ragged`` None: no lengths or batch sizes) where a team would run (``parts``
     > 1), with 8 rows a thread or more and the recurrent weights (``weights`` elements) within 3/4 of a core's
     L2, as the cpp backend's rule (csrc/recurrence.h, layout; benchmarks/NOTES.md, twenty-fifth session)."""
     if ragged is not None or parts < 2 or ROW_SPLIT == 0:
@@ -243,12 +242,13 @@ class NumbaBackend(StepsFromSequence, Backend):
         dhf = _lines(B, H, like=xw)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
         parts = _parts(B, GH * P)
-        _kernel(_lstm.lstm_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()),
-                                _opt(w_hr, 2, xw),
-                                _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled,
-                                _np(h0), _np(c0), _sizes(lengths, T, B), reverse, parts, _np(y), _np(gates),
-                                _np(c_all), _np(hfull), _np(dgates), _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0),
-                                _np(dw_ch))
+        # peephole weights: their gradients sum over rows, which the split by rows does not do
+        rows = 0 if w_ch is not None else _row_parts(B, lengths, parts, GH * P + (P * H if proj else 0), _np(xw))
+        _kernel(_lstm.lstm_bwd_rows if rows else _lstm.lstm_bwd, rows or parts)(
+            _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
+            _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0),
+            _sizes(lengths, T, B), reverse, rows or parts, _np(y), _np(gates), _np(c_all), _np(hfull), _np(dgates),
+            _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0), _np(dw_ch))
         d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh)
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
@@ -284,10 +284,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
         parts = _parts(B, GH * H)
-        _kernel(_gru.gru_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0),
-                              _sizes(lengths, T, B),
-                              reverse, parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh),
-                              _np(h_prev), _np(dh0))
+        rows = _row_parts(B, lengths, parts, GH * H, _np(xw))
+        _kernel(_gru.gru_bwd_rows if rows else _gru.gru_bwd, rows or parts)(
+            _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
+            rows or parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
 
@@ -607,10 +607,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         d_xw, h_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
         parts = _parts(B, H * H)
-        _kernel(_rnn.rnn_bwd, parts)(_np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0),
-                              _sizes(lengths, T, B),
-                              reverse, nonlinearity == "relu", parts, _np(y), _np(d_xw), _np(h_prev),
-                              _np(dh0))
+        rows = _row_parts(B, lengths, parts, H * H, _np(xw))
+        _kernel(_rnn.rnn_bwd_rows if rows else _rnn.rnn_bwd, rows or parts)(
+            _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
+            nonlinearity == "relu", rows or parts, _np(y), _np(d_xw), _np(h_prev), _np(dh0))
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
         return d_xw, d_w_hh, d_b_hh, dh0
 

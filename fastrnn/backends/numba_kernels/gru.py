@@ -8,8 +8,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_block_state,
-                     row_offsets, sigmoid_, split, tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_rows, final_rows, lines, mm_nt, project_units,
+                     row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -117,12 +117,13 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
-    """Gate gradients of units [lo, hi); dh_rec[:, lo:hi] becomes the direct part dh * z of d h_{t-1}
-    (each thread reads and writes only its own units; the product part is added after the region)."""
+def _pointwise_bwd(t, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
+    """Gate gradients of units [lo, hi) for rows [r0, r1); dh_rec[:, lo:hi] becomes the direct part dh * z
+    of d h_{t-1} (each thread reads and writes only its own units; the product part is added after the
+    region)."""
     m = hi - lo
     one = gates.dtype.type(1)
-    for b in range(n):
+    for b in range(r0, r1):
         g_t = gates[t, b]
         gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
         dx = d_xw[t, b]
@@ -160,10 +161,26 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
         fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
+            _pointwise_bwd(t, 0, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             mm_nt(d_hh[t], n, w_hh_t, dh_rec, lo, hi, True)
+
+
+@numba.njit(parallel=True, **JIT)
+def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec):
+    """``gru_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
+    block of rows with all units and never waits for another."""
+    T = grad_y.shape[0]
+    B, H = h0.shape[0], h0.shape[1]
+    for p in prange(parts):
+        r0, r1 = row_block(B, parts, p)
+        dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            _pointwise_bwd(t, r0, r1, 0, H, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
+            mm_nt(d_hh[t, r0:r1], r1 - r0, w_hh_t, dh_rec[r0:r1], 0, H, True)
 
 
 @numba.njit(**JIT)

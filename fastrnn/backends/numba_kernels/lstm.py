@@ -9,8 +9,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t, project_units,
-                     row_block_state, row_offsets, sigmoid_, split, tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_rows, final_rows, first_step, lines, mm_nt, prev_t,
+                     project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -222,15 +222,15 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, T, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
+def _pointwise_bwd(t, T, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
                    coupled, dc, dgates, dw_ch):
-    """Gate gradients of units [lo, hi) for rows [0, n) at step t; dc becomes d c_{t-1}."""
+    """Gate gradients of units [lo, hi) for rows [r0, r1) at step t; dc becomes d c_{t-1}."""
     peep = w_ch.shape[0] > 0
     G = 3 if coupled else 4
     m = hi - lo
     one, zero = c0.dtype.type(1), c0.dtype.type(0)
     tp = prev_t(reverse, t)
-    for b in range(n):
+    for b in range(r0, r1):
         g_t = gates[t, b]
         d_t = dgates[t, b]
         gi = g_t[lo:hi]
@@ -317,11 +317,38 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
                 mm_nt(dh_proj[t], n, w_hr_t, dhf, lo, hi, False)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, T, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
+            _pointwise_bwd(t, T, 0, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
                            w_ch, coupled, dc, dgates, dw_ch)
         for p in prange(parts):
             lo, hi = split(P, parts, p)
             mm_nt(dgates[t], n, w_hh_t, dh_rec, lo, hi, False)
+
+
+@numba.njit(parallel=True, **JIT)
+def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, reverse, parts,
+                  y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch):
+    """``lstm_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
+    block of rows with all units and never waits for another (the split by units opens two or three
+    parallel regions a step). Without peephole weights (w_ch empty): their gradients are sums over rows."""
+    T = grad_y.shape[0]
+    B, H, P = c0.shape[0], c0.shape[1], h0.shape[1]
+    proj = w_hr.shape[0] > 0
+    for p in prange(parts):
+        r0, r1 = row_block(B, parts, p)
+        n = r1 - r0
+        dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
+        dc[r0:r1, :] = grad_c_n[r0:r1, :]
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            if proj:
+                for b in range(r0, r1):
+                    for k in range(P):
+                        dh_proj[t, b, k] = dh_rec[b, k] + grad_y[t, b, k]
+                mm_nt(dh_proj[t, r0:r1], n, w_hr_t, dhf[r0:r1], 0, H, False)
+            _pointwise_bwd(t, T, r0, r1, 0, H, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
+                           w_ch, coupled, dc, dgates, dw_ch)
+            mm_nt(dgates[t, r0:r1], n, w_hh_t, dh_rec[r0:r1], 0, P, False)
 
 
 @numba.njit(**JIT)

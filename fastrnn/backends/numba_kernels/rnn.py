@@ -4,8 +4,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units, row_block_state,
-                     row_offsets, split, tanh_)
+from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_rows, final_rows, lines, mm_nt, project_units,
+                     row_block, row_block_state, row_offsets, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -94,10 +94,11 @@ def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, n, lo, hi, relu, dh_rec, grad_y, y, d_xw):
+def _pointwise_bwd(t, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
+    """The pre-activation gradient of units [lo, hi) for rows [r0, r1) at step t."""
     zero, one = y.dtype.type(0), y.dtype.type(1)
     m = hi - lo
-    for b in range(n):
+    for b in range(r0, r1):
         dr, gy, v, dx = dh_rec[b, lo:hi], grad_y[t, b, lo:hi], y[t, b, lo:hi], d_xw[t, b, lo:hi]
         if relu:
             for u in range(m):
@@ -118,10 +119,26 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, 
         fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
+            _pointwise_bwd(t, 0, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             mm_nt(d_xw[t], n, w_hh_t, dh_rec, lo, hi, False)
+
+
+@numba.njit(parallel=True, **JIT)
+def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec):
+    """``rnn_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
+    block of rows and never waits for another."""
+    T = grad_y.shape[0]
+    B, H = h0.shape[0], h0.shape[1]
+    for p in prange(parts):
+        r0, r1 = row_block(B, parts, p)
+        dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
+        for s in range(T):
+            t = s if reverse else T - 1 - s
+            fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            _pointwise_bwd(t, r0, r1, 0, H, relu, dh_rec, grad_y, y, d_xw)
+            mm_nt(d_xw[t, r0:r1], r1 - r0, w_hh_t, dh_rec[r0:r1], 0, H, False)
 
 
 @numba.njit(**JIT)
