@@ -277,9 +277,9 @@ def test_a_training_call_split_by_rows(name, monkeypatch):
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
 def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
-    """The rule (numba.py, ``_row_parts``): a dense inference sequence whose team would split, from 8 rows a
-    thread, with its recurrent weights within 3/4 of a core's L2 (H64: 64 KiB for the LSTM); not 15 rows,
-    not a packed sequence."""
+    """The rule (numba.py, ``_row_parts``): a dense sequence whose team would split, from 8 rows a thread,
+    with its recurrent weights within 3/4 of a core's L2 (H64: 64 KiB for the LSTM); not 15 rows, not a
+    packed sequence; in training both the forward and the backward."""
     from torch.nn.utils.rnn import pack_padded_sequence
     from fastrnn.backends import numba as nb
     torch.manual_seed(0)
@@ -295,3 +295,7 @@ def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
     assert by_rows(x) == 1 and by_rows(x[:, :16]) == 1
     assert by_rows(x[:, :15]) == 0
     assert by_rows(pack_padded_sequence(x, torch.tensor([10] * 32 + [6] * 32))) == 0
+    # a training call: its saving forward and its backward (2^20 multiply-adds a step: split)
+    before = nb.ROW_CALLS
+    m(x.requires_grad_(True))[0].sum().backward()
+    assert nb.ROW_CALLS - before == 2
