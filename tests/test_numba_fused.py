@@ -295,7 +295,9 @@ def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
     assert by_rows(x) == 1 and by_rows(x[:, :16]) == 1
     assert by_rows(x[:, :15]) == 0
     assert by_rows(pack_padded_sequence(x, torch.tensor([10] * 32 + [6] * 32))) == 0
-    # a training call: its saving forward and its backward (2^20 multiply-adds a step: split)
-    before = nb.ROW_CALLS
-    m(x.requires_grad_(True))[0].sum().backward()
-    assert nb.ROW_CALLS - before == 2
+    # a training call: its saving forward and its backward, at 64 rows and at 16 (2^18 multiply-adds a step:
+    # the backward by units would run on one thread, by rows it opens one region a call as the forward)
+    for rows in (64, 16):
+        before = nb.ROW_CALLS
+        m(x[:, :rows].clone().requires_grad_(True))[0].sum().backward()
+        assert nb.ROW_CALLS - before == 2

@@ -132,6 +132,16 @@ def _row_parts(B, ragged, parts, weights, like):
     return rows
 
 
+def _bwd_split(B, T, macs_per_row, units, ragged, weights, like):
+    """(parts, rows) of a sequence's backward: split by rows (``rows`` > 0) where the forward's team would split
+    (the split by rows opens one parallel region a call, as the team does: TEAM_MIN_MACS and
+    TEAM_MIN_CALL_MACS) and ``_row_parts`` allows it, else by units where a step pays for a region of its own
+    (PARALLEL_MIN_MACS). At LSTM B16 H64 (2^18 multiply-adds a step) the backward by rows took a T100 training
+    call from 4.44 to 3.68 ms against one thread (benchmarks/NOTES.md, twenty-sixth session)."""
+    rows = _row_parts(B, ragged, _parts(B, macs_per_row, units, T * B), weights, like)
+    return (rows, rows) if rows else (_parts(B, macs_per_row), 0)
+
+
 def _lines(*shape, like):
     """An uninitialized numpy buffer of ``like``'s dtype from torch's allocator, which starts it on a 64-byte
     cache line (numpy's own aligns to 16): a team's parts write blocks of 16 units of its rows, and a line
@@ -241,9 +251,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         dhf = _lines(B, H, like=xw)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
-        parts = _parts(B, GH * P)
         # peephole weights: their gradients sum over rows, which the split by rows does not do
-        rows = 0 if w_ch is not None else _row_parts(B, lengths, parts, GH * P + (P * H if proj else 0), _np(xw))
+        parts, rows = (_parts(B, GH * P), 0) if w_ch is not None else \
+            _bwd_split(B, T, GH * P, max(H, P), lengths, GH * P + (P * H if proj else 0), _np(xw))
         _kernel(_lstm.lstm_bwd_rows if rows else _lstm.lstm_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
             _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0),
@@ -283,8 +293,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        parts = _parts(B, GH * H)
-        rows = _row_parts(B, lengths, parts, GH * H, _np(xw))
+        parts, rows = _bwd_split(B, T, GH * H, H, lengths, GH * H, _np(xw))
         _kernel(_gru.gru_bwd_rows if rows else _gru.gru_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
             rows or parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
@@ -606,8 +615,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         new = _alloc(lengths is not None)
         d_xw, h_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
         dh0 = torch.empty_like(h0)
-        parts = _parts(B, H * H)
-        rows = _row_parts(B, lengths, parts, H * H, _np(xw))
+        parts, rows = _bwd_split(B, T, H * H, H, lengths, H * H, _np(xw))
         _kernel(_rnn.rnn_bwd_rows if rows else _rnn.rnn_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
             nonlinearity == "relu", rows or parts, _np(y), _np(d_xw), _np(h_prev), _np(dh0))
