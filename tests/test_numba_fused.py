@@ -262,6 +262,9 @@ def test_a_training_call_split_by_rows(name, monkeypatch):
         (out.pow(2).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(st))).backward()
         return [out, *st, xg.grad, *(p.grad for p in m.parameters())]
 
+    ran = []
+    real = nb._kernel
+    monkeypatch.setattr(nb, "_kernel", lambda fn, parts: ran.append(fn.py_func.__name__) or real(fn, parts))
     old = nb.BACKEND.set_parallel_min_macs(0)
     try:
         before = nb.ROW_CALLS
@@ -270,7 +273,12 @@ def test_a_training_call_split_by_rows(name, monkeypatch):
     finally:
         nb.BACKEND.set_parallel_min_macs(old)
     want = run(ref)
-    assert by_rows == ours.num_layers * D * (1 if "peephole" in name else 2)
+    family = name.split("-")[0].lower()
+    peephole = "peephole" in name
+    assert by_rows == ours.num_layers * D * (1 if peephole else 2)
+    # which kernels ran: every layer-direction's forward by rows, its backward by rows (by units with peepholes)
+    assert ran.count(f"{family}_fwd_rows") == ours.num_layers * D
+    assert ran.count(f"{family}_bwd" if peephole else f"{family}_bwd_rows") == ours.num_layers * D
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 

@@ -117,9 +117,10 @@ ROW_CALLS = 0
 
 def _row_parts(B, ragged, parts, weights, like):
     """Blocks of rows for a sequence's forward or backward (numba_kernels/*_fwd_rows, *_bwd_rows: each thread
-    all units of its rows, no wait a step), or 0 for the split by units: for a dense batch (``ragged`` None: no lengths or batch sizes) where a team would run (``parts``
-    > 1), with 8 rows a thread or more and the recurrent weights (``weights`` elements) within 3/4 of a core's
-    L2, as the cpp backend's rule (csrc/recurrence.h, layout; benchmarks/NOTES.md, twenty-fifth session)."""
+    all units of its rows, no wait a step), or 0 for the split by units: for a dense batch (``ragged`` None:
+    no lengths or batch sizes) where a team would run (``parts`` > 1), with 8 rows a thread or more and the
+    recurrent weights (``weights`` elements) within 3/4 of a core's L2, as the cpp backend's rule
+    (csrc/recurrence.h, layout; benchmarks/NOTES.md, twenty-fifth session)."""
     if ragged is not None or parts < 2 or ROW_SPLIT == 0:
         return 0
     rows = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B if ROW_SPLIT == 1 else B // 8)
@@ -132,13 +133,14 @@ def _row_parts(B, ragged, parts, weights, like):
     return rows
 
 
-def _bwd_split(B, T, macs_per_row, units, ragged, weights, like):
+def _bwd_split(B, T, macs_per_row, units, ragged, weights, like, rows_ok=True):
     """(parts, rows) of a sequence's backward: split by rows (``rows`` > 0) where the forward's team would split
     (the split by rows opens one parallel region a call, as the team does: TEAM_MIN_MACS and
     TEAM_MIN_CALL_MACS) and ``_row_parts`` allows it, else by units where a step pays for a region of its own
-    (PARALLEL_MIN_MACS). At LSTM B16 H64 (2^18 multiply-adds a step) the backward by rows took a T100 training
-    call from 4.44 to 3.68 ms against one thread (benchmarks/NOTES.md, twenty-sixth session)."""
-    rows = _row_parts(B, ragged, _parts(B, macs_per_row, units, T * B), weights, like)
+    (PARALLEL_MIN_MACS). ``rows_ok`` False: the units only (the LSTM's peephole weights, whose gradients sum
+    over rows). At LSTM B16 H64 (2^18 multiply-adds a step) the backward by rows took a T100 training call
+    from 4.44 to 3.68 ms against one thread (benchmarks/NOTES.md, twenty-sixth session)."""
+    rows = _row_parts(B, ragged, _parts(B, macs_per_row, units, T * B), weights, like) if rows_ok else 0
     return (rows, rows) if rows else (_parts(B, macs_per_row), 0)
 
 
@@ -251,9 +253,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         dhf = _lines(B, H, like=xw)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
-        # peephole weights: their gradients sum over rows, which the split by rows does not do
-        parts, rows = (_parts(B, GH * P), 0) if w_ch is not None else \
-            _bwd_split(B, T, GH * P, max(H, P), lengths, GH * P + (P * H if proj else 0), _np(xw))
+        parts, rows = _bwd_split(B, T, GH * P, max(H, P), lengths, GH * P + (P * H if proj else 0), _np(xw),
+                                 rows_ok=w_ch is None)
         _kernel(_lstm.lstm_bwd_rows if rows else _lstm.lstm_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
             _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0),
@@ -538,9 +539,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         y, h_n, c_n = xw.new_empty(xw.shape[0], P), xw.new_empty(B, P), xw.new_empty(B, H)
         parts = _parts(B, xw.shape[1] * P, max(H, P), xw.shape[0])
         rows = _row_parts(B, sizes, parts, xw.shape[1] * P + (P * H if a[2] else 0), like)
-        _kernel(_lstm.lstm_seq_at, rows or parts)(xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(),
-                                                  h_n.data_ptr(), c_n.data_ptr(), 0 if sizes is None else sizes.data_ptr(),
-                                                  T, B, H, P, bool(reverse), rows or parts, rows > 0, like)
+        _kernel(_lstm.lstm_seq_at, rows or parts)(
+            xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
+            0 if sizes is None else sizes.data_ptr(), T, B, H, P, bool(reverse), rows or parts, rows > 0, like)
         return y, h_n, c_n
 
     @staticmethod

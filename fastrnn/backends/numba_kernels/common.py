@@ -262,14 +262,9 @@ def final_rows(y, sizes, offs, reverse, h_n):
 
 
 @numba.njit(**JIT)
-def fill_h_prev(t, n, reverse, sizes, h0, y, h_prev):
-    """h_prev[t, b] = the recurrent input of step t for rows [0, n): h0 at a row's first step, else y[t-1]."""
-    fill_h_prev_rows(t, 0, n, reverse, sizes, h0, y, h_prev)
-
-
-@numba.njit(**JIT)
-def fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev):
-    """``fill_h_prev`` for rows [r0, r1) (a block of the split by rows)."""
+def fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev):
+    """h_prev[t, b] = the recurrent input of step t for rows [r0, r1) (all of a step's rows, or a block of the
+    split by rows): h0 at a row's first step, else y[t-1]."""
     T = y.shape[0]
     tp = prev_t(reverse, t)
     for b in range(r0, r1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_rows, final_rows, lines, mm_nt, project_units,
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
                      row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -158,7 +158,7 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             _pointwise_bwd(t, 0, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
@@ -178,7 +178,7 @@ def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, 
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
             _pointwise_bwd(t, r0, r1, 0, H, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
             mm_nt(d_hh[t, r0:r1], r1 - r0, w_hh_t, dh_rec[r0:r1], 0, H, True)
 

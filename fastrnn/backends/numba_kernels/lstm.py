@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_rows, final_rows, first_step, lines, mm_nt, prev_t,
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
                      project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -307,7 +307,7 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
         if proj:
             for b in range(n):
                 for k in range(P):
@@ -340,7 +340,7 @@ def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, couple
         dc[r0:r1, :] = grad_c_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
             if proj:
                 for b in range(r0, r1):
                     for k in range(P):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_rows, final_rows, lines, mm_nt, project_units,
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
                      row_block, row_block_state, row_offsets, split, tanh_)
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -116,7 +116,7 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, 
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
             _pointwise_bwd(t, 0, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
@@ -136,7 +136,7 @@ def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev_rows(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
             _pointwise_bwd(t, r0, r1, 0, H, relu, dh_rec, grad_y, y, d_xw)
             mm_nt(d_xw[t, r0:r1], r1 - r0, w_hh_t, dh_rec[r0:r1], 0, H, False)
 
