@@ -329,7 +329,9 @@ class _BackendMixin:
 
 
 class _SeqMixin(_BackendMixin):
-    """forward() shared by LSTM, GRU and RNN; the family-specific bits are small hooks."""
+    """forward() shared by LSTM, GRU and RNN: ``_fast_path`` for the plain dense calls, ``_forward`` for any
+    call (torch's checks and messages, packed input, autocast, the cell options). The family's own bits are
+    the hooks at the top."""
 
     _family: str
     _n_state = 1
@@ -343,7 +345,7 @@ class _SeqMixin(_BackendMixin):
         """Parameter names of layer k's recurrent layer-norm tensors in op order (``layer_norm``), and of
         its input projection's gain: ``(hh names, ih name)``."""
         if not self.layer_norm:
-            return ((None, None, None) if self._family == "lstm" else (None,) if self._family == "gru" else ()), None
+            return (None,) * _N_LN[self._family], None
         s = f"_l{k}{suffix}"
         hh = (f"layer_norm_weight_hh{s}",)
         if self._family == "lstm":
@@ -364,30 +366,47 @@ class _SeqMixin(_BackendMixin):
     def _dim_error(self, d):
         return f"{self._torch_name()}: Expected input to be 2D or 3D, got {d}D instead"
 
-    def _zeros_state(self, x, B):
-        D = 2 if self.bidirectional else 1
-        return (x.new_zeros(self.num_layers * D, B, self.hidden_size),)
-
     def _hx_tuple(self, hx, batched=True):
         return (hx,)
-
-    def _hx_out(self, states):
-        return states[0]
-
-    def _hx_dim_error(self, batched, states):
-        if batched:
-            return f"For batched 3-D input, hx should also be 3-D but got {states[0].dim()}-D tensor"
-        return f"For unbatched 2-D input, hx should also be 2-D but got {states[0].dim()}-D tensor"
 
     def _autocast_low(self, packed):
         """Which of (output, *final states) torch.nn returns in the autocast dtype (see the top)."""
         low = self._family == "rnn" or (self._family == "lstm" and not packed)
         return (low,) * (1 + self._n_state)
 
-    # forward ------------------------------------------------------------------------------------
+    # state and layout ---------------------------------------------------------------------------
+    def _zeros_state(self, x, B):
+        """Zero initial states [L*D, B, size] like ``x``: h (proj_size wide when set) and an LSTM's c."""
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        sizes = (getattr(self, "proj_size", 0) or self.hidden_size, self.hidden_size)[:self._n_state]
+        return tuple(x.new_zeros(LD, B, n) for n in sizes)
+
+    def _hx_out(self, states):
+        return tuple(states) if self._n_state == 2 else states[0]
+
+    def _hx_dim_error(self, batched, states):
+        form, d = ("batched", 3) if batched else ("unbatched", 2)
+        if self._n_state == 1:
+            return f"For {form} {d}-D input, hx should also be {d}-D but got {states[0].dim()}-D tensor"
+        return (f"For {form} {d}-D input, hx and cx should also be {d}-D but got "
+                f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
+
+    def _time_major(self, input):
+        """A dense input as [T, B, I] (a view): batch_first transposed, an unbatched [T, I] one row."""
+        if input.dim() == 2:
+            return input.unsqueeze(1)
+        return input.transpose(0, 1) if self.batch_first else input
+
+    def _caller_layout(self, y, states, batched):
+        """(output, h_n or (h_n, c_n)) in the caller's layout, from time-major y [T, B, *] and states
+        [L*D, B, *]."""
+        if batched:
+            return (y.transpose(0, 1) if self.batch_first else y), self._hx_out(states)
+        return y.squeeze(1), self._hx_out(tuple(s.squeeze(1) for s in states))
+
     def _weights(self):
         """Per layer-direction ``(w_ih, b_ih, hh, ln_ih)``, the tensors the functional layer takes (the cell
-        options' masks in ``hh`` are None: ``_forward`` draws them)."""
+        options' masks in ``hh`` are None: ``_call_weights`` draws them)."""
         masks = (None,) * _N_MASKS[self._family]
         D = 2 if self.bidirectional else 1
         params = self._parameters
@@ -406,6 +425,18 @@ class _SeqMixin(_BackendMixin):
                 out.append((w[0], w[1], (*w[3:], *masks), w[2]))
         return out
 
+    def _call_weights(self, weights, T, B, like):
+        """``_weights()`` for one call that has passed its checks: W_hh dropped (``weight_dropout``) and the
+        cell options' masks drawn, in training."""
+        if self._dropping_weights():
+            weights = [(w_ih, b_ih, (self._drop_recurrent(hh[0]), *hh[1:]), ln) for w_ih, b_ih, hh, ln in weights]
+        n = _N_MASKS[self._family]
+        if n:
+            masks = self._cell_masks(T, B, like, len(weights))
+            weights = [(w_ih, b_ih, (*hh[:-n], *m), ln) for (w_ih, b_ih, hh, ln), m in zip(weights, masks)]
+        return weights
+
+    # forward ------------------------------------------------------------------------------------
     def forward(self, input, hx=None):
         if _exporting() and not self._variant_only():
             return super().forward(input, hx)  # torch.nn's own ops, which exporters know
@@ -415,36 +446,35 @@ class _SeqMixin(_BackendMixin):
                 return out
         return self._forward(input, hx)
 
-    def _fast_path(self, input, hx):
-        """The calls that need none of ``_forward``'s Python, which costs more than the kernel of a short
-        call (benchmarks/NOTES.md, "Short sequences" and twentieth session): a dense input and a well-formed
-        ``hx``, outside autocast, torch.compile, tracing and dispatch modes (``ops.can_skip_ops``), with no
-        dropped weights or cell options.
+    def _fast_states(self, hx, batched):
+        """The fast path's states: () for no ``hx``, the tuple of a well-formed one, else None (``_forward``
+        raises torch's error for it)."""
+        if hx is None:
+            return ()
+        if self._n_state == 2 and not isinstance(hx, (tuple, list)):
+            return None  # (a stacked tensor: torch raises a TypeError for it, _forward too)
+        states = tuple(hx) if self._n_state == 2 else (hx,)
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        ok = len(states) == self._n_state and all(
+            isinstance(s, torch.Tensor) and s.dim() == 2 + batched and s.shape[0] == LD for s in states)
+        return states if ok else None
 
-        When the automatic choice for the call's shape class is ``torch`` (with or without autograd),
-        torch.nn's forward runs it from here, its checks and autograd included. Otherwise, with autograd, a
-        one-step call (a decoder's step) runs each layer-direction as the backend's one-step training node
-        (``one_step_layers``) and any other call ``_forward`` on the backend chosen here; without, a short
-        sequence (T x B up to the backend's ``chunk_max_rows``: the chunks of a stream) runs each
-        layer-direction as one call of the backend's optional ``<family>_chunk_fwd`` (input projection
-        inside); the ops check shapes and dtypes themselves and change no input. Whatever does not apply
-        or is refused returns None and goes to ``_forward``, which raises torch's error for it (or serves
-        it another way)."""
+    def _fast_path(self, input, hx):
+        """A dense call with a well-formed ``hx``, outside autocast, tracers and dispatch modes
+        (``ops.can_skip_ops``), with no dropped weights or cell options, skips ``_forward``'s Python (it
+        costs more than a short call's kernel: benchmarks/NOTES.md, "Short sequences"). The backend the
+        policy picks for the call's shape class runs it: ``torch`` as torch.nn's forward; with autograd, a
+        one-step call as each layer-direction's one-step training node (``one_step_layers``), any other
+        through ``_forward``; without, a short sequence (T x B up to ``chunk_max_rows``) as one
+        ``<family>_chunk_fwd`` a layer-direction (``chunk_layers``). Anything else, or refused, returns
+        None: ``_forward`` serves it or raises torch's error."""
         if (input.dim() not in (2, 3) or not ops.can_skip_ops() or _any_autocast()
                 or self._dropping_weights() or self._cell_options()):
             return None
         batched = input.dim() == 3
-        D = 2 if self.bidirectional else 1
-        L = self.num_layers
-        states = ()  # hx None: zeros, made below only for a fastrnn op (torch.nn makes its own)
-        if hx is not None:
-            if self._n_state == 2 and not isinstance(hx, (tuple, list)):
-                return None  # (a stacked tensor: torch raises a TypeError for it, _forward too)
-            states = tuple(hx) if self._n_state == 2 else (hx,)
-            if len(states) != self._n_state or not all(isinstance(s, torch.Tensor) for s in states):
-                return None
-            if any(s.dim() != (3 if batched else 2) or s.shape[0] != L * D for s in states):
-                return None
+        states = self._fast_states(hx, batched)  # () for no hx: zeros, made below only for a fastrnn op
+        if states is None:
+            return None
         grad = torch.is_grad_enabled()
         training = self._training_class(input, states, "weight_ih_l0")
         T, B = (input.shape[1], input.shape[0]) if batched and self.batch_first else \
@@ -463,9 +493,7 @@ class _SeqMixin(_BackendMixin):
                 return self._forward(input, hx, name)
         elif op is None or T == 0 or T * B > impl.chunk_max_rows:
             return None
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)
+        x = self._time_major(input)
         if hx is None:
             states = self._zeros_state(x, B)
         elif not batched:
@@ -473,19 +501,14 @@ class _SeqMixin(_BackendMixin):
         layers = (functools.partial(one_step_layers, self._family) if grad
                   else functools.partial(chunk_layers, self._family, op))
         try:
-            res = layers(x, states, self._weights(), self._options(), num_layers=L, num_directions=D,
-                         dropout=float(self.dropout), training=self.training, backend=name)
+            res = layers(x, states, self._weights(), self._options(), num_layers=self.num_layers,
+                         num_directions=2 if self.bidirectional else 1, dropout=float(self.dropout),
+                         training=self.training, backend=name)
         except (RuntimeError, TypeError):
             return None
         if res is None:  # a layer-direction the node does not serve
             return self._forward(input, hx, name)
-        y, states = res
-        if batched:
-            out = y.transpose(0, 1) if self.batch_first else y
-        else:
-            out = y.squeeze(1)
-            states = tuple(st.squeeze(1) for st in states)
-        return out, self._hx_out(states)
+        return self._caller_layout(*res, batched)
 
     def __getstate__(self):
         # the fast path's cached choice holds the backend and its op, which do not pickle (torch.save of
@@ -516,13 +539,12 @@ class _SeqMixin(_BackendMixin):
         with _no_autocast(input):  # once a call: a parametrized weight is computed here, and only here
             weights = self._weights()
         w0 = weights[0][0]
-        wdt = w0.dtype
-        amp = _autocast_for(input.device.type, wdt)
+        amp = _autocast_for(input.device.type, w0.dtype)
         if amp is not None:
             # the dtype torch.nn returns the outputs in that do not take the autocast dtype (see the top):
             # the given state's, else the input's
             high = input.dtype
-            input = input.to(wdt)
+            input = input.to(w0.dtype)
 
         if hx is None:
             states = self._zeros_state(input, B)
@@ -530,27 +552,22 @@ class _SeqMixin(_BackendMixin):
             states = self._hx_tuple(hx, batched)
             if amp is not None:
                 high = states[0].dtype
-                states = tuple(_to_float(s, wdt) for s in states)
-            want = 3 if batched else 2
-            if any(s.dim() != want for s in states):
+                states = tuple(_to_float(s, w0.dtype) for s in states)
+            if any(s.dim() != 2 + batched for s in states):
                 raise RuntimeError(self._hx_dim_error(batched, states))
             if not batched:
                 states = tuple(s.unsqueeze(1) for s in states)
             if sorted_indices is not None:
                 states = tuple(s.index_select(1, sorted_indices) for s in states)
-        self.check_forward_args(input, self._hx_out(states) if self._n_state == 1 else states, batch_sizes)
+        self.check_forward_args(input, self._hx_out(states), batch_sizes)
         _check_device(name, input, w0)
         _check_state_like(name, states, input)
         T = batch_sizes.numel() if packed else input.size(1 if self.batch_first else 0)
         if T == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        lengths = index = None
-        if packed:
-            lengths, index = _packed_layout(batch_sizes, input.device)
-            x = input
-        else:
-            x = input.transpose(0, 1) if self.batch_first else input
+        lengths, index = _packed_layout(batch_sizes, input.device) if packed else (None, None)
+        x = input if packed else self._time_major(input)
         if backend is None:
             features = self._features() | ({"varlen"} if packed else set())
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
@@ -562,33 +579,24 @@ class _SeqMixin(_BackendMixin):
             return self._torch_forward(*given)
 
         with torch.autocast(input.device.type, enabled=False) if amp is not None else _NO_CONTEXT:
-            if self._dropping_weights():  # drawn once the call's arguments have passed their checks
-                weights = [(w_ih, b_ih, (self._drop_recurrent(hh[0]), *hh[1:]), ln) for w_ih, b_ih, hh, ln in weights]
-            n = _N_MASKS[self._family]
-            if n:  # then the cell options' masks
-                masks = self._cell_masks(T, B, w0, len(weights))
-                weights = [(w_ih, b_ih, (*hh[:-n], *m), ln) for (w_ih, b_ih, hh, ln), m in zip(weights, masks)]
-            y, states = rnn_layers(self._family, x, states, weights, self._options(),
+            y, states = rnn_layers(self._family, x, states, self._call_weights(weights, T, B, w0), self._options(),
                                    num_layers=self.num_layers, num_directions=2 if self.bidirectional else 1,
                                    dropout=float(self.dropout), training=self.training, lengths=lengths,
                                    index=index, steps=T, backend=backend)
         if amp is not None:
             low = self._autocast_low(packed)
             y, states = y.to(amp if low[0] else high), tuple(s.to(amp if k else high) for s, k in zip(states, low[1:]))
-        if packed:
-            out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
-            if unsorted_indices is not None:
-                states = tuple(s.index_select(1, unsorted_indices) for s in states)
-        else:
-            out = y.transpose(0, 1) if self.batch_first else y
-            if not batched:
-                out = out.squeeze(0 if self.batch_first else 1)
-                states = tuple(s.squeeze(1) for s in states)
-        return out, self._hx_out(states)
+        if not packed:
+            return self._caller_layout(y, states, batched)
+        if unsorted_indices is not None:
+            states = tuple(s.index_select(1, unsorted_indices) for s in states)
+        return PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices), self._hx_out(states)
 
 
-# the number of mask arguments of each family's op (recurrent dropout, zoneout)
+# the number of mask arguments of each family's op (recurrent dropout, zoneout), and of its recurrent
+# layer-norm tensors
 _N_MASKS = {"lstm": 3, "gru": 2, "rnn": 0}
+_N_LN = {"lstm": 3, "gru": 1, "rnn": 0}
 
 
 def _drop_mask(shape, device, p):
@@ -740,11 +748,6 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
         return frozenset(({"proj"} if self.proj_size > 0 else set()) | self._variant_features()
                          | self._option_features())
 
-    def _zeros_state(self, x, B):
-        D = 2 if self.bidirectional else 1
-        P = self.proj_size if self.proj_size > 0 else self.hidden_size
-        return (x.new_zeros(self.num_layers * D, B, P), x.new_zeros(self.num_layers * D, B, self.hidden_size))
-
     def _hx_tuple(self, hx, batched=True):
         # torch's forms and errors: unbatched, it takes hx[0] and hx[1] (also the rows of one tensor);
         # batched, one tensor is an IndexError from hx[1] when it has fewer than two rows, else a TypeError
@@ -761,16 +764,6 @@ class LSTM(_VariantMixin, _SeqMixin, nn.LSTM):
         if len(hx) > 2:
             raise RuntimeError(f"LSTM: lstm expects two hidden states (h_0, c_0), got {len(hx)}")
         return tuple(hx)
-
-    def _hx_out(self, states):
-        return tuple(states)
-
-    def _hx_dim_error(self, batched, states):
-        if batched:
-            return (f"For batched 3-D input, hx and cx should also be 3-D but got "
-                    f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
-        return (f"For unbatched 2-D input, hx and cx should also be 2-D but got "
-                f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
 
 
 class GRU(_SeqMixin, nn.GRU):
