@@ -5,7 +5,8 @@ PackedSequence, none of fastrnn's additions: what the table measures) whose shap
 passes; every other call follows the static priority lists in ``fastrnn.dispatch``. On CUDA, every dtype. A class
 is a short string (``shape_class``): the scope (whole sequences or one cell step), inference or
 training (a gradient will follow), and the batch size in four bands (1, 2-7, 8-31, 32+); a sequence call of one step
-(in inference the chunks of a stream, in training a decoder's steps) is a class of its own. A ranking lists backend
+(in inference the chunks of a stream, in training a decoder's steps) is a class of its own. Sequence classes come in
+three hidden-size bands: up to NARROW_H, up to WIDE_H, and above. A ranking lists backend
 names fastest first, ``torch`` (torch.nn's own implementation) among them; the automatic choice takes the first that
 can serve the call and is allowed (``torch`` is skipped while torch.compile or another tracer records the call), then
 the static priority.
@@ -29,17 +30,22 @@ import os
 import re
 from pathlib import Path
 
-FORMAT = 3  # 3: the class 'training T1'; 2: the batch bands B2-7 and B8-31 (format 1 had B2-31)
+FORMAT = 4  # 4: the band H<=NARROW_H; 3: the class 'training T1'; 2: the batch bands B2-7 and B8-31 (1 had B2-31)
 FAMILIES = ("lstm", "gru", "rnn")
 #: sequences: inference or training x batch band (or a one-step chunk), each for hidden sizes up to
 #: WIDE_H and above it (where the weights leave the L2s and the backends' order changes: LSTM B8 H1024,
 #: cpp 1.36x torch.nn, against 0.84x at B16 H256; benchmarks/NOTES.md)
 WIDE_H = 384
+#: and up to this hidden size, where cpp leads the LSTM from batch 8 in training and from 32 in inference while
+#: torch.nn's oneDNN leads from H256 (benchmarks/NOTES.md, "A narrow hidden-size band", twenty-seventh session)
+NARROW_H = 192
 #: batch bands: the LSTM order changes inside 2-31 (cpp ahead at B4, torch.nn's oneDNN from B8 at H=256,
 #: benchmarks/NOTES.md, "A hidden-size band in the policy table")
 BANDS = ("B1", "B2-7", "B8-31", "B32+")
 _SEQ_BASE = (*(f"inference {b}" for b in BANDS), "inference T1", *(f"training {b}" for b in BANDS), "training T1")
-SEQ_CLASSES = _SEQ_BASE + tuple(f"{c} H>{WIDE_H}" for c in _SEQ_BASE)
+#: the suffix of each hidden-size band's classes: up to NARROW_H, up to WIDE_H (none), above WIDE_H
+NARROW, WIDE = f" H<={NARROW_H}", f" H>{WIDE_H}"
+SEQ_CLASSES = _SEQ_BASE + tuple(c + NARROW for c in _SEQ_BASE) + tuple(c + WIDE for c in _SEQ_BASE)
 STEP_CLASSES = ("inference B1", "inference B2+", "training")
 
 
@@ -49,11 +55,11 @@ def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0) -> str:
     hidden size H (sequences)."""
     if scope == "step":
         return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
-    wide = f" H>{WIDE_H}" if H > WIDE_H else ""
+    width = WIDE if H > WIDE_H else NARROW if 0 < H <= NARROW_H else ""
     if T == 1:
-        return ("training T1" if grad else "inference T1") + wide
+        return ("training T1" if grad else "inference T1") + width
     band = "B1" if B == 1 else "B2-7" if B < 8 else "B8-31" if B < 32 else "B32+"
-    return ("training " if grad else "inference ") + band + wide
+    return ("training " if grad else "inference ") + band + width
 
 
 def keys() -> list[str]:
@@ -112,17 +118,22 @@ _AMD_STEP = {f: {"inference B1": _STEP_C, "inference B2+": _STEP_N, "training": 
 # RNN 23 / 25 and 32 / 34; benchmarks/NOTES.md, twenty-first session). Before it torch.nn led the GRU and RNN
 # (twentieth session). The Intel table takes the AMD ranking (not measured there).
 _AMD_T1_TRAIN = dict.fromkeys(FAMILIES, _CTN)
+# the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
+# up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 (B4: 8.8 / 9.2 and 11.0 / 11.7);
+# torch.nn's oneDNN where the two runs split: inference B32+ (17.3 / 18.2, 20.1 / 19.0) and training
+# B8-31 (31.6 / 32.5, 38.2 / 36.9). Training B32+ is torch.nn's since the nineteenth session: the tune's
+# one shape (B64 H256 T50) read cpp ahead (59.2 / 66.3, 71.7 / 74.4, 55.5 / 62.3 ms), but across the
+# band cpp x torch.nn read 0.63-0.87 at H64-128 and T25-50 (B32-128, in every run), 0.88-0.99 at H384 and
+# 0.93-1.13 at H256 by the minute; cpp ahead only at H128-256 from T~75 (1.2x). torch.nn can be no
+# slower than itself (benchmarks/NOTES.md, "LSTM training at B32+ across the band")
+_AMD_LSTM = {"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _CTN, "inference B32+": _TCN,
+             "training B1": _CTN, "training B2-7": _CTN, "training B8-31": _TCN, "training B32+": _TCN}
+# up to NARROW_H since the row split of the twenty-fifth session, cpp x torch.nn over 37 shapes (T20-200,
+# B8-512, H32-192, I16-256; benchmarks/NOTES.md, "A narrow hidden-size band"): inference B32+ 1.04-2.08,
+# training B32+ 0.96-1.65 (geometric mean ~1.2; the lows at T20-30) and B8-31 0.98-1.30 (~1.07)
+_AMD_LSTM_NARROW = {"inference B32+": _CTN, "training B8-31": _CTN, "training B32+": _CTN}
 _BUILTIN_CPU = {
-    # the LSTM up to WIDE_H, since the fifteenth session (two tune runs, ms, cpp / torch.nn): cpp in inference
-    # up to B31 (B16: 9.0 / 9.9 and 10.6 / 10.9) and in training at B1-7 (B4: 8.8 / 9.2 and 11.0 / 11.7);
-    # torch.nn's oneDNN where the two runs split: inference B32+ (17.3 / 18.2, 20.1 / 19.0) and training
-    # B8-31 (31.6 / 32.5, 38.2 / 36.9). Training B32+ is torch.nn's since the nineteenth session: the tune's
-    # one shape (B64 H256 T50) read cpp ahead (59.2 / 66.3, 71.7 / 74.4, 55.5 / 62.3 ms), but across the
-    # band cpp x torch.nn read 0.63-0.87 at H64-128 and T25-50 (B32-128, in every run), 0.88-0.99 at H384 and
-    # 0.93-1.13 at H256 by the minute; cpp ahead only at H128-256 from T~75 (1.2x). torch.nn can be no
-    # slower than itself (benchmarks/NOTES.md, "LSTM training at B32+ across the band")
-    "amd": _table({"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _CTN, "inference B32+": _TCN,
-                   "training B1": _CTN, "training B2-7": _CTN, "training B8-31": _TCN, "training B32+": _TCN,
+    "amd": _table({**_AMD_LSTM, **{c + NARROW: _AMD_LSTM_NARROW.get(c, r) for c, r in _AMD_LSTM.items()},
                    **_AMD_LSTM_WIDE},
                   _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP, _AMD_T1_TRAIN),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,

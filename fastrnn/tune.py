@@ -1,8 +1,8 @@
 """python -m fastrnn.tune: measure the policy table of the automatic backend choice on this machine.
 
 For every class of ``fastrnn.policy`` it times a representative call (float32; hidden size 256 for the
-cells and 768 for the sequences above ``policy.WIDE_H``; the sequences up to it at both ends of their band,
-64 and 256) on each candidate backend (fastrnn's CPU backends and ``torch``, torch.nn's own
+cells; the sequences at both ends of their hidden-size band, 64 and 192 up to ``policy.NARROW_H``, 256 and 384
+up to ``policy.WIDE_H``, and at 768 above) on each candidate backend (fastrnn's CPU backends and ``torch``, torch.nn's own
 implementation reached through the fastrnn module, as the automatic choice would run it) in interleaved
 rounds, ranks them by median (the geometric mean of the medians where a class has two calls), and writes
 the table to this CPU model's cache (``fastrnn.policy.cache_path()``), where the automatic choice finds it
@@ -25,22 +25,30 @@ import torch
 from . import __version__, dispatch, policy
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-H = 256  # the hidden size of the cells and of the sequences up to policy.WIDE_H
-H_WIDE = 768  # of the sequences above it
-#: the sequences up to WIDE_H are timed at H and at this one too: the band's ends rank differently (the
-#: LSTM in training at B64: cpp ahead of torch.nn at H256, 0.63-0.87x at H64; benchmarks/NOTES.md, "LSTM
-#: training at B32+ across the band")
-H_SMALL = 64
+H = 256  # the hidden size of the cells
+#: the sequences: each band at its two ends (a band's ends can rank differently: benchmarks/NOTES.md, "LSTM
+#: training at B32+ across the band"), the band above WIDE_H at H_WIDE
+H_SMALL, H_NARROW = 64, policy.NARROW_H
+H_MIDDLE, H_MIDDLE_TOP = 256, policy.WIDE_H
+H_WIDE = 768
 SEQ = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 CELL = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
 # the representative call of each class: (T, B) for sequences (the wide band: shorter), (B, steps) for cells
 SEQ_SHAPES = {"inference B1": (100, 1), "inference B2-7": (100, 4), "inference B8-31": (100, 16),
               "inference B32+": (50, 64), "inference T1": (1, 1), "training B1": (100, 1), "training B2-7": (100, 4),
               "training B8-31": (100, 16), "training B32+": (50, 64), "training T1": (1, 16)}
-SEQ_SHAPES.update({f"{c} H>{policy.WIDE_H}": (max(1, T // 4), B) for c, (T, B) in list(SEQ_SHAPES.items())})
+SEQ_SHAPES.update({**{c + policy.NARROW: s for c, s in SEQ_SHAPES.items()},
+                   **{c + policy.WIDE: (max(1, T // 4), B) for c, (T, B) in SEQ_SHAPES.items()}})
 STEP_SHAPES = {"inference B1": (1, 50), "inference B2+": (16, 50), "training": (16, 20)}
 STREAM_CALLS = 50  # calls of one step each in the 'inference T1' class, state carried
 DECODER_STEPS = 16  # and in the 'training T1' class (a decoder's steps), then one backward
+
+
+def widths(cls: str) -> tuple:
+    """The hidden sizes a sequence class is timed at."""
+    if cls.endswith(policy.WIDE):
+        return (H_WIDE,)
+    return (H_SMALL, H_NARROW) if cls.endswith(policy.NARROW) else (H_MIDDLE, H_MIDDLE_TOP)
 
 
 def candidates(scope: str) -> list[str]:
@@ -139,13 +147,12 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         names = candidates(scope)
         if scope == "seq":
             T, B = SEQ_SHAPES[cls]
-            widths = (H_WIDE,) if cls.endswith(f"H>{policy.WIDE_H}") else (H_SMALL, H)
             meds = []
-            for width in widths:
+            for width in widths(cls):
                 x = torch.randn(max(STREAM_CALLS, DECODER_STEPS) if T == 1 else T, B, width)
                 state = SEQ[family](width, width).state_dict()
                 fns = {n: _seq_call(family, cls, n, state, x, T, B) for n in names}
-                meds.append(interleaved_medians(fns, budget_s / len(widths)))
+                meds.append(interleaved_medians(fns, budget_s / len(widths(cls))))
             med = {n: math.exp(sum(math.log(m[n]) for m in meds) / len(meds)) for n in names}
         else:
             B, steps = STEP_SHAPES[cls]
@@ -160,7 +167,8 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         log(f"{key:31s} " + "  ".join(f"{n} {med[n] * 1e3:.3f}" for n in order) + " ms")
     return {"format": policy.FORMAT, "cpu": policy.cpu_model(), "torch": torch.__version__, "fastrnn": __version__,
             "threads": torch.get_num_threads(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "hidden_size": H, "hidden_size_small": H_SMALL, "hidden_size_wide": H_WIDE, "budget_s": budget_s,
+            "hidden_size": H, "seq_hidden_sizes": {b.strip() or f"H<={policy.WIDE_H}": widths(b) for b in (policy.NARROW, "", policy.WIDE)},
+            "budget_s": budget_s,
             "rankings": {"cpu": rankings}, "times_ms": times}
 
 
@@ -171,7 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--print", action="store_true", help="print the table as JSON too")
     args = ap.parse_args(argv)
     print(f"fastrnn.tune on {policy.cpu_model()}, {torch.get_num_threads()} threads, hidden size {H} (sequences: "
-          f"{H_SMALL} and {H} up to {policy.WIDE_H}, {H_WIDE} above), float32; "
+          f"{H_SMALL} and {H_NARROW} up to {policy.NARROW_H}, {H_MIDDLE} and {H_MIDDLE_TOP} up to {policy.WIDE_H}, "
+          f"{H_WIDE} above), float32; "
           f"candidates: sequences {', '.join(candidates('seq'))}; cells {', '.join(candidates('step'))}")
     table = measure(args.budget)
     out = args.out or policy.cache_path()
