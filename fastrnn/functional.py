@@ -272,11 +272,15 @@ def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None):
     ``empty``) it is written into a buffer the backend hands out, from memory it keeps mapped: a fresh
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
-    dx in such a buffer too. With ``mm`` (the backend's optional ``mm``) the products run through it."""
+    dx in such a buffer too. With ``mm`` (the backend's optional ``mm``) the products run through it, below
+    that size too from ``_MM_MIN_MACS`` multiply-adds."""
     if ln_ih is not None:  # all steps at once (not on the sequential path); b_ih as the normalization's bias
         return F.layer_norm(_project(x, w_ih, None, alloc, None, mm), (w_ih.shape[0],), ln_ih, b_ih, LN_EPS)
     x2 = x.reshape(-1, x.shape[-1])
-    if alloc is None or x2.shape[0] * w_ih.shape[0] * x.element_size() < _ALLOC_MIN_BYTES:
+    rows, K = x2.shape
+    G = w_ih.shape[0]
+    if alloc is None or (rows * G * x.element_size() < _ALLOC_MIN_BYTES
+                         and (mm is None or rows * G * K < _MM_MIN_MACS)):
         return F.linear(x, w_ih, b_ih)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_ih)):
         if mm is not None:  # the backend's product takes contiguous tensors
@@ -292,6 +296,11 @@ def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None):
 # below this, xw comes from torch's allocator: small buffers do not fault, and a call of the backend's
 # ``empty`` op costs ~15 us (a T=1 B=1 H=256 GRU layer: ~80 us in all)
 _ALLOC_MIN_BYTES = 1 << 20
+# and from this many multiply-adds a smaller projection still goes through the backend's ``mm``: the batch-1
+# LSTM's at T=100, H=256-512 took 0.57-0.78 of torch's time in cpp's (training calls 1.10x); below it the
+# product is short and ``_Projection``'s Python costs more than it saves (LSTM H64 training 0.88x, RNN H256
+# 0.97x; benchmarks/NOTES.md, twenty-seventh session)
+_MM_MIN_MACS = 1 << 24
 
 
 def _linear_into(out, x2, w, b):

@@ -247,6 +247,39 @@ def test_training_projection_is_cached(cls, monkeypatch):
     torch.testing.assert_close(y1, y2, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("I,through_mm", [(1024, True), (64, False)])
+def test_a_small_projection_goes_through_mm_from_its_macs(I, through_mm, monkeypatch):
+    """Below the cached buffers' size (1 MiB of xw) the input projection and its two gradients run through
+    the backend's ``mm`` from ``_MM_MIN_MACS`` multiply-adds (T64 B1 H64 LSTM, I=1024: 2^24), torch's
+    F.linear below it (I=64); outputs and gradients are torch.nn's either way."""
+    from fastrnn import functional
+    calls = []
+    real = cpp.BACKEND.mm
+
+    def counted(a, ta, b, tb, bias):
+        calls.append((tuple(a.shape), ta, tuple(b.shape), tb))
+        return real(a, ta, b, tb, bias)
+    monkeypatch.setattr(type(cpp.BACKEND), "mm", staticmethod(counted))
+    torch.manual_seed(0)
+    T, H = 64, 64
+    assert (T * 4 * H * I >= functional._MM_MIN_MACS) == through_mm and T * 4 * H * 4 < functional._ALLOC_MIN_BYTES
+    mod, ref = fastrnn.LSTM(I, H, backend="cpp"), torch.nn.LSTM(I, H)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(T, 1, I)
+    results = []
+    for m in (mod, ref):
+        xg = x.clone().requires_grad_()
+        y, (h, c) = m(xg)
+        (y.sum() + (h * c).sum()).backward()
+        results.append([y, h, c, xg.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the forward's product (x @ W_ih^T), then the backward's dx (g @ W_ih) and dW_ih (g^T @ x)
+    want = [((T, I), False, (4 * H, I), True), ((T, 4 * H), False, (4 * H, I), False),
+            ((T, 4 * H), True, (T, I), False)]
+    assert sorted(calls) == (sorted(want) if through_mm else [])
+
+
 @pytest.mark.parametrize("products", ["torch", "mm-own", "mm-torch"])
 def test_projection_gradients_and_double_backward(products):
     """_Projection's backward (dx into a cached buffer; or with the backend's ``mm``, its packed kernel
