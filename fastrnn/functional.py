@@ -87,7 +87,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh, ln_ih = _unpack(weights[k])
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
-            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm)
+            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm, getattr(impl, "mm_min_macs", None))
             if packed and not rows:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
             fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
@@ -265,22 +265,24 @@ def _empty(alloc, shape, like):
     return like.new_empty(shape) if alloc is None else alloc(list(shape), like.dtype)
 
 
-def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None):
+def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None, mm_min_macs=None):
     """The input projection of all steps, ``x @ w_ih.T + b_ih``; with ``ln_ih`` (``layer_norm``)
     ``LN(x @ w_ih.T; ln_ih) + b_ih``, normalized over its G*H columns per row as ``nn.LayerNorm`` (eps
     1e-5, gain ``ln_ih``, no bias of its own: b_ih follows it). With ``alloc`` (a backend's optional
     ``empty``) it is written into a buffer the backend hands out, from memory it keeps mapped: a fresh
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
-    dx in such a buffer too. With ``mm`` (the backend's optional ``mm``) the products run through it, below
-    that size too from ``_MM_MIN_MACS`` multiply-adds."""
+    dx in such a buffer too. With ``mm`` (the backend's optional ``mm``) the products run through it; below
+    that size too from ``mm_min_macs`` multiply-adds (the backend's ``mm_min_macs``: where its product beats
+    torch's by more than ``_Projection``'s Python costs)."""
     if ln_ih is not None:  # all steps at once (not on the sequential path); b_ih as the normalization's bias
-        return F.layer_norm(_project(x, w_ih, None, alloc, None, mm), (w_ih.shape[0],), ln_ih, b_ih, LN_EPS)
+        return F.layer_norm(_project(x, w_ih, None, alloc, None, mm, mm_min_macs), (w_ih.shape[0],), ln_ih, b_ih,
+                            LN_EPS)
     x2 = x.reshape(-1, x.shape[-1])
     rows, K = x2.shape
     G = w_ih.shape[0]
     if alloc is None or (rows * G * x.element_size() < _ALLOC_MIN_BYTES
-                         and (mm is None or rows * G * K < _MM_MIN_MACS)):
+                         and (mm is None or mm_min_macs is None or rows * G * K < mm_min_macs)):
         return F.linear(x, w_ih, b_ih)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_ih)):
         if mm is not None:  # the backend's product takes contiguous tensors
@@ -296,11 +298,6 @@ def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None):
 # below this, xw comes from torch's allocator: small buffers do not fault, and a call of the backend's
 # ``empty`` op costs ~15 us (a T=1 B=1 H=256 GRU layer: ~80 us in all)
 _ALLOC_MIN_BYTES = 1 << 20
-# and from this many multiply-adds a smaller projection still goes through the backend's ``mm``: the batch-1
-# LSTM's at T=100, H=256-512 took 0.57-0.78 of torch's time in cpp's (training calls 1.10x); below it the
-# product is short and ``_Projection``'s Python costs more than it saves (LSTM H64 training 0.88x, RNN H256
-# 0.97x; benchmarks/NOTES.md, twenty-seventh session)
-_MM_MIN_MACS = 1 << 24
 
 
 def _linear_into(out, x2, w, b):

@@ -460,7 +460,7 @@ class _SeqMixin(_BackendMixin):
         return states if ok else None
 
     def _fast_path(self, input, hx):
-        """A dense call with a well-formed ``hx``, outside autocast, tracers and dispatch modes
+        """A dense call with a well-formed ``hx``, outside autocast, torch.compile, tracers and dispatch modes
         (``ops.can_skip_ops``), with no dropped weights or cell options, skips ``_forward``'s Python (it
         costs more than a short call's kernel: benchmarks/NOTES.md, "Short sequences"). The backend the
         policy picks for the call's shape class runs it: ``torch`` as torch.nn's forward; with autograd, a

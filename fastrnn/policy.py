@@ -52,7 +52,7 @@ STEP_CLASSES = ("inference B1", "inference B2+", "training")
 def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0) -> str:
     """The class of a call: ``scope`` 'seq' or 'step', ``grad`` whether it is training (a backward will
     follow, or the module is in training mode: ``_BackendMixin._training_class``), batch B, steps T and
-    hidden size H (sequences)."""
+    hidden size H (sequences; 0, not given, counts as the band up to WIDE_H)."""
     if scope == "step":
         return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
     width = WIDE if H > WIDE_H else NARROW if 0 < H <= NARROW_H else ""

@@ -1,12 +1,12 @@
 """python -m fastrnn.tune: measure the policy table of the automatic backend choice on this machine.
 
 For every class of ``fastrnn.policy`` it times a representative call (float32; hidden size 256 for the
-cells; the sequences at both ends of their hidden-size band, 64 and 192 up to ``policy.NARROW_H``, 256 and 384
-up to ``policy.WIDE_H``, and at 768 above) on each candidate backend (fastrnn's CPU backends and ``torch``, torch.nn's own
-implementation reached through the fastrnn module, as the automatic choice would run it) in interleaved
-rounds, ranks them by median (the geometric mean of the medians where a class has two calls), and writes
-the table to this CPU model's cache (``fastrnn.policy.cache_path()``), where the automatic choice finds it
-from then on. ``python -m fastrnn.info`` shows the table in force.
+cells; the sequences at two sizes of their hidden-size band, 64 and 192 up to ``policy.NARROW_H``, 256 and
+384 up to ``policy.WIDE_H``, and at 768 above) on each candidate backend (fastrnn's CPU backends and
+``torch``, torch.nn's own implementation reached through the fastrnn module, as the automatic choice would
+run it) in interleaved rounds, ranks them by median (the geometric mean of the medians where a class has
+two calls), and writes the table to this CPU model's cache (``fastrnn.policy.cache_path()``), where the
+automatic choice finds it from then on. ``python -m fastrnn.info`` shows the table in force.
 
     python -m fastrnn.tune [--budget SECONDS_PER_CLASS] [--out PATH] [--print]
 """
@@ -26,7 +26,7 @@ from . import __version__, dispatch, policy
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 H = 256  # the hidden size of the cells
-#: the sequences: each band at its two ends (a band's ends can rank differently: benchmarks/NOTES.md, "LSTM
+#: the sequences: each band at two sizes (a band's ends can rank differently: benchmarks/NOTES.md, "LSTM
 #: training at B32+ across the band"), the band above WIDE_H at H_WIDE
 H_SMALL, H_NARROW = 64, policy.NARROW_H
 H_MIDDLE, H_MIDDLE_TOP = 256, policy.WIDE_H
@@ -167,7 +167,8 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         log(f"{key:31s} " + "  ".join(f"{n} {med[n] * 1e3:.3f}" for n in order) + " ms")
     return {"format": policy.FORMAT, "cpu": policy.cpu_model(), "torch": torch.__version__, "fastrnn": __version__,
             "threads": torch.get_num_threads(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "hidden_size": H, "seq_hidden_sizes": {b.strip() or f"H<={policy.WIDE_H}": widths(b) for b in (policy.NARROW, "", policy.WIDE)},
+            "hidden_size": H, "seq_hidden_sizes": {b.strip() or f"H{policy.NARROW_H + 1}-{policy.WIDE_H}": widths(b)
+                                                   for b in (policy.NARROW, "", policy.WIDE)},
             "budget_s": budget_s,
             "rankings": {"cpu": rankings}, "times_ms": times}
 

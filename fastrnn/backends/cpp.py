@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .. import _build
+from .. import _build, policy
 from . import Backend
 from ._common import fwd_dims
 
@@ -97,6 +97,13 @@ class CppBackend(Backend):
         old = _C.parallel_min_macs()
         _C.set_parallel_min_macs(value)
         return old
+
+    #: from this many multiply-adds the functional layer runs an input projection through ``mm`` below the
+    #: cached buffers' size too: at batch 1, T=100, H=256-512, cpp's product took 0.57-0.78 of torch's time
+    #: (LSTM training calls 1.03-1.10x); below it ``_Projection``'s Python costs more than the product saves
+    #: (LSTM H64 training 0.88x, RNN H256 0.97x; benchmarks/NOTES.md, twenty-seventh session). None on Intel
+    #: CPUs, where ``mm`` runs torch's product anyway (csrc/gemm.cpp, ``own_mm``).
+    mm_min_macs = None if policy.cpu_vendor() == "intel" else 1 << 24
 
     @staticmethod
     def mm(a, ta, b, tb, bias):
