@@ -62,7 +62,9 @@ def policy_report() -> list[str]:
     from . import policy
     table = policy.current()
     lines = [f"automatic choice, float32 on cpu: policy table from {table['source']}",
-             "  (python -m fastrnn.tune measures it on this machine; FASTRNN_POLICY=builtin ignores that)"]
+             "  (python -m fastrnn.tune measures it on this machine; FASTRNN_POLICY=builtin ignores that)",
+             f"  (sequence classes by hidden size: '{policy.NARROW.strip()}', none for H{policy.NARROW_H + 1}-"
+             f"{policy.WIDE_H}, '{policy.WIDE.strip()}')"]
     for key in policy.keys():
         ranked = table["rankings"].get("cpu", {}).get(key, ())
         family, scope, cls = key.split(" ", 2)
