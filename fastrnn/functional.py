@@ -54,6 +54,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
     impl = dispatch.get(backend)
     alloc = getattr(impl, "empty", None) if direct else None
     mm = getattr(impl, "mm", None) if direct else None
+    mm_min_macs = getattr(impl, "mm_min_macs", None)
     finals = [[] for _ in state0]
     B = state0[0].shape[1]
     packed = index is not None
@@ -87,7 +88,7 @@ def rnn_layers(family, x, state0, weights, options, *, num_layers, num_direction
             w_ih, b_ih, hh, ln_ih = _unpack(weights[k])
             st = [s[k].contiguous() for s in state0]
             save = _needs_grad(layer_input, w_ih, b_ih, ln_ih, *hh, *st)
-            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm, getattr(impl, "mm_min_macs", None))
+            xw = _project(layer_input, w_ih, b_ih, alloc, ln_ih, mm, mm_min_macs)
             if packed and not rows:
                 xw = _empty(alloc, (steps * B, xw.shape[1]), xw).zero_().index_copy_(0, index, xw).view(steps, B, -1)
             fwd = seq_fwd if save or not direct else ops.DIRECT[f"{family}_seq_fwd"]
@@ -273,8 +274,7 @@ def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None, mm_min_macs=None):
     buffer of tens of MiB costs a page fault per 4 KiB on first touch (~15 ms of a ~120 ms LSTM call at
     T=100 B=64 H=512, benchmarks/NOTES.md); in training through ``_Projection``, whose backward puts
     dx in such a buffer too. With ``mm`` (the backend's optional ``mm``) the products run through it; below
-    that size too from ``mm_min_macs`` multiply-adds (the backend's ``mm_min_macs``: where its product beats
-    torch's by more than ``_Projection``'s Python costs)."""
+    that size too from ``mm_min_macs`` multiply-adds (the backend's, see the contract in fastrnn.backends)."""
     if ln_ih is not None:  # all steps at once (not on the sequential path); b_ih as the normalization's bias
         return F.layer_norm(_project(x, w_ih, None, alloc, None, mm, mm_min_macs), (w_ih.shape[0],), ln_ih, b_ih,
                             LN_EPS)

@@ -147,12 +147,12 @@ def measure(budget_s: float = 0.5, log=print) -> dict:
         names = candidates(scope)
         if scope == "seq":
             T, B = SEQ_SHAPES[cls]
-            meds = []
-            for width in widths(cls):
+            meds, sizes = [], widths(cls)
+            for width in sizes:
                 x = torch.randn(max(STREAM_CALLS, DECODER_STEPS) if T == 1 else T, B, width)
                 state = SEQ[family](width, width).state_dict()
                 fns = {n: _seq_call(family, cls, n, state, x, T, B) for n in names}
-                meds.append(interleaved_medians(fns, budget_s / len(widths(cls))))
+                meds.append(interleaved_medians(fns, budget_s / len(sizes)))
             med = {n: math.exp(sum(math.log(m[n]) for m in meds) / len(meds)) for n in names}
         else:
             B, steps = STEP_SHAPES[cls]

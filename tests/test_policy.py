@@ -77,7 +77,8 @@ def test_amd_table_leaves_lstm_at_large_batch_to_torch_from_h193():
 
 
 def test_a_modules_hidden_size_picks_its_band(monkeypatch):
-    """Under the built-in AMD table an LSTM in training at batch 32 runs cpp at H=192 and torch.nn at H=193."""
+    """Under the built-in AMD table an LSTM in training at batch 32 runs cpp at H=192 and torch.nn at H=193,
+    with torch.nn's outputs and gradients either way."""
     if "cpp" not in dispatch.available_backends("cpu"):
         pytest.skip("the cpp backend is not built here (make ext)")
     monkeypatch.setattr(policy, "cpu_vendor", lambda: "amd")
@@ -85,10 +86,21 @@ def test_a_modules_hidden_size_picks_its_band(monkeypatch):
     policy.forget()
     try:
         for H, want in ((policy.NARROW_H, "cpp"), (policy.NARROW_H + 1, "torch")):
-            m = fastrnn.LSTM(4, H)
-            with dispatch.record_calls() as ran:
-                m(torch.randn(3, 32, 4, requires_grad=True))[0].sum().backward()
-            assert backends_used(ran) == {want}, H
+            torch.manual_seed(0)
+            m, ref = fastrnn.LSTM(4, H), torch.nn.LSTM(4, H)
+            ref.load_state_dict(m.state_dict())
+            x = torch.randn(3, 32, 4)
+            results = []
+            for mod in (m, ref):
+                xg = x.clone().requires_grad_()
+                with dispatch.record_calls() as ran:
+                    y, (h, c) = mod(xg)
+                    (y.sum() + (h * c).sum()).backward()
+                    if mod is m:
+                        assert backends_used(ran) == {want}, H
+                results.append([y, h, c, xg.grad] + [p.grad for p in mod.parameters()])
+            for a, b in zip(*results):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     finally:
         policy.forget()
 

@@ -113,7 +113,8 @@ comes from ``F.linear``.
 Optional: ``mm(a, ta, b, tb, bias) -> Tensor``, ``A' @ B' (+ bias)`` of contiguous 2-D tensors with
 ``A' = a.T if ta else a``, ``B' = b.T if tb else b`` and ``bias`` [N] or None, into a fresh tensor as
 ``empty`` gives. Where the backend has it and ``empty`` too, ``fastrnn.functional`` runs through it the
-input projections that go into ``empty``'s buffers (1 MiB and more, on the direct path) and, in a
+input projections that go into ``empty``'s buffers (1 MiB and more, on the direct path), and smaller ones
+from the backend's optional attribute ``mm_min_macs`` multiply-adds (None or absent: never), and, in a
 first-order backward, that projection's input and weight gradients (a ``create_graph`` backward takes
 torch's differentiable products).
 
