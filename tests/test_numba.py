@@ -1,5 +1,7 @@
 """The numba backend specifically: its compiled kernels really run in nopython mode (what every fused
 backend must do besides is in test_fused.py)."""
+import inspect
+
 import pytest
 import torch
 
@@ -43,8 +45,9 @@ def test_kernels_are_compiled_nopython():
             assert isinstance(form, numba.core.registry.CPUDispatcher)
             sigs = form.nopython_signatures
             assert sigs, f"{form.py_func.__qualname__} never compiled"
-            # the float32 form: the first argument's type, or the dtype's array for the entries by address
-            assert any(str(s.args[0 if k not in KERNELS[6:] else -1]).startswith("array(float32") for s in sigs)
+            # the float32 form: the first argument's type, or the dtype's array (``like``) for the entries by address
+            i = 0 if k not in KERNELS[6:] else list(inspect.signature(k.py_func).parameters).index("like")
+            assert any(str(s.args[i]).startswith("array(float32") for s in sigs)
     for k in ROW_KERNELS if split else ():
         assert any(str(s.args[0]).startswith("array(float32") for s in k.nopython_signatures), \
             f"{k.py_func.__qualname__} never compiled"

@@ -309,3 +309,67 @@ def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
         before = nb.ROW_CALLS
         m(x[:, :rows].clone().requires_grad_(True))[0].sum().backward()
         assert nb.ROW_CALLS - before == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n,K,N,c0,c1", [(1, 64, 256, 0, 256), (5, 13, 37, 0, 37), (7, 50, 200, 8, 200),
+                                         (100, 64, 256, 0, 256), (3, 1, 17, 2, 9), (0, 4, 8, 0, 8), (9, 300, 70, 0, 70)])
+def test_the_panel_product(n, K, N, c0, c1, dtype):
+    """panel.mm_panels (explicit vectors on W^T packed in panels): columns c0..c1 of a @ W^T (+ bias) for row
+    counts around its block of 4, column counts around its group of panels, float32 (16 lanes) and float64
+    (8); nothing written outside those columns."""
+    from fastrnn.backends.numba_kernels import panel
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((n, K)).astype(dtype), rng.standard_normal((N, K)).astype(dtype)
+    L = panel.lanes_of(w)
+    assert L == 64 // np.dtype(dtype).itemsize
+    wp = np.empty((panel.panels(c1 - c0, L), K, L), dtype)
+    panel.pack(w, c0, c1, wp)
+    for bias in (rng.standard_normal(N).astype(dtype), np.empty(0, dtype)):
+        out = np.full((n, N + 3), 7, dtype)
+        panel.mm_panels(a, n, wp, 0, bias, len(bias) > 0, out, c0, c1 - c0, panel.scratch(w))
+        want = a.astype(np.float64) @ w[c0:c1].T.astype(np.float64) + (bias[c0:c1] if len(bias) else 0)
+        np.testing.assert_allclose(out[:, c0:c1], want, atol=1e-5 * K if dtype == np.float32 else 1e-12 * K)
+        assert (out[:, :c0] == 7).all() and (out[:, c1:] == 7).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "team"])
+@pytest.mark.parametrize("name", ["LSTM", "LSTM-2L-bi", "LSTM-proj", "LSTM-peephole-coupled", "GRU-bi",
+                                  "GRU-3L-batch_first", "RNN-relu-nobias"])
+def test_the_sequence_entries_project_their_input(name, threads, monkeypatch):
+    """A chunk or packed call beyond MAX_ROWS rows projects its input inside the sequence entry
+    (panel.input_rows: numba's threads, not torch's product), on one thread and split over a team (forced),
+    dense and packed, float32 and float64, with torch.nn's values (the reference backend's for the
+    variants); an input that is not a contiguous matrix of the kernel's dtype goes through torch's product."""
+    from fastrnn.backends import numba as nb
+    if threads > torch.get_num_threads():
+        pytest.skip("a team needs two of torch's threads")
+    monkeypatch.setattr(nb, "FUSE_PROJECTION", -1)
+    old = nb.BACKEND.set_parallel_min_macs(0 if threads > 1 else 1 << 40)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            ours, ref = _pair(name, dtype)
+            D = 2 if ours.bidirectional else 1
+            x = torch.randn(9, 5, 6, dtype=dtype)
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, [9, 7, 7, 3, 1], enforce_sorted=False)
+            for inp in (x.transpose(0, 1) if ours.batch_first else x, packed):
+                before = nb.FUSED_CALLS
+                with torch.no_grad():
+                    got, want = ours(inp), ref(inp)
+                assert nb.FUSED_CALLS - before == ours.num_layers * D
+                if isinstance(inp, torch.nn.utils.rnn.PackedSequence):
+                    got, want = (got[0].data, got[1]), (want[0].data, want[1])
+                for a, b in zip(flat_outputs(got), flat_outputs(want)):
+                    torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
+        # a strided input: torch's product (the modules hand the ops contiguous inputs; the op alone here)
+        nbk = dispatch.get("numba")
+        xs = torch.randn(9, 5, 12)[..., ::2]
+        w_ih, b_ih, w_hh, b_hh = (0.15 * torch.randn(*s) for s in ((120, 6), (120,), (120, 40), (120,)))
+        before = nb.FUSED_CALLS
+        y, h = nbk.gru_chunk_fwd(xs, w_ih, b_ih, w_hh, b_hh, torch.zeros(5, 40), False)
+        assert nb.FUSED_CALLS == before
+        y2, h2 = nbk.gru_chunk_fwd(xs.contiguous(), w_ih, b_ih, w_hh, b_hh, torch.zeros(5, 40), False)
+        assert nb.FUSED_CALLS == before + 1
+        torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)

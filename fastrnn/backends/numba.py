@@ -22,6 +22,7 @@ try:
     from .numba_kernels import gru_options as _gru_opt
     from .numba_kernels import lstm as _lstm
     from .numba_kernels import lstm_options as _lstm_opt
+    from .numba_kernels import panel as _panel
     from .numba_kernels import rnn as _rnn
     from .numba_kernels.common import TWINS as _SERIAL, serial_twin
     _IMPORT_ERROR = None
@@ -144,6 +145,16 @@ def _bwd_split(B, T, macs_per_row, units, ragged, weights, like, rows_ok=True):
     return (rows, rows) if rows else (_parts(B, macs_per_row), 0)
 
 
+#: the sequence forwards run their steps' products on W_hh's panels (numba_kernels/panel.py) from this many rows
+#: a step (-1: never; tests and A/B)
+PANEL_MIN_ROWS = 4
+
+
+def _step_panels(w_hh, G, H, B, T, parts, by_rows):
+    """W_hh's panels for a sequence forward's steps, or none (numba_kernels/panel.py, ``step_panels``)."""
+    return _panel.step_panels(_np(w_hh), G, H, B, T, _LIKE[w_hh.dtype], PANEL_MIN_ROWS, parts, by_rows)
+
+
 def _lines(*shape, like):
     """An uninitialized numpy buffer of ``like``'s dtype from torch's allocator, which starts it on a 64-byte
     cache line (numpy's own aligns to 16): a team's parts write blocks of 16 units of its rows, and a line
@@ -230,14 +241,15 @@ class NumbaBackend(StepsFromSequence, Backend):
             _kernel(_lstm.lstm_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw),
                                                _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0), T, reverse, rows,
                                                _rows(y, out=True), _np(h_n), _np(c_n), _np(gates), _np(c_all),
-                                               _np(hfull))
+                                               _np(hfull), _step_panels(w_hh, GH // H, H, B, T, rows, True))
             return y, h_n, c_n, ws
         h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
                                 coupled,
                                 _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts,
                                 _rows(y, out=True), _np(h_n),
-                                _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c)
+                                _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c,
+                                _step_panels(w_hh, GH // H, H, B, T, parts, False))
         return y, h_n, c_n, ws
 
     def _lstm_plain_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
@@ -279,12 +291,14 @@ class NumbaBackend(StepsFromSequence, Backend):
         rows = _row_parts(B, lengths, parts, GH * H, _np(xw))
         if rows:
             _kernel(_gru.gru_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse, rows,
-                                             _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all))
+                                             _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all),
+                                             _step_panels(w_hh, 3, H, B, T, rows, True))
             return y, h_n, ws
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
-                              parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b)
+                              parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b,
+                              _step_panels(w_hh, 3, H, B, T, parts, False))
         return y, h_n, ws
 
     def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
@@ -491,8 +505,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
             _, _, H, P, like, addr, keep = check(x[0], w_ih, b_ih, *weights, *state, *options)
-            xw = _project(x, w_ih, b_ih).view(T * B, -1)  # [rows, G*H]
-            y, *finals = seq(xw, H, P, like, addr[3:], None, T, B, reverse, *options)
+            y, *finals = seq(_Input(x.view(T * B, -1), w_ih, b_ih, addr), H, P, like, addr[3:], None, T, B, reverse,
+                             *options)
             del keep  # the contiguous copies the kernel read
             return (y.view(T, B, P), *finals)
         ys = [None] * T
@@ -526,46 +540,53 @@ class NumbaBackend(StepsFromSequence, Backend):
         if N != int(sizes.sum()):
             raise RuntimeError(f"fastrnn numba {name}: x has {N} rows but the lengths sum to {int(sizes.sum())}")
         _, _, H, P, like, addr, keep = check(x[:B], w_ih, b_ih, *weights, *state, *options)
-        out = seq(_project(x, w_ih, b_ih), H, P, like, addr[3:], sizes, T, B, reverse, *options)
+        out = seq(_Input(x, w_ih, b_ih, addr), H, P, like, addr[3:], sizes, T, B, reverse, *options)
         del keep
         return out
 
     @staticmethod
-    def _lstm_rows(xw, H, P, like, a, sizes, T, B, reverse, coupled):
-        """The LSTM's sequence kernel on the rows of ``xw`` (a: the addresses of w_hh, b_hh, w_hr, w_ch, h0,
-        c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P], h_n, c_n). The kernel
-        writes by address: xw must be the [rows, G*H] matrix of the call's rows."""
-        _check_rows(xw, 3 * H if coupled else 4 * H, like)
-        y, h_n, c_n = xw.new_empty(xw.shape[0], P), xw.new_empty(B, P), xw.new_empty(B, H)
-        parts = _parts(B, xw.shape[1] * P, max(H, P), xw.shape[0])
-        rows = _row_parts(B, sizes, parts, xw.shape[1] * P + (P * H if a[2] else 0), like)
+    def _lstm_rows(src, H, P, like, a, sizes, T, B, reverse, coupled):
+        """The LSTM's sequence kernel on the rows of ``src`` (an ``_Input``, or the input projection itself: the
+        [rows, G*H] matrix of the call's rows, which the kernel reads by address; a: the addresses of w_hh,
+        b_hh, w_hr, w_ch, h0, c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P], h_n,
+        c_n)."""
+        GH = 3 * H if coupled else 4 * H
+        n = src.shape[0]
+        parts = _parts(B, GH * P, max(H, P), n)
+        rows = _row_parts(B, sizes, parts, GH * P + (P * H if a[2] else 0), like)
+        xw, proj = _rows_input(src, GH, like, rows or parts)
+        y, h_n, c_n = xw.new_empty(n, P), xw.new_empty(B, P), xw.new_empty(B, H)
         _kernel(_lstm.lstm_seq_at, rows or parts)(
             xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
-            0 if sizes is None else sizes.data_ptr(), T, B, H, P, bool(reverse), rows or parts, rows > 0, like)
+            0 if sizes is None else sizes.data_ptr(), T, B, H, P, bool(reverse), rows or parts, rows > 0, like, *proj,
+            PANEL_MIN_ROWS)
         return y, h_n, c_n
 
     @staticmethod
-    def _gru_rows(xw, H, P, like, a, sizes, T, B, reverse):
+    def _gru_rows(src, H, P, like, a, sizes, T, B, reverse):
         """``_lstm_rows`` for the GRU (a: w_hh, b_hh, h0)."""
-        _check_rows(xw, 3 * H, like)
-        y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
-        parts = _parts(B, xw.shape[1] * H, H, xw.shape[0])
-        rows = _row_parts(B, sizes, parts, xw.shape[1] * H, like)
+        n = src.shape[0]
+        parts = _parts(B, 3 * H * H, H, n)
+        rows = _row_parts(B, sizes, parts, 3 * H * H, like)
+        xw, proj = _rows_input(src, 3 * H, like, rows or parts)
+        y, h_n = xw.new_empty(n, H), xw.new_empty(B, H)
         _kernel(_gru.gru_seq_at, rows or parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                                 0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
-                                                rows or parts, rows > 0, like)
+                                                rows or parts, rows > 0, like, *proj, PANEL_MIN_ROWS)
         return y, h_n
 
     @staticmethod
-    def _rnn_rows(xw, H, P, like, a, sizes, T, B, reverse, nonlinearity):
+    def _rnn_rows(src, H, P, like, a, sizes, T, B, reverse, nonlinearity):
         """``_lstm_rows`` for the RNN (a: w_hh, b_hh, h0)."""
-        _check_rows(xw, H, like)
-        y, h_n = xw.new_empty(xw.shape[0], H), xw.new_empty(B, H)
-        parts = _parts(B, H * H, H, xw.shape[0])
+        n = src.shape[0]
+        parts = _parts(B, H * H, H, n)
         rows = _row_parts(B, sizes, parts, H * H, like)
+        xw, proj = _rows_input(src, H, like, rows or parts)
+        y, h_n = xw.new_empty(n, H), xw.new_empty(B, H)
         _kernel(_rnn.rnn_seq_at, rows or parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                                 0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
-                                                nonlinearity == "relu", rows or parts, rows > 0, like)
+                                                nonlinearity == "relu", rows or parts, rows > 0, like, *proj,
+                                                PANEL_MIN_ROWS)
         return y, h_n
 
     def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):
@@ -603,12 +624,14 @@ class NumbaBackend(StepsFromSequence, Backend):
         rows = _row_parts(B, lengths, parts, H * H, _np(xw))
         if rows:
             _kernel(_rnn.rnn_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse,
-                                             nonlinearity == "relu", rows, _rows(y, out=True), _np(h_n))
+                                             nonlinearity == "relu", rows, _rows(y, out=True), _np(h_n),
+                                             _step_panels(w_hh, 1, H, B, T, rows, True))
             return y, h_n, xw.new_empty(0)
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
-                              nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b)
+                              nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b,
+                              _step_panels(w_hh, 1, H, B, T, parts, False))
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):
@@ -807,6 +830,49 @@ def _project(x, w_ih, b_ih):
         with torch.autocast("cpu", enabled=False):
             return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
     return torch.nn.functional.linear(x, w_ih, b_ih).contiguous()
+
+
+class _Input(tuple):
+    """A chunk or packed call's input before its projection: (x [rows, I], w_ih, b_ih, the addresses of
+    ``_cell_addresses``), for ``_rows_input``."""
+    __slots__ = ()
+    shape = property(lambda self: self[0].shape)
+
+    def __new__(cls, x, w_ih, b_ih, addr):
+        return tuple.__new__(cls, (x, w_ih, b_ih, addr))
+
+
+#: -1: the rule (``_rows_input``), 0 / 1: never / wherever a call allows it (tests, A/B); FUSED_CALLS counts the
+#: calls that projected inside the kernel (the tests check that the path ran)
+FUSE_PROJECTION = -1
+FUSED_CALLS = 0
+#: on one thread, the entry projects up to this many multiply-adds (torch's product, on all threads, wins
+#: above: ~110 GFLOP/s a core for panel.project against ~200 for torch's on two)
+FUSE_SERIAL_MACS = 1 << 22
+
+
+def _rows_input(src, GH, like, parts):
+    """(the matrix a sequence entry reads by address, the entry's w_ih and b_ih addresses and I: 0 where the host
+    projected): for an ``_Input`` whose
+    x is a contiguous matrix of the kernel's dtype, x itself and (w_ih's and b_ih's addresses, I), so that the
+    entry projects first in its own threads (panel.project), where the call runs on several (``parts`` > 1) or
+    the product is small (FUSE_SERIAL_MACS). Torch's product ran on torch's threads, whose spinning after it
+    held up the team's start, and its call costs a few microseconds: the entry's took the calls 1.07-1.27x
+    (several threads) and 1.1-1.2x (one; benchmarks/NOTES.md, twenty-eighth session). Else the input
+    projection by torch, checked."""
+    global FUSED_CALLS
+    if not isinstance(src, _Input):
+        _check_rows(src, GH, like)
+        return src, (0, 0, 0)
+    x, w_ih, b_ih, addr = src
+    rule = parts > 1 or x.shape[0] * x.shape[-1] * GH <= FUSE_SERIAL_MACS
+    if ((FUSE_PROJECTION == 1 or (FUSE_PROJECTION == -1 and rule)) and x.dim() == 2 and x.is_contiguous()
+            and x.dtype == _DTYPE[like.dtype.type] and x.is_cpu and not x.is_neg() and x.data_ptr()):
+        FUSED_CALLS += 1
+        return x, (addr[1], addr[2], x.shape[1])
+    xw = _project(x, w_ih, b_ih)
+    _check_rows(xw, GH, like)
+    return xw, (0, 0, 0)
 
 
 def _check_rows(xw, GH, like):

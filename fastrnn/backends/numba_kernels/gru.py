@@ -10,6 +10,7 @@ from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
                      row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
+from .panel import gate_products, input_rows, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -49,7 +50,7 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_all, h_a, h_b):
+def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_all, h_a, h_b, wp):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers
     (team.py): part p is a block of units, their gate rows of W_hh, pointwise pass and columns of y. xw
     [rows, 3H] and y [rows, H] as rows (see lstm.lstm_fwd)."""
@@ -60,6 +61,7 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
     sync = team_sync(parts)
     for w in prange(parts):
         if team_claim(sync, w):
+            tmp = scratch(h0)
             for s in range(T):
                 t = T - 1 - s if reverse else s
                 n = sizes[t]
@@ -68,8 +70,7 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
                 p = team_next(sync, parts, w, s)
                 while p >= 0:
                     lo, hi = split(H, parts, p)
-                    for k in range(3):
-                        mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
+                    gate_products(src, n, w_hh, wp, gates[st], 3, H, lo, hi, tmp)
                     _pointwise_fwd(offs[t], st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
                     for b in range(n):
                         y[offs[t] + b, lo:hi] = dst[b, lo:hi]
@@ -79,21 +80,21 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all):
+def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all, wp):
     """``gru_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
     S = gates.shape[0]
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
+        tmp = scratch(h0)
         for s in range(T):
             t = T - 1 - s if reverse else s
             st = t if S == T else 0
             g = gates[st, r0:r1].reshape((1, n, 3 * H))
             hn = hn_all[st, r0:r1].reshape((1, n, H))
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-            for k in range(3):
-                mm_nt(src, n, w_hh, g[0], k * H, k * H + H, False)
+            gate_products(src, n, w_hh, wp, g[0], 3, H, 0, H, tmp)
             _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, g, hn, b_hh, src, dst)
             for b in range(n):
                 y[t * B + r0 + b, :] = dst[b, :]
@@ -101,19 +102,22 @@ def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all):
 
 
 @numba.njit(**JIT)
-def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, by_rows, like):
+def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, by_rows, like, a_w_ih=0,
+               a_b_ih=0, I=0, panel_rows=4):
     """``gru_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
-    xw, w_hh = at(a_xw, (rows, 3 * H), like), at(a_w_hh, (3 * H, H), like)
+    xw, w_hh = input_rows(a_xw, a_w_ih, a_b_ih, rows, I, 3 * H, parts, like), at(a_w_hh, (3 * H, H), like)
     b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
+    wp = step_panels(w_hh, 3, H, B, T, like, panel_rows, parts, by_rows)
     if by_rows:
-        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, lines((1, B, 3 * H), dt), lines((1, B, H), dt))
+        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, lines((1, B, 3 * H), dt), lines((1, B, H), dt),
+                     wp)
         return
     gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((1, B, 3 * H), dt),
-            lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt))
+            lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt), wp)
 
 
 @numba.njit(**JIT)

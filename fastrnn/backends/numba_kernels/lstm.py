@@ -11,6 +11,7 @@ from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
                      project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
+from .panel import gate_products, input_rows, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -101,7 +102,7 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
 
 @numba.njit(parallel=True, **JIT)
 def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, parts, y, h_n, c_n, gates, c_all,
-             hfull, h_a, h_b, c):
+             hfull, h_a, h_b, c, wp):
     """Whole-sequence forward of one layer-direction; see fastrnn.backends for the contract. Its steps are
     split over a team of ``parts`` workers (team.py): part p is a block of hidden units (their gate rows of
     W_hh, pointwise pass and cell state) and, with a projection, a second phase a step for a block of
@@ -115,7 +116,8 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
     reuse one slot (inference).
 
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
-    c: [B, H] cell state (each unit is read and written by one part only).
+    c: [B, H] cell state (each unit is read and written by one part only);
+    wp: W_hh's panels (panel.pack_gates), or empty (panel.no_panels): the products by ``mm_nt``.
     """
     T = sizes.shape[0]
     H = c0.shape[1]
@@ -129,6 +131,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
     sync = team_sync(parts)
     for w in prange(parts):
         if team_claim(sync, w):
+            tmp = scratch(h0)
             for s in range(T):
                 t = T - 1 - s if reverse else s
                 n = sizes[t]
@@ -139,8 +142,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
                 p = team_next(sync, parts, w, ph)
                 while p >= 0:
                     lo, hi = split(H, parts, p)
-                    for k in range(G):
-                        mm_nt(src, n, w_hh, gates[st], k * H + lo, k * H + hi, False)
+                    gate_products(src, n, w_hh, wp, gates[st], G, H, lo, hi, tmp)
                     _pointwise_fwd(offs[t], st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
                     if not proj:
                         for b in range(n):
@@ -161,7 +163,8 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n, gates, c_all, hfull):
+def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n, gates, c_all, hfull,
+                  wp):
     """``lstm_fwd`` on a dense batch split by rows: part p runs every step of its block of rows with all
     units, its state on buffers of its own, and never waits for another (the split by units waits for every
     part each step). xw [T x B, G*H] and y [T x B, P] as rows; the workspace as lstm_fwd's ([T, ...] saved
@@ -176,6 +179,7 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
         n = r1 - r0
         c = lines((n, H), dt)
         c[:, :] = c0[r0:r1]
+        tmp = scratch(h0)
         for s in range(T):
             t = T - 1 - s if reverse else s
             st = t if S == T else 0
@@ -183,8 +187,7 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
             ca = c_all[st, r0:r1].reshape((1, n, H))
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
             hout = hfull[st, r0:r1] if proj else dst
-            for k in range(G):
-                mm_nt(src, n, w_hh, g[0], k * H, k * H + H, False)
+            gate_products(src, n, w_hh, wp, g[0], G, H, 0, H, tmp)
             _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, g, b_hh, w_ch, coupled, c, ca, hout)
             if proj:
                 mm_nt(hout, n, w_hr, dst, 0, P, False)
@@ -196,29 +199,32 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
 
 @numba.njit(**JIT)
 def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, a_h_n, a_c_n, a_sizes, T, B, H, P,
-                reverse, parts, by_rows, like):
+                reverse, parts, by_rows, like, a_w_ih=0, a_b_ih=0, I=0,
+                panel_rows=4):
     """``lstm_fwd`` in inference (the chunk and packed entries), on tensors given by address (see
     rnn.rnn_cell; 0 for an absent bias, w_hr or w_ch): a dense sequence's T x B rows, or with ``a_sizes``
     (int64 [T], non-increasing) a packed sequence's rows. Its workspace and state buffers are made here,
     so the host passes integers, not ~20 numpy views (~40 us a call, benchmarks/NOTES.md, seventeenth
-    session)."""
+    session). With ``a_w_ih`` (and ``a_b_ih``, 0 when absent) ``a_xw`` is the input x [rows, I] and the
+    input projection runs here first (panel.input_rows)."""
     G = 3 if coupled else 4
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
-    xw, w_hh = at(a_xw, (rows, G * H), like), at(a_w_hh, (G * H, P), like)
+    dt = like.dtype
+    xw, w_hh = input_rows(a_xw, a_w_ih, a_b_ih, rows, I, G * H, parts, like), at(a_w_hh, (G * H, P), like)
     b_hh = at(a_b_hh, (G * H if a_b_hh else 0,), like)
     w_hr = at(a_w_hr, (P, H) if a_w_hr else (0, 0), like)
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h0, c0 = at(a_h0, (B, P), like), at(a_c0, (B, H), like)
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
-    dt = like.dtype
+    wp = step_panels(w_hh, G, H, B, T, like, panel_rows, parts, by_rows)
     if by_rows:  # a dense batch, ``parts`` blocks of rows (lstm_fwd_rows)
         lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n,
-                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt))
+                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt), wp)
         return
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
              lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
-             lines((B, P), dt), lines((B, P), dt), lines((B, H), dt))
+             lines((B, P), dt), lines((B, P), dt), lines((B, H), dt), wp)
 
 
 @numba.njit(**JIT)

@@ -6,6 +6,7 @@ from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
                      row_block, row_block_state, row_offsets, split, tanh_)
+from .panel import gate_products, input_rows, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -35,7 +36,7 @@ def _pointwise_fwd(r0, n, lo, hi, xw, b_hh, relu, dst):
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, h_b):
+def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, h_b, wp):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers (see
     team.py): part p is a block of units, its product, pointwise pass and its columns of y. xw [rows, H] and
     y [rows, H] as rows (see lstm.lstm_fwd)."""
@@ -46,6 +47,7 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
     sync = team_sync(parts)
     for w in prange(parts):
         if team_claim(sync, w):
+            tmp = scratch(h0)
             for s in range(T):
                 t = T - 1 - s if reverse else s
                 n = sizes[t]
@@ -53,7 +55,7 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
                 p = team_next(sync, parts, w, s)
                 while p >= 0:
                     lo, hi = split(H, parts, p)
-                    mm_nt(src, n, w_hh, dst, lo, hi, False)
+                    gate_products(src, n, w_hh, wp, dst, 1, H, lo, hi, tmp)
                     _pointwise_fwd(offs[t], n, lo, hi, xw, b_hh, relu, dst)
                     for b in range(n):
                         y[offs[t] + b, lo:hi] = dst[b, lo:hi]
@@ -63,16 +65,17 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n):
+def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, wp):
     """``rnn_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
+        tmp = scratch(h0)
         for s in range(T):
             t = T - 1 - s if reverse else s
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-            mm_nt(src, n, w_hh, dst, 0, H, False)
+            gate_products(src, n, w_hh, wp, dst, 1, H, 0, H, tmp)
             _pointwise_fwd(t * B + r0, n, 0, H, xw, b_hh, relu, dst)
             for b in range(n):
                 y[t * B + r0 + b, :] = dst[b, :]
@@ -80,17 +83,21 @@ def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n):
 
 
 @numba.njit(**JIT)
-def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, by_rows, like):
+def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, by_rows, like,
+               a_w_ih=0, a_b_ih=0, I=0,
+               panel_rows=4):
     """``rnn_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
-    xw, w_hh, b_hh = at(a_xw, (rows, H), like), at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
+    xw = input_rows(a_xw, a_w_ih, a_b_ih, rows, I, H, parts, like)
+    w_hh, b_hh = at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
+    wp = step_panels(w_hh, 1, H, B, T, like, panel_rows, parts, by_rows)
     if by_rows:
-        rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n)
+        rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, wp)
         return
     rnn_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, relu, parts, y, h_n, lines((B, H), like.dtype),
-            lines((B, H), like.dtype))
+            lines((B, H), like.dtype), wp)
 
 
 @numba.njit(**JIT)

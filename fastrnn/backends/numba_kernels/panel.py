@@ -1,0 +1,286 @@
+"""A GEMM on packed panels with explicit vectors, for the products numba's loops do not vectorize well.
+
+``mm_nt`` (common.py) computes dot products along K and reduces each at the end: ~55-90 GFLOP/s a core
+here. This one keeps W^T in panels of one vector's width (64 bytes: 16 float32 or 8 float64 columns, k-major,
+``pack``) and for a block of MR rows of ``a`` and NV panels keeps MR x NV vector accumulators in registers:
+each k loads NV vectors of the panels and broadcasts MR elements of ``a``, with no reduction at the end
+(~110-116 GFLOP/s a core at 4 rows and more, 1.2-2x ``mm_nt``; benchmarks/NOTES.md, twenty-eighth
+session). The vectors are LLVM's generic ones, so the same code runs on AVX2 (two halves a vector) and
+AVX-512 alike; numba's disk cache is per CPU.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .common import JIT, at, lines, mm_nt
+
+#: rows of ``a`` and panels a microkernel keeps in registers: 4 x 4 vectors (16 of AVX-512's 32)
+MR, NV = 4, 4
+
+
+def _microkernel(mr, nv):
+    """The intrinsic ``mk(a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo)``: for r < mr and v < nv,
+    out[o0 + r*ldo + v*L : +L] = (bias[b0 + v*L : +L] if has_bias else 0) + sum over k < K of
+    a[a0 + r*lda + k] * wp[w0 + (v*K + k)*L : +L], with L a vector's lanes: offsets in elements from each
+    C-contiguous array's first element, whatever its shape, full vectors stored (the caller makes room). The
+    arrays are taken whole, never sliced or reshaped on the way: each view numba makes costs an atomic
+    reference count on the array, which the two workers of a team then pass back and forth every step
+    (that made the team slower than one thread at H64; benchmarks/NOTES.md, twenty-eighth session)."""
+
+    @intrinsic
+    def mk(typingctx, a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo):
+        dt = wp.dtype
+        if dt not in (types.float32, types.float64) or any(t.dtype != dt for t in (a, bias, out)):
+            return None
+        sig = types.void(a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo)
+
+        def codegen(context, builder, signature, args):
+            ty = signature.args
+            data = [context.make_array(ty[i])(context, builder, args[i]).data for i in (0, 3, 6, 9)]
+            A, W, Bias, O = data
+            a0v, lda_, w0v, Kv, b0v, o0v, ldo_ = (context.cast(builder, args[i], ty[i], types.intp)
+                                                  for i in (1, 2, 4, 5, 7, 10, 11))
+            elt = context.get_value_type(dt)
+            size = context.get_abi_sizeof(elt)
+            lanes = 64 // size
+            vty = ir.VectorType(elt, lanes)
+            vptr = vty.as_pointer()
+            i32 = ir.IntType(32)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                                 f"llvm.fma.v{lanes}{'f32' if dt == types.float32 else 'f64'}")
+
+            def c(n):
+                return context.get_constant(types.intp, n)
+
+            def vload(base, i):
+                return builder.load(builder.bitcast(builder.gep(base, [i]), vptr), align=size)
+
+            init = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(nv)]
+            with builder.if_then(context.cast(builder, args[8], ty[8], types.boolean)):
+                for v in range(nv):
+                    builder.store(vload(Bias, builder.add(b0v, c(v * lanes))), init[v])
+            acc = [[cgutils.alloca_once_value(builder, builder.load(init[v])) for v in range(nv)] for _ in range(mr)]
+            for r in range(mr):
+                for v in range(nv):
+                    builder.store(builder.load(init[v]), acc[r][v])
+            panel = builder.mul(Kv, c(lanes))
+            with cgutils.for_range(builder, Kv) as loop:
+                k = loop.index
+                wk = builder.add(w0v, builder.mul(k, c(lanes)))
+                ws = [vload(W, builder.add(wk, builder.mul(c(v), panel))) for v in range(nv)]
+                for r in range(mr):
+                    x = builder.load(builder.gep(A, [builder.add(builder.add(a0v, builder.mul(c(r), lda_)), k)]))
+                    s = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+                    s = builder.shuffle_vector(s, ir.Constant(vty, ir.Undefined),
+                                               ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                    for v in range(nv):
+                        builder.store(builder.call(fma, [s, ws[v], builder.load(acc[r][v])]), acc[r][v])
+            for r in range(mr):
+                row = builder.add(o0v, builder.mul(c(r), ldo_))
+                for v in range(nv):
+                    p = builder.bitcast(builder.gep(O, [builder.add(row, c(v * lanes))]), vptr)
+                    builder.store(builder.load(acc[r][v]), p, align=size)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+_MK = {(mr, nv): _microkernel(mr, nv) for mr in (MR, 1) for nv in range(1, NV + 1)}
+_mk44, _mk43, _mk42, _mk41 = (_MK[MR, nv] for nv in (4, 3, 2, 1))
+_mk14, _mk13, _mk12, _mk11 = (_MK[1, nv] for nv in (4, 3, 2, 1))
+
+
+@numba.njit(**JIT)
+def lanes_of(dt_like):
+    """A vector's lanes (64 bytes) for the dtype of the array ``dt_like``."""
+    return 64 // dt_like.itemsize
+
+
+@numba.njit(**JIT)
+def panels(cols, L):
+    """How many panels of L columns hold ``cols`` columns."""
+    return (cols + L - 1) // L
+
+
+@numba.njit(**JIT)
+def pack(w, j0, j1, wp):
+    """wp[p, k, l] = w[j0 + p*L + l, k] (0 past j1): rows j0..j1 of w [N, K] as panels of W^T (wp [>= ``panels``,
+    K, L], L = ``lanes_of(w)``; the panels past j1 all zeros)."""
+    K = w.shape[1]
+    L = wp.shape[2]
+    zero = w.dtype.type(0)
+    for p in range(wp.shape[0]):
+        for l in range(L):
+            j = j0 + p * L + l
+            if j < j1:
+                row = w[j]
+                for k in range(K):
+                    wp[p, k, l] = row[k]
+            else:
+                for k in range(K):
+                    wp[p, k, l] = zero
+
+
+@numba.njit(**JIT)
+def _group(nv, n, a, a0, lda, wp, w0, K, bias, b0, has_b, out, o0, ldo):
+    """Rows [0, n) of a (from element a0) against ``nv`` panels from w0: blocks of MR rows, then one at a time."""
+    r = 0
+    while r + MR <= n:
+        ar, oo = a0 + r * lda, o0 + r * ldo
+        if nv == 4:
+            _mk44(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        elif nv == 3:
+            _mk43(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        elif nv == 2:
+            _mk42(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        else:
+            _mk41(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        r += MR
+    while r < n:
+        ar, oo = a0 + r * lda, o0 + r * ldo
+        if nv == 4:
+            _mk14(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        elif nv == 3:
+            _mk13(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        elif nv == 2:
+            _mk12(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        else:
+            _mk11(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        r += 1
+
+
+@numba.njit(**JIT)
+def mm_panels(a, n, wp, w0, bias, has_b, out, c0, cols, tmp):
+    """out[:n, c0:c0 + cols] = a[:n] @ W^T (+ bias[c0:c0 + cols] where ``has_b``) with W^T's columns c0.. packed
+    by ``pack``, from element w0 of wp (wp [.., K, L]: K and L its last two dimensions). a [>= n, K] and out
+    [>= n, >= c0 + cols] C-contiguous; tmp ``scratch`` (a last panel wider than what is left of the columns
+    goes through it; its bias, padded, too). Groups of NV panels, then the 1-3 whole panels left, then the
+    part one."""
+    K = wp.shape[wp.ndim - 2]
+    L = wp.shape[wp.ndim - 1]
+    lda, ldo = a.shape[1], out.shape[1]
+    whole = cols // L
+    p = 0
+    while p < whole:
+        nv = min(NV, whole - p)
+        _group(nv, n, a, 0, lda, wp, w0 + p * K * L, K, bias, c0 + p * L, has_b, out, c0 + p * L, ldo)
+        p += nv
+    m = cols - whole * L
+    if m:  # the last, part panel: through tmp (MR rows, then a vector of its bias)
+        if has_b:
+            for i in range(L):
+                tmp[MR * L + i] = bias[c0 + whole * L + i] if i < m else tmp.dtype.type(0)
+        r = 0
+        while r < n:
+            k = min(MR, n - r)
+            _group(1, k, a, r * lda, lda, wp, w0 + whole * K * L, K, tmp, MR * L, has_b, tmp, 0, L)
+            for i in range(k):
+                for j in range(m):
+                    out[r + i, c0 + whole * L + j] = tmp[i * L + j]
+            r += k
+
+
+@numba.njit(**JIT)
+def _project_part(x, w, bias, xw, p, parts):
+    """Part p of ``project``: its whole groups of panels of columns, with its own rows of w packed."""
+    rows, N = xw.shape
+    L = lanes_of(w)
+    step = NV * L
+    groups = (N + step - 1) // step
+    c0 = groups * p // parts * step
+    c1 = min(N, groups * (p + 1) // parts * step)
+    if c1 > c0:
+        wp = np.empty((panels(c1 - c0, L), w.shape[1], L), w.dtype)
+        pack(w, c0, c1, wp)
+        mm_panels(x, rows, wp, 0, bias, bias.shape[0] > 0, xw, c0, c1 - c0, scratch(w))
+
+
+@numba.njit(parallel=True, **JIT)
+def project(x, w, bias, xw, parts):
+    """xw = x @ w.T (+ bias): a sequence's input projection (x [rows, I], w [N, I], xw [rows, N]), split over
+    ``parts`` threads by columns."""
+    for p in prange(parts):
+        _project_part(x, w, bias, xw, p, parts)
+
+
+@numba.njit(**JIT)
+def input_rows(a_x, a_w_ih, a_b_ih, rows, I, N, parts, like):
+    """The input projection [rows, N] a by-address sequence entry runs on (lstm.lstm_seq_at): the matrix at
+    ``a_x`` when ``a_w_ih`` is 0 (the host projected), else x [rows, I] at ``a_x`` projected here (w_ih at
+    ``a_w_ih``, b_ih at ``a_b_ih`` or 0), over ``parts`` of numba's threads, the team's: torch's product between
+    numba's regions ran on torch's threads, whose spinning after it held up the team's start (1.07-1.17x a
+    call; benchmarks/NOTES.md, twenty-eighth session). One part runs without a parallel region."""
+    if not a_w_ih:
+        return at(a_x, (rows, N), like)
+    xw = lines((rows, N), like.dtype)
+    x, w, b = at(a_x, (rows, I), like), at(a_w_ih, (N, I), like), at(a_b_ih, (N if a_b_ih else 0,), like)
+    if parts > 1:
+        project(x, w, b, xw, parts)
+    else:
+        _project_part(x, w, b, xw, 0, 1)
+    return xw
+
+
+@numba.njit(**JIT)
+def pack_gates(w_hh, G, H):
+    """W_hh [G*H, K] as panels, gate by gate: [G, ceil(H / L), K, L], panel p of gate g holding rows
+    g*H + p*L .. + L (zeros past H), so that a part of units [lo, hi) with lo a multiple of L finds its rows
+    from panel lo / L (``gate_products``)."""
+    L = lanes_of(w_hh)
+    wp = np.empty((G, panels(H, L), w_hh.shape[1], L), w_hh.dtype)
+    for g in range(G):
+        pack(w_hh, g * H, g * H + H, wp[g])
+    return wp
+
+
+@numba.njit(**JIT)
+def no_panels(like):
+    """The empty panels that make ``gate_products`` run ``mm_nt``."""
+    return np.empty((0, 0, 0, 0), like.dtype)
+
+
+@numba.njit(**JIT)
+def gate_products(src, n, w_hh, wp, out, G, H, lo, hi, tmp):
+    """out[:n, g*H + lo : g*H + hi] = src[:n] @ W_hh[g*H + lo : g*H + hi]^T for each gate g < G: a step's
+    recurrent products for units [lo, hi) (lo a multiple of 16), on W_hh's panels (``pack_gates``; tmp
+    ``scratch``) or, where ``wp`` is empty, with ``mm_nt``."""
+    if wp.shape[0] == 0:
+        for g in range(G):
+            mm_nt(src, n, w_hh, out, g * H + lo, g * H + hi, False)
+        return
+    L, K = wp.shape[3], wp.shape[2]
+    for g in range(G):
+        mm_panels(src, n, wp, (g * wp.shape[1] + lo // L) * K * L, tmp, False, out, g * H + lo, hi - lo, tmp)
+
+
+@numba.njit(**JIT)
+def scratch(like):
+    """``mm_panels``' scratch: MR + 1 vectors."""
+    return np.empty((MR + 1) * lanes_of(like), like.dtype)
+
+
+
+#: the most columns of W_hh (K) the steps' products take on panels: a group of NV panels is NV x K vectors,
+#: which every block of MR rows reads again; past a core's L1 at K = 512 (128 KiB in float32) the product read
+#: it from L2 and lost to ``mm_nt`` (RNN B64 H512: 0.92x)
+PANEL_MAX_K = 256
+
+
+@numba.njit(**JIT)
+def step_panels(w_hh, G, H, B, T, like, min_rows, parts, by_rows):
+    """W_hh's panels for a sequence's steps (``pack_gates``), or none (``mm_nt``): from ``min_rows`` rows a step
+    (< 0: never) and two steps (packing reads W_hh once, which the steps pay back), on one thread, split by
+    rows, or split by units where a part has at least 64 of them. Measured at T100 (benchmarks/NOTES.md,
+    twenty-eighth session): one thread 1.2-1.4x from B4, by rows 1.25-1.3x; by units 1.2x at 64 units a
+    part (H128, H256), 0.8x at 32 (H64) and at batch 1 everywhere."""
+    if (min_rows < 0 or B < min_rows or T < 2 or w_hh.shape[1] > PANEL_MAX_K
+            or (parts > 1 and not by_rows and H < 64 * parts)):
+        return no_panels(like)
+    return pack_gates(w_hh, G, H)
