@@ -35,8 +35,9 @@ def _microkernel(mr, nv):
     @intrinsic
     def mk(typingctx, a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo):
         dt = wp.dtype
-        if dt not in (types.float32, types.float64) or any(t.dtype != dt for t in (a, bias, out)):
-            return None
+        arrays = (a, wp, bias, out)
+        if dt not in (types.float32, types.float64) or any(t.dtype != dt or t.layout != "C" for t in arrays):
+            return None  # offsets are counted in elements from the first: C-contiguous arrays of one dtype only
         sig = types.void(a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo)
 
         def codegen(context, builder, signature, args):
@@ -264,7 +265,6 @@ def gate_products(src, n, w_hh, wp, out, G, H, lo, hi, tmp):
 def scratch(like):
     """``mm_panels``' scratch: MR + 1 vectors."""
     return np.empty((MR + 1) * lanes_of(like), like.dtype)
-
 
 
 #: the most columns of W_hh (K) the steps' products take on panels: a group of NV panels is NV x K vectors,
