@@ -313,7 +313,8 @@ def test_the_split_by_rows_takes_dense_batches_of_whole_blocks():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("n,K,N,c0,c1", [(1, 64, 256, 0, 256), (5, 13, 37, 0, 37), (7, 50, 200, 8, 200),
-                                         (100, 64, 256, 0, 256), (3, 1, 17, 2, 9), (0, 4, 8, 0, 8), (9, 300, 70, 0, 70)])
+                                         (100, 64, 256, 0, 256), (3, 1, 17, 2, 9), (0, 4, 8, 0, 8),
+                                         (9, 300, 70, 0, 70)])
 def test_the_panel_product(n, K, N, c0, c1, dtype):
     """panel.mm_panels (explicit vectors on W^T packed in panels): columns c0..c1 of a @ W^T (+ bias) for row
     counts around its block of 4, column counts around its group of panels, float32 (16 lanes) and float64
@@ -373,3 +374,72 @@ def test_the_sequence_entries_project_their_input(name, threads, monkeypatch):
         torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
     finally:
         nb.BACKEND.set_parallel_min_macs(old)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("G,H,lo,hi", [(4, 136, 80, 136), (4, 136, 0, 80), (3, 200, 112, 200), (1, 64, 16, 48)])
+def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
+    """panel.gate_products for the units [lo, hi) of a part (lo a multiple of 16, as common.split makes them):
+    each gate's columns from the part's own panels of pack_gates' layout, equal to mm_nt's, nothing else written."""
+    from fastrnn.backends.numba_kernels import panel
+    rng = np.random.default_rng(1)
+    w, src = rng.standard_normal((G * H, 40)).astype(dtype), rng.standard_normal((6, 40)).astype(dtype)
+    wp = panel.pack_gates(w, G, H)
+    got, want = np.full((6, G * H), 7, dtype), np.full((6, G * H), 7, dtype)
+    panel.gate_products(src, 5, w, wp, got, G, H, lo, hi, panel.scratch(w))
+    panel.gate_products(src, 5, w, panel.no_panels(w), want, G, H, lo, hi, panel.scratch(w))
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
+    cols = [g * H + u for g in range(G) for u in range(lo, hi)]
+    assert (np.delete(got, cols, axis=1) == 7).all() and (got[5:] == 7).all()
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_a_team_split_by_units_runs_its_steps_on_panels(cls, monkeypatch):
+    """At H=136, 6 rows a step, the sequence forwards split by units (two parts: 80 and 56 units) run their steps'
+    products on W_hh's panels (panel.step_panels says so for these arguments), inference and training, float32
+    and float64, with torch.nn's outputs and gradients."""
+    from fastrnn.backends import numba as nb
+    from fastrnn.backends.numba_kernels import panel
+    monkeypatch.setattr(nb, "ROW_SPLIT", 0)
+    like = np.empty(0, np.float32)
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[cls]
+    assert panel.step_panels(np.zeros((G * 136, 136), np.float32), G, 136, 6, 7, like, nb.PANEL_MIN_ROWS, 2,
+                             False).shape[0] == G
+    old = nb.BACKEND.set_parallel_min_macs(0)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(0)
+            ours = getattr(fastrnn, cls)(8, 136, dtype=dtype, backend="numba")
+            ref = getattr(torch.nn, cls)(8, 136, dtype=dtype)
+            ref.load_state_dict(ours.state_dict())
+            x = torch.randn(7, 6, 8, dtype=dtype, requires_grad=True)
+            with torch.no_grad():
+                for a, b in zip(flat_outputs(ours(x)), flat_outputs(ref(x))):
+                    torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
+            got, want = ours(x), ref(x)
+            for a, b in zip(flat_outputs(got), flat_outputs(want)):
+                torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
+            g_ours = torch.autograd.grad(got[0].sum(), [x, *ours.parameters()])
+            g_ref = torch.autograd.grad(want[0].sum(), [x, *ref.parameters()])
+            for a, b in zip(g_ours, g_ref):
+                torch.testing.assert_close(a, b, atol=TOL[dtype]["grad"], rtol=TOL[dtype]["grad"])
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)
+
+
+def test_a_chunk_call_takes_an_input_that_no_view_flattens():
+    """The backend's chunk entry alone, on a [T, B, I] input whose steps cannot be viewed as rows (batch-first
+    transposed): its rows are copied and projected inside, torch.nn's GRU values."""
+    nbk = dispatch.get("numba")
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(6, 40)
+    xb = torch.randn(5, 9, 6)  # [B, T, I]
+    x = xb.transpose(0, 1)
+    assert not x.is_contiguous()
+    w = [ref.weight_ih_l0.detach(), ref.bias_ih_l0.detach(), ref.weight_hh_l0.detach(), ref.bias_hh_l0.detach()]
+    y, h = nbk.gru_chunk_fwd(x, *w, torch.zeros(5, 40), False)
+    with torch.no_grad():
+        want, h_want = ref(x)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_want[0], atol=1e-5, rtol=1e-5)

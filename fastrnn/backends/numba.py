@@ -505,7 +505,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
             _, _, H, P, like, addr, keep = check(x[0], w_ih, b_ih, *weights, *state, *options)
-            y, *finals = seq(_Input(x.view(T * B, -1), w_ih, b_ih, addr), H, P, like, addr[3:], None, T, B, reverse,
+            y, *finals = seq(_Input(x.reshape(T * B, -1), w_ih, b_ih, addr), H, P, like, addr[3:], None, T, B, reverse,
                              *options)
             del keep  # the contiguous copies the kernel read
             return (y.view(T, B, P), *finals)

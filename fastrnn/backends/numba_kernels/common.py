@@ -330,7 +330,8 @@ def serial_twin(kernel):
     """``kernel`` (a dispatcher) compiled without ``parallel``: each ``prange`` a plain loop, no parallel
     region; the kernels it calls by a global name that are ``parallel`` are replaced by their own twins (an
     entry that only unpacks its arguments then runs no parallel region either). Only those it calls
-    itself: a helper between the two keeps calling the parallel kernel (none does). Its own name
+    itself: a helper between the two keeps calling the parallel kernel (one does, ``panel.input_rows``, and
+    calls ``panel.project`` only for more than one part, which a twin never runs). Its own name
     (``<name>_serial``) gives it its own entry in numba's disk cache, so the two never load each other's
     code. Made once a kernel."""
     twin = TWINS.get(kernel)

@@ -93,9 +93,9 @@ def _microkernel(mr, nv):
     return mk
 
 
-_MK = {(mr, nv): _microkernel(mr, nv) for mr in (MR, 1) for nv in range(1, NV + 1)}
-_mk44, _mk43, _mk42, _mk41 = (_MK[MR, nv] for nv in (4, 3, 2, 1))
-_mk14, _mk13, _mk12, _mk11 = (_MK[1, nv] for nv in (4, 3, 2, 1))
+# four variants (MR 4 / 1 x NV 4 / 1): the eight of NV 1-4 compiled ~2 s longer on numba's first call and ran
+# no faster measurably (benchmarks/NOTES.md, twenty-eighth session)
+_mk44, _mk41, _mk14, _mk11 = (_microkernel(mr, nv) for mr, nv in ((MR, NV), (MR, 1), (1, NV), (1, 1)))
 
 
 @numba.njit(**JIT)
@@ -131,29 +131,20 @@ def pack(w, j0, j1, wp):
 
 @numba.njit(**JIT)
 def _group(nv, n, a, a0, lda, wp, w0, K, bias, b0, has_b, out, o0, ldo):
-    """Rows [0, n) of a (from element a0) against ``nv`` panels from w0: blocks of MR rows, then one at a time."""
+    """Rows [0, n) of a (from element a0) against NV panels from w0 (``nv`` == NV), or one (``nv`` == 1): blocks
+    of MR rows, then one at a time."""
     r = 0
     while r + MR <= n:
-        ar, oo = a0 + r * lda, o0 + r * ldo
-        if nv == 4:
-            _mk44(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
-        elif nv == 3:
-            _mk43(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
-        elif nv == 2:
-            _mk42(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        if nv == NV:
+            _mk44(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
         else:
-            _mk41(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+            _mk41(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
         r += MR
     while r < n:
-        ar, oo = a0 + r * lda, o0 + r * ldo
-        if nv == 4:
-            _mk14(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
-        elif nv == 3:
-            _mk13(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
-        elif nv == 2:
-            _mk12(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+        if nv == NV:
+            _mk14(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
         else:
-            _mk11(a, ar, lda, wp, w0, K, bias, b0, has_b, out, oo, ldo)
+            _mk11(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
         r += 1
 
 
@@ -170,7 +161,7 @@ def mm_panels(a, n, wp, w0, bias, has_b, out, c0, cols, tmp):
     whole = cols // L
     p = 0
     while p < whole:
-        nv = min(NV, whole - p)
+        nv = NV if p + NV <= whole else 1
         _group(nv, n, a, 0, lda, wp, w0 + p * K * L, K, bias, c0 + p * L, has_b, out, c0 + p * L, ldo)
         p += nv
     m = cols - whole * L
