@@ -26,6 +26,15 @@ def flat_outputs(out):
     return [y, *(st if isinstance(st, tuple) else (st,))]
 
 
+def trained_outputs(m, x):
+    """A sequence module's output and final states, its input's gradient and its parameters' gradients after
+    one backward of a loss that weighs every output (x: a tensor the call does not change)."""
+    xg = x.clone().requires_grad_()
+    out = flat_outputs(m(xg))
+    (out[0].pow(2).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(out[1:]))).backward()
+    return out + [xg.grad] + [p.grad for p in m.parameters()]
+
+
 # half precision: one rounding of the float32 result (half an ulp of the dtype), plus float32's own error
 # over a few steps and its tanh/sigmoid approximations
 HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

@@ -356,8 +356,11 @@ def test_the_sequence_entries_project_their_input(name, threads, monkeypatch):
             for inp in (x.transpose(0, 1) if ours.batch_first else x, packed):
                 before = nb.FUSED_CALLS
                 with torch.no_grad():
-                    got, want = ours(inp), ref(inp)
+                    with dispatch.record_calls() as ran:
+                        got = ours(inp)
+                    want = ref(inp)
                 assert nb.FUSED_CALLS - before == ours.num_layers * D
+                assert {b for _, b in ran} == {"numba"}
                 if isinstance(inp, torch.nn.utils.rnn.PackedSequence):
                     got, want = (got[0].data, got[1]), (want[0].data, want[1])
                 for a, b in zip(flat_outputs(got), flat_outputs(want)):
@@ -380,17 +383,20 @@ def test_the_sequence_entries_project_their_input(name, threads, monkeypatch):
 @pytest.mark.parametrize("G,H,lo,hi", [(4, 136, 80, 136), (4, 136, 0, 80), (3, 200, 112, 200), (1, 64, 16, 48)])
 def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
     """panel.gate_products for the units [lo, hi) of a part (lo a multiple of 16, as common.split makes them):
-    each gate's columns from the part's own panels of pack_gates' layout, equal to mm_nt's, nothing else written."""
+    each gate's columns from the part's own panels of pack_gates' layout (and by mm_nt), the float64 product's
+    values, nothing else written."""
     from fastrnn.backends.numba_kernels import panel
     rng = np.random.default_rng(1)
     w, src = rng.standard_normal((G * H, 40)).astype(dtype), rng.standard_normal((6, 40)).astype(dtype)
     wp = panel.pack_gates(w, G, H)
-    got, want = np.full((6, G * H), 7, dtype), np.full((6, G * H), 7, dtype)
-    panel.gate_products(src, 5, w, wp, got, G, H, lo, hi, panel.scratch(w))
-    panel.gate_products(src, 5, w, panel.no_panels(w), want, G, H, lo, hi, panel.scratch(w))
-    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
     cols = [g * H + u for g in range(G) for u in range(lo, hi)]
-    assert (np.delete(got, cols, axis=1) == 7).all() and (got[5:] == 7).all()
+    want = src[:5].astype(np.float64) @ w[cols].astype(np.float64).T  # the float64 product
+    for panels in (wp, panel.no_panels(w)):  # and mm_nt's, the same way
+        got = np.full((6, G * H), 7, dtype)
+        panel.gate_products(src, 5, w, panels, got, G, H, lo, hi, panel.scratch(w))
+        np.testing.assert_allclose(got[:5, cols], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                   atol=1e-4 if dtype == np.float32 else 1e-12)
+        assert (np.delete(got, cols, axis=1) == 7).all() and (got[5:] == 7).all()
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
@@ -415,9 +421,15 @@ def test_a_team_split_by_units_runs_its_steps_on_panels(cls, monkeypatch):
             ref.load_state_dict(ours.state_dict())
             x = torch.randn(7, 6, 8, dtype=dtype, requires_grad=True)
             with torch.no_grad():
-                for a, b in zip(flat_outputs(ours(x)), flat_outputs(ref(x))):
+                with dispatch.record_calls() as ran:
+                    got = ours(x)
+                assert ran == [(f"{cls.lower()}_chunk_fwd", "numba")]
+                for a, b in zip(flat_outputs(got), flat_outputs(ref(x))):
                     torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
-            got, want = ours(x), ref(x)
+            with dispatch.record_calls() as ran:
+                got = ours(x)
+            assert {b for _, b in ran} == {"numba"}
+            want = ref(x)
             for a, b in zip(flat_outputs(got), flat_outputs(want)):
                 torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
             g_ours = torch.autograd.grad(got[0].sum(), [x, *ours.parameters()])
