@@ -205,6 +205,30 @@ def test_one_thread_runs_the_serial_twin(monkeypatch):
                 torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_no_serial_twin_holds_parallel_code():
+    """A twin replaces every parallel kernel it reaches, through helpers too (``panel.input_rows`` calls
+    ``panel.project``): code with a parallel region that numba's cache loads crashed the process where
+    numba's threading layer had not started (a batch-2 LSTM's inference entry on one thread). Every kernel
+    of the backend's modules that reaches a parallel one: its twin reaches none (numba shows no compiled code
+    that its cache loaded, so the check is on the calls)."""
+    import numba
+    from fastrnn.backends.numba_kernels import common, gru, gru_options, lstm, lstm_options, panel, rnn
+    kernels = {v for m in (gru, gru_options, lstm, lstm_options, panel, rnn) for v in vars(m).values()
+               if isinstance(v, numba.core.registry.CPUDispatcher) and common._reaches_parallel(v)}
+    assert {lstm.lstm_seq_at, gru.gru_seq_at, rnn.rnn_seq_at, panel.input_rows, panel.project} <= kernels
+    for k in kernels:
+        assert not common._reaches_parallel(common.serial_twin(k)), k.py_func.__name__
+    twin = common.serial_twin(rnn.rnn_seq_at)
+    assert twin.py_func.__globals__["input_rows"] is common.serial_twin(panel.input_rows)
+    torch.manual_seed(0)
+    ours, ref = fastrnn.RNN(4, 4, backend="numba"), torch.nn.RNN(4, 4)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], atol=1e-6, rtol=1e-5)
+    assert twin.signatures  # the call ran the twin
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
 @pytest.mark.parametrize("B", [3, 17])
 @pytest.mark.parametrize("name", ["LSTM", "LSTM-2L-bi", "LSTM-proj", "LSTM-peephole-coupled", "GRU-bi",

@@ -328,15 +328,41 @@ TWINS = {}
 
 def serial_twin(kernel):
     """``kernel`` (a dispatcher) compiled without ``parallel``: each ``prange`` a plain loop, no parallel
-    region; the kernels it calls by a global name that are ``parallel`` are replaced by their own twins (an
-    entry that only unpacks its arguments then runs no parallel region either). Only those it calls
-    itself: a helper between the two keeps calling the parallel kernel (one does, ``panel.input_rows``, and
-    calls ``panel.project`` only for more than one part, which a twin never runs). Its own name
-    (``<name>_serial``) gives it its own entry in numba's disk cache, so the two never load each other's
-    code. Made once a kernel."""
+    region; the kernels it calls by a global name that are ``parallel``, or that reach one through their own
+    calls (a helper: ``panel.input_rows`` calls ``panel.project``), are replaced by their own twins, so that a
+    twin holds no parallel code at all. Code with a parallel region that numba's disk cache loads needs numba's
+    threading layer started (an entry's twin that still held ``panel.project`` crashed, loaded from the cache,
+    in a process that had started no parallel kernel: twenty-ninth session), and a process forked under GNU
+    OpenMP must never start it. Its own name (``<name>_serial``) gives it its own entry in numba's disk
+    cache, so the two never load each other's code. Made once a kernel."""
     twin = TWINS.get(kernel)
     if twin is not None:
         return twin
+    f = kernel.py_func
+    glb = f.__globals__
+    calls = {name: serial_twin(glb[name]) for name in f.__code__.co_names if _reaches_parallel(glb.get(name))}
+    twin = FunctionType(f.__code__, dict(glb, **calls) if calls else glb, f.__name__ + "_serial", f.__defaults__,
+                        f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__module__ = f.__module__
+    twin.__doc__ = f.__doc__
+    twin = TWINS[kernel] = numba.njit(**JIT)(twin)
+    return twin
+
+
+def _reaches_parallel(fn, seen=None):
+    """Whether ``fn`` is a numba dispatcher compiled with ``parallel`` or calls one by a global name, directly
+    or through other dispatchers."""
+    if not isinstance(fn, numba.core.registry.CPUDispatcher):
+        return False
+    if fn.targetoptions.get("parallel"):
+        return True
+    seen = set() if seen is None else seen
+    if fn in seen:
+        return False
+    seen.add(fn)
+    glb = fn.py_func.__globals__
+    return any(_reaches_parallel(glb.get(name), seen) for name in fn.py_func.__code__.co_names)
     f = kernel.py_func
     glb = f.__globals__
     calls = {name: serial_twin(glb[name]) for name in f.__code__.co_names
