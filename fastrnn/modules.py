@@ -479,7 +479,8 @@ class _SeqMixin(_BackendMixin):
         training = self._training_class(input, states, "weight_ih_l0")
         T, B = (input.shape[1], input.shape[0]) if batched and self.batch_first else \
             (input.shape[0], input.shape[1] if batched else 1)
-        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size))
+        choice = self._fast_op(input, "chunk", "seq", policy.shape_class("seq", training, B, T, self.hidden_size,
+                                                                             self.bidirectional))
         if choice is None:
             return None
         name, op, impl = choice
@@ -573,7 +574,7 @@ class _SeqMixin(_BackendMixin):
             backend = dispatch.choose(self._family, input.device.type, input.dtype, tuple(sorted(features)),
                                       self.backend, "seq", policy.shape_class(
                                           "seq", self._training_class(input, states, "weight_ih_l0"), B, T,
-                                          self.hidden_size),
+                                          self.hidden_size, self.bidirectional),
                                       amp is not None or not ops.can_skip_ops())
         if backend == "torch":
             return self._torch_forward(*given)

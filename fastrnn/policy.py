@@ -45,21 +45,30 @@ BANDS = ("B1", "B2-7", "B8-31", "B32+")
 _SEQ_BASE = (*(f"inference {b}" for b in BANDS), "inference T1", *(f"training {b}" for b in BANDS), "training T1")
 #: the suffix of each hidden-size band's classes: up to NARROW_H, up to WIDE_H (none), above WIDE_H
 NARROW, WIDE = f" H<={NARROW_H}", f" H>{WIDE_H}"
+#: the suffix of a bidirectional module's sequence classes, which the tables do not hold: ``ranking`` reads the
+#: class without it, and for the LSTM puts ``torch`` after ``cpp``. torch.nn's bidirectional LSTM took 2.8x its one direction
+#: in training (T100 B16 H256: 45.4 ms against 16.1; cpp 33.8), so cpp led every bidirectional case measured where
+#: the tables rank torch.nn first: training 1.02-1.41x (T25-100, B8-128, H64-512), inference 1.03-1.07x (B32-64,
+#: H256-512), on the Zen 5 EPYC; training T100 B16 H256 L2 1.04x on the Zen 4, where one direction reads 0.90x
+#: (benchmarks/NOTES.md, twenty-ninth session)
+BI = " bi"
 SEQ_CLASSES = _SEQ_BASE + tuple(c + NARROW for c in _SEQ_BASE) + tuple(c + WIDE for c in _SEQ_BASE)
 STEP_CLASSES = ("inference B1", "inference B2+", "training")
 
 
-def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0) -> str:
+def shape_class(scope: str, grad: bool, B: int, T: int = 0, H: int = 0, bidirectional: bool = False) -> str:
     """The class of a call: ``scope`` 'seq' or 'step', ``grad`` whether it is training (a backward will
     follow, or the module is in training mode: ``_BackendMixin._training_class``), batch B, steps T and
-    hidden size H (sequences; 0, not given, counts as the band up to WIDE_H)."""
+    hidden size H (sequences; 0, not given, counts as the band up to WIDE_H); a bidirectional sequence's class
+    ends in ``BI`` (``ranking``)."""
     if scope == "step":
         return "training" if grad else ("inference B1" if B == 1 else "inference B2+")
     width = WIDE if H > WIDE_H else NARROW if 0 < H <= NARROW_H else ""
+    bi = BI if bidirectional else ""
     if T == 1:
-        return ("training T1" if grad else "inference T1") + width
+        return ("training T1" if grad else "inference T1") + width + bi
     band = "B1" if B == 1 else "B2-7" if B < 8 else "B8-31" if B < 32 else "B32+"
-    return ("training " if grad else "inference ") + band + width
+    return ("training " if grad else "inference ") + band + width + bi
 
 
 def keys() -> list[str]:
@@ -250,11 +259,18 @@ def current() -> dict:
 
 
 def ranking(device: str, family: str, scope: str, cls: str) -> tuple:
-    """The backends for a call of this class, fastest first (may be empty)."""
+    """The backends for a call of this class, fastest first (may be empty); a bidirectional LSTM class (``BI``)
+    takes its one-direction class's ranking with ``torch`` moved after ``cpp``."""
     table = current()
     if device == "cuda":
         return CUDA_RANKING if table.get("rankings") else ()  # FASTRNN_POLICY=static: none on CUDA either
-    return table["rankings"].get(device, {}).get(f"{family} {scope} {cls}", ())
+    bi = cls.endswith(BI)
+    ranked = table["rankings"].get(device, {}).get(f"{family} {scope} {cls[:-len(BI)] if bi else cls}", ())
+    if bi and family == "lstm" and "torch" in ranked and "cpp" in ranked and ranked.index("torch") < ranked.index("cpp"):
+        rest = tuple(n for n in ranked if n != "torch")
+        at = rest.index("cpp") + 1
+        ranked = rest[:at] + ("torch",) + rest[at:]
+    return ranked
 
 
 def forget() -> None:

@@ -50,7 +50,28 @@ def test_shape_classes():
             sc("seq", False, 1, 1, 32), sc("seq", True, 1, 1, 100)] == \
         ["inference B32+ H<=192", "training B8-31", "training B32+ H<=192", "inference T1 H<=192",
          "training T1 H<=192"]
+    assert [sc("seq", True, 16, 100, 256, True), sc("seq", False, 1, 1, 32, True), sc("step", True, 1, 0, 0, True)] \
+        == ["training B8-31 bi", "inference T1 H<=192 bi", "training"]
     assert len(policy.keys()) == 3 * (3 * 10 + 3)
+
+
+def test_a_bidirectional_class_puts_torch_after_cpp(monkeypatch, tmp_path):
+    """A bidirectional LSTM class reads its one-direction ranking with torch.nn moved after cpp (torch.nn's
+    bidirectional LSTM is slower than cpp's where its one direction is not: ``policy.BI``); the other
+    orders, and the other families, stay as they are."""
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"format": policy.FORMAT, "cpu": "test CPU", "date": "today", "rankings": {"cpu": {
+        "lstm seq training B8-31": ["torch", "numba", "cpp", "reference"],
+        "lstm seq inference B1": ["numba", "cpp", "torch", "reference"],
+        "gru seq training B8-31": ["torch", "cpp", "reference"]}}}))
+    monkeypatch.setenv("FASTRNN_POLICY", str(path))
+    policy.forget()
+    assert policy.ranking("cpu", "lstm", "seq", "training B8-31 bi") == ("numba", "cpp", "torch", "reference")
+    assert policy.ranking("cpu", "lstm", "seq", "training B8-31") == ("torch", "numba", "cpp", "reference")
+    assert policy.ranking("cpu", "lstm", "seq", "inference B1 bi") == ("numba", "cpp", "torch", "reference")
+    assert policy.ranking("cpu", "gru", "seq", "training B8-31 bi") == ("torch", "cpp", "reference")
+    assert policy.ranking("cpu", "rnn", "seq", "training B8-31 bi") == ()
+    policy.forget()
 
 
 @pytest.mark.parametrize("vendor", ["amd", "intel", "other"])
@@ -93,6 +114,29 @@ def test_a_modules_hidden_size_picks_its_band(monkeypatch):
             with dispatch.record_calls() as ran:
                 got = trained_outputs(m, x)
             assert backends_used(ran) == {want}, H
+            for a, b in zip(got, trained_outputs(ref, x), strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    finally:
+        policy.forget()
+
+
+def test_a_bidirectional_lstm_in_training_runs_cpp_where_one_direction_runs_torch(monkeypatch):
+    """Under the built-in AMD table an LSTM at batch 16, H=256 in training runs torch.nn with one direction and
+    cpp with two (``policy.BI``), with torch.nn's outputs and gradients either way."""
+    if "cpp" not in dispatch.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built here (make ext)")
+    monkeypatch.setattr(policy, "cpu_vendor", lambda: "amd")
+    monkeypatch.setenv("FASTRNN_POLICY", "builtin")
+    policy.forget()
+    try:
+        for bi, want in ((False, "torch"), (True, "cpp")):
+            torch.manual_seed(0)
+            m, ref = fastrnn.LSTM(4, 256, bidirectional=bi), torch.nn.LSTM(4, 256, bidirectional=bi)
+            ref.load_state_dict(m.state_dict())
+            x = torch.randn(3, 16, 4)
+            with dispatch.record_calls() as ran:
+                got = trained_outputs(m, x)
+            assert backends_used(ran) == {want}, bi
             for a, b in zip(got, trained_outputs(ref, x), strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     finally:
@@ -159,7 +203,8 @@ def test_torch_served_sequences_equal_torch_nn(name, kw, use_table):
     numbers of torch.nn, bit for bit, and the record says torch ran; named explicitly, torch also serves
     packed input (which the automatic choice leaves to the kernels)."""
     kw = KWARGS[kw]
-    use_table(TORCH_FIRST)
+    # a bidirectional LSTM puts torch.nn after cpp (policy.BI): here a ranking without cpp keeps torch.nn first
+    use_table(("torch", "numba", "reference") if name == "LSTM" and kw.get("bidirectional") else TORCH_FIRST)
     ours, theirs = _pair(SEQ[name], **kw)
     fam = name.lower()
     x = torch.randn(7, 4, 5)
