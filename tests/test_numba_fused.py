@@ -10,7 +10,7 @@ import torch
 
 import fastrnn
 from fastrnn import dispatch
-from conftest import CPU_BACKENDS, TOL, flat_outputs
+from conftest import CPU_BACKENDS, TOL, backends_used, flat_outputs, trained_outputs
 
 pytestmark = pytest.mark.skipif("numba" not in CPU_BACKENDS, reason="numba is not installed here")
 
@@ -479,3 +479,55 @@ def test_a_chunk_call_takes_an_input_that_no_view_flattens():
         want, h_want = ref(x)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_want[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("rows", [1100, 40])
+def test_dnn_mm_is_the_product(ta, tb, rows, monkeypatch):
+    """``_common.dnn_mm``, the numba backend's ``mm``: A' @ B' (+ bias) against the float64 product for each
+    layout, through oneDNN from DNN_MIN_ROWS rows of ``a`` on a CPU that takes it (counted), else torch's;
+    float64 always torch's."""
+    from fastrnn.backends import _common
+    calls = []
+    if _common._DNN_LINEAR is not None:
+        real = _common._DNN_LINEAR
+        monkeypatch.setattr(_common, "_DNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    M, K, N = (72, rows, 48) if ta else (rows, 48, 72)  # rows: a's, the product's rows or (ta) its long K
+    A, B = torch.randn(M, K), torch.randn(K, N)
+    a = A.t().contiguous() if ta else A
+    b = B.t().contiguous() if tb else B
+    for bias in (None, torch.randn(N)) if not ta else (None,):
+        want = A.double() @ B.double() + (0 if bias is None else bias.double())
+        got = _common.dnn_mm(a, ta, b, tb, bias)
+        assert got.shape == (M, N) and got.is_contiguous() and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+        got64 = _common.dnn_mm(a.double(), ta, b.double(), tb, None if bias is None else bias.double())
+        torch.testing.assert_close(got64, want, atol=1e-10, rtol=1e-10)
+    dnn = _common._DNN_LINEAR is not None and _common._DNN_VENDOR and rows >= _common.DNN_MIN_ROWS
+    assert len(calls) == ((1 if ta else 2) if dnn else 0)
+
+
+@pytest.mark.skipif(not getattr(__import__("fastrnn.backends.numba", fromlist=["x"]).NumbaBackend, "mm", None),
+                    reason="the numba backend has no mm here (an Intel CPU, or torch without oneDNN)")
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_numba_training_runs_its_products_through_mm(name, monkeypatch):
+    """In training the numba backend's input projection (its xw from 1 MiB), its two gradients and dW_hh run
+    through its ``mm`` (oneDNN's product) from 1024 rows: the outputs and every gradient equal torch.nn's."""
+    from fastrnn.backends import _common
+    from fastrnn.backends import numba as nb
+    calls = []
+    real = _common._DNN_LINEAR
+    monkeypatch.setattr(_common, "_DNN_LINEAR", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    ours, ref = getattr(fastrnn, name)(24, 64, backend="numba"), getattr(torch.nn, name)(24, 64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(256, 16, 24)
+    with dispatch.record_calls() as ran:
+        got = trained_outputs(ours, x)
+    assert backends_used(ran) == {"numba"}
+    assert len(calls) == 4  # the projection, its dx and dW_ih, and dW_hh
+    for a, b in zip(got, trained_outputs(ref, x), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert nb.NumbaBackend.mm is _common.dnn_mm

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .. import policy
+
 #: set in a process forked after its parent launched parallel numba code under GNU OpenMP (numba's
 #: default threading layer where TBB is not installed), which cannot run in a forked child: numba
 #: terminates the process at its next parallel launch, or it hangs. The numba backend then runs serial
@@ -149,12 +151,46 @@ def _split_output(ws, h):
     return ws[:k], ws[k:].view(1, *h.shape)
 
 
-def recurrent_weight_grads(d_gh, h_prev, b_hh):
-    """(dW_hh, db_hh) after a backward loop: d_ghᵀ·h_prev over all T*B rows as one GEMM, and the column
-    sums of d_gh (an empty tensor when there is no b_hh). d_gh [T,B,GH], h_prev [T,B,P]."""
+def recurrent_weight_grads(d_gh, h_prev, b_hh, mm=None):
+    """(dW_hh, db_hh) after a backward loop: d_ghᵀ·h_prev over all T*B rows as one GEMM (through ``mm``, the
+    contract's, where given), and the column sums of d_gh (an empty tensor when there is no b_hh). d_gh
+    [T,B,GH], h_prev [T,B,P]."""
     flat = d_gh.reshape(-1, d_gh.shape[-1])
     d_b = flat.sum(0) if b_hh is not None else flat.new_empty(0)
-    return flat.t().mm(h_prev.reshape(-1, h_prev.shape[-1])), d_b
+    h = h_prev.reshape(-1, h_prev.shape[-1])
+    if mm is not None:
+        return mm(flat, True, h, False, None), d_b
+    return flat.t().mm(h), d_b
+
+
+#: oneDNN's product through torch (``torch.ops.mkldnn._linear_pointwise``), where torch has it; None elsewhere
+_DNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+#: from this many multiply-adds (below, at 100 x 64 x 256, the two were level or torch's ahead) and rows of a
+DNN_MIN_MACS = 1 << 21
+DNN_MIN_ROWS = 1024
+#: and a CPU whose MKL path is the slow one (not Intel's: there torch's product is as fast, NOTES.md "The machine")
+_DNN_VENDOR = policy.cpu_vendor() != "intel"
+
+
+def dnn_mm(a, ta, b, tb, bias):
+    """The contract's ``mm`` (``A' @ B' (+ bias)``, fastrnn.backends) for a backend without a product of its own,
+    through oneDNN for float32 CPU tensors on CPUs other than Intel's, from ``DNN_MIN_MACS``, else torch's.
+    torch's ``mm`` runs MKL, whose code path for other vendors' CPUs is the slow one (csrc/gemm.cpp); oneDNN's
+    runs AVX-512 there. Zen 5, GFLOP/s, torch / oneDNN, rows x K x N of the forward x @ Wᵀ: 1600 x 256 x 1024:
+    x @ Wᵀ 133-192 / 295-422, g @ W 166-195 / 333-422, gᵀ @ x 158-183 / 217-264; 3200 x 64 x 256: 121 / 345,
+    176 / 378, 154 / 135. Its operands go as they lie (oneDNN reads the strides). gᵀ @ x over 1024 rows and more
+    runs as (xᵀ @ g)ᵀ and a transposing copy (1600 x 256 x 1024: 2.38 ms against 3.19 as it lies and 4.75 by
+    torch). Products of fewer rows of ``a`` than DNN_MIN_ROWS (a sequence's T x B) stay torch's: at batch 1
+    (T100) the training calls read 0.95-0.99x with oneDNN, though its products alone were faster
+    (benchmarks/NOTES.md, twenty-ninth session). The result is contiguous."""
+    A = a.t() if ta else a
+    W = b if tb else b.t()  # linear's weight: [N, K]
+    if (_DNN_LINEAR is not None and _DNN_VENDOR and A.dtype == torch.float32 and A.is_cpu
+            and a.shape[0] >= DNN_MIN_ROWS and A.shape[0] * A.shape[1] * W.shape[0] >= DNN_MIN_MACS):
+        if ta and bias is None:  # a long K (a's rows): as (B'ᵀ @ a)ᵀ, copied
+            return _DNN_LINEAR(W, a.t(), None, "none", [], "").t().contiguous()
+        return _DNN_LINEAR(A, W, bias, "none", [], "")
+    return A.mm(W.t()) if bias is None else torch.addmm(bias, A, W.t())
 
 
 def cache_sizes() -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import Backend, _common
-from ._common import StepsFromSequence, batch_sizes_from_lengths, fwd_dims, recurrent_weight_grads
+from ._common import StepsFromSequence, batch_sizes_from_lengths, dnn_mm, fwd_dims, recurrent_weight_grads
 
 try:
     import numba
@@ -195,6 +195,17 @@ class NumbaBackend(StepsFromSequence, Backend):
         old, PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = PARALLEL_MIN_MACS, value, value >> 6, value
         return old
 
+    #: the contract's optional ``mm`` and ``empty``: the input projection's product and, in training, its
+    #: gradients and dW_hh's, through oneDNN where torch's MKL path is the slow one (_common.dnn_mm); the
+    #: buffers from torch's allocator. None on Intel CPUs (torch's product there is as fast) or without oneDNN.
+    mm = None
+    if _common._DNN_VENDOR and _common._DNN_LINEAR is not None:
+        mm = staticmethod(dnn_mm)
+
+        @staticmethod
+        def empty(shape, dtype):
+            return torch.empty(shape, dtype=dtype)
+
     def unavailable_reasons(self):
         if _IMPORT_ERROR is not None:
             return [f"numba is not importable ({_IMPORT_ERROR}); install it with pip install numba"]
@@ -272,7 +283,7 @@ class NumbaBackend(StepsFromSequence, Backend):
             _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0),
             _sizes(lengths, T, B), reverse, rows or parts, _np(y), _np(gates), _np(c_all), _np(hfull), _np(dgates),
             _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0), _np(dw_ch))
-        d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh)
+        d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh, self.mm)
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
 
@@ -312,7 +323,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         _kernel(_gru.gru_bwd_rows if rows else _gru.gru_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
             rows or parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
-        d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh, self.mm)
         return d_xw, d_w_hh, d_b_hh, dh0
 
     # ---- the contract's LSTM and GRU methods: the plain kernels, or with a cell option its own ----------
@@ -643,7 +654,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         _kernel(_rnn.rnn_bwd_rows if rows else _rnn.rnn_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
             nonlinearity == "relu", rows or parts, _np(y), _np(d_xw), _np(h_prev), _np(dh0))
-        d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh)
+        d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh, self.mm)
         return d_xw, d_w_hh, d_b_hh, dh0
 
 
