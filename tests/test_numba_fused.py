@@ -3,6 +3,10 @@
 one kernel call a step with the input projection inside, taken by the modules' fast paths without autograd.
 Values against torch.nn (the variants against the reference backend), fp64 and fp32, the fast path alone."""
 import math
+import os
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -178,7 +182,7 @@ def test_one_thread_runs_the_serial_twin(monkeypatch):
     from fastrnn.backends.numba_kernels import rnn as nb_rnn
     assert nb._kernel(nb_rnn.rnn_fwd, 2) is nb_rnn.rnn_fwd
     twin = nb._kernel(nb_rnn.rnn_fwd, 1)
-    assert twin is not nb_rnn.rnn_fwd and twin.py_func.__qualname__ == "rnn_fwd_serial"
+    assert twin is not nb_rnn.rnn_fwd and twin.py_func.__qualname__ == "rnn_fwd_one_thread"
     assert not twin.targetoptions.get("parallel") and nb_rnn.rnn_fwd.targetoptions["parallel"]
     # an entry that unpacks addresses and calls a parallel kernel: its twin calls that kernel's twin
     entry = nb._kernel(nb_rnn.rnn_seq_at, 1)
@@ -220,6 +224,19 @@ def test_no_serial_twin_holds_parallel_code():
         assert not common._reaches_parallel(common.serial_twin(k)), k.py_func.__name__
     twin = common.serial_twin(rnn.rnn_seq_at)
     assert twin.py_func.__globals__["input_rows"] is common.serial_twin(panel.input_rows)
+    # compiled into an empty cache in a process of its own (numba shows no code that its cache loaded, callees
+    # included): the helper's parallel region is in the kernel's code and not in its twin's
+    script = (
+        "import numpy as np\n"
+        "from fastrnn.backends.numba_kernels import common, panel\n"
+        "x, w, like = np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), np.zeros(1, np.float32)\n"
+        "for fn in (panel.input_rows, common.serial_twin(panel.input_rows)):\n"
+        "    fn(x.ctypes.data, w.ctypes.data, 0, 3, 4, 5, 2, like)\n"
+        "    print(fn.py_func.__name__, 'numba_parallel_for' in fn.inspect_llvm(fn.signatures[0]))\n")
+    with tempfile.TemporaryDirectory() as cache:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, NUMBA_CACHE_DIR=cache), check=True).stdout.split()
+    assert out == ["input_rows", "True", "input_rows_one_thread", "False"]
     torch.manual_seed(0)
     ours, ref = fastrnn.RNN(4, 4, backend="numba"), torch.nn.RNN(4, 4)
     ref.load_state_dict(ours.state_dict())
@@ -486,10 +503,12 @@ def test_a_chunk_call_takes_an_input_that_no_view_flattens():
 @pytest.mark.parametrize("rows", [1100, 40])
 def test_dnn_mm_is_the_product(ta, tb, rows, monkeypatch):
     """``_common.dnn_mm``, the numba backend's ``mm``: A' @ B' (+ bias) against the float64 product for each
-    layout, through oneDNN from DNN_MIN_ROWS rows of ``a`` on a CPU that takes it (counted), else torch's;
-    float64 always torch's."""
+    layout, through oneDNN from DNN_MIN_ROWS rows of ``a`` (counted; the CPU rule forced on, so that it runs
+    wherever torch has oneDNN), else torch's; float64 always torch's, and oneDNN turned off by torch's flag
+    torch's too."""
     from fastrnn.backends import _common
     calls = []
+    monkeypatch.setattr(_common, "_DNN_VENDOR", True)
     if _common._DNN_LINEAR is not None:
         real = _common._DNN_LINEAR
         monkeypatch.setattr(_common, "_DNN_LINEAR", lambda *a: calls.append(1) or real(*a))
@@ -505,7 +524,11 @@ def test_dnn_mm_is_the_product(ta, tb, rows, monkeypatch):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
         got64 = _common.dnn_mm(a.double(), ta, b.double(), tb, None if bias is None else bias.double())
         torch.testing.assert_close(got64, want, atol=1e-10, rtol=1e-10)
-    dnn = _common._DNN_LINEAR is not None and _common._DNN_VENDOR and rows >= _common.DNN_MIN_ROWS
+    dnn = _common._DNN_LINEAR is not None and rows >= _common.DNN_MIN_ROWS
+    assert len(calls) == ((1 if ta else 2) if dnn else 0)
+    with torch.backends.mkldnn.flags(enabled=False):
+        torch.testing.assert_close(_common.dnn_mm(a, ta, b, tb, None).double(), A.double() @ B.double(),
+                                   atol=1e-4, rtol=1e-4)
     assert len(calls) == ((1 if ta else 2) if dnn else 0)
 
 

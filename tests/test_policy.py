@@ -56,9 +56,9 @@ def test_shape_classes():
 
 
 def test_a_bidirectional_class_puts_torch_after_cpp(monkeypatch, tmp_path):
-    """A bidirectional LSTM class reads its one-direction ranking with torch.nn moved after cpp (torch.nn's
-    bidirectional LSTM is slower than cpp's where its one direction is not: ``policy.BI``); the other
-    orders, and the other families, stay as they are."""
+    """A bidirectional LSTM class reads its one-direction ranking with cpp moved to just before torch.nn
+    (torch.nn's bidirectional LSTM is slower than cpp's where its one direction is not: ``policy.BI``); the
+    others keep their order, and the other families their rankings."""
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"format": policy.FORMAT, "cpu": "test CPU", "date": "today", "rankings": {"cpu": {
         "lstm seq training B8-31": ["torch", "numba", "cpp", "reference"],
@@ -66,7 +66,7 @@ def test_a_bidirectional_class_puts_torch_after_cpp(monkeypatch, tmp_path):
         "gru seq training B8-31": ["torch", "cpp", "reference"]}}}))
     monkeypatch.setenv("FASTRNN_POLICY", str(path))
     policy.forget()
-    assert policy.ranking("cpu", "lstm", "seq", "training B8-31 bi") == ("numba", "cpp", "torch", "reference")
+    assert policy.ranking("cpu", "lstm", "seq", "training B8-31 bi") == ("cpp", "torch", "numba", "reference")
     assert policy.ranking("cpu", "lstm", "seq", "training B8-31") == ("torch", "numba", "cpp", "reference")
     assert policy.ranking("cpu", "lstm", "seq", "inference B1 bi") == ("numba", "cpp", "torch", "reference")
     assert policy.ranking("cpu", "gru", "seq", "training B8-31 bi") == ("torch", "cpp", "reference")

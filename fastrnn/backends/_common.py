@@ -168,17 +168,18 @@ _DNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.back
 #: from this many multiply-adds (below, at 100 x 64 x 256, the two were level or torch's ahead) and rows of a
 DNN_MIN_MACS = 1 << 21
 DNN_MIN_ROWS = 1024
-#: and a CPU whose MKL path is the slow one (not Intel's: there torch's product is as fast, NOTES.md "The machine")
-_DNN_VENDOR = policy.cpu_vendor() != "intel"
+#: and an AMD CPU, where MKL runs its slow path (measured on the Zen 5; on Intel's torch's product is as fast,
+#: NOTES.md "The machine"; other CPUs were not measured)
+_DNN_VENDOR = policy.cpu_vendor() == "amd"
 
 
 def dnn_mm(a, ta, b, tb, bias):
     """The contract's ``mm`` (``A' @ B' (+ bias)``, fastrnn.backends) for a backend without a product of its own,
-    through oneDNN for float32 CPU tensors on CPUs other than Intel's, from ``DNN_MIN_MACS``, else torch's.
+    through oneDNN for float32 CPU tensors on AMD CPUs, from ``DNN_MIN_MACS``, else torch's.
     torch's ``mm`` runs MKL, whose code path for other vendors' CPUs is the slow one (csrc/gemm.cpp); oneDNN's
     runs AVX-512 there. Zen 5, GFLOP/s, torch / oneDNN, rows x K x N of the forward x @ Wᵀ: 1600 x 256 x 1024:
     x @ Wᵀ 133-192 / 295-422, g @ W 166-195 / 333-422, gᵀ @ x 158-183 / 217-264; 3200 x 64 x 256: 121 / 345,
-    176 / 378, 154 / 135. Its operands go as they lie (oneDNN reads the strides). gᵀ @ x over 1024 rows and more
+    176 / 378, 154 / 135. Its operands go as they lie (oneDNN copies the first where it is not contiguous). gᵀ @ x over 1024 rows and more
     runs as (xᵀ @ g)ᵀ and a transposing copy (1600 x 256 x 1024: 2.38 ms against 3.19 as it lies and 4.75 by
     torch). Products of fewer rows of ``a`` than DNN_MIN_ROWS (a sequence's T x B) stay torch's: at batch 1
     (T100) the training calls read 0.95-0.99x with oneDNN, though its products alone were faster
@@ -186,6 +187,7 @@ def dnn_mm(a, ta, b, tb, bias):
     A = a.t() if ta else a
     W = b if tb else b.t()  # linear's weight: [N, K]
     if (_DNN_LINEAR is not None and _DNN_VENDOR and A.dtype == torch.float32 and A.is_cpu
+            and torch._C._get_mkldnn_enabled()  # torch.backends.mkldnn.flags(enabled=False) turns it off
             and a.shape[0] >= DNN_MIN_ROWS and A.shape[0] * A.shape[1] * W.shape[0] >= DNN_MIN_MACS):
         if ta and bias is None:  # a long K (a's rows): as (B'ᵀ @ a)ᵀ, copied
             return _DNN_LINEAR(W, a.t(), None, "none", [], "").t().contiguous()

@@ -195,9 +195,10 @@ class NumbaBackend(StepsFromSequence, Backend):
         old, PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = PARALLEL_MIN_MACS, value, value >> 6, value
         return old
 
-    #: the contract's optional ``mm`` and ``empty``: the input projection's product and, in training, its
-    #: gradients and dW_hh's, through oneDNN where torch's MKL path is the slow one (_common.dnn_mm); the
-    #: buffers from torch's allocator. None on Intel CPUs (torch's product there is as fast) or without oneDNN.
+    #: the contract's optional ``mm`` and ``empty``: the general path's input projection (the sequence entries
+    #: project inside) and, in training, its gradients and dW_hh's, through oneDNN on AMD CPUs, where torch's
+    #: MKL path is the slow one (_common.dnn_mm); the buffers from torch's allocator. None on other CPUs (on
+    #: Intel's torch's product is as fast) or without oneDNN.
     mm = None
     if _common._DNN_VENDOR and _common._DNN_LINEAR is not None:
         mm = staticmethod(dnn_mm)

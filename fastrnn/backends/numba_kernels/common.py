@@ -333,17 +333,18 @@ def serial_twin(kernel):
     twin holds no parallel code at all. Code with a parallel region that numba's disk cache loads needs numba's
     threading layer started (an entry's twin that still held ``panel.project`` crashed, loaded from the cache,
     in a process that had started no parallel kernel: twenty-ninth session), and a process forked under GNU
-    OpenMP must never start it. Its own name (``<name>_serial``) gives it its own entry in numba's disk
-    cache, so the two never load each other's code. Made once a kernel."""
+    OpenMP must never start it. Its own name (``<name>_one_thread``) gives it its own entry in numba's disk
+    cache, so the two never load each other's code (the name was ``<name>_serial`` until the twins held
+    no parallel code: a new name, so that no cache made before loads the old twins). Made once a kernel."""
     twin = TWINS.get(kernel)
     if twin is not None:
         return twin
     f = kernel.py_func
     glb = f.__globals__
     calls = {name: serial_twin(glb[name]) for name in f.__code__.co_names if _reaches_parallel(glb.get(name))}
-    twin = FunctionType(f.__code__, dict(glb, **calls) if calls else glb, f.__name__ + "_serial", f.__defaults__,
-                        f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin = FunctionType(f.__code__, dict(glb, **calls) if calls else glb, f.__name__ + "_one_thread",
+                        f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_one_thread"
     twin.__module__ = f.__module__
     twin.__doc__ = f.__doc__
     twin = TWINS[kernel] = numba.njit(**JIT)(twin)
@@ -363,15 +364,3 @@ def _reaches_parallel(fn, seen=None):
     seen.add(fn)
     glb = fn.py_func.__globals__
     return any(_reaches_parallel(glb.get(name), seen) for name in fn.py_func.__code__.co_names)
-    f = kernel.py_func
-    glb = f.__globals__
-    calls = {name: serial_twin(glb[name]) for name in f.__code__.co_names
-             if isinstance(glb.get(name), numba.core.registry.CPUDispatcher)
-             and glb[name].targetoptions.get("parallel")}
-    twin = FunctionType(f.__code__, dict(glb, **calls) if calls else glb, f.__name__ + "_serial", f.__defaults__,
-                        f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
-    twin.__module__ = f.__module__
-    twin.__doc__ = f.__doc__
-    twin = TWINS[kernel] = numba.njit(**JIT)(twin)
-    return twin
