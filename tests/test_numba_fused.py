@@ -375,6 +375,67 @@ def test_the_panel_product(n, K, N, c0, c1, dtype):
         assert (out[:, :c0] == 7).all() and (out[:, c1:] == 7).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("acc", [False, True])
+def test_a_backward_steps_products_on_panels(acc, dtype):
+    """panel.back_products on panel.row_panels (a backward step's product, numba_kernels/*_bwd): rows [r0, r0 +
+    n) of out, columns [lo, hi), = or += (``acc``: the GRU's) n rows of a from an element offset @ w[lo:hi]^T,
+    against float64 numpy, around the 4-row blocks and with a last part panel (hi - lo not a multiple of the
+    lanes); with panels and with mm_nt (row_panels under min_rows); nothing written outside the block."""
+    from fastrnn.backends.numba_kernels import panel
+    rng = np.random.default_rng(1)
+    K, N = 72, 57
+    a, w = rng.standard_normal((40, K)).astype(dtype), rng.standard_normal((N, K)).astype(dtype)
+    for min_rows, panels in ((4, True), (100, False)):
+        wp = panel.row_panels(w, 9, min_rows)
+        assert (wp.shape[0] > 0) == panels and (not panels or wp.shape == (panel.panels(N, wp.shape[2]), K,
+                                                                             wp.shape[2]))
+        for n, t, r0, lo, hi in ((9, 3, 2, 16, 57), (4, 0, 0, 0, 32), (1, 7, 5, 32, 48), (7, 2, 1, 0, 57)):
+            out = rng.standard_normal((12, N + 2)).astype(dtype)
+            before = out.copy()
+            panel.back_products(a, t * K, n, w, wp, out, r0, lo, hi, acc, panel.scratch(w))
+            want = a[t:t + n].astype(np.float64) @ w[lo:hi].T.astype(np.float64)
+            if acc:
+                want += before[r0:r0 + n, lo:hi]
+            np.testing.assert_allclose(out[r0:r0 + n, lo:hi], want, atol=1e-4 if dtype == np.float32 else 1e-11)
+            mask = np.ones(out.shape, bool)
+            mask[r0:r0 + n, lo:hi] = False
+            assert (out[mask] == before[mask]).all(), (n, t, r0, lo, hi)
+
+
+@pytest.mark.parametrize("split", ["units", "rows"])
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+def test_the_backward_runs_its_steps_on_panels(name, split, monkeypatch):
+    """In training, the numba backward's step products on W_hh^T's panels (from PANEL_MIN_ROWS rows a part,
+    forced over two parts, by units or by rows) give torch.nn's outputs and gradients, float32 and float64;
+    at H = 40 the parts' last panel is a part one."""
+    from fastrnn.backends import numba as nb
+    from fastrnn.backends.numba_kernels import panel
+    if torch.get_num_threads() < 2:
+        pytest.skip("two parts need two of torch's threads")
+    made = []
+    real = panel.row_panels.py_func
+    monkeypatch.setattr(nb, "ROW_SPLIT", 1 if split == "rows" else 0)
+    old = nb.BACKEND.set_parallel_min_macs(0)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(0)
+            ours, ref = getattr(fastrnn, name)(6, 40, backend="numba"), getattr(torch.nn, name)(6, 40)
+            ours, ref = ours.to(dtype), ref.to(dtype)
+            ref.load_state_dict(ours.state_dict())
+            x = torch.randn(9, 16, 6, dtype=dtype)
+            with dispatch.record_calls() as ran:
+                got = trained_outputs(ours, x)
+            assert backends_used(ran) == {"numba"}
+            for u, v in zip(got, trained_outputs(ref, x), strict=True):
+                torch.testing.assert_close(u, v, **({} if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)))
+            w = ours.weight_hh_l0.detach().t().contiguous().numpy()
+            rows = 8 if split == "rows" else 16
+            assert real(w, rows, nb.PANEL_MIN_ROWS).shape[0] > 0  # the rule the kernels ran takes panels here
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)
+
+
 @pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "team"])
 @pytest.mark.parametrize("name", ["LSTM", "LSTM-2L-bi", "LSTM-proj", "LSTM-peephole-coupled", "GRU-bi",
                                   "GRU-3L-batch_first", "RNN-relu-nobias"])

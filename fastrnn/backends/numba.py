@@ -145,8 +145,8 @@ def _bwd_split(B, T, macs_per_row, units, ragged, weights, like, rows_ok=True):
     return (rows, rows) if rows else (_parts(B, macs_per_row), 0)
 
 
-#: the sequence forwards run their steps' products on W_hh's panels (numba_kernels/panel.py) from this many rows
-#: a step (-1: never; tests and A/B)
+#: the sequence forwards and backwards run their steps' products on W_hh's panels (numba_kernels/panel.py) from
+#: this many rows a step (a part's, split by rows; -1: never; tests and A/B)
 PANEL_MIN_ROWS = 4
 
 
@@ -283,7 +283,7 @@ class NumbaBackend(StepsFromSequence, Backend):
             _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
             _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0),
             _sizes(lengths, T, B), reverse, rows or parts, _np(y), _np(gates), _np(c_all), _np(hfull), _np(dgates),
-            _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0), _np(dw_ch))
+            _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0), _np(dw_ch), PANEL_MIN_ROWS)
         d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh, self.mm)
         d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
@@ -323,7 +323,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         parts, rows = _bwd_split(B, T, GH * H, H, lengths, GH * H, _np(xw))
         _kernel(_gru.gru_bwd_rows if rows else _gru.gru_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
-            rows or parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0))
+            rows or parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0),
+            PANEL_MIN_ROWS)
         d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh, self.mm)
         return d_xw, d_w_hh, d_b_hh, dh0
 
@@ -654,7 +655,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         parts, rows = _bwd_split(B, T, H * H, H, lengths, H * H, _np(xw))
         _kernel(_rnn.rnn_bwd_rows if rows else _rnn.rnn_bwd, rows or parts)(
             _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
-            nonlinearity == "relu", rows or parts, _np(y), _np(d_xw), _np(h_prev), _np(dh0))
+            nonlinearity == "relu", rows or parts, _np(y), _np(d_xw), _np(h_prev), _np(dh0), PANEL_MIN_ROWS)
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh, self.mm)
         return d_xw, d_w_hh, d_b_hh, dh0
 

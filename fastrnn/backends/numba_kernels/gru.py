@@ -10,7 +10,7 @@ from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
                      row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
-from .panel import gate_products, input_rows, scratch, step_panels
+from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -153,11 +153,16 @@ def _pointwise_bwd(t, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, 
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec):
+def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec,
+            panel_rows):
     """d_xw: gradient of the input projection; d_hh: of the recurrent product (W_hh h + b_hh), for dW_hh
-    and db_hh; h_prev: each step's recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T [H, 3H]."""
+    and db_hh; h_prev: each step's recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T [H, 3H], on its
+    panels from ``panel_rows`` rows (panel.row_panels)."""
     T = grad_y.shape[0]
-    H = h0.shape[1]
+    B, H = h0.shape[0], h0.shape[1]
+    GH = w_hh_t.shape[1]
+    d2 = d_hh.reshape((T * B, GH))
+    wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
     for s in range(T):
         t = s if reverse else T - 1 - s
@@ -168,23 +173,28 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_al
             _pointwise_bwd(t, 0, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            mm_nt(d_hh[t], n, w_hh_t, dh_rec, lo, hi, True)
+            back_products(d2, t * B * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, True, scratch(h0))
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec):
+def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec,
+                 panel_rows):
     """``gru_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
     block of rows with all units and never waits for another."""
     T = grad_y.shape[0]
     B, H = h0.shape[0], h0.shape[1]
+    GH = w_hh_t.shape[1]
+    d2 = d_hh.reshape((T * B, GH))
+    wp = row_panels(w_hh_t, B // parts, panel_rows)
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
+        tmp = scratch(h0)
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
             fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
             _pointwise_bwd(t, r0, r1, 0, H, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
-            mm_nt(d_hh[t, r0:r1], r1 - r0, w_hh_t, dh_rec[r0:r1], 0, H, True)
+            back_products(d2, (t * B + r0) * GH, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, True, tmp)
 
 
 @numba.njit(**JIT)

@@ -11,7 +11,7 @@ from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
                      project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
-from .panel import gate_products, input_rows, scratch, step_panels
+from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -296,17 +296,21 @@ def _pointwise_bwd(t, T, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf,
 
 @numba.njit(parallel=True, **JIT)
 def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, reverse, parts,
-             y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch):
+             y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch, panel_rows):
     """Whole-sequence backward of one layer-direction: the gate gradients of every step (dgates, also
     d_xw), the inputs of each step's recurrent product (h_prev, for dW_hh) and with a projection the
     gradient of each step's output (dh_proj, for dW_hr); dh_rec/dc end as d_h0/d_c0.
 
-    w_hh_t = w_hh.T [P, G*H] and w_hr_t = w_hr.T [H, P], contiguous.
+    w_hh_t = w_hh.T [P, G*H] and w_hr_t = w_hr.T [H, P], contiguous. The steps' products by w_hh_t on its
+    panels from ``panel_rows`` rows (panel.row_panels).
     """
     T = grad_y.shape[0]
-    H = c0.shape[1]
+    B, H = c0.shape[0], c0.shape[1]
     P = h0.shape[1]
+    GH = w_hh_t.shape[1]
     proj = w_hr.shape[0] > 0
+    dg2 = dgates.reshape((T * B, GH))
+    wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
     dc[:, :] = grad_c_n
     dw_ch[:, :] = 0
@@ -327,21 +331,25 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
                            w_ch, coupled, dc, dgates, dw_ch)
         for p in prange(parts):
             lo, hi = split(P, parts, p)
-            mm_nt(dgates[t], n, w_hh_t, dh_rec, lo, hi, False)
+            back_products(dg2, t * B * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
 
 
 @numba.njit(parallel=True, **JIT)
 def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, reverse, parts,
-                  y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch):
+                  y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch, panel_rows):
     """``lstm_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
     block of rows with all units and never waits for another (the split by units opens two or three
     parallel regions a step). Without peephole weights (w_ch empty): their gradients are sums over rows."""
     T = grad_y.shape[0]
     B, H, P = c0.shape[0], c0.shape[1], h0.shape[1]
+    GH = w_hh_t.shape[1]
     proj = w_hr.shape[0] > 0
+    dg2 = dgates.reshape((T * B, GH))
+    wp = row_panels(w_hh_t, B // parts, panel_rows)
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
         n = r1 - r0
+        tmp = scratch(h0)
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         dc[r0:r1, :] = grad_c_n[r0:r1, :]
         for s in range(T):
@@ -354,7 +362,7 @@ def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, couple
                 mm_nt(dh_proj[t, r0:r1], n, w_hr_t, dhf[r0:r1], 0, H, False)
             _pointwise_bwd(t, T, r0, r1, 0, H, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
                            w_ch, coupled, dc, dgates, dw_ch)
-            mm_nt(dgates[t, r0:r1], n, w_hh_t, dh_rec[r0:r1], 0, P, False)
+            back_products(dg2, (t * B + r0) * GH, n, w_hh_t, wp, dh_rec, r0, 0, P, False, tmp)
 
 
 @numba.njit(**JIT)

@@ -24,21 +24,22 @@ MR, NV = 4, 4
 
 
 def _microkernel(mr, nv):
-    """The intrinsic ``mk(a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo)``: for r < mr and v < nv,
-    out[o0 + r*ldo + v*L : +L] = (bias[b0 + v*L : +L] if has_bias else 0) + sum over k < K of
-    a[a0 + r*lda + k] * wp[w0 + (v*K + k)*L : +L], with L a vector's lanes: offsets in elements from each
+    """The intrinsic ``mk(a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo)``: for r < mr and v < nv,
+    out[o0 + r*ldo + v*L : +L] = I + sum over k < K of a[a0 + r*lda + k] * wp[w0 + (v*K + k)*L : +L], with I
+    0 (``init`` 0 or False), bias[b0 + v*L : +L] (1 or True) or what out held there (2: accumulate), and L a
+    vector's lanes: offsets in elements from each
     C-contiguous array's first element, whatever its shape, full vectors stored (the caller makes room). The
     arrays are taken whole, never sliced or reshaped on the way: each view numba makes costs an atomic
     reference count on the array, which the two workers of a team then pass back and forth every step
     (that made the team slower than one thread at H64; benchmarks/NOTES.md, twenty-eighth session)."""
 
     @intrinsic
-    def mk(typingctx, a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo):
+    def mk(typingctx, a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo):
         dt = wp.dtype
         arrays = (a, wp, bias, out)
         if dt not in (types.float32, types.float64) or any(t.dtype != dt or t.layout != "C" for t in arrays):
             return None  # offsets are counted in elements from the first: C-contiguous arrays of one dtype only
-        sig = types.void(a, a0, lda, wp, w0, K, bias, b0, has_bias, out, o0, ldo)
+        sig = types.void(a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo)
 
         def codegen(context, builder, signature, args):
             ty = signature.args
@@ -61,14 +62,20 @@ def _microkernel(mr, nv):
             def vload(base, i):
                 return builder.load(builder.bitcast(builder.gep(base, [i]), vptr), align=size)
 
+            mode = context.cast(builder, args[8], ty[8], types.intp)
             init = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(nv)]
-            with builder.if_then(context.cast(builder, args[8], ty[8], types.boolean)):
+            with builder.if_then(builder.icmp_signed("==", mode, c(1))):
                 for v in range(nv):
                     builder.store(vload(Bias, builder.add(b0v, c(v * lanes))), init[v])
             acc = [[cgutils.alloca_once_value(builder, builder.load(init[v])) for v in range(nv)] for _ in range(mr)]
             for r in range(mr):
                 for v in range(nv):
                     builder.store(builder.load(init[v]), acc[r][v])
+            with builder.if_then(builder.icmp_signed("==", mode, c(2))):
+                for r in range(mr):
+                    row = builder.add(o0v, builder.mul(c(r), ldo_))
+                    for v in range(nv):
+                        builder.store(vload(O, builder.add(row, c(v * lanes))), acc[r][v])
             panel = builder.mul(Kv, c(lanes))
             with cgutils.for_range(builder, Kv) as loop:
                 k = loop.index
@@ -132,7 +139,7 @@ def pack(w, j0, j1, wp):
 @numba.njit(**JIT)
 def _group(nv, n, a, a0, lda, wp, w0, K, bias, b0, has_b, out, o0, ldo):
     """Rows [0, n) of a (from element a0) against NV panels from w0 (``nv`` == NV), or one (``nv`` == 1): blocks
-    of MR rows, then one at a time."""
+    of MR rows, then one at a time (``has_b``: the microkernel's ``init``)."""
     r = 0
     while r + MR <= n:
         if nv == NV:
@@ -150,32 +157,46 @@ def _group(nv, n, a, a0, lda, wp, w0, K, bias, b0, has_b, out, o0, ldo):
 
 @numba.njit(**JIT)
 def mm_panels(a, n, wp, w0, bias, has_b, out, c0, cols, tmp):
-    """out[:n, c0:c0 + cols] = a[:n] @ W^T (+ bias[c0:c0 + cols] where ``has_b``) with W^T's columns c0.. packed
-    by ``pack``, from element w0 of wp (wp [.., K, L]: K and L its last two dimensions). a [>= n, K] and out
-    [>= n, >= c0 + cols] C-contiguous; tmp ``scratch`` (a last panel wider than what is left of the columns
-    goes through it; its bias, padded, too). Groups of NV panels, then the 1-3 whole panels left, then the
-    part one."""
+    """out[:n, c0:c0 + cols] = a[:n] @ W^T (+ bias[c0:c0 + cols] where ``has_b``): ``mm_panels_at`` from a's
+    and out's first rows."""
+    mm_panels_at(a, 0, n, wp, w0, bias, has_b, out, 0, c0, cols, tmp)
+
+
+@numba.njit(**JIT)
+def mm_panels_at(a, a0, n, wp, w0, bias, init, out, r0, c0, cols, tmp):
+    """out[r0:r0 + n, c0:c0 + cols] = (0, bias[c0:c0 + cols], or out's own values: ``init`` 0, 1 or 2, as the
+    microkernel's) + rows [0, n) of a (its row 0 from element a0) @ W^T, with W^T's columns c0.. packed by
+    ``pack``, from element w0 of wp (wp [.., K, L]: K and L its last two dimensions). a [.., K] and out [.., >=
+    c0 + cols] C-contiguous, taken whole (no views: see ``_microkernel``); tmp ``scratch`` (a last panel wider
+    than what is left of the columns goes through it; its bias, padded, too). Groups of NV panels, then the
+    1-3 whole panels left, then the part one."""
     K = wp.shape[wp.ndim - 2]
     L = wp.shape[wp.ndim - 1]
-    lda, ldo = a.shape[1], out.shape[1]
+    lda, ldo = a.shape[a.ndim - 1], out.shape[out.ndim - 1]
+    o0 = r0 * ldo
     whole = cols // L
     p = 0
     while p < whole:
         nv = NV if p + NV <= whole else 1
-        _group(nv, n, a, 0, lda, wp, w0 + p * K * L, K, bias, c0 + p * L, has_b, out, c0 + p * L, ldo)
+        _group(nv, n, a, a0, lda, wp, w0 + p * K * L, K, bias, c0 + p * L, init, out, o0 + c0 + p * L, ldo)
         p += nv
     m = cols - whole * L
     if m:  # the last, part panel: through tmp (MR rows, then a vector of its bias)
-        if has_b:
+        c1 = c0 + whole * L
+        if init == 1:
             for i in range(L):
-                tmp[MR * L + i] = bias[c0 + whole * L + i] if i < m else tmp.dtype.type(0)
+                tmp[MR * L + i] = bias[c1 + i] if i < m else tmp.dtype.type(0)
         r = 0
         while r < n:
             k = min(MR, n - r)
-            _group(1, k, a, r * lda, lda, wp, w0 + whole * K * L, K, tmp, MR * L, has_b, tmp, 0, L)
+            if init == 2:
+                for i in range(k):
+                    for j in range(L):
+                        tmp[i * L + j] = out[r0 + r + i, c1 + j] if j < m else tmp.dtype.type(0)
+            _group(1, k, a, a0 + r * lda, lda, wp, w0 + whole * K * L, K, tmp, MR * L, init, tmp, 0, L)
             for i in range(k):
                 for j in range(m):
-                    out[r + i, c0 + whole * L + j] = tmp[i * L + j]
+                    out[r0 + r + i, c1 + j] = tmp[i * L + j]
             r += k
 
 
@@ -250,6 +271,34 @@ def gate_products(src, n, w_hh, wp, out, G, H, lo, hi, tmp):
     L, K = wp.shape[3], wp.shape[2]
     for g in range(G):
         mm_panels(src, n, wp, (g * wp.shape[1] + lo // L) * K * L, tmp, False, out, g * H + lo, hi - lo, tmp)
+
+
+@numba.njit(**JIT)
+def row_panels(w, rows, min_rows):
+    """Every row of w [N, K] as panels of W^T (``pack``: [ceil(N / L), K, L]) for a call's products of ``rows``
+    rows each (a backward's steps, ``back_products``), or none (``mm_nt``) below ``min_rows`` (< 0: never): at
+    one row the panels lost to ``mm_nt`` (L2-bound either way). One core, the steps' shapes, GFLOP/s, mm_nt /
+    panels: 8 x 1024 x 256 108 / 176, 16 x 1024 x 256 126 / 210, 64 x 2048 x 512 137 / 236 on the Zen 5
+    (benchmarks/NOTES.md, twenty-ninth session)."""
+    L = lanes_of(w)
+    if min_rows < 0 or rows < min_rows:
+        return np.empty((0, 0, L), w.dtype)
+    wp = np.empty((panels(w.shape[0], L), w.shape[1], L), w.dtype)
+    pack(w, 0, w.shape[0], wp)
+    return wp
+
+
+@numba.njit(**JIT)
+def back_products(a, a0, n, w, wp, out, r0, lo, hi, acc, tmp):
+    """out[r0:r0 + n, lo:hi] = (or += where ``acc``) n rows of a [.., K] from element a0 (a row's first)
+    @ w[lo:hi]^T (w [N, K]): a backward step's product on w's panels (``row_panels``; lo a multiple of 16; tmp
+    ``scratch``), or where ``wp`` is empty with ``mm_nt``."""
+    if wp.shape[0] > 0:
+        K, L = wp.shape[1], wp.shape[2]
+        mm_panels_at(a, a0, n, wp, (lo // L) * K * L, tmp, 2 if acc else 0, out, r0, lo, hi - lo, tmp)
+    else:
+        first = a0 // a.shape[1]
+        mm_nt(a[first:first + n], n, w, out[r0:r0 + n], lo, hi, acc)
 
 
 @numba.njit(**JIT)

@@ -6,7 +6,7 @@ from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
                      row_block, row_block_state, row_offsets, split, tanh_)
-from .panel import gate_products, input_rows, scratch, step_panels
+from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
 
@@ -116,9 +116,14 @@ def _pointwise_bwd(t, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec):
+def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec, panel_rows):
+    """The whole-sequence backward: d_xw, the pre-activation gradients (also for dW_hh); h_prev, each step's
+    recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T, on its panels from ``panel_rows`` rows
+    (panel.row_panels)."""
     T = grad_y.shape[0]
-    H = h0.shape[1]
+    B, H = h0.shape[0], h0.shape[1]
+    d2 = d_xw.reshape((T * B, H))
+    wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
     for s in range(T):
         t = s if reverse else T - 1 - s
@@ -129,23 +134,26 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, 
             _pointwise_bwd(t, 0, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            mm_nt(d_xw[t], n, w_hh_t, dh_rec, lo, hi, False)
+            back_products(d2, t * B * H, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec):
+def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec, panel_rows):
     """``rnn_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
     block of rows and never waits for another."""
     T = grad_y.shape[0]
     B, H = h0.shape[0], h0.shape[1]
+    d2 = d_xw.reshape((T * B, H))
+    wp = row_panels(w_hh_t, B // parts, panel_rows)
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
+        tmp = scratch(h0)
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
             fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
             _pointwise_bwd(t, r0, r1, 0, H, relu, dh_rec, grad_y, y, d_xw)
-            mm_nt(d_xw[t, r0:r1], r1 - r0, w_hh_t, dh_rec[r0:r1], 0, H, False)
+            back_products(d2, (t * B + r0) * H, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, False, tmp)
 
 
 @numba.njit(**JIT)
