@@ -22,7 +22,6 @@ try:
     from .numba_kernels import gru_options as _gru_opt
     from .numba_kernels import lstm as _lstm
     from .numba_kernels import lstm_options as _lstm_opt
-    from .numba_kernels import panel as _panel
     from .numba_kernels import rnn as _rnn
     from .numba_kernels.common import TWINS as _SERIAL, serial_twin
     _IMPORT_ERROR = None
@@ -150,11 +149,6 @@ def _bwd_split(B, T, macs_per_row, units, ragged, weights, like, rows_ok=True):
 PANEL_MIN_ROWS = 4
 
 
-def _step_panels(w_hh, G, H, B, T, parts, by_rows):
-    """W_hh's panels for a sequence forward's steps, or none (numba_kernels/panel.py, ``step_panels``)."""
-    return _panel.step_panels(_np(w_hh), G, H, B, T, _LIKE[w_hh.dtype], PANEL_MIN_ROWS, parts, by_rows)
-
-
 def _lines(*shape, like):
     """An uninitialized numpy buffer of ``like``'s dtype from torch's allocator, which starts it on a 64-byte
     cache line (numpy's own aligns to 16): a team's parts write blocks of 16 units of its rows, and a line
@@ -253,7 +247,7 @@ class NumbaBackend(StepsFromSequence, Backend):
             _kernel(_lstm.lstm_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw),
                                                _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0), T, reverse, rows,
                                                _rows(y, out=True), _np(h_n), _np(c_n), _np(gates), _np(c_all),
-                                               _np(hfull), _step_panels(w_hh, GH // H, H, B, T, rows, True))
+                                               _np(hfull), PANEL_MIN_ROWS)
             return y, h_n, c_n, ws
         h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
@@ -261,7 +255,7 @@ class NumbaBackend(StepsFromSequence, Backend):
                                 _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts,
                                 _rows(y, out=True), _np(h_n),
                                 _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c,
-                                _step_panels(w_hh, GH // H, H, B, T, parts, False))
+                                PANEL_MIN_ROWS)
         return y, h_n, c_n, ws
 
     def _lstm_plain_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
@@ -304,13 +298,13 @@ class NumbaBackend(StepsFromSequence, Backend):
         if rows:
             _kernel(_gru.gru_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse, rows,
                                              _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all),
-                                             _step_panels(w_hh, 3, H, B, T, rows, True))
+                                             PANEL_MIN_ROWS)
             return y, h_n, ws
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
                               parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b,
-                              _step_panels(w_hh, 3, H, B, T, parts, False))
+                              PANEL_MIN_ROWS)
         return y, h_n, ws
 
     def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
@@ -638,13 +632,13 @@ class NumbaBackend(StepsFromSequence, Backend):
         if rows:
             _kernel(_rnn.rnn_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse,
                                              nonlinearity == "relu", rows, _rows(y, out=True), _np(h_n),
-                                             _step_panels(w_hh, 1, H, B, T, rows, True))
+                                             PANEL_MIN_ROWS)
             return y, h_n, xw.new_empty(0)
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
         _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
                               _offsets(T, B), reverse,
                               nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b,
-                              _step_panels(w_hh, 1, H, B, T, parts, False))
+                              PANEL_MIN_ROWS)
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):

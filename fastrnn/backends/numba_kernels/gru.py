@@ -50,12 +50,13 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_all, h_a, h_b, wp):
+def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_all, h_a, h_b, panel_rows):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers
     (team.py): part p is a block of units, their gate rows of W_hh, pointwise pass and columns of y. xw
-    [rows, 3H] and y [rows, H] as rows (see lstm.lstm_fwd)."""
+    [rows, 3H] and y [rows, H] as rows; panel_rows as lstm.lstm_fwd's."""
     T = sizes.shape[0]
     H = h0.shape[1]
+    wp = step_panels(w_hh, 3, H, h0.shape[0], T, h0, panel_rows, parts, False)
     h_a[:, :] = h0
     h_b[:, :] = h0
     sync = team_sync(parts)
@@ -80,9 +81,10 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all, wp):
+def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all, panel_rows):
     """``gru_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
+    wp = step_panels(w_hh, 3, H, B, T, h0, panel_rows, parts, True)
     S = gates.shape[0]
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
@@ -111,13 +113,12 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     b_hh = at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
-    wp = step_panels(w_hh, 3, H, B, T, like, panel_rows, parts, by_rows)
     if by_rows:
         gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, lines((1, B, 3 * H), dt), lines((1, B, H), dt),
-                     wp)
+                     panel_rows)
         return
     gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((1, B, 3 * H), dt),
-            lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt), wp)
+            lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt), panel_rows)
 
 
 @numba.njit(**JIT)

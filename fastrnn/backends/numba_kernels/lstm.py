@@ -102,7 +102,7 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
 
 @numba.njit(parallel=True, **JIT)
 def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, parts, y, h_n, c_n, gates, c_all,
-             hfull, h_a, h_b, c, wp):
+             hfull, h_a, h_b, c, panel_rows):
     """Whole-sequence forward of one layer-direction; see fastrnn.backends for the contract. Its steps are
     split over a team of ``parts`` workers (team.py): part p is a block of hidden units (their gate rows of
     W_hh, pointwise pass and cell state) and, with a projection, a second phase a step for a block of
@@ -117,12 +117,14 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
 
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
     c: [B, H] cell state (each unit is read and written by one part only);
-    wp: W_hh's panels (panel.pack_gates), or empty (panel.no_panels): the products by ``mm_nt``.
+    panel_rows: the steps' products on W_hh's panels from this many rows a step (panel.step_panels), else by
+    ``mm_nt``.
     """
     T = sizes.shape[0]
     H = c0.shape[1]
     P = h0.shape[1]
     G = 3 if coupled else 4
+    wp = step_panels(w_hh, G, H, h0.shape[0], T, h0, panel_rows, parts, False)
     proj = w_hr.shape[0] > 0
     phases = 2 if proj else 1
     h_a[:, :] = h0
@@ -164,7 +166,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
 
 @numba.njit(parallel=True, **JIT)
 def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n, gates, c_all, hfull,
-                  wp):
+                  panel_rows):
     """``lstm_fwd`` on a dense batch split by rows: part p runs every step of its block of rows with all
     units, its state on buffers of its own, and never waits for another (the split by units waits for every
     part each step). xw [T x B, G*H] and y [T x B, P] as rows; the workspace as lstm_fwd's ([T, ...] saved
@@ -174,6 +176,7 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
     proj = w_hr.shape[0] > 0
     dt = h0.dtype
     S = gates.shape[0]
+    wp = step_panels(w_hh, G, H, B, T, h0, panel_rows, parts, True)
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
@@ -217,14 +220,13 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h0, c0 = at(a_h0, (B, P), like), at(a_c0, (B, H), like)
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
-    wp = step_panels(w_hh, G, H, B, T, like, panel_rows, parts, by_rows)
     if by_rows:  # a dense batch, ``parts`` blocks of rows (lstm_fwd_rows)
         lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n,
-                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt), wp)
+                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt), panel_rows)
         return
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
              lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
-             lines((B, P), dt), lines((B, P), dt), lines((B, H), dt), wp)
+             lines((B, P), dt), lines((B, P), dt), lines((B, H), dt), panel_rows)
 
 
 @numba.njit(**JIT)

@@ -37,12 +37,13 @@ def _pointwise_fwd(r0, n, lo, hi, xw, b_hh, relu, dst, y, y0):
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, h_b, wp):
+def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, h_b, panel_rows):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers (see
     team.py): part p is a block of units, its product, pointwise pass and its columns of y. xw [rows, H] and
-    y [rows, H] as rows (see lstm.lstm_fwd)."""
+    y [rows, H] as rows; panel_rows as lstm.lstm_fwd's."""
     T = sizes.shape[0]
     H = h0.shape[1]
+    wp = step_panels(w_hh, 1, H, h0.shape[0], T, h0, panel_rows, parts, False)
     h_a[:, :] = h0
     h_b[:, :] = h0
     sync = team_sync(parts)
@@ -64,9 +65,10 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, wp):
+def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, panel_rows):
     """``rnn_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
+    wp = step_panels(w_hh, 1, H, B, T, h0, panel_rows, parts, True)
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
@@ -89,12 +91,11 @@ def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     xw = input_rows(a_xw, a_w_ih, a_b_ih, rows, I, H, parts, like)
     w_hh, b_hh = at(a_w_hh, (H, H), like), at(a_b_hh, (H if a_b_hh else 0,), like)
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
-    wp = step_panels(w_hh, 1, H, B, T, like, panel_rows, parts, by_rows)
     if by_rows:
-        rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, wp)
+        rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, panel_rows)
         return
     rnn_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, relu, parts, y, h_n, lines((B, H), like.dtype),
-            lines((B, H), like.dtype), wp)
+            lines((B, H), like.dtype), panel_rows)
 
 
 @numba.njit(**JIT)
