@@ -46,11 +46,11 @@ _SEQ_BASE = (*(f"inference {b}" for b in BANDS), "inference T1", *(f"training {b
 #: the suffix of each hidden-size band's classes: up to NARROW_H, up to WIDE_H (none), above WIDE_H
 NARROW, WIDE = f" H<={NARROW_H}", f" H>{WIDE_H}"
 #: the suffix of a bidirectional module's sequence classes, which the tables do not hold: ``ranking`` reads the
-#: class without it, and for the LSTM moves ``cpp`` to just before ``torch``. torch.nn's bidirectional LSTM took 2.8x its one direction
-#: in training (T100 B16 H256: 45.4 ms against 16.1; cpp 33.8), so cpp led every bidirectional case measured where
-#: the tables rank torch.nn first: training 1.02-1.41x (T25-100, B8-128, H64-512), inference 1.03-1.07x (B32-64,
-#: H256-512), on the Zen 5 EPYC; training T100 B16 H256 L2 1.04x on the Zen 4, where one direction reads 0.90x
-#: (benchmarks/NOTES.md, twenty-ninth session)
+#: class without it, and for the LSTM moves ``cpp`` to just before ``torch``. torch.nn's bidirectional LSTM took
+#: 2.8x its one direction in training (T100 B16 H256: 45.4 ms against 16.1; cpp 33.8), so cpp led every
+#: bidirectional case measured where the tables rank torch.nn first: training 1.02-1.41x (T25-100, B8-128,
+#: H64-512), inference 1.03-1.07x (B32-64, H256-512), on the Zen 5 EPYC; training T100 B16 H256 L2 1.04x on the
+#: Zen 4, where one direction reads 0.90x (benchmarks/NOTES.md, twenty-ninth session)
 BI = " bi"
 SEQ_CLASSES = _SEQ_BASE + tuple(c + NARROW for c in _SEQ_BASE) + tuple(c + WIDE for c in _SEQ_BASE)
 STEP_CLASSES = ("inference B1", "inference B2+", "training")
@@ -267,7 +267,8 @@ def ranking(device: str, family: str, scope: str, cls: str) -> tuple:
         return CUDA_RANKING if table.get("rankings") else ()  # FASTRNN_POLICY=static: none on CUDA either
     bi = cls.endswith(BI)
     ranked = table["rankings"].get(device, {}).get(f"{family} {scope} {cls[:-len(BI)] if bi else cls}", ())
-    if bi and family == "lstm" and "torch" in ranked and "cpp" in ranked and ranked.index("torch") < ranked.index("cpp"):
+    if (bi and family == "lstm" and "torch" in ranked and "cpp" in ranked
+            and ranked.index("torch") < ranked.index("cpp")):
         rest = [n for n in ranked if n != "cpp"]  # cpp to torch's place, the others as they were
         rest.insert(rest.index("torch"), "cpp")
         ranked = tuple(rest)

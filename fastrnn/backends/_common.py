@@ -179,11 +179,11 @@ def dnn_mm(a, ta, b, tb, bias):
     torch's ``mm`` runs MKL, whose code path for other vendors' CPUs is the slow one (csrc/gemm.cpp); oneDNN's
     runs AVX-512 there. Zen 5, GFLOP/s, torch / oneDNN, rows x K x N of the forward x @ Wᵀ: 1600 x 256 x 1024:
     x @ Wᵀ 133-192 / 295-422, g @ W 166-195 / 333-422, gᵀ @ x 158-183 / 217-264; 3200 x 64 x 256: 121 / 345,
-    176 / 378, 154 / 135. Its operands go as they lie (oneDNN copies the first where it is not contiguous). gᵀ @ x over 1024 rows and more
-    runs as (xᵀ @ g)ᵀ and a transposing copy (1600 x 256 x 1024: 2.38 ms against 3.19 as it lies and 4.75 by
-    torch). Products of fewer rows of ``a`` than DNN_MIN_ROWS (a sequence's T x B) stay torch's: at batch 1
-    (T100) the training calls read 0.95-0.99x with oneDNN, though its products alone were faster
-    (benchmarks/NOTES.md, twenty-ninth session). The result is contiguous."""
+    176 / 378, 154 / 135. Its operands go as they lie (oneDNN copies the first where it is not contiguous).
+    gᵀ @ x over 1024 rows and more runs as (xᵀ @ g)ᵀ and a transposing copy (1600 x 256 x 1024: 2.38 ms
+    against 3.19 as it lies and 4.75 by torch). Products of fewer rows of ``a`` than DNN_MIN_ROWS (a sequence's
+    T x B) stay torch's: at batch 1 (T100) the training calls read 0.95-0.99x with oneDNN, though its products
+    alone were faster (benchmarks/NOTES.md, twenty-ninth session). The result is contiguous."""
     A = a.t() if ta else a
     W = b if tb else b.t()  # linear's weight: [N, K]
     if (_DNN_LINEAR is not None and _DNN_VENDOR and A.dtype == torch.float32 and A.is_cpu

@@ -222,7 +222,8 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
     if by_rows:  # a dense batch, ``parts`` blocks of rows (lstm_fwd_rows)
         lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n,
-                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt), panel_rows)
+                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
+                      panel_rows)
         return
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
              lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
