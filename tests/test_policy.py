@@ -97,48 +97,35 @@ def test_amd_table_leaves_lstm_at_large_batch_to_torch_from_h193():
     assert rankings["gru seq training B32+"][0] == "cpp" and rankings["rnn seq training B32+"][0] == "cpp"
 
 
-def test_a_modules_hidden_size_picks_its_band(monkeypatch):
-    """Under the built-in AMD table an LSTM in training at batch 32 runs cpp at H=192 and torch.nn at H=193,
-    with torch.nn's outputs and gradients either way."""
+# (hidden size, bidirectional, batch, the backend the built-in AMD table picks in training)
+_AMD_TRAINING_PICKS = {
+    # the hidden-size band: cpp up to NARROW_H at batch 32, torch.nn from NARROW_H + 1
+    "H192": (policy.NARROW_H, False, 32, "cpp"), "H193": (policy.NARROW_H + 1, False, 32, "torch"),
+    # batch 16, H=256: torch.nn with one direction, cpp with two (policy.BI)
+    "H256": (256, False, 16, "torch"), "H256-bi": (256, True, 16, "cpp"),
+}
+
+
+@pytest.mark.parametrize("case", list(_AMD_TRAINING_PICKS))
+def test_the_amd_tables_pick_in_training(case, monkeypatch):
+    """Under the built-in AMD table an LSTM in training runs the backend its class ranks first (its hidden-size
+    band; a bidirectional module's class), with torch.nn's outputs and gradients either way."""
     if "cpp" not in dispatch.available_backends("cpu"):
         pytest.skip("the cpp backend is not built here (make ext)")
+    H, bi, B, want = _AMD_TRAINING_PICKS[case]
     monkeypatch.setattr(policy, "cpu_vendor", lambda: "amd")
     monkeypatch.setenv("FASTRNN_POLICY", "builtin")
     policy.forget()
     try:
-        for H, want in ((policy.NARROW_H, "cpp"), (policy.NARROW_H + 1, "torch")):
-            torch.manual_seed(0)
-            m, ref = fastrnn.LSTM(4, H), torch.nn.LSTM(4, H)
-            ref.load_state_dict(m.state_dict())
-            x = torch.randn(3, 32, 4)
-            with dispatch.record_calls() as ran:
-                got = trained_outputs(m, x)
-            assert backends_used(ran) == {want}, H
-            for a, b in zip(got, trained_outputs(ref, x), strict=True):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    finally:
-        policy.forget()
-
-
-def test_a_bidirectional_lstm_in_training_runs_cpp_where_one_direction_runs_torch(monkeypatch):
-    """Under the built-in AMD table an LSTM at batch 16, H=256 in training runs torch.nn with one direction and
-    cpp with two (``policy.BI``), with torch.nn's outputs and gradients either way."""
-    if "cpp" not in dispatch.available_backends("cpu"):
-        pytest.skip("the cpp backend is not built here (make ext)")
-    monkeypatch.setattr(policy, "cpu_vendor", lambda: "amd")
-    monkeypatch.setenv("FASTRNN_POLICY", "builtin")
-    policy.forget()
-    try:
-        for bi, want in ((False, "torch"), (True, "cpp")):
-            torch.manual_seed(0)
-            m, ref = fastrnn.LSTM(4, 256, bidirectional=bi), torch.nn.LSTM(4, 256, bidirectional=bi)
-            ref.load_state_dict(m.state_dict())
-            x = torch.randn(3, 16, 4)
-            with dispatch.record_calls() as ran:
-                got = trained_outputs(m, x)
-            assert backends_used(ran) == {want}, bi
-            for a, b in zip(got, trained_outputs(ref, x), strict=True):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.manual_seed(0)
+        m, ref = fastrnn.LSTM(4, H, bidirectional=bi), torch.nn.LSTM(4, H, bidirectional=bi)
+        ref.load_state_dict(m.state_dict())
+        x = torch.randn(3, B, 4)
+        with dispatch.record_calls() as ran:
+            got = trained_outputs(m, x)
+        assert backends_used(ran) == {want}
+        for a, b in zip(got, trained_outputs(ref, x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     finally:
         policy.forget()
 
