@@ -546,57 +546,6 @@ def test_cache_off_and_bad_setting():
         assert f"FASTRNN_CPU_CACHE_MB must be a whole number of MiB >= 0, got '{bad}'" in out
 
 
-@pytest.mark.parametrize("name,kw", [("LSTM", {}), ("LSTM", dict(proj_size=3)), ("GRU", {}),
-                                     ("RNN", dict(nonlinearity="relu"))], ids=["LSTM", "LSTM-proj", "GRU", "RNN"])
-@pytest.mark.parametrize("threads", ["one", "team"])
-def test_packed_training_on_its_rows(name, kw, threads, monkeypatch, ran):
-    """A PackedSequence in training: the sequence ops take its rows as they lie (xw and grad_y [N, *], no
-    [T, B, *] copies); outputs and every gradient equal torch.nn's (two layers, bidirectional, unsorted
-    lengths, a row of one step), on one worker and on a team (every call split: H=20 is two blocks of
-    float64 units). Zoneout's masks are [T, B, *]: that call takes the copies."""
-    family, seen, impl = name.lower(), [], dispatch.get("cpp")
-    for p in ("fwd", "bwd"):
-        op = getattr(impl, f"{family}_seq_{p}")
-        monkeypatch.setattr(impl, f"{family}_seq_{p}",
-                            lambda *a, op=op, p=p: seen.append((p, tuple(a[0].shape))) or op(*a))
-    old = impl.set_parallel_min_macs(0) if threads == "team" else None
-    try:
-        _packed_rows_case(name, kw, family, seen, 20 if threads == "team" else 6)
-    finally:
-        if old is not None:
-            impl.set_parallel_min_macs(old)
-    assert backends_used(ran) == {"cpp"}
-
-
-def _packed_rows_case(name, kw, family, seen, H):
-    from torch.nn.utils.rnn import pack_padded_sequence
-    torch.manual_seed(5)
-    ref = getattr(torch.nn, name)(5, H, num_layers=2, bidirectional=True, dtype=torch.float64, **kw)
-    mod = getattr(fastrnn, name)(5, H, num_layers=2, bidirectional=True, dtype=torch.float64, backend="cpp", **kw)
-    mod.load_state_dict(ref.state_dict())
-    x = torch.randn(7, 5, 5, dtype=torch.float64)
-    lengths = torch.tensor([4, 7, 1, 7, 5])
-    res = []
-    for m in (mod, ref):
-        xi = x.clone().requires_grad_(True)
-        out, st = m(pack_padded_sequence(xi, lengths, enforce_sorted=False))
-        st = st if isinstance(st, tuple) else (st,)
-        w = torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)
-        loss = (out.data * w).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(st))
-        res.append([out.data, *st, *torch.autograd.grad(loss, [xi, *m.parameters()])])
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-    G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
-    N, P = int(lengths.sum()), kw.get("proj_size", H)
-    # four layer-directions, each forward on xw [N, G*H] and backward from grad_y [N, P]
-    assert sorted(seen) == [("bwd", (N, P))] * 4 + [("fwd", (N, G * H))] * 4
-    if name != "RNN":
-        seen.clear()
-        zon = getattr(fastrnn, name)(5, H, backend="cpp", zoneout=0.3, dtype=torch.float64)
-        zon(pack_padded_sequence(x.clone().requires_grad_(True), lengths, enforce_sorted=False))[0].data.sum().backward()
-        assert seen == [("fwd", (7, 5, G * H)), ("bwd", (7, 5, H))]
-
-
 def _team_case_outputs(make, x, lengths, train):
     """Outputs (and with ``train`` the input's and parameters' gradients) of ``make()``'s module on ``x``
     (packed with ``lengths`` when given)."""

@@ -485,8 +485,8 @@ def test_the_sequence_entries_project_their_input(name, threads, monkeypatch):
 @pytest.mark.parametrize("G,H,lo,hi", [(4, 136, 80, 136), (4, 136, 0, 80), (3, 200, 112, 200), (1, 64, 16, 48)])
 def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
     """panel.gate_products for the units [lo, hi) of a part (lo a multiple of 16, as common.split makes them):
-    each gate's columns from the part's own panels of pack_gates' layout (and by mm_nt), the float64 product's
-    values, nothing else written."""
+    each gate's columns from the part's own panels of pack_gates' layout (and by mm_nt), into the step's rows
+    of an array laid out as rows (from row 2 here), the float64 product's values, nothing else written."""
     from fastrnn.backends.numba_kernels import panel
     rng = np.random.default_rng(1)
     w, src = rng.standard_normal((G * H, 40)).astype(dtype), rng.standard_normal((6, 40)).astype(dtype)
@@ -494,11 +494,11 @@ def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
     cols = [g * H + u for g in range(G) for u in range(lo, hi)]
     want = src[:5].astype(np.float64) @ w[cols].astype(np.float64).T  # the float64 product
     for panels in (wp, panel.no_panels(w)):  # and mm_nt's, the same way
-        got = np.full((6, G * H), 7, dtype)
-        panel.gate_products(src, 5, w, panels, got, G, H, lo, hi, panel.scratch(w))
-        np.testing.assert_allclose(got[:5, cols], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+        got = np.full((9, G * H), 7, dtype)
+        panel.gate_products(src, 5, w, panels, got, 2, G, H, lo, hi, panel.scratch(w))
+        np.testing.assert_allclose(got[2:7, cols], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                    atol=1e-4 if dtype == np.float32 else 1e-12)
-        assert (np.delete(got, cols, axis=1) == 7).all() and (got[5:] == 7).all()
+        assert (np.delete(got, cols, axis=1) == 7).all() and (got[:2] == 7).all() and (got[7:] == 7).all()
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
@@ -598,7 +598,7 @@ def test_dnn_mm_is_the_product(ta, tb, rows, monkeypatch):
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_numba_training_runs_its_products_through_mm(name, monkeypatch):
     """In training the numba backend's input projection (its xw from 1 MiB), its two gradients and dW_hh run
-    through its ``mm`` (oneDNN's product) from 1024 rows: the outputs and every gradient equal torch.nn's."""
+    through its ``mm`` (oneDNN's product) from DNN_MIN_ROWS rows: the outputs and every gradient equal torch.nn's."""
     from fastrnn.backends import _common
     from fastrnn.backends import numba as nb
     calls = []

@@ -167,7 +167,7 @@ def recurrent_weight_grads(d_gh, h_prev, b_hh, mm=None):
 _DNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 #: from this many multiply-adds (below, at 100 x 64 x 256, the two were level or torch's ahead) and rows of a
 DNN_MIN_MACS = 1 << 21
-DNN_MIN_ROWS = 1024
+DNN_MIN_ROWS = 512
 #: and an AMD CPU, where MKL runs its slow path (measured on the Zen 5; on Intel's torch's product is as fast,
 #: NOTES.md "The machine"; other CPUs were not measured)
 _DNN_VENDOR = policy.cpu_vendor() == "amd"
@@ -183,7 +183,9 @@ def dnn_mm(a, ta, b, tb, bias):
     gᵀ @ x over 1024 rows and more runs as (xᵀ @ g)ᵀ and a transposing copy (1600 x 256 x 1024: 2.38 ms
     against 3.19 as it lies and 4.75 by torch). Products of fewer rows of ``a`` than DNN_MIN_ROWS (a sequence's
     T x B) stay torch's: at batch 1 (T100) the training calls read 0.95-0.99x with oneDNN, though its products
-    alone were faster (benchmarks/NOTES.md, twenty-ninth session). The result is contiguous."""
+    alone were faster, and at 400-500 rows level; from 600-930 rows (T100 B6-8, T50 B12-16, a packed T100 B16)
+    numba's training calls took 1.1-1.39x less time with it, one case 0.95-0.97x (GRU T50 B12 H128;
+    benchmarks/NOTES.md, twenty-ninth and thirtieth sessions). The result is contiguous."""
     A = a.t() if ta else a
     W = b if tb else b.t()  # linear's weight: [N, K]
     if (_DNN_LINEAR is not None and _DNN_VENDOR and A.dtype == torch.float32 and A.is_cpu

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from . import Backend, _common
-from ._common import StepsFromSequence, batch_sizes_from_lengths, dnn_mm, fwd_dims, recurrent_weight_grads
+from ._common import (StepsFromSequence, batch_sizes_from_lengths, dnn_mm, fwd_dims, packed_positions,
+                      recurrent_weight_grads)
 
 try:
     import numba
@@ -160,13 +161,52 @@ def _sizes(lengths, T, B):
     return np.asarray(batch_sizes_from_lengths(lengths, T, B), dtype=np.int64)
 
 
-def _offsets(T, B):
-    """The first row of each step in the padded layout's T x B rows (the forward kernels' ``offs``)."""
-    return np.arange(0, T * B, B, dtype=np.int64) if B else np.zeros(T, np.int64)
-
-
 def _alloc(varlen):
     return torch.zeros if varlen else torch.empty
+
+
+def _through_padded(xw, lengths):
+    """(pad, unpad) for a sequence op whose kernels take only the padded layout [T, B, n] (the cell options'):
+    for a packed sequence's rows (xw [N, n], ``packed_rows``), a per-step array's rows [N, n] into the padded
+    layout (zeros past each row's end) and back; identities for xw [T, B, n]."""
+    if xw.dim() != 2:
+        return (lambda t: t), (lambda t: t)
+    T, B = int(lengths[0]), lengths.shape[0]
+    rows = packed_positions(lengths)
+
+    def pad(t):
+        return t.new_zeros(T * B, t.shape[1]).index_copy_(0, rows, t).view(T, B, -1)
+
+    def unpad(t):
+        return t.reshape(T * B, -1).index_select(0, rows)
+
+    return pad, unpad
+
+
+class _Layout:
+    """A sequence op's rows: xw [T, B, G*H] (step t's rows from row t x B; with ``lengths``, the rows past
+    their end zero in every per-step array) or, from ``fastrnn.functional`` (``packed_rows``), a packed
+    sequence's rows xw [N, G*H] (step t's sizes[t] rows from row offs[t], every one written). ``steps(n)``
+    makes a per-step array of n columns in the same layout; ``rows`` is their number (T x B, or N)."""
+
+    def __init__(self, xw, lengths):
+        if xw.dim() == 2:
+            self.B = lengths.shape[0]
+            self.T = int(lengths[0]) if self.B else 0
+            self.sizes = _sizes(lengths, self.T, self.B)
+            self.offs = np.zeros(self.T, np.int64)
+            np.cumsum(self.sizes[:-1], out=self.offs[1:])
+            self.lead, self.new = (xw.shape[0],), torch.empty
+        else:
+            self.T, self.B = xw.shape[0], xw.shape[1]
+            self.sizes = _sizes(lengths, self.T, self.B)
+            self.offs = np.arange(0, self.T * self.B, self.B, dtype=np.int64) if self.B else np.zeros(self.T, np.int64)
+            self.lead, self.new = (self.T, self.B), _alloc(lengths is not None)
+        self.rows = xw.shape[0] * (1 if xw.dim() == 2 else self.B)
+        self.ragged = lengths
+
+    def steps(self, n, like):
+        return self.new(*self.lead, n, dtype=like.dtype)
 
 
 def _lstm_options_used(ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zh, zc):
@@ -179,6 +219,9 @@ class NumbaBackend(StepsFromSequence, Backend):
     dtypes = (torch.float32, torch.float64)
     # the cell options run in their own kernels (numba_kernels/*_options.py), on one thread
     features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
+    #: the sequence ops also take a packed sequence's rows as they lie (the contract's ``packed_rows``; the plain
+    #: kernels run on them, the cell options' kernels through the padded layout: ``_Layout``, ``_padded``)
+    packed_rows = True
 
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
@@ -220,29 +263,28 @@ class NumbaBackend(StepsFromSequence, Backend):
         return n + (B * P if scope == "step" else 0)  # a step also keeps its output
 
     # ---- LSTM ------------------------------------------------------------------------------------
-    def _lstm_ws(self, ws, T, B, GH, H, proj):
-        """Views of the workspace (T = 1 for the one reused slot of an inference forward)."""
-        gates = ws[:T * B * GH].view(T, B, GH)
-        c_all = ws[T * B * GH:T * B * (GH + H)].view(T, B, H)
-        hfull = ws[T * B * (GH + H):T * B * (GH + 2 * H)].view(T, B, H) if proj else ws[:0].view(0, 0, 0)
+    def _lstm_ws(self, ws, R, GH, H, proj):
+        """Views of the workspace as rows: R = every step's (a training forward), or B for the one reused step
+        of an inference forward."""
+        gates = ws[:R * GH].view(R, GH)
+        c_all = ws[R * GH:R * (GH + H)].view(R, H)
+        hfull = ws[R * (GH + H):R * (GH + 2 * H)].view(R, H) if proj else ws[:0].view(0, 0)
         return gates, c_all, hfull
 
     def _lstm_plain_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save):
-        T, B, GH = xw.shape
+        L = _Layout(xw, lengths)
+        T, B, GH = L.T, L.B, xw.shape[-1]
         H, P = c0.shape[1], h0.shape[1]
-        varlen = lengths is not None
-        new = _alloc(varlen)
         proj = w_hr is not None
-        if save:
-            ws = new(T * B * (GH + H + (H if proj else 0)), dtype=xw.dtype)
-            gates, c_all, hfull = self._lstm_ws(ws, T, B, GH, H, proj)
-        else:
+        R = L.rows if save else B
+        ws = L.new(R * (GH + H + (H if proj else 0)), dtype=xw.dtype)
+        gates, c_all, hfull = self._lstm_ws(ws, R, GH, H, proj)
+        if not save:
             ws = xw.new_empty(0)
-            gates, c_all, hfull = self._lstm_ws(torch.empty(B * (GH + 2 * H), dtype=xw.dtype), 1, B, GH, H, proj)
-        y = new(T, B, P, dtype=xw.dtype)
+        y = L.steps(P, xw)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         parts = _parts(B, GH * P, max(H, P), T * B)
-        rows = _row_parts(B, lengths, parts, GH * P + (P * H if proj else 0), _np(xw))
+        rows = _row_parts(B, L.ragged, parts, GH * P + (P * H if proj else 0), _np(xw))
         if rows:
             _kernel(_lstm.lstm_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw),
                                                _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0), T, reverse, rows,
@@ -251,74 +293,72 @@ class NumbaBackend(StepsFromSequence, Backend):
             return y, h_n, c_n, ws
         h_a, h_b, c = _lines(B, P, like=xw), _lines(B, P, like=xw), _lines(B, H, like=xw)
         _kernel(_lstm.lstm_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _opt(w_hr, 2, xw), _opt(w_ch, 2, xw),
-                                coupled,
-                                _np(h0), _np(c0), _sizes(lengths, T, B), _offsets(T, B), reverse, parts,
-                                _rows(y, out=True), _np(h_n),
-                                _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c,
-                                PANEL_MIN_ROWS)
+                                       coupled, _np(h0), _np(c0), L.sizes, L.offs, reverse, parts, _rows(y, out=True),
+                                       _np(h_n), _np(c_n), _np(gates), _np(c_all), _np(hfull), h_a, h_b, c,
+                                       PANEL_MIN_ROWS)
         return y, h_n, c_n, ws
 
     def _lstm_plain_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
                         reverse, coupled):
-        T, B, GH = xw.shape
+        L = _Layout(xw, lengths)
+        T, B, GH = L.T, L.B, xw.shape[-1]
         H, P = c0.shape[1], h0.shape[1]
         proj = w_hr is not None
-        gates, c_all, hfull = self._lstm_ws(ws, T, B, GH, H, proj)
-        new = _alloc(lengths is not None)
-        dgates = new(T, B, GH, dtype=xw.dtype)
-        h_prev = new(T, B, P, dtype=xw.dtype)
-        dh_proj = new(T, B, P, dtype=xw.dtype) if proj else xw.new_empty(0, 0, 0)
+        gates, c_all, hfull = self._lstm_ws(ws, L.rows, GH, H, proj)
+        dgates, h_prev = L.steps(GH, xw), L.steps(P, xw)
+        dh_proj = L.steps(P, xw) if proj else xw.new_empty(0, 0)
         dh0, dc0 = torch.empty_like(h0), torch.empty_like(c0)
         dhf = _lines(B, H, like=xw)
         dw_ch = torch.zeros(3, H, dtype=xw.dtype) if w_ch is not None else xw.new_empty(0, 0)
-        parts, rows = _bwd_split(B, T, GH * P, max(H, P), lengths, GH * P + (P * H if proj else 0), _np(xw),
+        parts, rows = _bwd_split(B, T, GH * P, max(H, P), L.ragged, GH * P + (P * H if proj else 0), _np(xw),
                                  rows_ok=w_ch is None)
         _kernel(_lstm.lstm_bwd_rows if rows else _lstm.lstm_bwd, rows or parts)(
-            _np(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
+            _rows(grad_y), _np(grad_h_n), _np(grad_c_n), _np(w_hh.t().contiguous()), _opt(w_hr, 2, xw),
             _np(w_hr.t().contiguous()) if proj else _opt(None, 2, xw), _opt(w_ch, 2, xw), coupled, _np(h0), _np(c0),
-            _sizes(lengths, T, B), reverse, rows or parts, _np(y), _np(gates), _np(c_all), _np(hfull), _np(dgates),
-            _np(h_prev), _np(dh_proj), _np(dh0), dhf, _np(dc0), _np(dw_ch), PANEL_MIN_ROWS)
+            L.sizes, L.offs, reverse, rows or parts, _rows(y), _np(gates), _np(c_all), _np(hfull),
+            _rows(dgates, out=True), _rows(h_prev, out=True), _rows(dh_proj, out=True) if proj else _opt(None, 2, xw),
+            _np(dh0), dhf, _np(dc0), _np(dw_ch), PANEL_MIN_ROWS)
         d_w_hh, d_b_hh = recurrent_weight_grads(dgates, h_prev, b_hh, self.mm)
-        d_w_hr = dh_proj.view(T * B, P).t().mm(hfull.reshape(T * B, H)) if proj else xw.new_empty(0)
+        d_w_hr = dh_proj.view(-1, P).t().mm(hfull) if proj else xw.new_empty(0)
         return dgates, d_w_hh, d_b_hh, d_w_hr, dw_ch if w_ch is not None else xw.new_empty(0), dh0, dc0
 
     # ---- GRU -------------------------------------------------------------------------------------
     def _gru_plain_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, save):
-        T, B, GH = xw.shape
+        L = _Layout(xw, lengths)
+        T, B, GH = L.T, L.B, xw.shape[-1]
         H = h0.shape[1]
-        new = _alloc(lengths is not None)
-        S = T if save else 1  # workspace slots: every step for the backward, or one reused
-        buf = new(S * B * (GH + H), dtype=xw.dtype)
-        gates, hn_all = buf[:S * B * GH].view(S, B, GH), buf[S * B * GH:].view(S, B, H)
+        R = L.rows if save else B  # workspace rows: every step's for the backward, or one step's reused
+        buf = L.new(R * (GH + H), dtype=xw.dtype)
+        gates, hn_all = buf[:R * GH].view(R, GH), buf[R * GH:].view(R, H)
         ws = buf if save else xw.new_empty(0)
-        y = new(T, B, H, dtype=xw.dtype)
+        y = L.steps(H, xw)
         h_n = torch.empty_like(h0)
         parts = _parts(B, GH * H, H, T * B)
-        rows = _row_parts(B, lengths, parts, GH * H, _np(xw))
+        rows = _row_parts(B, L.ragged, parts, GH * H, _np(xw))
         if rows:
             _kernel(_gru.gru_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse, rows,
                                              _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all),
                                              PANEL_MIN_ROWS)
             return y, h_n, ws
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
-        _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
-                              _offsets(T, B), reverse,
-                              parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b,
-                              PANEL_MIN_ROWS)
+        _kernel(_gru.gru_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), L.sizes, L.offs, reverse,
+                                     parts, _rows(y, out=True), _np(h_n), _np(gates), _np(hn_all), h_a, h_b,
+                                     PANEL_MIN_ROWS)
         return y, h_n, ws
 
     def _gru_plain_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse):
-        T, B, GH = xw.shape
+        L = _Layout(xw, lengths)
+        T, B, GH = L.T, L.B, xw.shape[-1]
         H = h0.shape[1]
-        gates, hn_all = ws[:T * B * GH].view(T, B, GH), ws[T * B * GH:].view(T, B, H)
-        new = _alloc(lengths is not None)
-        d_xw, d_hh, h_prev = new(T, B, GH, dtype=xw.dtype), new(T, B, GH, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
+        R = L.rows
+        gates, hn_all = ws[:R * GH].view(R, GH), ws[R * GH:].view(R, H)
+        d_xw, d_hh, h_prev = L.steps(GH, xw), L.steps(GH, xw), L.steps(H, xw)
         dh0 = torch.empty_like(h0)
-        parts, rows = _bwd_split(B, T, GH * H, H, lengths, GH * H, _np(xw))
+        parts, rows = _bwd_split(B, T, GH * H, H, L.ragged, GH * H, _np(xw))
         _kernel(_gru.gru_bwd_rows if rows else _gru.gru_bwd, rows or parts)(
-            _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
-            rows or parts, _np(y), _np(gates), _np(hn_all), _np(d_xw), _np(d_hh), _np(h_prev), _np(dh0),
-            PANEL_MIN_ROWS)
+            _rows(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), L.sizes, L.offs, reverse,
+            rows or parts, _rows(y), _np(gates), _np(hn_all), _rows(d_xw, out=True), _rows(d_hh, out=True),
+            _rows(h_prev, out=True), _np(dh0), PANEL_MIN_ROWS)
         d_w_hh, d_b_hh = recurrent_weight_grads(d_hh, h_prev, b_hh, self.mm)
         return d_xw, d_w_hh, d_b_hh, dh0
 
@@ -327,6 +367,13 @@ class NumbaBackend(StepsFromSequence, Backend):
                      reverse, coupled, zoneout_h, zoneout_c, save):
         if not _lstm_options_used(ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c):
             return self._lstm_plain_fwd(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, reverse, coupled, save)
+        pad, unpad = _through_padded(xw, lengths)  # the options' kernels take the padded layout
+        y, *rest = self._lstm_opt_fwd(pad(xw), w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, h0,
+                                      c0, lengths, reverse, coupled, zoneout_h, zoneout_c, save)
+        return unpad(y), *rest
+
+    def _lstm_opt_fwd(self, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, h0, c0, lengths,
+                      reverse, coupled, zoneout_h, zoneout_c, save):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         proj = w_hr is not None
@@ -364,6 +411,14 @@ class NumbaBackend(StepsFromSequence, Backend):
             g = self._lstm_plain_bwd(grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, y, ws,
                                      reverse, coupled)
             return (*g[:5], *(xw.new_empty(0) for _ in range(6)), *g[5:])
+        pad, unpad = _through_padded(xw, lengths)
+        d_xw, *rest = self._lstm_opt_bwd(pad(grad_y), grad_h_n, grad_c_n, pad(xw), w_hh, b_hh, w_hr, w_ch, ln_h, ln_c,
+                                         ln_cb, rmask, zmask_h, zmask_c, h0, c0, lengths, pad(y), ws, reverse, coupled,
+                                         zoneout_h, zoneout_c)
+        return unpad(d_xw), *rest
+
+    def _lstm_opt_bwd(self, grad_y, grad_h_n, grad_c_n, xw, w_hh, b_hh, w_hr, w_ch, ln_h, ln_c, ln_cb, rmask, zmask_h,
+                      zmask_c, h0, c0, lengths, y, ws, reverse, coupled, zoneout_h, zoneout_c):
         T, B, GH = xw.shape
         H, P = c0.shape[1], h0.shape[1]
         proj = w_hr is not None
@@ -401,6 +456,11 @@ class NumbaBackend(StepsFromSequence, Backend):
     def gru_seq_fwd(self, xw, w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, reverse, zoneout, save):
         if ln_h is None and rmask is None and zmask is None and not zoneout:
             return self._gru_plain_fwd(xw, w_hh, b_hh, h0, lengths, reverse, save)
+        pad, unpad = _through_padded(xw, lengths)
+        y, *rest = self._gru_opt_fwd(pad(xw), w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, reverse, zoneout, save)
+        return unpad(y), *rest
+
+    def _gru_opt_fwd(self, xw, w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, reverse, zoneout, save):
         T, B, GH = xw.shape
         H = h0.shape[1]
         new = _alloc(lengths is not None)
@@ -432,6 +492,12 @@ class NumbaBackend(StepsFromSequence, Backend):
         if ln_h is None and rmask is None and zmask is None and not zoneout:
             g = self._gru_plain_bwd(grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse)
             return (*g[:3], *(xw.new_empty(0) for _ in range(3)), g[3])
+        pad, unpad = _through_padded(xw, lengths)
+        d_xw, *rest = self._gru_opt_bwd(pad(grad_y), grad_h_n, pad(xw), w_hh, b_hh, ln_h, rmask, zmask, h0, lengths,
+                                        pad(y), ws, reverse, zoneout)
+        return unpad(d_xw), *rest
+
+    def _gru_opt_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, ln_h, rmask, zmask, h0, lengths, y, ws, reverse, zoneout):
         T, B, GH = xw.shape
         H = h0.shape[1]
         gates, hn_all, xhat, stats = self._gru_opt_ws(ws, T, B, GH, H)
@@ -623,33 +689,33 @@ class NumbaBackend(StepsFromSequence, Backend):
 
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
-        T, B, H = xw.shape
-        new = _alloc(lengths is not None)
-        y = new(T, B, H, dtype=xw.dtype)
+        L = _Layout(xw, lengths)
+        T, B, H = L.T, L.B, xw.shape[-1]
+        y = L.steps(H, xw)
         h_n = torch.empty_like(h0)
         parts = _parts(B, H * H, H, T * B)
-        rows = _row_parts(B, lengths, parts, H * H, _np(xw))
+        rows = _row_parts(B, L.ragged, parts, H * H, _np(xw))
         if rows:
             _kernel(_rnn.rnn_fwd_rows, rows)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), T, reverse,
                                              nonlinearity == "relu", rows, _rows(y, out=True), _np(h_n),
                                              PANEL_MIN_ROWS)
             return y, h_n, xw.new_empty(0)
         h_a, h_b = _lines(B, H, like=xw), _lines(B, H, like=xw)
-        _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), _sizes(lengths, T, B),
-                              _offsets(T, B), reverse,
-                              nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b,
-                              PANEL_MIN_ROWS)
+        _kernel(_rnn.rnn_fwd, parts)(_rows(xw), _np(w_hh), _opt(b_hh, 1, xw), _np(h0), L.sizes, L.offs, reverse,
+                                     nonlinearity == "relu", parts, _rows(y, out=True), _np(h_n), h_a, h_b,
+                                     PANEL_MIN_ROWS)
         return y, h_n, xw.new_empty(0)
 
     def rnn_seq_bwd(self, grad_y, grad_h_n, xw, w_hh, b_hh, h0, lengths, y, ws, reverse, nonlinearity):
-        T, B, H = xw.shape
-        new = _alloc(lengths is not None)
-        d_xw, h_prev = new(T, B, H, dtype=xw.dtype), new(T, B, H, dtype=xw.dtype)
+        L = _Layout(xw, lengths)
+        T, B, H = L.T, L.B, xw.shape[-1]
+        d_xw, h_prev = L.steps(H, xw), L.steps(H, xw)
         dh0 = torch.empty_like(h0)
-        parts, rows = _bwd_split(B, T, H * H, H, lengths, H * H, _np(xw))
+        parts, rows = _bwd_split(B, T, H * H, H, L.ragged, H * H, _np(xw))
         _kernel(_rnn.rnn_bwd_rows if rows else _rnn.rnn_bwd, rows or parts)(
-            _np(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), _sizes(lengths, T, B), reverse,
-            nonlinearity == "relu", rows or parts, _np(y), _np(d_xw), _np(h_prev), _np(dh0), PANEL_MIN_ROWS)
+            _rows(grad_y), _np(grad_h_n), _np(w_hh.t().contiguous()), _np(h0), L.sizes, L.offs, reverse,
+            nonlinearity == "relu", rows or parts, _rows(y), _rows(d_xw, out=True), _rows(h_prev, out=True),
+            _np(dh0), PANEL_MIN_ROWS)
         d_w_hh, d_b_hh = recurrent_weight_grads(d_xw, h_prev, b_hh, self.mm)
         return d_xw, d_w_hh, d_b_hh, dh0
 

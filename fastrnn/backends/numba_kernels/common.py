@@ -262,16 +262,18 @@ def final_rows(y, sizes, offs, reverse, h_n):
 
 
 @numba.njit(**JIT)
-def fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev):
-    """h_prev[t, b] = the recurrent input of step t for rows [r0, r1) (all of a step's rows, or a block of the
-    split by rows): h0 at a row's first step, else y[t-1]."""
-    T = y.shape[0]
+def fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev):
+    """The recurrent input of step t for rows [r0, r1) (all of a step's rows, or a block of the split by
+    rows): h0 at a row's first step, else its output of the step before. y and h_prev as rows (step t's
+    from row offs[t]: ``row_offsets``)."""
+    T = sizes.shape[0]
     tp = prev_t(reverse, t)
+    o = offs[t]
     for b in range(r0, r1):
         if first_step(reverse, t, T, b, sizes):
-            h_prev[t, b, :] = h0[b, :]
+            h_prev[o + b, :] = h0[b, :]
         else:
-            h_prev[t, b, :] = y[tp, b, :]
+            h_prev[o + b, :] = y[offs[tp] + b, :]
 
 
 @numba.njit(**JIT)

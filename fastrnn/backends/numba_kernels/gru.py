@@ -15,18 +15,19 @@ from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
-    """Units [lo, hi) of rows [0, n), the step's input projection rows r0 .. r0 + n of xw (loops over views
-    from 0: see lstm._pointwise_fwd)."""
+def _pointwise_fwd(r0, w0, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
+    """Units [lo, hi) of rows [0, n), the step's input projection rows r0 .. r0 + n of xw, its raw products and
+    workspace rows w0 .. w0 + n of gates [.., 3H] and hn_all [.., H] (loops over views from 0: see
+    lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        g_t = gates[st, b]
+        g_t = gates[w0 + b]
         x_t = xw[r0 + b]
         gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
         xr, xz, xn = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi]
-        hn = hn_all[st, b, lo:hi]
+        hn = hn_all[w0 + b, lo:hi]
         if has_b:
             br, bz, bn = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi]
             for u in range(m):
@@ -53,10 +54,12 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
 def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_all, h_a, h_b, panel_rows):
     """Whole-sequence forward of one layer-direction, its steps split over a team of ``parts`` workers
     (team.py): part p is a block of units, their gate rows of W_hh, pointwise pass and columns of y. xw
-    [rows, 3H] and y [rows, H] as rows; panel_rows as lstm.lstm_fwd's."""
+    [rows, 3H] and y [rows, H] as rows, the workspace gates [.., 3H] and hn_all [.., H] too (every step's
+    rows, or one step's reused); panel_rows as lstm.lstm_fwd's."""
     T = sizes.shape[0]
     H = h0.shape[1]
     wp = step_panels(w_hh, 3, H, h0.shape[0], T, h0, panel_rows, parts, False)
+    keep = gates.shape[0] == y.shape[0]
     h_a[:, :] = h0
     h_b[:, :] = h0
     sync = team_sync(parts)
@@ -66,13 +69,13 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
             for s in range(T):
                 t = T - 1 - s if reverse else s
                 n = sizes[t]
-                st = t if gates.shape[0] == T else 0  # workspace slot: every step kept, or one reused
+                w0 = offs[t] if keep else 0  # the step's workspace rows: every step kept, or one reused
                 src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
                 p = team_next(sync, parts, w, s)
                 while p >= 0:
                     lo, hi = split(H, parts, p)
-                    gate_products(src, n, w_hh, wp, gates[st], 3, H, lo, hi, tmp)
-                    _pointwise_fwd(offs[t], st, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
+                    gate_products(src, n, w_hh, wp, gates, w0, 3, H, lo, hi, tmp)
+                    _pointwise_fwd(offs[t], w0, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
                     for b in range(n):
                         y[offs[t] + b, lo:hi] = dst[b, lo:hi]
                     team_done(sync, p, s)
@@ -85,19 +88,17 @@ def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all, p
     """``gru_fwd`` on a dense batch split by rows (see lstm.lstm_fwd_rows)."""
     B, H = h0.shape[0], h0.shape[1]
     wp = step_panels(w_hh, 3, H, B, T, h0, panel_rows, parts, True)
-    S = gates.shape[0]
+    keep = gates.shape[0] == y.shape[0]
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
         n = r1 - r0
         tmp = scratch(h0)
         for s in range(T):
             t = T - 1 - s if reverse else s
-            st = t if S == T else 0
-            g = gates[st, r0:r1].reshape((1, n, 3 * H))
-            hn = hn_all[st, r0:r1].reshape((1, n, H))
+            w0 = (t * B if keep else 0) + r0
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-            gate_products(src, n, w_hh, wp, g[0], 3, H, 0, H, tmp)
-            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, g, hn, b_hh, src, dst)
+            gate_products(src, n, w_hh, wp, gates, w0, 3, H, 0, H, tmp)
+            _pointwise_fwd(t * B + r0, w0, n, 0, H, H, xw, gates, hn_all, b_hh, src, dst)
             for b in range(n):
                 y[t * B + r0 + b, :] = dst[b, :]
         h_n[r0:r1] = h_b if T % 2 == 1 else h_a
@@ -114,28 +115,28 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
     h0, y, h_n = at(a_h0, (B, H), like), at(a_y, (rows, H), like), at(a_h_n, (B, H), like)
     dt = like.dtype
     if by_rows:
-        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, lines((1, B, 3 * H), dt), lines((1, B, H), dt),
+        gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, lines((B, 3 * H), dt), lines((B, H), dt),
                      panel_rows)
         return
-    gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((1, B, 3 * H), dt),
-            lines((1, B, H), dt), lines((B, H), dt), lines((B, H), dt), panel_rows)
+    gru_fwd(xw, w_hh, b_hh, h0, sizes, row_offsets(sizes), reverse, parts, y, h_n, lines((B, 3 * H), dt),
+            lines((B, H), dt), lines((B, H), dt), lines((B, H), dt), panel_rows)
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
-    """Gate gradients of units [lo, hi) for rows [r0, r1); dh_rec[:, lo:hi] becomes the direct part dh * z
-    of d h_{t-1} (each thread reads and writes only its own units; the product part is added after the
-    region)."""
+def _pointwise_bwd(o, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
+    """Gate gradients of units [lo, hi) for rows [r0, r1) of a step whose rows start at row o of the arrays
+    laid out as rows; dh_rec[:, lo:hi] becomes the direct part dh * z of d h_{t-1} (each thread reads and
+    writes only its own units; the product part is added after the region)."""
     m = hi - lo
     one = gates.dtype.type(1)
     for b in range(r0, r1):
-        g_t = gates[t, b]
+        g_t = gates[o + b]
         gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
-        dx = d_xw[t, b]
+        dx = d_xw[o + b]
         dxr, dxz, dxn = dx[lo:hi], dx[H + lo:H + hi], dx[2 * H + lo:2 * H + hi]
-        dhh = d_hh[t, b]
+        dhh = d_hh[o + b]
         dhr, dhz, dhn = dhh[lo:hi], dhh[H + lo:H + hi], dhh[2 * H + lo:2 * H + hi]
-        dr, gy, hp, hn = dh_rec[b, lo:hi], grad_y[t, b, lo:hi], h_prev[t, b, lo:hi], hn_all[t, b, lo:hi]
+        dr, gy, hp, hn = dh_rec[b, lo:hi], grad_y[o + b, lo:hi], h_prev[o + b, lo:hi], hn_all[o + b, lo:hi]
         for u in range(m):
             dh = dr[u] + gy[u]
             r = gr[u]
@@ -154,38 +155,37 @@ def _pointwise_bwd(t, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, 
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec,
+def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec,
             panel_rows):
     """d_xw: gradient of the input projection; d_hh: of the recurrent product (W_hh h + b_hh), for dW_hh
     and db_hh; h_prev: each step's recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T [H, 3H], on its
-    panels from ``panel_rows`` rows (panel.row_panels)."""
-    T = grad_y.shape[0]
+    panels from ``panel_rows`` rows (panel.row_panels). Every array but the state's as rows, step t's
+    from row offs[t] as in the forward."""
+    T = sizes.shape[0]
     B, H = h0.shape[0], h0.shape[1]
     GH = w_hh_t.shape[1]
-    d2 = d_hh.reshape((T * B, GH))
     wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, 0, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
+            _pointwise_bwd(offs[t], 0, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            back_products(d2, t * B * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, True, scratch(h0))
+            back_products(d_hh, offs[t] * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, True, scratch(h0))
 
 
 @numba.njit(parallel=True, **JIT)
-def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev, dh_rec,
-                 panel_rows):
+def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, parts, y, gates, hn_all, d_xw, d_hh, h_prev,
+                 dh_rec, panel_rows):
     """``gru_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
     block of rows with all units and never waits for another."""
-    T = grad_y.shape[0]
+    T = sizes.shape[0]
     B, H = h0.shape[0], h0.shape[1]
     GH = w_hh_t.shape[1]
-    d2 = d_hh.reshape((T * B, GH))
     wp = row_panels(w_hh_t, B // parts, panel_rows)
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
@@ -193,18 +193,18 @@ def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, parts, y, gates, 
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
-            _pointwise_bwd(t, r0, r1, 0, H, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
-            back_products(d2, (t * B + r0) * GH, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, True, tmp)
+            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev)
+            _pointwise_bwd(offs[t], r0, r1, 0, H, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
+            back_products(d_hh, (offs[t] + r0) * GH, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, True, tmp)
 
 
 @numba.njit(**JIT)
 def _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, gates, hn, B, H, lo, hi):
     """Units [lo, hi) of a fused cell's step (``gru_cell``, ``gru_cell_train``): their rows of the input
-    projection and of the recurrent product, then their pointwise pass (gates into gates[0], hn[0])."""
+    projection and of the recurrent product, then their pointwise pass (gates [B, 3H], hn [B, H])."""
     for k in range(3):
         project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
-        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        mm_nt(h, B, w_hh, gates, k * H + lo, k * H + hi, False)
     _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, hn, b_hh, h, h_out)
 
 
@@ -215,8 +215,8 @@ def gru_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, B, I, H, parts, li
     x, w_ih, w_hh = at(a_x, (B, I), like), at(a_w_ih, (3 * H, I), like), at(a_w_hh, (3 * H, H), like)
     b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
-    xw, gates = lines((B, 3 * H), like.dtype), lines((1, B, 3 * H), like.dtype)
-    hn = lines((1, B, H), like.dtype)
+    xw, gates = lines((B, 3 * H), like.dtype), lines((B, 3 * H), like.dtype)
+    hn = lines((B, H), like.dtype)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
         _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, gates, hn, B, H, lo, hi)
@@ -230,8 +230,8 @@ def gru_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_out, a_ws, B, I, 
     b_ih, b_hh = at(a_b_ih, (3 * H if a_b_ih else 0,), like), at(a_b_hh, (3 * H if a_b_hh else 0,), like)
     h, h_out = at(a_h, (B, H), like), at(a_out, (B, H), like)
     xw = lines((B, 3 * H), like.dtype)
-    gates = at(a_ws, (1, B, 3 * H), like)
-    hn = at(a_ws + B * 3 * H * like.itemsize, (1, B, H), like)
+    gates = at(a_ws, (B, 3 * H), like)
+    hn = at(a_ws + B * 3 * H * like.itemsize, (B, H), like)
     for p in prange(parts):
         lo, hi = split(H, parts, p)
         _cell_units(x, w_ih, b_ih, w_hh, b_hh, h, h_out, xw, gates, hn, B, H, lo, hi)

@@ -8,6 +8,7 @@ the normalized recurrent product [B, 3H] and its rstd [B, 1].
 from __future__ import annotations
 
 import numba
+import numpy as np
 from numba import prange
 
 from .common import JIT, fill_h_prev, final_h, mm_nt, sigmoid_, split, tanh_
@@ -126,11 +127,14 @@ def gru_opt_bwd(grad_y, grad_h_n, w_hh_t, ln_h, rmask, zmask, zp, h0, sizes, rev
     H = h0.shape[1]
     rdrop = rmask.shape[0] > 0
     zp = h0.dtype.type(zp)
+    B = h0.shape[0]
+    offs = np.arange(T) * B  # fill_h_prev's rows: step t's from t x B
+    y2, h_prev2 = y.reshape((T * B, y.shape[2])), h_prev.reshape((T * B, h_prev.shape[2]))
     dh_rec[:, :] = grad_h_n
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y2, h_prev2)
         rows = min(parts, n)  # the pointwise part: rows split over the threads, each with its accumulators
         if rows > 1:
             for p in prange(rows):

@@ -16,11 +16,12 @@ from .team import team_claim, team_done, team_next, team_sync
 
 
 @numba.njit(**JIT)
-def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
-    """Gates of units [lo, hi) for rows [0, n): raw recurrent products in gates[st] -> activations;
-    updates c in place, writes c_t to c_all[st] and the (pre-projection) output to hout. The step's
-    input projection is rows r0 .. r0 + n of xw [rows, G*H]; st is the workspace slot of the step: the
-    step itself when the forward saves for a backward, else 0.
+def _pointwise_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout):
+    """Gates of units [lo, hi) for rows [0, n): raw recurrent products in rows s0 .. s0 + n of gates
+    [.., G*H] -> activations; updates c in place, writes c_t to the same rows of c_all [.., H] and the
+    (pre-projection) output to hout's rows [0, n). The step's input projection is rows r0 .. r0 + n of xw
+    [rows, G*H]; s0 is the step's first row of the workspace: its own rows when the forward saves for a
+    backward, else 0 (one step's rows, reused).
 
     Every loop runs over views from 0 to their length: indices that numba cannot prove non-negative
     get a wrap-around check that keeps LLVM from vectorizing the loop.
@@ -31,13 +32,13 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        g_t = gates[st, b]
+        g_t = gates[s0 + b]
         x_t = xw[r0 + b]
         if has_b and not peep and not coupled:  # the plain cell: one pass over the units (~2x faster at H64)
             gi, gf, gg, go = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi], g_t[3 * H + lo:3 * H + hi]
             xi, xf, xg, xo = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi], x_t[3 * H + lo:3 * H + hi]
             bi, bf, bg, bo = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi], b_hh[3 * H + lo:3 * H + hi]
-            cb, ca, hb = c[b, lo:hi], c_all[st, b, lo:hi], hout[b, lo:hi]
+            cb, ca, hb = c[b, lo:hi], c_all[s0 + b, lo:hi], hout[b, lo:hi]
             for u in range(m):
                 i = sigmoid_(gi[u] + (xi[u] + bi[u]))
                 f = sigmoid_(gf[u] + (xf[u] + bf[u]))
@@ -87,7 +88,7 @@ def _pointwise_fwd(r0, st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
         else:
             for u in range(m):
                 cb[u] = gf[u] * cb[u] + gi[u] * gg[u]
-        ca = c_all[st, b, lo:hi]
+        ca = c_all[s0 + b, lo:hi]
         for u in range(m):
             ca[u] = cb[u]
         if peep:
@@ -112,8 +113,8 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
     from row offs[t]: the padded layout's T x B rows (offs[t] = t x B), or a PackedSequence's rows
     (``row_offsets``).
 
-    gates, c_all, hfull: the workspace, [T, ...] to keep every step for the backward, or [1, ...] to
-    reuse one slot (inference).
+    gates [.., G*H], c_all and hfull [.., H]: the workspace as rows, every step's (y's rows) to keep them
+    for the backward, or one step's (B rows) reused (inference).
 
     h_a, h_b: [B, P] state buffers (double-buffered: a step reads one, writes the other);
     c: [B, H] cell state (each unit is read and written by one part only);
@@ -126,6 +127,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
     G = 3 if coupled else 4
     wp = step_panels(w_hh, G, H, h0.shape[0], T, h0, panel_rows, parts, False)
     proj = w_hr.shape[0] > 0
+    keep = gates.shape[0] == y.shape[0]
     phases = 2 if proj else 1
     h_a[:, :] = h0
     h_b[:, :] = h0
@@ -137,15 +139,15 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
             for s in range(T):
                 t = T - 1 - s if reverse else s
                 n = sizes[t]
-                st = t if gates.shape[0] == T else 0
+                w0 = offs[t] if keep else 0
                 src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-                hout = hfull[st] if proj else dst
+                hout = hfull[w0:w0 + n] if proj else dst
                 ph = s * phases
                 p = team_next(sync, parts, w, ph)
                 while p >= 0:
                     lo, hi = split(H, parts, p)
-                    gate_products(src, n, w_hh, wp, gates[st], G, H, lo, hi, tmp)
-                    _pointwise_fwd(offs[t], st, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
+                    gate_products(src, n, w_hh, wp, gates, w0, G, H, lo, hi, tmp)
+                    _pointwise_fwd(offs[t], w0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
                     if not proj:
                         for b in range(n):
                             y[offs[t] + b, lo:hi] = dst[b, lo:hi]
@@ -155,7 +157,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
                     p = team_next(sync, parts, w, ph + 1)
                     while p >= 0:
                         lo, hi = split(P, parts, p)
-                        mm_nt(hfull[st], n, w_hr, dst, lo, hi, False)
+                        mm_nt(hout, n, w_hr, dst, lo, hi, False)
                         for b in range(n):
                             y[offs[t] + b, lo:hi] = dst[b, lo:hi]
                         team_done(sync, p, ph + 1)
@@ -169,13 +171,13 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
                   panel_rows):
     """``lstm_fwd`` on a dense batch split by rows: part p runs every step of its block of rows with all
     units, its state on buffers of its own, and never waits for another (the split by units waits for every
-    part each step). xw [T x B, G*H] and y [T x B, P] as rows; the workspace as lstm_fwd's ([T, ...] saved
-    for the backward, or [1, ...]), each part writing its own rows of it."""
+    part each step). xw [T x B, G*H] and y [T x B, P] as rows; the workspace as lstm_fwd's (T x B rows saved
+    for the backward, or B), each part writing its own rows of it."""
     B, H, P = c0.shape[0], c0.shape[1], h0.shape[1]
     G = 3 if coupled else 4
     proj = w_hr.shape[0] > 0
     dt = h0.dtype
-    S = gates.shape[0]
+    keep = gates.shape[0] == y.shape[0]
     wp = step_panels(w_hh, G, H, B, T, h0, panel_rows, parts, True)
     for p in prange(parts):
         r0, r1, h_a, h_b = row_block_state(h0, parts, p)
@@ -185,13 +187,11 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
         tmp = scratch(h0)
         for s in range(T):
             t = T - 1 - s if reverse else s
-            st = t if S == T else 0
-            g = gates[st, r0:r1].reshape((1, n, G * H))  # the part's rows of the slot (C-contiguous)
-            ca = c_all[st, r0:r1].reshape((1, n, H))
+            w0 = (t * B if keep else 0) + r0  # the part's rows of the step's workspace
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-            hout = hfull[st, r0:r1] if proj else dst
-            gate_products(src, n, w_hh, wp, g[0], G, H, 0, H, tmp)
-            _pointwise_fwd(t * B + r0, 0, n, 0, H, H, xw, g, b_hh, w_ch, coupled, c, ca, hout)
+            hout = hfull[w0:w0 + n] if proj else dst
+            gate_products(src, n, w_hh, wp, gates, w0, G, H, 0, H, tmp)
+            _pointwise_fwd(t * B + r0, w0, n, 0, H, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
             if proj:
                 mm_nt(hout, n, w_hr, dst, 0, P, False)
             for b in range(n):
@@ -222,26 +222,28 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
     y, h_n, c_n = at(a_y, (rows, P), like), at(a_h_n, (B, P), like), at(a_c_n, (B, H), like)
     if by_rows:  # a dense batch, ``parts`` blocks of rows (lstm_fwd_rows)
         lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts, y, h_n, c_n,
-                      lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
-                      panel_rows)
+                      lines((B, G * H), dt), lines((B, H), dt), lines((B, H) if a_w_hr else (0, 0), dt), panel_rows)
         return
     lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, row_offsets(sizes), reverse, parts, y, h_n, c_n,
-             lines((1, B, G * H), dt), lines((1, B, H), dt), lines((1, B, H) if a_w_hr else (0, 0, 0), dt),
-             lines((B, P), dt), lines((B, P), dt), lines((B, H), dt), panel_rows)
+             lines((B, G * H), dt), lines((B, H), dt), lines((B, H) if a_w_hr else (0, 0), dt), lines((B, P), dt),
+             lines((B, P), dt), lines((B, H), dt), panel_rows)
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, T, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
+def _pointwise_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
                    coupled, dc, dgates, dw_ch):
-    """Gate gradients of units [lo, hi) for rows [r0, r1) at step t; dc becomes d c_{t-1}."""
+    """Gate gradients of units [lo, hi) for rows [r0, r1) at step t; dc becomes d c_{t-1}. grad_y, gates,
+    c_all and dgates as rows (step t's from row offs[t])."""
+    T = sizes.shape[0]
+    ro = offs[t]
     peep = w_ch.shape[0] > 0
     G = 3 if coupled else 4
     m = hi - lo
     one, zero = c0.dtype.type(1), c0.dtype.type(0)
     tp = prev_t(reverse, t)
     for b in range(r0, r1):
-        g_t = gates[t, b]
-        d_t = dgates[t, b]
+        g_t = gates[ro + b]
+        d_t = dgates[ro + b]
         gi = g_t[lo:hi]
         gf = g_t[H + lo:H + hi]
         gg = g_t[(G - 2) * H + lo:(G - 2) * H + hi]
@@ -250,11 +252,11 @@ def _pointwise_bwd(t, T, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf,
         df = d_t[H + lo:H + hi]
         dg = d_t[(G - 2) * H + lo:(G - 2) * H + hi]
         do = d_t[(G - 1) * H + lo:(G - 1) * H + hi]
-        cn = c_all[t, b, lo:hi]
-        cp = c0[b, lo:hi] if first_step(reverse, t, T, b, sizes) else c_all[tp, b, lo:hi]
+        cn = c_all[ro + b, lo:hi]
+        cp = c0[b, lo:hi] if first_step(reverse, t, T, b, sizes) else c_all[offs[tp] + b, lo:hi]
         dcb = dc[b, lo:hi]
         dh = dhf[b, lo:hi] if proj else dh_rec[b, lo:hi]
-        gy = grad_y[t, b, lo:hi]
+        gy = grad_y[ro + b, lo:hi]
         w0 = w_ch[0, lo:hi] if peep else cn
         w1 = w_ch[1, lo:hi] if peep else cn
         w2 = w_ch[2, lo:hi] if peep else cn
@@ -298,21 +300,21 @@ def _pointwise_bwd(t, T, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf,
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, reverse, parts,
+def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, offs, reverse, parts,
              y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch, panel_rows):
     """Whole-sequence backward of one layer-direction: the gate gradients of every step (dgates, also
     d_xw), the inputs of each step's recurrent product (h_prev, for dW_hh) and with a projection the
-    gradient of each step's output (dh_proj, for dW_hr); dh_rec/dc end as d_h0/d_c0.
+    gradient of each step's output (dh_proj, for dW_hr); dh_rec/dc end as d_h0/d_c0. Every array but the
+    state's and the weights' as rows, step t's from row offs[t] as in the forward.
 
     w_hh_t = w_hh.T [P, G*H] and w_hr_t = w_hr.T [H, P], contiguous. The steps' products by w_hh_t on its
     panels from ``panel_rows`` rows (panel.row_panels).
     """
-    T = grad_y.shape[0]
+    T = sizes.shape[0]
     B, H = c0.shape[0], c0.shape[1]
     P = h0.shape[1]
     GH = w_hh_t.shape[1]
     proj = w_hr.shape[0] > 0
-    dg2 = dgates.reshape((T * B, GH))
     wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
     dc[:, :] = grad_c_n
@@ -320,34 +322,34 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
+        o = offs[t]
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev)
         if proj:
             for b in range(n):
                 for k in range(P):
-                    dh_proj[t, b, k] = dh_rec[b, k] + grad_y[t, b, k]
+                    dh_proj[o + b, k] = dh_rec[b, k] + grad_y[o + b, k]
             for p in prange(parts):
                 lo, hi = split(H, parts, p)
-                mm_nt(dh_proj[t], n, w_hr_t, dhf, lo, hi, False)
+                mm_nt(dh_proj[o:o + n], n, w_hr_t, dhf, lo, hi, False)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, T, 0, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
+            _pointwise_bwd(t, offs, 0, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
                            w_ch, coupled, dc, dgates, dw_ch)
         for p in prange(parts):
             lo, hi = split(P, parts, p)
-            back_products(dg2, t * B * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
+            back_products(dgates, o * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
 
 
 @numba.njit(parallel=True, **JIT)
-def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, reverse, parts,
+def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0, c0, sizes, offs, reverse, parts,
                   y, gates, c_all, hfull, dgates, h_prev, dh_proj, dh_rec, dhf, dc, dw_ch, panel_rows):
     """``lstm_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
     block of rows with all units and never waits for another (the split by units opens two or three
     parallel regions a step). Without peephole weights (w_ch empty): their gradients are sums over rows."""
-    T = grad_y.shape[0]
+    T = sizes.shape[0]
     B, H, P = c0.shape[0], c0.shape[1], h0.shape[1]
     GH = w_hh_t.shape[1]
     proj = w_hr.shape[0] > 0
-    dg2 = dgates.reshape((T * B, GH))
     wp = row_panels(w_hh_t, B // parts, panel_rows)
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
@@ -357,29 +359,30 @@ def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, couple
         dc[r0:r1, :] = grad_c_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
+            o = offs[t]
+            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev)
             if proj:
                 for b in range(r0, r1):
                     for k in range(P):
-                        dh_proj[t, b, k] = dh_rec[b, k] + grad_y[t, b, k]
-                mm_nt(dh_proj[t, r0:r1], n, w_hr_t, dhf[r0:r1], 0, H, False)
-            _pointwise_bwd(t, T, r0, r1, 0, H, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
+                        dh_proj[o + b, k] = dh_rec[b, k] + grad_y[o + b, k]
+                mm_nt(dh_proj[o + r0:o + r1], n, w_hr_t, dhf[r0:r1], 0, H, False)
+            _pointwise_bwd(t, offs, r0, r1, 0, H, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
                            w_ch, coupled, dc, dgates, dw_ch)
-            back_products(dg2, (t * B + r0) * GH, n, w_hh_t, wp, dh_rec, r0, 0, P, False, tmp)
+            back_products(dgates, (o + r0) * GH, n, w_hh_t, wp, dh_rec, r0, 0, P, False, tmp)
 
 
 @numba.njit(**JIT)
 def _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_ch, coupled, h, c, c_out, c_all, hout, xw, gates, B, H, lo, hi):
     """Units [lo, hi) of a fused cell's step (``lstm_cell``, ``lstm_cell_train``): c into c_out, their rows
     of the input projection and of the recurrent product, then their pointwise pass (c_out updated in
-    place, c_t also to c_all[0], the output to hout)."""
+    place, c_t also to c_all, the output to hout)."""
     G = 3 if coupled else 4
     for b in range(B):
         for u in range(lo, hi):
             c_out[b, u] = c[b, u]
     for k in range(G):
         project_units(x, B, w_ih, b_ih, xw, k * H + lo, k * H + hi)
-        mm_nt(h, B, w_hh, gates[0], k * H + lo, k * H + hi, False)
+        mm_nt(h, B, w_hh, gates, k * H + lo, k * H + hi, False)
     _pointwise_fwd(0, 0, B, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c_out, c_all, hout)
 
 
@@ -397,10 +400,10 @@ def lstm_cell(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h,
     w_ch = at(a_w_ch, (3, H) if a_w_ch else (0, 0), like)
     h, c = at(a_h, (B, P), like), at(a_c, (B, H), like)
     h_out, c_out = at(a_h_out, (B, P), like), at(a_c_out, (B, H), like)
-    xw, gates = lines((B, G * H), like.dtype), lines((1, B, G * H), like.dtype)
+    xw, gates = lines((B, G * H), like.dtype), lines((B, G * H), like.dtype)
     hfull = lines((B, H) if a_w_hr else (0, 0), like.dtype)
     hout = hfull if a_w_hr else h_out
-    c_all = c_out.reshape((1, B, H))
+    c_all = c_out
     for p in prange(parts):
         lo, hi = split(H, parts, p)
         _cell_units(x, w_ih, b_ih, w_hh, b_hh, w_ch, coupled, h, c, c_out, c_all, hout, xw, gates, B, H, lo, hi)
@@ -419,8 +422,8 @@ def lstm_cell_train(a_x, a_w_ih, a_b_ih, a_w_hh, a_b_hh, a_h, a_c, a_h_out, a_c_
     h, c = at(a_h, (B, H), like), at(a_c, (B, H), like)
     h_out, c_out = at(a_h_out, (B, H), like), at(a_c_out, (B, H), like)
     xw = lines((B, 4 * H), like.dtype)
-    gates = at(a_ws, (1, B, 4 * H), like)
-    c_all = at(a_ws + B * 4 * H * like.itemsize, (1, B, H), like)
+    gates = at(a_ws, (B, 4 * H), like)
+    c_all = at(a_ws + B * 4 * H * like.itemsize, (B, H), like)
     w_ch = at(0, (0, 0), like)
     for p in prange(parts):
         lo, hi = split(H, parts, p)

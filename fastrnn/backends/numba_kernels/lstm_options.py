@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 from numba import prange
 
 from .common import JIT, fill_h_prev, final_h, first_step, mm_nt, prev_t, sigmoid_, split, tanh_
@@ -298,13 +299,16 @@ def lstm_opt_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr_t, w_ch, ln_h, ln_c, l
     rdrop = rmask.shape[0] > 0
     one = c0.dtype.type(1)
     zh, zc = c0.dtype.type(zh), c0.dtype.type(zc)
+    B = h0.shape[0]
+    offs = np.arange(T) * B  # fill_h_prev's rows: step t's from t x B
+    y2, h_prev2 = y.reshape((T * B, y.shape[2])), h_prev.reshape((T * B, h_prev.shape[2]))
     dh_rec[:, :] = grad_h_n
     dc[:, :] = grad_c_n
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
         tp = prev_t(reverse, t)
-        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y2, h_prev2)
         if rdrop:
             for b in range(n):
                 for k in range(P):

@@ -260,17 +260,20 @@ def no_panels(like):
 
 
 @numba.njit(**JIT)
-def gate_products(src, n, w_hh, wp, out, G, H, lo, hi, tmp):
-    """out[:n, g*H + lo : g*H + hi] = src[:n] @ W_hh[g*H + lo : g*H + hi]^T for each gate g < G: a step's
+def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
+    """out[r0:r0 + n, g*H + lo : g*H + hi] = src[:n] @ W_hh[g*H + lo : g*H + hi]^T for each gate g < G: a step's
     recurrent products for units [lo, hi) (lo a multiple of 16), on W_hh's panels (``pack_gates``; tmp
-    ``scratch``) or, where ``wp`` is empty, with ``mm_nt``."""
+    ``scratch``) or, where ``wp`` is empty, with ``mm_nt``. Rows of out outside [r0, r0 + n) are not
+    written."""
     if wp.shape[0] == 0:
+        o = out[r0:r0 + n]
         for g in range(G):
-            mm_nt(src, n, w_hh, out, g * H + lo, g * H + hi, False)
+            mm_nt(src, n, w_hh, o, g * H + lo, g * H + hi, False)
         return
     L, K = wp.shape[3], wp.shape[2]
     for g in range(G):
-        mm_panels(src, n, wp, (g * wp.shape[1] + lo // L) * K * L, tmp, False, out, g * H + lo, hi - lo, tmp)
+        mm_panels_at(src, 0, n, wp, (g * wp.shape[1] + lo // L) * K * L, tmp, False, out, r0, g * H + lo, hi - lo,
+                     tmp)
 
 
 @numba.njit(**JIT)

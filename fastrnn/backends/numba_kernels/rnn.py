@@ -57,7 +57,7 @@ def rnn_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, relu, parts, y, h_n, h_a, 
                 p = team_next(sync, parts, w, s)
                 while p >= 0:
                     lo, hi = split(H, parts, p)
-                    gate_products(src, n, w_hh, wp, dst, 1, H, lo, hi, tmp)
+                    gate_products(src, n, w_hh, wp, dst, 0, 1, H, lo, hi, tmp)
                     _pointwise_fwd(offs[t], n, lo, hi, xw, b_hh, relu, dst, y, offs[t])
                     team_done(sync, p, s)
                     p = team_next(sync, parts, w, s)
@@ -76,7 +76,7 @@ def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, panel_rows
         for s in range(T):
             t = T - 1 - s if reverse else s
             src, dst = (h_a, h_b) if s % 2 == 0 else (h_b, h_a)
-            gate_products(src, n, w_hh, wp, dst, 1, H, 0, H, tmp)
+            gate_products(src, n, w_hh, wp, dst, 0, 1, H, 0, H, tmp)
             _pointwise_fwd(t * B + r0, n, 0, H, xw, b_hh, relu, dst, y, t * B + r0)
         h_n[r0:r1] = h_b if T % 2 == 1 else h_a
 
@@ -99,12 +99,13 @@ def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
 
 
 @numba.njit(**JIT)
-def _pointwise_bwd(t, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
-    """The pre-activation gradient of units [lo, hi) for rows [r0, r1) at step t."""
+def _pointwise_bwd(o, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
+    """The pre-activation gradient of units [lo, hi) for rows [r0, r1) of a step whose rows start at row o of
+    grad_y, y and d_xw."""
     zero, one = y.dtype.type(0), y.dtype.type(1)
     m = hi - lo
     for b in range(r0, r1):
-        dr, gy, v, dx = dh_rec[b, lo:hi], grad_y[t, b, lo:hi], y[t, b, lo:hi], d_xw[t, b, lo:hi]
+        dr, gy, v, dx = dh_rec[b, lo:hi], grad_y[o + b, lo:hi], y[o + b, lo:hi], d_xw[o + b, lo:hi]
         if relu:
             for u in range(m):
                 dx[u] = dr[u] + gy[u] if v[u] > 0 else zero  # as torch's threshold_backward
@@ -114,34 +115,33 @@ def _pointwise_bwd(t, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec, panel_rows):
+def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, relu, parts, y, d_xw, h_prev, dh_rec, panel_rows):
     """The whole-sequence backward: d_xw, the pre-activation gradients (also for dW_hh); h_prev, each step's
     recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T, on its panels from ``panel_rows`` rows
-    (panel.row_panels)."""
-    T = grad_y.shape[0]
+    (panel.row_panels). grad_y, y, d_xw and h_prev [rows, H] as rows, step t's from row offs[t] as in the
+    forward."""
+    T = sizes.shape[0]
     B, H = h0.shape[0], h0.shape[1]
-    d2 = d_xw.reshape((T * B, H))
     wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, h0, y, h_prev)
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, 0, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
+            _pointwise_bwd(offs[t], 0, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
         for p in prange(parts):
             lo, hi = split(H, parts, p)
-            back_products(d2, t * B * H, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
+            back_products(d_xw, offs[t] * H, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
 
 
 @numba.njit(parallel=True, **JIT)
-def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d_xw, h_prev, dh_rec, panel_rows):
+def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, relu, parts, y, d_xw, h_prev, dh_rec, panel_rows):
     """``rnn_bwd`` on a dense batch split by rows, with the same arguments: part p runs every step of its
     block of rows and never waits for another."""
-    T = grad_y.shape[0]
+    T = sizes.shape[0]
     B, H = h0.shape[0], h0.shape[1]
-    d2 = d_xw.reshape((T * B, H))
     wp = row_panels(w_hh_t, B // parts, panel_rows)
     for p in prange(parts):
         r0, r1 = row_block(B, parts, p)
@@ -149,9 +149,9 @@ def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, reverse, relu, parts, y, d
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev(t, r0, r1, reverse, sizes, h0, y, h_prev)
-            _pointwise_bwd(t, r0, r1, 0, H, relu, dh_rec, grad_y, y, d_xw)
-            back_products(d2, (t * B + r0) * H, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, False, tmp)
+            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev)
+            _pointwise_bwd(offs[t], r0, r1, 0, H, relu, dh_rec, grad_y, y, d_xw)
+            back_products(d_xw, (offs[t] + r0) * H, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, False, tmp)
 
 
 @numba.njit(**JIT)
