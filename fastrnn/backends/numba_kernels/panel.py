@@ -171,7 +171,7 @@ def mm_panels_at(a, a0, n, wp, w0, bias, init, out, r0, c0, cols, tmp):
     than what is left of the columns goes through it; its bias, padded, too). Groups of NV panels, then the
     1-3 whole panels left, then the part one."""
     K = wp.shape[wp.ndim - 2]
-    L = wp.shape[wp.ndim - 1]
+    L = lanes_of(wp)  # a constant for the dtype: the divisions below compile to shifts
     lda, ldo = a.shape[a.ndim - 1], out.shape[out.ndim - 1]
     o0 = r0 * ldo
     whole = cols // L
@@ -270,7 +270,7 @@ def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
         for g in range(G):
             mm_nt(src, n, w_hh, o, g * H + lo, g * H + hi, False)
         return
-    L, K = wp.shape[3], wp.shape[2]
+    L, K = lanes_of(wp), wp.shape[2]
     for g in range(G):
         mm_panels_at(src, 0, n, wp, (g * wp.shape[1] + lo // L) * K * L, tmp, False, out, r0, g * H + lo, hi - lo,
                      tmp)
@@ -297,7 +297,7 @@ def back_products(a, a0, n, w, wp, out, r0, lo, hi, acc, tmp):
     @ w[lo:hi]^T (w [N, K]): a backward step's product on w's panels (``row_panels``; lo a multiple of 16; tmp
     ``scratch``), or where ``wp`` is empty with ``mm_nt``."""
     if wp.shape[0] > 0:
-        K, L = wp.shape[1], wp.shape[2]
+        K, L = wp.shape[1], lanes_of(wp)
         mm_panels_at(a, a0, n, wp, (lo // L) * K * L, tmp, 2 if acc else 0, out, r0, lo, hi - lo, tmp)
     else:
         first = a0 // a.shape[1]
