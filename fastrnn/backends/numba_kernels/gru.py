@@ -6,7 +6,6 @@ W_hn h + b_hn [B, H] (its gradient needs it, and it cannot be merged with x_n).
 from __future__ import annotations
 
 import numba
-import numpy as np
 from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
@@ -18,24 +17,37 @@ from .team import team_claim, team_done, team_next, team_sync
 @numba.njit(**JIT)
 def _pointwise_fwd(r0, w0, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
     """Units [lo, hi) of rows [0, n), the step's input projection rows r0 .. r0 + n of xw, its raw products and
-    workspace rows w0 .. w0 + n of gates [.., 3H] and hn_all [.., H]. On the arrays themselves, with unsigned
-    indices: no views (see lstm._plain_fwd)."""
+    workspace rows w0 .. w0 + n of gates [.., 3H] and hn_all [.., H] (loops over views from 0: see
+    lstm._pointwise_fwd)."""
     has_b = b_hh.shape[0] > 0
-    zero, one = xw.dtype.type(0), xw.dtype.type(1)  # typed constants: a bare 1 would promote float32 math
-    h1, h2 = np.uintp(H), np.uintp(2 * H)
+    m = hi - lo
+    one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        gr, xr, br = np.uintp(w0 + b), np.uintp(r0 + b), np.uintp(b)
-        for j in range(lo, hi):
-            u = np.uintp(j)
-            r = sigmoid_(gates[gr, u] + (b_hh[u] if has_b else zero) + xw[xr, u])
-            z = sigmoid_(gates[gr, u + h1] + (b_hh[u + h1] if has_b else zero) + xw[xr, u + h1])
-            hn = gates[gr, u + h2] + (b_hh[u + h2] if has_b else zero)
-            nn = tanh_(xw[xr, u + h2] + r * hn)
-            gates[gr, u] = r
-            gates[gr, u + h1] = z
-            gates[gr, u + h2] = nn
-            hn_all[gr, u] = hn
-            dst[br, u] = (one - z) * nn + z * src[br, u]
+        g_t = gates[w0 + b]
+        x_t = xw[r0 + b]
+        gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
+        xr, xz, xn = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi]
+        hn = hn_all[w0 + b, lo:hi]
+        if has_b:
+            br, bz, bn = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi]
+            for u in range(m):
+                gr[u] = sigmoid_(gr[u] + br[u] + xr[u])
+            for u in range(m):
+                gz[u] = sigmoid_(gz[u] + bz[u] + xz[u])
+            for u in range(m):
+                hn[u] = gn[u] + bn[u]
+        else:
+            for u in range(m):
+                gr[u] = sigmoid_(gr[u] + xr[u])
+            for u in range(m):
+                gz[u] = sigmoid_(gz[u] + xz[u])
+            for u in range(m):
+                hn[u] = gn[u]
+        for u in range(m):
+            gn[u] = tanh_(xn[u] + gr[u] * hn[u])
+        hs, hd = src[b, lo:hi], dst[b, lo:hi]
+        for u in range(m):
+            hd[u] = (one - gz[u]) * gn[u] + gz[u] * hs[u]
 
 
 @numba.njit(parallel=True, **JIT)
@@ -114,26 +126,32 @@ def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
 def _pointwise_bwd(o, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh):
     """Gate gradients of units [lo, hi) for rows [r0, r1) of a step whose rows start at row o of the arrays
     laid out as rows; dh_rec[:, lo:hi] becomes the direct part dh * z of d h_{t-1} (each thread reads and
-    writes only its own units; the product part is added after the region). No views (see
-    lstm._plain_fwd)."""
+    writes only its own units; the product part is added after the region)."""
+    m = hi - lo
     one = gates.dtype.type(1)
-    h1, h2 = np.uintp(H), np.uintp(2 * H)
     for b in range(r0, r1):
-        gr, br = np.uintp(o + b), np.uintp(b)
-        for j in range(lo, hi):
-            u = np.uintp(j)
-            dh = dh_rec[br, u] + grad_y[gr, u]
-            r, z, nn = gates[gr, u], gates[gr, u + h1], gates[gr, u + h2]
+        g_t = gates[o + b]
+        gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
+        dx = d_xw[o + b]
+        dxr, dxz, dxn = dx[lo:hi], dx[H + lo:H + hi], dx[2 * H + lo:2 * H + hi]
+        dhh = d_hh[o + b]
+        dhr, dhz, dhn = dhh[lo:hi], dhh[H + lo:H + hi], dhh[2 * H + lo:2 * H + hi]
+        dr, gy, hp, hn = dh_rec[b, lo:hi], grad_y[o + b, lo:hi], h_prev[o + b, lo:hi], hn_all[o + b, lo:hi]
+        for u in range(m):
+            dh = dr[u] + gy[u]
+            r = gr[u]
+            z = gz[u]
+            nn = gn[u]
             dpn = dh * (one - z) * (one - nn * nn)
-            dpz = dh * (h_prev[gr, u] - nn) * z * (one - z)
-            dpr = dpn * hn_all[gr, u] * r * (one - r)
-            d_xw[gr, u] = dpr
-            d_xw[gr, u + h1] = dpz
-            d_xw[gr, u + h2] = dpn
-            d_hh[gr, u] = dpr
-            d_hh[gr, u + h1] = dpz
-            d_hh[gr, u + h2] = dpn * r
-            dh_rec[br, u] = dh * z
+            dpz = dh * (hp[u] - nn) * z * (one - z)
+            dpr = dpn * hn[u] * r * (one - r)
+            dxr[u] = dpr
+            dxz[u] = dpz
+            dxn[u] = dpn
+            dhr[u] = dpr
+            dhz[u] = dpz
+            dhn[u] = dpn * r
+            dr[u] = dh * z
 
 
 @numba.njit(parallel=True, **JIT)

@@ -7,38 +7,12 @@ pre-projection output h~_t = o * tanh(c_t) [B, H].
 from __future__ import annotations
 
 import numba
-import numpy as np
 from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
                      project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
-
-
-@numba.njit(**JIT)
-def _plain_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, c, c_all, hout):
-    """``_pointwise_fwd`` of the plain cell (bias, no peephole, no coupled gates): one pass over the units (~2x
-    faster at H64 than a pass a gate), on the arrays themselves: no views (each costs an atomic reference count,
-    ~20-30 ns; 13 of them a row took an H64 step's pass from ~100 to 460 ns: thirtieth session) and unsigned
-    indices (numba checks a signed one for wrap-around, which keeps LLVM from vectorizing: rnn._pointwise_fwd)."""
-    h1, h2, h3 = np.uintp(H), np.uintp(2 * H), np.uintp(3 * H)
-    for b in range(n):
-        gr, xr, cr, br = np.uintp(s0 + b), np.uintp(r0 + b), np.uintp(s0 + b), np.uintp(b)
-        for j in range(lo, hi):
-            u = np.uintp(j)
-            i = sigmoid_(gates[gr, u] + (xw[xr, u] + b_hh[u]))
-            f = sigmoid_(gates[gr, u + h1] + (xw[xr, u + h1] + b_hh[u + h1]))
-            g = tanh_(gates[gr, u + h2] + (xw[xr, u + h2] + b_hh[u + h2]))
-            o = sigmoid_(gates[gr, u + h3] + (xw[xr, u + h3] + b_hh[u + h3]))
-            cc = f * c[br, u] + i * g
-            gates[gr, u] = i
-            gates[gr, u + h1] = f
-            gates[gr, u + h2] = g
-            gates[gr, u + h3] = o
-            c[br, u] = cc
-            c_all[cr, u] = cc
-            hout[br, u] = o * tanh_(cc)
 
 
 @numba.njit(**JIT)
@@ -57,12 +31,28 @@ def _pointwise_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
     G = 3 if coupled else 4
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
-    if has_b and not peep and not coupled:
-        _plain_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, c, c_all, hout)
-        return
     for b in range(n):
         g_t = gates[s0 + b]
         x_t = xw[r0 + b]
+        if has_b and not peep and not coupled:  # the plain cell: one pass over the units (~2x faster at H64)
+            gi, gf, gg, go = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi], g_t[3 * H + lo:3 * H + hi]
+            xi, xf, xg, xo = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi], x_t[3 * H + lo:3 * H + hi]
+            bi, bf, bg, bo = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi], b_hh[3 * H + lo:3 * H + hi]
+            cb, ca, hb = c[b, lo:hi], c_all[s0 + b, lo:hi], hout[b, lo:hi]
+            for u in range(m):
+                i = sigmoid_(gi[u] + (xi[u] + bi[u]))
+                f = sigmoid_(gf[u] + (xf[u] + bf[u]))
+                g = tanh_(gg[u] + (xg[u] + bg[u]))
+                o = sigmoid_(go[u] + (xo[u] + bo[u]))
+                cc = f * cb[u] + i * g
+                gi[u] = i
+                gf[u] = f
+                gg[u] = g
+                go[u] = o
+                cb[u] = cc
+                ca[u] = cc
+                hb[u] = o * tanh_(cc)
+            continue
         for k in range(G):
             gk = g_t[k * H + lo:k * H + hi]
             xk = x_t[k * H + lo:k * H + hi]
@@ -240,33 +230,6 @@ def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, 
 
 
 @numba.njit(**JIT)
-def _plain_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, dc, dgates):
-    """``_pointwise_bwd`` of a cell without peephole weights or coupled gates, on the arrays themselves with
-    unsigned indices (no views: see ``_plain_fwd``)."""
-    T = sizes.shape[0]
-    ro = offs[t]
-    one = c0.dtype.type(1)
-    h1, h2, h3 = np.uintp(H), np.uintp(2 * H), np.uintp(3 * H)
-    tp = prev_t(reverse, t)
-    for b in range(r0, r1):
-        first = first_step(reverse, t, T, b, sizes)
-        cpa = c0 if first else c_all  # the cell state before the step: c0's row b, or the step before's
-        pr = np.uintp(b if first else offs[tp] + b)
-        gr, br = np.uintp(ro + b), np.uintp(b)
-        for j in range(lo, hi):
-            u = np.uintp(j)
-            dhu = dhf[br, u] if proj else dh_rec[br, u] + grad_y[gr, u]
-            i, f, g, o = gates[gr, u], gates[gr, u + h1], gates[gr, u + h2], gates[gr, u + h3]
-            tc = tanh_(c_all[gr, u])
-            dct = dc[br, u] + dhu * o * (one - tc * tc)
-            dgates[gr, u] = dct * g * i * (one - i)
-            dgates[gr, u + h1] = dct * cpa[pr, u] * f * (one - f)
-            dgates[gr, u + h2] = dct * i * (one - g * g)
-            dgates[gr, u + h3] = dhu * tc * o * (one - o)
-            dc[br, u] = dct * f
-
-
-@numba.njit(**JIT)
 def _pointwise_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, w_ch,
                    coupled, dc, dgates, dw_ch):
     """Gate gradients of units [lo, hi) for rows [r0, r1) at step t; dc becomes d c_{t-1}. grad_y, gates,
@@ -278,9 +241,6 @@ def _pointwise_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, d
     m = hi - lo
     one, zero = c0.dtype.type(1), c0.dtype.type(0)
     tp = prev_t(reverse, t)
-    if not peep and not coupled:
-        _plain_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0, dc, dgates)
-        return
     for b in range(r0, r1):
         g_t = gates[ro + b]
         d_t = dgates[ro + b]

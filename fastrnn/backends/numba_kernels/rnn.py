@@ -101,18 +101,17 @@ def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse
 @numba.njit(**JIT)
 def _pointwise_bwd(o, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
     """The pre-activation gradient of units [lo, hi) for rows [r0, r1) of a step whose rows start at row o of
-    grad_y, y and d_xw. No views (see ``_pointwise_fwd``)."""
+    grad_y, y and d_xw."""
     zero, one = y.dtype.type(0), y.dtype.type(1)
+    m = hi - lo
     for b in range(r0, r1):
-        gr, br = np.uintp(o + b), np.uintp(b)
-        for j in range(lo, hi):
-            u = np.uintp(j)
-            d = dh_rec[br, u] + grad_y[gr, u]
-            v = y[gr, u]
-            if relu:
-                d_xw[gr, u] = d if v > 0 else zero  # as torch's threshold_backward
-            else:
-                d_xw[gr, u] = d * (one - v * v)
+        dr, gy, v, dx = dh_rec[b, lo:hi], grad_y[o + b, lo:hi], y[o + b, lo:hi], d_xw[o + b, lo:hi]
+        if relu:
+            for u in range(m):
+                dx[u] = dr[u] + gy[u] if v[u] > 0 else zero  # as torch's threshold_backward
+        else:
+            for u in range(m):
+                dx[u] = (dr[u] + gy[u]) * (one - v[u] * v[u])
 
 
 @numba.njit(parallel=True, **JIT)
