@@ -561,7 +561,7 @@ def test_a_chunk_call_takes_an_input_that_no_view_flattens():
 
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
-@pytest.mark.parametrize("rows", [1100, 40])
+@pytest.mark.parametrize("rows", [1100, 700, 40])  # 700: from DNN_MIN_ROWS (512), with 2^21 multiply-adds
 def test_dnn_mm_is_the_product(ta, tb, rows, monkeypatch):
     """``_common.dnn_mm``, the numba backend's ``mm``: A' @ B' (+ bias) against the float64 product for each
     layout, through oneDNN from DNN_MIN_ROWS rows of ``a`` (counted; the CPU rule forced on, so that it runs

@@ -35,6 +35,23 @@ def packed_positions(lengths):
     return (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).flatten().nonzero().squeeze(1)
 
 
+def through_padded(lengths):
+    """(pad, unpad) between a packed sequence's rows [N, n] (PackedSequence order; ``lengths`` its rows'
+    non-increasing lengths) and the padded layout [T, B, n], zeros past each row's end: for code that takes only
+    the padded layout (the reference backend's loop, numba's cell options' kernels). Out of place, so that the
+    reference backend's recomputation can differentiate through them."""
+    T, B = int(lengths[0]), lengths.shape[0]
+    rows = packed_positions(lengths)
+
+    def pad(t):
+        return t.new_zeros(T * B, t.shape[1]).index_copy(0, rows, t).view(T, B, -1)
+
+    def unpad(t):
+        return t.reshape(T * B, -1).index_select(0, rows)
+
+    return pad, unpad
+
+
 def batch_sizes_from_lengths(lengths, T: int, B: int) -> list[int]:
     """Per-step active row counts from non-increasing per-row lengths (None: all rows, all steps)."""
     if lengths is None:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import Backend, _common
-from ._common import (StepsFromSequence, batch_sizes_from_lengths, dnn_mm, fwd_dims, packed_positions,
-                      recurrent_weight_grads)
+from ._common import (StepsFromSequence, batch_sizes_from_lengths, dnn_mm, fwd_dims, recurrent_weight_grads,
+                      through_padded)
 
 try:
     import numba
@@ -166,21 +166,11 @@ def _alloc(varlen):
 
 
 def _through_padded(xw, lengths):
-    """(pad, unpad) for a sequence op whose kernels take only the padded layout [T, B, n] (the cell options'):
-    for a packed sequence's rows (xw [N, n], ``packed_rows``), a per-step array's rows [N, n] into the padded
-    layout (zeros past each row's end) and back; identities for xw [T, B, n]."""
+    """``_common.through_padded`` for a sequence op's call on a packed sequence's rows (xw [N, n]); identities for
+    xw [T, B, n]."""
     if xw.dim() != 2:
         return (lambda t: t), (lambda t: t)
-    T, B = int(lengths[0]), lengths.shape[0]
-    rows = packed_positions(lengths)
-
-    def pad(t):
-        return t.new_zeros(T * B, t.shape[1]).index_copy_(0, rows, t).view(T, B, -1)
-
-    def unpad(t):
-        return t.reshape(T * B, -1).index_select(0, rows)
-
-    return pad, unpad
+    return through_padded(lengths)
 
 
 class _Layout:
@@ -196,13 +186,12 @@ class _Layout:
             self.sizes = _sizes(lengths, self.T, self.B)
             self.offs = np.zeros(self.T, np.int64)
             np.cumsum(self.sizes[:-1], out=self.offs[1:])
-            self.lead, self.new = (xw.shape[0],), torch.empty
+            self.lead, self.new, self.rows = (xw.shape[0],), torch.empty, xw.shape[0]
         else:
             self.T, self.B = xw.shape[0], xw.shape[1]
             self.sizes = _sizes(lengths, self.T, self.B)
             self.offs = np.arange(0, self.T * self.B, self.B, dtype=np.int64) if self.B else np.zeros(self.T, np.int64)
-            self.lead, self.new = (self.T, self.B), _alloc(lengths is not None)
-        self.rows = xw.shape[0] * (1 if xw.dim() == 2 else self.B)
+            self.lead, self.new, self.rows = (self.T, self.B), _alloc(lengths is not None), self.T * self.B
         self.ragged = lengths
 
     def steps(self, n, like):
@@ -220,7 +209,7 @@ class NumbaBackend(StepsFromSequence, Backend):
     # the cell options run in their own kernels (numba_kernels/*_options.py), on one thread
     features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
     #: the sequence ops also take a packed sequence's rows as they lie (the contract's ``packed_rows``; the plain
-    #: kernels run on them, the cell options' kernels through the padded layout: ``_Layout``, ``_padded``)
+    #: kernels run on them, the cell options' kernels through the padded layout: ``_Layout``, ``_through_padded``)
     packed_rows = True
 
     @staticmethod
@@ -276,8 +265,8 @@ class NumbaBackend(StepsFromSequence, Backend):
         T, B, GH = L.T, L.B, xw.shape[-1]
         H, P = c0.shape[1], h0.shape[1]
         proj = w_hr is not None
-        R = L.rows if save else B
-        ws = L.new(R * (GH + H + (H if proj else 0)), dtype=xw.dtype)
+        R = L.rows if save else B  # workspace rows: every step's for the backward, or one step's reused
+        ws = (L.new if save else torch.empty)(R * (GH + H + (H if proj else 0)), dtype=xw.dtype)
         gates, c_all, hfull = self._lstm_ws(ws, R, GH, H, proj)
         if not save:
             ws = xw.new_empty(0)
@@ -328,7 +317,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         T, B, GH = L.T, L.B, xw.shape[-1]
         H = h0.shape[1]
         R = L.rows if save else B  # workspace rows: every step's for the backward, or one step's reused
-        buf = L.new(R * (GH + H), dtype=xw.dtype)
+        buf = (L.new if save else torch.empty)(R * (GH + H), dtype=xw.dtype)
         gates, hn_all = buf[:R * GH].view(R, GH), buf[R * GH:].view(R, H)
         ws = buf if save else xw.new_empty(0)
         y = L.steps(H, xw)

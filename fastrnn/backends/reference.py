@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import FLOAT_DTYPES, Backend
-from ._common import autograd_inside_op, batch_sizes_from_lengths, empty_grads, packed_positions
+from ._common import autograd_inside_op, batch_sizes_from_lengths, empty_grads, through_padded
 
 
 #: nn.LayerNorm's default eps, used by every layer normalization of the cells
@@ -107,11 +107,9 @@ def _step_weights(family, weights, t, n):
 
 def _seq(family, xw, weights, state, lengths, reverse, options):
     if xw.dim() == 2:  # a packed sequence's rows [N, G*H] (a backend's ``packed_rows``): through [T, B, G*H]
-        T, B = int(lengths[0]), lengths.shape[0]
-        rows = packed_positions(lengths)
-        padded = xw.new_zeros(T * B, xw.shape[1]).index_copy(0, rows, xw).view(T, B, -1)
-        y, state = _seq(family, padded, weights, state, lengths, reverse, options)
-        return y.reshape(T * B, -1).index_select(0, rows), state
+        pad, unpad = through_padded(lengths)
+        y, state = _seq(family, pad(xw), weights, state, lengths, reverse, options)
+        return unpad(y), state
     cell = CELLS[family][0]
     T, B = xw.shape[0], xw.shape[1]
     sizes = batch_sizes_from_lengths(lengths, T, B)
