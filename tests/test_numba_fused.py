@@ -486,19 +486,99 @@ def test_the_sequence_entries_project_their_input(name, threads, monkeypatch):
 def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
     """panel.gate_products for the units [lo, hi) of a part (lo a multiple of 16, as common.split makes them):
     each gate's columns from the part's own panels of pack_gates' layout (and by mm_nt), into the step's rows
-    of an array laid out as rows (from row 2 here), the float64 product's values, nothing else written."""
+    of an array laid out as rows (from row 2 here), the float64 product's values, nothing else written; at 1-3
+    rows (the row kernels, every gate in one call) and at 5 (a gate a call)."""
     from fastrnn.backends.numba_kernels import panel
     rng = np.random.default_rng(1)
     w, src = rng.standard_normal((G * H, 40)).astype(dtype), rng.standard_normal((6, 40)).astype(dtype)
     wp = panel.pack_gates(w, G, H)
     cols = [g * H + u for g in range(G) for u in range(lo, hi)]
-    want = src[:5].astype(np.float64) @ w[cols].astype(np.float64).T  # the float64 product
-    for panels in (wp, panel.no_panels(w)):  # and mm_nt's, the same way
-        got = np.full((9, G * H), 7, dtype)
-        panel.gate_products(src, 5, w, panels, got, 2, G, H, lo, hi, panel.scratch(w))
-        np.testing.assert_allclose(got[2:7, cols], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
-                                   atol=1e-4 if dtype == np.float32 else 1e-12)
-        assert (np.delete(got, cols, axis=1) == 7).all() and (got[:2] == 7).all() and (got[7:] == 7).all()
+    for n in (1, 2, 3, 5):  # below MR = 4 rows every gate in one call a panel (panel.row_gate_products)
+        want = src[:n].astype(np.float64) @ w[cols].astype(np.float64).T  # the float64 product
+        for panels in (wp, panel.no_panels(w)):  # and mm_nt's, the same way
+            got = np.full((9, G * H), 7, dtype)
+            panel.gate_products(src, n, w, panels, got, 2, G, H, lo, hi, panel.scratch(w))
+            np.testing.assert_allclose(got[2:2 + n, cols], want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                                       atol=1e-4 if dtype == np.float32 else 1e-12)
+            assert (np.delete(got, cols, axis=1) == 7).all() and (got[:2] == 7).all() and (got[2 + n:] == 7).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "team"])
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
+def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
+    """At 1-3 rows a step the sequence forwards take W_hh's panels (panel.step_panels says so, whatever the split and
+    K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs and gradients,
+    float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80 with a packed
+    sequence whose last steps have one or two rows."""
+    from fastrnn.backends import numba as nb
+    from fastrnn.backends.numba_kernels import panel
+    if threads > torch.get_num_threads():
+        pytest.skip("a team needs two of torch's threads")
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[cls]
+    like = np.empty(0, np.float32)
+    for B in (1, 2, 3):
+        for parts in (1, 2):
+            assert panel.step_panels(np.zeros((G * 300, 300), np.float32), G, 300, B, 2, like, nb.PANEL_MIN_ROWS,
+                                     parts, False).shape[0] == G
+    assert panel.step_panels(np.zeros((G * 40, 40), np.float32), G, 40, 1, 2, like, 4, 1, False).shape[0] == 0
+    old = nb.BACKEND.set_parallel_min_macs(0 if threads > 1 else 1 << 40)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            for H, B in ((40, 1), (40, 3), (80, 2)):
+                torch.manual_seed(0)
+                ours = getattr(fastrnn, cls)(8, H, dtype=dtype, backend="numba")
+                ref = getattr(torch.nn, cls)(8, H, dtype=dtype)
+                ref.load_state_dict(ours.state_dict())
+                x = torch.randn(7, B, 8, dtype=dtype, requires_grad=True)
+                for packed in (False, True) if B == 3 else (False,):
+                    def make():
+                        return torch.nn.utils.rnn.pack_padded_sequence(x, [7, 5, 2]) if packed else x
+                    with dispatch.record_calls() as ran:
+                        got = ours(make())
+                    assert {b for _, b in ran} == {"numba"}
+                    want = ref(make())
+                    inp = make()
+                    if isinstance(inp, torch.nn.utils.rnn.PackedSequence):
+                        got, want = (got[0].data, got[1]), (want[0].data, want[1])
+                    for a, b in zip(flat_outputs(got), flat_outputs(want)):
+                        torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
+                    g_ours = torch.autograd.grad(flat_outputs(got)[0].sum(), [x, *ours.parameters()])
+                    g_ref = torch.autograd.grad(flat_outputs(want)[0].sum(), [x, *ref.parameters()])
+                    for a, b in zip(g_ours, g_ref):
+                        torch.testing.assert_close(a, b, atol=TOL[dtype]["grad"], rtol=TOL[dtype]["grad"])
+                    with torch.no_grad():
+                        with dispatch.record_calls() as ran:
+                            got = ours(inp)
+                        assert {b for _, b in ran} == {"numba"}
+                        want = ref(inp)
+                    if isinstance(inp, torch.nn.utils.rnn.PackedSequence):
+                        got, want = (got[0].data, got[1]), (want[0].data, want[1])
+                    for a, b in zip(flat_outputs(got), flat_outputs(want)):
+                        torch.testing.assert_close(a, b, atol=TOL[dtype]["out"], rtol=TOL[dtype]["out"])
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)
+
+
+def test_vec_is_the_slice():
+    """common.vec: a row's elements [start, start + m) as the slice has them, written through to the array, for a
+    C-contiguous 2-D or 1-D array (a view without an owner) and for a strided one (the slice itself)."""
+    from fastrnn.backends.numba_kernels.common import JIT, vec
+    import numba
+
+    @numba.njit(**dict(JIT, cache=False))
+    def take(a, row, start, m):
+        v = vec(a, row, start, m)
+        out = np.empty(m, a.dtype)
+        for u in range(m):
+            out[u] = v[u]
+            v[u] = -1.0
+        return out
+
+    a = np.arange(120, dtype=np.float32).reshape(6, 20)
+    for arr, row, want in ((a.copy(), 2, a[2, 3:7]), (a.copy()[:, ::2], 4, a[4, ::2][3:7]),
+                           (a[1].copy(), 0, a[1, 3:7])):
+        np.testing.assert_array_equal(take(arr, row, 3, 4), want)
+        assert (arr[row, 3:7] if arr.ndim == 2 else arr[3:7]).tolist() == [-1.0] * 4
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")

@@ -146,8 +146,9 @@ def _bwd_split(B, T, macs_per_row, units, ragged, weights, like, rows_ok=True):
 
 
 #: the sequence forwards and backwards run their steps' products on W_hh's panels (numba_kernels/panel.py) from
-#: this many rows a step (a part's, split by rows; -1: never; tests and A/B)
-PANEL_MIN_ROWS = 4
+#: this many rows a step (a part's, split by rows; -1: never; 4: not the forwards' row kernels below 4 rows, as
+#: before the thirty-first session; tests and A/B); panel.step_panels and panel.row_panels add their own rules
+PANEL_MIN_ROWS = 1
 
 
 def _lines(*shape, like):

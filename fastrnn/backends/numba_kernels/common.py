@@ -309,6 +309,37 @@ def at(addr, shape, like):
     return numba.carray(_pointer(addr, like), shape)
 
 
+def vec(a, row, start, m):
+    """Elements [start, start + m) of row ``row`` of ``a`` (2-D; ``row`` ignored for 1-D ``a``) as a 1-D array.
+    For a C-contiguous ``a`` the array has no owner (numba.carray at the address; ``a`` keeps the data alive):
+    no bounds logic and, unlike a slice, no reference count, an atomic operation on ``a``'s owner at each view
+    and another at its end. The pointwise passes make a dozen views a row a step; as slices they cost an LSTM
+    H64 step at batch 1 ~20% (benchmarks/NOTES.md, thirty-first session). Each is a pointer of its own to LLVM,
+    as a slice is, so the loops over them still vectorize. Other layouts: the slice."""
+
+
+@overload(vec, jit_options=dict(fastmath=FM, error_model="numpy"))
+def _ol_vec(a, row, start, m):
+    if not isinstance(a, types.Array) or a.ndim not in (1, 2):
+        return None
+    if a.layout == "C":
+        if a.ndim == 1:
+            return lambda a, row, start, m: numba.carray(_pointer(a.ctypes.data + start * a.itemsize, a), (m,))
+        return lambda a, row, start, m: numba.carray(
+            _pointer(a.ctypes.data + (row * a.shape[1] + start) * a.itemsize, a), (m,))
+    if a.ndim == 1:
+        return lambda a, row, start, m: a[start:start + m]
+    return lambda a, row, start, m: a[row, start:start + m]
+
+
+@numba.njit(**JIT)
+def copy_units(dst, dr, src, sr, lo, hi):
+    """dst[dr, lo:hi] = src[sr, lo:hi] through ``vec``."""
+    d, s = vec(dst, dr, lo, hi - lo), vec(src, sr, lo, hi - lo)
+    for u in range(hi - lo):
+        d[u] = s[u]
+
+
 @numba.njit(**JIT)
 def lines(shape, dt):
     """An uninitialized C-contiguous array of ``shape`` and dtype ``dt`` whose data starts on a 64-byte cache

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
-                     row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
+from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, final_rows, lines, mm_nt, project_units,
+                     row_block, row_block_state, row_offsets, sigmoid_, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -23,13 +23,12 @@ def _pointwise_fwd(r0, w0, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        g_t = gates[w0 + b]
-        x_t = xw[r0 + b]
-        gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
-        xr, xz, xn = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi]
-        hn = hn_all[w0 + b, lo:hi]
+        w, x = w0 + b, r0 + b
+        gr, gz, gn = vec(gates, w, lo, m), vec(gates, w, H + lo, m), vec(gates, w, 2 * H + lo, m)
+        xr, xz, xn = vec(xw, x, lo, m), vec(xw, x, H + lo, m), vec(xw, x, 2 * H + lo, m)
+        hn = vec(hn_all, w, lo, m)
         if has_b:
-            br, bz, bn = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi]
+            br, bz, bn = vec(b_hh, 0, lo, m), vec(b_hh, 0, H + lo, m), vec(b_hh, 0, 2 * H + lo, m)
             for u in range(m):
                 gr[u] = sigmoid_(gr[u] + br[u] + xr[u])
             for u in range(m):
@@ -45,7 +44,7 @@ def _pointwise_fwd(r0, w0, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst):
                 hn[u] = gn[u]
         for u in range(m):
             gn[u] = tanh_(xn[u] + gr[u] * hn[u])
-        hs, hd = src[b, lo:hi], dst[b, lo:hi]
+        hs, hd = vec(src, b, lo, m), vec(dst, b, lo, m)
         for u in range(m):
             hd[u] = (one - gz[u]) * gn[u] + gz[u] * hs[u]
 
@@ -77,7 +76,7 @@ def gru_fwd(xw, w_hh, b_hh, h0, sizes, offs, reverse, parts, y, h_n, gates, hn_a
                     gate_products(src, n, w_hh, wp, gates, w0, 3, H, lo, hi, tmp)
                     _pointwise_fwd(offs[t], w0, n, lo, hi, H, xw, gates, hn_all, b_hh, src, dst)
                     for b in range(n):
-                        y[offs[t] + b, lo:hi] = dst[b, lo:hi]
+                        copy_units(y, offs[t] + b, dst, b, lo, hi)
                     team_done(sync, p, s)
                     p = team_next(sync, parts, w, s)
     final_rows(y, sizes, offs, reverse, h_n)
@@ -100,13 +99,13 @@ def gru_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, parts, y, h_n, gates, hn_all, p
             gate_products(src, n, w_hh, wp, gates, w0, 3, H, 0, H, tmp)
             _pointwise_fwd(t * B + r0, w0, n, 0, H, H, xw, gates, hn_all, b_hh, src, dst)
             for b in range(n):
-                y[t * B + r0 + b, :] = dst[b, :]
+                copy_units(y, t * B + r0 + b, dst, b, 0, H)
         h_n[r0:r1] = h_b if T % 2 == 1 else h_a
 
 
 @numba.njit(**JIT)
 def gru_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, parts, by_rows, like, a_w_ih=0,
-               a_b_ih=0, I=0, panel_rows=4):
+               a_b_ih=0, I=0, panel_rows=1):
     """``gru_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
@@ -130,13 +129,11 @@ def _pointwise_bwd(o, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, 
     m = hi - lo
     one = gates.dtype.type(1)
     for b in range(r0, r1):
-        g_t = gates[o + b]
-        gr, gz, gn = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi]
-        dx = d_xw[o + b]
-        dxr, dxz, dxn = dx[lo:hi], dx[H + lo:H + hi], dx[2 * H + lo:2 * H + hi]
-        dhh = d_hh[o + b]
-        dhr, dhz, dhn = dhh[lo:hi], dhh[H + lo:H + hi], dhh[2 * H + lo:2 * H + hi]
-        dr, gy, hp, hn = dh_rec[b, lo:hi], grad_y[o + b, lo:hi], h_prev[o + b, lo:hi], hn_all[o + b, lo:hi]
+        w = o + b
+        gr, gz, gn = vec(gates, w, lo, m), vec(gates, w, H + lo, m), vec(gates, w, 2 * H + lo, m)
+        dxr, dxz, dxn = vec(d_xw, w, lo, m), vec(d_xw, w, H + lo, m), vec(d_xw, w, 2 * H + lo, m)
+        dhr, dhz, dhn = vec(d_hh, w, lo, m), vec(d_hh, w, H + lo, m), vec(d_hh, w, 2 * H + lo, m)
+        dr, gy, hp, hn = vec(dh_rec, b, lo, m), vec(grad_y, w, lo, m), vec(h_prev, w, lo, m), vec(hn_all, w, lo, m)
         for u in range(m):
             dh = dr[u] + gy[u]
             r = gr[u]

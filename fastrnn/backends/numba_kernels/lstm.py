@@ -9,8 +9,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
-                     project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_)
+from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
+                     project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -23,8 +23,10 @@ def _pointwise_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
     [rows, G*H]; s0 is the step's first row of the workspace: its own rows when the forward saves for a
     backward, else 0 (one step's rows, reused).
 
-    Every loop runs over views from 0 to their length: indices that numba cannot prove non-negative
-    get a wrap-around check that keeps LLVM from vectorizing the loop.
+    Every loop runs over views (``vec``) from 0 to their length: indices that numba cannot prove non-negative
+    get a wrap-around check that keeps LLVM from vectorizing the loop. And each loop touches few arrays: one
+    over many needs more run-time alias checks than LLVM makes and stays scalar (the plain cell's single
+    pass over 13 views took 2.5x a pass a gate at H64, one row; benchmarks/NOTES.md, thirty-first session).
     """
     has_b = b_hh.shape[0] > 0
     peep = w_ch.shape[0] > 0
@@ -32,44 +34,43 @@ def _pointwise_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
     m = hi - lo
     one = xw.dtype.type(1)  # typed constant: a bare 1 would promote float32 math to float64
     for b in range(n):
-        g_t = gates[s0 + b]
-        x_t = xw[r0 + b]
-        if has_b and not peep and not coupled:  # the plain cell: one pass over the units (~2x faster at H64)
-            gi, gf, gg, go = g_t[lo:hi], g_t[H + lo:H + hi], g_t[2 * H + lo:2 * H + hi], g_t[3 * H + lo:3 * H + hi]
-            xi, xf, xg, xo = x_t[lo:hi], x_t[H + lo:H + hi], x_t[2 * H + lo:2 * H + hi], x_t[3 * H + lo:3 * H + hi]
-            bi, bf, bg, bo = b_hh[lo:hi], b_hh[H + lo:H + hi], b_hh[2 * H + lo:2 * H + hi], b_hh[3 * H + lo:3 * H + hi]
-            cb, ca, hb = c[b, lo:hi], c_all[s0 + b, lo:hi], hout[b, lo:hi]
+        gr, xr = s0 + b, r0 + b
+        if has_b and not peep and not coupled:  # the plain cell: a pass a gate, each on three arrays
+            for k in range(4):
+                gk, xk, bk = vec(gates, gr, k * H + lo, m), vec(xw, xr, k * H + lo, m), vec(b_hh, 0, k * H + lo, m)
+                if k == 2:
+                    for u in range(m):
+                        gk[u] = tanh_(gk[u] + (xk[u] + bk[u]))
+                else:
+                    for u in range(m):
+                        gk[u] = sigmoid_(gk[u] + (xk[u] + bk[u]))
+            gi, gf, gg, go = (vec(gates, gr, lo, m), vec(gates, gr, H + lo, m), vec(gates, gr, 2 * H + lo, m),
+                              vec(gates, gr, 3 * H + lo, m))
+            cb, ca, hb = vec(c, b, lo, m), vec(c_all, gr, lo, m), vec(hout, b, lo, m)
             for u in range(m):
-                i = sigmoid_(gi[u] + (xi[u] + bi[u]))
-                f = sigmoid_(gf[u] + (xf[u] + bf[u]))
-                g = tanh_(gg[u] + (xg[u] + bg[u]))
-                o = sigmoid_(go[u] + (xo[u] + bo[u]))
-                cc = f * cb[u] + i * g
-                gi[u] = i
-                gf[u] = f
-                gg[u] = g
-                go[u] = o
-                cb[u] = cc
-                ca[u] = cc
-                hb[u] = o * tanh_(cc)
+                cb[u] = gf[u] * cb[u] + gi[u] * gg[u]
+            for u in range(m):
+                ca[u] = cb[u]
+            for u in range(m):
+                hb[u] = go[u] * tanh_(cb[u])
             continue
         for k in range(G):
-            gk = g_t[k * H + lo:k * H + hi]
-            xk = x_t[k * H + lo:k * H + hi]
+            gk = vec(gates, gr, k * H + lo, m)
+            xk = vec(xw, xr, k * H + lo, m)
             if has_b:
-                bk = b_hh[k * H + lo:k * H + hi]
+                bk = vec(b_hh, 0, k * H + lo, m)
                 for u in range(m):
                     gk[u] += xk[u] + bk[u]
             else:
                 for u in range(m):
                     gk[u] += xk[u]
-        gi = g_t[lo:hi]
-        gg = g_t[(G - 2) * H + lo:(G - 2) * H + hi]
-        go = g_t[(G - 1) * H + lo:(G - 1) * H + hi]
-        gf = g_t[H + lo:H + hi]  # the g block when coupled: not used then
-        cb = c[b, lo:hi]
+        gi = vec(gates, gr, lo, m)
+        gg = vec(gates, gr, (G - 2) * H + lo, m)
+        go = vec(gates, gr, (G - 1) * H + lo, m)
+        gf = vec(gates, gr, H + lo, m)  # the g block when coupled: not used then
+        cb = vec(c, b, lo, m)
         if peep:
-            w0, w1, w2 = w_ch[0, lo:hi], w_ch[1, lo:hi], w_ch[2, lo:hi]
+            w0, w1, w2 = vec(w_ch, 0, lo, m), vec(w_ch, 1, lo, m), vec(w_ch, 2, lo, m)
             for u in range(m):
                 gi[u] += w0[u] * cb[u]
             if not coupled:
@@ -88,7 +89,7 @@ def _pointwise_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
         else:
             for u in range(m):
                 cb[u] = gf[u] * cb[u] + gi[u] * gg[u]
-        ca = c_all[s0 + b, lo:hi]
+        ca = vec(c_all, gr, lo, m)
         for u in range(m):
             ca[u] = cb[u]
         if peep:
@@ -96,7 +97,7 @@ def _pointwise_fwd(r0, s0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_al
                 go[u] += w2[u] * cb[u]
         for u in range(m):
             go[u] = sigmoid_(go[u])
-        hb = hout[b, lo:hi]
+        hb = vec(hout, b, lo, m)
         for u in range(m):
             hb[u] = go[u] * tanh_(cb[u])
 
@@ -150,7 +151,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
                     _pointwise_fwd(offs[t], w0, n, lo, hi, H, xw, gates, b_hh, w_ch, coupled, c, c_all, hout)
                     if not proj:
                         for b in range(n):
-                            y[offs[t] + b, lo:hi] = dst[b, lo:hi]
+                            copy_units(y, offs[t] + b, dst, b, lo, hi)
                     team_done(sync, p, ph)
                     p = team_next(sync, parts, w, ph)
                 if proj:
@@ -159,7 +160,7 @@ def lstm_fwd(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, sizes, offs, reverse, 
                         lo, hi = split(P, parts, p)
                         mm_nt(hout, n, w_hr, dst, lo, hi, False)
                         for b in range(n):
-                            y[offs[t] + b, lo:hi] = dst[b, lo:hi]
+                            copy_units(y, offs[t] + b, dst, b, lo, hi)
                         team_done(sync, p, ph + 1)
                         p = team_next(sync, parts, w, ph + 1)
     final_rows(y, sizes, offs, reverse, h_n)
@@ -195,7 +196,7 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
             if proj:
                 mm_nt(hout, n, w_hr, dst, 0, P, False)
             for b in range(n):
-                y[t * B + r0 + b, :] = dst[b, :]
+                copy_units(y, t * B + r0 + b, dst, b, 0, P)
         h_n[r0:r1] = h_b if T % 2 == 1 else h_a
         c_n[r0:r1] = c
 
@@ -203,7 +204,7 @@ def lstm_fwd_rows(xw, w_hh, b_hh, w_hr, w_ch, coupled, h0, c0, T, reverse, parts
 @numba.njit(**JIT)
 def lstm_seq_at(a_xw, a_w_hh, a_b_hh, a_w_hr, a_w_ch, coupled, a_h0, a_c0, a_y, a_h_n, a_c_n, a_sizes, T, B, H, P,
                 reverse, parts, by_rows, like, a_w_ih=0, a_b_ih=0, I=0,
-                panel_rows=4):
+                panel_rows=1):
     """``lstm_fwd`` in inference (the chunk and packed entries), on tensors given by address (see
     rnn.rnn_cell; 0 for an absent bias, w_hr or w_ch): a dense sequence's T x B rows, or with ``a_sizes``
     (int64 [T], non-increasing) a packed sequence's rows. Its workspace and state buffers are made here,
@@ -242,24 +243,19 @@ def _pointwise_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, d
     one, zero = c0.dtype.type(1), c0.dtype.type(0)
     tp = prev_t(reverse, t)
     for b in range(r0, r1):
-        g_t = gates[ro + b]
-        d_t = dgates[ro + b]
-        gi = g_t[lo:hi]
-        gf = g_t[H + lo:H + hi]
-        gg = g_t[(G - 2) * H + lo:(G - 2) * H + hi]
-        go = g_t[(G - 1) * H + lo:(G - 1) * H + hi]
-        di = d_t[lo:hi]
-        df = d_t[H + lo:H + hi]
-        dg = d_t[(G - 2) * H + lo:(G - 2) * H + hi]
-        do = d_t[(G - 1) * H + lo:(G - 1) * H + hi]
-        cn = c_all[ro + b, lo:hi]
-        cp = c0[b, lo:hi] if first_step(reverse, t, T, b, sizes) else c_all[offs[tp] + b, lo:hi]
-        dcb = dc[b, lo:hi]
-        dh = dhf[b, lo:hi] if proj else dh_rec[b, lo:hi]
-        gy = grad_y[ro + b, lo:hi]
-        w0 = w_ch[0, lo:hi] if peep else cn
-        w1 = w_ch[1, lo:hi] if peep else cn
-        w2 = w_ch[2, lo:hi] if peep else cn
+        gr = ro + b
+        gi, gf = vec(gates, gr, lo, m), vec(gates, gr, H + lo, m)
+        gg, go = vec(gates, gr, (G - 2) * H + lo, m), vec(gates, gr, (G - 1) * H + lo, m)
+        di, df = vec(dgates, gr, lo, m), vec(dgates, gr, H + lo, m)
+        dg, do = vec(dgates, gr, (G - 2) * H + lo, m), vec(dgates, gr, (G - 1) * H + lo, m)
+        cn = vec(c_all, gr, lo, m)
+        cp = vec(c0, b, lo, m) if first_step(reverse, t, T, b, sizes) else vec(c_all, offs[tp] + b, lo, m)
+        dcb = vec(dc, b, lo, m)
+        dh = vec(dhf, b, lo, m) if proj else vec(dh_rec, b, lo, m)
+        gy = vec(grad_y, gr, lo, m)
+        w0 = vec(w_ch, 0, lo, m) if peep else cn
+        w1 = vec(w_ch, 1, lo, m) if peep else cn
+        w2 = vec(w_ch, 2, lo, m) if peep else cn
         for u in range(m):
             dhu = dh[u] if proj else dh[u] + gy[u]
             i = gi[u]
@@ -290,7 +286,7 @@ def _pointwise_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, d
             if not coupled:
                 df[u] = dpf
         if peep:
-            dw0, dw1, dw2 = dw_ch[0, lo:hi], dw_ch[1, lo:hi], dw_ch[2, lo:hi]
+            dw0, dw1, dw2 = vec(dw_ch, 0, lo, m), vec(dw_ch, 1, lo, m), vec(dw_ch, 2, lo, m)
             for u in range(m):
                 dw0[u] += di[u] * cp[u]
                 dw2[u] += do[u] * cn[u]

@@ -23,30 +23,34 @@ from .common import JIT, at, lines, mm_nt
 MR, NV = 4, 4
 
 
-def _microkernel(mr, nv):
-    """The intrinsic ``mk(a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo)``: for r < mr and v < nv,
-    out[o0 + r*ldo + v*L : +L] = I + sum over k < K of a[a0 + r*lda + k] * wp[w0 + (v*K + k)*L : +L], with I
-    0 (``init`` 0 or False), bias[b0 + v*L : +L] (1 or True) or what out held there (2: accumulate), and L a
-    vector's lanes: offsets in elements from each
+def _microkernel(mr, nv, ng=1):
+    """The intrinsic ``mk(a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo, gs, os)``: for r < mr, g < ng and
+    v < nv, out[o0 + r*ldo + g*os + v*L : +L] = I + sum over k < K of a[a0 + r*lda + k] * wp[w0 + g*gs +
+    (v*K + k)*L : +L], with I 0 (``init`` 0 or False), bias[b0 + g*os + v*L : +L] (1 or True) or what out held
+    there (2: accumulate), and L a vector's lanes; ng > 1: ng groups of nv panels, gs elements apart in wp and
+    os in out (a step's gates at one row: ``gate_products``); offsets in elements from each
     C-contiguous array's first element, whatever its shape, full vectors stored (the caller makes room). The
     arrays are taken whole, never sliced or reshaped on the way: each view numba makes costs an atomic
     reference count on the array, which the two workers of a team then pass back and forth every step
     (that made the team slower than one thread at H64; benchmarks/NOTES.md, twenty-eighth session)."""
 
     @intrinsic
-    def mk(typingctx, a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo):
+    def mk(typingctx, a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo, gs, os):
         dt = wp.dtype
         arrays = (a, wp, bias, out)
         if dt not in (types.float32, types.float64) or any(t.dtype != dt or t.layout != "C" for t in arrays):
             return None  # offsets are counted in elements from the first: C-contiguous arrays of one dtype only
-        sig = types.void(a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo)
+        sig = types.void(a, a0, lda, wp, w0, K, bias, b0, init, out, o0, ldo, gs, os)
 
         def codegen(context, builder, signature, args):
             ty = signature.args
             data = [context.make_array(ty[i])(context, builder, args[i]).data for i in (0, 3, 6, 9)]
             A, W, Bias, O = data
-            a0v, lda_, w0v, Kv, b0v, o0v, ldo_ = (context.cast(builder, args[i], ty[i], types.intp)
-                                                  for i in (1, 2, 4, 5, 7, 10, 11))
+            a0v, lda_, w0v, Kv, b0v, o0v, ldo_, gsv, osv = (context.cast(builder, args[i], ty[i], types.intp)
+                                                            for i in (1, 2, 4, 5, 7, 10, 11, 12, 13))
+            # the (group, panel) pairs, each an accumulator a row: its panel's offset in wp, its columns' in out
+            cols = [(g, v) for g in range(ng) for v in range(nv)]
+            n = len(cols)
             elt = context.get_value_type(dt)
             size = context.get_abi_sizeof(elt)
             lanes = 64 // size
@@ -63,36 +67,41 @@ def _microkernel(mr, nv):
                 return builder.load(builder.bitcast(builder.gep(base, [i]), vptr), align=size)
 
             mode = context.cast(builder, args[8], ty[8], types.intp)
-            init = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(nv)]
+
+            def col(g, v):  # a pair's first column, from out's (or bias's) first element of the row
+                return builder.add(builder.mul(c(g), osv), c(v * lanes))
+
+            init = [cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(n)]
             with builder.if_then(builder.icmp_signed("==", mode, c(1))):
-                for v in range(nv):
-                    builder.store(vload(Bias, builder.add(b0v, c(v * lanes))), init[v])
-            acc = [[cgutils.alloca_once_value(builder, builder.load(init[v])) for v in range(nv)] for _ in range(mr)]
+                for i, (g, v) in enumerate(cols):
+                    builder.store(vload(Bias, builder.add(b0v, col(g, v))), init[i])
+            acc = [[cgutils.alloca_once_value(builder, builder.load(init[i])) for i in range(n)] for _ in range(mr)]
             for r in range(mr):
-                for v in range(nv):
-                    builder.store(builder.load(init[v]), acc[r][v])
+                for i in range(n):
+                    builder.store(builder.load(init[i]), acc[r][i])
             with builder.if_then(builder.icmp_signed("==", mode, c(2))):
                 for r in range(mr):
                     row = builder.add(o0v, builder.mul(c(r), ldo_))
-                    for v in range(nv):
-                        builder.store(vload(O, builder.add(row, c(v * lanes))), acc[r][v])
+                    for i, (g, v) in enumerate(cols):
+                        builder.store(vload(O, builder.add(row, col(g, v))), acc[r][i])
             panel = builder.mul(Kv, c(lanes))
+            starts = [builder.add(builder.mul(c(g), gsv), builder.mul(c(v), panel)) for g, v in cols]
             with cgutils.for_range(builder, Kv) as loop:
                 k = loop.index
                 wk = builder.add(w0v, builder.mul(k, c(lanes)))
-                ws = [vload(W, builder.add(wk, builder.mul(c(v), panel))) for v in range(nv)]
+                ws = [vload(W, builder.add(wk, st)) for st in starts]
                 for r in range(mr):
                     x = builder.load(builder.gep(A, [builder.add(builder.add(a0v, builder.mul(c(r), lda_)), k)]))
                     s = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
                     s = builder.shuffle_vector(s, ir.Constant(vty, ir.Undefined),
                                                ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-                    for v in range(nv):
-                        builder.store(builder.call(fma, [s, ws[v], builder.load(acc[r][v])]), acc[r][v])
+                    for i in range(n):
+                        builder.store(builder.call(fma, [s, ws[i], builder.load(acc[r][i])]), acc[r][i])
             for r in range(mr):
                 row = builder.add(o0v, builder.mul(c(r), ldo_))
-                for v in range(nv):
-                    p = builder.bitcast(builder.gep(O, [builder.add(row, c(v * lanes))]), vptr)
-                    builder.store(builder.load(acc[r][v]), p, align=size)
+                for i, (g, v) in enumerate(cols):
+                    p = builder.bitcast(builder.gep(O, [builder.add(row, col(g, v))]), vptr)
+                    builder.store(builder.load(acc[r][i]), p, align=size)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -103,6 +112,10 @@ def _microkernel(mr, nv):
 # four variants (MR 4 / 1 x NV 4 / 1): the eight of NV 1-4 compiled ~2 s longer on numba's first call and ran
 # no faster measurably (benchmarks/NOTES.md, twenty-eighth session)
 _mk44, _mk41, _mk14, _mk11 = (_microkernel(mr, nv) for mr, nv in ((MR, NV), (MR, 1), (1, NV), (1, 1)))
+# one or two rows against one panel of each of a step's 4 or 3 gates at once, and for one gate (the RNN) two rows
+# against 4 panels or 1 (``gate_products`` below MR rows)
+_mg14, _mg24, _mg13, _mg23 = (_microkernel(mr, 1, ng) for ng in (4, 3) for mr in (1, 2))
+_mk24, _mk21 = _microkernel(2, NV), _microkernel(2, 1)
 
 
 @numba.njit(**JIT)
@@ -143,15 +156,15 @@ def _group(nv, n, a, a0, lda, wp, w0, K, bias, b0, has_b, out, o0, ldo):
     r = 0
     while r + MR <= n:
         if nv == NV:
-            _mk44(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
+            _mk44(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo, 0, 0)
         else:
-            _mk41(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
+            _mk41(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo, 0, 0)
         r += MR
     while r < n:
         if nv == NV:
-            _mk14(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
+            _mk14(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo, 0, 0)
         else:
-            _mk11(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo)
+            _mk11(a, a0 + r * lda, lda, wp, w0, K, bias, b0, has_b, out, o0 + r * ldo, ldo, 0, 0)
         r += 1
 
 
@@ -263,12 +276,15 @@ def no_panels(like):
 def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
     """out[r0:r0 + n, g*H + lo : g*H + hi] = src[:n] @ W_hh[g*H + lo : g*H + hi]^T for each gate g < G: a step's
     recurrent products for units [lo, hi) (lo a multiple of 16), on W_hh's panels (``pack_gates``; tmp
-    ``scratch``) or, where ``wp`` is empty, with ``mm_nt``. Rows of out outside [r0, r0 + n) are not
-    written."""
+    ``scratch``; below MR rows every gate at once, ``row_gate_products``) or, where ``wp`` is empty, with
+    ``mm_nt``. Rows of out outside [r0, r0 + n) are not written."""
     if wp.shape[0] == 0:
         o = out[r0:r0 + n]
         for g in range(G):
             mm_nt(src, n, w_hh, o, g * H + lo, g * H + hi, False)
+        return
+    if n < MR:
+        row_gate_products(src, n, wp, out, r0, G, H, lo, hi, tmp)
         return
     L, K = lanes_of(wp), wp.shape[2]
     for g in range(G):
@@ -277,14 +293,65 @@ def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
 
 
 @numba.njit(**JIT)
+def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
+    """``mr`` (1 or 2) rows of ``a`` (from element a0, lda apart) against panels w0.. (nv: 1 panel of each of G = 4
+    or 3 gates, gs elements apart in wp, or 4 or 1 of one gate), into out from element o0 (rows ldo apart, gate g's
+    columns os on): one microkernel call."""
+    if G == 4:
+        if mr == 2:
+            _mg24(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
+        else:
+            _mg14(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
+    elif G == 3:
+        if mr == 2:
+            _mg23(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
+        else:
+            _mg13(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
+    elif nv == NV:
+        if mr == 2:
+            _mk24(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+        else:
+            _mk14(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+    elif mr == 2:
+        _mk21(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+    else:
+        _mk11(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+
+
+@numba.njit(**JIT)
+def row_gate_products(src, n, wp, out, r0, G, H, lo, hi, tmp):
+    """``gate_products`` on panels for fewer than MR rows: panel by panel, each panel of every gate in one
+    microkernel call for two rows or one (one gate: 4 panels at once), the part panel at the end per gate.
+    A call a gate kept a step's few chains of FMAs waiting on each other; at one row and H64 the LSTM's products
+    took ~2x as long that way or by ``mm_nt``, 1.2-1.5x at H256 (benchmarks/NOTES.md, thirty-first session)."""
+    L, K = lanes_of(wp), wp.shape[2]
+    gs = wp.shape[1] * K * L
+    lda, ldo = src.shape[1], out.shape[1]
+    q0, q1 = lo // L, hi // L
+    q = q0
+    while q < q1:
+        nv = NV if G == 1 and q + NV <= q1 else 1
+        r = 0
+        while r < n:
+            mr = 2 if r + 2 <= n else 1
+            _gates_rows(G, nv, mr, src, r * lda, lda, wp, q * K * L, gs, K, out, (r0 + r) * ldo + q * L, ldo, H, tmp)
+            r += mr
+        q += nv
+    if hi > q1 * L:
+        for g in range(G):
+            mm_panels_at(src, 0, n, wp, (g * wp.shape[1] + q1) * K * L, tmp, False, out, r0, g * H + q1 * L,
+                         hi - q1 * L, tmp)
+
+
+@numba.njit(**JIT)
 def row_panels(w, rows, min_rows):
     """Every row of w [N, K] as panels of W^T (``pack``: [ceil(N / L), K, L]) for a call's products of ``rows``
-    rows each (a backward's steps, ``back_products``), or none (``mm_nt``) below ``min_rows`` (< 0: never): at
-    one row the panels lost to ``mm_nt`` (L2-bound either way). One core, the steps' shapes, GFLOP/s, mm_nt /
+    rows each (a backward's steps, ``back_products``), or none (``mm_nt``) below ``min_rows`` or MR rows (< 0:
+    never): at one row the panels lost to ``mm_nt`` (L2-bound either way). One core, the steps' shapes, GFLOP/s, mm_nt /
     panels: 8 x 1024 x 256 108 / 176, 16 x 1024 x 256 126 / 210, 64 x 2048 x 512 137 / 236 on the Zen 5
     (benchmarks/NOTES.md, twenty-ninth session)."""
     L = lanes_of(w)
-    if min_rows < 0 or rows < min_rows:
+    if min_rows < 0 or rows < max(min_rows, MR):
         return np.empty((0, 0, L), w.dtype)
     wp = np.empty((panels(w.shape[0], L), w.shape[1], L), w.dtype)
     pack(w, 0, w.shape[0], wp)
@@ -319,11 +386,17 @@ PANEL_MAX_K = 256
 @numba.njit(**JIT)
 def step_panels(w_hh, G, H, B, T, like, min_rows, parts, by_rows):
     """W_hh's panels for a sequence's steps (``pack_gates``), or none (``mm_nt``): from ``min_rows`` rows a step
-    (< 0: never) and two steps (packing reads W_hh once, which the steps pay back), on one thread, split by
-    rows, or split by units where a part has at least 64 of them. Measured at T100 (benchmarks/NOTES.md,
-    twenty-eighth session): one thread 1.2-1.4x from B4, by rows 1.25-1.3x; by units 1.2x at 64 units a
-    part (H128, H256), 0.8x at 32 (H64) and at batch 1 everywhere."""
-    if (min_rows < 0 or B < min_rows or T < 2 or w_hh.shape[1] > PANEL_MAX_K
-            or (parts > 1 and not by_rows and H < 64 * parts)):
+    (< 0: never; 4 keeps ``mm_nt`` below MR rows, as before the row kernels) and two steps (packing reads W_hh
+    once, which the steps pay back). Below MR rows always (``row_gate_products``, 1.2-2.7x ``mm_nt`` from H64 to
+    H256, any split; benchmarks/NOTES.md, thirty-first session); from MR rows with K up to PANEL_MAX_K, on one
+    thread, split by rows, or split by units where a part has at least 64 units. Measured at T100
+    (benchmarks/NOTES.md, twenty-eighth session): one thread 1.2-1.4x from B4, by rows 1.25-1.3x; by units 1.2x
+    at 64 units a part (H128, H256), 0.8x at 32 (H64).
+    """
+    if min_rows < 0 or B < min_rows or T < 2:
+        return no_panels(like)
+    if B < MR:  # ``row_gate_products``: 1.2-2.7x mm_nt at any K and split
+        return pack_gates(w_hh, G, H)
+    if w_hh.shape[1] > PANEL_MAX_K or (parts > 1 and not by_rows and H < 64 * parts):
         return no_panels(like)
     return pack_gates(w_hh, G, H)

@@ -6,7 +6,7 @@ import numpy as np
 from numba import prange
 
 from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
-                     row_block, row_block_state, row_offsets, split, tanh_)
+                     row_block, row_block_state, row_offsets, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -84,7 +84,7 @@ def rnn_fwd_rows(xw, w_hh, b_hh, h0, T, reverse, relu, parts, y, h_n, panel_rows
 @numba.njit(**JIT)
 def rnn_seq_at(a_xw, a_w_hh, a_b_hh, a_h0, a_y, a_h_n, a_sizes, T, B, H, reverse, relu, parts, by_rows, like,
                a_w_ih=0, a_b_ih=0, I=0,
-               panel_rows=4):
+               panel_rows=1):
     """``rnn_fwd`` in inference, on tensors given by address (see lstm.lstm_seq_at)."""
     sizes = call_sizes(a_sizes, T, B)
     rows = sizes.sum()
@@ -105,7 +105,7 @@ def _pointwise_bwd(o, r0, r1, lo, hi, relu, dh_rec, grad_y, y, d_xw):
     zero, one = y.dtype.type(0), y.dtype.type(1)
     m = hi - lo
     for b in range(r0, r1):
-        dr, gy, v, dx = dh_rec[b, lo:hi], grad_y[o + b, lo:hi], y[o + b, lo:hi], d_xw[o + b, lo:hi]
+        dr, gy, v, dx = vec(dh_rec, b, lo, m), vec(grad_y, o + b, lo, m), vec(y, o + b, lo, m), vec(d_xw, o + b, lo, m)
         if relu:
             for u in range(m):
                 dx[u] = dr[u] + gy[u] if v[u] > 0 else zero  # as torch's threshold_backward
