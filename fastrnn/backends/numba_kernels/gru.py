@@ -134,21 +134,23 @@ def _pointwise_bwd(o, r0, r1, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, 
         dxr, dxz, dxn = vec(d_xw, w, lo, m), vec(d_xw, w, H + lo, m), vec(d_xw, w, 2 * H + lo, m)
         dhr, dhz, dhn = vec(d_hh, w, lo, m), vec(d_hh, w, H + lo, m), vec(d_hh, w, 2 * H + lo, m)
         dr, gy, hp, hn = vec(dh_rec, b, lo, m), vec(grad_y, w, lo, m), vec(h_prev, w, lo, m), vec(hn_all, w, lo, m)
+        # passes of few arrays each (see lstm._pointwise_fwd); dr holds dh = d h_t until the last
         for u in range(m):
-            dh = dr[u] + gy[u]
-            r = gr[u]
-            z = gz[u]
-            nn = gn[u]
-            dpn = dh * (one - z) * (one - nn * nn)
-            dpz = dh * (hp[u] - nn) * z * (one - z)
-            dpr = dpn * hn[u] * r * (one - r)
-            dxr[u] = dpr
-            dxz[u] = dpz
-            dxn[u] = dpn
-            dhr[u] = dpr
-            dhz[u] = dpz
-            dhn[u] = dpn * r
-            dr[u] = dh * z
+            dr[u] = dr[u] + gy[u]
+        for u in range(m):
+            dxn[u] = dr[u] * (one - gz[u]) * (one - gn[u] * gn[u])
+        for u in range(m):
+            dxz[u] = dr[u] * (hp[u] - gn[u]) * gz[u] * (one - gz[u])
+        for u in range(m):
+            dxr[u] = dxn[u] * hn[u] * gr[u] * (one - gr[u])
+        for u in range(m):
+            dhr[u] = dxr[u]
+        for u in range(m):
+            dhz[u] = dxz[u]
+        for u in range(m):
+            dhn[u] = dxn[u] * gr[u]
+        for u in range(m):
+            dr[u] = dr[u] * gz[u]
 
 
 @numba.njit(parallel=True, **JIT)

@@ -253,6 +253,22 @@ def _pointwise_bwd(t, offs, r0, r1, lo, hi, H, reverse, sizes, dh_rec, grad_y, d
         dcb = vec(dc, b, lo, m)
         dh = vec(dhf, b, lo, m) if proj else vec(dh_rec, b, lo, m)
         gy = vec(grad_y, gr, lo, m)
+        if not peep and not coupled:  # the plain cell: passes of few arrays each (see _pointwise_fwd)
+            for u in range(m):
+                do[u] = dh[u] if proj else dh[u] + gy[u]  # dh_t, held in do until do's own pass
+            for u in range(m):
+                tc, o, dhu = tanh_(cn[u]), go[u], do[u]
+                do[u] = dhu * tc * o * (one - o)
+                dcb[u] = dcb[u] + dhu * o * (one - tc * tc)  # d c_t
+            for u in range(m):
+                di[u] = dcb[u] * gg[u] * gi[u] * (one - gi[u])
+            for u in range(m):
+                dg[u] = dcb[u] * gi[u] * (one - gg[u] * gg[u])
+            for u in range(m):
+                df[u] = dcb[u] * cp[u] * gf[u] * (one - gf[u])
+            for u in range(m):
+                dcb[u] = dcb[u] * gf[u]
+            continue
         w0 = vec(w_ch, 0, lo, m) if peep else cn
         w1 = vec(w_ch, 1, lo, m) if peep else cn
         w2 = vec(w_ch, 2, lo, m) if peep else cn
