@@ -506,8 +506,8 @@ def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
 @pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "team"])
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
 def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
-    """At 1-3 rows a step the sequence forwards take W_hh's panels (panel.step_panels says so, whatever the split and
-    K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs and gradients,
+    """At 1-3 rows a step the sequence forwards take W_hh's panels (panel.step_panels says so, whatever the split, K
+    up to PANEL_MAX_K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs and gradients,
     float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80 with a packed
     sequence whose last steps have one or two rows."""
     from fastrnn.backends import numba as nb
@@ -518,9 +518,10 @@ def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
     like = np.empty(0, np.float32)
     for B in (1, 2, 3):
         for parts in (1, 2):
-            assert panel.step_panels(np.zeros((G * 300, 300), np.float32), G, 300, B, 2, like, nb.PANEL_MIN_ROWS,
+            assert panel.step_panels(np.zeros((G * 40, 40), np.float32), G, 40, B, 2, like, nb.PANEL_MIN_ROWS,
                                      parts, False).shape[0] == G
     assert panel.step_panels(np.zeros((G * 40, 40), np.float32), G, 40, 1, 2, like, 4, 1, False).shape[0] == 0
+    assert panel.step_panels(np.zeros((G * 300, 300), np.float32), G, 300, 1, 2, like, 1, 1, False).shape[0] == 0
     old = nb.BACKEND.set_parallel_min_macs(0 if threads > 1 else 1 << 40)
     try:
         for dtype in (torch.float32, torch.float64):

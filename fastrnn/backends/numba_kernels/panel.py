@@ -387,16 +387,17 @@ PANEL_MAX_K = 256
 def step_panels(w_hh, G, H, B, T, like, min_rows, parts, by_rows):
     """W_hh's panels for a sequence's steps (``pack_gates``), or none (``mm_nt``): from ``min_rows`` rows a step
     (< 0: never; 4 keeps ``mm_nt`` below MR rows, as before the row kernels) and two steps (packing reads W_hh
-    once, which the steps pay back). Below MR rows always (``row_gate_products``, 1.2-2.7x ``mm_nt`` from H64 to
-    H256, any split; benchmarks/NOTES.md, thirty-first session); from MR rows with K up to PANEL_MAX_K, on one
-    thread, split by rows, or split by units where a part has at least 64 units. Measured at T100
+    once, which the steps pay back) and K up to PANEL_MAX_K. Below MR rows always (``row_gate_products``, 1.2-2.7x
+    ``mm_nt`` from H64 to H256, any split; at H512 0.85-0.95x at one or three rows: benchmarks/NOTES.md,
+    thirty-first session); from MR rows on one thread, split by rows, or split by units where a part has at least
+    64 units. Measured at T100
     (benchmarks/NOTES.md, twenty-eighth session): one thread 1.2-1.4x from B4, by rows 1.25-1.3x; by units 1.2x
     at 64 units a part (H128, H256), 0.8x at 32 (H64).
     """
-    if min_rows < 0 or B < min_rows or T < 2:
+    if min_rows < 0 or B < min_rows or T < 2 or w_hh.shape[1] > PANEL_MAX_K:
         return no_panels(like)
-    if B < MR:  # ``row_gate_products``: 1.2-2.7x mm_nt at any K and split
+    if B < MR:  # ``row_gate_products``
         return pack_gates(w_hh, G, H)
-    if w_hh.shape[1] > PANEL_MAX_K or (parts > 1 and not by_rows and H < 64 * parts):
+    if parts > 1 and not by_rows and H < 64 * parts:
         return no_panels(like)
     return pack_gates(w_hh, G, H)
