@@ -99,6 +99,9 @@ def test_sequence_entries_project_in_the_inputs_dtype_under_autocast():
     for bad in (torch.randn(18, 12).bfloat16(), torch.randn(18, 9), torch.randn(12, 18).t()):
         with pytest.raises(RuntimeError, match="the input projection must be a contiguous"):
             nb._gru_rows(bad, 4, 4, like, [0, 0, 0], None, 6, 3, False)
+    # the chunk entry checks x [T, B, I] itself (no address taken); a cell's x must still be 2-D
+    with pytest.raises(RuntimeError, match="x and the state must be 2-D"):
+        nb.gru_cell_fwd(x, w_ih, None, w_hh, None, h)
 
 
 def test_the_chunk_path_alone(monkeypatch):

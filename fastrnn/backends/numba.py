@@ -561,17 +561,18 @@ class NumbaBackend(StepsFromSequence, Backend):
     def _chunk(self, cell, check, seq, x, w_ih, b_ih, weights, state, reverse, options):
         """``cell``: the fused cell entry, a call a step; ``seq(xw, H, P, like, addresses, sizes, T, B,
         reverse, *options)``: the sequence kernel's results (y, *final state) for the projected input, given
-        the addresses of the tensors after w_ih and b_ih, from ``check`` (the cell entry's checks, on the
-        first step's input)."""
+        the addresses of the tensors after w_ih and b_ih, from ``check`` (the cell entry's checks, on x itself:
+        ``seq``)."""
         if x.dim() != 3:
             raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
-            _, _, H, P, like, addr, keep = check(x[0], w_ih, b_ih, *weights, *state, *options)
-            y, *finals = seq(_Input(x.reshape(T * B, -1), w_ih, b_ih, addr), H, P, like, addr[3:], None, T, B, reverse,
-                             *options)
+            _, _, H, P, like, addr, keep = check(x, w_ih, b_ih, *weights, *state, *options, seq=True)
+            # x [T, B, I] as it is where contiguous (no view made: ~0.7 us each at batch 1), else its rows
+            src = _Input(x if x.is_contiguous() else x.reshape(T * B, -1), w_ih, b_ih, addr)
+            y, *finals = seq(src, H, P, like, addr[3:], None, T, B, reverse, *options)
             del keep  # the contiguous copies the kernel read
-            return (y.view(T, B, P), *finals)
+            return (y if y.dim() == 3 else y.view(T, B, P), *finals)
         ys = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
             out = cell(x[t], w_ih, b_ih, *weights, *state, *options)
@@ -611,14 +612,15 @@ class NumbaBackend(StepsFromSequence, Backend):
     def _lstm_rows(src, H, P, like, a, sizes, T, B, reverse, coupled):
         """The LSTM's sequence kernel on the rows of ``src`` (an ``_Input``, or the input projection itself: the
         [rows, G*H] matrix of the call's rows, which the kernel reads by address; a: the addresses of w_hh,
-        b_hh, w_hr, w_ch, h0, c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P], h_n,
-        c_n)."""
+        b_hh, w_hr, w_ch, h0, c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P] (or [T,
+        B, P] for an input [T, B, I]), h_n, c_n)."""
         GH = 3 * H if coupled else 4 * H
-        n = src.shape[0]
+        lead = src.shape[:-1]
+        n = lead[0] * lead[1] if len(lead) == 2 else lead[0]
         parts = _parts(B, GH * P, max(H, P), n)
         rows = _row_parts(B, sizes, parts, GH * P + (P * H if a[2] else 0), like)
         xw, proj = _rows_input(src, GH, like, rows or parts)
-        y, h_n, c_n = xw.new_empty(n, P), xw.new_empty(B, P), xw.new_empty(B, H)
+        y, h_n, c_n = xw.new_empty(*lead, P), xw.new_empty(B, P), xw.new_empty(B, H)
         _kernel(_lstm.lstm_seq_at, rows or parts)(
             xw.data_ptr(), *a[:4], bool(coupled), *a[4:], y.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
             0 if sizes is None else sizes.data_ptr(), T, B, H, P, bool(reverse), rows or parts, rows > 0, like, *proj,
@@ -628,11 +630,12 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def _gru_rows(src, H, P, like, a, sizes, T, B, reverse):
         """``_lstm_rows`` for the GRU (a: w_hh, b_hh, h0)."""
-        n = src.shape[0]
+        lead = src.shape[:-1]
+        n = lead[0] * lead[1] if len(lead) == 2 else lead[0]
         parts = _parts(B, 3 * H * H, H, n)
         rows = _row_parts(B, sizes, parts, 3 * H * H, like)
         xw, proj = _rows_input(src, 3 * H, like, rows or parts)
-        y, h_n = xw.new_empty(n, H), xw.new_empty(B, H)
+        y, h_n = xw.new_empty(*lead, H), xw.new_empty(B, H)
         _kernel(_gru.gru_seq_at, rows or parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                                 0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
                                                 rows or parts, rows > 0, like, *proj, PANEL_MIN_ROWS)
@@ -641,11 +644,12 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def _rnn_rows(src, H, P, like, a, sizes, T, B, reverse, nonlinearity):
         """``_lstm_rows`` for the RNN (a: w_hh, b_hh, h0)."""
-        n = src.shape[0]
+        lead = src.shape[:-1]
+        n = lead[0] * lead[1] if len(lead) == 2 else lead[0]
         parts = _parts(B, H * H, H, n)
         rows = _row_parts(B, sizes, parts, H * H, like)
         xw, proj = _rows_input(src, H, like, rows or parts)
-        y, h_n = xw.new_empty(n, H), xw.new_empty(B, H)
+        y, h_n = xw.new_empty(*lead, H), xw.new_empty(B, H)
         _kernel(_rnn.rnn_seq_at, rows or parts)(xw.data_ptr(), *a, y.data_ptr(), h_n.data_ptr(),
                                                 0 if sizes is None else sizes.data_ptr(), T, B, H, bool(reverse),
                                                 nonlinearity == "relu", rows or parts, rows > 0, like, *proj,
@@ -849,20 +853,21 @@ _LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.f
 _DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 
 
-def _cell_addresses(name, x, weights, states, G):
+def _cell_addresses(name, x, weights, states, G, seq=False):
     """Check a fused cell call's tensors (x; w_ih, b_ih, w_hh, b_hh and an LSTM's w_hr, w_ch, None when
     absent; the state) and return (B, I, H, P, the dtype's empty array, their data addresses (0 for
     None), the contiguous copies made of any that were not, to keep alive during the call). The kernels
     read them by address, unchecked: RuntimeError for what they cannot take (the module's general path
     then raises torch's error). Cheap on purpose: a batch-1 cell call is a few microseconds of kernel
-    (benchmarks/NOTES.md), so a tensor that needs nothing costs five attribute reads and no more."""
+    (benchmarks/NOTES.md), so a tensor that needs nothing costs five attribute reads and no more. ``seq``: a
+    chunk's x [T, B, I], checked for its shape only (``_rows_input`` takes it; its address 0 here)."""
     dt = x.dtype
     like = _LIKE.get(dt)
     if like is None:
         raise RuntimeError(f"fastrnn numba {name}: every tensor must be float32 or float64, of one dtype")
-    if x.dim() != 2 or states[0].dim() != 2 or states[-1].dim() != 2:
-        raise RuntimeError(f"fastrnn numba {name}: x and the state must be 2-D")
-    B, I = x.shape
+    if x.dim() != (3 if seq else 2) or states[0].dim() != 2 or states[-1].dim() != 2:
+        raise RuntimeError(f"fastrnn numba {name}: x and the state must be 2-D (x [T, B, I] for a chunk)")
+    B, I = x.shape[-2:]
     H = states[-1].shape[1]
     P = states[0].shape[1]
     GH = G * H
@@ -871,12 +876,12 @@ def _cell_addresses(name, x, weights, states, G):
             or (b_ih is not None and b_ih.shape != (GH,)) or (b_hh is not None and b_hh.shape != (GH,))):
         raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {tuple(x.shape)}, w_ih "
                            f"{tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}, state {[tuple(s.shape) for s in states]}")
-    addr, keep = [], []
+    addr, keep = [0] if seq else [], []  # a chunk's x goes to _rows_input, not by this address
     try:
-        for t in (x, *weights, *states):
+        for t in (*weights, *states) if seq else (x, *weights, *states):
             if t is None:
                 addr.append(0)
-            elif t.dtype == dt and t.is_cpu and t.is_contiguous() and not t.is_neg() and (a := t.data_ptr()):
+            elif t.dtype is dt and t.is_cpu and t.is_contiguous() and not t.is_neg() and (a := t.data_ptr()):
                 addr.append(a)
             else:
                 addr.append(_address_of_copy(t, dt, keep))
@@ -896,8 +901,8 @@ def _project(x, w_ih, b_ih):
 
 
 class _Input(tuple):
-    """A chunk or packed call's input before its projection: (x [rows, I], w_ih, b_ih, the addresses of
-    ``_cell_addresses``), for ``_rows_input``."""
+    """A chunk or packed call's input before its projection: (x [rows, I] or [T, B, I], w_ih, b_ih, the addresses
+    of ``_cell_addresses``), for ``_rows_input``."""
     __slots__ = ()
     shape = property(lambda self: self[0].shape)
 
@@ -928,21 +933,23 @@ def _rows_input(src, GH, like, parts):
         _check_rows(src, GH, like)
         return src, (0, 0, 0)
     x, w_ih, b_ih, addr = src
-    rule = parts > 1 or x.shape[0] * x.shape[-1] * GH <= FUSE_SERIAL_MACS
-    if ((FUSE_PROJECTION == 1 or (FUSE_PROJECTION == -1 and rule)) and x.dim() == 2 and x.is_contiguous()
+    rule = parts > 1 or x.numel() * GH <= FUSE_SERIAL_MACS
+    if ((FUSE_PROJECTION == 1 or (FUSE_PROJECTION == -1 and rule)) and x.is_contiguous()
             and x.dtype == _DTYPE[like.dtype.type] and x.is_cpu and not x.is_neg() and x.data_ptr()):
         FUSED_CALLS += 1
-        return x, (addr[1], addr[2], x.shape[1])
+        return x, (addr[1], addr[2], x.shape[-1])
     xw = _project(x, w_ih, b_ih)
     _check_rows(xw, GH, like)
     return xw, (0, 0, 0)
 
 
 def _check_rows(xw, GH, like):
-    """Before a sequence kernel reads ``xw`` by address: a contiguous [rows, G*H] matrix of the kernel's dtype."""
-    if xw.dim() != 2 or xw.shape[1] != GH or not xw.is_contiguous() or xw.dtype != _DTYPE[like.dtype.type]:
-        raise RuntimeError(f"fastrnn numba: the input projection must be a contiguous [rows, {GH}] matrix of "
-                           f"{_DTYPE[like.dtype.type]}, got {tuple(xw.shape)} {xw.dtype}")
+    """Before a sequence kernel reads ``xw`` by address: contiguous rows of G*H of the kernel's dtype ([rows, G*H],
+    or [T, B, G*H] from a chunk's input)."""
+    if (xw.dim() not in (2, 3) or xw.shape[-1] != GH or not xw.is_contiguous()
+            or xw.dtype != _DTYPE[like.dtype.type]):
+        raise RuntimeError(f"fastrnn numba: the input projection must be a contiguous [rows, {GH}] (or [T, B, {GH}]) "
+                           f"tensor of {_DTYPE[like.dtype.type]}, got {tuple(xw.shape)} {xw.dtype}")
 
 
 def _address_of_copy(t, dt, keep):
@@ -960,9 +967,9 @@ def _address_of_copy(t, dt, keep):
     return t.data_ptr()
 
 
-def _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
+def _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled, seq=False):
     """``_cell_addresses`` for the LSTM, with its projection and peephole weights checked."""
-    out = _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh, w_hr, w_ch), (h, c), 3 if coupled else 4)
+    out = _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh, w_hr, w_ch), (h, c), 3 if coupled else 4, seq)
     H, P = out[2], out[3]
     if (P != H) if w_hr is None else w_hr.shape != (P, H):
         raise RuntimeError(f"fastrnn numba {name}: h is [B, {P}] and c [B, {H}], so w_hr must be "
@@ -972,16 +979,16 @@ def _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c, coupled):
     return out
 
 
-def _gru_checks(name, x, w_ih, b_ih, w_hh, b_hh, h):
+def _gru_checks(name, x, w_ih, b_ih, w_hh, b_hh, h, seq=False):
     """``_cell_addresses`` for the GRU."""
-    return _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh), (h,), 3)
+    return _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh), (h,), 3, seq)
 
 
-def _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
+def _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity, seq=False):
     """``_cell_addresses`` for the RNN, with its nonlinearity checked."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"fastrnn numba {name}: unknown nonlinearity {nonlinearity!r}")
-    return _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh), (h,), 1)
+    return _cell_addresses(name, x, (w_ih, b_ih, w_hh, b_hh), (h,), 1, seq)
 
 
 BACKEND = NumbaBackend()
