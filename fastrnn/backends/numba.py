@@ -135,14 +135,15 @@ def _row_parts(B, ragged, parts, weights, like):
 
 
 def _bwd_split(B, T, macs_per_row, units, ragged, weights, like, rows_ok=True):
-    """(parts, rows) of a sequence's backward: split by rows (``rows`` > 0) where the forward's team would split
-    (the split by rows opens one parallel region a call, as the team does: TEAM_MIN_MACS and
-    TEAM_MIN_CALL_MACS) and ``_row_parts`` allows it, else by units where a step pays for a region of its own
-    (PARALLEL_MIN_MACS). ``rows_ok`` False: the units only (the LSTM's peephole weights, whose gradients sum
-    over rows). At LSTM B16 H64 (2^18 multiply-adds a step) the backward by rows took a T100 training call
-    from 4.44 to 3.68 ms against one thread (benchmarks/NOTES.md, twenty-sixth session)."""
-    rows = _row_parts(B, ragged, _parts(B, macs_per_row, units, T * B), weights, like) if rows_ok else 0
-    return (rows, rows) if rows else (_parts(B, macs_per_row), 0)
+    """(parts, rows) of a sequence's backward: split by rows (``rows`` > 0) where ``_row_parts`` allows it, else
+    by units over a team (the backward kernels' steps, a phase or two each, in one region a call as the forwards';
+    TEAM_MIN_MACS and TEAM_MIN_CALL_MACS). ``rows_ok`` False: the units only (the LSTM's peephole weights, whose
+    gradients sum over rows). At LSTM B16 H64 (2^18 multiply-adds a step) the backward by rows took a T100
+    training call from 4.44 to 3.68 ms against one thread (benchmarks/NOTES.md, twenty-sixth session); by units,
+    the team against a parallel region a step: benchmarks/NOTES.md, thirty-first session."""
+    parts = _parts(B, macs_per_row, units, T * B)
+    rows = _row_parts(B, ragged, parts, weights, like) if rows_ok else 0
+    return (rows, rows) if rows else (parts, 0)
 
 
 #: the sequence forwards and backwards run their steps' products on W_hh's panels (numba_kernels/panel.py) from

@@ -277,6 +277,19 @@ def fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev):
 
 
 @numba.njit(**JIT)
+def fill_h_prev_units(t, n, reverse, sizes, offs, h0, y, h_prev, lo, hi):
+    """``fill_h_prev`` for a step's n rows, columns [lo, hi) only (a part of a team's backward)."""
+    T = sizes.shape[0]
+    tp = prev_t(reverse, t)
+    o = offs[t]
+    for b in range(n):
+        if first_step(reverse, t, T, b, sizes):
+            copy_units(h_prev, o + b, h0, b, lo, hi)
+        else:
+            copy_units(h_prev, o + b, y, offs[tp] + b, lo, hi)
+
+
+@numba.njit(**JIT)
 def project_units(x, n, w_ih, b_ih, xw, j0, j1):
     """xw[:n, j0:j1] = x[:n] @ w_ih[j0:j1].T (+ b_ih[j0:j1]): a cell's input projection, columns j0..j1."""
     mm_nt(x, n, w_ih, xw, j0, j1, False)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, final_rows, lines, mm_nt, project_units,
-                     row_block, row_block_state, row_offsets, sigmoid_, split, tanh_, vec)
+from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, fill_h_prev_units, final_rows, lines, mm_nt,
+                     project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -159,22 +159,32 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, parts, y, gates,
     """d_xw: gradient of the input projection; d_hh: of the recurrent product (W_hh h + b_hh), for dW_hh
     and db_hh; h_prev: each step's recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T [H, 3H], on its
     panels from ``panel_rows`` rows (panel.row_panels). Every array but the state's as rows, step t's
-    from row offs[t] as in the forward."""
+    from row offs[t] as in the forward. Its steps split over a team of ``parts`` workers, a phase a step
+    (see lstm.lstm_bwd): part p's units get the step before's product added to their columns of dh_rec, then
+    their pointwise pass, which sets those columns to the direct part of the next."""
     T = sizes.shape[0]
     B, H = h0.shape[0], h0.shape[1]
     GH = w_hh_t.shape[1]
     wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev)
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            _pointwise_bwd(offs[t], 0, n, lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            back_products(d_hh, offs[t] * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, True, scratch(h0))
+    sync = team_sync(parts)
+    for w in prange(parts):
+        if team_claim(sync, w):
+            tmp = scratch(h0)
+            for s in range(T + 1):
+                t = s if reverse else T - 1 - s
+                tb = t - 1 if reverse else t + 1
+                p = team_next(sync, parts, w, s)
+                while p >= 0:
+                    lo, hi = split(H, parts, p)
+                    if s > 0:
+                        back_products(d_hh, offs[tb] * GH, sizes[tb], w_hh_t, wp, dh_rec, 0, lo, hi, True, tmp)
+                    if s < T:
+                        fill_h_prev_units(t, sizes[t], reverse, sizes, offs, h0, y, h_prev, lo, hi)
+                        _pointwise_bwd(offs[t], 0, sizes[t], lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw,
+                                       d_hh)
+                    team_done(sync, p, s)
+                    p = team_next(sync, parts, w, s)
 
 
 @numba.njit(parallel=True, **JIT)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, final_rows, first_step, lines, mm_nt, prev_t,
-                     project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_, vec)
+from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, fill_h_prev_units, final_rows, first_step,
+                     lines, mm_nt, prev_t, project_units, row_block, row_block_state, row_offsets, sigmoid_, split,
+                     tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -321,6 +322,14 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
 
     w_hh_t = w_hh.T [P, G*H] and w_hr_t = w_hr.T [H, P], contiguous. The steps' products by w_hh_t on its
     panels from ``panel_rows`` rows (panel.row_panels).
+
+    Its steps are split over a team of ``parts`` workers (team.py, as the forwards'; a region a step cost ~2-3
+    us each, two or three a step: benchmarks/NOTES.md, thirty-first session). Part p of a phase is a block of
+    output columns of P (common.split) or of units of H. Without a projection (P = H) a step is one phase:
+    part p's columns of the step before's product dh_rec = dgates @ W_hh (the step before's every unit's
+    gradients, closed by the last phase), then the pointwise pass of its own units, which read only those
+    columns of dh_rec. With a projection two: by columns of P, the product, then dh_proj and h_prev; by units
+    of H, dhf = dh_proj @ W_hr's columns and the pointwise pass. A last phase makes the first step's product.
     """
     T = sizes.shape[0]
     B, H = c0.shape[0], c0.shape[1]
@@ -331,25 +340,44 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
     dh_rec[:, :] = grad_h_n
     dc[:, :] = grad_c_n
     dw_ch[:, :] = 0
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        n = sizes[t]
-        o = offs[t]
-        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev)
-        if proj:
-            for b in range(n):
-                for k in range(P):
-                    dh_proj[o + b, k] = dh_rec[b, k] + grad_y[o + b, k]
-            for p in prange(parts):
-                lo, hi = split(H, parts, p)
-                mm_nt(dh_proj[o:o + n], n, w_hr_t, dhf, lo, hi, False)
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            _pointwise_bwd(t, offs, 0, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates, c_all, c0,
-                           w_ch, coupled, dc, dgates, dw_ch)
-        for p in prange(parts):
-            lo, hi = split(P, parts, p)
-            back_products(dgates, o * GH, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
+    phases = 2 if proj else 1
+    sync = team_sync(parts)
+    for w in prange(parts):
+        if team_claim(sync, w):
+            tmp = scratch(h0)
+            for s in range(T + 1):
+                t = s if reverse else T - 1 - s  # this phase's step (none after the last)
+                tb = t - 1 if reverse else t + 1  # the step before it in the backward, whose product comes first
+                ph = s * phases
+                p = team_next(sync, parts, w, ph)
+                while p >= 0:
+                    lo, hi = split(P, parts, p)
+                    if s > 0:
+                        back_products(dgates, offs[tb] * GH, sizes[tb], w_hh_t, wp, dh_rec, 0, lo, hi, False, tmp)
+                    if s < T:
+                        n, o = sizes[t], offs[t]
+                        fill_h_prev_units(t, n, reverse, sizes, offs, h0, y, h_prev, lo, hi)
+                        if proj:
+                            for b in range(n):
+                                dp, dr, gy = vec(dh_proj, o + b, lo, hi - lo), vec(dh_rec, b, lo, hi - lo), vec(
+                                    grad_y, o + b, lo, hi - lo)
+                                for k in range(hi - lo):
+                                    dp[k] = dr[k] + gy[k]
+                        else:
+                            _pointwise_bwd(t, offs, 0, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates,
+                                           c_all, c0, w_ch, coupled, dc, dgates, dw_ch)
+                    team_done(sync, p, ph)
+                    p = team_next(sync, parts, w, ph)
+                if proj and s < T:
+                    n, o = sizes[t], offs[t]
+                    p = team_next(sync, parts, w, ph + 1)
+                    while p >= 0:
+                        lo, hi = split(H, parts, p)
+                        mm_nt(dh_proj[o:o + n], n, w_hr_t, dhf, lo, hi, False)
+                        _pointwise_bwd(t, offs, 0, n, lo, hi, H, reverse, sizes, dh_rec, grad_y, dhf, proj, gates,
+                                       c_all, c0, w_ch, coupled, dc, dgates, dw_ch)
+                        team_done(sync, p, ph + 1)
+                        p = team_next(sync, parts, w, ph + 1)
 
 
 @numba.njit(parallel=True, **JIT)

@@ -5,8 +5,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt, project_units,
-                     row_block, row_block_state, row_offsets, split, tanh_, vec)
+from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_units, final_rows, lines, mm_nt,
+                     project_units, row_block, row_block_state, row_offsets, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
 
@@ -119,21 +119,28 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, relu, parts, y, 
     """The whole-sequence backward: d_xw, the pre-activation gradients (also for dW_hh); h_prev, each step's
     recurrent input; dh_rec ends as d_h0. w_hh_t = w_hh.T, on its panels from ``panel_rows`` rows
     (panel.row_panels). grad_y, y, d_xw and h_prev [rows, H] as rows, step t's from row offs[t] as in the
-    forward."""
+    forward. Its steps split over a team of ``parts`` workers, a phase a step (see lstm.lstm_bwd)."""
     T = sizes.shape[0]
     B, H = h0.shape[0], h0.shape[1]
     wp = row_panels(w_hh_t, B, panel_rows)
     dh_rec[:, :] = grad_h_n
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev)
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            _pointwise_bwd(offs[t], 0, n, lo, hi, relu, dh_rec, grad_y, y, d_xw)
-        for p in prange(parts):
-            lo, hi = split(H, parts, p)
-            back_products(d_xw, offs[t] * H, n, w_hh_t, wp, dh_rec, 0, lo, hi, False, scratch(h0))
+    sync = team_sync(parts)
+    for w in prange(parts):
+        if team_claim(sync, w):
+            tmp = scratch(h0)
+            for s in range(T + 1):
+                t = s if reverse else T - 1 - s
+                tb = t - 1 if reverse else t + 1
+                p = team_next(sync, parts, w, s)
+                while p >= 0:
+                    lo, hi = split(H, parts, p)
+                    if s > 0:
+                        back_products(d_xw, offs[tb] * H, sizes[tb], w_hh_t, wp, dh_rec, 0, lo, hi, False, tmp)
+                    if s < T:
+                        fill_h_prev_units(t, sizes[t], reverse, sizes, offs, h0, y, h_prev, lo, hi)
+                        _pointwise_bwd(offs[t], 0, sizes[t], lo, hi, relu, dh_rec, grad_y, y, d_xw)
+                    team_done(sync, p, s)
+                    p = team_next(sync, parts, w, s)
 
 
 @numba.njit(parallel=True, **JIT)
