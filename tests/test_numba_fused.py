@@ -378,6 +378,29 @@ def test_the_panel_product(n, K, N, c0, c1, dtype):
         assert (out[:, :c0] == 7).all() and (out[:, c1:] == 7).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("K,N,j0,j1", [(64, 256, 0, 256), (40, 70, 3, 70), (300, 50, 16, 48), (7, 33, 0, 33),
+                                       (16, 16, 0, 16), (1024, 40, 8, 40)])
+def test_the_one_row_product(K, N, j0, j1, dtype):
+    """common.mm_nt at one row (a cell's step and a backward's at batch 1), = and +=, against float64 numpy, on
+    C-contiguous arrays and on a strided w, K and the columns around the 4-row blocks; nothing written outside
+    columns [j0, j1)."""
+    from fastrnn.backends.numba_kernels import common
+    rng = np.random.default_rng(2)
+    a, w = rng.standard_normal((1, K)).astype(dtype), rng.standard_normal((N, K)).astype(dtype)
+    want = a.astype(np.float64) @ w[j0:j1].T.astype(np.float64)
+    tol = dict(rtol=1e-5, atol=1e-5 * K) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12 * K)
+    wide = np.zeros((N, 2 * K), dtype)
+    wide[:, ::2] = w
+    for ww in (w, wide[:, ::2]):
+        for acc in (False, True):
+            out = rng.standard_normal((1, N + 3)).astype(dtype)
+            before = out.copy()
+            common.mm_nt(a, 1, ww, out, j0, j1, acc)
+            np.testing.assert_allclose(out[:, j0:j1], want + (before[:, j0:j1] if acc else 0), **tol)
+            assert (out[:, :j0] == before[:, :j0]).all() and (out[:, j1:] == before[:, j1:]).all()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("acc", [False, True])
 def test_a_backward_steps_products_on_panels(acc, dtype):
