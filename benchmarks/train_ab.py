@@ -1,6 +1,7 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
-    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows [--budget S] [--backend cpp]
+    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows|row_kernels
+        [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -18,7 +19,9 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
   (``_cell_form_layers``, the one-step path before the sequence form: NOTES, twenty-second session);
 - ``packed_rows``: the packed cases (T100 B16 H256 with the benchmark's ragged lengths, one layer and two
   bidirectional), the sequence ops on the PackedSequence's rows as they are, off = on [T,B,*] copies of xw
-  and y (the backend's ``packed_rows`` switched off: NOTES, twenty-third session).
+  and y (the backend's ``packed_rows`` switched off: NOTES, twenty-third session);
+- ``row_kernels`` (numba): inference at 1-2 rows (T100: B1 H64, B1 H256, B2 H128), every gate's panel in one
+  call below 4 rows as it is, off = ``mm_nt`` below 4 rows (PANEL_MIN_ROWS 4: NOTES, thirty-first session).
 """
 from __future__ import annotations
 
@@ -80,6 +83,9 @@ def providers(variant, w, cell, backend):
         return run, _switched(run, mock.patch.object(modules, "one_step_layers", _cell_form_layers))
     if variant == "packed_rows":
         return run, _switched(run, mock.patch.object(type(dispatch.get(backend)), "packed_rows", False))
+    if variant == "row_kernels":
+        from fastrnn.backends import numba as nb
+        return run, _switched(run, mock.patch.object(nb, "PANEL_MIN_ROWS", 4))
     plain = w.modules[backend]
     dropped = getattr(fastrnn, cell)(plain.input_size, plain.hidden_size, backend=backend, weight_dropout=0.3)
     dropped.load_state_dict(plain.state_dict())
@@ -89,7 +95,8 @@ def providers(variant, w, cell, backend):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows"], required=True)
+    ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows",
+                                              "row_kernels"], required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
     args = ap.parse_args(argv)
@@ -97,7 +104,8 @@ def main(argv=None):
           f"{args.variant} on / off on {args.backend}; ms per call (median), x = torch's / this")
     mode, T, shapes = {"seq_form": ("decoding", 50, ((16, 256, {}), (1, 64, {}))),
                        "packed_rows": ("training", 100, ((16, 256, dict(packed=True)),
-                                                         (16, 256, dict(packed=True, layers=2, bidirectional=True))))
+                                                         (16, 256, dict(packed=True, layers=2, bidirectional=True)))),
+                       "row_kernels": ("inference", 100, ((1, 64, {}), (1, 256, {}), (2, 128, {})))
                        }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
         for B, H, kw in shapes:

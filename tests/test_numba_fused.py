@@ -462,6 +462,47 @@ def test_the_backward_runs_its_steps_on_panels(name, split, monkeypatch):
         nb.BACKEND.set_parallel_min_macs(old)
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
+@pytest.mark.parametrize("name", ["LSTM-proj", "LSTM-peephole-coupled", "LSTM-2L-bi", "GRU-bi", "RNN-relu-nobias"])
+def test_the_backward_splits_by_units_over_a_team(name, monkeypatch):
+    """Training over a team of two parts split by units (the split by rows off, every threshold 0): the backward
+    kernels' phases (one a step; two with a projection, by columns of P then units of H; the peephole weights'
+    gradients by units), dense and packed with unsorted lengths, float32 and float64: outputs and every gradient
+    equal torch.nn's (the reference backend's for the variants), and numba ran."""
+    from fastrnn.backends import numba as nb
+    monkeypatch.setattr(nb, "ROW_SPLIT", 0)
+    old = nb.BACKEND.set_parallel_min_macs(0)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            ours, ref = _pair(name, dtype)
+            x = torch.randn(9, 5, 6, dtype=dtype)
+            if ours.batch_first:
+                x = x.transpose(0, 1).contiguous()
+            with dispatch.record_calls() as ran:
+                got = trained_outputs(ours, x)
+            assert "numba" in backends_used(ran) and backends_used(ran) <= {"numba"}
+            for a, b in zip(got, trained_outputs(ref, x), strict=True):
+                torch.testing.assert_close(a, b, atol=TOL[dtype]["grad"], rtol=TOL[dtype]["grad"])
+            lengths = torch.tensor([9, 4, 7, 1, 3])
+
+            def packed_grads(m):
+                xg = x.clone().requires_grad_()
+                inp = torch.nn.utils.rnn.pack_padded_sequence(xg.transpose(0, 1) if m.batch_first else xg, lengths,
+                                                              batch_first=m.batch_first, enforce_sorted=False)
+                out = m(inp)
+                y, st = out[0].data, out[1]
+                loss = y.pow(2).sum() + sum((s * (k + 2)).sum() for k, s in enumerate(st if isinstance(st, tuple)
+                                                                                      else (st,)))
+                return [y, *torch.autograd.grad(loss, [xg, *m.parameters()])]
+            with dispatch.record_calls() as ran:
+                got = packed_grads(ours)
+            assert "numba" in backends_used(ran) and backends_used(ran) <= {"numba"}
+            for a, b in zip(got, packed_grads(ref), strict=True):
+                torch.testing.assert_close(a, b, atol=TOL[dtype]["grad"], rtol=TOL[dtype]["grad"])
+    finally:
+        nb.BACKEND.set_parallel_min_macs(old)
+
+
 @pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "team"])
 @pytest.mark.parametrize("name", ["LSTM", "LSTM-2L-bi", "LSTM-proj", "LSTM-peephole-coupled", "GRU-bi",
                                   "GRU-3L-batch_first", "RNN-relu-nobias"])
@@ -533,8 +574,8 @@ def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
 @pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN"])
 def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
     """At 1-3 rows a step the sequence forwards take W_hh's panels (panel.step_panels says so, whatever the split, K
-    up to PANEL_MAX_K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs and gradients,
-    float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80 with a packed
+    up to PANEL_MAX_K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs
+    and gradients, float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80 with a packed
     sequence whose last steps have one or two rows."""
     from fastrnn.backends import numba as nb
     from fastrnn.backends.numba_kernels import panel

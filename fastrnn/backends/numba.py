@@ -616,8 +616,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         b_hh, w_hr, w_ch, h0, c0; sizes: a packed sequence's batch sizes, None for dense); (y [rows, P] (or [T,
         B, P] for an input [T, B, I]), h_n, c_n)."""
         GH = 3 * H if coupled else 4 * H
-        lead = src.shape[:-1]
-        n = lead[0] * lead[1] if len(lead) == 2 else lead[0]
+        lead, n = _lead_rows(src)
         parts = _parts(B, GH * P, max(H, P), n)
         rows = _row_parts(B, sizes, parts, GH * P + (P * H if a[2] else 0), like)
         xw, proj = _rows_input(src, GH, like, rows or parts)
@@ -631,8 +630,7 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def _gru_rows(src, H, P, like, a, sizes, T, B, reverse):
         """``_lstm_rows`` for the GRU (a: w_hh, b_hh, h0)."""
-        lead = src.shape[:-1]
-        n = lead[0] * lead[1] if len(lead) == 2 else lead[0]
+        lead, n = _lead_rows(src)
         parts = _parts(B, 3 * H * H, H, n)
         rows = _row_parts(B, sizes, parts, 3 * H * H, like)
         xw, proj = _rows_input(src, 3 * H, like, rows or parts)
@@ -645,8 +643,7 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def _rnn_rows(src, H, P, like, a, sizes, T, B, reverse, nonlinearity):
         """``_lstm_rows`` for the RNN (a: w_hh, b_hh, h0)."""
-        lead = src.shape[:-1]
-        n = lead[0] * lead[1] if len(lead) == 2 else lead[0]
+        lead, n = _lead_rows(src)
         parts = _parts(B, H * H, H, n)
         rows = _row_parts(B, sizes, parts, H * H, like)
         xw, proj = _rows_input(src, H, like, rows or parts)
@@ -918,6 +915,12 @@ FUSED_CALLS = 0
 #: on one thread, the entry projects up to this many multiply-adds (torch's product, on all threads, wins
 #: above: ~110 GFLOP/s a core for panel.project against ~200 for torch's on two)
 FUSE_SERIAL_MACS = 1 << 22
+
+
+def _lead_rows(src):
+    """(the leading dimensions of a sequence entry's input, [T, B] or [rows], and its number of rows)."""
+    lead = src.shape[:-1]
+    return lead, (lead[0] * lead[1] if len(lead) == 2 else lead[0])
 
 
 def _rows_input(src, GH, like, parts):

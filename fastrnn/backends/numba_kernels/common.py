@@ -262,27 +262,14 @@ def final_rows(y, sizes, offs, reverse, h_n):
 
 
 @numba.njit(**JIT)
-def fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev):
+def fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev, lo, hi):
     """The recurrent input of step t for rows [r0, r1) (all of a step's rows, or a block of the split by
-    rows): h0 at a row's first step, else its output of the step before. y and h_prev as rows (step t's
-    from row offs[t]: ``row_offsets``)."""
+    rows), columns [lo, hi) (all, or a part's of a team's backward): h0 at a row's first step, else its output of
+    the step before. y and h_prev as rows (step t's from row offs[t]: ``row_offsets``)."""
     T = sizes.shape[0]
     tp = prev_t(reverse, t)
     o = offs[t]
     for b in range(r0, r1):
-        if first_step(reverse, t, T, b, sizes):
-            h_prev[o + b, :] = h0[b, :]
-        else:
-            h_prev[o + b, :] = y[offs[tp] + b, :]
-
-
-@numba.njit(**JIT)
-def fill_h_prev_units(t, n, reverse, sizes, offs, h0, y, h_prev, lo, hi):
-    """``fill_h_prev`` for a step's n rows, columns [lo, hi) only (a part of a team's backward)."""
-    T = sizes.shape[0]
-    tp = prev_t(reverse, t)
-    o = offs[t]
-    for b in range(n):
         if first_step(reverse, t, T, b, sizes):
             copy_units(h_prev, o + b, h0, b, lo, hi)
         else:
@@ -337,9 +324,8 @@ def _ol_vec(a, row, start, m):
         return None
     if a.layout == "C":
         if a.ndim == 1:
-            return lambda a, row, start, m: numba.carray(_pointer(a.ctypes.data + start * a.itemsize, a), (m,))
-        return lambda a, row, start, m: numba.carray(
-            _pointer(a.ctypes.data + (row * a.shape[1] + start) * a.itemsize, a), (m,))
+            return lambda a, row, start, m: at(a.ctypes.data + start * a.itemsize, (m,), a)
+        return lambda a, row, start, m: at(a.ctypes.data + (row * a.shape[1] + start) * a.itemsize, (m,), a)
     if a.ndim == 1:
         return lambda a, row, start, m: a[start:start + m]
     return lambda a, row, start, m: a[row, start:start + m]

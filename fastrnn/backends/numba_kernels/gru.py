@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, fill_h_prev_units, final_rows, lines, mm_nt,
+from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, final_rows, lines, mm_nt,
                      project_units, row_block, row_block_state, row_offsets, sigmoid_, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
@@ -180,7 +180,7 @@ def gru_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, parts, y, gates,
                     if s > 0:
                         back_products(d_hh, offs[tb] * GH, sizes[tb], w_hh_t, wp, dh_rec, 0, lo, hi, True, tmp)
                     if s < T:
-                        fill_h_prev_units(t, sizes[t], reverse, sizes, offs, h0, y, h_prev, lo, hi)
+                        fill_h_prev(t, 0, sizes[t], reverse, sizes, offs, h0, y, h_prev, lo, hi)
                         _pointwise_bwd(offs[t], 0, sizes[t], lo, hi, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw,
                                        d_hh)
                     team_done(sync, p, s)
@@ -202,7 +202,7 @@ def gru_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, parts, y, g
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev)
+            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev, 0, h_prev.shape[1])
             _pointwise_bwd(offs[t], r0, r1, 0, H, H, dh_rec, grad_y, gates, hn_all, h_prev, d_xw, d_hh)
             back_products(d_hh, (offs[t] + r0) * GH, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, True, tmp)
 

@@ -134,7 +134,7 @@ def gru_opt_bwd(grad_y, grad_h_n, w_hh_t, ln_h, rmask, zmask, zp, h0, sizes, rev
     for s in range(T):
         t = s if reverse else T - 1 - s
         n = sizes[t]
-        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y2, h_prev2)
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y2, h_prev2, 0, h_prev2.shape[1])
         rows = min(parts, n)  # the pointwise part: rows split over the threads, each with its accumulators
         if rows > 1:
             for p in prange(rows):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
-from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, fill_h_prev_units, final_rows, first_step,
+from .common import (JIT, at, call_sizes, copy_units, fill_h_prev, final_rows, first_step,
                      lines, mm_nt, prev_t, project_units, row_block, row_block_state, row_offsets, sigmoid_, split,
                      tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
@@ -356,7 +356,7 @@ def lstm_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, coupled, h0
                         back_products(dgates, offs[tb] * GH, sizes[tb], w_hh_t, wp, dh_rec, 0, lo, hi, False, tmp)
                     if s < T:
                         n, o = sizes[t], offs[t]
-                        fill_h_prev_units(t, n, reverse, sizes, offs, h0, y, h_prev, lo, hi)
+                        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y, h_prev, lo, hi)
                         if proj:
                             for b in range(n):
                                 dp, dr, gy = vec(dh_proj, o + b, lo, hi - lo), vec(dh_rec, b, lo, hi - lo), vec(
@@ -400,7 +400,7 @@ def lstm_bwd_rows(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr, w_hr_t, w_ch, couple
         for s in range(T):
             t = s if reverse else T - 1 - s
             o = offs[t]
-            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev)
+            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev, 0, h_prev.shape[1])
             if proj:
                 for b in range(r0, r1):
                     for k in range(P):

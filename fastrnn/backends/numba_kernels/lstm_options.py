@@ -308,7 +308,7 @@ def lstm_opt_bwd(grad_y, grad_h_n, grad_c_n, w_hh_t, w_hr_t, w_ch, ln_h, ln_c, l
         t = s if reverse else T - 1 - s
         n = sizes[t]
         tp = prev_t(reverse, t)
-        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y2, h_prev2)
+        fill_h_prev(t, 0, n, reverse, sizes, offs, h0, y2, h_prev2, 0, h_prev2.shape[1])
         if rdrop:
             for b in range(n):
                 for k in range(P):

@@ -5,7 +5,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from .common import (JIT, at, call_sizes, fill_h_prev, fill_h_prev_units, final_rows, lines, mm_nt,
+from .common import (JIT, at, call_sizes, fill_h_prev, final_rows, lines, mm_nt,
                      project_units, row_block, row_block_state, row_offsets, split, tanh_, vec)
 from .panel import back_products, gate_products, input_rows, row_panels, scratch, step_panels
 from .team import team_claim, team_done, team_next, team_sync
@@ -137,7 +137,7 @@ def rnn_bwd(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, relu, parts, y, 
                     if s > 0:
                         back_products(d_xw, offs[tb] * H, sizes[tb], w_hh_t, wp, dh_rec, 0, lo, hi, False, tmp)
                     if s < T:
-                        fill_h_prev_units(t, sizes[t], reverse, sizes, offs, h0, y, h_prev, lo, hi)
+                        fill_h_prev(t, 0, sizes[t], reverse, sizes, offs, h0, y, h_prev, lo, hi)
                         _pointwise_bwd(offs[t], 0, sizes[t], lo, hi, relu, dh_rec, grad_y, y, d_xw)
                     team_done(sync, p, s)
                     p = team_next(sync, parts, w, s)
@@ -156,7 +156,7 @@ def rnn_bwd_rows(grad_y, grad_h_n, w_hh_t, h0, sizes, offs, reverse, relu, parts
         dh_rec[r0:r1, :] = grad_h_n[r0:r1, :]
         for s in range(T):
             t = s if reverse else T - 1 - s
-            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev)
+            fill_h_prev(t, r0, r1, reverse, sizes, offs, h0, y, h_prev, 0, h_prev.shape[1])
             _pointwise_bwd(offs[t], r0, r1, 0, H, relu, dh_rec, grad_y, y, d_xw)
             back_products(d_xw, (offs[t] + r0) * H, r1 - r0, w_hh_t, wp, dh_rec, r0, 0, H, False, tmp)
 
