@@ -123,3 +123,24 @@ def test_team_threshold_splits_small_steps():
     assert nb._parts(1, 4 * 32 * 32, 32, 1000) == 1  # 4096 multiply-adds a step: one thread was faster
     assert nb._parts(1, 4 * 64 * 64) == 1  # a region a step: the old threshold
     assert nb._parts(16, 1 << 16) == threads
+
+
+def test_a_split_sets_numbas_thread_count_whatever_set_it_last():
+    """``_parts`` reads numba's thread count through the threading layer's own getter once the layer started
+    (``_numba_threads``): it must still see a count the user set in between, and set the split's own back (a
+    team with fewer threads than parts would wait for a part that never runs)."""
+    from fastrnn.backends import numba as nb
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads < 2 or nb._common.FORKED_UNDER_GNU_OMP:
+        pytest.skip("one thread here: nothing to split over")
+    before = numba.get_num_threads()
+    try:
+        assert nb._parts(16, 1 << 16) == threads and nb._numba_threads() == numba.get_num_threads() == threads
+        numba.set_num_threads(1)
+        assert nb._numba_threads() == 1
+        assert nb._parts(16, 1 << 16) == threads and numba.get_num_threads() == threads
+        numba.set_num_threads(1)
+        assert nb._row_parts(16, None, threads, 64 * 64, torch.empty(0).numpy()) == threads
+        assert numba.get_num_threads() == threads
+    finally:
+        numba.set_num_threads(before)

@@ -98,10 +98,28 @@ def _parts(rows, macs_per_row, units=None, call_rows=0):
     if units is not None:
         threads = min(threads, -(-units // 16))
     if threads > 1 and not _common.FORKED_UNDER_GNU_OMP:
-        if numba.get_num_threads() != threads:
+        if _numba_threads() != threads:
             numba.set_num_threads(threads)
         return threads
     return 1
+
+
+#: numba's getter of the thread count, once its threading layer has started (``_numba_threads``)
+_THREADS_NOW = None
+
+
+def _numba_threads():
+    """``numba.get_num_threads()``, without its check that the threading layer started (a lock: ~500 ns a call,
+    which a cell call at H256, split in two, paid every call) once it has: through the layer's own getter,
+    numba's ``parallel._get_num_threads`` (~75 ns; a numba without it: the public call). Called where a split
+    follows, which starts the layer anyway (benchmarks/NOTES.md, thirty-second session)."""
+    global _THREADS_NOW
+    if _THREADS_NOW is None:
+        n = numba.get_num_threads()  # starts the layer, which defines the getter
+        from numba.np.ufunc import parallel
+        _THREADS_NOW = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
+        return n
+    return _THREADS_NOW()
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,7 +145,7 @@ def _row_parts(B, ragged, parts, weights, like):
     rows = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, B if ROW_SPLIT == 1 else B // 8)
     if rows < 2 or (ROW_SPLIT == -1 and 4 * weights * like.itemsize > 3 * _l2_bytes()):
         return 0
-    if numba.get_num_threads() < rows:
+    if _numba_threads() < rows:
         numba.set_num_threads(rows)
     global ROW_CALLS
     ROW_CALLS += 1
@@ -559,16 +577,16 @@ class NumbaBackend(StepsFromSequence, Backend):
     chunk_max_rows = math.inf
     CELL_ROWS = 4
 
-    def _chunk(self, cell, check, seq, x, w_ih, b_ih, weights, state, reverse, options):
-        """``cell``: the fused cell entry, a call a step; ``seq(xw, H, P, like, addresses, sizes, T, B,
-        reverse, *options)``: the sequence kernel's results (y, *final state) for the projected input, given
-        the addresses of the tensors after w_ih and b_ih, from ``check`` (the cell entry's checks, on x itself:
-        ``seq``)."""
+    def _chunk(self, name, cell, check, seq, x, w_ih, b_ih, weights, state, reverse, options):
+        """``<f>_chunk_fwd`` (``name``): ``cell``, the fused cell entry, a call a step; ``seq(xw, H, P, like,
+        addresses, sizes, T, B, reverse, *options)``: the sequence kernel's results (y, *final state) for the
+        projected input, given the addresses of the tensors after w_ih and b_ih, from ``check`` (the cell entry's
+        checks, ``check(name, x, ...)``, on x itself: ``seq``)."""
         if x.dim() != 3:
             raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
-            _, _, H, P, like, addr, keep = check(x, w_ih, b_ih, *weights, *state, *options, seq=True)
+            _, _, H, P, like, addr, keep = check(name, x, w_ih, b_ih, *weights, *state, *options, seq=True)
             # x [T, B, I] as it is where contiguous (no view made: ~0.7 us each at batch 1), else its rows
             src = _Input(x if x.is_contiguous() else x.reshape(T * B, -1), w_ih, b_ih, addr)
             y, *finals = seq(src, H, P, like, addr[3:], None, T, B, reverse, *options)
@@ -583,7 +601,7 @@ class NumbaBackend(StepsFromSequence, Backend):
 
     def _packed(self, name, check, seq, x, w_ih, b_ih, weights, state, reverse, options, lengths):
         """``<f>_packed_fwd``: x [N, I] the rows of a packed sequence, ``lengths`` its rows' lengths (int64 on
-        the CPU, non-increasing), the state [B, ...] in the same order; ``seq`` as in ``_chunk``."""
+        the CPU, non-increasing), the state [B, ...] in the same order; ``check`` and ``seq`` as in ``_chunk``."""
         if x.dim() != 2:
             raise RuntimeError(f"fastrnn numba {name}: x must be [N, I] (packed rows), got {tuple(x.shape)}")
         # cpp's checks and messages (csrc/common.cpp, packed_input), in its order: the longest length is
@@ -604,7 +622,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         sizes = torch.from_numpy(_sizes(lengths, T, B))  # a packed sequence's batch sizes
         if N != int(sizes.sum()):
             raise RuntimeError(f"fastrnn numba {name}: x has {N} rows but the lengths sum to {int(sizes.sum())}")
-        _, _, H, P, like, addr, keep = check(x[:B], w_ih, b_ih, *weights, *state, *options)
+        _, _, H, P, like, addr, keep = check(name, x[:B], w_ih, b_ih, *weights, *state, *options)
         out = seq(_Input(x, w_ih, b_ih, addr), H, P, like, addr[3:], sizes, T, B, reverse, *options)
         del keep
         return out
@@ -655,29 +673,28 @@ class NumbaBackend(StepsFromSequence, Backend):
         return y, h_n
 
     def lstm_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled):
-        return self._chunk(self.lstm_cell_fwd, functools.partial(_lstm_addresses, "lstm_chunk_fwd"), self._lstm_rows,
-                           x, w_ih, b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
+        return self._chunk("lstm_chunk_fwd", self.lstm_cell_fwd, _lstm_addresses, self._lstm_rows, x, w_ih, b_ih,
+                           (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,))
 
     def gru_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse):
-        return self._chunk(self.gru_cell_fwd, functools.partial(_gru_checks, "gru_chunk_fwd"), self._gru_rows, x, w_ih,
-                           b_ih, (w_hh, b_hh), (h0,), reverse, ())
+        return self._chunk("gru_chunk_fwd", self.gru_cell_fwd, _gru_checks, self._gru_rows, x, w_ih, b_ih,
+                           (w_hh, b_hh), (h0,), reverse, ())
 
     def rnn_chunk_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity):
-        return self._chunk(self.rnn_cell_fwd, functools.partial(_rnn_checks, "rnn_chunk_fwd"), self._rnn_rows, x, w_ih,
-                           b_ih, (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
+        return self._chunk("rnn_chunk_fwd", self.rnn_cell_fwd, _rnn_checks, self._rnn_rows, x, w_ih, b_ih,
+                           (w_hh, b_hh), (h0,), reverse, (nonlinearity,))
 
     def lstm_packed_fwd(self, x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h0, c0, reverse, coupled, lengths):
-        return self._packed("lstm_packed_fwd", functools.partial(_lstm_addresses, "lstm_packed_fwd"),
-                            self._lstm_rows, x, w_ih, b_ih, (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,),
-                            lengths)
+        return self._packed("lstm_packed_fwd", _lstm_addresses, self._lstm_rows, x, w_ih, b_ih,
+                            (w_hh, b_hh, w_hr, w_ch), (h0, c0), reverse, (coupled,), lengths)
 
     def gru_packed_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, lengths):
-        return self._packed("gru_packed_fwd", functools.partial(_gru_checks, "gru_packed_fwd"), self._gru_rows, x,
-                            w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, (), lengths)
+        return self._packed("gru_packed_fwd", _gru_checks, self._gru_rows, x, w_ih, b_ih, (w_hh, b_hh), (h0,),
+                            reverse, (), lengths)
 
     def rnn_packed_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h0, reverse, nonlinearity, lengths):
-        return self._packed("rnn_packed_fwd", functools.partial(_rnn_checks, "rnn_packed_fwd"), self._rnn_rows, x,
-                            w_ih, b_ih, (w_hh, b_hh), (h0,), reverse, (nonlinearity,), lengths)
+        return self._packed("rnn_packed_fwd", _rnn_checks, self._rnn_rows, x, w_ih, b_ih, (w_hh, b_hh), (h0,),
+                            reverse, (nonlinearity,), lengths)
 
     # ---- RNN -------------------------------------------------------------------------------------
     def rnn_seq_fwd(self, xw, w_hh, b_hh, h0, lengths, reverse, nonlinearity, save):
@@ -863,16 +880,18 @@ def _cell_addresses(name, x, weights, states, G, seq=False):
     like = _LIKE.get(dt)
     if like is None:
         raise RuntimeError(f"fastrnn numba {name}: every tensor must be float32 or float64, of one dtype")
-    if x.dim() != (3 if seq else 2) or states[0].dim() != 2 or states[-1].dim() != 2:
+    h, c = states[0], states[-1]
+    xs, hs = x.shape, h.shape  # each shape read once (a read makes a torch.Size: ~70 ns)
+    cs = hs if c is h else c.shape
+    if len(xs) != (3 if seq else 2) or len(hs) != 2 or len(cs) != 2:
         raise RuntimeError(f"fastrnn numba {name}: x and the state must be 2-D (x [T, B, I] for a chunk)")
-    B, I = x.shape[-2:]
-    H = states[-1].shape[1]
-    P = states[0].shape[1]
+    B, I = xs[-2], xs[-1]
+    P, H = hs[1], cs[1]
     GH = G * H
     w_ih, b_ih, w_hh, b_hh = weights[:4]
-    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or states[0].shape[0] != B or states[-1].shape[0] != B
+    if (w_ih.shape != (GH, I) or w_hh.shape != (GH, P) or hs[0] != B or cs[0] != B
             or (b_ih is not None and b_ih.shape != (GH,)) or (b_hh is not None and b_hh.shape != (GH,))):
-        raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {tuple(x.shape)}, w_ih "
+        raise RuntimeError(f"fastrnn numba {name}: shapes do not fit together: x {tuple(xs)}, w_ih "
                            f"{tuple(w_ih.shape)}, w_hh {tuple(w_hh.shape)}, state {[tuple(s.shape) for s in states]}")
     addr, keep = [0] if seq else [], []  # a chunk's x goes to _rows_input, not by this address
     try:
