@@ -272,7 +272,11 @@ def no_panels(like):
     return np.empty((0, 0, 0, 0), like.dtype)
 
 
-@numba.njit(**JIT)
+# inline="always" (here, in _gates_rows and row_gate_products): a call between compiled functions takes a
+# reference on each array it passes and drops it on return (NRT_incref / NRT_decref, atomic), ~25-55 ns a call
+# layer; a step's product at one row and H64 took 165 ns through the three calls, 82 inlined (74 the bare
+# microkernel; benchmarks/NOTES.md, thirty-second session)
+@numba.njit(inline="always", **JIT)
 def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
     """out[r0:r0 + n, g*H + lo : g*H + hi] = src[:n] @ W_hh[g*H + lo : g*H + hi]^T for each gate g < G: a step's
     recurrent products for units [lo, hi) (lo a multiple of 16), on W_hh's panels (``pack_gates``; tmp
@@ -292,7 +296,7 @@ def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
                      tmp)
 
 
-@numba.njit(**JIT)
+@numba.njit(inline="always", **JIT)
 def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
     """``mr`` (1 or 2) rows of ``a`` (from element a0, lda apart) against panels w0.. (nv: 1 panel of each of G = 4
     or 3 gates, gs elements apart in wp, or 4 or 1 of one gate), into out from element o0 (rows ldo apart, gate g's
@@ -318,7 +322,7 @@ def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
         _mk11(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
 
 
-@numba.njit(**JIT)
+@numba.njit(inline="always", **JIT)
 def row_gate_products(src, n, wp, out, r0, G, H, lo, hi, tmp):
     """``gate_products`` on panels for fewer than MR rows: panel by panel, each panel of every gate in one
     microkernel call for two rows or one (one gate: 4 panels at once), the part panel at the end per gate.
