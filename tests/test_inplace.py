@@ -82,3 +82,28 @@ def test_inplace_on_output_float32(name, kw, backend):
     want = _run(ours, name, "residual", torch.float32, bf, inplace=False)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (2, 2), (1, 8)])
+def test_inplace_on_output_leaves_the_state(name, T, B, backend):
+    """Streaming code feeds h_n back and may change y in place meanwhile (``y.relu_()``): y and h_n are separate
+    tensors, as torch.nn's, whatever path the call takes (one step of a few rows runs the fused cell: numba's
+    chunk entry handed out h_n's own memory as y there)."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name)(4, 4)
+    ours = getattr(fastrnn, name)(4, 4, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    xs = torch.randn(3, T, B, 4)
+    state_t = state_o = None
+    with torch.no_grad(), dispatch.record_calls() as ran:
+        for x in xs:
+            y_t, state_t = theirs(x, state_t)
+            y_o, state_o = ours(x, state_o)
+            y_t.mul_(-2).relu_()
+            y_o.mul_(-2).relu_()
+            torch.testing.assert_close(y_o, y_t, atol=1e-6, rtol=1e-5)
+            for a, b in zip(state_o if name == "LSTM" else (state_o,), state_t if name == "LSTM" else (state_t,)):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert backends_used(ran) == {backend}

@@ -602,7 +602,8 @@ class NumbaBackend(StepsFromSequence, Backend):
             out = cell(x[t], w_ih, b_ih, *weights, *state, *options)
             state = out if isinstance(out, tuple) else (out,)
             ys[t] = state[0]
-        return (ys[0].unsqueeze(0) if T == 1 else torch.stack(ys), *state)
+        # y its own tensor, never h_n's memory (T == 1): streaming code feeds h_n back and may change y in place
+        return (torch.stack(ys), *state)
 
     def _packed(self, name, check, seq, x, w_ih, b_ih, weights, state, reverse, options, lengths):
         """``<f>_packed_fwd``: x [N, I] the rows of a packed sequence, ``lengths`` its rows' lengths (int64 on
