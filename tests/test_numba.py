@@ -121,6 +121,8 @@ def test_team_threshold_splits_small_steps():
     assert nb._parts(1, 4 * 64 * 64, 64, 100) == min(threads, 4)  # LSTM H64, batch 1, T=100 (4 blocks of 16)
     assert nb._parts(1, 4 * 64 * 64, 64, 10) == 1  # T=10: the region's start is not paid back
     assert nb._parts(1, 4 * 32 * 32, 32, 1000) == 1  # 4096 multiply-adds a step: one thread was faster
+    assert nb._parts(1, 3 * 64 * 64, 64, 100) == 1  # GRU H64, batch 1 (12288): the team bought nothing
+    assert nb._parts(2, 3 * 64 * 64, 64, 200) == min(threads, 4)  # at batch 2 it does
     assert nb._parts(1, 4 * 64 * 64) == 1  # a region a step: the old threshold
     assert nb._parts(16, 1 << 16) == threads
 

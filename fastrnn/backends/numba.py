@@ -42,9 +42,11 @@ PARALLEL_MIN_MACS = 1 << 19
 # 14.98 / 8.41; LSTM H128 (131K) 4.30 / 4.13, H192 11.59 / 6.97 (benchmarks/NOTES.md, thirty-second session)
 CELL_MIN_MACS = 1 << 17
 # the same for the teams of the sequence forwards (team.py: one region a call, a wait a step): split from
-# 2^13 multiply-adds a step (one thread was faster at 4096 and below, two from 12288 up: LSTM, GRU and RNN,
-# H 32-256, B 1-16; benchmarks/NOTES.md, "False sharing in numba's teams", eighteenth session)
-TEAM_MIN_MACS = 1 << 13
+# 2^14 multiply-adds a step. T100 inference, team / one thread: GRU B1 H64 (12288) 0.985, LSTM B1 H64 and RNN
+# B1 H128 (16384) 0.885 and 0.852, GRU B2 H64 0.912, GRU B1 H96 0.784 (benchmarks/NOTES.md, thirty-second
+# session; 2^13 on the Zen 4 of the eighteenth, "False sharing in numba's teams"). A team waits every step
+# for the other core, whatever else runs there: where it buys nothing, one thread
+TEAM_MIN_MACS = 1 << 14
 # and from 2^19 over the whole call: a team's region starts its worker (~8 us here), which the steps must
 # pay back (LSTM H64 batch 1: one thread faster up to T=20, two from T=40)
 TEAM_MIN_CALL_MACS = 1 << 19
@@ -240,10 +242,11 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
         """Multiply-adds a step needs before it is split over threads (a row's: 3/8 of it) in the kernels that
-        open a region a step; the teams' thresholds follow in the defaults' ratios (a step 1/64 of it, a call
-        as much); returns the old value."""
-        global PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS
-        old, PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = PARALLEL_MIN_MACS, value, value >> 6, value
+        open a region a step; the cells' and the teams' thresholds follow in the defaults' ratios (a cell's 1/4
+        of it, a team's step 1/32, a team's call as much); returns the old value."""
+        global PARALLEL_MIN_MACS, CELL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS
+        old = PARALLEL_MIN_MACS
+        PARALLEL_MIN_MACS, CELL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = value, value >> 2, value >> 5, value
         return old
 
     #: the contract's optional ``mm`` and ``empty``: the general path's input projection (the sequence entries
