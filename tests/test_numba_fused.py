@@ -746,7 +746,8 @@ def test_dnn_mm_is_the_product(ta, tb, rows, monkeypatch):
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
 def test_numba_training_runs_its_products_through_mm(name, monkeypatch):
     """In training the numba backend's input projection (its xw from 1 MiB), its two gradients and dW_hh run
-    through its ``mm`` (oneDNN's product) from DNN_MIN_ROWS rows: the outputs and every gradient equal torch.nn's."""
+    through its ``mm`` (oneDNN's product from DNN_MIN_ROWS rows, ``_mm``): the outputs and every gradient equal
+    torch.nn's."""
     from fastrnn.backends import _common
     from fastrnn.backends import numba as nb
     calls = []
@@ -762,4 +763,59 @@ def test_numba_training_runs_its_products_through_mm(name, monkeypatch):
     assert len(calls) == 4  # the projection, its dx and dW_ih, and dW_hh
     for a, b in zip(got, trained_outputs(ref, x), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert nb.NumbaBackend.mm is _common.dnn_mm
+    assert nb.NumbaBackend.mm is nb._mm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("M,K,N", [(100, 256, 1024), (37, 65, 129), (300, 100, 48), (100, 1024, 256)])
+def test_the_backends_product_on_panels(M, K, N, dtype, monkeypatch):
+    """The numba backend's ``mm`` below DNN_MIN_ROWS rows of ``a`` (training products at T x B < 512: the panels'
+    product on numba's threads) in its three forms, a @ bᵀ + bias, a @ b and aᵀ @ b, against float64 torch;
+    a part panel at the end (N not a multiple of 16), odd K; the result contiguous, and the panel path taken."""
+    from fastrnn.backends import _common
+    from fastrnn.backends import numba as nb
+    if nb.NumbaBackend.mm is None:
+        pytest.skip("the numba backend has no product of its own on this CPU (not AMD, or no oneDNN)")
+    monkeypatch.setattr(_common, "DNN_MIN_MACS", 1)  # every size here through the panels
+    torch.manual_seed(3)
+    a, w, bias = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    g = torch.randn(M, N, dtype=dtype)
+    d = torch.float64
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    before = nb.PANEL_MM_CALLS
+    got = [nb.BACKEND.mm(a, False, w, True, bias), nb.BACKEND.mm(a, False, w.t().contiguous(), False, None),
+           nb.BACKEND.mm(g, True, a, False, None)]
+    want = [torch.addmm(bias.to(d), a.to(d), w.to(d).t()), a.to(d) @ w.to(d).t(), g.to(d).t() @ a.to(d)]
+    assert nb.PANEL_MM_CALLS == before + 3
+    for x, y in zip(got, want):
+        assert x.is_contiguous() and x.dtype == dtype
+        torch.testing.assert_close(x.to(d), y, **tol)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_training_products_on_panels(name, dtype, monkeypatch):
+    """A training call whose products (the input projection, its two gradients and dW_hh) run on the panels
+    (the thresholds lowered so that a small call takes them): outputs and every gradient equal torch.nn's."""
+    from fastrnn.backends import _common
+    from fastrnn.backends import numba as nb
+    if nb.NumbaBackend.mm is None:
+        pytest.skip("the numba backend has no product of its own on this CPU (not AMD, or no oneDNN)")
+    monkeypatch.setattr(_common, "DNN_MIN_MACS", 1)
+    monkeypatch.setattr(nb.NumbaBackend, "mm_min_macs", 1)
+    torch.manual_seed(4)
+    ref = getattr(torch.nn, name)(24, 40, num_layers=2, dtype=dtype)
+    ours = getattr(fastrnn, name)(24, 40, num_layers=2, dtype=dtype, backend="numba")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(20, 3, 24, dtype=dtype)
+    outs = []
+    before = nb.PANEL_MM_CALLS
+    for m in (ref, ours):
+        xx = x.clone().requires_grad_()
+        y, h = m(xx)
+        (y.square().sum() + (h[0] if name == "LSTM" else h).sum()).backward()
+        outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    assert nb.PANEL_MM_CALLS >= before + 2 * 4  # per layer: the projection, dx, dW_ih and dW_hh
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for a, b in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, b, **tol)

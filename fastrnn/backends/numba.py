@@ -23,6 +23,7 @@ try:
     from .numba_kernels import gru_options as _gru_opt
     from .numba_kernels import lstm as _lstm
     from .numba_kernels import lstm_options as _lstm_opt
+    from .numba_kernels import panel as _panel
     from .numba_kernels import rnn as _rnn
     from .numba_kernels.common import TWINS as _SERIAL, serial_twin
     _IMPORT_ERROR = None
@@ -127,6 +128,33 @@ def _numba_threads():
         _THREADS_NOW = getattr(parallel, "_get_num_threads", None) or numba.get_num_threads
         return n
     return _THREADS_NOW()
+
+
+#: the products ``_mm`` ran on the panels (the tests check that the path ran)
+PANEL_MM_CALLS = 0
+
+
+def _mm(a, ta, b, tb, bias):
+    """The contract's ``mm`` (``A' @ B' (+ bias)``) on AMD CPUs: oneDNN's product from DNN_MIN_ROWS rows of ``a``
+    (a sequence's T x B; ``dnn_mm``); below that, from DNN_MIN_MACS, the panels' product on numba's own threads
+    (``panel.project``: B' as it lies, Aᵀ copied). At 100 rows (T100 B1) torch's product runs MKL's slow path at
+    170-200 GFLOP/s, the panels at 270-470 (x @ Wᵀ, H64-H512). oneDNN's is as fast alone, but numba's training
+    calls read no faster with it at these sizes (twenty-ninth session; a guess: torch's threads, woken for it,
+    still spinning when numba's next region starts). Module A/B: benchmarks/NOTES.md, thirty-second session."""
+    like = _LIKE.get(a.dtype)
+    M, K = (a.shape[1], a.shape[0]) if ta else a.shape
+    N = b.shape[0] if tb else b.shape[1]
+    if (a.shape[0] >= _common.DNN_MIN_ROWS or M * K * N < _common.DNN_MIN_MACS or like is None
+            or b.dtype is not a.dtype or not (a.is_cpu and b.is_cpu) or (bias is not None and bias.dtype is not a.dtype)):
+        return dnn_mm(a, ta, b, tb, bias)
+    global PANEL_MM_CALLS
+    PANEL_MM_CALLS += 1
+    A = a.t().contiguous() if ta else a.contiguous()
+    out = torch.empty(M, N, dtype=a.dtype)
+    parts = _parts(M, K * N)
+    _kernel(_panel.project, parts)(_np(A), _np(b.contiguous()), like if bias is None else _np(bias.contiguous()),
+                                   _np(out), parts, not tb)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -253,9 +281,12 @@ class NumbaBackend(StepsFromSequence, Backend):
     #: project inside) and, in training, its gradients and dW_hh's, through oneDNN on AMD CPUs, where torch's
     #: MKL path is the slow one (_common.dnn_mm); the buffers from torch's allocator. None on other CPUs (on
     #: Intel's torch's product is as fast) or without oneDNN.
-    mm = None
+    mm = mm_min_macs = None
     if _common._DNN_VENDOR and _common._DNN_LINEAR is not None:
-        mm = staticmethod(dnn_mm)
+        mm = staticmethod(_mm)
+        #: the training projection through ``mm`` below the functional layer's buffer size too, from 2^24
+        #: multiply-adds (as cpp's: below, ``_Projection``'s Python costs more than the product saves)
+        mm_min_macs = 1 << 24
 
         @staticmethod
         def empty(shape, dtype):

@@ -150,6 +150,24 @@ def pack(w, j0, j1, wp):
 
 
 @numba.njit(**JIT)
+def pack_t(wt, j0, j1, wp):
+    """``pack`` of W given as its transpose wt [K, N] (wp[p, k, l] = wt[k, j0 + p*L + l]; 0 past j1): a product
+    with B' = wt as it lies (``project``'s ``wt``), each k a contiguous run of wt's row."""
+    K = wt.shape[0]
+    L = wp.shape[2]
+    zero = wt.dtype.type(0)
+    for p in range(wp.shape[0]):
+        c0 = j0 + p * L
+        m = min(L, max(0, j1 - c0))
+        for k in range(K):
+            row = wt[k]
+            for l in range(m):
+                wp[p, k, l] = row[c0 + l]
+            for l in range(m, L):
+                wp[p, k, l] = zero
+
+
+@numba.njit(**JIT)
 def _group(nv, n, a, a0, lda, wp, w0, K, bias, b0, has_b, out, o0, ldo):
     """Rows [0, n) of a (from element a0) against NV panels from w0 (``nv`` == NV), or one (``nv`` == 1): blocks
     of MR rows, then one at a time (``has_b``: the microkernel's ``init``)."""
@@ -214,7 +232,7 @@ def mm_panels_at(a, a0, n, wp, w0, bias, init, out, r0, c0, cols, tmp):
 
 
 @numba.njit(**JIT)
-def _project_part(x, w, bias, xw, p, parts):
+def _project_part(x, w, bias, xw, p, parts, wt):
     """Part p of ``project``: its whole groups of panels of columns, with its own rows of w packed."""
     rows, N = xw.shape
     L = lanes_of(w)
@@ -223,17 +241,21 @@ def _project_part(x, w, bias, xw, p, parts):
     c0 = groups * p // parts * step
     c1 = min(N, groups * (p + 1) // parts * step)
     if c1 > c0:
-        wp = np.empty((panels(c1 - c0, L), w.shape[1], L), w.dtype)
-        pack(w, c0, c1, wp)
+        K = x.shape[1]
+        wp = np.empty((panels(c1 - c0, L), K, L), w.dtype)
+        if wt:
+            pack_t(w, c0, c1, wp)
+        else:
+            pack(w, c0, c1, wp)
         mm_panels(x, rows, wp, 0, bias, bias.shape[0] > 0, xw, c0, c1 - c0, scratch(w))
 
 
 @numba.njit(parallel=True, **JIT)
-def project(x, w, bias, xw, parts):
+def project(x, w, bias, xw, parts, wt=False):
     """xw = x @ w.T (+ bias): a sequence's input projection (x [rows, I], w [N, I], xw [rows, N]), split over
-    ``parts`` threads by columns."""
+    ``parts`` threads by columns; ``wt``: w given as its transpose, [I, N] (xw = x @ w: the backend's ``mm``)."""
     for p in prange(parts):
-        _project_part(x, w, bias, xw, p, parts)
+        _project_part(x, w, bias, xw, p, parts, wt)
 
 
 @numba.njit(**JIT)
@@ -250,7 +272,7 @@ def input_rows(a_x, a_w_ih, a_b_ih, rows, I, N, parts, like):
     if parts > 1:
         project(x, w, b, xw, parts)
     else:
-        _project_part(x, w, b, xw, 0, 1)
+        _project_part(x, w, b, xw, 0, 1, False)
     return xw
 
 
