@@ -142,7 +142,8 @@ def test_a_split_sets_numbas_thread_count_whatever_set_it_last():
         assert nb._numba_threads() == 1
         assert nb._parts(16, 1 << 16) == threads and numba.get_num_threads() == threads
         numba.set_num_threads(1)
-        assert nb._row_parts(16, None, threads, 64 * 64, torch.empty(0).numpy()) == threads
-        assert numba.get_num_threads() == threads
+        rows = min(threads, 16 // 8)  # 8 rows a thread or more
+        assert nb._row_parts(16, None, threads, 64 * 64, torch.empty(0).numpy()) == rows
+        assert numba.get_num_threads() >= rows
     finally:
         numba.set_num_threads(before)

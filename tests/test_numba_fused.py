@@ -819,3 +819,20 @@ def test_training_products_on_panels(name, dtype, monkeypatch):
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     for a, b in zip(outs[1], outs[0]):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_the_backends_product_refuses_shapes_that_do_not_fit(monkeypatch):
+    """The panels read by address, unchecked: ``mm`` refuses inner sizes or a bias that do not fit (RuntimeError,
+    as torch's product), before any kernel runs."""
+    from fastrnn.backends import _common
+    from fastrnn.backends import numba as nb
+    if nb.NumbaBackend.mm is None:
+        pytest.skip("the numba backend has no product of its own on this CPU (not AMD, or no oneDNN)")
+    monkeypatch.setattr(_common, "DNN_MIN_MACS", 1)
+    a = torch.randn(100, 64)
+    before = nb.PANEL_MM_CALLS
+    for args in ((a, False, torch.randn(96, 63), True, None), (a, False, torch.randn(63, 96), False, None),
+                 (a, True, torch.randn(99, 8), False, None), (a, False, torch.randn(96, 64), True, torch.randn(95))):
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            nb.BACKEND.mm(*args)
+    assert nb.PANEL_MM_CALLS == before

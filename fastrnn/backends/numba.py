@@ -33,8 +33,8 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     _IMPORT_ERROR = e
 
 # a step's GEMM must have at least this many multiply-adds before a kernel that opens a parallel region a
-# step (~2-3 us: the backward kernels, the options' kernels) splits it over threads. Or a row's must have 3/8 of it (a
-# weight matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other
+# step (~2-3 us: the options' kernels) or a product (``_mm``) splits it over threads. Or a row's must have 3/8 of
+# it (a weight matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other
 # thread's half of that read pays for the split at batch 1 already (benchmarks/NOTES.md, "numba's split
 # threshold", seventeenth session)
 PARALLEL_MIN_MACS = 1 << 19
@@ -88,11 +88,11 @@ def _opt(t, ndim, like):
     return t.detach().numpy()
 
 
-def _parts(rows, macs_per_row, units=None, call_rows=0, min_macs=PARALLEL_MIN_MACS):
+def _parts(rows, macs_per_row, units=None, call_rows=0, min_macs=None):
     """How many threads split a call: all of torch's threads when a step's GEMM has enough work to pay for
     the split, else one. The split costs a parallel region a step in the kernels that open one a step (the
-    backward kernels, the options' kernels: ~2-3 us; PARALLEL_MIN_MACS, or ``min_macs``: the cells' CELL_MIN_MACS,
-    one region a call), and one region a call
+    options' kernels: ~2-3 us; PARALLEL_MIN_MACS, read at the call, or ``min_macs``: the cells' CELL_MIN_MACS, one
+    region a call), and one region a call
     plus a wait a step in the teams of the sequence forwards (team.py; TEAM_MIN_MACS a step and
     TEAM_MIN_CALL_MACS over the ``call_rows`` of the call: the region's start has to be paid back).
     ``units``, given for a team only: its parts are blocks of at least 16 units (``split``) and each waits
@@ -100,7 +100,7 @@ def _parts(rows, macs_per_row, units=None, call_rows=0, min_macs=PARALLEL_MIN_MA
     if units is not None:
         if rows * macs_per_row < TEAM_MIN_MACS or call_rows * macs_per_row < TEAM_MIN_CALL_MACS:
             return 1
-    elif rows * macs_per_row < min_macs and 8 * macs_per_row < 3 * min_macs:
+    elif rows * macs_per_row < (m := PARALLEL_MIN_MACS if min_macs is None else min_macs) and 8 * macs_per_row < 3 * m:
         return 1
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if units is not None:
@@ -147,6 +147,10 @@ def _mm(a, ta, b, tb, bias):
     if (a.shape[0] >= _common.DNN_MIN_ROWS or M * K * N < _common.DNN_MIN_MACS or like is None
             or b.dtype is not a.dtype or not (a.is_cpu and b.is_cpu) or (bias is not None and bias.dtype is not a.dtype)):
         return dnn_mm(a, ta, b, tb, bias)
+    if (b.shape[1] if tb else b.shape[0]) != K or (bias is not None and bias.shape != (N,)):
+        raise RuntimeError(f"fastrnn numba mm: shapes cannot be multiplied ({M}x{K} and "
+                           f"{'x'.join(map(str, b.t().shape if tb else b.shape))}, bias "
+                           f"{None if bias is None else tuple(bias.shape)})")
     global PANEL_MM_CALLS
     PANEL_MM_CALLS += 1
     A = a.t().contiguous() if ta else a.contiguous()
@@ -278,9 +282,9 @@ class NumbaBackend(StepsFromSequence, Backend):
         return old
 
     #: the contract's optional ``mm`` and ``empty``: the general path's input projection (the sequence entries
-    #: project inside) and, in training, its gradients and dW_hh's, through oneDNN on AMD CPUs, where torch's
-    #: MKL path is the slow one (_common.dnn_mm); the buffers from torch's allocator. None on other CPUs (on
-    #: Intel's torch's product is as fast) or without oneDNN.
+    #: project inside) and, in training, its gradients and dW_hh's, on AMD CPUs, where torch's MKL path is the
+    #: slow one: through oneDNN from DNN_MIN_ROWS rows, below on the panels (``_mm``); the buffers from torch's
+    #: allocator. None on other CPUs (on Intel's torch's product is as fast) or without oneDNN.
     mm = mm_min_macs = None
     if _common._DNN_VENDOR and _common._DNN_LINEAR is not None:
         mm = staticmethod(_mm)
@@ -622,7 +626,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         projected input, given the addresses of the tensors after w_ih and b_ih, from ``check`` (the cell entry's
         checks, ``check(name, x, ...)``, on x itself: ``seq``)."""
         if x.dim() != 3:
-            raise RuntimeError(f"fastrnn numba chunk: x must be [T, B, I], got {tuple(x.shape)}")
+            raise RuntimeError(f"fastrnn numba {name}: x must be [T, B, I], got {tuple(x.shape)}")
         T, B = x.shape[:2]
         if T * B > self.CELL_ROWS:
             _, _, H, P, like, addr, keep = check(name, x, w_ih, b_ih, *weights, *state, *options, seq=True)

@@ -270,7 +270,7 @@ def input_rows(a_x, a_w_ih, a_b_ih, rows, I, N, parts, like):
     xw = lines((rows, N), like.dtype)
     x, w, b = at(a_x, (rows, I), like), at(a_w_ih, (N, I), like), at(a_b_ih, (N if a_b_ih else 0,), like)
     if parts > 1:
-        project(x, w, b, xw, parts)
+        project(x, w, b, xw, parts, False)
     else:
         _project_part(x, w, b, xw, 0, 1, False)
     return xw
