@@ -33,20 +33,17 @@ except ImportError as e:  # numba missing or broken: the backend is unavailable,
     _IMPORT_ERROR = e
 
 # a step's GEMM must have at least this many multiply-adds before a kernel that opens a parallel region a
-# step (~2-3 us: the options' kernels) or a product (``_mm``) splits it over threads. Or a row's must have 3/8 of
-# it (a weight matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other
+# step (~2-3 us: the options' kernels, the cells) or a product (``_mm``) splits it over threads. Or a row's
+# must have 3/8 of it (a weight matrix of 3/4 MiB in float32): one thread then reads the whole of it each step, and the other
 # thread's half of that read pays for the split at batch 1 already (benchmarks/NOTES.md, "numba's split
 # threshold", seventeenth session)
 PARALLEL_MIN_MACS = 1 << 19
-# the fused cells (one region a call) from 2^17: at batch 1, one thread / two, kernel alone, µs: RNN H192 (74K
-# multiply-adds) 3.08 / 3.03, H256 (131K) 4.93 / 4.06; GRU H128 (98K) 3.08 / 3.24, H192 (221K) 7.86 / 5.55, H256
-# 14.98 / 8.41; LSTM H128 (131K) 4.30 / 4.13, H192 11.59 / 6.97 (benchmarks/NOTES.md, thirty-second session)
-CELL_MIN_MACS = 1 << 17
 # the same for the teams of the sequence forwards (team.py: one region a call, a wait a step): split from
 # 2^14 multiply-adds a step. T100 inference, team / one thread: GRU B1 H64 (12288) 0.985, LSTM B1 H64 and RNN
 # B1 H128 (16384) 0.885 and 0.852, GRU B2 H64 0.912, GRU B1 H96 0.784 (benchmarks/NOTES.md, thirty-second
-# session; 2^13 on the Zen 4 of the eighteenth, "False sharing in numba's teams"). A team waits every step
-# for the other core, whatever else runs there: where it buys nothing, one thread
+# session; 2^13 on the Zen 4 of the eighteenth, "False sharing in numba's teams"; `python -m benchmarks.train_ab
+# --variant team_min --backend numba`: RNN B2 H64 (8192) 0.75). A team waits every step for the other core,
+# whatever else runs there: where it buys nothing, one thread
 TEAM_MIN_MACS = 1 << 14
 # and from 2^19 over the whole call: a team's region starts its worker (~8 us here), which the steps must
 # pay back (LSTM H64 batch 1: one thread faster up to T=20, two from T=40)
@@ -88,11 +85,10 @@ def _opt(t, ndim, like):
     return t.detach().numpy()
 
 
-def _parts(rows, macs_per_row, units=None, call_rows=0, min_macs=None):
+def _parts(rows, macs_per_row, units=None, call_rows=0):
     """How many threads split a call: all of torch's threads when a step's GEMM has enough work to pay for
     the split, else one. The split costs a parallel region a step in the kernels that open one a step (the
-    options' kernels: ~2-3 us; PARALLEL_MIN_MACS, read at the call, or ``min_macs``: the cells' CELL_MIN_MACS, one
-    region a call), and one region a call
+    options' kernels, the cells: ~2-3 us; PARALLEL_MIN_MACS), and one region a call
     plus a wait a step in the teams of the sequence forwards (team.py; TEAM_MIN_MACS a step and
     TEAM_MIN_CALL_MACS over the ``call_rows`` of the call: the region's start has to be paid back).
     ``units``, given for a team only: its parts are blocks of at least 16 units (``split``) and each waits
@@ -100,7 +96,7 @@ def _parts(rows, macs_per_row, units=None, call_rows=0, min_macs=None):
     if units is not None:
         if rows * macs_per_row < TEAM_MIN_MACS or call_rows * macs_per_row < TEAM_MIN_CALL_MACS:
             return 1
-    elif rows * macs_per_row < (m := PARALLEL_MIN_MACS if min_macs is None else min_macs) and 8 * macs_per_row < 3 * m:
+    elif rows * macs_per_row < PARALLEL_MIN_MACS and 8 * macs_per_row < 3 * PARALLEL_MIN_MACS:
         return 1
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if units is not None:
@@ -274,11 +270,10 @@ class NumbaBackend(StepsFromSequence, Backend):
     @staticmethod
     def set_parallel_min_macs(value: int) -> int:
         """Multiply-adds a step needs before it is split over threads (a row's: 3/8 of it) in the kernels that
-        open a region a step; the cells' and the teams' thresholds follow in the defaults' ratios (a cell's 1/4
-        of it, a team's step 1/32, a team's call as much); returns the old value."""
-        global PARALLEL_MIN_MACS, CELL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS
-        old = PARALLEL_MIN_MACS
-        PARALLEL_MIN_MACS, CELL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = value, value >> 2, value >> 5, value
+        open a region a step; the teams' thresholds follow in the defaults' ratios (a step 1/32 of it, a call
+        as much); returns the old value."""
+        global PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS
+        old, PARALLEL_MIN_MACS, TEAM_MIN_MACS, TEAM_MIN_CALL_MACS = PARALLEL_MIN_MACS, value, value >> 5, value
         return old
 
     #: the contract's optional ``mm`` and ``empty``: the general path's input projection (the sequence entries
@@ -581,7 +576,7 @@ class NumbaBackend(StepsFromSequence, Backend):
         B, I, H, P, like, addr, keep = _lstm_addresses("lstm_cell_fwd", x, w_ih, b_ih, w_hh, b_hh, w_hr, w_ch, h, c,
                                                        coupled)
         h_out, c_out = x.new_empty(B, P), x.new_empty(B, H)
-        parts = _parts(B, G * H * (I + P), min_macs=CELL_MIN_MACS)
+        parts = _parts(B, G * H * (I + P))
         _kernel(_lstm.lstm_cell, parts)(*addr[:7], bool(coupled), *addr[7:], h_out.data_ptr(), c_out.data_ptr(),
                                         B, I, H, P, parts, like)
         return h_out, c_out
@@ -589,14 +584,14 @@ class NumbaBackend(StepsFromSequence, Backend):
     def gru_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h):
         B, I, H, _, like, addr, keep = _gru_checks("gru_cell_fwd", x, w_ih, b_ih, w_hh, b_hh, h)
         h_out = x.new_empty(B, H)
-        parts = _parts(B, 3 * H * (I + H), min_macs=CELL_MIN_MACS)
+        parts = _parts(B, 3 * H * (I + H))
         _kernel(_gru.gru_cell, parts)(*addr, h_out.data_ptr(), B, I, H, parts, like)
         return h_out
 
     def rnn_cell_fwd(self, x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity):
         B, I, H, _, like, addr, keep = _rnn_checks("rnn_cell_fwd", x, w_ih, b_ih, w_hh, b_hh, h, nonlinearity)
         h_out = x.new_empty(B, H)
-        parts = _parts(B, H * (I + H), min_macs=CELL_MIN_MACS)
+        parts = _parts(B, H * (I + H))
         _kernel(_rnn.rnn_cell, parts)(*addr, h_out.data_ptr(), B, I, H, nonlinearity == "relu", parts, like)
         return h_out
 
@@ -793,18 +788,18 @@ class _CellTrain(torch.autograd.Function):
             B, I, H, _, like, addr, keep = _lstm_addresses(name, x, w_ih, b_ih, w_hh, b_hh, None, None, *state, False)
             out = (x.new_empty(shape), x.new_empty(shape))
             ws = x.new_empty(B * 5 * H)
-            parts = _parts(B, 4 * H * (I + H), min_macs=CELL_MIN_MACS)
+            parts = _parts(B, 4 * H * (I + H))
             _kernel(_lstm.lstm_cell_train, parts)(*addr[:5], *addr[7:], out[0].data_ptr(), out[1].data_ptr(),
                                                    ws.data_ptr(), B, I, H, parts, like)
         elif family == "gru":
             B, I, H, _, like, addr, keep = _gru_checks(name, x, w_ih, b_ih, w_hh, b_hh, *state)
             out, ws = (x.new_empty(shape),), x.new_empty(B * 4 * H)
-            parts = _parts(B, 3 * H * (I + H), min_macs=CELL_MIN_MACS)
+            parts = _parts(B, 3 * H * (I + H))
             _kernel(_gru.gru_cell_train, parts)(*addr, out[0].data_ptr(), ws.data_ptr(), B, I, H, parts, like)
         else:
             B, I, H, _, like, addr, keep = _rnn_checks(name, x, w_ih, b_ih, w_hh, b_hh, *state, nonlinearity)
             out, ws = (x.new_empty(shape),), x.new_empty(B, H)
-            parts = _parts(B, H * (I + H), min_macs=CELL_MIN_MACS)
+            parts = _parts(B, H * (I + H))
             _kernel(_rnn.rnn_cell_train, parts)(*addr, out[0].data_ptr(), ws.data_ptr(), B, I, H,
                                                 nonlinearity == "relu", parts, like)
         ctx.family, ctx.nonlinearity, ctx.seq, ctx.ws = family, nonlinearity, seq, ws
