@@ -1,7 +1,7 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
-    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows|row_kernels
-        [--budget S] [--backend cpp]
+    python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows|row_kernels|
+        panel_mm|team_min [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -21,7 +21,12 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
   bidirectional), the sequence ops on the PackedSequence's rows as they are, off = on [T,B,*] copies of xw
   and y (the backend's ``packed_rows`` switched off: NOTES, twenty-third session);
 - ``row_kernels`` (numba): inference at 1-2 rows (T100: B1 H64, B1 H256, B2 H128), every gate's panel in one
-  call below 4 rows as it is, off = ``mm_nt`` below 4 rows (PANEL_MIN_ROWS 4: NOTES, thirty-first session).
+  call below 4 rows as it is, off = ``mm_nt`` below 4 rows (PANEL_MIN_ROWS 4: NOTES, thirty-first session);
+- ``panel_mm`` (numba): training at fewer than 512 rows (T100: B1 H256, B2 H256, B1 H512), the products on the
+  panels as they are (``numba._mm``, and the projection through it from ``mm_min_macs``), off = torch's product
+  below 512 rows and the projection by ``F.linear`` below 1 MiB (NOTES, thirty-second session);
+- ``team_min`` (numba): inference at batch 1-2 (T100: B1 H64, B2 H64, B1 H128), the teams from TEAM_MIN_MACS
+  as it is, off = from 2^13 (NOTES, thirty-second session).
 """
 from __future__ import annotations
 
@@ -83,9 +88,17 @@ def providers(variant, w, cell, backend):
         return run, _switched(run, mock.patch.object(modules, "one_step_layers", _cell_form_layers))
     if variant == "packed_rows":
         return run, _switched(run, mock.patch.object(type(dispatch.get(backend)), "packed_rows", False))
-    if variant == "row_kernels":
+    if variant in ("row_kernels", "panel_mm", "team_min"):
+        from fastrnn.backends import _common
         from fastrnn.backends import numba as nb
-        return run, _switched(run, mock.patch.object(nb, "PANEL_MIN_ROWS", 4))
+        target, off = {"row_kernels": (nb, dict(PANEL_MIN_ROWS=4)),
+                       "panel_mm": (nb.NumbaBackend, dict(mm=staticmethod(_common.dnn_mm), mm_min_macs=None)),
+                       "team_min": (nb, dict(TEAM_MIN_MACS=1 << 13))}[variant]
+        # "on" through the same patching, of the values as they are: a patch's enter and exit cost microseconds,
+        # a share of a batch-1 inference call
+        now = {k: target.__dict__[k] for k in off}
+        return (_switched(run, mock.patch.multiple(target, **now)),
+                _switched(run, mock.patch.multiple(target, **off)))
     plain = w.modules[backend]
     dropped = getattr(fastrnn, cell)(plain.input_size, plain.hidden_size, backend=backend, weight_dropout=0.3)
     dropped.load_state_dict(plain.state_dict())
@@ -96,7 +109,7 @@ def providers(variant, w, cell, backend):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows",
-                                              "row_kernels"], required=True)
+                                              "row_kernels", "panel_mm", "team_min"], required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
     args = ap.parse_args(argv)
@@ -105,7 +118,9 @@ def main(argv=None):
     mode, T, shapes = {"seq_form": ("decoding", 50, ((16, 256, {}), (1, 64, {}))),
                        "packed_rows": ("training", 100, ((16, 256, dict(packed=True)),
                                                          (16, 256, dict(packed=True, layers=2, bidirectional=True)))),
-                       "row_kernels": ("inference", 100, ((1, 64, {}), (1, 256, {}), (2, 128, {})))
+                       "row_kernels": ("inference", 100, ((1, 64, {}), (1, 256, {}), (2, 128, {}))),
+                       "panel_mm": ("training", 100, ((1, 256, {}), (2, 256, {}), (1, 512, {}))),
+                       "team_min": ("inference", 100, ((1, 64, {}), (2, 64, {}), (1, 128, {})))
                        }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
         for B, H, kw in shapes:
