@@ -812,9 +812,11 @@ def test_training_products_on_panels(name, dtype, monkeypatch):
     before = nb.PANEL_MM_CALLS
     for m in (ref, ours):
         xx = x.clone().requires_grad_()
-        y, h = m(xx)
-        (y.square().sum() + (h[0] if name == "LSTM" else h).sum()).backward()
+        with dispatch.record_calls() as ran:
+            y, h = m(xx)
+            (y.square().sum() + (h[0] if name == "LSTM" else h).sum()).backward()
         outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    assert backends_used(ran) == {"numba"}
     assert nb.PANEL_MM_CALLS >= before + 2 * 4  # per layer: the projection, dx, dW_ih and dW_hh
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     for a, b in zip(outs[1], outs[0]):

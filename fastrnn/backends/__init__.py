@@ -91,7 +91,9 @@ with the backend attribute ``chunk_max_rows``: a whole dense sequence (x [T,B,I]
 input projection inside the call, as ``<f>_seq_fwd`` with ``save`` False computes it from ``xw``.
 ``fastrnn.functional`` calls it directly, on the same conditions as ``<f>_cell_fwd``, for a
 layer-direction of at most ``chunk_max_rows`` rows (T x B; ``math.inf``: any length): at least the short
-chunks of a stream, where one call beats a separate projection and recurrence.
+chunks of a stream, where one call beats a separate projection and recurrence. y and each state_n are tensors
+of their own, sharing no memory, also at T = 1: the functional layer hands state_n out as a view, and a caller
+may change y in place before feeding the state back (``test_inplace_on_output_leaves_the_state``).
 
 Optional, for inference: ``<f>_packed_fwd(x, w_ih, b_ih, *weights, *state0, reverse, *options, lengths)
 -> (y, *state_n)``: the same for a packed sequence, x [N,I] and y [N,P] its rows in PackedSequence order
