@@ -65,13 +65,24 @@ FASTRNN_CLONES void add_gate_bias(double* c, int64_t ldc, int64_t rows, int64_t 
   add_gate_bias_impl<double>(c, ldc, rows, G, U, nu, bias, H);
 }
 
-void check_float(const at::Tensor& t, const char* what, const at::Tensor& like) {
+namespace {
+void check_dtype_device(const at::Tensor& t, const char* what, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "fastrnn cpp backend: ", what, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
               "fastrnn cpp backend: ", what, " must be float32 or float64, got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastrnn cpp backend: ", what, " has dtype ", t.scalar_type(),
               " but the input has ", like.scalar_type());
+}
+}  // namespace
+
+void check_float(const at::Tensor& t, const char* what, const at::Tensor& like) {
+  check_dtype_device(t, what, like);
   TORCH_CHECK(t.is_contiguous(), "fastrnn cpp backend: ", what, " must be contiguous");
+}
+
+void check_strided(const at::Tensor& t, const char* what, at::IntArrayRef shape, const at::Tensor& like) {
+  check_dtype_device(t, what, like);
+  check_shape(t, what, shape);
 }
 
 void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape) {
@@ -177,7 +188,7 @@ StateDims check_single_state(const at::Tensor& like, int64_t T, int64_t B, int64
 
 void check_single_state_grads(const StateDims& d, const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                               const at::Tensor& y, const at::Tensor& xw) {
-  check_tensor(grad_y, "grad_y", d.per_step(d.H), xw);
+  check_strided(grad_y, "grad_y", d.per_step(d.H), xw);
   check_tensor(grad_h_n, "grad_h_n", {d.B, d.H}, xw);
   check_tensor(y, "y", d.per_step(d.H), xw);
 }

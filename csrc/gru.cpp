@@ -357,6 +357,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.zoneout_h = T(o.z);
     a.phases = ln ? 2 : 1;
     a.row0 = R.row0;
+    a.read_grad_y(grad_y);
     const int slots = at::get_num_threads();
     at::Tensor parts = at::zeros({ln ? slots * B * 2 : 0}, xw.options());
     const T* gain = tptr<T>(o.ln_h);

@@ -717,6 +717,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
     a.zoneout_h = T(o.zh);
     a.phases = o.ln() ? 3 : 1;  // layer norm: c~'s, then the product's (bwd_opts)
     a.row0 = R.row0;
+    a.read_grad_y(grad_y);
     const int64_t off_ctil = N * (GH + H + (proj ? H : 0));
     const T* ctil = o.cell() ? wsp + off_ctil : nullptr;
     const T* xhat = o.ln() ? wsp + off_ctil + N * H : nullptr;
@@ -774,7 +775,7 @@ Grads seq_bwd(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Te
               bool reverse, bool coupled, double zoneout_h, double zoneout_c) {
   const Dims d = check_args(xw, w_hh, b_hh, w_hr, w_ch, h0, c0, lengths, coupled);
   const Opts o = check_opts(d, xw, ln_h, ln_c, ln_cb, rmask, zmask_h, zmask_c, zoneout_h, zoneout_c);
-  check_tensor(grad_y, "grad_y", d.per_step(d.P), xw);
+  check_strided(grad_y, "grad_y", d.per_step(d.P), xw);
   check_tensor(grad_h_n, "grad_h_n", {d.B, d.P}, xw);
   check_tensor(grad_c_n, "grad_c_n", {d.B, d.H}, xw);
   check_tensor(y, "y", d.per_step(d.P), xw);

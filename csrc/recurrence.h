@@ -22,6 +22,7 @@
 #include <limits>
 #include <unistd.h>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
@@ -1066,6 +1067,19 @@ struct BwdArgs {
   // a packed sequence's rows (StepRows): grad_y, y, d_rec, hprev and dh_proj hold step t's rows from
   // row0[t]; null: [T, B, *]
   const int64_t* row0 = nullptr;
+  // grad_y's strides in elements (a step's, a row's, a column's; a step's unused with row0), as
+  // read_grad_y sets them; gy_step < 0: grad_y is contiguous
+  int64_t gy_step = -1, gy_row = 0, gy_col = 0;
+  // grad_y read in place with whatever strides it has ([T, B, P], or [N, P] packed rows): a gradient that
+  // arrives expanded (a sum's, a mean's, or the zeros of an unused y) or transposed (batch_first's) costs
+  // no contiguous copy of [T, B, P] (benchmarks/NOTES.md, thirty-third session)
+  void read_grad_y(const at::Tensor& g) {
+    grad_y = g.data_ptr<T>();
+    const bool steps = g.dim() == 3;
+    gy_step = steps ? g.stride(0) : 0;
+    gy_row = g.stride(steps ? 1 : 0);
+    gy_col = g.stride(steps ? 2 : 1);
+  }
 };
 
 template <typename T, typename Point>
@@ -1087,21 +1101,36 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
   auto tf = [&](int64_t it) { return a.reverse ? T_ - 1 - it : it; };  // forward step it -> time
   const StepRows row_of{a.row0, B};
 
+  // grad_y's strides (BwdArgs::read_grad_y), and where row b of step t starts in it
+  const bool gy_dense = a.gy_step < 0;
+  const int64_t gy_step = gy_dense ? B * P : a.gy_step, gy_row = gy_dense ? P : a.gy_row, gy_col = gy_dense ? 1 : a.gy_col;
+  auto gy_of = [&](int64_t t, int64_t b) {
+    return a.grad_y + (a.row0 ? (a.row0[t] + b) * gy_row : t * gy_step + b * gy_row);
+  };
   // dh of the step at `it` for the worker's rows [b0, b0 + rows(w, bs)), columns [p0, p0 + np): grad_y + the
-  // recurrent part
+  // recurrent part (columns one apart in grad_y: the loop that vectorizes)
   auto make_dh = [&](int64_t it, int w, int64_t p0, int64_t np, T* dst) {
     const int64_t t = tf(it), b0 = L.b0(w), bw = L.rows(w, a.sizes[t]);
-    for (int64_t b = b0; b < b0 + bw; ++b)
-      for (int64_t p = p0; p < p0 + np; ++p) {
-        const T full = a.grad_y[(row_of(t) + b) * P + p] + a.dh_rec[b * P + p];
-        if (zon) {
-          const T k = keep_of(a.zmask_h, a.zoneout_h, t, B, P, b, p);
-          dst[b * P + p] = (T(1) - k) * full;
-          a.dh_rec[b * P + p] = k * full;
-        } else {
-          dst[b * P + p] = full;
+    auto rows = [&](auto unit) {
+      constexpr bool one = decltype(unit)::value;
+      for (int64_t b = b0; b < b0 + bw; ++b) {
+        const T* g = gy_of(t, b);
+        for (int64_t p = p0; p < p0 + np; ++p) {
+          const T full = g[one ? p : p * gy_col] + a.dh_rec[b * P + p];
+          if (zon) {
+            const T k = keep_of(a.zmask_h, a.zoneout_h, t, B, P, b, p);
+            dst[b * P + p] = (T(1) - k) * full;
+            a.dh_rec[b * P + p] = k * full;
+          } else {
+            dst[b * P + p] = full;
+          }
         }
       }
+    };
+    if (gy_col == 1)
+      rows(std::true_type{});
+    else
+      rows(std::false_type{});
   };
 
   run_team(nw, [&](Member& m) {
@@ -1199,6 +1228,8 @@ void check_float(const at::Tensor& t, const char* what, const at::Tensor& like);
 void check_shape(const at::Tensor& t, const char* what, at::IntArrayRef shape);
 // check_float and check_shape together
 void check_tensor(const at::Tensor& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
+// check_tensor without the contiguity: a backward's grad_y, which it reads with its strides (read_grad_y)
+void check_strided(const at::Tensor& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
 void check_opt(const c10::optional<at::Tensor>& t, const char* what, at::IntArrayRef shape, const at::Tensor& like);
 
 // A sequence op's xw: [T, B, GH], or with lengths a packed sequence's rows [N, GH] (a training call's packed

@@ -135,6 +135,7 @@ Grads seq_bwd_impl(const Dims& d, const at::Tensor& grad_y, const at::Tensor& gr
                  yp, d_xw.data_ptr<T>(), dh0.data_ptr<T>(), dh_cur.data_ptr<T>(), nullptr, hprev.data_ptr<T>(),
                  batch_sizes(lengths, T_, B)};
     a.row0 = R.row0;
+    a.read_grad_y(grad_y);
     T* dx = d_xw.data_ptr<T>();
     backward_driver<T>(a, [&](int ph, int w, int64_t t, int64_t bs, int64_t, int64_t, int64_t u0, int64_t nu, const T* dh,
                               int64_t ldh, int64_t b0) {

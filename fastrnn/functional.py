@@ -287,7 +287,7 @@ def _project(x, w_ih, b_ih, alloc, ln_ih=None, mm=None, mm_min_macs=None):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, b_ih)):
         if mm is not None:  # the backend's product takes contiguous tensors
             x2, w_ih, b_ih = x2.contiguous(), w_ih.contiguous(), None if b_ih is None else b_ih.contiguous()
-        out = _Projection.apply(x2, w_ih, b_ih, alloc, mm)
+        out = (_Projection if ops.functorch_active() else _ProjectionEager).apply(x2, w_ih, b_ih, alloc, mm)
     elif mm is not None:
         out = mm(x2.contiguous(), False, w_ih.contiguous(), True, None if b_ih is None else b_ih.contiguous())
     else:
@@ -304,44 +304,71 @@ def _linear_into(out, x2, w, b):
     return torch.mm(x2, w.t(), out=out) if b is None else torch.addmm(b, x2, w.t(), out=out)
 
 
+def _projection_fwd(x2, w, b, alloc, mm):
+    if mm is not None:
+        return mm(x2, False, w, True, b)
+    return _linear_into(alloc([x2.shape[0], w.shape[0]], x2.dtype), x2, w, b)
+
+
+def _projection_ctx(ctx, x2, w, b, alloc, mm):
+    ctx.save_for_backward(x2, w)
+    ctx.alloc, ctx.mm, ctx.has_bias = alloc, mm, b is not None
+
+
 class _Projection(torch.autograd.Function):
     """``F.linear`` of a 2-D input with its output, and its backward's dx, in buffers from ``alloc``; with
-    ``mm`` (a backend's optional ``mm``) the forward's product and the backward's two through it."""
+    ``mm`` (a backend's optional ``mm``) the forward's product and the backward's two through it. This form
+    (a separate ``setup_context``) is the one torch.func transforms take; ``_ProjectionEager`` is the same
+    node for the other calls: with a ``setup_context``, ``Function.apply`` binds the arguments through
+    ``inspect.signature`` (~14 us of every training call's layer-direction, benchmarks/NOTES.md)."""
 
     @staticmethod
     def forward(x2, w, b, alloc, mm):
-        if mm is not None:
-            return mm(x2, False, w, True, b)
-        return _linear_into(alloc([x2.shape[0], w.shape[0]], x2.dtype), x2, w, b)
+        return _projection_fwd(x2, w, b, alloc, mm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x2, w, b, alloc, mm = inputs
-        ctx.save_for_backward(x2, w)
-        ctx.alloc, ctx.mm, ctx.has_bias = alloc, mm, b is not None
+        _projection_ctx(ctx, *inputs)
 
     @staticmethod
     def backward(ctx, g):
-        x2, w = ctx.saved_tensors
-        dx = dw = db = None
-        # out= and the backend's product are not differentiable: a double backward (create_graph) takes the
-        # plain products
-        plain = torch.is_grad_enabled()
-        mm = None if plain else ctx.mm
-        if mm is not None:
-            g = g.contiguous()
-        if ctx.needs_input_grad[0]:
-            if plain:
-                dx = g.mm(w)
-            elif mm is not None:
-                dx = mm(g, False, w, False, None)
-            else:
-                dx = torch.mm(g, w, out=ctx.alloc([g.shape[0], w.shape[1]], g.dtype))
-        if ctx.needs_input_grad[1]:
-            dw = g.t().mm(x2) if mm is None else mm(g, True, x2, False, None)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g.sum(0)
-        return dx, dw, db, None, None
+        return _projection_bwd(ctx, g)
+
+
+class _ProjectionEager(torch.autograd.Function):
+    """``_Projection`` with the context set in its forward (see there)."""
+
+    @staticmethod
+    def forward(ctx, x2, w, b, alloc, mm):
+        _projection_ctx(ctx, x2, w, b, alloc, mm)
+        return _projection_fwd(x2, w, b, alloc, mm)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _projection_bwd(ctx, g)
+
+
+def _projection_bwd(ctx, g):
+    x2, w = ctx.saved_tensors
+    dx = dw = db = None
+    # out= and the backend's product are not differentiable: a double backward (create_graph) takes the
+    # plain products
+    plain = torch.is_grad_enabled()
+    mm = None if plain else ctx.mm
+    if mm is not None:
+        g = g.contiguous()
+    if ctx.needs_input_grad[0]:
+        if plain:
+            dx = g.mm(w)
+        elif mm is not None:
+            dx = mm(g, False, w, False, None)
+        else:
+            dx = torch.mm(g, w, out=ctx.alloc([g.shape[0], w.shape[1]], g.dtype))
+    if ctx.needs_input_grad[1]:
+        dw = g.t().mm(x2) if mm is None else mm(g, True, x2, False, None)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = g.sum(0)
+    return dx, dw, db, None, None
 
 
 def cell_step(family, x, state, w_ih, b_ih, hh, options, backend, ln_ih=None):

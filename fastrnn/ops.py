@@ -128,8 +128,18 @@ def _autograd(family, scope, bwd_name):
         saved = ctx.saved_tensors
         # the outputs the grads belong to: (y,) + state for seq, state for step; no gradient flows into ws
         like = ((saved[-2],) if scope == "seq" else ()) + tuple(saved[1 + nw:1 + nw + ns])
-        grads = [torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
-                 for g, o in zip(grads[:-1], like)]
+        grads = list(grads[:-1])
+        # a first-order backward on a backend that reads grad_y with its strides (``strided_grad_y``) takes
+        # it as it comes: an expanded one (a sum's, a mean's; zeros where y had no gradient) or a transposed
+        # one (batch_first's) without a [T,B,P] copy
+        strided = scope == "seq" and not torch.is_grad_enabled() and _strided_grad_y(ctx.opts[-1])
+        if strided:
+            y = like[0]
+            g = grads[0]
+            grads[0] = y.new_zeros(()).expand(y.shape) if g is None else g
+        grads = [g if strided and k == 0 else
+                 torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
+                 for k, (g, o) in enumerate(zip(grads, like))]
         # with create_graph the backward op is recorded with its own derivative (_double_backward); without,
         # its implementation runs directly where nothing intercepts ops (its autograd layer is Python)
         if torch.is_grad_enabled():
@@ -144,6 +154,12 @@ def _autograd(family, scope, bwd_name):
         return (*res, *([None] * extra))
 
     return setup_context, backward
+
+
+def _strided_grad_y(backend):
+    """Does ``backend``'s sequence backward read grad_y with any strides (the contract's optional
+    ``strided_grad_y``)?"""
+    return getattr(dispatch.get(backend), "strided_grad_y", False)
 
 
 def _double_backward(family, scope):

@@ -247,6 +247,29 @@ def test_training_projection_is_cached(cls, monkeypatch):
     torch.testing.assert_close(y1, y2, atol=0, rtol=0)
 
 
+def test_training_projection_binds_no_signature(monkeypatch):
+    """The training projection's node (functional._ProjectionEager, outside torch.func transforms) sets its
+    context in its forward: Function.apply then binds no arguments through inspect.signature (~14 us a
+    layer-direction, benchmarks/NOTES.md), and the gradients are torch.nn's."""
+    import inspect
+    from fastrnn import functional
+    mod, ref = _big_pair(fastrnn.GRU, torch.nn.GRU)
+    x = torch.randn(BIG["T"], BIG["B"], BIG["I"], requires_grad=True)
+    bound, nodes = [], []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **k: bound.append(a) or real(*a, **k))
+    y, _ = mod(x)
+    node = y.grad_fn
+    while node is not None and not nodes:  # down to the projection's node
+        nodes += [type(n).__name__ for n, _ in node.next_functions if n is not None and "Projection" in type(n).__name__]
+        node = next((n for n, _ in node.next_functions if n is not None), None)
+    got = torch.autograd.grad(y.sum(), (x, *mod.parameters()))
+    assert bound == [] and nodes == ["_ProjectionEagerBackward"]
+    want = torch.autograd.grad(ref(x)[0].sum(), (x, *ref.parameters()))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("I,through_mm", [(1024, True), (64, False)])
 def test_a_small_projection_goes_through_mm_from_its_macs(I, through_mm, monkeypatch):
     """Below the cached buffers' size (1 MiB of xw) the input projection and its two gradients run through
@@ -358,6 +381,118 @@ def test_own_mm_rule():
     from fastrnn.policy import cpu_vendor
     assert cpp._C.own_mm(1600, 1024, 256) == (cpu_vendor() != "intel")
     assert not cpp._C.own_mm(1600, 16, 256) and not cpp._C.own_mm(8, 8, 8)
+
+
+class _GradYSpy:
+    """cpp.OPS with its sequence backwards noting the strides of the grad_y they are given."""
+
+    def __init__(self, ops):
+        self.ops, self.strides = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+        if not name.endswith("_seq_bwd"):
+            return op
+
+        def call(grad_y, *args):
+            self.strides.append((tuple(grad_y.stride()), grad_y.is_contiguous()))
+            return op(grad_y, *args)
+        return call
+
+
+# (name, module kwargs, input form, loss): the gradients autograd hands the sequence backward as they come
+GRAD_Y_CASES = [
+    ("LSTM", {}, "dense", "sum"),            # y.sum(): an expanded one, strides all 0
+    ("GRU", {"batch_first": True}, "dense", "weighted"),  # batch_first: [T,B,H] transposed from [B,T,H]
+    ("RNN", {}, "dense", "h_n"),             # y has no gradient: an expanded zero
+    ("LSTM", {"proj_size": 5}, "packed", "sum"),  # packed rows [N,P], expanded
+    ("GRU", {"num_layers": 2, "bidirectional": True}, "dense", "weighted"),  # each direction's a slice of cat's
+]
+
+
+@pytest.mark.parametrize("name,kw,form,loss", GRAD_Y_CASES,
+                         ids=[f"{c[0]}-{c[2]}-{c[3]}" + ("-bi" if c[1].get("bidirectional") else "") for c in GRAD_Y_CASES])
+def test_the_backward_reads_grad_y_as_it_comes(name, kw, form, loss, monkeypatch, ran):
+    """The sequence backward takes grad_y with its strides (``strided_grad_y``): an expanded or transposed
+    gradient reaches the kernel without a contiguous copy, and every gradient is torch.nn's."""
+    spy = _GradYSpy(cpp.OPS)
+    monkeypatch.setattr(cpp, "OPS", spy)
+    torch.manual_seed(5)
+    ref = getattr(torch.nn, name)(7, 9, **kw)
+    mod = getattr(fastrnn, name)(7, 9, backend="cpp", **kw)
+    mod.load_state_dict(ref.state_dict())
+    T, B = 6, 4
+    x = torch.randn(B, T, 7) if kw.get("batch_first") else torch.randn(T, B, 7)
+    weights = None
+
+    def run(m):
+        nonlocal weights
+        xg = x.clone().requires_grad_()
+        inp = xg
+        if form == "packed":
+            inp = torch.nn.utils.rnn.pack_padded_sequence(xg, torch.tensor([6, 6, 4, 2]))
+        out, st = m(inp)
+        y = out.data if form == "packed" else out
+        h = st[0] if isinstance(st, tuple) else st
+        if loss == "sum":
+            total = y.sum() + h.sum()
+        elif loss == "h_n":
+            total = (h * torch.arange(h.numel()).view_as(h)).sum()
+        else:
+            if weights is None:
+                weights = torch.randn(y.shape)  # contiguous in the caller's layout, as a loss makes it
+            total = (y * weights).sum() + h.sum()
+        total.backward()
+        return [y, h, xg.grad] + [p.grad for p in m.parameters()]
+
+    got, want = run(mod), run(ref)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    assert backends_used(ran) == {"cpp"}
+    assert len(spy.strides) == (4 if kw.get("bidirectional") else 1)
+    for stride, contiguous in spy.strides:
+        assert not contiguous, stride
+        # transposed or sliced (columns one apart), or expanded (every stride 0)
+        assert stride[-1] == 1 if loss == "weighted" else set(stride) == {0}, stride
+
+
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_a_strided_grad_y_gives_the_contiguous_ones_result(family):
+    """The raw sequence backward: grad_y transposed, sliced or expanded gives bit for bit what its
+    contiguous copy gives, split over a team too."""
+    torch.manual_seed(6)
+    T, B, H = 5, 3, 16
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
+    xw, w_hh, b_hh, h0 = torch.randn(T, B, G * H), torch.randn(G * H, H) * 0.3, torch.randn(G * H), torch.randn(B, H)
+    op = cpp.OPS
+    if family == "lstm":
+        c0 = torch.randn(B, H)
+        mid = (b_hh, None, None, None, None, None, None, None, None)
+        y, h_n, c_n, ws = op.lstm_seq_fwd(xw, w_hh, *mid, h0, c0, None, False, False, 0.0, 0.0, True)
+
+        def bwd(g):
+            return op.lstm_seq_bwd(g, torch.ones(B, H), torch.ones(B, H), xw, w_hh, *mid, h0, c0, None, y, ws, False,
+                                   False, 0.0, 0.0)
+    elif family == "gru":
+        y, h_n, ws = op.gru_seq_fwd(xw, w_hh, b_hh, None, None, None, h0, None, False, 0.0, True)
+
+        def bwd(g):
+            return op.gru_seq_bwd(g, torch.ones(B, H), xw, w_hh, b_hh, None, None, None, h0, None, y, ws, False, 0.0)
+    else:
+        y, h_n, ws = op.rnn_seq_fwd(xw, w_hh, b_hh, h0, None, False, "tanh", True)
+
+        def bwd(g):
+            return op.rnn_seq_bwd(g, torch.ones(B, H), xw, w_hh, b_hh, h0, None, y, ws, False, "tanh")
+    forms = {"transposed": torch.randn(B, T, H).transpose(0, 1), "sliced": torch.randn(T, B, 2 * H)[..., H:],
+             "expanded": torch.tensor(0.5).expand(T, B, H)}
+    old = cpp.BACKEND.set_parallel_min_macs(0)
+    try:
+        for what, g in forms.items():
+            assert not g.is_contiguous()
+            for a, e in zip(bwd(g), bwd(g.contiguous())):
+                assert torch.equal(a, e), what
+    finally:
+        cpp.BACKEND.set_parallel_min_macs(old)
 
 
 @pytest.mark.parametrize("own", [1, 0], ids=["packed-kernel", "torch-product"])

@@ -6,7 +6,8 @@ lives in ``fastrnn.modules`` / ``fastrnn.functional`` and is shared by all backe
 
 Notation: T steps, B batch rows, I input size, H hidden size, P output size (P = proj_size for an
 LSTM with projection, else H), G gate blocks (LSTM 4, or 3 with coupled gates; GRU 3; RNN 1).
-All tensors are contiguous, time-major, of one float dtype and on one device, except ``lengths``.
+All tensors are contiguous, time-major, of one float dtype and on one device, except ``lengths`` (and
+grad_y where a backend declares ``strided_grad_y``, below).
 A backend may serve a dtype by computing in a wider one (``Backend.compute_dtypes``, e.g. bfloat16 in
 float32): ``fastrnn.functional`` then casts a layer's input, weights and state on entry and its outputs
 back (autograd included), so the methods below see only the dtypes the backend's kernels run.
@@ -105,6 +106,11 @@ also take a packed sequence's rows as they lie, xw [N,G*H] with ``lengths`` (N t
 [N,P] and d_xw [N,G*H] likewise: step t's ``batch_sizes[t]`` rows start at the sum of the earlier steps'
 (PackedSequence order). No zoneout masks (theirs is [T,B,*]). ``fastrnn.functional`` passes a
 PackedSequence's rows so where nothing intercepts ops (``can_skip_ops``), and [T,B,*] copies otherwise.
+
+Optional, for training: the backend attribute ``strided_grad_y`` (True): ``<f>_seq_bwd`` takes grad_y with
+any strides (every other tensor stays contiguous), as autograd hands it in: expanded (the gradient of a
+``sum`` or ``mean``; an expanded zero where y had no gradient) or transposed (batch_first). Only in a
+first-order backward; with ``create_graph`` grad_y is contiguous as the rest.
 
 Optional: ``empty(shape, dtype) -> Tensor``, an uninitialized contiguous tensor on the call's device
 from memory the backend manages (valid as an ``out=`` argument, callable from a backward). On the

@@ -66,6 +66,9 @@ class CppBackend(Backend):
     # no [T,B,*] copies of xw and y, and its backward no zero-filled padding (benchmarks/NOTES.md,
     # twenty-third session)
     packed_rows = True
+    # the sequence backwards read grad_y with its strides (csrc/recurrence.h, BwdArgs::read_grad_y): an
+    # expanded or transposed gradient is not copied first
+    strided_grad_y = True
     # the cell options: zoneout and recurrent dropout on any number of workers; layer norm (its statistics
     # span a row's units) on one
     features = frozenset({"proj", "peephole", "coupled", "varlen", "layer_norm", "zoneout", "recurrent_dropout"})
