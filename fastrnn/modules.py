@@ -12,12 +12,12 @@ import functools
 import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch, ops, policy
-from .backends._common import packed_positions
 from .functional import autocast_dtype, cell_step, chunk_layers, one_step_layers, rnn_layers, train_step
 
 # Under CPU autocast a fastrnn layer runs with autocast off, in its own dtype (float32: the input
@@ -70,10 +70,13 @@ def _check_device(name, input, weight):
 
 
 def _packed_layout(batch_sizes, device):
-    """Per-row lengths (int64 CPU, non-increasing) and the flat indices of packed rows in [T*B]."""
-    B = int(batch_sizes[0])
-    lengths = (torch.arange(B).unsqueeze(0) < batch_sizes.unsqueeze(1)).sum(0)  # [T, B] active rows, summed
-    return lengths, packed_positions(lengths).to(device)
+    """Per-row lengths (int64 CPU, non-increasing) and the flat indices of packed rows in [T*B] (t*B + b,
+    in PackedSequence order: ``backends._common.packed_positions``). In numpy: the same in torch ops took
+    ~50 us of every packed call (seven small ops), this ~6 (benchmarks/NOTES.md, thirty-third session)."""
+    sizes = batch_sizes.numpy()  # a PackedSequence's batch_sizes: int64 on the CPU
+    active = np.arange(int(sizes[0]) if len(sizes) else 0) < sizes[:, None]  # [T, B]: row b runs at step t
+    lengths = torch.from_numpy(active.sum(0, dtype=np.int64))
+    return lengths, torch.from_numpy(np.flatnonzero(active)).to(device)
 
 
 @functools.lru_cache(maxsize=None)
