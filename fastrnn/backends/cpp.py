@@ -102,11 +102,11 @@ class CppBackend(Backend):
         return old
 
     #: from this many multiply-adds the functional layer runs an input projection through ``mm`` below the
-    #: cached buffers' size too: at batch 1, T=100, H=256-512, cpp's product took 0.57-0.78 of torch's time
-    #: (LSTM training calls 1.03-1.10x); below it ``_Projection``'s Python costs more than the product saves
-    #: (LSTM H64 training 0.88x, RNN H256 0.97x; benchmarks/NOTES.md, twenty-seventh session). None on Intel
-    #: CPUs, where ``mm`` runs torch's product anyway (csrc/gemm.cpp, ``own_mm``).
-    mm_min_macs = None if policy.cpu_vendor() == "intel" else 1 << 24
+    #: cached buffers' size too (the packed kernel's own floor, csrc/gemm.cpp ``own_mm``): training calls at
+    #: 2.1-17M multiply-adds a product (T100 B1 H96-H256, T50 B1 H256) took 0.78-0.96 of their time with
+    #: torch's product; below it (LSTM B1 H64, 1.6M) 1.04 (benchmarks/NOTES.md, thirty-third session; 2^24
+    #: before ``_ProjectionEager``). None on Intel CPUs, where ``mm`` runs torch's product anyway.
+    mm_min_macs = None if policy.cpu_vendor() == "intel" else 1 << 21
 
     @staticmethod
     def mm(a, ta, b, tb, bias):

@@ -283,9 +283,10 @@ class NumbaBackend(StepsFromSequence, Backend):
     mm = mm_min_macs = None
     if _common._DNN_VENDOR and _common._DNN_LINEAR is not None:
         mm = staticmethod(_mm)
-        #: the training projection through ``mm`` below the functional layer's buffer size too, from 2^24
-        #: multiply-adds (as cpp's: below, ``_Projection``'s Python costs more than the product saves)
-        mm_min_macs = 1 << 24
+        #: the training projection through ``mm`` below the functional layer's buffer size too, from
+        #: DNN_MIN_MACS (2^21) multiply-adds, as cpp's: T100 B1 H96-H256 training 0.90-0.98 of the time with
+        #: torch's product (benchmarks/NOTES.md, thirty-third session)
+        mm_min_macs = _common.DNN_MIN_MACS
 
         @staticmethod
         def empty(shape, dtype):
