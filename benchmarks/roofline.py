@@ -17,6 +17,7 @@ kernel, one thread a core), block sizes set from the cache sizes the OS reports 
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -29,7 +30,8 @@ from .cases import GATES, Case
 F32 = 4
 
 
-def _kernel():
+@functools.lru_cache(maxsize=None)
+def _kernel():  # compiled once a process (each reading around a case reuses it)
     import numba
 
     @numba.njit(parallel=True, fastmath=True)
@@ -67,7 +69,7 @@ def measure_bandwidth(repeats=7, min_bytes=1 << 30) -> dict:
         if not block:
             continue
         n = block // F32 // 64 * 64
-        buf = np.ones((cores, n), np.float32)
+        buf = _block(cores, n)
         reps = max(1, min_bytes // (cores * n * F32))
         read(buf, 1)
         times = []
@@ -80,6 +82,24 @@ def measure_bandwidth(repeats=7, min_bytes=1 << 30) -> dict:
     numba.set_num_threads(saved)
     if "L3" not in out:  # the weights' level then falls back to the DRAM reading (level_for)
         out["L3"] = out["DRAM"]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _block(cores: int, n: int):  # the blocks read, kept for the run's later readings
+    return np.ones((cores, n), np.float32)
+
+
+def case_bandwidth(run_bw: dict, around: list[dict]) -> dict:
+    """The bandwidths a case's roofline takes, as ``run.case_peak`` takes the peak: for each level the higher
+    of the run's reading (before the cases) and the readings just before and just after the case's rounds.
+    A run whose first reading fell in a slow minute (one read L2 273 GB/s against 416-472 in the others, and
+    its peak 237 GFLOP/s against 461-484) would otherwise put every memory-bound case's roofline too far away
+    and its % of roofline too high (benchmarks/NOTES.md, thirty-third session)."""
+    out = dict(run_bw)
+    for level in ("L2", "L3", "DRAM"):
+        if level in run_bw:
+            out[level] = max([run_bw[level]] + [a[level] for a in around if level in a])
     return out
 
 

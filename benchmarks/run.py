@@ -33,7 +33,7 @@ import fastrnn
 from .cases import Case, all_cases, quantized_cases
 from .harness import interleaved, measure_peak_gflops, peak_gemm, peak_memory_bytes, percentiles
 from .providers import AUTO, PEERS, Workload, case_reasons, peer_reasons, provider_names
-from .roofline import roofline_ms
+from .roofline import case_bandwidth, measure_bandwidth, roofline_ms
 
 RESULTS = Path(__file__).parent / "results"
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
@@ -112,6 +112,12 @@ def check(work: Workload, provider: str, ref_results, tol_out=TOL_OUT, tol_grad=
 PEAK_N, PEAK_CALLS = 1024, 5
 
 
+def bandwidth_around() -> dict:
+    """A shorter reading of the read bandwidths (3 timings of 256 MiB a level, ~30 ms), taken right before
+    and right after each case's rounds (``roofline.case_bandwidth``)."""
+    return measure_bandwidth(repeats=3, min_bytes=1 << 28)
+
+
 def case_peak(run_peak: float, in_rounds: float) -> float:
     """The peak a case's % of peak is taken against: the higher of the run's reading (before the cases,
     2048^3) and the GEMM rate measured around the case's own rounds (1024^3, just before and just after
@@ -142,10 +148,14 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
         return interleaved({"gemm": gemm}, device=device, warmup_s=0, min_warmup=1, budget_s=0,
                            min_rounds=PEAK_CALLS)["gemm"]
 
+    # the read bandwidths too (roofline.case_bandwidth), outside the rounds like the GEMM
+    around = [bandwidth_around()] if bandwidth else []
     before = gemm_times()
     # the correctness check above already ran every provider once (compiles, caches): one more warm-up call
     samples = interleaved(fns, device=device, budget_s=budget, min_warmup=1, min_rounds=min_rounds)
     peak = case_peak(peak, gemm_flops / percentiles(before + gemm_times())[1] / 1e9)
+    if bandwidth:
+        bandwidth = case_bandwidth(bandwidth, around + [bandwidth_around()])
     flops = case.flops()
     t_torch = percentiles(samples["torch"])[1]
     roof = roofline_ms(case, peak, bandwidth) if bandwidth else None
@@ -166,7 +176,8 @@ def bench_case(case: Case, providers: list[str], device: str, peak: float, budge
         if roof is not None:
             row.update({"roofline_ms": roof["ms"], "pct_roofline": 100 * roof["ms"] / (p50 * 1e3),
                         "roofline_bound": roof["bound"], "roofline_vs_torch": t_torch * 1e3 / roof["ms"],
-                        "weights_level": roof["weights_level"]})
+                        "weights_level": roof["weights_level"],
+                        "case_bandwidth_gbs": {k: bandwidth[k] for k in ("L2", "L3", "DRAM") if k in bandwidth}})
     return rows
 
 
@@ -192,6 +203,11 @@ def _case_peak_range(rows):
     return f" ({min(peaks):.0f}-{max(peaks):.0f} GFLOP/s over the cases)" if peaks else ""
 
 
+def _case_bw_range(rows):
+    l2 = [r["case_bandwidth_gbs"]["L2"] for r in rows if r.get("case_bandwidth_gbs")]
+    return f" (L2 {min(l2):.0f}-{max(l2):.0f} GB/s over the cases)" if l2 else ""
+
+
 def ceiling_vs_torch(torch_row: dict) -> float:
     """The speedup over torch of a provider that did the case's FLOPs at the peak measured in the run:
     100 / torch's % of peak. No provider can beat it in float32 arithmetic, so a target above it cannot
@@ -214,7 +230,8 @@ def format_table(env: dict, peak: float, peak_how: str, rows: list[dict], cold: 
         sz = bandwidth["sizes"]
         lines.append("read bandwidth measured in this run (every core its own block): " + ", ".join(
             f"{lvl} {bandwidth[lvl]:.0f} GB/s" for lvl in ("L2", "L3", "DRAM") if lvl in bandwidth["block_bytes"])
-            + f" (L2 {sz['L2'] >> 10} KiB x {sz['cores']} cores, L3 {sz['L3'] >> 20} MiB)")
+            + f" (L2 {sz['L2'] >> 10} KiB x {sz['cores']} cores, L3 {sz['L3'] >> 20} MiB); each case takes the "
+            f"higher of these and a reading around its rounds{_case_bw_range(rows)}")
         lines.append("% roof = the case's roofline time / this median: roofline = max(FLOPs / peak, bytes that "
                      "must move / bandwidth of the level holding them); on torch's row: the roofline's x torch")
     lines += ["float32; ms = median of interleaved calls (p20-p80); x torch = torch's median / this median; "
@@ -362,7 +379,6 @@ def main(argv=None) -> int:
     peak, peak_how = measure_peak_gflops(args.device)
     notes = [f"{p}: {'; '.join(peer_reasons(p))}" for p in PEERS if peer_reasons(p)]
     try:
-        from .roofline import measure_bandwidth
         bandwidth = measure_bandwidth()
     except ImportError as e:
         bandwidth = None
