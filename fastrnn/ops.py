@@ -159,7 +159,7 @@ def _autograd(family, scope, bwd_name):
 def _strided_grad_y(backend):
     """Does ``backend``'s sequence backward read grad_y with any strides (the contract's optional
     ``strided_grad_y``)?"""
-    return getattr(dispatch.get(backend), "strided_grad_y", False)
+    return getattr(dispatch.get(backend), "strided_grad_y", False) is True
 
 
 def _double_backward(family, scope):

@@ -456,43 +456,59 @@ def test_the_backward_reads_grad_y_as_it_comes(name, kw, form, loss, monkeypatch
         assert stride[-1] == 1 if loss == "weighted" else set(stride) == {0}, stride
 
 
-@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
-def test_a_strided_grad_y_gives_the_contiguous_ones_result(family):
-    """The raw sequence backward: grad_y transposed, sliced or expanded gives bit for bit what its
-    contiguous copy gives, split over a team too."""
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a team needs two of torch's threads")
+@pytest.mark.parametrize("split", ["units", "rows"])
+@pytest.mark.parametrize("family,packed", [("lstm", False), ("lstm-proj", False), ("gru", False), ("rnn", False),
+                                           ("gru", True), ("lstm-proj", True)])
+def test_a_strided_grad_y_gives_the_contiguous_ones_result(family, packed, split):
+    """The raw sequence backward on a team of two (split by units, or by rows where the call allows it: not
+    packed rows): grad_y transposed, sliced, every other row or expanded gives bit for bit what its contiguous
+    copy gives, dense [T,B,P] or a packed sequence's rows [N,P], with a projection's dh too."""
     torch.manual_seed(6)
-    T, B, H = 5, 3, 16
-    G = {"lstm": 4, "gru": 3, "rnn": 1}[family]
-    xw, w_hh, b_hh, h0 = torch.randn(T, B, G * H), torch.randn(G * H, H) * 0.3, torch.randn(G * H), torch.randn(B, H)
+    T, B, H, P = 6, 5, 64, (24 if family == "lstm-proj" else 64)
+    G = {"lstm": 4, "lstm-proj": 4, "gru": 3, "rnn": 1}[family]
+    lengths = torch.tensor([6, 6, 4, 3, 1]) if packed else None
+    N = int(lengths.sum()) if packed else None
+    lead = (N,) if packed else (T, B)
+    xw, w_hh, b_hh = torch.randn(*lead, G * H), torch.randn(G * H, P) * 0.2, torch.randn(G * H)
+    h0 = torch.randn(B, P)
     op = cpp.OPS
-    if family == "lstm":
-        c0 = torch.randn(B, H)
-        mid = (b_hh, None, None, None, None, None, None, None, None)
-        y, h_n, c_n, ws = op.lstm_seq_fwd(xw, w_hh, *mid, h0, c0, None, False, False, 0.0, 0.0, True)
+    if family.startswith("lstm"):
+        c0, w_hr = torch.randn(B, H), (torch.randn(P, H) * 0.2 if P != H else None)
+        mid = (b_hh, w_hr, None, None, None, None, None, None, None)
+        y, h_n, c_n, ws = op.lstm_seq_fwd(xw, w_hh, *mid, h0, c0, lengths, False, False, 0.0, 0.0, True)
 
         def bwd(g):
-            return op.lstm_seq_bwd(g, torch.ones(B, H), torch.ones(B, H), xw, w_hh, *mid, h0, c0, None, y, ws, False,
+            return op.lstm_seq_bwd(g, torch.ones(B, P), torch.ones(B, H), xw, w_hh, *mid, h0, c0, lengths, y, ws, False,
                                    False, 0.0, 0.0)
     elif family == "gru":
-        y, h_n, ws = op.gru_seq_fwd(xw, w_hh, b_hh, None, None, None, h0, None, False, 0.0, True)
+        y, h_n, ws = op.gru_seq_fwd(xw, w_hh, b_hh, None, None, None, h0, lengths, False, 0.0, True)
 
         def bwd(g):
-            return op.gru_seq_bwd(g, torch.ones(B, H), xw, w_hh, b_hh, None, None, None, h0, None, y, ws, False, 0.0)
+            return op.gru_seq_bwd(g, torch.ones(B, H), xw, w_hh, b_hh, None, None, None, h0, lengths, y, ws, False,
+                                  0.0)
     else:
         y, h_n, ws = op.rnn_seq_fwd(xw, w_hh, b_hh, h0, None, False, "tanh", True)
 
         def bwd(g):
             return op.rnn_seq_bwd(g, torch.ones(B, H), xw, w_hh, b_hh, h0, None, y, ws, False, "tanh")
-    forms = {"transposed": torch.randn(B, T, H).transpose(0, 1), "sliced": torch.randn(T, B, 2 * H)[..., H:],
-             "expanded": torch.tensor(0.5).expand(T, B, H)}
-    old = cpp.BACKEND.set_parallel_min_macs(0)
+    forms = {"sliced": torch.randn(*lead, 2 * P)[..., P:], "every other row": torch.randn(2 * lead[0], *lead[1:], P)[::2],
+             "expanded": torch.tensor(0.5).expand(*lead, P)}
+    if not packed:
+        forms["transposed"] = torch.randn(B, T, P).transpose(0, 1)
+    old_macs, old_split = cpp.BACKEND.set_parallel_min_macs(0), cpp._C.set_row_split(1 if split == "rows" else 0)
     try:
+        by_rows = cpp._C.row_split_count()
         for what, g in forms.items():
-            assert not g.is_contiguous()
-            for a, e in zip(bwd(g), bwd(g.contiguous())):
+            assert not g.is_contiguous() and g.shape == y.shape
+            for a, e in zip(bwd(g), bwd(g.contiguous()), strict=True):
                 assert torch.equal(a, e), what
+        by_rows = cpp._C.row_split_count() - by_rows
     finally:
-        cpp.BACKEND.set_parallel_min_macs(old)
+        cpp.BACKEND.set_parallel_min_macs(old_macs)
+        cpp._C.set_row_split(old_split)
+    # by rows: each backward (and the LSTM's forward, here once) of a dense call; packed rows never
+    assert (by_rows > 0) == (split == "rows" and not packed), by_rows
 
 
 @pytest.mark.parametrize("own", [1, 0], ids=["packed-kernel", "torch-product"])
