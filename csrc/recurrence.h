@@ -198,6 +198,14 @@ template <typename T>
 FASTRNN_INLINE void gemm_packed_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
                                      int64_t ldc) {
   constexpr int nr = NR<T>;
+  if (M <= 8) {
+    // one register block of rows reuses no slice of the panel: the whole depth a column block, the panel
+    // read front to back (by KC slices it was read in K / KC passes, each jumping a column block's K x NR
+    // apart: RNN B1 H512, K = 512, ran 5.6 us a step against 3.6 for the LSTM's B1 H256, K = 256, over as
+    // many bytes; NOTES.md, thirty-third session)
+    for (int64_t cb = 0; cb < ncb; ++cb) rows_block<T>(M, K, A, lda, panel + cb * K * nr, C + cb * nr, ldc, false);
+    return;
+  }
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kl = std::min(KC, K - k0);
     for (int64_t cb = 0; cb < ncb; ++cb)

@@ -383,6 +383,21 @@ def test_own_mm_rule():
     assert not cpp._C.own_mm(1600, 16, 256) and not cpp._C.own_mm(8, 8, 8)
 
 
+@pytest.mark.parametrize("name,H,B", [("RNN", 300, 1), ("RNN", 300, 8), ("LSTM", 80, 3), ("GRU", 96, 5)])
+def test_a_few_rows_take_the_whole_depth_of_the_panel_at_once(name, H, B, ran):
+    """Up to 8 rows (one register block) the packed product runs each column block over the whole depth K in
+    one pass, K past the KC = 256 slices: the RNN's forward (K = H = 300), the LSTM's and GRU's backward
+    (K = G x H = 320, 288); outputs and every gradient are torch.nn's."""
+    torch.manual_seed(7)
+    ref = getattr(torch.nn, name)(12, H)
+    mod = getattr(fastrnn, name)(12, H, backend="cpp")
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(9, B, 12)
+    for a, e in zip(trained_outputs(mod, x), trained_outputs(ref, x), strict=True):
+        torch.testing.assert_close(a, e, atol=2e-5, rtol=1e-4)
+    assert backends_used(ran) == {"cpp"}
+
+
 class _GradYSpy:
     """cpp.OPS with its sequence backwards noting the strides of the grad_y they are given."""
 
