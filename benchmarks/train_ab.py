@@ -1,7 +1,7 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
     python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows|row_kernels|
-        panel_mm|team_min [--budget S] [--backend cpp]
+        panel_mm|team_min|grad_y|mm_min [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -26,7 +26,13 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
   panels as they are (``numba._mm``, and the projection through it from ``mm_min_macs``), off = torch's product
   below 512 rows and the projection by ``F.linear`` below 1 MiB (NOTES, thirty-second session);
 - ``team_min`` (numba): inference at batch 1-2 (T100: B1 H64, B2 H64, B1 H128), the teams from TEAM_MIN_MACS
-  as it is, off = from 2^13 (NOTES, thirty-second session).
+  as it is, off = from 2^13 (NOTES, thirty-second session);
+- ``grad_y`` (cpp): training (T100: B1 H256, B16 H256, B16 H256 two bidirectional layers), the backward reading
+  grad_y with its strides (``strided_grad_y``) and the projection's node without ``setup_context``
+  (``functional._ProjectionEager``) as they are, off = grad_y made contiguous first and ``_Projection`` (NOTES,
+  thirty-third session);
+- ``mm_min``: training at batch 1-2 (T100: B1 H128, B1 H256, B2 H256), the projection through the backend's
+  ``mm`` from ``mm_min_macs`` as it is, off = from 2^24 (NOTES, thirty-third session).
 """
 from __future__ import annotations
 
@@ -88,12 +94,21 @@ def providers(variant, w, cell, backend):
         return run, _switched(run, mock.patch.object(modules, "one_step_layers", _cell_form_layers))
     if variant == "packed_rows":
         return run, _switched(run, mock.patch.object(type(dispatch.get(backend)), "packed_rows", False))
-    if variant in ("row_kernels", "panel_mm", "team_min"):
+    if variant in ("row_kernels", "panel_mm", "team_min", "grad_y", "mm_min"):
         from fastrnn.backends import _common
         from fastrnn.backends import numba as nb
+        be = type(dispatch.get(backend))
         target, off = {"row_kernels": (nb, dict(PANEL_MIN_ROWS=4)),
                        "panel_mm": (nb.NumbaBackend, dict(mm=staticmethod(_common.dnn_mm), mm_min_macs=None)),
-                       "team_min": (nb, dict(TEAM_MIN_MACS=1 << 13))}[variant]
+                       "team_min": (nb, dict(TEAM_MIN_MACS=1 << 13)),
+                       "grad_y": (be, dict(strided_grad_y=False)),
+                       "mm_min": (be, dict(mm_min_macs=1 << 24))}[variant]
+        if variant == "grad_y":  # and the projection's node in its setup_context form
+            proj = mock.patch.object(functional, "_ProjectionEager", functional._ProjectionEager)
+            proj_off = mock.patch.object(functional, "_ProjectionEager", functional._Projection)
+            now = {k: target.__dict__[k] for k in off}
+            return (_switched(_switched(run, proj), mock.patch.multiple(target, **now)),
+                    _switched(_switched(run, proj_off), mock.patch.multiple(target, **off)))
         # "on" through the same patching, of the values as they are: a patch's enter and exit cost microseconds,
         # a share of a batch-1 inference call
         now = {k: target.__dict__[k] for k in off}
@@ -109,7 +124,8 @@ def providers(variant, w, cell, backend):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows",
-                                              "row_kernels", "panel_mm", "team_min"], required=True)
+                                              "row_kernels", "panel_mm", "team_min", "grad_y", "mm_min"],
+                    required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
     args = ap.parse_args(argv)
@@ -120,7 +136,10 @@ def main(argv=None):
                                                          (16, 256, dict(packed=True, layers=2, bidirectional=True)))),
                        "row_kernels": ("inference", 100, ((1, 64, {}), (1, 256, {}), (2, 128, {}))),
                        "panel_mm": ("training", 100, ((1, 256, {}), (2, 256, {}), (1, 512, {}))),
-                       "team_min": ("inference", 100, ((1, 64, {}), (2, 64, {}), (1, 128, {})))
+                       "team_min": ("inference", 100, ((1, 64, {}), (2, 64, {}), (1, 128, {}))),
+                       "grad_y": ("training", 100, ((1, 256, {}), (16, 256, {}),
+                                                    (16, 256, dict(layers=2, bidirectional=True)))),
+                       "mm_min": ("training", 100, ((1, 128, {}), (1, 256, {}), (2, 256, {})))
                        }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
         for B, H, kw in shapes:

@@ -128,18 +128,8 @@ def _autograd(family, scope, bwd_name):
         saved = ctx.saved_tensors
         # the outputs the grads belong to: (y,) + state for seq, state for step; no gradient flows into ws
         like = ((saved[-2],) if scope == "seq" else ()) + tuple(saved[1 + nw:1 + nw + ns])
-        grads = list(grads[:-1])
-        # a first-order backward on a backend that reads grad_y with its strides (``strided_grad_y``) takes
-        # it as it comes: an expanded one (a sum's, a mean's; zeros where y had no gradient) or a transposed
-        # one (batch_first's) without a [T,B,P] copy
         strided = scope == "seq" and not torch.is_grad_enabled() and _strided_grad_y(ctx.opts[-1])
-        if strided:
-            y = like[0]
-            g = grads[0]
-            grads[0] = y.new_zeros(()).expand(y.shape) if g is None else g
-        grads = [g if strided and k == 0 else
-                 torch.zeros_like(o, memory_format=torch.contiguous_format) if g is None else g.contiguous()
-                 for k, (g, o) in enumerate(zip(grads, like))]
+        grads = [_incoming(g, o, strided and k == 0) for k, (g, o) in enumerate(zip(grads[:-1], like))]
         # with create_graph the backward op is recorded with its own derivative (_double_backward); without,
         # its implementation runs directly where nothing intercepts ops (its autograd layer is Python)
         if torch.is_grad_enabled():
@@ -154,6 +144,16 @@ def _autograd(family, scope, bwd_name):
         return (*res, *([None] * extra))
 
     return setup_context, backward
+
+
+def _incoming(g, like, as_it_comes):
+    """An incoming gradient as a backward op takes it: contiguous, zeros where none came. ``as_it_comes``
+    (grad_y in a first-order backward on a backend that reads it with its strides, ``strided_grad_y``): as
+    it is, expanded (a sum's, a mean's; a zero where y had no gradient) or transposed (batch_first's), with
+    no [T,B,P] copy."""
+    if as_it_comes:
+        return like.new_zeros(()).expand(like.shape) if g is None else g
+    return torch.zeros_like(like, memory_format=torch.contiguous_format) if g is None else g.contiguous()
 
 
 def _strided_grad_y(backend):

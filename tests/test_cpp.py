@@ -247,14 +247,22 @@ def test_training_projection_is_cached(cls, monkeypatch):
     torch.testing.assert_close(y1, y2, atol=0, rtol=0)
 
 
-def test_training_projection_binds_no_signature(monkeypatch):
-    """The training projection's node (functional._ProjectionEager, outside torch.func transforms) sets its
-    context in its forward: Function.apply then binds no arguments through inspect.signature (~14 us a
-    layer-direction, benchmarks/NOTES.md), and the gradients are torch.nn's."""
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+def test_training_projection_binds_no_signature(backend, monkeypatch, ran):
+    """The training projection's node (functional._ProjectionEager, outside torch.func transforms: the backends
+    with ``empty`` put the projection there) sets its context in its forward: Function.apply then binds no
+    arguments through inspect.signature (~14 us a layer-direction, benchmarks/NOTES.md), and the gradients are
+    torch.nn's."""
     import inspect
+    if backend not in CPU_BACKENDS or getattr(dispatch.get(backend), "empty", None) is None:
+        pytest.skip(f"{backend} has no `empty` here (numba: only on AMD CPUs with oneDNN): no projection node")
     from fastrnn import functional
-    mod, ref = _big_pair(fastrnn.GRU, torch.nn.GRU)
+    torch.manual_seed(3)
+    ref = torch.nn.GRU(BIG["I"], BIG["H"])
+    mod = fastrnn.GRU(BIG["I"], BIG["H"], backend=backend)
+    mod.load_state_dict(ref.state_dict())
     x = torch.randn(BIG["T"], BIG["B"], BIG["I"], requires_grad=True)
+    mod(x)[0].sum().backward()  # compiled first (numba's compiler reads signatures of its own)
     bound, nodes = [], []
     real = inspect.signature
     monkeypatch.setattr(inspect, "signature", lambda *a, **k: bound.append(a) or real(*a, **k))
@@ -268,6 +276,7 @@ def test_training_projection_binds_no_signature(monkeypatch):
     want = torch.autograd.grad(ref(x)[0].sum(), (x, *ref.parameters()))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+    assert backends_used(ran) == {backend}
 
 
 @pytest.mark.parametrize("I,through_mm", [(1024, True), (64, False)])
