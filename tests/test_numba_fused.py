@@ -379,6 +379,25 @@ def test_the_panel_product(n, K, N, c0, c1, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_the_panels_start_on_a_cache_line(dtype):
+    """Every panel the kernels pack (W_hh by gate, a backward's rows, a projection's part) and the products'
+    scratch start on a 64-byte line, so that no 64-byte vector load of a panel straddles two lines (numba's
+    np.empty aligns to 32 bytes: 97 of 120 such arrays started half a line off; NOTES.md, thirty-fourth
+    session); the packed values are W's."""
+    from fastrnn.backends.numba_kernels import panel
+    rng = np.random.default_rng(3)
+    for H, K in ((64, 64), (40, 33), (256, 17)):
+        w = rng.standard_normal((3 * H, K)).astype(dtype)
+        L = panel.lanes_of(w)
+        gates = panel.pack_gates(w, 3, H)
+        rows = panel.row_panels(w, 8, 4)
+        for wp in (gates, rows, panel.scratch(w)):
+            assert wp.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(rows[0, :, :min(L, 3 * H)], w[:L].T)
+        np.testing.assert_array_equal(gates[1, 0, :, :min(L, H)], w[H:H + min(L, H)].T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("K,N,j0,j1", [(64, 256, 0, 256), (40, 70, 3, 70), (300, 50, 16, 48), (7, 33, 0, 33),
                                        (16, 16, 0, 16), (1024, 40, 8, 40)])
 def test_the_one_row_product(K, N, j0, j1, dtype):

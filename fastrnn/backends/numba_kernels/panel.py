@@ -6,7 +6,9 @@ here. This one keeps W^T in panels of one vector's width (64 bytes: 16 float32 o
 each k loads NV vectors of the panels and broadcasts MR elements of ``a``, with no reduction at the end
 (~110-116 GFLOP/s a core at 4 rows and more, 1.2-2x ``mm_nt``; benchmarks/NOTES.md, twenty-eighth
 session). The vectors are LLVM's generic ones, so the same code runs on AVX2 (two halves a vector) and
-AVX-512 alike; numba's disk cache is per CPU.
+AVX-512 alike; numba's disk cache is per CPU. Panels and scratch start on a 64-byte line (``lines``): from
+numba's np.empty, 32 bytes off most of the time, each vector load of a panel took two lines (0.99-1.03x the
+aligned product's time; benchmarks/NOTES.md, thirty-fourth session).
 """
 from __future__ import annotations
 
@@ -242,7 +244,7 @@ def _project_part(x, w, bias, xw, p, parts, wt):
     c1 = min(N, groups * (p + 1) // parts * step)
     if c1 > c0:
         K = x.shape[1]
-        wp = np.empty((panels(c1 - c0, L), K, L), w.dtype)
+        wp = lines((panels(c1 - c0, L), K, L), w.dtype)
         if wt:
             pack_t(w, c0, c1, wp)
         else:
@@ -282,7 +284,7 @@ def pack_gates(w_hh, G, H):
     g*H + p*L .. + L (zeros past H), so that a part of units [lo, hi) with lo a multiple of L finds its rows
     from panel lo / L (``gate_products``)."""
     L = lanes_of(w_hh)
-    wp = np.empty((G, panels(H, L), w_hh.shape[1], L), w_hh.dtype)
+    wp = lines((G, panels(H, L), w_hh.shape[1], L), w_hh.dtype)
     for g in range(G):
         pack(w_hh, g * H, g * H + H, wp[g])
     return wp
@@ -379,7 +381,7 @@ def row_panels(w, rows, min_rows):
     L = lanes_of(w)
     if min_rows < 0 or rows < max(min_rows, MR):
         return np.empty((0, 0, L), w.dtype)
-    wp = np.empty((panels(w.shape[0], L), w.shape[1], L), w.dtype)
+    wp = lines((panels(w.shape[0], L), w.shape[1], L), w.dtype)
     pack(w, 0, w.shape[0], wp)
     return wp
 
@@ -400,7 +402,7 @@ def back_products(a, a0, n, w, wp, out, r0, lo, hi, acc, tmp):
 @numba.njit(**JIT)
 def scratch(like):
     """``mm_panels``' scratch: MR + 1 vectors."""
-    return np.empty((MR + 1) * lanes_of(like), like.dtype)
+    return lines(((MR + 1) * lanes_of(like),), like.dtype)
 
 
 #: the most columns of W_hh (K) the steps' products take on panels: a group of NV panels is NV x K vectors,
