@@ -1,7 +1,7 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
     python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows|row_kernels|
-        panel_mm|team_min|grad_y|mm_min [--budget S] [--backend cpp]
+        panel_mm|team_min|grad_y|mm_min|at_in_place [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -32,7 +32,10 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
   (``functional._ProjectionEager``) as they are, off = grad_y made contiguous first and ``_Projection`` (NOTES,
   thirty-third session);
 - ``mm_min``: training at batch 1-2 (T100: B1 H128, B1 H256, B2 H256), the projection through the backend's
-  ``mm`` from ``mm_min_macs`` as it is, off = from 2^24 (NOTES, thirty-third session).
+  ``mm`` from ``mm_min_macs`` as it is, off = from 2^24 (NOTES, thirty-third session);
+- ``at_in_place`` (cpp): training (T100: B16 H256, B16 H200, B64 H64), the weight gradients' A^T read in place
+  where the rule says (gemm.cpp, ``at_in_place``) as it is, off = its slivers always packed (NOTES,
+  thirty-fourth session).
 """
 from __future__ import annotations
 
@@ -55,6 +58,19 @@ def _switched(run, patch):
         with patch:
             run()
     return fn
+
+
+class _Mode:
+    """A C++ switch of the cpp backend (a ``set_...`` binding returning the old value) as a re-entrant context."""
+
+    def __init__(self, setter, value):
+        self.setter, self.value = setter, value
+
+    def __enter__(self):
+        self.old = self.setter(self.value)
+
+    def __exit__(self, *exc):
+        self.setter(self.old)
 
 
 def _cell_form_layers(family, x, state0, weights, options, *, num_layers, num_directions, dropout, training,
@@ -94,6 +110,9 @@ def providers(variant, w, cell, backend):
         return run, _switched(run, mock.patch.object(modules, "one_step_layers", _cell_form_layers))
     if variant == "packed_rows":
         return run, _switched(run, mock.patch.object(type(dispatch.get(backend)), "packed_rows", False))
+    if variant == "at_in_place":  # the cpp product's A^T read in place (gemm.cpp, at_in_place)
+        from fastrnn.backends import cpp
+        return _switched(run, _Mode(cpp._C.set_at_pack, -1)), _switched(run, _Mode(cpp._C.set_at_pack, 1))
     if variant in ("row_kernels", "panel_mm", "team_min", "grad_y", "mm_min"):
         from fastrnn.backends import _common
         from fastrnn.backends import numba as nb
@@ -124,7 +143,8 @@ def providers(variant, w, cell, backend):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows",
-                                              "row_kernels", "panel_mm", "team_min", "grad_y", "mm_min"],
+                                              "row_kernels", "panel_mm", "team_min", "grad_y", "mm_min",
+                                              "at_in_place"],
                     required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
@@ -139,7 +159,8 @@ def main(argv=None):
                        "team_min": ("inference", 100, ((1, 64, {}), (2, 64, {}), (1, 128, {}))),
                        "grad_y": ("training", 100, ((1, 256, {}), (16, 256, {}),
                                                     (16, 256, dict(layers=2, bidirectional=True)))),
-                       "mm_min": ("training", 100, ((1, 128, {}), (1, 256, {}), (2, 256, {})))
+                       "mm_min": ("training", 100, ((1, 128, {}), (1, 256, {}), (2, 256, {}))),
+                       "at_in_place": ("training", 100, ((16, 256, {}), (16, 200, {}), (64, 64, {})))
                        }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
         for B, H, kw in shapes:

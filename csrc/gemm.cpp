@@ -30,14 +30,15 @@ FASTRNN_INLINE void pack_a_slivers(int64_t rows, int64_t K, const T* A, int64_t 
 }
 // One block of a worker's product: rows [m0, m0 + mc) and k [k0, k0 + kl) of A' against every column
 // block of its panel [ncb][K][NR], into C (the first `full` blocks) or `tail` [mc][NR] (a partial last
-// block). A' = A^T (A [K, M], the block packed into `abuf` [MC * KC] once for all column blocks) or A
-// ([M, K], read in place). The panel slice KC x NR stays in L1 while the block's rows use it.
+// block). A' = A^T (A [K, M], the block packed into `abuf` [MC * KC] once for all column blocks, or read in
+// place where `abuf` is null: `at_in_place`) or A ([M, K], read in place). The panel slice KC x NR stays in
+// L1 while the block's rows use it.
 template <typename T, bool AT>
 FASTRNN_INLINE void gemm_block(int64_t m0, int64_t mc, int64_t k0, int64_t kl, const T* A, int64_t lda,
                                const T* panel, int64_t K, int64_t ncb, int64_t full, T* C, int64_t ldc, T* tail,
                                T* abuf) {
   constexpr int nr = NR<T>;
-  if (AT) pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
+  if (AT && abuf) pack_a_slivers(mc, kl, A + k0 * lda + m0, lda, abuf);
   for (int64_t cb = 0; cb < ncb; ++cb) {
     const bool partial = cb >= full;
     T* Cb = partial ? tail : C + m0 * ldc + cb * nr;
@@ -47,8 +48,13 @@ FASTRNN_INLINE void gemm_block(int64_t m0, int64_t mc, int64_t k0, int64_t kl, c
       rows_block<T>(mc, kl, A + m0 * lda + k0, lda, Bp, Cb, ldb, k0 > 0);
       continue;
     }
-    for (int64_t m = 0; m < mc; m += 8)
-      rows_block<T, true>(std::min<int64_t>(8, mc - m), kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
+    for (int64_t m = 0; m < mc; m += 8) {
+      const int64_t rows = std::min<int64_t>(8, mc - m);
+      if (abuf)
+        rows_block<T, true>(rows, kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
+      else
+        rows_block<T, true>(rows, kl, A + k0 * lda + m0 + m, lda, Bp, Cb + m * ldb, ldb, k0 > 0);
+    }
   }
 }
 
@@ -108,6 +114,20 @@ FASTRNN_CLONES void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, cons
      : gemm_part<double, false>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
 }
 
+// Does an A^T product read A^T's 8-row slivers in place (a k step a row of `a` apart) rather than pack each
+// block of them first? Packing pays where a sliver serves many column blocks and a row of `a` is a multiple
+// of 4 KiB (every k step of a sliver in the same few sets of L1); in place, a block of 8 rows reads half a
+// line a k. One core, a worker's 128 rows x K 1600 of a weight gradient, packed / in place, us: 64 columns
+// (two blocks) 186-197 / 131-157 at rows of 1-8 KiB; 128 columns 317 / 242 at 1 KiB, 320 / 240 at 3 KiB, 301
+// / 298 at 4 KiB; 256 columns 543 / 516 at 1 KiB, 589 / 478 at 3 KiB, 533 / 572 at 4 KiB, 530 / 583 at 8 KiB
+// (NOTES.md, thirty-fourth session).
+template <typename T>
+bool at_in_place(int64_t nblocks, int64_t lda) {
+  const int mode = at_pack_mode().load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 0;
+  return nblocks <= 2 || (lda * int64_t(sizeof(T))) % 4096 != 0;
+}
+
 // C [M, N] = A' @ B' (+ bias [N]): A' = a ([M, K]) or a^T (a [K, M]); B' = b ([K, N]) or b^T (b [N, K]).
 template <typename T>
 void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T* bias, at::Tensor& c) {
@@ -125,6 +145,7 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
   const T* bp = b.data_ptr<T>();
   T* cp = c.data_ptr<T>();
   const int64_t lda = a.size(1), ldb = b.size(1);
+  const bool pack_at = ta && !at_in_place<T>(nblocks, lda);  // A^T's slivers packed (else read in place)
   // Split by rows of C (gemm_part, K outermost) where the column split loses: an A^T product of many k (a weight
   // gradient, K the sequence's rows: split by columns, each worker's panel, K x its columns, 800 KiB at
   // K = 1600 and 128 columns, streams through L2 once a row block of 128 beside the A^T block it packs,
@@ -137,7 +158,7 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
       ((ta && K > KC) || nblocks % threads != 0)) {
     const int nw = threads;
     const int64_t Mw = (rows8 + nw - 1) / nw * 8;  // rows a worker
-    Scratch<T> panel(nblocks * nr * K), tails(nw * Mw * nr), abufs(ta ? nw * MC * KC : 0);
+    Scratch<T> panel(nblocks * nr * K), tails(nw * Mw * nr), abufs(pack_at ? nw * MC * KC : 0);
     T* pan = panel.data();
     at::parallel_for(0, nblocks, 1, [&](int64_t cb0, int64_t cb1) {
       pack_panel(bp, ldb, !tb, K, (cb1 - cb0) * nr, [&](int64_t n) { return cb0 * nr + n < N ? cb0 * nr + n : int64_t(-1); },
@@ -148,14 +169,14 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
         const int64_t m0 = w * Mw, mc = std::min(M, m0 + Mw) - m0;
         if (mc <= 0) continue;
         gemm_part_f(ta, true, mc, K, ta ? ap + m0 : ap + m0 * lda, lda, pan, N, cp + m0 * N, N, bias,
-                    tails.data() + w * Mw * nr, ta ? abufs.data() + w * MC * KC : nullptr);
+                    tails.data() + w * Mw * nr, pack_at ? abufs.data() + w * MC * KC : nullptr);
       }
     });
     return;
   }
   const int nw = int(std::max<int64_t>(1, std::min<int64_t>(threads, nblocks)));
   const int64_t per = (nblocks + nw - 1) / nw;  // column blocks a worker
-  Scratch<T> panels(nw * per * nr * K), tails(nw * MC * nr), abufs(ta ? nw * MC * KC : 0);
+  Scratch<T> panels(nw * per * nr * K), tails(nw * MC * nr), abufs(pack_at ? nw * MC * KC : 0);
   auto body = [&](int64_t wb, int64_t we) {
     for (int64_t w = wb; w < we; ++w) {
       const int64_t n0 = w * per * nr, nc = std::min(N, (w + 1) * per * nr) - n0;
@@ -165,7 +186,7 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
       // B'(k, n) = b[n * ldb + k] (tb: b is [N, K]) or b[k * ldb + n]: pack_cols' trans is the latter
       pack_panel(bp, ldb, !tb, K, ncb * nr, [&](int64_t n) { return n < nc ? n0 + n : int64_t(-1); }, pan);
       gemm_part_f(ta, false, M, K, ap, lda, pan, nc, cp + n0, N, bias ? bias + n0 : nullptr, tails.data() + w * MC * nr,
-                  ta ? abufs.data() + w * MC * KC : nullptr);
+                  pack_at ? abufs.data() + w * MC * KC : nullptr);
     }
   };
   if (nw == 1)
@@ -179,6 +200,13 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
 // Is the packed kernel the one to run a product of M x N x K? Not on Intel CPUs, where MKL's own kernels
 // run these shapes (MKL's path on other vendors is the slow one); not for small products or few columns
 // (a block of 32 columns is the kernel's unit: fewer waste its lanes).
+std::atomic<int>& at_pack_mode() {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+
+bool at_in_place_f32(int64_t N, int64_t lda) { return at_in_place<float>((N + NR<float> - 1) / NR<float>, lda); }
+
 std::atomic<int>& own_mm_mode() {
   static std::atomic<int> mode{-1};
   return mode;

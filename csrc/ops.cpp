@@ -113,6 +113,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("own_mm", &fastrnn::own_mm, "whether fastrnn_cpp::mm runs a product of M x N x K on its packed kernel");
   m.def("set_own_mm", [](int v) { return fastrnn::own_mm_mode().exchange(v); },
         "-1: own_mm's rule, 0 / 1: never / always the packed kernel in fastrnn_cpp::mm; returns the old mode");
+  m.def("at_in_place", &fastrnn::at_in_place_f32,
+        "whether a float32 A^T product of N columns, a's rows lda apart, reads A^T in place (gemm.cpp)");
+  m.def("set_at_pack", [](int v) { return fastrnn::at_pack_mode().exchange(v); },
+        "-1: the rule, 0 / 1: an A^T product of fastrnn_cpp::mm reads A^T in place / packs its slivers first, "
+        "always (gemm.cpp, at_in_place); returns the old mode");
   m.def("cache_info", &fastrnn::cache_info,
         "the large-buffer cache: (bytes handed out, bytes idle, most idle bytes kept)");
   m.def("empty_cache", &fastrnn::empty_cache, "free the large-buffer cache's idle blocks");

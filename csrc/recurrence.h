@@ -1224,6 +1224,9 @@ void backward_driver(const BwdArgs<T>& a, Point point) {
 bool own_mm(int64_t M, int64_t N, int64_t K);
 // -1: own_mm's rule; 0 / 1: never / always the packed kernel (the tests force it on small shapes)
 std::atomic<int>& own_mm_mode();
+// -1: the rule (gemm.cpp, at_in_place); 0 / 1: an A^T product reads A^T in place / packs its slivers, always
+std::atomic<int>& at_pack_mode();
+bool at_in_place_f32(int64_t N, int64_t lda);  // the rule for float32, N columns, rows of `a` lda apart
 // a weight gradient a^T @ b over the rows [T * B] of a backward: with lengths only the rows b < sizes[t] of
 // each step (a ragged batch's padding is zeros in a: a product over it is wasted work), gathered first
 at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& lengths, int64_t T,

@@ -384,6 +384,39 @@ def test_mm_op_checks_its_arguments():
         cpp.BACKEND.mm(a, False, b, False, torch.randn(4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_transposed_product_reads_its_slivers_in_place_or_packed_alike(dtype):
+    """An A^T product (a weight gradient) reads A^T's 8-row slivers in place where packing them does not pay
+    (two column blocks or fewer, or rows of a that are not a multiple of 4 KiB: csrc/gemm.cpp, at_in_place)
+    and packs them otherwise: both forms the same micro kernel on the same values in the same order of k, so
+    the same bits, and torch's values; split by rows and by columns, partial row and column blocks, K past one
+    block of 256."""
+    assert cpp._C.at_in_place(64, 1024) and cpp._C.at_in_place(256, 768) and cpp._C.at_in_place(256, 256)
+    assert not cpp._C.at_in_place(256, 1024) and not cpp._C.at_in_place(512, 2048)
+    old_own, old_pack = cpp._C.set_own_mm(1), cpp._C.set_at_pack(-1)
+    tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
+    try:
+        torch.manual_seed(0)
+        for M, N, K in ((256, 64, 3200), (256, 256, 600), (1024, 256, 300), (130, 70, 300), (300, 40, 513),
+                        (1024, 96, 257)):
+            a = torch.randn(K, M, dtype=dtype)
+            for tb in (False, True):
+                b = torch.randn((N, K) if tb else (K, N), dtype=dtype)
+                bias = torch.randn(N, dtype=dtype)
+                want = a.t() @ (b.t() if tb else b)
+                got = {}
+                for mode in (-1, 0, 1):
+                    cpp._C.set_at_pack(mode)
+                    got[mode] = cpp.BACKEND.mm(a, True, b, tb, None)
+                    torch.testing.assert_close(cpp.BACKEND.mm(a, True, b, tb, bias), want + bias, **tol)
+                torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+                torch.testing.assert_close(got[-1], got[1], rtol=0, atol=0)
+                torch.testing.assert_close(got[0], want, **tol)
+    finally:
+        cpp._C.set_own_mm(old_own)
+        cpp._C.set_at_pack(old_pack)
+
+
 def test_own_mm_rule():
     """The packed kernel takes the large products on CPUs that are not Intel's (MKL's own kernels serve
     those; NOTES.md, fifteenth session), never the small ones or fewer than 32 columns."""
