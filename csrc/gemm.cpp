@@ -115,17 +115,17 @@ FASTRNN_CLONES void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, cons
 }
 
 // Does an A^T product read A^T's 8-row slivers in place (a k step a row of `a` apart) rather than pack each
-// block of them first? Packing pays where a sliver serves many column blocks and a row of `a` is a multiple
-// of 4 KiB (every k step of a sliver in the same few sets of L1); in place, a block of 8 rows reads half a
-// line a k. One core, a worker's 128 rows x K 1600 of a weight gradient, packed / in place, us: 64 columns
-// (two blocks) 186-197 / 131-157 at rows of 1-8 KiB; 128 columns 317 / 242 at 1 KiB, 320 / 240 at 3 KiB, 301
-// / 298 at 4 KiB; 256 columns 543 / 516 at 1 KiB, 589 / 478 at 3 KiB, 533 / 572 at 4 KiB, 530 / 583 at 8 KiB
-// (NOTES.md, thirty-fourth session).
+// block of them first? Packing pays only where a sliver serves many column blocks and a row of `a` is a
+// multiple of 4 KiB (every k step of a sliver then falls in the same few sets of L1); in place, a block of 8
+// rows reads half a line a k. One core, a worker's 128 rows x K 1600 of a weight gradient, best of three,
+// packed / in place, us: 64 columns 166-170 / 112-131 at rows of 1-8 KiB apart; 128 columns 281-291 / 223-225 at
+// 1 and 3 KiB, 278-285 / 256-259 at 4 and 8 KiB; 256 columns 497-502 / 440-443 at 1 and 3 KiB, 499-504 / 519-521
+// at 4 and 8 KiB (NOTES.md, thirty-fourth session).
 template <typename T>
 bool at_in_place(int64_t nblocks, int64_t lda) {
   const int mode = at_pack_mode().load(std::memory_order_relaxed);
   if (mode >= 0) return mode == 0;
-  return nblocks <= 2 || (lda * int64_t(sizeof(T))) % 4096 != 0;
+  return nblocks <= 4 || (lda * int64_t(sizeof(T))) % 4096 != 0;
 }
 
 // C [M, N] = A' @ B' (+ bias [N]): A' = a ([M, K]) or a^T (a [K, M]); B' = b ([K, N]) or b^T (b [N, K]).

@@ -387,12 +387,14 @@ def test_mm_op_checks_its_arguments():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_a_transposed_product_reads_its_slivers_in_place_or_packed_alike(dtype):
     """An A^T product (a weight gradient) reads A^T's 8-row slivers in place where packing them does not pay
-    (two column blocks or fewer, or rows of a that are not a multiple of 4 KiB: csrc/gemm.cpp, at_in_place)
+    (four column blocks or fewer, or rows of a that are not a multiple of 4 KiB: csrc/gemm.cpp, at_in_place)
     and packs them otherwise: both forms the same micro kernel on the same values in the same order of k, so
     the same bits, and torch's values; split by rows and by columns, partial row and column blocks, K past one
     block of 256."""
-    assert cpp._C.at_in_place(64, 1024) and cpp._C.at_in_place(256, 768) and cpp._C.at_in_place(256, 256)
-    assert not cpp._C.at_in_place(256, 1024) and not cpp._C.at_in_place(512, 2048)
+    assert cpp._C.at_in_place(64, 1024) and cpp._C.at_in_place(128, 1024) and cpp._C.at_in_place(256, 768)
+    assert cpp._C.at_in_place(256, 256)
+    assert not cpp._C.at_in_place(256, 1024) and not cpp._C.at_in_place(160, 1024)
+    assert not cpp._C.at_in_place(512, 2048)
     old_own, old_pack = cpp._C.set_own_mm(1), cpp._C.set_at_pack(-1)
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
     try:
