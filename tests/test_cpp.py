@@ -399,8 +399,10 @@ def test_a_transposed_product_reads_its_slivers_in_place_or_packed_alike(dtype):
     tol = dict(atol=1e-4, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-11, rtol=1e-11)
     try:
         torch.manual_seed(0)
+        # split by rows: K past one block of 256, or an odd number of column blocks; by columns: K within one
+        # block and an even number of them (256 x 64 x 200, 512 x 256 x 100)
         for M, N, K in ((256, 64, 3200), (256, 256, 600), (1024, 256, 300), (130, 70, 300), (300, 40, 513),
-                        (1024, 96, 257)):
+                        (1024, 96, 257), (256, 64, 200), (512, 256, 100)):
             a = torch.randn(K, M, dtype=dtype)
             for tb in (False, True):
                 b = torch.randn((N, K) if tb else (K, N), dtype=dtype)
