@@ -1,7 +1,7 @@
 """How the C++ extension (csrc/) is built: by setup.py at install time, or on first use.
 
 One source of truth for the sources and flags, used by setup.py and by the just-in-time build in
-``fastrnn.backends.cpp``. Flags: -O3; -ffp-contract=fast lets GCC fuse multiply-adds (no -ffast-math:
+``fastrnn.backends.cpp``. Flags: -O3; -g0 (no debug info); -ffp-contract=fast lets GCC fuse multiply-adds (no -ffast-math:
 NaN and inf must propagate as in torch); the hot functions are built per ISA by target_clones in the
 source, so no -march flag is needed; -fopenmp makes at::parallel_for (an inline template) parallel
 in our code, on torch's own OpenMP runtime. FASTRNN_DEBUG_BUILD=1 gives a debug build (-O0 -g, FASTRNN_DEBUG).
@@ -25,7 +25,9 @@ def cxx_flags() -> list[str]:
     # -fopenmp: at::parallel_for is an inline template; without it, it runs serially in our code
     if debug():
         return ["-O0", "-g", "-DFASTRNN_DEBUG", "-fopenmp"]
-    return ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi", "-fopenmp"]
+    # -g0: no debug info (Python's own flags carry -g): lstm.cpp built in 105 s against 144 (NOTES.md,
+    # thirty-fourth session)
+    return ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi", "-fopenmp", "-g0"]
 
 
 def ld_flags() -> list[str]:
