@@ -33,7 +33,8 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
   thirty-third session);
 - ``mm_min``: training at batch 1-2 (T100: B1 H128, B1 H256, B2 H256), the projection through the backend's
   ``mm`` from ``mm_min_macs`` as it is, off = from 2^24 (NOTES, thirty-third session);
-- ``at_in_place`` (cpp): training (T100: B16 H256, B16 H200, B64 H64), the weight gradients' A^T read in place
+- ``at_in_place`` (cpp): training (T100: B16 H256, B16 H200, B64 H64; LSTM B16 H256 P128, whose d W_hh has 128
+  columns and rows 4 KiB apart), the weight gradients' A^T read in place
   where the rule says (gemm.cpp, ``at_in_place``) as it is, off = its slivers always packed (NOTES,
   thirty-fourth session).
 """
@@ -160,10 +161,13 @@ def main(argv=None):
                        "grad_y": ("training", 100, ((1, 256, {}), (16, 256, {}),
                                                     (16, 256, dict(layers=2, bidirectional=True)))),
                        "mm_min": ("training", 100, ((1, 128, {}), (1, 256, {}), (2, 256, {}))),
-                       "at_in_place": ("training", 100, ((16, 256, {}), (16, 200, {}), (64, 64, {})))
+                       "at_in_place": ("training", 100, ((16, 256, {}), (16, 200, {}), (64, 64, {}),
+                                                         (16, 256, dict(proj=128))))
                        }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
         for B, H, kw in shapes:
+            if kw.get("proj") and cell != "LSTM":  # proj_size is the LSTM's alone
+                continue
             case = Case(cell, mode, T, B, H, **kw)
             w = Workload(case, ["torch", args.backend])
             on, off = providers(args.variant, w, cell, args.backend)

@@ -197,9 +197,6 @@ void mm_impl(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, const T
 
 }  // namespace
 
-// Is the packed kernel the one to run a product of M x N x K? Not on Intel CPUs, where MKL's own kernels
-// run these shapes (MKL's path on other vendors is the slow one); not for small products or few columns
-// (a block of 32 columns is the kernel's unit: fewer waste its lanes).
 std::atomic<int>& at_pack_mode() {
   static std::atomic<int> mode{-1};
   return mode;
@@ -207,6 +204,9 @@ std::atomic<int>& at_pack_mode() {
 
 bool at_in_place_f32(int64_t N, int64_t lda) { return at_in_place<float>((N + NR<float> - 1) / NR<float>, lda); }
 
+// Is the packed kernel the one to run a product of M x N x K? Not on Intel CPUs, where MKL's own kernels
+// run these shapes (MKL's path on other vendors is the slow one); not for small products or few columns
+// (a block of 32 columns is the kernel's unit: fewer waste its lanes).
 std::atomic<int>& own_mm_mode() {
   static std::atomic<int> mode{-1};
   return mode;

@@ -1,8 +1,8 @@
 """How the C++ extension (csrc/) is built: by setup.py at install time, or on first use.
 
 One source of truth for the sources and flags, used by setup.py and by the just-in-time build in
-``fastrnn.backends.cpp``. Flags: -O3; -g0 (no debug info); -ffp-contract=fast lets GCC fuse multiply-adds (no -ffast-math:
-NaN and inf must propagate as in torch); the hot functions are built per ISA by target_clones in the
+``fastrnn.backends.cpp``. Flags: -O3; -g0 (no debug info); -ffp-contract=fast lets GCC fuse multiply-adds (no
+-ffast-math: NaN and inf must propagate as in torch); the hot functions are built per ISA by target_clones in the
 source, so no -march flag is needed; -fopenmp makes at::parallel_for (an inline template) parallel
 in our code, on torch's own OpenMP runtime. FASTRNN_DEBUG_BUILD=1 gives a debug build (-O0 -g, FASTRNN_DEBUG).
 """
