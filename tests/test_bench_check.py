@@ -73,7 +73,9 @@ def test_bandwidth_is_measured_per_level():
     from benchmarks.roofline import cache_sizes, measure_bandwidth
     if not cache_sizes()["L2"]:
         pytest.skip("this OS reports no cache sizes in /sys/devices/system/cpu (the blocks are sized from them)")
-    bw = measure_bandwidth(repeats=1, min_bytes=1 << 22)
+    # the median of three: one reading of a few ms, taken while another test process runs on the other core, read
+    # 0.35 GB/s for L2 once (a Zen 3 under load)
+    bw = measure_bandwidth(repeats=3, min_bytes=1 << 22)
     assert bw["sizes"]["L2"] > 0 and bw["L2"] > 1.0 and bw["DRAM"] > 0.1
     assert bw["block_bytes"]["L2"] <= bw["sizes"]["L2"]
 

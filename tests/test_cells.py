@@ -136,8 +136,11 @@ def test_lstm_op_variant_hooks(backend):
     plain = op(xw, w_hh, b_hh, None, None, *none6, h0, c0, None, False, False, 0.0, 0.0, False, backend)
     zero_peep = op(xw, w_hh, b_hh, None, torch.zeros(3, H, dtype=torch.float64), *none6, h0, c0, None, False, False,
                    0.0, 0.0, False, backend)
+    # equal up to the last bit: the peephole sums make contiguous copies of gates that are strided chunks
+    # otherwise, and torch's elementwise sigmoid runs a different mix of its vector and scalar forms over the
+    # two (a 5-wide row: 4 lanes and a tail on AVX2), which differ in the last bit (a Zen 3: 2.8e-17 at one of 60)
     for a, b in zip(plain[:3], zero_peep[:3]):
-        assert_close(a, b, 0, "zero peephole")
+        assert_close(a, b, 1e-15, "zero peephole")
     # coupled input-forget gate: 3 gate blocks (i, g, o), f = 1 - i, against a hand-written step loop
     xw3, w3, b3 = xw[..., :3 * H].contiguous(), w_hh[:3 * H].contiguous(), b_hh[:3 * H].contiguous()
     y, hT, cT, _ = op(xw3, w3, b3, None, None, *none6, h0, c0, None, False, True, 0.0, 0.0, False, backend)

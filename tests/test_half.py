@@ -160,7 +160,8 @@ def test_named_backend_reasons():
 # torch.nn's output dtypes under torch.autocast("cpu") (torch 2.13, bfloat16 and float16, measured):
 # the autocast dtype for LSTM (float32 with a PackedSequence; c_n float32 with proj_size), RNN and
 # RNNCell; float32 for GRU, LSTMCell and GRUCell. (torch's float16 LSTM without packing fails in oneDNN:
-# "could not create a primitive descriptor", so that case is compared with the bfloat16 rule only.)
+# "could not create a primitive descriptor", and so does its bfloat16 one on a CPU without AVX-512: those
+# cases are compared with the float32 module's rounding only.)
 AMP_CASES = [  # name, kwargs, packed, dtypes of (output, *states)
     ("LSTM", {}, False, "lll"), ("LSTM", {}, True, "fff"), ("LSTM", dict(proj_size=5), False, "llf"),
     ("LSTM", dict(proj_size=5), True, "llf"), ("LSTM", dict(num_layers=2, bidirectional=True), False, "lll"),
@@ -198,10 +199,17 @@ def test_autocast_dtypes_and_values(name, kw, packed, want, amp):
         full = [out.data if packed else out] + list(st if isinstance(st, tuple) else (st,))
     for g, f in zip(got, full):
         assert torch.equal(g, f.to(g.dtype))
-    if not (amp == torch.float16 and name == "LSTM" and not packed and "proj_size" not in kw):
-        for g, t in zip(got, _amp_run(theirs, x, packed, amp, False)):
-            assert g.dtype == t.dtype
-            torch.testing.assert_close(g.float(), t.float(), atol=1e-2, rtol=1e-2)
+    try:
+        theirs_got = _amp_run(theirs, x, packed, amp, False)
+    except RuntimeError as e:
+        # torch.nn's dense LSTM without a projection runs oneDNN's low-precision LSTM under autocast, which fails
+        # where oneDNN has none: float16 on every CPU so far, bfloat16 on a Zen 3 (AVX2, no AVX-512)
+        assert "could not create a primitive descriptor" in str(e) and name == "LSTM" and not packed, e
+        assert "proj_size" not in kw, e
+        theirs_got = []
+    for g, t in zip(got, theirs_got, strict=bool(theirs_got)):
+        assert g.dtype == t.dtype
+        torch.testing.assert_close(g.float(), t.float(), atol=1e-2, rtol=1e-2)
     # training: the loss through the autocast outputs, float32 gradients for the float32 parameters
     y = _amp_run(ours, x, packed, amp, True)[0]
     y.float().pow(2).sum().backward()
@@ -213,7 +221,7 @@ def test_autocast_dtypes_and_values(name, kw, packed, want, amp):
     (out.data if packed else out).to(y.dtype).float().pow(2).sum().backward()
     for p, q in zip(ours.parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad)
-    if not (amp == torch.float16 and name == "LSTM" and not packed and "proj_size" not in kw):
+    if theirs_got:
         # and against float64: the error of the gradients at most 3x torch.nn's own under autocast
         truth = getattr(torch.nn, name)(8, 12, dtype=torch.float64, **kw)
         truth.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
