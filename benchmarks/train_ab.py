@@ -1,7 +1,7 @@
 """One change to the training path, on and off, against torch.nn, in one process:
 
     python -m benchmarks.train_ab --variant copy|bwd_op|weight_dropout|seq_form|packed_rows|row_kernels|
-        panel_mm|team_min|grad_y|mm_min|at_in_place [--budget S] [--backend cpp]
+        panel_mm|team_min|grad_y|mm_min|at_in_place|proj_groups [--budget S] [--backend cpp]
 
 For the training cases of ``make bench`` (T100: B1 H256, B16 H256, B64 H512; LSTM, GRU, RNN; forward and
 backward of one call) three providers are timed in interleaved rounds: torch.nn, the backend as it is
@@ -36,7 +36,11 @@ backward of one call) three providers are timed in interleaved rounds: torch.nn,
 - ``at_in_place`` (cpp): training (T100: B16 H256, B16 H200, B64 H64; LSTM B16 H256 P128, whose d W_hh has 128
   columns and rows 4 KiB apart), the weight gradients' A^T read in place
   where the rule says (gemm.cpp, ``at_in_place``) as it is, off = its slivers always packed (NOTES,
-  thirty-fourth session).
+  thirty-fourth session);
+- ``proj_groups`` (cpp): inference (T100: B16 H256, B16 H200, B32 H256; LSTM B16 H256 P128), split by batch rows,
+  the fused input projection of a block of steps as one product over the worker's rows of every step
+  (recurrence.h, ``gemm_groups``) as it is, off = one product a step (NOTES, thirty-fifth session); LSTM B16
+  H256 and B32 H256 split by units (1 MiB of W_hh), the control.
 """
 from __future__ import annotations
 
@@ -114,6 +118,9 @@ def providers(variant, w, cell, backend):
     if variant == "at_in_place":  # the cpp product's A^T read in place (gemm.cpp, at_in_place)
         from fastrnn.backends import cpp
         return _switched(run, _Mode(cpp._C.set_at_pack, -1)), _switched(run, _Mode(cpp._C.set_at_pack, 1))
+    if variant == "proj_groups":  # the row split's fused projection a block of steps at once (gemm_groups)
+        from fastrnn.backends import cpp
+        return _switched(run, _Mode(cpp._C.set_proj_groups, 1)), _switched(run, _Mode(cpp._C.set_proj_groups, 0))
     if variant in ("row_kernels", "panel_mm", "team_min", "grad_y", "mm_min"):
         from fastrnn.backends import _common
         from fastrnn.backends import numba as nb
@@ -145,7 +152,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", choices=["copy", "bwd_op", "weight_dropout", "seq_form", "packed_rows",
                                               "row_kernels", "panel_mm", "team_min", "grad_y", "mm_min",
-                                              "at_in_place"],
+                                              "at_in_place", "proj_groups"],
                     required=True)
     ap.add_argument("--budget", type=float, default=2.0, help="measured seconds per case")
     ap.add_argument("--backend", default="cpp")
@@ -162,7 +169,9 @@ def main(argv=None):
                                                     (16, 256, dict(layers=2, bidirectional=True)))),
                        "mm_min": ("training", 100, ((1, 128, {}), (1, 256, {}), (2, 256, {}))),
                        "at_in_place": ("training", 100, ((16, 256, {}), (16, 200, {}), (64, 64, {}),
-                                                         (16, 256, dict(proj=128))))
+                                                         (16, 256, dict(proj=128)))),
+                       "proj_groups": ("inference", 100, ((16, 256, {}), (16, 200, {}), (32, 256, {}),
+                                                          (16, 256, dict(proj=128))))
                        }.get(args.variant, ("training", 100, ((1, 256, {}), (16, 256, {}), (64, 512, {}))))
     for cell in ("LSTM", "GRU", "RNN"):
         for B, H, kw in shapes:

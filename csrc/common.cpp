@@ -3,35 +3,41 @@
 
 namespace fastrnn {
 
-FASTRNN_CLONES void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float* panel, int64_t ncb,
-                                float* C, int64_t ldc) {
-  gemm_packed_impl<float>(M, K, A, lda, panel, ncb, C, ldc);
-}
+FASTRNN_ISA_BUILDS(gemm_packed, float,
+                   (int64_t M, int64_t K, const float* A, int64_t lda, const float* panel, int64_t ncb, float* C,
+                    int64_t ldc),
+                   (M, K, A, lda, panel, ncb, C, ldc), gemm_packed_impl)
+FASTRNN_ISA_BUILDS(gemm_packed, double,
+                   (int64_t M, int64_t K, const double* A, int64_t lda, const double* panel, int64_t ncb, double* C,
+                    int64_t ldc),
+                   (M, K, A, lda, panel, ncb, C, ldc), gemm_packed_impl)
 
-FASTRNN_CLONES void gemm_packed(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel, int64_t ncb,
-                                double* C, int64_t ldc) {
-  gemm_packed_impl<double>(M, K, A, lda, panel, ncb, C, ldc);
-}
+FASTRNN_ISA_BUILDS(gemm_groups, float,
+                   (int64_t groups, int64_t M, int64_t K, const float* A, int64_t lda, int64_t sa, const float* panel,
+                    int64_t ncb, float* C, int64_t ldc, int64_t sc),
+                   (groups, M, K, A, lda, sa, panel, ncb, C, ldc, sc), gemm_groups_impl)
+FASTRNN_ISA_BUILDS(gemm_groups, double,
+                   (int64_t groups, int64_t M, int64_t K, const double* A, int64_t lda, int64_t sa,
+                    const double* panel, int64_t ncb, double* C, int64_t ldc, int64_t sc),
+                   (groups, M, K, A, lda, sa, panel, ncb, C, ldc, sc), gemm_groups_impl)
 
-FASTRNN_CLONES void pack_cols(const float* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
-                              float* panel) {
-  pack_cols_impl<float>(src, ld, trans, K, ncols, col, panel);
-}
+FASTRNN_ISA_BUILDS(pack_cols, float,
+                   (const float* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
+                    float* panel),
+                   (src, ld, trans, K, ncols, col, panel), pack_cols_impl)
+FASTRNN_ISA_BUILDS(pack_cols, double,
+                   (const double* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
+                    double* panel),
+                   (src, ld, trans, K, ncols, col, panel), pack_cols_impl)
 
-FASTRNN_CLONES void pack_cols(const double* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
-                              double* panel) {
-  pack_cols_impl<double>(src, ld, trans, K, ncols, col, panel);
-}
-
-FASTRNN_CLONES void gemm_rows(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, const ColMap& cm,
-                              float* C, int64_t ldc) {
-  gemm_rows_impl<float>(M, K, A, lda, W, cm, C, ldc);
-}
-
-FASTRNN_CLONES void gemm_rows(int64_t M, int64_t K, const double* A, int64_t lda, const double* W, const ColMap& cm,
-                              double* C, int64_t ldc) {
-  gemm_rows_impl<double>(M, K, A, lda, W, cm, C, ldc);
-}
+FASTRNN_ISA_BUILDS(gemm_rows, float,
+                   (int64_t M, int64_t K, const float* A, int64_t lda, const float* W, const ColMap& cm, float* C,
+                    int64_t ldc),
+                   (M, K, A, lda, W, cm, C, ldc), gemm_rows_impl)
+FASTRNN_ISA_BUILDS(gemm_rows, double,
+                   (int64_t M, int64_t K, const double* A, int64_t lda, const double* W, const ColMap& cm, double* C,
+                    int64_t ldc),
+                   (M, K, A, lda, W, cm, C, ldc), gemm_rows_impl)
 
 FASTRNN_CLONES void gemm_cols(int64_t M, int64_t K, const float* A, int64_t lda, const float* W, int64_t ldw,
                               int64_t offset, int64_t count, float* C, int64_t ldc) {

@@ -33,7 +33,7 @@ FASTRNN_INLINE void pack_a_slivers(int64_t rows, int64_t K, const T* A, int64_t 
 // block). A' = A^T (A [K, M], the block packed into `abuf` [MC * KC] once for all column blocks, or read in
 // place where `abuf` is null: `at_in_place`) or A ([M, K], read in place). The panel slice KC x NR stays in
 // L1 while the block's rows use it.
-template <typename T, bool AT>
+template <typename T, bool AT, int W>
 FASTRNN_INLINE void gemm_block(int64_t m0, int64_t mc, int64_t k0, int64_t kl, const T* A, int64_t lda,
                                const T* panel, int64_t K, int64_t ncb, int64_t full, T* C, int64_t ldc, T* tail,
                                T* abuf) {
@@ -45,18 +45,40 @@ FASTRNN_INLINE void gemm_block(int64_t m0, int64_t mc, int64_t k0, int64_t kl, c
     const int64_t ldb = partial ? nr : ldc;
     const T* Bp = panel + cb * K * nr + k0 * nr;
     if (!AT) {
-      rows_block<T>(mc, kl, A + m0 * lda + k0, lda, Bp, Cb, ldb, k0 > 0);
+      rows_block<T, false, W>(mc, kl, A + m0 * lda + k0, lda, Bp, Cb, ldb, k0 > 0);
       continue;
     }
     for (int64_t m = 0; m < mc; m += 8) {
       const int64_t rows = std::min<int64_t>(8, mc - m);
       if (abuf)
-        rows_block<T, true>(rows, kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
+        rows_block<T, true, W>(rows, kl, abuf + m * kl, 8, Bp, Cb + m * ldb, ldb, k0 > 0);
       else
-        rows_block<T, true>(rows, kl, A + k0 * lda + m0 + m, lda, Bp, Cb + m * ldb, ldb, k0 > 0);
+        rows_block<T, true, W>(rows, kl, A + k0 * lda + m0 + m, lda, Bp, Cb + m * ldb, ldb, k0 > 0);
     }
   }
 }
+
+template <typename T, int W>
+FASTRNN_INLINE void gemm_block_at(bool at, int64_t m0, int64_t mc, int64_t k0, int64_t kl, const T* A, int64_t lda,
+                                  const T* panel, int64_t K, int64_t ncb, int64_t full, T* C, int64_t ldc, T* tail,
+                                  T* abuf) {
+  at ? gemm_block<T, true, W>(m0, mc, k0, kl, A, lda, panel, K, ncb, full, C, ldc, tail, abuf)
+     : gemm_block<T, false, W>(m0, mc, k0, kl, A, lda, panel, K, ncb, full, C, ldc, tail, abuf);
+}
+
+// a block, in the build for this CPU: the one function of this file built per ISA, so that each build holds
+// the kernels once (gemm_part built per ISA held them once for each of its loops, and GCC took ~20 minutes
+// over this file on a Zen 3, against ~2.5 for this form: NOTES.md, thirty-fifth session)
+FASTRNN_ISA_BUILDS(gemm_block_f, float,
+                   (bool at, int64_t m0, int64_t mc, int64_t k0, int64_t kl, const float* A, int64_t lda,
+                    const float* panel, int64_t K, int64_t ncb, int64_t full, float* C, int64_t ldc, float* tail,
+                    float* abuf),
+                   (at, m0, mc, k0, kl, A, lda, panel, K, ncb, full, C, ldc, tail, abuf), gemm_block_at)
+FASTRNN_ISA_BUILDS(gemm_block_f, double,
+                   (bool at, int64_t m0, int64_t mc, int64_t k0, int64_t kl, const double* A, int64_t lda,
+                    const double* panel, int64_t K, int64_t ncb, int64_t full, double* C, int64_t ldc, double* tail,
+                    double* abuf),
+                   (at, m0, mc, k0, kl, A, lda, panel, K, ncb, full, C, ldc, tail, abuf), gemm_block_at)
 
 // Rows [0, rows) of C [*, N] done: the partial last column block from `tail` [rows][NR], then the bias
 template <typename T>
@@ -88,26 +110,26 @@ FASTRNN_INLINE void gemm_part(bool kouter, int64_t M, int64_t K, const T* A, int
   if (kouter) {
     for (int64_t k0 = 0; k0 < K; k0 += KC)
       for (int64_t m0 = 0; m0 < M; m0 += MC)
-        gemm_block<T, AT>(m0, std::min(MC, M - m0), k0, std::min(KC, K - k0), A, lda, panel, K, ncb, full, C, ldc,
-                          tail + m0 * nr, abuf);
+        gemm_block_f(AT, m0, std::min(MC, M - m0), k0, std::min(KC, K - k0), A, lda, panel, K, ncb, full, C, ldc,
+                     tail + m0 * nr, abuf);
     finish_rows(M, C, ldc, N, full * nr, tail, bias);
     return;
   }
   for (int64_t m0 = 0; m0 < M; m0 += MC) {
     const int64_t mc = std::min(MC, M - m0);
     for (int64_t k0 = 0; k0 < K; k0 += KC)
-      gemm_block<T, AT>(m0, mc, k0, std::min(KC, K - k0), A, lda, panel, K, ncb, full, C, ldc, tail, abuf);
+      gemm_block_f(AT, m0, mc, k0, std::min(KC, K - k0), A, lda, panel, K, ncb, full, C, ldc, tail, abuf);
     finish_rows(mc, C + m0 * ldc, ldc, N, full * nr, tail, bias);
   }
 }
 
-FASTRNN_CLONES void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, const float* A, int64_t lda,
+void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, const float* A, int64_t lda,
                                 const float* panel, int64_t N, float* C, int64_t ldc, const float* bias, float* tail,
                                 float* abuf) {
   at ? gemm_part<float, true>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)
      : gemm_part<float, false>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf);
 }
-FASTRNN_CLONES void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, const double* A, int64_t lda,
+void gemm_part_f(bool at, bool kouter, int64_t M, int64_t K, const double* A, int64_t lda,
                                 const double* panel, int64_t N, double* C, int64_t ldc, const double* bias,
                                 double* tail, double* abuf) {
   at ? gemm_part<double, true>(kouter, M, K, A, lda, panel, N, C, ldc, bias, tail, abuf)

@@ -108,6 +108,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_row_split", [](int v) { return fastrnn::row_split_mode().exchange(v); },
         "-1: the rule, 0 / 1: never / wherever a call allows it, a sequence's steps split by batch rows "
         "instead of units (recurrence.h, Layout); returns the old mode");
+  m.def("set_proj_groups", [](int v) { return fastrnn::proj_groups_mode().exchange(v); },
+        "1: split by rows, the fused input projection of a block of steps as one product (gemm_groups), 0: one "
+        "a step; returns the old mode");
+  m.def("isa_level", []() { return fastrnn::isa_level(); },
+        "the build of the products and packing that runs: 4 (AVX-512, 64-byte vectors), 3 (AVX2, 32), 1 (baseline)");
+  m.def("isa_detected", []() { return fastrnn::isa_detected(); }, "the highest build this CPU can run (as isa_level)");
+  m.def("set_isa_cap", [](int v) { return fastrnn::isa_cap().exchange(v); },
+        "for the tests: run the products and packing in no higher build than this level; returns the old cap");
   m.def("row_split_count", []() { return fastrnn::row_split_count().load(); },
         "for the tests: how many driver calls were split by rows");
   m.def("own_mm", &fastrnn::own_mm, "whether fastrnn_cpp::mm runs a product of M x N x K on its packed kernel");

@@ -8,8 +8,13 @@
 // rows for every worker, worker w owns a slice of batch rows instead, with all units and its own copy of
 // the panels, and the steps need no barrier (Layout). Nothing is allocated inside the loop.
 //
-// ISA. The hot functions (GEMM, pointwise passes) carry FASTRNN_CLONES: GCC builds each of them for
-// AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline x86-64 and picks one when the library loads.
+// ISA. The hot functions (GEMM, pointwise passes) are built for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and
+// baseline x86-64, one of them picked on the CPU at hand. The pointwise passes are scalar loops that GCC
+// vectorizes for each (FASTRNN_CLONES: its target_clones). The products and the packing are written in
+// vectors of W bytes, a template argument, and built once a width: 64 for AVX-512, 32 for AVX2, 16 for the
+// baseline (FASTRNN_BY_ISA). A vector wider than the target's registers has no machine mode: GCC keeps it
+// in memory, and the AVX2 build of 64-byte vectors ran the products at ~4 GFLOP/s on a Zen 3 (NOTES.md,
+// thirty-fifth session).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,22 +42,70 @@
 
 namespace fastrnn {
 
-// ---- SIMD vectors: 64 bytes (16 floats, 8 doubles), GCC vector extensions ------------------------
-template <typename T> struct Vec;
-template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
-template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
-template <typename T> using V = typename Vec<T>::type;
-template <typename T> constexpr int lanes() { return 64 / sizeof(T); }
+// ---- SIMD vectors of W bytes (64: 16 floats, 8 doubles), GCC vector extensions -------------------
+template <typename T, int W> struct Vec { typedef T type __attribute__((vector_size(W))); };
+template <typename T, int W = 64> using V = typename Vec<T, W>::type;
+// lanes<T>(): a 64-byte vector's, the unit of the drivers' splits by units (the same on every ISA)
+template <typename T, int W = 64> constexpr int lanes() { return W / sizeof(T); }
 
-template <typename T> FASTRNN_INLINE V<T> vload(const T* p) { V<T> v; std::memcpy(&v, p, sizeof v); return v; }
-template <typename T> FASTRNN_INLINE void vstore(T* p, V<T> v) { std::memcpy(p, &v, sizeof v); }
+template <int W = 64, typename T> FASTRNN_INLINE V<T, W> vload(const T* p) { V<T, W> v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename T, typename VT> FASTRNN_INLINE void vstore(T* p, VT v) { std::memcpy(p, &v, sizeof v); }
+
+// Per-ISA builds of a product or packing function: isa_level() is 4 (AVX-512), 3 (AVX2) or 1 (baseline,
+// and every CPU without the clones); FASTRNN_BY_ISA(call) runs `call`, which names the vector width W,
+// in the build for this CPU.
+// the highest level the products may use (set_isa_cap: the tests run each build the CPU has)
+inline std::atomic<int>& isa_cap() {
+  static std::atomic<int> value{4};
+  return value;
+}
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+inline int isa_detected() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 1;
+  }();
+  return level;
+}
+inline int isa_level() { return std::min(isa_detected(), isa_cap().load(std::memory_order_relaxed)); }
+#define FASTRNN_ISA_V4 __attribute__((target("arch=x86-64-v4")))
+#define FASTRNN_ISA_V3 __attribute__((target("arch=x86-64-v3")))
+#else
+inline int isa_detected() { return 1; }
+inline int isa_level() { return 1; }
+#define FASTRNN_ISA_V4
+#define FASTRNN_ISA_V3
+#endif
+// the width of the build for an ISA level (the portable build, without clones, keeps 64-byte vectors)
+#if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
+constexpr int BASE_W = 16;
+#else
+constexpr int BASE_W = 64;
+#endif
+// NAME PARAMS built three times, IMPL<T, W> ARGS with W = 64 (AVX-512), 32 (AVX2) and BASE_W, and NAME itself
+// running the build for this CPU (a well-predicted branch a call)
+#define FASTRNN_ISA_BUILDS(NAME, T, PARAMS, ARGS, IMPL)                     \
+  FASTRNN_ISA_V4 static void NAME##_v4 PARAMS { IMPL<T, 64> ARGS; }        \
+  FASTRNN_ISA_V3 static void NAME##_v3 PARAMS { IMPL<T, 32> ARGS; }        \
+  static void NAME##_v1 PARAMS { IMPL<T, BASE_W> ARGS; }                   \
+  void NAME PARAMS {                                                       \
+    const int level = isa_level();                                         \
+    if (level == 4)                                                        \
+      NAME##_v4 ARGS;                                                      \
+    else if (level == 3)                                                   \
+      NAME##_v3 ARGS;                                                      \
+    else                                                                   \
+      NAME##_v1 ARGS;                                                      \
+  }
 
 // ---- reductions over a row: vector accumulators (GCC does not vectorize a floating-point sum by itself,
-// which would reorder it; a scalar chain of adds waits ~4 cycles each) ---------------------------------------
-template <typename T>
-FASTRNN_INLINE T hsum(V<T> v) {
+// which would reorder it; a scalar chain of adds waits ~4 cycles each). They run inside the target_clones
+// builds of the pointwise passes, so in 32-byte vectors: registers on AVX2 and AVX-512 alike ---------------
+constexpr int RW = 32;
+template <typename T, typename VT>
+FASTRNN_INLINE T hsum(VT v) {
   T s = T(0);
-  for (int l = 0; l < lanes<T>(); ++l) s += v[l];
+  for (int l = 0; l < int(sizeof(VT) / sizeof(T)); ++l) s += v[l];
   return s;
 }
 
@@ -63,36 +116,36 @@ FASTRNN_INLINE T hsum(V<T> v) {
 // sum_j f(vector at j) over j < n, f taking (offset) and returning a vector; `tail` the scalar form
 template <typename T, typename FV, typename FS>
 FASTRNN_INLINE T vreduce(int64_t n, FV fv, FS fs) {
-  constexpr int N = lanes<T>();
-  V<T> a0 = {}, a1 = {};
+  constexpr int N = lanes<T, RW>();
+  V<T, RW> a0 = {}, a1 = {};
   int64_t j = 0;
   for (; j + 2 * N <= n; j += 2 * N) {
     a0 += fv(j);
     a1 += fv(j + N);
   }
   for (; j + N <= n; j += N) a0 += fv(j);
-  T s = hsum<T>(a0 + a1);
+  T s = hsum<T>(V<T, RW>(a0 + a1));
   for (; j < n; ++j) s += fs(j);
   return s;
 }
 
 template <typename T>
 FASTRNN_INLINE T vsum(const T* a, int64_t n) {
-  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload(a + j); }, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j]; });
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload<RW>(a + j); }, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j]; });
 }
 template <typename T>
 FASTRNN_INLINE T vsqdev(const T* a, int64_t n, T mean) {  // sum (a - mean)^2
-  const V<T> m = V<T>{} + mean;
-  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { const V<T> d = vload(a + j) - m; return d * d; },
+  const V<T, RW> m = V<T, RW>{} + mean;
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { const V<T, RW> d = vload<RW>(a + j) - m; return d * d; },
                     [&](int64_t j) FASTRNN_INLINE_LAMBDA { return (a[j] - mean) * (a[j] - mean); });
 }
 template <typename T>
 FASTRNN_INLINE T vdot(const T* a, const T* b, int64_t n) {
-  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload(a + j) * vload(b + j); }, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j] * b[j]; });
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload<RW>(a + j) * vload<RW>(b + j); }, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j] * b[j]; });
 }
 template <typename T>
 FASTRNN_INLINE T vdot3(const T* a, const T* b, const T* c, int64_t n) {
-  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload(a + j) * vload(b + j) * vload(c + j); },
+  return vreduce<T>(n, [&](int64_t j) FASTRNN_INLINE_LAMBDA { return vload<RW>(a + j) * vload<RW>(b + j) * vload<RW>(c + j); },
                     [&](int64_t j) FASTRNN_INLINE_LAMBDA { return a[j] * b[j] * c[j]; });
 }
 
@@ -114,102 +167,107 @@ FASTRNN_INLINE double tanh_(double x) { return std::tanh(x); }
 FASTRNN_INLINE double sigmoid_(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // ---- the packed GEMM --------------------------------------------------------------------------------
-// C[m, n] = sum_k A[m, k] * B(k, n) for m < M, n < 32 * ncb, where B is packed in column blocks of
-// NR = 2 vectors: panel[cb][k][NR]. Register blocks of 6 rows x NR columns (12 accumulators); a single
-// row uses 4 interleaved accumulator sets so the FMA chains overlap.
-template <typename T> constexpr int NR = 2 * lanes<T>();
+// C[m, n] = sum_k A[m, k] * B(k, n) for m < M, n < NR * ncb, where B is packed in column blocks of
+// NR = 128 bytes (32 floats, 16 doubles; the same layout on every ISA): panel[cb][k][NR]. Register blocks of
+// MB rows x NR columns (NV = 128 / W vectors a row): 8 rows of 2 vectors with AVX-512's 32 registers, 3 of 4
+// with AVX2's 16; a single row uses interleaved accumulator sets so the FMA chains overlap.
+template <typename T> constexpr int NR = 128 / sizeof(T);
+template <int W> constexpr int MB = W == 64 ? 8 : W == 32 ? 3 : 1;
 
-template <typename T>
-FASTRNN_INLINE void store_acc(T* C, V<T> v, bool accumulate) {
-  vstore(C, accumulate ? vload(C) + v : v);
+template <int W, typename T, typename VT>
+FASTRNN_INLINE void store_acc(T* C, VT v, bool accumulate) {
+  vstore(C, accumulate ? vload<W>(C) + v : v);
 }
 
 // A[m, k] at A[m * lda + k], or at A[k * lda + m] with AT (A^T stored: gemm.cpp)
-template <typename T, int MR, bool AT = false>
+template <typename T, int MR, bool AT = false, int W = 64>
 FASTRNN_INLINE void micro(int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc, bool accumulate) {
-  constexpr int N = lanes<T>();
-  V<T> acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = V<T>{};
+  constexpr int N = lanes<T, W>(), NV = NR<T> / N;
+  V<T, W> acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = V<T, W>{};
   for (int64_t k = 0; k < K; ++k) {
-    const V<T> b0 = vload(Bp + k * 2 * N), b1 = vload(Bp + k * 2 * N + N);
+    V<T, W> b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload<W>(Bp + k * NR<T> + v * N);
     for (int m = 0; m < MR; ++m) {
       const T a = AT ? A[k * lda + m] : A[m * lda + k];
-      acc[m][0] += a * b0;
-      acc[m][1] += a * b1;
+      for (int v = 0; v < NV; ++v) acc[m][v] += a * b[v];
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    store_acc(C + m * ldc, acc[m][0], accumulate);
-    store_acc(C + m * ldc + N, acc[m][1], accumulate);
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) store_acc<W>(C + m * ldc + v * N, acc[m][v], accumulate);
 }
 
-template <typename T>
+// one row: S sets of accumulators over k (4 with 2 vectors a row, 2 with 4, 1 with 8)
+template <typename T, int W = 64>
 FASTRNN_INLINE void micro_row(int64_t K, const T* A, const T* Bp, T* C, bool accumulate) {
-  constexpr int N = lanes<T>();
-  V<T> acc[4][2] = {};
+  constexpr int N = lanes<T, W>(), NV = NR<T> / N, S = NV <= 2 ? 4 : NV == 4 ? 2 : 1;
+  V<T, W> acc[S][NV] = {};
   int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    for (int s = 0; s < 4; ++s) {
+  for (; k + S <= K; k += S) {
+    for (int s = 0; s < S; ++s) {
       const T a = A[k + s];
-      acc[s][0] += a * vload(Bp + (k + s) * 2 * N);
-      acc[s][1] += a * vload(Bp + (k + s) * 2 * N + N);
+      for (int v = 0; v < NV; ++v) acc[s][v] += a * vload<W>(Bp + (k + s) * NR<T> + v * N);
     }
   }
-  for (; k < K; ++k) {
-    acc[0][0] += A[k] * vload(Bp + k * 2 * N);
-    acc[0][1] += A[k] * vload(Bp + k * 2 * N + N);
+  for (; k < K; ++k)
+    for (int v = 0; v < NV; ++v) acc[0][v] += A[k] * vload<W>(Bp + k * NR<T> + v * N);
+  for (int v = 0; v < NV; ++v) {
+    V<T, W> sum = acc[0][v];
+    if constexpr (S == 4) sum = (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]);
+    if constexpr (S == 2) sum = acc[0][v] + acc[1][v];
+    store_acc<W>(C + v * N, sum, accumulate);
   }
-  store_acc(C, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]), accumulate);
-  store_acc(C + N, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]), accumulate);
 }
 
 // K is cut in blocks of KC so that the KC x NR slice of the panel (32 KiB) stays in L1 while every
 // row block uses it; the row blocks of A (h, at most B x KC) come from L2.
 constexpr int64_t KC = 256;
 
-// C rows [0, rows) from A's rows and one KC x NR slice of a panel: register blocks of 8 rows, then one
-// block of the remainder (a single row of a row-major A through micro_row's interleaved accumulators).
-// A[m, k] at A[m * lda + k], or with AT at A[k * lda + m] (gemm.cpp's packed slivers of A^T).
-template <typename T, bool AT = false>
-FASTRNN_INLINE void rows_block(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
+// the remainder of r rows (1 <= r < MB) of rows_block: micro<R> for R = r
+template <typename T, bool AT, int W, int R>
+FASTRNN_INLINE void micro_rest(int64_t r, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
                                bool acc) {
-  auto a_at = [&](int64_t m) FASTRNN_INLINE_LAMBDA { return AT ? A + m : A + m * lda; };
-  int64_t m = 0;
-  for (; m + 8 <= rows; m += 8) micro<T, 8, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
-  switch (rows - m) {
-    case 7: micro<T, 7, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 6: micro<T, 6, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 5: micro<T, 5, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 4: micro<T, 4, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 3: micro<T, 3, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 2: micro<T, 2, AT>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc); break;
-    case 1:
-      if (AT)
-        micro<T, 1, true>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
-      else
-        micro_row<T>(K, a_at(m), Bp, C + m * ldc, acc);
-      break;
-    default: break;
+  if constexpr (R >= 2) {
+    if (r == R) return micro<T, R, AT, W>(K, A, lda, Bp, C, ldc, acc);
+    micro_rest<T, AT, W, R - 1>(r, K, A, lda, Bp, C, ldc, acc);
+  } else if (AT) {
+    micro<T, 1, true, W>(K, A, lda, Bp, C, ldc, acc);
+  } else {
+    micro_row<T, W>(K, A, Bp, C, acc);
   }
 }
 
-template <typename T>
+// C rows [0, rows) from A's rows and one KC x NR slice of a panel: register blocks of MB rows, then one
+// block of the remainder (a single row of a row-major A through micro_row's interleaved accumulators).
+// A[m, k] at A[m * lda + k], or with AT at A[k * lda + m] (gemm.cpp's packed slivers of A^T).
+template <typename T, bool AT = false, int W = 64>
+FASTRNN_INLINE void rows_block(int64_t rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc,
+                               bool acc) {
+  auto a_at = [&](int64_t m) FASTRNN_INLINE_LAMBDA { return AT ? A + m : A + m * lda; };
+  constexpr int R = MB<W>;
+  int64_t m = 0;
+  for (; m + R <= rows; m += R) micro<T, R, AT, W>(K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
+  if (m < rows) micro_rest<T, AT, W, R - 1>(rows - m, K, a_at(m), lda, Bp, C + m * ldc, ldc, acc);
+}
+
+template <typename T, int W = 64>
 FASTRNN_INLINE void gemm_packed_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* panel, int64_t ncb, T* C,
                                      int64_t ldc) {
   constexpr int nr = NR<T>;
-  if (M <= 8) {
+  if (M <= MB<W>) {
     // one register block of rows reuses no slice of the panel: the whole depth a column block, the panel
     // read front to back (by KC slices it was read in K / KC passes, each jumping a column block's K x NR
     // apart: RNN B1 H512, K = 512, ran 5.6 us a step against 3.6 for the LSTM's B1 H256, K = 256, over as
     // many bytes; NOTES.md, thirty-third session)
-    for (int64_t cb = 0; cb < ncb; ++cb) rows_block<T>(M, K, A, lda, panel + cb * K * nr, C + cb * nr, ldc, false);
+    for (int64_t cb = 0; cb < ncb; ++cb)
+      rows_block<T, false, W>(M, K, A, lda, panel + cb * K * nr, C + cb * nr, ldc, false);
     return;
   }
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kl = std::min(KC, K - k0);
     for (int64_t cb = 0; cb < ncb; ++cb)
-      rows_block<T>(M, kl, A + k0, lda, panel + cb * K * nr + k0 * nr, C + cb * nr, ldc, k0 > 0);
+      rows_block<T, false, W>(M, kl, A + k0, lda, panel + cb * K * nr + k0 * nr, C + cb * nr, ldc, k0 > 0);
   }
 }
 
@@ -217,6 +275,36 @@ void gemm_packed(int64_t M, int64_t K, const float* A, int64_t lda, const float*
                  int64_t ldc);
 void gemm_packed(int64_t M, int64_t K, const double* A, int64_t lda, const double* panel, int64_t ncb, double* C,
                  int64_t ldc);
+
+// gemm_packed over `groups` blocks of M rows: block s reads A + s * sa and writes C + s * sc (a row split's
+// block of steps in the fused input projection: a worker's rows of each step, B rows apart). Each KC x NR
+// slice of the panel serves every block from L1, as it would one block of groups * M rows; a gemm_packed a
+// block (M <= 8) read the whole panel once a block, from L3 where the panels of W_ih and W_hh together
+// exceed the core's L2 (NOTES.md, thirty-fifth session).
+template <typename T, int W = 64>
+FASTRNN_INLINE void gemm_groups_impl(int64_t groups, int64_t M, int64_t K, const T* A, int64_t lda, int64_t sa,
+                                     const T* panel, int64_t ncb, T* C, int64_t ldc, int64_t sc) {
+  constexpr int nr = NR<T>;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kl = std::min(KC, K - k0);
+    for (int64_t cb = 0; cb < ncb; ++cb)
+      for (int64_t s = 0; s < groups; ++s)
+        rows_block<T, false, W>(M, kl, A + s * sa + k0, lda, panel + cb * K * nr + k0 * nr, C + s * sc + cb * nr, ldc,
+                                k0 > 0);
+  }
+}
+
+void gemm_groups(int64_t groups, int64_t M, int64_t K, const float* A, int64_t lda, int64_t sa, const float* panel,
+                 int64_t ncb, float* C, int64_t ldc, int64_t sc);
+void gemm_groups(int64_t groups, int64_t M, int64_t K, const double* A, int64_t lda, int64_t sa, const double* panel,
+                 int64_t ncb, double* C, int64_t ldc, int64_t sc);
+
+// 1 (default): the row split's fused projection a block of steps at once (gemm_groups); 0: a gemm_packed a
+// step, as before it (the tests and benchmarks.train_ab compare the two)
+inline std::atomic<int>& proj_groups_mode() {
+  static std::atomic<int> value{1};
+  return value;
+}
 
 // Unpacked products, for calls too short to pay for packing (a single step reads W once anyway).
 // Columns n = g * U + j (g < G, j < count) of C come from row (g * stride + offset + j) of W.
@@ -228,18 +316,18 @@ struct ColMap {
 // groups of one vector's lanes (16 floats): one accumulator vector per row of W, then a tree of
 // shuffles folds the 16 accumulators into one vector of 16 sums (4 levels, 30 shuffles and 15 adds
 // for 16 outputs, instead of a horizontal sum per output).
-template <typename T> struct IVec;
-template <> struct IVec<float> { typedef int32_t type __attribute__((vector_size(64))); };
-template <> struct IVec<double> { typedef int64_t type __attribute__((vector_size(64))); };
-template <typename T> using VI = typename IVec<T>::type;
+template <typename T> struct IElt;
+template <> struct IElt<float> { typedef int32_t type; };
+template <> struct IElt<double> { typedef int64_t type; };
+template <typename T, int W = 64> using VI = V<typename IElt<T>::type, W>;
 
 // Level l folds vectors whose rows sit in lane groups of width w = lanes >> l into groups of w / 2:
 // out = shuffle(a, b, lo[l]) + shuffle(a, b, hi[l]), a's rows first.
-template <typename T>
+template <typename T, int W>
 struct FoldMasks {
-  VI<T> lo[8], hi[8];
+  VI<T, W> lo[8], hi[8];
   FoldMasks() {
-    constexpr int N = lanes<T>();
+    constexpr int N = lanes<T, W>();
     int l = 0;
     for (int w = N; w > 1; w /= 2, ++l) {
       const int half = w / 2, rows = N / w;
@@ -251,15 +339,15 @@ struct FoldMasks {
     }
   }
 };
-template <typename T> const FoldMasks<T>& fold_masks() {
-  static const FoldMasks<T> masks;
+template <typename T, int W> const FoldMasks<T, W>& fold_masks() {
+  static const FoldMasks<T, W> masks;
   return masks;
 }
 
 // acc[r] (r < lanes) -> one vector whose lane r is the sum of acc[r]'s lanes (acc is overwritten)
-template <typename T>
-FASTRNN_INLINE V<T> sum_rows(V<T>* acc, const FoldMasks<T>& fm) {
-  constexpr int N = lanes<T>();
+template <typename T, int W>
+FASTRNN_INLINE V<T, W> sum_rows(V<T, W>* acc, const FoldMasks<T, W>& fm) {
+  constexpr int N = lanes<T, W>();
   int l = 0;
   for (int n = N; n > 1; n /= 2, ++l)
     for (int i = 0; i < n / 2; ++i)
@@ -268,11 +356,13 @@ FASTRNN_INLINE V<T> sum_rows(V<T>* acc, const FoldMasks<T>& fm) {
   return acc[0];
 }
 
-template <typename T>
+template <typename T, int VW = 64>
 FASTRNN_INLINE void gemm_rows_impl(int64_t M, int64_t K, const T* A, int64_t lda, const T* W, const ColMap& cm, T* C,
                                    int64_t ldc) {
-  constexpr int N = lanes<T>();
-  const FoldMasks<T>& fm = fold_masks<T>();
+  constexpr int N = lanes<T, VW>();
+  // a second set of accumulators where the registers hold it (AVX-512's 32; AVX2's 16 hold one set of 8)
+  constexpr bool two = VW == 64;
+  const FoldMasks<T, VW>& fm = fold_masks<T, VW>();
   for (int64_t g = 0; g < cm.G; ++g) {
     int64_t j = 0;
     for (; j + N <= cm.count; j += N) {
@@ -282,21 +372,21 @@ FASTRNN_INLINE void gemm_rows_impl(int64_t M, int64_t K, const T* A, int64_t lda
         // two vectors of k a pass, in two sets of accumulators: each row's stream moves a whole line
         // (128 bytes) a pass; at M = 1 (a cell, a step of batch 1) this read W from L2 at 81-92% of a
         // plain sequential read against 66-85% with one vector a pass (NOTES.md, twenty-fourth session)
-        V<T> acc[N] = {}, acc2[N] = {};
+        V<T, VW> acc[N] = {}, acc2[two ? N : 1] = {};
         int64_t k = 0;
-        for (; k + 2 * N <= K; k += 2 * N) {
-          const V<T> av = vload(a + k), av2 = vload(a + k + N);
+        for (; two && k + 2 * N <= K; k += 2 * N) {
+          const V<T, VW> av = vload<VW>(a + k), av2 = vload<VW>(a + k + N);
           for (int r = 0; r < N; ++r) {
-            acc[r] += av * vload(w + r * K + k);
-            acc2[r] += av2 * vload(w + r * K + k + N);
+            acc[r] += av * vload<VW>(w + r * K + k);
+            acc2[two ? r : 0] += av2 * vload<VW>(w + r * K + k + N);
           }
         }
         for (; k + N <= K; k += N) {
-          const V<T> av = vload(a + k);
-          for (int r = 0; r < N; ++r) acc[r] += av * vload(w + r * K + k);
+          const V<T, VW> av = vload<VW>(a + k);
+          for (int r = 0; r < N; ++r) acc[r] += av * vload<VW>(w + r * K + k);
         }
-        for (int r = 0; r < N; ++r) acc[r] += acc2[r];
-        V<T> s = sum_rows(acc, fm);
+        for (int r = 0; two && r < N; ++r) acc[r] += acc2[two ? r : 0];
+        V<T, VW> s = sum_rows<T, VW>(acc, fm);
         for (; k < K; ++k)
           for (int r = 0; r < N; ++r) s[r] += a[k] * w[r * K + k];
         vstore(C + m * ldc + g * cm.U + j, s);
@@ -306,12 +396,12 @@ FASTRNN_INLINE void gemm_rows_impl(int64_t M, int64_t K, const T* A, int64_t lda
       const T* w = W + (g * cm.stride + cm.offset + j) * K;
       for (int64_t m = 0; m < M; ++m) {
         const T* a = A + m * lda;
-        V<T> acc[4] = {};
+        V<T, VW> acc[4] = {};
         int64_t k = 0;
         for (; k + 4 * N <= K; k += 4 * N)
-          for (int s = 0; s < 4; ++s) acc[s] += vload(a + k + s * N) * vload(w + k + s * N);
-        for (; k + N <= K; k += N) acc[0] += vload(a + k) * vload(w + k);
-        const V<T> v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+          for (int s = 0; s < 4; ++s) acc[s] += vload<VW>(a + k + s * N) * vload<VW>(w + k + s * N);
+        for (; k + N <= K; k += N) acc[0] += vload<VW>(a + k) * vload<VW>(w + k);
+        const V<T, VW> v = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         T sum = T(0);
         for (int l = 0; l < N; ++l) sum += v[l];
         for (; k < K; ++k) sum += a[k] * w[k];
@@ -350,11 +440,11 @@ void gemm_cols(int64_t M, int64_t K, const double* A, int64_t lda, const double*
 // h @ W_hh^T) or src[k * ld + col(n)] (trans = true), for n < ncols, into column blocks of NR. col(n)
 // < 0 marks a padding column (zeros). trans = false goes through lanes x lanes tiles transposed in
 // registers (a butterfly of two-input shuffles); trans = true copies along k.
-template <typename T>
+template <typename T, int W>
 struct TransposeMasks {
-  VI<T> lo[8], hi[8];
+  VI<T, W> lo[8], hi[8];
   TransposeMasks() {
-    constexpr int N = lanes<T>();
+    constexpr int N = lanes<T, W>();
     int l = 0;
     for (int b = N / 2; b >= 1; b /= 2, ++l)
       for (int j = 0; j < N; ++j) {
@@ -363,16 +453,16 @@ struct TransposeMasks {
       }
   }
 };
-template <typename T> const TransposeMasks<T>& transpose_masks() {
-  static const TransposeMasks<T> masks;
+template <typename T, int W> const TransposeMasks<T, W>& transpose_masks() {
+  static const TransposeMasks<T, W> masks;
   return masks;
 }
 
-template <typename T>
+template <typename T, int W = 64>
 FASTRNN_INLINE void pack_cols_impl(const T* src, int64_t ld, bool trans, int64_t K, int64_t ncols, const int64_t* col,
                                    T* panel) {
-  constexpr int N = lanes<T>(), nr = NR<T>;
-  const TransposeMasks<T>& tm = transpose_masks<T>();
+  constexpr int N = lanes<T, W>(), nr = NR<T>;
+  const TransposeMasks<T, W>& tm = transpose_masks<T, W>();
   for (int64_t n0 = 0; n0 < ncols; n0 += nr) {
     T* dst = panel + (n0 / nr) * K * nr;
     if (trans) {
@@ -390,16 +480,16 @@ FASTRNN_INLINE void pack_cols_impl(const T* src, int64_t ld, bool trans, int64_t
       const int64_t* c = col + n0 + q * N;
       int64_t k = 0;
       for (; k + N <= K; k += N) {
-        V<T> r[N];
+        V<T, W> r[N];
 #pragma GCC unroll 16
-        for (int i = 0; i < N; ++i) r[i] = c[i] < 0 ? V<T>{} : vload(src + c[i] * ld + k);
+        for (int i = 0; i < N; ++i) r[i] = c[i] < 0 ? V<T, W>{} : vload<W>(src + c[i] * ld + k);
 #pragma GCC unroll 4
         for (int l = 0; (N >> (l + 1)) >= 1; ++l) {
           const int b = N >> (l + 1);
 #pragma GCC unroll 16
           for (int i = 0; i < N; ++i)
             if ((i & b) == 0) {
-              const V<T> x = __builtin_shuffle(r[i], r[i + b], tm.lo[l]);
+              const V<T, W> x = __builtin_shuffle(r[i], r[i + b], tm.lo[l]);
               r[i + b] = __builtin_shuffle(r[i], r[i + b], tm.hi[l]);
               r[i] = x;
             }
@@ -949,6 +1039,7 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
   Scratch<T> panel_in(fused ? nw * I * ncols : 0), xin_buf(fused ? nw * S * WB * ncols : 0);
   T* pin = panel_in.data(), *xin = xin_buf.data();
   const T* xw = a.in.x ? a.in.xw : a.xw;
+  const bool groups = proj_groups_mode().load(std::memory_order_relaxed) != 0;
 
   run_team(nw, [&](Member& m) {
     Barrier& bar = m.bar;
@@ -1003,7 +1094,9 @@ void forward_driver(const FwdArgs<T>& a, Point point) {
               // the block's rows: contiguous in x by units; by rows, the worker's bw rows of each step
               const int64_t r0 = row_of(tlo), n = RB ? nb * bw : row_of(tlo + nb) - r0;
               if (!RB) gemm_packed(n, I, a.in.x + r0 * I, I, pin + w * I * ncols, ncb, xo, ncols);
-              for (int64_t s = 0; RB && s < nb; ++s)
+              else if (groups)
+                gemm_groups(nb, bw, I, a.in.x + (r0 + b0) * I, I, B * I, pin + w * I * ncols, ncb, xo, ncols, bw * ncols);
+              for (int64_t s = 0; RB && !groups && s < nb; ++s)
                 gemm_packed(bw, I, a.in.x + (row_of(tlo + s) + b0) * I, I, pin + w * I * ncols, ncb,
                             xo + s * bw * ncols, ncols);
               const int64_t g0 = a.in.b_ih_from;  // the blocks before g0: in the pointwise pass's bias

@@ -867,6 +867,93 @@ def test_a_call_split_by_rows_matches_torch(name, kw, calls, T, B, ran):
     assert backends_used(ran) == ({"cpp", "reference"} if kw.get("peephole") else {"cpp"})
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="a split by rows needs two of torch's threads")
+@pytest.mark.parametrize("name,kw", [("LSTM", {}), ("LSTM", {"proj_size": 24}), ("GRU", {}), ("RNN", {}),
+                                     ("LSTM", {"num_layers": 2, "bidirectional": True})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("B,I", [(17, 6), (16, 300)])
+def test_the_split_by_rows_projects_a_block_of_steps_in_one_product(name, kw, dtype, B, I, ran):
+    """In inference split by rows, the fused input projection of a block of steps is one product over the
+    worker's rows of every step (recurrence.h, gemm_groups) instead of one product a step: torch.nn's outputs,
+    and the same bits as a product a step where the depth I is one block of the kernel (17 rows: 9 / 8 a worker,
+    blocks of 14 and 16 steps and a partial last one; I = 300: two blocks of depth, 8 rows a worker)."""
+    cls = getattr(fastrnn, name)
+    torch.manual_seed(0)
+    ours = cls(I, 40, backend="cpp", dtype=dtype, **kw)
+    ref = getattr(torch.nn, name)(I, 40, dtype=dtype, **kw)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(37, B, I, dtype=dtype)
+    old_macs, old_split = cpp.BACKEND.set_parallel_min_macs(0), cpp._C.set_row_split(1)
+    old_groups = cpp._C.set_proj_groups(1)
+    try:
+        with torch.no_grad():
+            before = cpp._C.row_split_count()
+            got = ours(x)
+            by_rows = cpp._C.row_split_count() - before
+            cpp._C.set_proj_groups(0)
+            per_step = ours(x)
+            want = ref(x)
+    finally:
+        cpp.BACKEND.set_parallel_min_macs(old_macs)
+        cpp._C.set_row_split(old_split)
+        cpp._C.set_proj_groups(old_groups)
+    assert by_rows == ours.num_layers * (2 if ours.bidirectional else 1)
+    flat = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]  # noqa: E731
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    for a, s, w in zip(flat(got), flat(per_step), flat(want), strict=True):
+        torch.testing.assert_close(a, w, **tol)
+        if I <= 256:
+            assert torch.equal(a, s)
+        else:
+            torch.testing.assert_close(a, s, **tol)
+    assert backends_used(ran) == {"cpp"}
+
+
+@pytest.mark.parametrize("level", [1, 3, 4], ids=["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_each_isa_build_of_the_products_matches_torch(level, dtype, ran):
+    """The products and the packing are built once an ISA, in vectors of its width (recurrence.h,
+    FASTRNN_ISA_BUILDS: 64 bytes for AVX-512, 32 for AVX2, 16 for the baseline). Each build this CPU runs gives
+    torch.nn's outputs and gradients: sequences at batch 1 and 17 (split by units and by rows), a depth of two
+    blocks (input 300), a projection, inference (the fused input projection) and training (the mm op's own
+    kernel, its A^T products), and the mm op itself."""
+    if level > cpp._C.isa_detected():
+        pytest.skip(f"this CPU runs the builds up to level {cpp._C.isa_detected()}, not {level}")
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-5)
+    torch.manual_seed(0)
+    old_cap, old_own = cpp._C.set_isa_cap(level), cpp._C.set_own_mm(1)
+    old_macs = cpp.BACKEND.set_parallel_min_macs(0)
+    try:
+        assert cpp._C.isa_level() == level
+        a, b = torch.randn(70, 300, dtype=dtype), torch.randn(300, 45, dtype=dtype)
+        for ta, tb in ((False, False), (True, False), (False, True)):
+            A, Bm = (a.t().contiguous() if ta else a), (b.t().contiguous() if tb else b)
+            torch.testing.assert_close(torch.ops.fastrnn_cpp.mm(A, ta, Bm, tb, None), a @ b, **tol)
+        for name, kw in (("LSTM", {}), ("LSTM", {"proj_size": 24}), ("GRU", {}), ("RNN", {})):
+            ours = getattr(fastrnn, name)(300, 40, backend="cpp", dtype=dtype, **kw)
+            ref = getattr(torch.nn, name)(300, 40, dtype=dtype, **kw)
+            ref.load_state_dict(ours.state_dict())
+            for B in (1, 17):
+                x = torch.randn(9, B, 300, dtype=dtype)
+                with torch.no_grad():
+                    got, want = ours(x), ref(x)
+                torch.testing.assert_close(got[0], want[0], **tol)
+                for g, w in zip(_outputs_and_grads(ours, x, _zero_state(ours, B, dtype)),
+                                _outputs_and_grads(ref, x, _zero_state(ours, B, dtype)), strict=True):
+                    torch.testing.assert_close(g, w, **tol)
+    finally:
+        cpp._C.set_isa_cap(old_cap)
+        cpp._C.set_own_mm(old_own)
+        cpp.BACKEND.set_parallel_min_macs(old_macs)
+    assert backends_used(ran) == {"cpp"}
+
+
+def _zero_state(m, B, dtype):
+    D = 2 if m.bidirectional else 1
+    h0 = torch.zeros(m.num_layers * D, B, m.proj_size or m.hidden_size, dtype=dtype)
+    return (h0, torch.zeros(m.num_layers * D, B, m.hidden_size, dtype=dtype)) if isinstance(m, torch.nn.LSTM) else h0
+
+
 def _outputs_and_grads(m, x, hx):
     xg = x.clone().requires_grad_(True)
     state = tuple(s.clone().requires_grad_(True) for s in hx) if isinstance(hx, tuple) else hx.clone().requires_grad_(True)
