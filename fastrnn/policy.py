@@ -141,10 +141,20 @@ _AMD_LSTM = {"inference B1": _CNT, "inference B2-7": _CTN, "inference B8-31": _C
 # B8-512, H32-192, I16-256; benchmarks/NOTES.md, "A narrow hidden-size band"): inference B32+ 1.04-2.08,
 # training B32+ 0.96-1.65 (geometric mean ~1.2; the lows at T20-30) and B8-31 0.98-1.30 (~1.07)
 _AMD_LSTM_NARROW = {"inference B32+": _CTN, "training B8-31": _CTN, "training B32+": _CTN}
+# AMD without AVX-512 (a Zen 3 EPYC, AVX2: one `python -m fastrnn.tune` run, 2026-12-07, ms, benchmarks/NOTES.md,
+# thirty-fifth session): the AMD table but torch.nn's oneDNN first for the LSTM in inference at B8-31 up to WIDE_H
+# (torch 26.6 / cpp 31.0; the benchmark's B16 H256: cpp 0.93x torch.nn) and at B32+ up to NARROW_H (11.0 / 11.6),
+# and in training at B8-31 above WIDE_H (163 / 173); numba first for the LSTM in inference at B1 above WIDE_H
+# (9.8 / cpp 11.3 / torch 13.0)
+_AMD_AVX2_LSTM = {"inference B8-31": _TCN, f"inference B32+{NARROW}": _TCN, f"training B8-31{WIDE}": _TCN,
+                  f"inference B1{WIDE}": ("numba", "cpp", "torch", "reference")}
 _BUILTIN_CPU = {
     "amd": _table({**_AMD_LSTM, **{c + NARROW: _AMD_LSTM_NARROW.get(c, r) for c, r in _AMD_LSTM.items()},
                    **_AMD_LSTM_WIDE},
                   _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP, _AMD_T1_TRAIN),
+    "amd-avx2": _table({**_AMD_LSTM, **{c + NARROW: _AMD_LSTM_NARROW.get(c, r) for c, r in _AMD_LSTM.items()},
+                        **_AMD_LSTM_WIDE, **_AMD_AVX2_LSTM},
+                       _CNT, dict.fromkeys(FAMILIES, _CTN), _AMD_STEP, _AMD_T1_TRAIN),
     "intel": _table(dict.fromkeys(SEQ_CLASSES, _CTN), _CNT,
                     {"lstm": _CNT, "gru": _CTN, "rnn": _TCN},
                     {"lstm": {**_AMD_STEP["lstm"], "inference B1": _STEP_T}, "gru": _AMD_STEP["gru"],
@@ -165,10 +175,26 @@ def cpu_vendor() -> str:
     return "other"
 
 
+def has_avx512() -> bool:
+    """Does this CPU have AVX-512 (avx512f in /proc/cpuinfo's flags)?"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def builtin(vendor: str | None = None) -> dict:
-    """The built-in table for a CPU vendor (this machine's by default)."""
-    vendor = vendor or cpu_vendor()
-    table = "amd" if vendor == "amd" else "intel"
+    """The built-in table for a CPU vendor: 'amd' (AMD with AVX-512), 'amd-avx2' (AMD without it), 'intel' (and
+    any other vendor). By default this machine's."""
+    if vendor is None:
+        vendor = cpu_vendor()
+        if vendor == "amd" and not has_avx512():
+            vendor = "amd-avx2"
+    table = vendor if vendor in ("amd", "amd-avx2") else "intel"
     return {"source": f"built-in default ({table} table{', this CPU: ' + vendor if vendor != table else ''})",
             "rankings": {"cpu": _BUILTIN_CPU[table]}}
 
@@ -259,15 +285,16 @@ def current() -> dict:
 
 
 def ranking(device: str, family: str, scope: str, cls: str) -> tuple:
-    """The backends for a call of this class, fastest first (may be empty); a bidirectional LSTM class (``BI``)
-    takes its one-direction class's ranking with ``cpp`` moved to just before ``torch`` (only cpp was measured
-    against torch.nn bidirectional)."""
+    """The backends for a call of this class, fastest first (may be empty); a bidirectional LSTM class (``BI``) in
+    training, or in inference from B32, takes its one-direction class's ranking with ``cpp`` moved to just before
+    ``torch`` (only cpp was measured against torch.nn bidirectional, and only there: at B16 in inference on a Zen 3
+    cpp read 0.92x torch.nn's bidirectional LSTM, benchmarks/NOTES.md, thirty-fifth session)."""
     table = current()
     if device == "cuda":
         return CUDA_RANKING if table.get("rankings") else ()  # FASTRNN_POLICY=static: none on CUDA either
     bi = cls.endswith(BI)
     ranked = table["rankings"].get(device, {}).get(f"{family} {scope} {cls[:-len(BI)] if bi else cls}", ())
-    if (bi and family == "lstm" and "torch" in ranked and "cpp" in ranked
+    if (bi and family == "lstm" and (cls.startswith("training") or cls.startswith("inference B32+")) and "torch" in ranked and "cpp" in ranked
             and ranked.index("torch") < ranked.index("cpp")):
         rest = [n for n in ranked if n != "cpp"]  # cpp to torch's place, the others as they were
         rest.insert(rest.index("torch"), "cpp")

@@ -74,10 +74,10 @@ def test_a_bidirectional_class_puts_torch_after_cpp(monkeypatch, tmp_path):
     policy.forget()
 
 
-@pytest.mark.parametrize("vendor", ["amd", "intel", "other"])
+@pytest.mark.parametrize("vendor", ["amd", "amd-avx2", "intel", "other"])
 def test_builtin_tables_rank_every_class(vendor):
     table = policy.builtin(vendor)
-    assert ("intel" if vendor == "other" else vendor) in table["source"]
+    assert f"({'intel' if vendor == 'other' else vendor} table" in table["source"]
     rankings = table["rankings"]["cpu"]
     assert set(rankings) == set(policy.keys())
     for key, ranked in rankings.items():
@@ -95,6 +95,33 @@ def test_amd_table_leaves_lstm_at_large_batch_to_torch_from_h193():
         assert rankings[f"lstm seq {cls} H<={policy.NARROW_H}"][:2] == ("cpp", "torch"), cls
     assert rankings["lstm seq training B2-7"][0] == "cpp"
     assert rankings["gru seq training B32+"][0] == "cpp" and rankings["rnn seq training B32+"][0] == "cpp"
+
+
+def test_an_amd_cpu_without_avx512_takes_its_own_table(monkeypatch):
+    """AMD without AVX-512 (a Zen 3, AVX2; benchmarks/NOTES.md, thirty-fifth session): torch.nn's oneDNN first for
+    the LSTM in inference at B8-31 and B32+ up to NARROW_H and in training at B8-31 above WIDE_H, numba first at
+    B1 above WIDE_H; every other class as the AMD table. A bidirectional LSTM in inference below B32 keeps its
+    one-direction ranking (cpp read 0.92x torch.nn there); in training cpp still goes before torch.nn."""
+    monkeypatch.setattr(policy, "cpu_vendor", lambda: "amd")
+    monkeypatch.setattr(policy, "has_avx512", lambda: False)
+    assert "(amd-avx2 table" in policy.builtin()["source"]
+    monkeypatch.setattr(policy, "has_avx512", lambda: True)
+    assert "(amd table" in policy.builtin()["source"]
+    amd, avx2 = (policy.builtin(v)["rankings"]["cpu"] for v in ("amd", "amd-avx2"))
+    changed = {k for k in amd if amd[k] != avx2[k]}
+    assert changed == {"lstm seq inference B8-31", f"lstm seq inference B32+{policy.NARROW}",
+                       f"lstm seq training B8-31{policy.WIDE}", f"lstm seq inference B1{policy.WIDE}"}
+    assert all(avx2[k][0] == "torch" for k in changed if "B1 " not in k + " ")
+    assert avx2[f"lstm seq inference B1{policy.WIDE}"][0] == "numba"
+    monkeypatch.setenv("FASTRNN_POLICY", "builtin")
+    monkeypatch.setattr(policy, "has_avx512", lambda: False)
+    policy.forget()
+    try:
+        assert policy.ranking("cpu", "lstm", "seq", "inference B8-31 bi")[0] == "torch"
+        assert policy.ranking("cpu", "lstm", "seq", "training B8-31 bi")[0] == "cpp"
+        assert policy.ranking("cpu", "lstm", "seq", "inference B32+ bi")[0] == "cpp"
+    finally:
+        policy.forget()
 
 
 # (hidden size, bidirectional, batch, the backend the built-in AMD table picks in training)
