@@ -12,7 +12,7 @@
 // baseline x86-64, one of them picked on the CPU at hand. The pointwise passes are scalar loops that GCC
 // vectorizes for each (FASTRNN_CLONES: its target_clones). The products and the packing are written in
 // vectors of W bytes, a template argument, and built once a width: 64 for AVX-512, 32 for AVX2, 16 for the
-// baseline (FASTRNN_BY_ISA). A vector wider than the target's registers has no machine mode: GCC keeps it
+// baseline (FASTRNN_ISA_BUILDS). A vector wider than the target's registers has no machine mode: GCC keeps it
 // in memory, and the AVX2 build of 64-byte vectors ran the products at ~4 GFLOP/s on a Zen 3 (NOTES.md,
 // thirty-fifth session).
 #pragma once
@@ -51,10 +51,9 @@ template <typename T, int W = 64> constexpr int lanes() { return W / sizeof(T); 
 template <int W = 64, typename T> FASTRNN_INLINE V<T, W> vload(const T* p) { V<T, W> v; std::memcpy(&v, p, sizeof v); return v; }
 template <typename T, typename VT> FASTRNN_INLINE void vstore(T* p, VT v) { std::memcpy(p, &v, sizeof v); }
 
-// Per-ISA builds of a product or packing function: isa_level() is 4 (AVX-512), 3 (AVX2) or 1 (baseline,
-// and every CPU without the clones); FASTRNN_BY_ISA(call) runs `call`, which names the vector width W,
-// in the build for this CPU.
-// the highest level the products may use (set_isa_cap: the tests run each build the CPU has)
+// Per-ISA builds of a product or packing function (FASTRNN_ISA_BUILDS, below): isa_level() is 4 (AVX-512), 3
+// (AVX2) or 1 (baseline, and every CPU without the clones), at most the cap that set_isa_cap sets (the tests run
+// each build the CPU has).
 inline std::atomic<int>& isa_cap() {
   static std::atomic<int> value{4};
   return value;
@@ -488,7 +487,7 @@ FASTRNN_INLINE void pack_cols_impl(const T* src, int64_t ld, bool trans, int64_t
           const int b = N >> (l + 1);
 #pragma GCC unroll 16
           for (int i = 0; i < N; ++i)
-            if ((i & b) == 0) {
+            if ((i & b) == 0 && i + b < N) {  // (i & b) == 0 implies i + b < N; said for GCC's bounds check at N = 2
               const V<T, W> x = __builtin_shuffle(r[i], r[i + b], tm.lo[l]);
               r[i + b] = __builtin_shuffle(r[i], r[i + b], tm.hi[l]);
               r[i] = x;
