@@ -21,8 +21,21 @@ from numba.extending import intrinsic
 
 from .common import JIT, at, lines, mm_nt
 
-#: rows of ``a`` and panels a microkernel keeps in registers: 4 x 4 vectors (16 of AVX-512's 32)
-MR, NV = 4, 4
+
+def _panels_a_block():
+    """NV, the panels of a block of MR rows: 4 where numba compiles for AVX-512 (4 x 4 accumulators of 64 bytes, 16
+    of its 32 registers), else 1. On AVX2 each 64-byte accumulator takes two of its 16 ymm registers, and 4 x 4
+    spilled: one core of a Zen 3, 12 rows x 8 panels of K 256, 4 x 4 32.9 GFLOP/s, 4 x 1 55.1 (benchmarks/NOTES.md,
+    thirty-fifth session). numba compiles for the host CPU unless NUMBA_CPU_NAME names one; its disk cache is per
+    CPU."""
+    if numba.config.CPU_NAME:
+        return 4 if "+avx512f" in (numba.config.CPU_FEATURES or "") else 1
+    import llvmlite.binding as ll
+    return 4 if ll.get_host_cpu_features().get("avx512f", False) else 1
+
+
+#: rows of ``a`` and panels a microkernel keeps in registers: 4 x 4 vectors with AVX-512, 4 x 1 without
+MR, NV = 4, _panels_a_block()
 
 
 def _microkernel(mr, nv, ng=1):
@@ -111,7 +124,7 @@ def _microkernel(mr, nv, ng=1):
     return mk
 
 
-# four variants (MR 4 / 1 x NV 4 / 1): the eight of NV 1-4 compiled ~2 s longer on numba's first call and ran
+# four variants (MR 4 / 1 x NV 4 / 1; without AVX-512 NV is 1 and they are two): the eight of NV 1-4 compiled ~2 s longer on numba's first call and ran
 # no faster measurably (benchmarks/NOTES.md, twenty-eighth session)
 _mk44, _mk41, _mk14, _mk11 = (_microkernel(mr, nv) for mr, nv in ((MR, NV), (MR, 1), (1, NV), (1, 1)))
 # one or two rows against one panel of each of a step's 4 or 3 gates at once, and for one gate (the RNN) two rows
