@@ -72,9 +72,9 @@ namespace {
 // CPU supports, in this order).
 std::string isa() {
 #if defined(__x86_64__) && !defined(FASTRNN_NO_CLONES)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512 (x86-64-v4)";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2 (x86-64-v3)";
+  const int level = fastrnn::isa_detected();  // the products' builds (recurrence.h); target_clones picks alike
+  if (level == 4) return "avx512 (x86-64-v4)";
+  if (level == 3) return "avx2 (x86-64-v3)";
   return "baseline x86-64";
 #else
   return "portable (no ISA clones)";

@@ -18,14 +18,8 @@ def _version(mod):
 
 
 def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .policy import cpuinfo_field
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def report() -> str:

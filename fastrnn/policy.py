@@ -162,29 +162,27 @@ _BUILTIN_CPU = {
 }
 
 
-def cpu_vendor() -> str:
-    """'amd', 'intel' or 'other', from /proc/cpuinfo."""
+def cpuinfo_field(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo ('model name', 'vendor_id', 'flags'), None where
+    there is none (another OS)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    v = line.split(":", 1)[1].strip()
-                    return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(v, "other")
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "other"
+    return None
+
+
+def cpu_vendor() -> str:
+    """'amd', 'intel' or 'other', from /proc/cpuinfo."""
+    return {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(cpuinfo_field("vendor_id"), "other")
 
 
 def has_avx512() -> bool:
     """Does this CPU have AVX-512 (avx512f in /proc/cpuinfo's flags)?"""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512f" in line.split()
-    except OSError:
-        pass
-    return False
+    return "avx512f" in (cpuinfo_field("flags") or "").split()
 
 
 def builtin(vendor: str | None = None) -> dict:
