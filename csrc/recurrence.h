@@ -623,9 +623,10 @@ inline std::atomic<int64_t>* team_counts() {
 // The body calls `begin(k)` at check points k = 0, 1, ... in the same order on every thread (the
 // drivers: the prologue, then each step) and runs the workers [wb, we) there when it returns true.
 struct Team {
-  explicit Team(int n) : bar(n), nw(n) {}
+  Team(int n, int64_t join_at) : bar(n), nw(n), join_at(join_at) {}
   Barrier bar;
   const int nw;
+  const int64_t join_at;                        // team_join_at() when the call started
   alignas(64) std::atomic<int> in{0};           // workers whose thread has started
   alignas(64) std::atomic<int64_t> split{-1};   // the check point from which each thread runs its own share
   std::atomic<int64_t> reached{-1};             // the leader's last check point (team_join_at)
@@ -641,6 +642,12 @@ class Member {
       t_.reached.store(k, std::memory_order_release);
       // at the first check point, a few us for the others (a warm team's threads start within ~1 us)
       for (int spins = 0; k == 0 && spins < 100 && !all_in(); ++spins) FASTRNN_PAUSE();
+      // the tests' late threads, let go at check point join_at: waited for there, however late the scheduler
+      // runs them, so that the call hands them their shares mid-call every time
+      for (int spins = 0; t_.join_at > 0 && k >= t_.join_at && !all_in(); ++spins) {
+        FASTRNN_PAUSE();
+        if (spins > 2000) std::this_thread::yield();
+      }
       if (all_in()) {
         t_.split.store(k, std::memory_order_release);
         if (k > 0) team_counts()[0].fetch_add(1, std::memory_order_relaxed);
@@ -682,8 +689,8 @@ class Member {
 };
 
 // For the tests: k > 0 holds the threads other than worker 0's until worker 0's thread, the leader then,
-// has reached check point k (or finished the call), so that a call meets a late thread where a test wants
-// it; 0: off.
+// has reached check point k (or finished the call), and the leader waits for them there, so that a call
+// meets a late thread where a test wants it (after its last step: the call ends without them); 0: off.
 inline std::atomic<int64_t>& team_join_at() {
   static std::atomic<int64_t> value{0};
   return value;
@@ -692,13 +699,13 @@ inline std::atomic<int64_t>& team_join_at() {
 // Runs body(member) on nw workers (one thread: all of them, at once).
 template <typename Body>
 void run_team(int nw, Body body) {
-  Team team(nw);
+  const int64_t join_at = team_join_at().load(std::memory_order_relaxed);
+  Team team(nw, join_at);
   if (nw == 1) {
     Member m(team, 0, 1);
     body(m);
     return;
   }
-  const int64_t join_at = team_join_at().load(std::memory_order_relaxed);
   at::parallel_for(0, nw, 1, [&](int64_t b, int64_t e) {
     while (join_at > 0 && b > 0 && team.reached.load(std::memory_order_acquire) < join_at) FASTRNN_PAUSE();
     Member m(team, int(b), int(e));

@@ -1,7 +1,13 @@
 import os
 
-import pytest
-import torch
+# Two pytest workers on two cores, each with torch's (and the extension's) OpenMP team of two threads: with
+# libgomp's default wait policy an idle team thread spins for its next task, on the core the other worker
+# needs, and the suite ran 2-4x slower (test_parity's LSTM L2 reference cases: 43-69 s, passive: 17 s).
+# Read by libgomp when it loads, so set before torch is imported; a value the caller set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The tests of fastrnn's kernels run with the automatic choice on the static priority of fastrnn's own
 # backends, never a policy table (which hands some shape classes to torch.nn, and which
