@@ -595,7 +595,8 @@ def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
     """At 1-3 rows a step the sequence forwards take W_hh's panels (panel.step_panels says so, whatever the split, K
     up to PANEL_MAX_K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs
     and gradients, float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80 with a packed
-    sequence whose last steps have one or two rows."""
+    sequence whose last steps have one or two rows; and at K = 300, past PANEL_MAX_K with AVX-512 (no limit without it),
+    at 2 and 5 rows."""
     from fastrnn.backends import numba as nb
     from fastrnn.backends.numba_kernels import panel
     if threads > torch.get_num_threads():
@@ -607,11 +608,13 @@ def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
             assert panel.step_panels(np.zeros((G * 40, 40), np.float32), G, 40, B, 2, like, nb.PANEL_MIN_ROWS,
                                      parts, False).shape[0] == G
     assert panel.step_panels(np.zeros((G * 40, 40), np.float32), G, 40, 1, 2, like, 4, 1, False).shape[0] == 0
-    assert panel.step_panels(np.zeros((G * 300, 300), np.float32), G, 300, 1, 2, like, 1, 1, False).shape[0] == 0
+    # K past PANEL_MAX_K (256 with AVX-512; no limit without it): mm_nt
+    wide = panel.step_panels(np.zeros((G * 300, 300), np.float32), G, 300, 1, 2, like, 1, 1, False).shape[0]
+    assert wide == (0 if panel.NV > 1 else G)
     old = nb.BACKEND.set_parallel_min_macs(0 if threads > 1 else 1 << 40)
     try:
         for dtype in (torch.float32, torch.float64):
-            for H, B in ((40, 1), (40, 3), (80, 2)):
+            for H, B in ((40, 1), (40, 3), (80, 2), (80, 1), (300, 2), (300, 5)):
                 torch.manual_seed(0)
                 ours = getattr(fastrnn, cls)(8, H, dtype=dtype, backend="numba")
                 ref = getattr(torch.nn, cls)(8, H, dtype=dtype)

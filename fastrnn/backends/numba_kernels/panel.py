@@ -131,6 +131,13 @@ _mk44, _mk41, _mk14, _mk11 = (_microkernel(mr, nv) for mr, nv in ((MR, NV), (MR,
 # against 4 panels or 1 (``gate_products`` below MR rows)
 _mg14, _mg24, _mg13, _mg23 = (_microkernel(mr, 1, ng) for ng in (4, 3) for mr in (1, 2))
 _mk24, _mk21 = _microkernel(2, NV), _microkernel(2, 1)
+# two rows against one panel of each of two gates: without AVX-512 two rows against every gate at once (2 x 4
+# accumulators of 64 bytes, each two of AVX2's 16 ymm registers) spilled, and a call for each pair of gates took
+# 0.38-0.70x the time at H64-512 (one core of a Zen 3; benchmarks/NOTES.md, thirty-sixth session)
+_mg22 = _microkernel(2, 1, 2)
+# one gate (the RNN) below MR rows without AVX-512: a panel a call left one chain of FMAs in an accumulator waiting
+# on itself; one row against 4 panels, two against 2, took 0.49-0.87x the time at H64-512 (same measurement)
+_mr14, _mr12, _mr22 = _microkernel(1, 4), _microkernel(1, 2), _microkernel(2, 2)
 
 
 @numba.njit(**JIT)
@@ -336,9 +343,15 @@ def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
 @numba.njit(inline="always", **JIT)
 def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
     """``mr`` (1 or 2) rows of ``a`` (from element a0, lda apart) against panels w0.. (nv: 1 panel of each of G = 4
-    or 3 gates, gs elements apart in wp, or 4 or 1 of one gate), into out from element o0 (rows ldo apart, gate g's
-    columns os on): one microkernel call."""
-    if G == 4:
+    or 3 gates, gs elements apart in wp, or NV, 4 (one row), 2 or 1 of one gate), into out from element o0 (rows ldo apart, gate g's
+    columns os on): one microkernel call (two for two rows of several gates without AVX-512)."""
+    if G > 1 and mr == 2 and NV == 1:  # no AVX-512: two gates a call (``_mg22``)
+        _mg22(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
+        if G == 4:
+            _mg22(a, a0, lda, wp, w0 + 2 * gs, K, tmp, 0, 0, out, o0 + 2 * os, ldo, gs, os)
+        else:
+            _mk21(a, a0, lda, wp, w0 + 2 * gs, K, tmp, 0, 0, out, o0 + 2 * os, ldo, 0, 0)
+    elif G == 4:
         if mr == 2:
             _mg24(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
         else:
@@ -348,6 +361,13 @@ def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
             _mg23(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
         else:
             _mg13(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
+    elif NV == 1 and nv == 4:  # one row (``row_gate_products``)
+        _mr14(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+    elif NV == 1 and nv == 2:
+        if mr == 2:
+            _mr22(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+        else:
+            _mr12(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
     elif nv == NV:
         if mr == 2:
             _mk24(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
@@ -362,7 +382,8 @@ def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
 @numba.njit(inline="always", **JIT)
 def row_gate_products(src, n, wp, out, r0, G, H, lo, hi, tmp):
     """``gate_products`` on panels for fewer than MR rows: panel by panel, each panel of every gate in one
-    microkernel call for two rows or one (one gate: 4 panels at once), the part panel at the end per gate.
+    microkernel call for two rows or one (one gate: NV panels at once; without AVX-512 4 for one row, 2 for two),
+    the part panel at the end per gate.
     A call a gate kept a step's few chains of FMAs waiting on each other; at one row and H64 the LSTM's products
     took ~2x as long that way or by ``mm_nt``, 1.2-1.5x at H256 (benchmarks/NOTES.md, thirty-first session)."""
     L, K = lanes_of(wp), wp.shape[2]
@@ -371,7 +392,11 @@ def row_gate_products(src, n, wp, out, r0, G, H, lo, hi, tmp):
     q0, q1 = lo // L, hi // L
     q = q0
     while q < q1:
-        nv = NV if G == 1 and q + NV <= q1 else 1
+        nv = 1
+        if G == 1:  # several panels a call (without AVX-512: 4 for one row, else 2; ``_mr14``)
+            nv = NV if NV > 1 else (4 if n == 1 else 2)
+            if q + nv > q1:
+                nv = 1
         r = 0
         while r < n:
             mr = 2 if r + 2 <= n else 1
@@ -418,10 +443,12 @@ def scratch(like):
     return lines(((MR + 1) * lanes_of(like),), like.dtype)
 
 
-#: the most columns of W_hh (K) the steps' products take on panels: a group of NV panels is NV x K vectors,
-#: which every block of MR rows reads again; past a core's L1 at K = 512 (128 KiB in float32) the product read
-#: it from L2 and lost to ``mm_nt`` (RNN B64 H512: 0.92x)
-PANEL_MAX_K = 256
+#: the most columns of W_hh (K) the steps' products take on panels from MR rows: a group of NV panels is NV x K
+#: vectors, which every block of MR rows reads again; with AVX-512 (NV 4), past a core's L1 at K = 512 (128 KiB
+#: in float32) the product read it from L2 and lost to ``mm_nt`` (RNN B64 H512: 0.92x). Without it (NV 1, K
+#: vectors) no limit: one core of a Zen 3, 4-64 rows, K 512-2048, the panels ran 1.3-1.9x ``mm_nt``, whose 4 x 4
+#: block spills there (benchmarks/NOTES.md, thirty-sixth session)
+PANEL_MAX_K = 256 if NV > 1 else 1 << 62
 
 
 @numba.njit(**JIT)
