@@ -147,3 +147,30 @@ def test_a_split_sets_numbas_thread_count_whatever_set_it_last():
         assert numba.get_num_threads() >= rows
     finally:
         numba.set_num_threads(before)
+
+
+def test_the_disk_cache_of_a_kernel_is_keyed_by_every_file_of_the_kernels(tmp_path):
+    """numba keys a cached function by its own file's contents; the kernels inline the other files' functions, so the
+    package's functions are keyed by every file of it (numba_kernels._PackageStamp): a change in panel.py alone
+    gives lstm.py's kernels a new key. Functions elsewhere keep numba's own locators."""
+    import os
+    import shutil
+
+    from numba.core import caching
+
+    from fastrnn.backends import numba_kernels
+    locator = lstm._cell_units._cache._impl._locator
+    assert isinstance(locator, numba_kernels._PackageStamp)
+    assert locator.get_source_stamp() == numba_kernels.package_stamp()
+    copy = tmp_path / "kernels"
+    shutil.copytree(os.path.dirname(numba_kernels.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = numba_kernels.package_stamp(str(copy))
+    assert before == numba_kernels.package_stamp()
+    (copy / "panel.py").write_text((copy / "panel.py").read_text() + "\n# a change in panel.py alone\n")
+    assert numba_kernels.package_stamp(str(copy)) != before
+
+    def outside(x):
+        return x + 1
+    ours = [k for k in caching.CacheImpl._locator_classes if issubclass(k, numba_kernels._PackageStamp)]
+    assert len(ours) >= 3
+    assert all(k.from_function(outside, __file__) is None for k in ours)
