@@ -292,8 +292,8 @@ def ranking(device: str, family: str, scope: str, cls: str) -> tuple:
         return CUDA_RANKING if table.get("rankings") else ()  # FASTRNN_POLICY=static: none on CUDA either
     bi = cls.endswith(BI)
     ranked = table["rankings"].get(device, {}).get(f"{family} {scope} {cls[:-len(BI)] if bi else cls}", ())
-    if (bi and family == "lstm" and (cls.startswith("training") or cls.startswith("inference B32+")) and "torch" in ranked and "cpp" in ranked
-            and ranked.index("torch") < ranked.index("cpp")):
+    if (bi and family == "lstm" and cls.startswith(("training", "inference B32+")) and "torch" in ranked
+            and "cpp" in ranked and ranked.index("torch") < ranked.index("cpp")):
         rest = [n for n in ranked if n != "cpp"]  # cpp to torch's place, the others as they were
         rest.insert(rest.index("torch"), "cpp")
         ranked = tuple(rest)

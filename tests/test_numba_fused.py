@@ -594,9 +594,9 @@ def test_a_parts_gate_products_on_panels(G, H, lo, hi, dtype):
 def test_steps_of_a_few_rows_run_on_the_row_kernels(cls, threads):
     """At 1-3 rows a step the sequence forwards take W_hh's panels (panel.step_panels says so, whatever the split, K
     up to PANEL_MAX_K) and run each panel of every gate in one call (panel.row_gate_products): torch.nn's outputs
-    and gradients, float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80 with a packed
-    sequence whose last steps have one or two rows; and at K = 300, past PANEL_MAX_K with AVX-512 (no limit without it),
-    at 2 and 5 rows."""
+    and gradients, float32 and float64, on one thread and over a team, at H=40 (a part panel at the end) and H=80
+    with a packed sequence whose last steps have one or two rows; and at K = 300, past PANEL_MAX_K with AVX-512 (no
+    limit without it), at 2 and 5 rows."""
     from fastrnn.backends import numba as nb
     from fastrnn.backends.numba_kernels import panel
     if threads > torch.get_num_threads():

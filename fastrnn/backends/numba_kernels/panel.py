@@ -124,20 +124,20 @@ def _microkernel(mr, nv, ng=1):
     return mk
 
 
-# four variants (MR 4 / 1 x NV 4 / 1; without AVX-512 NV is 1 and they are two): the eight of NV 1-4 compiled ~2 s longer on numba's first call and ran
-# no faster measurably (benchmarks/NOTES.md, twenty-eighth session)
+# four variants (MR 4 / 1 x NV 4 / 1; without AVX-512 NV is 1 and they are two): the eight of NV 1-4 compiled ~2 s
+# longer on numba's first call and ran no faster measurably (benchmarks/NOTES.md, twenty-eighth session)
 _mk44, _mk41, _mk14, _mk11 = (_microkernel(mr, nv) for mr, nv in ((MR, NV), (MR, 1), (1, NV), (1, 1)))
-# one or two rows against one panel of each of a step's 4 or 3 gates at once, and for one gate (the RNN) two rows
-# against 4 panels or 1 (``gate_products`` below MR rows)
+# one or two rows against one panel of each of a step's 4 or 3 gates at once (``gate_products`` below MR rows)
 _mg14, _mg24, _mg13, _mg23 = (_microkernel(mr, 1, ng) for ng in (4, 3) for mr in (1, 2))
-_mk24, _mk21 = _microkernel(2, NV), _microkernel(2, 1)
+_mk21 = _microkernel(2, 1)
 # two rows against one panel of each of two gates: without AVX-512 two rows against every gate at once (2 x 4
 # accumulators of 64 bytes, each two of AVX2's 16 ymm registers) spilled, and a call for each pair of gates took
 # 0.38-0.70x the time at H64-512 (one core of a Zen 3; benchmarks/NOTES.md, thirty-sixth session)
 _mg22 = _microkernel(2, 1, 2)
-# one gate (the RNN) below MR rows without AVX-512: a panel a call left one chain of FMAs in an accumulator waiting
-# on itself; one row against 4 panels, two against 2, took 0.49-0.87x the time at H64-512 (same measurement)
-_mr14, _mr12, _mr22 = _microkernel(1, 4), _microkernel(1, 2), _microkernel(2, 2)
+# one gate (the RNN) below MR rows, one or two rows against 4 or 2 panels a call: with AVX-512 4 (NV); without it
+# a panel a call left one chain of FMAs in an accumulator waiting on itself, and one row against 4 panels, two
+# against 2, took 0.49-0.87x the time at H64-512 (same measurement)
+_mr14, _mr24, _mr12, _mr22 = (_microkernel(mr, nv) for mr, nv in ((1, 4), (2, 4), (1, 2), (2, 2)))
 
 
 @numba.njit(**JIT)
@@ -343,8 +343,8 @@ def gate_products(src, n, w_hh, wp, out, r0, G, H, lo, hi, tmp):
 @numba.njit(inline="always", **JIT)
 def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
     """``mr`` (1 or 2) rows of ``a`` (from element a0, lda apart) against panels w0.. (nv: 1 panel of each of G = 4
-    or 3 gates, gs elements apart in wp, or NV, 4 (one row), 2 or 1 of one gate), into out from element o0 (rows ldo apart, gate g's
-    columns os on): one microkernel call (two for two rows of several gates without AVX-512)."""
+    or 3 gates, gs elements apart in wp, or 4, 2 or 1 of one gate), into out from element o0 (rows ldo apart, gate
+    g's columns os on): one microkernel call (two for two rows of several gates without AVX-512)."""
     if G > 1 and mr == 2 and NV == 1:  # no AVX-512: two gates a call (``_mg22``)
         _mg22(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
         if G == 4:
@@ -361,18 +361,16 @@ def _gates_rows(G, nv, mr, a, a0, lda, wp, w0, gs, K, out, o0, ldo, os, tmp):
             _mg23(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
         else:
             _mg13(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, gs, os)
-    elif NV == 1 and nv == 4:  # one row (``row_gate_products``)
-        _mr14(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
-    elif NV == 1 and nv == 2:
+    elif nv == 4:
+        if mr == 2:
+            _mr24(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+        else:
+            _mr14(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
+    elif nv == 2:
         if mr == 2:
             _mr22(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
         else:
             _mr12(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
-    elif nv == NV:
-        if mr == 2:
-            _mk24(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
-        else:
-            _mk14(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
     elif mr == 2:
         _mk21(a, a0, lda, wp, w0, K, tmp, 0, 0, out, o0, ldo, 0, 0)
     else:
