@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastrnn
 from fastrnn import dispatch
 from fastrnn.modules import _BackendMixin
-from conftest import CPU_BACKENDS, INTERPRETED, TOL, backends_used
+from conftest import CPU_BACKENDS, INTERPRETED, TOL, backends_used, module_gradcheck
 
 FEATURES = ("layer_norm", "zoneout", "recurrent_dropout")
 # the backends that serve every cell option here (the others are refused: test_refusals)
@@ -316,18 +316,14 @@ def test_gradcheck(backend, name, kw, ran):
     m = getattr(fastrnn, name)(2, 3, dtype=torch.float64, backend=backend, **kw)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
-    params = list(m.parameters())
 
-    def f(x, *ps):
-        torch.manual_seed(5)  # the same masks every evaluation
-        out = torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ps)), (x,))
+    def outputs(out):
         return (out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],)))
 
     # Triton's interpreter runs a forward here in about a second: gradcheck's slow mode (two forwards per
     # input element, ~800 here) would take ten minutes, so the interpreted backend takes the fast mode
-    # (the same check along random directions: two forwards per input tensor)
-    fast = backend in INTERPRETED
-    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-7, fast_mode=fast)
+    # (the same check along random directions)
+    assert module_gradcheck(m, x, backend, outputs, seed=5, atol=1e-7)  # the same masks every evaluation
     assert backends_used(ran) == {backend}
 
 

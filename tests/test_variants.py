@@ -7,7 +7,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
-from conftest import CPU_BACKENDS, TOL, assert_close, backends_used, gradcheck
+from conftest import CPU_BACKENDS, TOL, assert_close, backends_used, module_gradcheck
 
 I, H, P, T, B = 5, 7, 3, 6, 4
 VARIANTS = [dict(peephole=True), dict(coupled_gates=True), dict(peephole=True, coupled_gates=True)]
@@ -123,13 +123,7 @@ def test_backends_match_reference(backend, variant, proj, bidir, kind, dtype, ra
 def test_gradcheck(backend, variant):
     m = _module(variant, proj_size=2, backend=backend)
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
-    params = list(m.parameters())
-
-    def f(x, *ps):
-        y, (h, c) = torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ps)), (x,))
-        return y, h, c
-
-    assert gradcheck(f, (x, *params), backend)
+    assert module_gradcheck(m, x, backend, lambda out: (out[0], *out[1]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
