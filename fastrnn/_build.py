@@ -13,8 +13,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-SOURCES = ("ops.cpp", "common.cpp", "gemm.cpp", "pool.cpp", "cell_train.cpp", "lstm.cpp", "gru.cpp", "rnn.cpp",
-           "quant.cpp")
+# longest build first, so that ninja starts it first and the others fill the other cores around it (one core,
+# -O3: lstm.cpp 154 s, quant.cpp 61, gemm.cpp 28, common.cpp 23, pool.cpp 19: benchmarks/NOTES.md, thirty-seventh
+# session); the order of the objects does not matter to the extension (its registrations are by name)
+SOURCES = ("lstm.cpp", "quant.cpp", "gru.cpp", "rnn.cpp", "gemm.cpp", "ops.cpp", "common.cpp", "cell_train.cpp",
+           "pool.cpp")
 
 
 def debug() -> bool:
