@@ -174,3 +174,34 @@ def test_the_disk_cache_of_a_kernel_is_keyed_by_every_file_of_the_kernels(tmp_pa
     ours = [k for k in caching.CacheImpl._locator_classes if issubclass(k, numba_kernels._PackageStamp)]
     assert len(ours) >= 3
     assert all(k.from_function(outside, __file__) is None for k in ours)
+
+
+def test_warm_calls_take_every_module_class_and_path():
+    """`python -m fastrnn.warm`'s calls: the six classes, inference and training, one thread, a team and rows,
+    packed, the variants, the cell options and the quantized modules; float64 only when asked."""
+    from fastrnn import warm
+    calls = warm.calls(("float32",))
+    assert {c[1] for c in calls} == {"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"}
+    assert {c[0] for c in calls} == {"float32"} and {c[0] for c in warm.calls(warm.DTYPES)} == set(warm.DTYPES)
+    seq = [c for c in calls if c[1] == "LSTM" and "quantized" not in c[2]]
+    assert {c[4] for c in seq} == {False, True} and any(c[5] for c in seq)  # inference, training; packed
+    assert {(c[3], c[2].get("hidden_size")) for c in seq} >= {((5, 1), 32), ((40, 1), 64), ((20, 16), 64)}
+    assert any(c[2].get("layer_norm") and c[2].get("zoneout") for c in seq)
+    assert any(c[2].get("peephole") for c in seq) and any(c[2].get("proj_size") for c in seq)
+    assert {c[2].get("quantized") for c in calls} >= {"qint8", "bfloat16"}
+
+
+def test_warm_runs_its_calls_on_numba(monkeypatch, capsys):
+    """Each call runs on the numba backend (the quantized module's too), and main() runs the list in processes
+    of its own and says how many ran."""
+    from fastrnn import dispatch, warm
+    for call in [("float32", "RNN", {"hidden_size": 16}, (4, 2), True, True),
+                 ("float64", "GRUCell", {"hidden_size": 16}, (2,), False, False),
+                 ("float32", "RNN", {"hidden_size": 16, "quantized": "qint8"}, (4, 2), False, False)]:
+        with dispatch.record_calls() as ran:
+            assert warm.run(call) >= 0
+        assert {b for _, b in ran} == {"numba"}, call
+    monkeypatch.setattr(warm, "calls", lambda dtypes: [("float32", "RNN", {"hidden_size": 16}, (4, 1), False,
+                                                         False)] * 2)
+    assert warm.main(["--jobs", "2"]) == 0
+    assert "fastrnn.warm: 2 calls on the numba backend" in capsys.readouterr().out
