@@ -144,10 +144,12 @@ _AMD_LSTM_NARROW = {"inference B32+": _CTN, "training B8-31": _CTN, "training B3
 # AMD without AVX-512 (a Zen 3 EPYC, AVX2: one `python -m fastrnn.tune` run, 2026-12-07, ms, benchmarks/NOTES.md,
 # thirty-fifth session): the AMD table but torch.nn's oneDNN first for the LSTM in inference at B8-31 up to WIDE_H
 # (torch 26.6 / cpp 31.0; the benchmark's B16 H256: cpp 0.93x torch.nn) and at B32+ up to NARROW_H (11.0 / 11.6),
-# and in training at B8-31 above WIDE_H (163 / 173); numba first for the LSTM in inference at B1 above WIDE_H
-# (9.8 / cpp 11.3 / torch 13.0)
-_AMD_AVX2_LSTM = {"inference B8-31": _TCN, f"inference B32+{NARROW}": _TCN, f"training B8-31{WIDE}": _TCN,
-                  f"inference B1{WIDE}": ("numba", "cpp", "torch", "reference")}
+# and in training at B8-31 above WIDE_H (163 / 173). At B1 above WIDE_H that run had numba first (9.8 / cpp 11.3 /
+# torch 13.0), the thirty-sixth session's two runs cpp (10.1 / 12.0 against numba 12.4 / 13.2): cpp, as the AMD
+# table, which also spares that class numba's first-call compile. numba led other classes in those two runs by
+# 3-40% (B8-31 and B32+ up to NARROW_H, B2-31 above WIDE_H): not taken, for the same compile (NOTES.md,
+# thirty-sixth and thirty-seventh sessions)
+_AMD_AVX2_LSTM = {"inference B8-31": _TCN, f"inference B32+{NARROW}": _TCN, f"training B8-31{WIDE}": _TCN}
 _BUILTIN_CPU = {
     "amd": _table({**_AMD_LSTM, **{c + NARROW: _AMD_LSTM_NARROW.get(c, r) for c, r in _AMD_LSTM.items()},
                    **_AMD_LSTM_WIDE},
