@@ -62,15 +62,10 @@ def run(call) -> float:
     if q:
         m = fastrnn.quantize(torch.nn.Sequential(m), getattr(torch, q), backend="numba")
     m.train(train)
-    x = torch.randn(*shape[:1], *shape[1:], 8, dtype=getattr(torch, dt))
+    x = torch.randn(*shape, 8, dtype=getattr(torch, dt), requires_grad=train and not packed)
     if packed:
-        lengths = [shape[0] - k for k in range(shape[1])]
-        x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [shape[0] - k for k in range(shape[1])])
     with torch.set_grad_enabled(train):
-        if train:
-            x = x.requires_grad_() if not packed else x
-            for p in m.parameters():
-                p.requires_grad_()
         out = m(x)
         y = out[0] if isinstance(out, tuple) else out
         y = y.data if packed else y
@@ -80,7 +75,6 @@ def run(call) -> float:
 
 
 def _worker(call):
-    os.environ.setdefault("FASTRNN_POLICY", "static")
     return call, run(call)
 
 
@@ -97,7 +91,7 @@ def main(argv=None) -> int:
     todo = calls(tuple(args.dtype or ("float32",)))
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # a fresh process each: no OpenMP state from a parent
-    with ctx.Pool(max(1, args.jobs), maxtasksperchild=None) as pool:
+    with ctx.Pool(max(1, args.jobs)) as pool:
         for call, s in pool.imap_unordered(_worker, todo):
             if args.verbose:
                 print(f"{s:7.1f} s  {call}", flush=True)
