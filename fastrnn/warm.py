@@ -4,8 +4,9 @@ numba compiles a kernel at its first call in a fresh install (the LSTM's inferen
 benchmarks/NOTES.md, thirty-seventh session) and keeps the machine code in its disk cache, where every later
 process finds it. This makes small calls that take each kernel path (one thread and a team, split by units
 and by rows, inference and training, packed and reversed, projected, the variants and cell options, the cells,
-the quantized modules) in ``--jobs`` processes at once, so the compile is paid once, over all the cores. Two
-processes that both meet a kernel both compile it: the test suite's workers did (``make test`` runs this first).
+the quantized modules) in ``--jobs`` processes at once, so that the compile is paid before the first real call
+(an image build, a deploy step), over all the cores. The disk cache is numba's (``numba_kernels`` keys it by the
+package's files), so a later process of the same install and CPU loads what this compiled.
 
     python -m fastrnn.warm [--jobs N] [--dtype float32] [--dtype float64]
 """
@@ -17,12 +18,17 @@ import os
 import sys
 import time
 
+import torch
+
+import fastrnn
+
+from . import dispatch
+
 DTYPES = ("float32", "float64")
 
 
 def calls(dtypes=("float32",)) -> list[tuple]:
-    """The calls, largest compile first: (dtype, module class, its keyword arguments, (T, B) or (B,) for a cell,
-    training, packed)."""
+    """The calls: (dtype, module class, its keyword arguments, (T, B) or (B,) for a cell, training, packed)."""
     out = []
     for dt in dtypes:
         for cls, extra in (("LSTM", {}), ("GRU", {}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})):
@@ -50,9 +56,6 @@ def calls(dtypes=("float32",)) -> list[tuple]:
 
 def run(call) -> float:
     """Make one call on the numba backend; its seconds."""
-    import torch
-
-    import fastrnn
     dt, cls, kw, shape, train, packed = call
     kw = dict(kw)
     q = kw.pop("quantized", None)
@@ -84,9 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", action="append", choices=DTYPES, help="float32 (default), float64; repeatable")
     ap.add_argument("-v", "--verbose", action="store_true", help="print each call's seconds")
     args = ap.parse_args(argv)
-    from .backends import numba as nb
-    if nb._IMPORT_ERROR is not None:
-        print(f"fastrnn.warm: numba is not importable ({nb._IMPORT_ERROR}); nothing to compile")
+    why = dispatch.reasons("numba")
+    if why:
+        print(f"fastrnn.warm: the numba backend is unavailable ({'; '.join(why)}); nothing to compile")
         return 0
     todo = calls(tuple(args.dtype or ("float32",)))
     t0 = time.perf_counter()

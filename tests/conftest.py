@@ -107,11 +107,11 @@ def pairwise(params, key=lambda p: p.values):
     return chosen
 
 
-def gradcheck(fn, inputs, backend):
+def gradcheck(fn, inputs, backend, **kw):
     """torch.autograd.gradcheck; on the interpreted triton backend in fast mode (it checks v^T J u for
     random u, v instead of the whole Jacobian: a few calls instead of one backward per output element,
     each of which takes seconds in the interpreter)."""
-    return torch.autograd.gradcheck(fn, inputs, fast_mode=backend in INTERPRETED)
+    return torch.autograd.gradcheck(fn, inputs, fast_mode=backend in INTERPRETED, **kw)
 
 
 def module_gradcheck(m, x, backend, outputs=lambda out: out, seed=None, **kw):
@@ -129,4 +129,4 @@ def module_gradcheck(m, x, backend, outputs=lambda out: out, seed=None, **kw):
             torch.manual_seed(seed)
         return outputs(torch.func.functional_call(m, {n: p.view(s) for n, p, s in zip(names, ps, shapes)}, (x,)))
 
-    return torch.autograd.gradcheck(f, (x, flat), fast_mode=backend in INTERPRETED, **kw)
+    return gradcheck(f, (x, flat), backend, **kw)

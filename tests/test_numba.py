@@ -205,3 +205,8 @@ def test_warm_runs_its_calls_on_numba(monkeypatch, capsys):
                                                          False)] * 2)
     assert warm.main(["--jobs", "2"]) == 0
     assert "fastrnn.warm: 2 calls on the numba backend" in capsys.readouterr().out
+    # where numba cannot run it says why and compiles nothing
+    monkeypatch.setattr(dispatch, "reasons", lambda name: ["numba is not importable (test)"] if name == "numba" else [])
+    assert warm.main([]) == 0
+    assert "the numba backend is unavailable (numba is not importable (test)); nothing to compile" in \
+        capsys.readouterr().out

@@ -100,8 +100,9 @@ def test_amd_table_leaves_lstm_at_large_batch_to_torch_from_h193():
 def test_an_amd_cpu_without_avx512_takes_its_own_table(monkeypatch):
     """AMD without AVX-512 (a Zen 3, AVX2; benchmarks/NOTES.md, thirty-fifth session): torch.nn's oneDNN first for
     the LSTM in inference at B8-31 and B32+ up to NARROW_H and in training from B8 above WIDE_H; every other class
-    as the AMD table (cpp at B1 above WIDE_H, where one run had put numba: thirty-seventh session). A bidirectional LSTM in inference below B32 keeps its
-    one-direction ranking (cpp read 0.92x torch.nn there); in training cpp still goes before torch.nn."""
+    as the AMD table (cpp at B1 above WIDE_H, where one run had put numba: thirty-seventh session). A
+    bidirectional LSTM in inference below B32 keeps its one-direction ranking (cpp read 0.92x torch.nn there);
+    in training cpp still goes before torch.nn."""
     monkeypatch.setattr(policy, "cpu_vendor", lambda: "amd")
     monkeypatch.setattr(policy, "has_avx512", lambda: False)
     assert "(amd-avx2 table" in policy.builtin()["source"]

@@ -120,10 +120,11 @@ def test_backends_match_reference(backend, variant, proj, bidir, kind, dtype, ra
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=VIDS)
-def test_gradcheck(backend, variant):
+def test_gradcheck(backend, variant, ran):
     m = _module(variant, proj_size=2, backend=backend)
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
     assert module_gradcheck(m, x, backend, lambda out: (out[0], *out[1]))
+    assert backends_used(ran) == {backend}
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
